@@ -1,0 +1,134 @@
+//! The hypervisor driver interface and its backends.
+//!
+//! An agent drives exactly one [`Hypervisor`]. The trait is deliberately
+//! small and idempotent so that the agent's converge loop can call it again
+//! after any failure or restart: `create` of an existing guest with the same
+//! definition succeeds, `stop` of a stopped guest succeeds, `destroy` of an
+//! unknown guest succeeds.
+//!
+//! Backends: [`sim`] (in memory, with timing and fault knobs; for tests and
+//! scale runs) and `qemu` (real guests over QMP). [`conformance`] is the
+//! suite every backend must pass.
+//!
+//! Runtime states a backend reports:
+//!
+//! ```text
+//!   (absent) ── create ──► Stopped ── start ──► Running ◄── resume ── Paused
+//!                 ▲          ▲  │                 │  │                  ▲
+//!                 │          │  └─── destroy ──►(absent)                │
+//!                 │          └────── stop ────────┘  └───── pause ──────┘
+//!                 │                                   │ process died
+//!                 └──────────── start ─── Crashed ◄───┘
+//! ```
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind};
+use serde::{Deserialize, Serialize};
+
+pub mod conformance;
+pub mod sim;
+
+/// Everything a backend needs to realise a guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestConfig {
+    pub id: GuestId,
+    /// The manager's generation of this definition.
+    pub generation: u64,
+    pub spec: GuestSpec,
+}
+
+/// What the backend observes of a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeState {
+    /// Defined, disks present, not running.
+    Stopped,
+    Running,
+    Paused,
+    /// Died without being asked to stop; still defined, can be started again.
+    Crashed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStatus {
+    pub id: GuestId,
+    pub state: RuntimeState,
+    /// The generation of the definition the backend holds.
+    pub generation: u64,
+    /// Process id of the guest's VMM, where there is one.
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Ask the guest OS to power off (ACPI); force it after `timeout`.
+    Graceful { timeout: Duration },
+    /// Pull the plug.
+    Force,
+}
+
+/// What a host offers to guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostResources {
+    pub cores: u32,
+    pub memory: ByteSize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("guest {id} is not defined on this host")]
+    NotFound { id: GuestId },
+    #[error("cannot {op} guest {id} while it is {state:?}")]
+    InvalidState { id: GuestId, op: &'static str, state: RuntimeState },
+    #[error("{op} is not supported by the {backend} backend: {reason}")]
+    Unsupported { op: &'static str, backend: HypervisorKind, reason: String },
+    #[error("{op} of guest {id} failed")]
+    Backend {
+        op: &'static str,
+        id: GuestId,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("hypervisor host failure during {op}")]
+    Host {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+#[async_trait::async_trait]
+pub trait Hypervisor: Send + Sync + Debug + 'static {
+    fn kind(&self) -> HypervisorKind;
+
+    /// Cores and memory this host offers to guests.
+    async fn resources(&self) -> Result<HostResources, HvError>;
+
+    /// Define the guest and provision its disks, leaving it Stopped.
+    /// Idempotent: an existing guest with this id is left as it is (its
+    /// generation is updated).
+    async fn create(&self, config: &GuestConfig) -> Result<(), HvError>;
+
+    /// Boot a Stopped or Crashed guest; returns once it runs. Starting a
+    /// Running guest succeeds.
+    async fn start(&self, id: GuestId) -> Result<(), HvError>;
+
+    /// Stop a guest; stopping a Stopped or Crashed guest succeeds.
+    async fn stop(&self, id: GuestId, mode: StopMode) -> Result<(), HvError>;
+
+    async fn pause(&self, id: GuestId) -> Result<(), HvError>;
+
+    async fn resume(&self, id: GuestId) -> Result<(), HvError>;
+
+    /// Stop the guest if needed and remove its definition and disks.
+    /// Destroying an unknown guest succeeds.
+    async fn destroy(&self, id: GuestId) -> Result<(), HvError>;
+
+    async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError>;
+
+    /// All guests defined on this host, including ones from before an agent
+    /// restart.
+    async fn list(&self) -> Result<Vec<GuestStatus>, HvError>;
+}

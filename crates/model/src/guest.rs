@@ -1,0 +1,356 @@
+//! Guests: their specification and their lifecycle.
+//!
+//! A guest is the logical machine an operator asked for. Its lifecycle, as
+//! the manager tracks it, is this state machine (events in lower case):
+//!
+//! ```text
+//!                provisioned            start                started
+//!   Creating ───────────────► Stopped ─────────► Starting ───────────► Running
+//!      │                       ▲  ▲  ▲              │  │                 │  │
+//!      │ failed                │  │  └── stopped ───┘  │ crashed    stop │  │ crashed
+//!      ▼                       │  │                    ▼                 ▼  ▼
+//!    Failed ── start ──► Starting│ └──── stopped ── Stopping ◄──────── Crashed
+//!                                │                   (stop)     start ──► Starting
+//!                                └────────── stopped (Running shut itself down)
+//!
+//!   delete: any state but Deleting/Deleted ──► Deleting ── deleted ──► Deleted
+//! ```
+//!
+//! [`GuestState::apply`] is the only place that decides transitions; it
+//! matches exhaustively, so a new state cannot be added without deciding
+//! every edge.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ByteSize, GuestId, HostId, VlanTag};
+
+/// Checks a name for guests, hosts and VLANs: what DNS labels allow.
+pub fn validate_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("must not be empty");
+    }
+    if name.len() > 63 {
+        return Err("must be at most 63 characters");
+    }
+    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        return Err("may contain only lowercase letters, digits and '-'");
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err("must not start or end with '-'");
+    }
+    Ok(())
+}
+
+/// Relative importance: higher restarts first after a failure.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(transparent)]
+pub struct Priority(pub u8);
+
+impl Default for Priority {
+    fn default() -> Self {
+        Priority(50)
+    }
+}
+
+/// A virtual disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DiskSpec {
+    pub size: ByteSize,
+}
+
+/// A virtual NIC on a VLAN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NicSpec {
+    pub vlan: VlanTag,
+    /// Assigned by the manager at creation: locally administered, unique.
+    pub mac: String,
+}
+
+/// Expected CPU use over the day: 24 hourly fractions of the guest's vCPUs
+/// (0.0..=1.0). Placement uses it to pack complementary guests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LoadProfile {
+    pub hourly_cpu: Vec<f32>,
+}
+
+impl LoadProfile {
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.hourly_cpu.len() != 24 {
+            return Err("needs exactly 24 hourly values");
+        }
+        if self.hourly_cpu.iter().any(|v| !(0.0..=1.0).contains(v)) {
+            return Err("values must be between 0.0 and 1.0");
+        }
+        Ok(())
+    }
+}
+
+/// What a guest is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GuestSpec {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory: ByteSize,
+    pub disks: Vec<DiskSpec>,
+    pub nics: Vec<NicSpec>,
+    pub priority: Priority,
+    pub load_profile: Option<LoadProfile>,
+}
+
+/// Whether the operator wants the guest running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerIntent {
+    Running,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestState {
+    Creating,
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Crashed,
+    Failed,
+    Deleting,
+    Deleted,
+}
+
+impl GuestState {
+    pub const ALL: [GuestState; 9] = [
+        GuestState::Creating,
+        GuestState::Stopped,
+        GuestState::Starting,
+        GuestState::Running,
+        GuestState::Stopping,
+        GuestState::Crashed,
+        GuestState::Failed,
+        GuestState::Deleting,
+        GuestState::Deleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestState::Creating => "creating",
+            GuestState::Stopped => "stopped",
+            GuestState::Starting => "starting",
+            GuestState::Running => "running",
+            GuestState::Stopping => "stopping",
+            GuestState::Crashed => "crashed",
+            GuestState::Failed => "failed",
+            GuestState::Deleting => "deleting",
+            GuestState::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::fmt::Display for GuestState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What can happen to a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuestEvent {
+    /// The host created its disks and definition.
+    Provisioned,
+    /// The operator (or a policy) asked it to start.
+    Start,
+    /// The hypervisor reports it running.
+    Started,
+    /// The operator asked it to stop.
+    Stop,
+    /// The hypervisor reports it stopped.
+    Stopped,
+    /// It died without being asked to.
+    Crashed,
+    /// Provisioning or starting failed.
+    Failed,
+    /// The operator asked to delete it.
+    Delete,
+    /// The host removed it and its disks.
+    Deleted,
+}
+
+impl GuestEvent {
+    pub const ALL: [GuestEvent; 9] = [
+        GuestEvent::Provisioned,
+        GuestEvent::Start,
+        GuestEvent::Started,
+        GuestEvent::Stop,
+        GuestEvent::Stopped,
+        GuestEvent::Crashed,
+        GuestEvent::Failed,
+        GuestEvent::Delete,
+        GuestEvent::Deleted,
+    ];
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a {state} guest cannot take event {event:?}")]
+pub struct InvalidGuestTransition {
+    pub state: GuestState,
+    pub event: GuestEvent,
+}
+
+impl GuestState {
+    /// The one function that decides guest transitions.
+    pub fn apply(self, event: GuestEvent) -> Result<GuestState, InvalidGuestTransition> {
+        use GuestEvent as E;
+        use GuestState as S;
+        let next = match (self, event) {
+            (S::Creating, E::Provisioned) => S::Stopped,
+            (S::Creating | S::Starting, E::Failed) => S::Failed,
+            (S::Stopped | S::Crashed | S::Failed, E::Start) => S::Starting,
+            (S::Starting, E::Started) => S::Running,
+            (S::Running | S::Starting, E::Stop) => S::Stopping,
+            (S::Stopping | S::Running | S::Starting, E::Stopped) => S::Stopped,
+            (S::Running | S::Starting | S::Stopping, E::Crashed) => S::Crashed,
+            (
+                S::Creating
+                | S::Stopped
+                | S::Starting
+                | S::Running
+                | S::Stopping
+                | S::Crashed
+                | S::Failed,
+                E::Delete,
+            ) => S::Deleting,
+            (S::Deleting, E::Deleted) => S::Deleted,
+            (
+                S::Creating
+                | S::Stopped
+                | S::Starting
+                | S::Running
+                | S::Stopping
+                | S::Crashed
+                | S::Failed
+                | S::Deleting
+                | S::Deleted,
+                _,
+            ) => return Err(InvalidGuestTransition { state: self, event }),
+        };
+        Ok(next)
+    }
+
+    /// Whether the guest holds capacity on its host (placement must count it).
+    pub fn holds_capacity(self) -> bool {
+        !matches!(self, GuestState::Deleted)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, GuestState::Deleted)
+    }
+}
+
+/// A guest as the manager stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Guest {
+    pub id: GuestId,
+    pub spec: GuestSpec,
+    /// The host it is placed on.
+    pub host: HostId,
+    pub state: GuestState,
+    /// What the operator wants.
+    pub intent: PowerIntent,
+    /// Bumped on every change of desired state; agents echo it so stale
+    /// reports can be told apart from fresh ones.
+    pub generation: u64,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+    /// The last error seen for this guest, if any.
+    pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn happy_path() {
+        let mut s = GuestState::Creating;
+        for e in [GuestEvent::Provisioned, GuestEvent::Start, GuestEvent::Started, GuestEvent::Stop, GuestEvent::Stopped] {
+            s = s.apply(e).expect("valid transition");
+        }
+        assert_eq!(s, GuestState::Stopped);
+        assert_eq!(s.apply(GuestEvent::Delete).and_then(|s| s.apply(GuestEvent::Deleted)), Ok(GuestState::Deleted));
+    }
+
+    #[test]
+    fn invalid_transitions_are_errors() {
+        assert!(GuestState::Creating.apply(GuestEvent::Started).is_err());
+        assert!(GuestState::Running.apply(GuestEvent::Start).is_err());
+        assert!(GuestState::Deleted.apply(GuestEvent::Start).is_err());
+        assert!(GuestState::Deleting.apply(GuestEvent::Delete).is_err());
+        let e = GuestState::Running.apply(GuestEvent::Provisioned).expect_err("invalid");
+        assert_eq!(e.to_string(), "a running guest cannot take event Provisioned");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("web-1").is_ok());
+        for bad in ["", "Web", "-a", "a-", "a_b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn event() -> impl Strategy<Value = GuestEvent> {
+        prop::sample::select(GuestEvent::ALL.to_vec())
+    }
+
+    proptest! {
+        /// Over any sequence of events: rejected events leave the state as it
+        /// was, Deleted is absorbing, a guest is only Running after Started,
+        /// and every reachable state can still be deleted unless it already is
+        /// being deleted.
+        #[test]
+        fn random_event_sequences_respect_the_lifecycle(events in prop::collection::vec(event(), 0..64)) {
+            let mut s = GuestState::Creating;
+            for e in events {
+                let before = s;
+                match s.apply(e) {
+                    Ok(next) => {
+                        prop_assert!(before != GuestState::Deleted, "left Deleted via {e:?}");
+                        if next == GuestState::Running {
+                            prop_assert_eq!(e, GuestEvent::Started);
+                            prop_assert_eq!(before, GuestState::Starting);
+                        }
+                        if next == GuestState::Deleted {
+                            prop_assert_eq!(before, GuestState::Deleting);
+                        }
+                        s = next;
+                    }
+                    Err(err) => {
+                        prop_assert_eq!(err.state, before);
+                        prop_assert_eq!(err.event, e);
+                    }
+                }
+                let deletable = s.apply(GuestEvent::Delete).is_ok();
+                prop_assert_eq!(deletable, !matches!(s, GuestState::Deleting | GuestState::Deleted));
+            }
+        }
+
+        /// Every state reachable from Creating can reach Deleted.
+        #[test]
+        fn every_reachable_state_can_be_retired(events in prop::collection::vec(event(), 0..32)) {
+            let mut s = GuestState::Creating;
+            for e in events {
+                s = s.apply(e).unwrap_or(s);
+            }
+            let end = match s {
+                GuestState::Deleted => Ok(s),
+                GuestState::Deleting => s.apply(GuestEvent::Deleted),
+                _ => s.apply(GuestEvent::Delete).and_then(|d| d.apply(GuestEvent::Deleted)),
+            };
+            prop_assert_eq!(end, Ok(GuestState::Deleted));
+        }
+    }
+}

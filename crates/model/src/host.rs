@@ -1,0 +1,146 @@
+//! Physical hosts and their administrative/liveness state.
+//!
+//! ```text
+//!            heartbeat lost                 enter_maintenance
+//!    ┌────┐ ───────────────► ┌──────┐      (from Up or Down)
+//!    │ Up │                  │ Down │  ──────────────────────► ┌─────────────┐
+//!    └────┘ ◄─────────────── └──────┘                          │ Maintenance │
+//!      ▲      heartbeat back                                   └──────┬──────┘
+//!      └──────────────────────── exit_maintenance ────────────────────┘
+//!                                (to Down if the host is not heard from)
+//! ```
+//!
+//! Maintenance is sticky: liveness changes do not take a host out of it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ByteSize, HostId};
+
+/// Which hypervisor backend a host's agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HypervisorKind {
+    /// QEMU driven directly over QMP.
+    Qemu,
+    /// The simulated backend (tests and scale runs).
+    Sim,
+}
+
+impl std::fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HypervisorKind::Qemu => "qemu",
+            HypervisorKind::Sim => "sim",
+        })
+    }
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "qemu" => Ok(Self::Qemu),
+            "sim" => Ok(Self::Sim),
+            other => Err(format!("unknown hypervisor {other:?} (expected qemu or sim)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Heard from recently; accepts new guests.
+    Up,
+    /// Administratively out of service; takes no new guests.
+    Maintenance,
+    /// Not heard from within the heartbeat timeout.
+    Down,
+}
+
+impl std::fmt::Display for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostState::Up => "up",
+            HostState::Maintenance => "maintenance",
+            HostState::Down => "down",
+        })
+    }
+}
+
+/// What can happen to a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostEvent {
+    HeartbeatLost,
+    HeartbeatBack,
+    EnterMaintenance,
+    /// Leave maintenance; `alive` says whether the host is currently heard from.
+    ExitMaintenance { alive: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("host cannot go through {event:?} while {state}")]
+pub struct InvalidHostTransition {
+    pub state: HostState,
+    pub event: HostEvent,
+}
+
+impl HostState {
+    /// The one place that decides host transitions.
+    pub fn apply(self, event: HostEvent) -> Result<HostState, InvalidHostTransition> {
+        use HostEvent::*;
+        use HostState::*;
+        let next = match (self, event) {
+            (Up, HeartbeatLost) => Down,
+            (Down, HeartbeatBack) => Up,
+            (Maintenance, HeartbeatLost | HeartbeatBack) => Maintenance,
+            (Up | Down, EnterMaintenance) => Maintenance,
+            (Maintenance, ExitMaintenance { alive }) => {
+                if alive {
+                    Up
+                } else {
+                    Down
+                }
+            }
+            (Up, HeartbeatBack) | (Down, HeartbeatLost) => self,
+            (Maintenance, EnterMaintenance) | (Up | Down, ExitMaintenance { .. }) => {
+                return Err(InvalidHostTransition { state: self, event });
+            }
+        };
+        Ok(next)
+    }
+
+    /// Whether new guests may be placed here.
+    pub fn schedulable(self) -> bool {
+        self == HostState::Up
+    }
+}
+
+/// A registered host as the manager knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostInfo {
+    pub id: HostId,
+    pub name: String,
+    /// Logical CPUs the agent offers to guests.
+    pub cores: u32,
+    /// Memory the agent offers to guests.
+    pub memory: ByteSize,
+    pub hypervisor: HypervisorKind,
+    pub state: HostState,
+    /// When the agent first registered (RFC 3339).
+    pub registered_at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maintenance_is_sticky_and_exit_follows_liveness() {
+        let s = HostState::Up.apply(HostEvent::EnterMaintenance).expect("enter");
+        assert_eq!(s.apply(HostEvent::HeartbeatLost), Ok(HostState::Maintenance));
+        assert_eq!(s.apply(HostEvent::ExitMaintenance { alive: false }), Ok(HostState::Down));
+        assert_eq!(s.apply(HostEvent::ExitMaintenance { alive: true }), Ok(HostState::Up));
+        assert!(s.apply(HostEvent::EnterMaintenance).is_err());
+        assert!(HostState::Up.apply(HostEvent::ExitMaintenance { alive: true }).is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! drove's domain model: pure types and state machines, no I/O.
+//!
+//! Everything the manager stores and the API exposes is defined here: typed
+//! identifiers ([`id`]), sizes ([`units`]), hosts ([`host`]), guests and their
+//! lifecycle ([`guest`]), VLANs ([`vlan`]) and long-running operations
+//! ([`operation`]). State machines live next to their types, each with a
+//! diagram, an enum of events and one function that decides transitions.
+
+pub mod guest;
+pub mod host;
+pub mod id;
+pub mod operation;
+pub mod units;
+pub mod vlan;
+
+pub use guest::{
+    DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition, NicSpec, PowerIntent,
+    Priority,
+};
+pub use host::{HostInfo, HostState, HypervisorKind};
+pub use id::{GuestId, HostId, OperationId, TypedId};
+pub use operation::{Operation, OperationKind, OperationState};
+pub use units::ByteSize;
+pub use vlan::{Vlan, VlanTag};
