@@ -1,1 +1,336 @@
+//! The per-host agent: registers its host, heartbeats, and converges the
+//! guests on its hypervisor to the desired state the manager returns.
+//!
+//! The loop is a reconciler: each heartbeat carries what the hypervisor
+//! observes and brings back what the manager wants; the difference becomes
+//! at most one action per guest, run in its own task so a slow boot never
+//! delays heartbeats or other guests. Every action is idempotent, so after
+//! an agent or manager restart the same loop simply carries on. A deleted
+//! guest is reported back as destroyed only after the hypervisor removed it.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drove_api::{
+    DesiredGuest, DesiredState, GuestFailure, HeartbeatRequest, ObservedGuest, ObservedState,
+    RegisterRequest,
+};
+use drove_client::{Client, ClientError};
+use drove_hypervisor::{GuestConfig, GuestStatus, Hypervisor, HvError, RuntimeState, StopMode};
+use drove_model::{GuestId, HostId};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Host name, unique in the data centre.
+    pub name: String,
+    pub stop_timeout: Duration,
+    /// Wait this long before retrying a failed action of one generation.
+    pub retry_after: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(name: &str) -> Self {
+        AgentConfig { name: name.to_owned(), stop_timeout: Duration::from_secs(30), retry_after: Duration::from_secs(5) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("reading host resources from the hypervisor")]
+    Resources(#[source] HvError),
+    #[error("registering host {name} with the manager")]
+    Register {
+        name: String,
+        #[source]
+        source: ClientError,
+    },
+}
+
+/// What action tasks report back for the next heartbeat.
+#[derive(Debug, Default)]
+struct Reports {
+    failures: Vec<GuestFailure>,
+    destroyed: HashSet<GuestId>,
+    /// Last failed generation per guest and when, to pace retries.
+    failed_at: HashMap<GuestId, (u64, Instant)>,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    client: Client,
+    hv: Arc<dyn Hypervisor>,
+    reports: Arc<Mutex<Reports>>,
+    wake: Arc<Notify>,
+    actions: Mutex<HashMap<GuestId, JoinHandle<()>>>,
+}
+
+fn to_observed(s: &GuestStatus) -> ObservedGuest {
+    ObservedGuest {
+        id: s.id,
+        generation: s.generation,
+        state: match s.state {
+            RuntimeState::Stopped => ObservedState::Stopped,
+            RuntimeState::Running => ObservedState::Running,
+            RuntimeState::Paused => ObservedState::Paused,
+            RuntimeState::Crashed => ObservedState::Crashed,
+        },
+    }
+}
+
+/// What to do for one guest, given desired and observed state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Define (or refresh the generation of) the guest, then maybe start it.
+    Ensure { start: bool },
+    Resume,
+    Stop { force: bool },
+    Destroy,
+    /// Nothing to do on the hypervisor; tell the manager it is gone.
+    ConfirmAbsent,
+}
+
+fn plan(d: &DesiredGuest, observed: Option<&GuestStatus>) -> Option<Action> {
+    use RuntimeState as R;
+    let state = observed.map(|o| o.state);
+    let stale = observed.is_some_and(|o| o.generation < d.generation);
+    match (d.state, state) {
+        (DesiredState::Absent, None) => Some(Action::ConfirmAbsent),
+        (DesiredState::Absent, Some(_)) => Some(Action::Destroy),
+        (DesiredState::Running, None | Some(R::Stopped | R::Crashed)) => Some(Action::Ensure { start: true }),
+        (DesiredState::Running, Some(R::Paused)) => Some(Action::Resume),
+        (DesiredState::Running, Some(R::Running)) => stale.then_some(Action::Ensure { start: false }),
+        (DesiredState::Stopped, None) => Some(Action::Ensure { start: false }),
+        (DesiredState::Stopped, Some(R::Running | R::Paused)) => Some(Action::Stop { force: d.force_stop }),
+        (DesiredState::Stopped, Some(R::Stopped | R::Crashed)) => stale.then_some(Action::Ensure { start: false }),
+    }
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, client: Client, hv: Arc<dyn Hypervisor>) -> Arc<Agent> {
+        Arc::new(Agent {
+            config,
+            client,
+            hv,
+            reports: Default::default(),
+            wake: Arc::new(Notify::new()),
+            actions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn register(&self) -> Result<(HostId, Duration), AgentError> {
+        let res = self.hv.resources().await.map_err(AgentError::Resources)?;
+        let req = RegisterRequest {
+            name: self.config.name.clone(),
+            cores: res.cores,
+            memory: res.memory,
+            hypervisor: self.hv.kind(),
+        };
+        let r = self
+            .client
+            .register(&req)
+            .await
+            .map_err(|source| AgentError::Register { name: self.config.name.clone(), source })?;
+        Ok((r.host_id, Duration::from_millis(r.heartbeat_interval_ms.max(10))))
+    }
+
+    /// Register (retrying until the manager answers), then heartbeat and
+    /// converge until `shutdown` resolves. Guests keep running after it.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(200);
+        let mut registration: Option<(HostId, Duration)> = None;
+        loop {
+            let interval = match registration {
+                None => match self.register().await {
+                    Ok((id, every)) => {
+                        tracing::info!(host = %self.config.name, %id, "registered with the manager");
+                        registration = Some((id, every));
+                        backoff = Duration::from_millis(200);
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, cause = %source_chain(&e), "registration failed; retrying");
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff
+                    }
+                },
+                Some((id, every)) => match self.beat(id).await {
+                    Ok(()) => every,
+                    Err(e) if Client::is_unknown_host(&e) => {
+                        tracing::warn!("manager does not know this host; registering again");
+                        registration = None;
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, cause = %source_chain(&e), "heartbeat failed; will retry");
+                        every
+                    }
+                },
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+        tracing::info!(host = %self.config.name, "agent stopping; guests keep running");
+    }
+
+    /// One heartbeat and the convergence it calls for.
+    async fn beat(self: &Arc<Self>, host_id: HostId) -> Result<(), ClientError> {
+        let statuses = match self.hv.list().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "listing guests failed; reporting none");
+                Vec::new()
+            }
+        };
+        let (failures, destroyed) = {
+            let mut r = self.lock_reports();
+            (std::mem::take(&mut r.failures), r.destroyed.iter().copied().collect::<Vec<_>>())
+        };
+        let req = HeartbeatRequest {
+            host_id,
+            guests: statuses.iter().map(to_observed).collect(),
+            failures: failures.clone(),
+            destroyed: destroyed.clone(),
+        };
+        let resp = match self.client.heartbeat(&req).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Not delivered: report these again next time.
+                self.lock_reports().failures.extend(failures);
+                return Err(e);
+            }
+        };
+        {
+            let mut r = self.lock_reports();
+            for id in &destroyed {
+                r.destroyed.remove(id);
+            }
+        }
+        let by_id: HashMap<GuestId, &GuestStatus> = statuses.iter().map(|s| (s.id, s)).collect();
+        let mut actions = self.actions.lock().unwrap_or_else(|p| p.into_inner());
+        actions.retain(|_, h| !h.is_finished());
+        for d in resp.guests {
+            if actions.contains_key(&d.id) {
+                continue;
+            }
+            let Some(action) = plan(&d, by_id.get(&d.id).copied()) else { continue };
+            if action == Action::ConfirmAbsent {
+                self.lock_reports().destroyed.insert(d.id);
+                continue;
+            }
+            if let Some((generation, at)) = self.lock_reports().failed_at.get(&d.id) {
+                if *generation == d.generation && at.elapsed() < self.config.retry_after {
+                    continue;
+                }
+            }
+            let me = self.clone();
+            actions.insert(d.id, tokio::spawn(async move { me.act(d, action).await }));
+        }
+        Ok(())
+    }
+
+    fn lock_reports(&self) -> std::sync::MutexGuard<'_, Reports> {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn act(&self, d: DesiredGuest, action: Action) {
+        let id = d.id;
+        let result = match action {
+            Action::Ensure { start } => {
+                let config = GuestConfig { id, generation: d.generation, spec: d.spec.clone() };
+                match self.hv.create(&config).await {
+                    Ok(()) if start => self.hv.start(id).await,
+                    other => other,
+                }
+            }
+            Action::Resume => self.hv.resume(id).await,
+            Action::Stop { force } => {
+                let mode = if force { StopMode::Force } else { StopMode::Graceful { timeout: self.config.stop_timeout } };
+                self.hv.stop(id, mode).await
+            }
+            Action::Destroy => self.hv.destroy(id).await,
+            Action::ConfirmAbsent => Ok(()),
+        };
+        let mut r = self.lock_reports();
+        match result {
+            Ok(()) => {
+                tracing::info!(guest = %d.spec.name, ?action, "done");
+                r.failed_at.remove(&id);
+                if action == Action::Destroy {
+                    r.destroyed.insert(id);
+                }
+            }
+            Err(e) => {
+                let message = format!("{e}: {}", source_chain(&e));
+                tracing::warn!(guest = %d.spec.name, ?action, error = %message, "action failed");
+                r.failed_at.insert(id, (d.generation, Instant::now()));
+                r.failures.push(GuestFailure { id, generation: d.generation, message });
+            }
+        }
+        drop(r);
+        // Tell the manager now rather than at the next tick.
+        self.wake.notify_one();
+    }
+}
+
+/// The causes of an error, joined, for one-line messages.
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    if parts.is_empty() { "no further detail".into() } else { parts.join(": ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use drove_model::{ByteSize, GuestSpec, Priority};
+
+    use super::*;
+
+    fn desired(state: DesiredState, generation: u64) -> DesiredGuest {
+        DesiredGuest {
+            id: GuestId::new_v4(),
+            generation,
+            state,
+            force_stop: false,
+            spec: GuestSpec {
+                name: "g".into(),
+                vcpus: 1,
+                memory: ByteSize::mib(64),
+                disks: vec![],
+                nics: vec![],
+                priority: Priority::default(),
+                load_profile: None,
+            },
+        }
+    }
+
+    fn status(d: &DesiredGuest, state: RuntimeState, generation: u64) -> GuestStatus {
+        GuestStatus { id: d.id, state, generation, pid: None }
+    }
+
+    #[test]
+    fn plans_converge_and_settle() {
+        let d = desired(DesiredState::Running, 2);
+        assert_eq!(plan(&d, None), Some(Action::Ensure { start: true }));
+        assert_eq!(plan(&d, Some(&status(&d, RuntimeState::Crashed, 2))), Some(Action::Ensure { start: true }));
+        assert_eq!(plan(&d, Some(&status(&d, RuntimeState::Running, 2))), None);
+        assert_eq!(plan(&d, Some(&status(&d, RuntimeState::Running, 1))), Some(Action::Ensure { start: false }));
+        let d = desired(DesiredState::Stopped, 1);
+        assert_eq!(plan(&d, Some(&status(&d, RuntimeState::Running, 1))), Some(Action::Stop { force: false }));
+        assert_eq!(plan(&d, Some(&status(&d, RuntimeState::Stopped, 1))), None);
+        let d = desired(DesiredState::Absent, 3);
+        assert_eq!(plan(&d, Some(&status(&d, RuntimeState::Running, 1))), Some(Action::Destroy));
+        assert_eq!(plan(&d, None), Some(Action::ConfirmAbsent));
+    }
+}

@@ -1,1 +1,230 @@
+//! The manager's HTTP API: request and response types shared by the server,
+//! the client, the CLI and the agents.
+//!
+//! The OpenAPI document is generated from these types plus the server's
+//! route annotations and checked in at `openapi/drove.json`; a manager test
+//! fails when the served document and the checked-in one differ.
 
+use drove_model::{
+    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, Vlan,
+    guest::LoadProfile,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Every path of the API starts with this.
+pub const API_PREFIX: &str = "/v1";
+
+/// Error body of every non-2xx response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `invalid_request`, `not_found`.
+    pub code: String,
+    /// One line for people: what was wrong and why.
+    pub message: String,
+    /// The request field at fault, where there is one.
+    pub field: Option<String>,
+}
+
+// ---- hosts ----------------------------------------------------------------
+
+/// A host with its current allocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    #[serde(flatten)]
+    pub info: HostInfo,
+    /// vCPUs of guests placed here.
+    pub allocated_vcpus: u32,
+    /// Memory of guests placed here.
+    pub allocated_memory: ByteSize,
+    pub guests: u32,
+    /// Milliseconds since the agent was last heard from (`None`: not since
+    /// this manager started).
+    pub last_seen_ms: Option<u64>,
+}
+
+// ---- guests ---------------------------------------------------------------
+
+/// A NIC to attach: a VLAN by name or id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NicRequest {
+    pub vlan: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateGuestRequest {
+    pub name: String,
+    pub vcpus: u32,
+    /// Bytes.
+    pub memory: ByteSize,
+    /// Sizes of the virtual disks, in bytes.
+    #[serde(default)]
+    pub disks: Vec<ByteSize>,
+    #[serde(default)]
+    pub nics: Vec<NicRequest>,
+    /// Pin placement to this host (name or id).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// 0..=100; higher restarts first. Default 50.
+    #[serde(default)]
+    pub priority: Option<u8>,
+    /// Start after creation. Default true.
+    #[serde(default)]
+    pub start: Option<bool>,
+    #[serde(default)]
+    pub load_profile: Option<LoadProfile>,
+}
+
+/// A guest with names resolved for people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestView {
+    #[serde(flatten)]
+    pub guest: Guest,
+    pub host_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct StopGuestRequest {
+    /// Pull the plug instead of asking the guest OS to power off.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Answer to a request that started a long-running operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OperationAccepted {
+    pub operation: Operation,
+    pub guest: GuestId,
+}
+
+// ---- VLANs ----------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateVlanRequest {
+    /// 802.1Q id, 1..=4094.
+    pub id: u32,
+    pub name: String,
+    /// IPv4 CIDR, e.g. `10.0.100.0/24`.
+    #[serde(default)]
+    pub subnet: Option<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VlanView {
+    #[serde(flatten)]
+    pub vlan: Vlan,
+    /// NICs attached to it.
+    pub nics: u32,
+}
+
+// ---- operations and audit --------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditRecord {
+    /// Position in the log; strictly increasing.
+    pub seq: u64,
+    pub time: String,
+    /// Who: the name of the token used.
+    pub principal: String,
+    /// What: method and path.
+    pub action: String,
+    /// The object acted on, where known.
+    pub target: Option<String>,
+    /// `ok` or the error message.
+    pub result: String,
+    pub status: u16,
+}
+
+// ---- agent protocol ---------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterRequest {
+    /// Unique host name; re-registering the same name (an agent restart)
+    /// returns the same host.
+    pub name: String,
+    pub cores: u32,
+    pub memory: ByteSize,
+    pub hypervisor: HypervisorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterResponse {
+    pub host_id: HostId,
+    /// How often the agent should send heartbeats.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// What an agent sees of one guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ObservedState {
+    Stopped,
+    Running,
+    Paused,
+    Crashed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ObservedGuest {
+    pub id: GuestId,
+    pub state: ObservedState,
+    /// Generation of the definition the hypervisor holds.
+    pub generation: u64,
+}
+
+/// An action the agent tried and failed, for the generation it was at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestFailure {
+    pub id: GuestId,
+    pub generation: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatRequest {
+    pub host_id: HostId,
+    /// Every guest defined on the host.
+    pub guests: Vec<ObservedGuest>,
+    /// Failures since the last heartbeat.
+    #[serde(default)]
+    pub failures: Vec<GuestFailure>,
+    /// Guests the manager wanted absent that the agent has destroyed; the
+    /// manager forgets a deleted guest only on this explicit confirmation.
+    #[serde(default)]
+    pub destroyed: Vec<GuestId>,
+}
+
+/// What the manager wants of one guest on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    Running,
+    Stopped,
+    /// Stop it and remove it with its disks.
+    Absent,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DesiredGuest {
+    pub id: GuestId,
+    pub generation: u64,
+    pub state: DesiredState,
+    pub spec: drove_model::GuestSpec,
+    /// Whether a stop should be forced.
+    pub force_stop: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatResponse {
+    pub guests: Vec<DesiredGuest>,
+}
+
+/// Identifies a long-running operation in paths.
+pub type OpId = OperationId;

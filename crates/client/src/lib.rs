@@ -1,1 +1,228 @@
+//! A typed client for the manager's `/v1` API, used by the CLI, the agents
+//! and the tests. Callers never build URLs themselves.
 
+use std::time::Duration;
+
+use drove_api::{
+    AuditRecord, CreateGuestRequest, CreateVlanRequest, ErrorResponse, GuestView, HeartbeatRequest,
+    HeartbeatResponse, HostView, OperationAccepted, RegisterRequest, RegisterResponse,
+    StopGuestRequest, VlanView,
+};
+use drove_model::{Operation, OperationId};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The manager refused the request; `message` says why.
+    #[error("{message}")]
+    Api { status: u16, code: String, message: String, field: Option<String> },
+    #[error("cannot reach the manager at {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from the manager ({status}) to {what}")]
+    Decode {
+        what: String,
+        status: u16,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    endpoint: String,
+    token: String,
+}
+
+impl Client {
+    /// `endpoint` like `http://127.0.0.1:7300`.
+    pub fn new(endpoint: &str, token: &str) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap_or_default();
+        Client { http, endpoint: endpoint.trim_end_matches('/').to_owned(), token: token.trim().to_owned() }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method.clone(), path, body, timeout).await?;
+        let status = resp.status().as_u16();
+        resp.json::<T>().await.map_err(|source| ClientError::Decode { what: format!("{method} {path}"), status, source })
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{}", self.endpoint, path))
+            .bearer_auth(&self.token)
+            .timeout(timeout);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Connect { endpoint: self.endpoint.clone(), source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorResponse>(&text) {
+            Ok(e) => ClientError::Api {
+                status: status.as_u16(),
+                code: e.error.code,
+                message: e.error.message,
+                field: e.error.field,
+            },
+            Err(_) => ClientError::Api {
+                status: status.as_u16(),
+                code: "http".into(),
+                message: format!("{method} {path}: {status} {}", text.lines().next().unwrap_or("")),
+                field: None,
+            },
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None, DEFAULT_TIMEOUT).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body), DEFAULT_TIMEOUT).await
+    }
+
+    pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/v1/openapi.json").await
+    }
+
+    pub async fn list_hosts(&self) -> Result<Vec<HostView>, ClientError> {
+        self.get("/v1/hosts").await
+    }
+
+    pub async fn get_host(&self, host: &str) -> Result<HostView, ClientError> {
+        self.get(&format!("/v1/hosts/{}", seg(host))).await
+    }
+
+    pub async fn list_guests(&self) -> Result<Vec<GuestView>, ClientError> {
+        self.get("/v1/guests").await
+    }
+
+    pub async fn get_guest(&self, guest: &str) -> Result<GuestView, ClientError> {
+        self.get(&format!("/v1/guests/{}", seg(guest))).await
+    }
+
+    pub async fn create_guest(&self, req: &CreateGuestRequest) -> Result<OperationAccepted, ClientError> {
+        self.post("/v1/guests", req).await
+    }
+
+    pub async fn start_guest(&self, guest: &str) -> Result<OperationAccepted, ClientError> {
+        self.post(&format!("/v1/guests/{}/start", seg(guest)), &serde_json::json!({})).await
+    }
+
+    pub async fn stop_guest(&self, guest: &str, force: bool) -> Result<OperationAccepted, ClientError> {
+        self.post(&format!("/v1/guests/{}/stop", seg(guest)), &StopGuestRequest { force }).await
+    }
+
+    pub async fn delete_guest(&self, guest: &str) -> Result<OperationAccepted, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/guests/{}", seg(guest)), None, DEFAULT_TIMEOUT).await
+    }
+
+    pub async fn list_vlans(&self) -> Result<Vec<VlanView>, ClientError> {
+        self.get("/v1/vlans").await
+    }
+
+    pub async fn create_vlan(&self, req: &CreateVlanRequest) -> Result<VlanView, ClientError> {
+        self.post("/v1/vlans", req).await
+    }
+
+    pub async fn delete_vlan(&self, vlan: &str) -> Result<(), ClientError> {
+        self.send::<()>(Method::DELETE, &format!("/v1/vlans/{}", seg(vlan)), None, DEFAULT_TIMEOUT).await.map(|_| ())
+    }
+
+    pub async fn list_operations(&self) -> Result<Vec<Operation>, ClientError> {
+        self.get("/v1/operations").await
+    }
+
+    pub async fn get_operation(&self, id: OperationId) -> Result<Operation, ClientError> {
+        self.get(&format!("/v1/operations/{id}")).await
+    }
+
+    /// Long-poll until the operation is final or `wait` passes.
+    pub async fn wait_operation(&self, id: OperationId, wait: Duration) -> Result<Operation, ClientError> {
+        let secs = wait.as_secs().clamp(1, 300);
+        self.call::<(), _>(Method::GET, &format!("/v1/operations/{id}?wait={secs}"), None, Duration::from_secs(secs + 30))
+            .await
+    }
+
+    pub async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, ClientError> {
+        self.get(&format!("/v1/audit?after={after}&limit={limit}")).await
+    }
+
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let resp = self.send::<()>(Method::GET, "/metrics", None, DEFAULT_TIMEOUT).await?;
+        let status = resp.status().as_u16();
+        resp.text().await.map_err(|source| ClientError::Decode { what: "GET /metrics".into(), status, source })
+    }
+
+    pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
+        self.post("/v1/agent/register", req).await
+    }
+
+    pub async fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, ClientError> {
+        self.post("/v1/agent/heartbeat", req).await
+    }
+
+    /// Whether an error means "the manager does not know this host".
+    pub fn is_unknown_host(err: &ClientError) -> bool {
+        err.status() == Some(StatusCode::NOT_FOUND.as_u16())
+    }
+}
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Percent-encode a path segment (names are restricted, but ids and user
+/// typos may not be).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

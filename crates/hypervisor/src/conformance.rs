@@ -1,0 +1,1036 @@
+//! The behaviour every [`Hypervisor`] backend must show.
+//!
+//! The trait's documentation states the rules; this suite is their
+//! executable form. Each rule is a [`Property`], checked against a live
+//! backend through the trait alone, so the same checks run against the
+//! simulator in milliseconds and against QEMU booting real guests in
+//! minutes. A backend that passes can be swapped for another without the
+//! agent noticing.
+//!
+//! The caller supplies the backend and a *template*: `template(n)` returns
+//! the definition of the suite's `n`-th guest. Real backends need real specs
+//! (an image, a network), so only the caller can write them. The template
+//! must return a fresh guest id for every call; the suite chooses
+//! generations itself, starting from the template's.
+//!
+//! Every property creates its own guests and destroys them afterwards, so
+//! properties can run one after another against the same backend, and other
+//! guests on the backend are left alone (the suite never assumes the host is
+//! empty). Every call is bounded by [`Options::op_timeout`]: a hung backend
+//! fails the suite instead of hanging it.
+//!
+//! Run everything with one call:
+//!
+//! ```
+//! use drove_hypervisor::conformance;
+//! use drove_hypervisor::sim::{sample_guest, SimConfig, SimHypervisor};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let hv = SimHypervisor::new(SimConfig::instant());
+//! conformance::run_all(&hv, sample_guest).await;
+//! # }
+//! ```
+//!
+//! or get one `#[tokio::test]` per property with [`conformance_tests!`](crate::conformance_tests).
+//!
+//! What the suite cannot check generically — crashes, which need a way to
+//! kill a guest's process — each backend tests on its own.
+
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use drove_model::GuestId;
+
+use crate::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
+
+/// How patient the suite is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// The longest any single call may take before the suite calls it hung.
+    /// Must exceed `graceful_timeout` plus a forced stop.
+    pub op_timeout: Duration,
+    /// The timeout the suite passes in [`StopMode::Graceful`].
+    pub graceful_timeout: Duration,
+}
+
+impl Default for Options {
+    /// Generous for the simulator; real backends under TCG want more.
+    fn default() -> Self {
+        Self {
+            op_timeout: Duration::from_secs(10),
+            graceful_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One rule of the trait, checkable on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Property {
+    /// `resources` reports a host with some cores and memory.
+    ResourcesAreReported,
+    /// `create` defines a guest that is Stopped, at the given generation,
+    /// and listed.
+    CreateLeavesGuestStopped,
+    /// Repeating `create` succeeds and leaves the guest as it is, whether
+    /// Stopped or Running.
+    CreateIsIdempotent,
+    /// `create` with a newer generation updates the generation and nothing
+    /// else.
+    CreateWithNewerGenerationUpdatesIt,
+    /// `start` makes a guest Running; starting it again succeeds without a
+    /// new incarnation.
+    StartRunsGuestAndIsIdempotent,
+    /// `pause` makes a Running guest Paused, `resume` makes it Running again,
+    /// same incarnation.
+    PauseAndResume,
+    /// A graceful stop makes a Running guest Stopped, and it can be started
+    /// again.
+    StopGracefully,
+    /// A forced stop makes Running and Paused guests Stopped.
+    StopForcefully,
+    /// Stopping a Stopped guest succeeds, in either mode.
+    StopIsIdempotent,
+    /// `destroy` removes a guest in any state: `status` gives NotFound,
+    /// `list` omits it, and destroying it again succeeds.
+    DestroyRemovesGuest,
+    /// Destroying a guest that never existed succeeds and defines nothing.
+    DestroyOfUnknownGuestSucceeds,
+    /// `list` shows every guest once, with its state and generation.
+    ListShowsAllGuests,
+    /// Operations not allowed in a state give InvalidState naming the guest
+    /// and its state, and change nothing.
+    InvalidStateOpsAreRefused,
+    /// Operations on an unknown guest give NotFound naming it.
+    UnknownGuestsAreNotFound,
+}
+
+impl Property {
+    pub const ALL: [Property; 14] = [
+        Property::ResourcesAreReported,
+        Property::CreateLeavesGuestStopped,
+        Property::CreateIsIdempotent,
+        Property::CreateWithNewerGenerationUpdatesIt,
+        Property::StartRunsGuestAndIsIdempotent,
+        Property::PauseAndResume,
+        Property::StopGracefully,
+        Property::StopForcefully,
+        Property::StopIsIdempotent,
+        Property::DestroyRemovesGuest,
+        Property::DestroyOfUnknownGuestSucceeds,
+        Property::ListShowsAllGuests,
+        Property::InvalidStateOpsAreRefused,
+        Property::UnknownGuestsAreNotFound,
+    ];
+
+    /// The snake-case name, as in test names.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Property::ResourcesAreReported => "resources_are_reported",
+            Property::CreateLeavesGuestStopped => "create_leaves_guest_stopped",
+            Property::CreateIsIdempotent => "create_is_idempotent",
+            Property::CreateWithNewerGenerationUpdatesIt => {
+                "create_with_newer_generation_updates_it"
+            }
+            Property::StartRunsGuestAndIsIdempotent => "start_runs_guest_and_is_idempotent",
+            Property::PauseAndResume => "pause_and_resume",
+            Property::StopGracefully => "stop_gracefully",
+            Property::StopForcefully => "stop_forcefully",
+            Property::StopIsIdempotent => "stop_is_idempotent",
+            Property::DestroyRemovesGuest => "destroy_removes_guest",
+            Property::DestroyOfUnknownGuestSucceeds => "destroy_of_unknown_guest_succeeds",
+            Property::ListShowsAllGuests => "list_shows_all_guests",
+            Property::InvalidStateOpsAreRefused => "invalid_state_ops_are_refused",
+            Property::UnknownGuestsAreNotFound => "unknown_guests_are_not_found",
+        }
+    }
+
+    /// Checks this property against `hv`, then destroys the guests it
+    /// created (a failed cleanup is a violation too).
+    pub async fn check<H, F>(self, hv: &H, template: F, options: &Options) -> Result<(), Violation>
+    where
+        H: Hypervisor,
+        F: Fn(u32) -> GuestConfig,
+    {
+        let mut next_index = 0;
+        self.check_from(hv, &template, options, &mut next_index)
+            .await
+    }
+
+    async fn check_from<H, F>(
+        self,
+        hv: &H,
+        template: &F,
+        options: &Options,
+        next_index: &mut u32,
+    ) -> Result<(), Violation>
+    where
+        H: Hypervisor,
+        F: Fn(u32) -> GuestConfig,
+    {
+        let mut cx = Cx {
+            hv,
+            template,
+            options,
+            next_index,
+            created: Vec::new(),
+        };
+        let outcome = self.run(&mut cx).await;
+        let cleanup = cx.cleanup().await;
+        let message = match (outcome, cleanup) {
+            (Ok(()), Ok(())) => return Ok(()),
+            (Err(e), Ok(())) => e,
+            (Ok(()), Err(c)) => format!("cleanup: {c}"),
+            (Err(e), Err(c)) => format!("{e}; and cleanup: {c}"),
+        };
+        Err(Violation {
+            property: self,
+            message,
+        })
+    }
+
+    async fn run<H, F>(self, cx: &mut Cx<'_, H, F>) -> Check
+    where
+        H: Hypervisor,
+        F: Fn(u32) -> GuestConfig,
+    {
+        match self {
+            Property::ResourcesAreReported => resources_are_reported(cx).await,
+            Property::CreateLeavesGuestStopped => create_leaves_guest_stopped(cx).await,
+            Property::CreateIsIdempotent => create_is_idempotent(cx).await,
+            Property::CreateWithNewerGenerationUpdatesIt => {
+                create_with_newer_generation_updates_it(cx).await
+            }
+            Property::StartRunsGuestAndIsIdempotent => start_runs_guest_and_is_idempotent(cx).await,
+            Property::PauseAndResume => pause_and_resume(cx).await,
+            Property::StopGracefully => stop_gracefully(cx).await,
+            Property::StopForcefully => stop_forcefully(cx).await,
+            Property::StopIsIdempotent => stop_is_idempotent(cx).await,
+            Property::DestroyRemovesGuest => destroy_removes_guest(cx).await,
+            Property::DestroyOfUnknownGuestSucceeds => destroy_of_unknown_guest_succeeds(cx).await,
+            Property::ListShowsAllGuests => list_shows_all_guests(cx).await,
+            Property::InvalidStateOpsAreRefused => invalid_state_ops_are_refused(cx).await,
+            Property::UnknownGuestsAreNotFound => unknown_guests_are_not_found(cx).await,
+        }
+    }
+}
+
+impl fmt::Display for Property {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A property the backend does not have, and what was observed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{property}: {message}")]
+pub struct Violation {
+    pub property: Property,
+    pub message: String,
+}
+
+/// Every violation found by one run of the suite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuiteFailure {
+    pub violations: Vec<Violation>,
+}
+
+impl fmt::Display for SuiteFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} of {} hypervisor conformance properties violated",
+            self.violations.len(),
+            Property::ALL.len()
+        )?;
+        for v in &self.violations {
+            write!(f, "\n  - {v}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Error for SuiteFailure {}
+
+/// Runs every property with default [`Options`]; panics listing all
+/// violations.
+pub async fn run_all<H, F>(hv: &H, template: F)
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    run_all_with(hv, template, &Options::default()).await;
+}
+
+/// Runs every property; panics listing all violations.
+pub async fn run_all_with<H, F>(hv: &H, template: F, options: &Options)
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    if let Err(failure) = check_all(hv, template, options).await {
+        panic!("{failure}");
+    }
+}
+
+/// Runs one property; panics with the violation. What the tests generated
+/// by [`conformance_tests!`](crate::conformance_tests) call.
+pub async fn run_one<H, F>(hv: &H, template: F, property: Property, options: &Options)
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    if let Err(violation) = property.check(hv, template, options).await {
+        panic!("{hv:?} violates {violation}");
+    }
+}
+
+/// Runs every property, one after another, and returns all violations
+/// rather than stopping at the first.
+pub async fn check_all<H, F>(hv: &H, template: F, options: &Options) -> Result<(), SuiteFailure>
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    // One index sequence across properties: template(n) is called once per
+    // n, so templates that derive names or disk paths from n never collide.
+    let mut next_index = 0;
+    let mut violations = Vec::new();
+    for property in Property::ALL {
+        if let Err(v) = property
+            .check_from(hv, &template, options, &mut next_index)
+            .await
+        {
+            violations.push(v);
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(SuiteFailure { violations })
+    }
+}
+
+/// Generates a module with one `#[tokio::test]` per [`Property`].
+///
+/// `hypervisor` is evaluated inside each (async) test, so it may `.await`;
+/// `template` is anything `Fn(u32) -> GuestConfig`; `options` defaults to
+/// [`Options::default()`]. Items of the calling module are in scope.
+///
+/// ```ignore
+/// drove_hypervisor::conformance_tests!(
+///     sim_conformance,
+///     hypervisor = SimHypervisor::new(SimConfig::instant()),
+///     template = sample_guest,
+/// );
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    (
+        $module:ident,
+        hypervisor = $hv:expr,
+        template = $template:expr
+        $(, options = $options:expr)?
+        $(,)?
+    ) => {
+        $crate::conformance_tests!(@module $module ($hv) ($template)
+            ($crate::conformance_tests!(@options $($options)?))
+            resources_are_reported => ResourcesAreReported,
+            create_leaves_guest_stopped => CreateLeavesGuestStopped,
+            create_is_idempotent => CreateIsIdempotent,
+            create_with_newer_generation_updates_it => CreateWithNewerGenerationUpdatesIt,
+            start_runs_guest_and_is_idempotent => StartRunsGuestAndIsIdempotent,
+            pause_and_resume => PauseAndResume,
+            stop_gracefully => StopGracefully,
+            stop_forcefully => StopForcefully,
+            stop_is_idempotent => StopIsIdempotent,
+            destroy_removes_guest => DestroyRemovesGuest,
+            destroy_of_unknown_guest_succeeds => DestroyOfUnknownGuestSucceeds,
+            list_shows_all_guests => ListShowsAllGuests,
+            invalid_state_ops_are_refused => InvalidStateOpsAreRefused,
+            unknown_guests_are_not_found => UnknownGuestsAreNotFound,
+        );
+    };
+    (@module $module:ident ($hv:expr) ($template:expr) ($options:expr)
+        $($test:ident => $property:ident,)*
+    ) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+
+            // A property added to the enum but not to this list fails to
+            // compile here instead of silently going untested.
+            const _: () = assert!(
+                [$(stringify!($test)),*].len() == $crate::conformance::Property::ALL.len()
+            );
+
+            $(
+                #[::tokio::test]
+                async fn $test() {
+                    let hv = $hv;
+                    let options: $crate::conformance::Options = $options;
+                    $crate::conformance::run_one(
+                        &hv,
+                        $template,
+                        $crate::conformance::Property::$property,
+                        &options,
+                    )
+                    .await;
+                }
+            )*
+        }
+    };
+    (@options) => { ::std::default::Default::default() };
+    (@options $options:expr) => { $options };
+}
+
+/// The outcome of a check: what was observed when it failed.
+type Check = Result<(), String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+/// The context of one property check: the backend, the template, and the
+/// guests to clean up afterwards.
+struct Cx<'a, H, F> {
+    hv: &'a H,
+    template: &'a F,
+    options: &'a Options,
+    next_index: &'a mut u32,
+    created: Vec<GuestId>,
+}
+
+impl<H, F> Cx<'_, H, F>
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    /// The next guest definition from the template, after making sure the
+    /// backend does not know its id yet.
+    async fn fresh(&mut self) -> Result<GuestConfig, String> {
+        let n = *self.next_index;
+        *self.next_index += 1;
+        let config = (self.template)(n);
+        let id = config.id;
+        ensure!(
+            !self.created.contains(&id),
+            "template({n}) returned id {id} again; the suite needs a fresh id per call"
+        );
+        let seen = self
+            .call(format!("status({id})"), self.hv.status(id))
+            .await?;
+        ensure!(
+            matches!(seen, Err(HvError::NotFound { .. })),
+            "template({n}) returned id {id}, which the backend already knows ({}); the suite needs fresh ids",
+            describe(&seen)
+        );
+        // Recorded before `create` runs: a create that fails half-way must
+        // still be cleaned up.
+        self.created.push(id);
+        Ok(config)
+    }
+
+    /// A fresh guest, created (Stopped).
+    async fn stopped(&mut self) -> Result<GuestConfig, String> {
+        let config = self.fresh().await?;
+        self.create(&config).await?;
+        Ok(config)
+    }
+
+    /// A fresh guest, created and started.
+    async fn running(&mut self) -> Result<GuestConfig, String> {
+        let config = self.stopped().await?;
+        self.start(config.id).await?;
+        Ok(config)
+    }
+
+    /// A fresh guest, created, started and paused.
+    async fn paused(&mut self) -> Result<GuestConfig, String> {
+        let config = self.running().await?;
+        self.pause(config.id).await?;
+        Ok(config)
+    }
+
+    /// Awaits `fut` within the call timeout. The outer error is the timeout,
+    /// the inner result the backend's answer.
+    async fn call<T>(
+        &self,
+        what: String,
+        fut: impl Future<Output = Result<T, HvError>>,
+    ) -> Result<Result<T, HvError>, String> {
+        let limit = self.options.op_timeout;
+        tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| format!("{what} did not return within {limit:?}"))
+    }
+
+    /// Awaits `fut`, which must succeed.
+    async fn ok<T>(
+        &self,
+        what: String,
+        fut: impl Future<Output = Result<T, HvError>>,
+    ) -> Result<T, String> {
+        match self.call(what.clone(), fut).await? {
+            Ok(v) => Ok(v),
+            Err(e) => Err(format!("{what} failed: {}", chain(&e))),
+        }
+    }
+
+    async fn create(&self, config: &GuestConfig) -> Check {
+        let what = format!("create({}, generation {})", config.id, config.generation);
+        self.ok(what, self.hv.create(config)).await
+    }
+
+    async fn start(&self, id: GuestId) -> Check {
+        self.ok(format!("start({id})"), self.hv.start(id)).await
+    }
+
+    async fn stop(&self, id: GuestId, mode: StopMode) -> Check {
+        self.ok(format!("stop({id}, {mode:?})"), self.hv.stop(id, mode))
+            .await
+    }
+
+    async fn pause(&self, id: GuestId) -> Check {
+        self.ok(format!("pause({id})"), self.hv.pause(id)).await
+    }
+
+    async fn resume(&self, id: GuestId) -> Check {
+        self.ok(format!("resume({id})"), self.hv.resume(id)).await
+    }
+
+    async fn destroy(&self, id: GuestId) -> Check {
+        self.ok(format!("destroy({id})"), self.hv.destroy(id)).await
+    }
+
+    async fn list(&self) -> Result<Vec<GuestStatus>, String> {
+        self.ok("list()".to_owned(), self.hv.list()).await
+    }
+
+    fn graceful(&self) -> StopMode {
+        StopMode::Graceful {
+            timeout: self.options.graceful_timeout,
+        }
+    }
+
+    /// `status(id)` must report `state` at `generation`; returns the status.
+    async fn expect(
+        &self,
+        id: GuestId,
+        state: RuntimeState,
+        generation: u64,
+        after: &str,
+    ) -> Result<GuestStatus, String> {
+        let status = self
+            .ok(format!("status({id}) after {after}"), self.hv.status(id))
+            .await?;
+        ensure!(
+            status.id == id,
+            "status({id}) after {after} describes guest {}",
+            status.id
+        );
+        ensure!(
+            status.state == state && status.generation == generation,
+            "after {after}, guest {id} should be {state:?} at generation {generation}, \
+             but status says {:?} at generation {}",
+            status.state,
+            status.generation
+        );
+        Ok(status)
+    }
+
+    /// `list()` must contain `id` exactly once; returns its entry.
+    async fn listed(&self, id: GuestId, after: &str) -> Result<GuestStatus, String> {
+        let list = self.list().await?;
+        let mut entries = list.iter().filter(|s| s.id == id);
+        let entry = entries.next().cloned();
+        let more = entries.count();
+        ensure!(
+            more == 0,
+            "after {after}, list() shows guest {id} {} times",
+            more + 1
+        );
+        entry.ok_or_else(|| format!("after {after}, list() does not show guest {id}"))
+    }
+
+    /// Destroys every guest this check created, reporting all failures.
+    async fn cleanup(&mut self) -> Check {
+        let mut failures = Vec::new();
+        for id in std::mem::take(&mut self.created) {
+            if let Err(e) = self.destroy(id).await {
+                failures.push(e);
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+}
+
+/// The error and its causes on one line: `HvError`'s own message names the
+/// operation and guest, its sources say why.
+fn chain(e: &dyn Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn describe<T: fmt::Debug>(result: &Result<T, HvError>) -> String {
+    match result {
+        Ok(v) => format!("succeeded with {v:?}"),
+        Err(e) => format!("failed with {}", chain(e)),
+    }
+}
+
+/// The same incarnation: if the backend reports pids, they must not change.
+fn same_incarnation(before: &GuestStatus, after: &GuestStatus, during: &str) -> Check {
+    ensure!(
+        before.pid.is_none() || before.pid == after.pid,
+        "{during} of guest {} changed its process from {:?} to {:?}; it must keep the incarnation",
+        before.id,
+        before.pid,
+        after.pid
+    );
+    Ok(())
+}
+
+fn expect_not_found<T: fmt::Debug>(what: &str, result: &Result<T, HvError>, id: GuestId) -> Check {
+    match result {
+        Err(HvError::NotFound { id: got }) if *got == id => Ok(()),
+        Err(HvError::NotFound { id: got }) => Err(format!(
+            "{what} gave NotFound for guest {got} instead of {id}"
+        )),
+        other => Err(format!(
+            "{what} should give NotFound, but {}",
+            describe(other)
+        )),
+    }
+}
+
+fn expect_invalid_state<T: fmt::Debug>(
+    what: &str,
+    result: &Result<T, HvError>,
+    id: GuestId,
+    state: RuntimeState,
+) -> Check {
+    match result {
+        Err(HvError::InvalidState {
+            id: got_id,
+            state: got_state,
+            ..
+        }) if *got_id == id && *got_state == state => Ok(()),
+        Err(HvError::InvalidState {
+            id: got_id,
+            state: got_state,
+            ..
+        }) => Err(format!(
+            "{what} gave InvalidState for guest {got_id} in state {got_state:?}, \
+             expected guest {id} in state {state:?}"
+        )),
+        other => Err(format!(
+            "{what} on a {state:?} guest should give InvalidState, but {}",
+            describe(other)
+        )),
+    }
+}
+
+async fn resources_are_reported<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let r = cx.ok("resources()".to_owned(), cx.hv.resources()).await?;
+    ensure!(r.cores > 0, "resources() reports no cores: {r:?}");
+    ensure!(r.memory.bytes() > 0, "resources() reports no memory: {r:?}");
+    Ok(())
+}
+
+async fn create_leaves_guest_stopped<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let g = cx.stopped().await?;
+    cx.expect(g.id, RuntimeState::Stopped, g.generation, "create")
+        .await?;
+    let entry = cx.listed(g.id, "create").await?;
+    ensure!(
+        entry.state == RuntimeState::Stopped && entry.generation == g.generation,
+        "after create, list() shows guest {} as {:?} at generation {}, expected Stopped at {}",
+        g.id,
+        entry.state,
+        entry.generation,
+        g.generation
+    );
+    Ok(())
+}
+
+async fn create_is_idempotent<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let g = cx.stopped().await?;
+    cx.create(&g).await?;
+    cx.expect(
+        g.id,
+        RuntimeState::Stopped,
+        g.generation,
+        "a repeated create",
+    )
+    .await?;
+    cx.listed(g.id, "a repeated create").await?;
+
+    // "An existing guest is left as it is": a repeated create must not stop
+    // or reboot a running guest.
+    cx.start(g.id).await?;
+    let before = cx
+        .expect(g.id, RuntimeState::Running, g.generation, "start")
+        .await?;
+    cx.create(&g).await?;
+    let after = cx
+        .expect(
+            g.id,
+            RuntimeState::Running,
+            g.generation,
+            "create of a running guest",
+        )
+        .await?;
+    same_incarnation(&before, &after, "a repeated create")
+}
+
+async fn create_with_newer_generation_updates_it<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let mut g = cx.stopped().await?;
+    g.generation += 1;
+    cx.create(&g).await?;
+    cx.expect(
+        g.id,
+        RuntimeState::Stopped,
+        g.generation,
+        "create with a newer generation",
+    )
+    .await?;
+
+    cx.start(g.id).await?;
+    let before = cx
+        .expect(g.id, RuntimeState::Running, g.generation, "start")
+        .await?;
+    g.generation += 1;
+    cx.create(&g).await?;
+    let after = cx
+        .expect(
+            g.id,
+            RuntimeState::Running,
+            g.generation,
+            "create with a newer generation of a running guest",
+        )
+        .await?;
+    same_incarnation(&before, &after, "create with a newer generation")?;
+    let entry = cx.listed(g.id, "create with a newer generation").await?;
+    ensure!(
+        entry.generation == g.generation,
+        "list() shows guest {} at generation {}, status at {}",
+        g.id,
+        entry.generation,
+        g.generation
+    );
+    Ok(())
+}
+
+async fn start_runs_guest_and_is_idempotent<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let g = cx.running().await?;
+    let first = cx
+        .expect(g.id, RuntimeState::Running, g.generation, "start")
+        .await?;
+    cx.start(g.id).await?;
+    let second = cx
+        .expect(
+            g.id,
+            RuntimeState::Running,
+            g.generation,
+            "start of a running guest",
+        )
+        .await?;
+    same_incarnation(&first, &second, "a repeated start")
+}
+
+async fn pause_and_resume<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let g = cx.running().await?;
+    let running = cx
+        .expect(g.id, RuntimeState::Running, g.generation, "start")
+        .await?;
+    cx.pause(g.id).await?;
+    let paused = cx
+        .expect(g.id, RuntimeState::Paused, g.generation, "pause")
+        .await?;
+    same_incarnation(&running, &paused, "pause")?;
+    cx.resume(g.id).await?;
+    let resumed = cx
+        .expect(g.id, RuntimeState::Running, g.generation, "resume")
+        .await?;
+    same_incarnation(&running, &resumed, "pause and resume")
+}
+
+async fn stop_gracefully<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let g = cx.running().await?;
+    cx.stop(g.id, cx.graceful()).await?;
+    cx.expect(g.id, RuntimeState::Stopped, g.generation, "a graceful stop")
+        .await?;
+    cx.start(g.id).await?;
+    cx.expect(
+        g.id,
+        RuntimeState::Running,
+        g.generation,
+        "start after a graceful stop",
+    )
+    .await?;
+    Ok(())
+}
+
+async fn stop_forcefully<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let running = cx.running().await?;
+    cx.stop(running.id, StopMode::Force).await?;
+    cx.expect(
+        running.id,
+        RuntimeState::Stopped,
+        running.generation,
+        "a forced stop of a running guest",
+    )
+    .await?;
+
+    let paused = cx.paused().await?;
+    cx.stop(paused.id, StopMode::Force).await?;
+    cx.expect(
+        paused.id,
+        RuntimeState::Stopped,
+        paused.generation,
+        "a forced stop of a paused guest",
+    )
+    .await?;
+    Ok(())
+}
+
+async fn stop_is_idempotent<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    // Never started.
+    let g = cx.stopped().await?;
+    cx.stop(g.id, StopMode::Force).await?;
+    cx.stop(g.id, cx.graceful()).await?;
+    cx.expect(
+        g.id,
+        RuntimeState::Stopped,
+        g.generation,
+        "stops of a never-started guest",
+    )
+    .await?;
+
+    // Started, stopped, stopped again.
+    cx.start(g.id).await?;
+    cx.stop(g.id, cx.graceful()).await?;
+    cx.stop(g.id, cx.graceful()).await?;
+    cx.stop(g.id, StopMode::Force).await?;
+    cx.expect(
+        g.id,
+        RuntimeState::Stopped,
+        g.generation,
+        "repeated stops of a stopped guest",
+    )
+    .await?;
+    Ok(())
+}
+
+async fn destroy_removes_guest<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let guests = [
+        ("Stopped", cx.stopped().await?),
+        ("Running", cx.running().await?),
+        ("Paused", cx.paused().await?),
+    ];
+    for (state, g) in &guests {
+        let id = g.id;
+        cx.destroy(id).await?;
+        let after = format!("destroy of a {state} guest");
+        let status = cx.call(format!("status({id})"), cx.hv.status(id)).await?;
+        expect_not_found(&format!("status({id}) after {after}"), &status, id)?;
+        let list = cx.list().await?;
+        ensure!(
+            list.iter().all(|s| s.id != id),
+            "after {after}, list() still shows guest {id}"
+        );
+        cx.destroy(id)
+            .await
+            .map_err(|e| format!("a repeated destroy must succeed: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn destroy_of_unknown_guest_succeeds<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let g = cx.fresh().await?;
+    cx.destroy(g.id).await?;
+    let status = cx
+        .call(format!("status({})", g.id), cx.hv.status(g.id))
+        .await?;
+    expect_not_found(
+        &format!("status({}) after destroying it unknown", g.id),
+        &status,
+        g.id,
+    )
+}
+
+async fn list_shows_all_guests<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let stopped = cx.stopped().await?;
+    let mut running = cx.fresh().await?;
+    // Different generations, so a backend that mixes them up is caught.
+    running.generation += 1;
+    cx.create(&running).await?;
+    cx.start(running.id).await?;
+    let mut paused = cx.fresh().await?;
+    paused.generation += 2;
+    cx.create(&paused).await?;
+    cx.start(paused.id).await?;
+    cx.pause(paused.id).await?;
+
+    let list = cx.list().await?;
+    for (g, state) in [
+        (&stopped, RuntimeState::Stopped),
+        (&running, RuntimeState::Running),
+        (&paused, RuntimeState::Paused),
+    ] {
+        let entries: Vec<&GuestStatus> = list.iter().filter(|s| s.id == g.id).collect();
+        ensure!(
+            entries.len() == 1,
+            "list() shows guest {} {} times, expected once",
+            g.id,
+            entries.len()
+        );
+        let entry = entries[0];
+        ensure!(
+            entry.state == state && entry.generation == g.generation,
+            "list() shows guest {} as {:?} at generation {}, expected {state:?} at {}",
+            g.id,
+            entry.state,
+            entry.generation,
+            g.generation
+        );
+    }
+    let mut ids: Vec<GuestId> = list.iter().map(|s| s.id).collect();
+    ids.sort();
+    ids.dedup();
+    ensure!(
+        ids.len() == list.len(),
+        "list() shows some guest more than once: {list:?}"
+    );
+    Ok(())
+}
+
+async fn invalid_state_ops_are_refused<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    use RuntimeState::{Paused, Running, Stopped};
+
+    let g = cx.stopped().await?;
+    let id = g.id;
+    let r = cx.call(format!("pause({id})"), cx.hv.pause(id)).await?;
+    expect_invalid_state(&format!("pause({id})"), &r, id, Stopped)?;
+    let r = cx.call(format!("resume({id})"), cx.hv.resume(id)).await?;
+    expect_invalid_state(&format!("resume({id})"), &r, id, Stopped)?;
+    cx.expect(id, Stopped, g.generation, "refused pause and resume")
+        .await?;
+
+    cx.start(id).await?;
+    let r = cx.call(format!("resume({id})"), cx.hv.resume(id)).await?;
+    expect_invalid_state(&format!("resume({id})"), &r, id, Running)?;
+    cx.expect(id, Running, g.generation, "a refused resume")
+        .await?;
+
+    cx.pause(id).await?;
+    let r = cx.call(format!("pause({id})"), cx.hv.pause(id)).await?;
+    expect_invalid_state(&format!("pause({id})"), &r, id, Paused)?;
+    // A paused guest is resumed, not booted.
+    let r = cx.call(format!("start({id})"), cx.hv.start(id)).await?;
+    expect_invalid_state(&format!("start({id})"), &r, id, Paused)?;
+    cx.expect(id, Paused, g.generation, "refused pause and start")
+        .await?;
+    Ok(())
+}
+
+async fn unknown_guests_are_not_found<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let id = cx.fresh().await?.id;
+    let graceful = cx.graceful();
+    let r = cx.call(format!("start({id})"), cx.hv.start(id)).await?;
+    expect_not_found(&format!("start({id})"), &r, id)?;
+    let r = cx
+        .call(
+            format!("stop({id}, Force)"),
+            cx.hv.stop(id, StopMode::Force),
+        )
+        .await?;
+    expect_not_found(&format!("stop({id}, Force)"), &r, id)?;
+    let r = cx
+        .call(
+            format!("stop({id}, {graceful:?})"),
+            cx.hv.stop(id, graceful),
+        )
+        .await?;
+    expect_not_found(&format!("stop({id}, Graceful)"), &r, id)?;
+    let r = cx.call(format!("pause({id})"), cx.hv.pause(id)).await?;
+    expect_not_found(&format!("pause({id})"), &r, id)?;
+    let r = cx.call(format!("resume({id})"), cx.hv.resume(id)).await?;
+    expect_not_found(&format!("resume({id})"), &r, id)?;
+    let r = cx.call(format!("status({id})"), cx.hv.status(id)).await?;
+    expect_not_found(&format!("status({id})"), &r, id)?;
+    Ok(())
+}

@@ -1,0 +1,955 @@
+//! A simulated hypervisor: guests are rows in a table, time is `tokio::time::sleep`.
+//!
+//! [`SimHypervisor`] implements [`Hypervisor`] without running anything, so
+//! that the agent, the manager and the placement code can be tested — and run
+//! at the scale of a thousand hosts — on one machine. It obeys the same rules
+//! as the real backends (the [`conformance`](crate::conformance) suite checks
+//! both), and adds three things a real hypervisor cannot offer:
+//!
+//! * **Timing knobs** ([`SimConfig`]): each call waits as long as the real
+//!   operation would (defining a guest, booting it, an ACPI shutdown, a QMP
+//!   round trip), so races and timeouts in the callers show up in tests.
+//! * **Fault injection**: [`SimHypervisor::crash`] kills a guest's "process",
+//!   [`SimHypervisor::fail_next`] makes the next call of an operation fail
+//!   before it does anything, [`SimHypervisor::fail_next_after_effect`] makes
+//!   it fail after it took effect (a lost reply), and
+//!   [`SimHypervisor::set_ignores_acpi`] gives a guest that never shuts down
+//!   on request. [`SimHypervisor::calls`] counts the calls per operation.
+//! * **Persistence** ([`SimHypervisor::with_state_file`]): the guest table is
+//!   saved as JSON after every change and loaded on construction, so a
+//!   restarted agent re-adopts its simulated guests the way it re-adopts
+//!   real QEMU processes.
+//!
+//! # How a call runs
+//!
+//! A state-changing call checks the guest under a short lock, sleeps the
+//! simulated time *without* the lock, then re-checks and commits under the
+//! lock. The operation therefore takes effect at its end, and whatever
+//! happened meanwhile (a crash, a concurrent destroy) is judged by the same
+//! transition rules (`Action::step`) as at the start. No call holds a lock
+//! across an `.await`, and an instance owns no task or thread: a thousand
+//! instances with ten guests each are a few hundred kilobytes and timers.
+//!
+//! Fake process ids: a guest gets a new pid each time it boots (each
+//! incarnation), keeps it while Running or Paused, and has none otherwise.
+//!
+//! The simulator does not enforce capacity: like QEMU it lets memory and
+//! vCPUs be overcommitted; keeping hosts within their means is the job of
+//! admission control and placement.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind, Priority};
+use serde::{Deserialize, Serialize};
+
+use crate::{GuestConfig, GuestStatus, HostResources, HvError, Hypervisor, RuntimeState, StopMode};
+
+/// Host size and how long the simulated operations take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Cores offered to guests.
+    pub cores: u32,
+    /// Memory offered to guests.
+    pub memory: ByteSize,
+    /// Defining a new guest and provisioning its disks.
+    pub create_delay: Duration,
+    /// From `start` until the guest runs.
+    pub boot_delay: Duration,
+    /// How long the guest OS takes to power off after an ACPI request. If the
+    /// graceful-stop timeout is shorter, the guest is forced off at the
+    /// timeout instead, as the real backends do.
+    pub stop_delay: Duration,
+    /// A quick control command (a QMP round trip): pause, resume, and pulling
+    /// the plug on a guest.
+    pub command_delay: Duration,
+    /// Removing a guest's definition and disks.
+    pub destroy_delay: Duration,
+}
+
+impl Default for SimConfig {
+    /// A 4-core, 16 GiB host whose operations take a few milliseconds: slow
+    /// enough that calls overlap, fast enough for thousands of guests.
+    fn default() -> Self {
+        Self {
+            cores: 4,
+            memory: ByteSize::gib(16),
+            create_delay: Duration::from_millis(2),
+            boot_delay: Duration::from_millis(5),
+            stop_delay: Duration::from_millis(3),
+            command_delay: Duration::from_millis(1),
+            destroy_delay: Duration::from_millis(2),
+        }
+    }
+}
+
+impl SimConfig {
+    /// The default host with every delay zero, for unit tests. Zero delays do
+    /// not touch the timer at all, so calls complete without yielding.
+    pub fn instant() -> Self {
+        Self {
+            create_delay: Duration::ZERO,
+            boot_delay: Duration::ZERO,
+            stop_delay: Duration::ZERO,
+            command_delay: Duration::ZERO,
+            destroy_delay: Duration::ZERO,
+            ..Self::default()
+        }
+    }
+}
+
+/// The [`Hypervisor`] calls, for counting them and injecting faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SimOp {
+    Resources,
+    Create,
+    Start,
+    Stop,
+    Pause,
+    Resume,
+    Destroy,
+    Status,
+    List,
+}
+
+impl SimOp {
+    pub const ALL: [SimOp; 9] = [
+        SimOp::Resources,
+        SimOp::Create,
+        SimOp::Start,
+        SimOp::Stop,
+        SimOp::Pause,
+        SimOp::Resume,
+        SimOp::Destroy,
+        SimOp::Status,
+        SimOp::List,
+    ];
+
+    /// The trait method's name, as used in [`HvError`]'s `op`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SimOp::Resources => "resources",
+            SimOp::Create => "create",
+            SimOp::Start => "start",
+            SimOp::Stop => "stop",
+            SimOp::Pause => "pause",
+            SimOp::Resume => "resume",
+            SimOp::Destroy => "destroy",
+            SimOp::Status => "status",
+            SimOp::List => "list",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for SimOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The cause inside the [`HvError`] of an injected fault, so that a test can
+/// tell it from a genuine failure by downcasting the error's source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("injected fault: {message}")]
+pub struct InjectedFault {
+    pub message: String,
+}
+
+/// Why a state file could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SimStateError {
+    #[error("reading sim state file {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("parsing sim state file {}", .path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "sim state file {} is {format:?} version {version}; this build reads only {STATE_FORMAT:?} version {STATE_VERSION}",
+        .path.display()
+    )]
+    Unsupported {
+        path: PathBuf,
+        format: String,
+        version: u32,
+    },
+    #[error("encoding sim state for {}", .path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("writing sim state file {}", .path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A small, valid guest definition for tests: a fresh random id, generation
+/// 1, one vCPU, 64 MiB, named `sim-{n}`. Usable as the template of the
+/// conformance suite.
+pub fn sample_guest(n: u32) -> GuestConfig {
+    GuestConfig {
+        id: GuestId::new_v4(),
+        generation: 1,
+        spec: GuestSpec {
+            name: format!("sim-{n}"),
+            vcpus: 1,
+            memory: ByteSize::mib(64),
+            disks: Vec::new(),
+            nics: Vec::new(),
+            priority: Priority::default(),
+            load_profile: None,
+        },
+    }
+}
+
+/// The in-memory hypervisor. Cloning gives another handle to the same
+/// simulated host, so a test can keep one for fault injection while the code
+/// under test owns another.
+#[derive(Clone)]
+pub struct SimHypervisor {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: SimConfig,
+    state_file: Option<PathBuf>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    guests: HashMap<GuestId, SimGuest>,
+    /// The pid the next boot gets; persisted so that a reloaded table never
+    /// hands out a pid twice.
+    next_pid: u32,
+    calls: [u64; SimOp::ALL.len()],
+    faults: [VecDeque<Fault>; SimOp::ALL.len()],
+}
+
+/// One guest as the simulator holds it (and saves it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SimGuest {
+    config: GuestConfig,
+    state: RuntimeState,
+    pid: Option<u32>,
+    /// The guest OS ignores ACPI power-off requests.
+    #[serde(default)]
+    ignores_acpi: bool,
+}
+
+impl SimGuest {
+    fn status(&self) -> GuestStatus {
+        GuestStatus {
+            id: self.config.id,
+            state: self.state,
+            generation: self.config.generation,
+            pid: self.pid,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Fault {
+    message: String,
+    /// Fail after the operation took effect instead of before it.
+    after_effect: bool,
+}
+
+impl Fault {
+    fn into_error(self, op: SimOp, id: Option<GuestId>) -> HvError {
+        let source = Box::new(InjectedFault {
+            message: self.message,
+        });
+        match id {
+            Some(id) => HvError::Backend {
+                op: op.name(),
+                id,
+                source,
+            },
+            // `resources` and `list` concern no guest: they fail as the host.
+            None => HvError::Host {
+                op: op.name(),
+                source,
+            },
+        }
+    }
+}
+
+/// What a guest-state-changing call asks for. `Crash` is not a trait call
+/// but goes through the same rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Start,
+    Stop,
+    Pause,
+    Resume,
+    Crash,
+}
+
+/// The outcome of an [`Action`] on a guest in some state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Already where the action leads: succeed without doing anything.
+    Stay,
+    /// A real transition.
+    Go(RuntimeState),
+    /// Not allowed in this state: `HvError::InvalidState`.
+    Refuse,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Stop => "stop",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Crash => "crash",
+        }
+    }
+
+    /// The one place that decides which transitions exist (the diagram in
+    /// the crate docs). Exhaustive on purpose: a new state must decide every
+    /// action.
+    fn step(self, from: RuntimeState) -> Step {
+        use RuntimeState::{Crashed, Paused, Running, Stopped};
+        match (self, from) {
+            (Action::Start, Stopped | Crashed) => Step::Go(Running),
+            (Action::Start, Running) => Step::Stay,
+            // A paused guest is resumed, not booted.
+            (Action::Start, Paused) => Step::Refuse,
+            (Action::Stop, Running | Paused) => Step::Go(Stopped),
+            (Action::Stop, Stopped) => Step::Stay,
+            // Stopping a crashed guest acknowledges the crash: nothing is
+            // left to kill, and "stopped" is what the caller asked for.
+            (Action::Stop, Crashed) => Step::Go(Stopped),
+            (Action::Pause, Running) => Step::Go(Paused),
+            (Action::Pause, Stopped | Paused | Crashed) => Step::Refuse,
+            (Action::Resume, Paused) => Step::Go(Running),
+            (Action::Resume, Stopped | Running | Crashed) => Step::Refuse,
+            // Only a guest with a process can lose it.
+            (Action::Crash, Running | Paused) => Step::Go(Crashed),
+            (Action::Crash, Stopped | Crashed) => Step::Refuse,
+        }
+    }
+}
+
+const STATE_FORMAT: &str = "drove-sim-state";
+const STATE_VERSION: u32 = 1;
+/// Fake pids start where real ones would look plausible.
+const FIRST_PID: u32 = 10_000;
+
+/// Identifies a state file before its body is trusted: a file of another
+/// format or version is refused rather than half understood.
+#[derive(Deserialize)]
+struct StateHeader {
+    format: String,
+    version: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    format: String,
+    version: u32,
+    next_pid: u32,
+    guests: Vec<SimGuest>,
+}
+
+impl SimHypervisor {
+    /// A host with no guests and no persistence.
+    pub fn new(config: SimConfig) -> Self {
+        Self::from_parts(config, None, HashMap::new(), FIRST_PID)
+    }
+
+    /// A host whose guest table lives in `path`: loaded now if the file
+    /// exists (a missing file is an empty host), saved after every change.
+    ///
+    /// Saving writes a temporary file next to `path` and renames it over
+    /// `path`, so a process killed mid-write leaves the previous table. There
+    /// is no fsync: the file survives a process restart, which is what it
+    /// simulates, not a power cut. One state file belongs to one instance at
+    /// a time.
+    pub fn with_state_file(
+        config: SimConfig,
+        path: impl Into<PathBuf>,
+    ) -> Result<Self, SimStateError> {
+        let path = path.into();
+        let (guests, next_pid) = match std::fs::read(&path) {
+            Ok(bytes) => load_state(&path, &bytes)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (HashMap::new(), FIRST_PID),
+            Err(source) => return Err(SimStateError::Read { path, source }),
+        };
+        tracing::debug!(path = %path.display(), guests = guests.len(), "sim hypervisor loaded its state");
+        Ok(Self::from_parts(config, Some(path), guests, next_pid))
+    }
+
+    fn from_parts(
+        config: SimConfig,
+        state_file: Option<PathBuf>,
+        guests: HashMap<GuestId, SimGuest>,
+        next_pid: u32,
+    ) -> Self {
+        let inner = Inner {
+            guests,
+            next_pid,
+            ..Inner::default()
+        };
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                state_file,
+                inner: Mutex::new(inner),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.shared.config
+    }
+
+    pub fn state_file(&self) -> Option<&Path> {
+        self.shared.state_file.as_deref()
+    }
+
+    /// Kills the guest's (simulated) process: a Running or Paused guest
+    /// becomes Crashed and loses its pid, as if QEMU had died. Unknown guests
+    /// give `NotFound`, guests without a process `InvalidState`.
+    pub fn crash(&self, id: GuestId) -> Result<(), HvError> {
+        let mut inner = self.lock();
+        let Inner {
+            guests, next_pid, ..
+        } = &mut *inner;
+        let guest = guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+        match Action::Crash.step(guest.state) {
+            Step::Go(to) => apply(guest, to, next_pid),
+            Step::Stay => return Ok(()),
+            Step::Refuse => return Err(invalid(Action::Crash, id, guest.state)),
+        }
+        self.save(&inner, "crash")
+    }
+
+    /// Crashes every guest that has a process, as a host reboot or an OOM
+    /// killer spree would. Returns how many crashed.
+    pub fn crash_all(&self) -> Result<usize, HvError> {
+        let mut inner = self.lock();
+        let Inner {
+            guests, next_pid, ..
+        } = &mut *inner;
+        let mut crashed = 0;
+        for guest in guests.values_mut() {
+            if let Step::Go(to) = Action::Crash.step(guest.state) {
+                apply(guest, to, next_pid);
+                crashed += 1;
+            }
+        }
+        if crashed > 0 {
+            self.save(&inner, "crash")?;
+        }
+        Ok(crashed)
+    }
+
+    /// Makes the guest OS ignore (or again honour) ACPI power-off requests:
+    /// a graceful stop then waits for its whole timeout and forces the guest
+    /// off, as with a real guest that has no ACPI daemon.
+    pub fn set_ignores_acpi(&self, id: GuestId, ignores: bool) -> Result<(), HvError> {
+        let mut inner = self.lock();
+        let guest = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+        if guest.ignores_acpi != ignores {
+            guest.ignores_acpi = ignores;
+            self.save(&inner, "set_ignores_acpi")?;
+        }
+        Ok(())
+    }
+
+    /// Makes the next call of `op` fail with `message` before it does
+    /// anything. Faults queue: calling this twice fails the next two calls.
+    /// The error is `HvError::Backend` (or `HvError::Host` for `resources`
+    /// and `list`, which concern no guest) with an [`InjectedFault`] source.
+    pub fn fail_next(&self, op: SimOp, message: impl Into<String>) {
+        self.push_fault(op, message.into(), false);
+    }
+
+    /// Like [`fail_next`](Self::fail_next), but the call takes full effect
+    /// and only then reports the failure — a lost reply or a timeout after
+    /// the fact, which the caller's retry must absorb idempotently.
+    pub fn fail_next_after_effect(&self, op: SimOp, message: impl Into<String>) {
+        self.push_fault(op, message.into(), true);
+    }
+
+    fn push_fault(&self, op: SimOp, message: String, after_effect: bool) {
+        self.lock().faults[op.index()].push_back(Fault {
+            message,
+            after_effect,
+        });
+    }
+
+    /// How many times `op` was called, failed calls included.
+    pub fn calls(&self, op: SimOp) -> u64 {
+        self.lock().calls[op.index()]
+    }
+
+    /// The guests as [`Hypervisor::list`] would report them, sorted by id —
+    /// but for inspection: not counted as a call and never faulted.
+    pub fn guests(&self) -> Vec<GuestStatus> {
+        sorted_statuses(&self.lock())
+    }
+
+    /// The definition held for a guest (the newest generation it was given).
+    pub fn guest_config(&self, id: GuestId) -> Option<GuestConfig> {
+        self.lock().guests.get(&id).map(|g| g.config.clone())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every mutation under this lock is completed before anything that
+        // could panic, so a poisoned table is still consistent: keep going
+        // rather than turn one failed test assertion into cascading panics.
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts the call and takes its pending fault, if any. A fault that
+    /// fails before the effect is returned as the error; one that fails
+    /// after it is handed back for [`Self::finish`].
+    fn begin(&self, op: SimOp, id: Option<GuestId>) -> Result<Option<Fault>, HvError> {
+        let mut inner = self.lock();
+        inner.calls[op.index()] += 1;
+        match inner.faults[op.index()].pop_front() {
+            Some(fault) if !fault.after_effect => {
+                tracing::debug!(%op, ?id, message = %fault.message, "sim: injected fault before effect");
+                Err(fault.into_error(op, id))
+            }
+            pending => Ok(pending),
+        }
+    }
+
+    /// Replaces the call's result with its after-effect fault, if it has one.
+    fn finish<T>(
+        op: SimOp,
+        id: Option<GuestId>,
+        fault: Option<Fault>,
+        result: Result<T, HvError>,
+    ) -> Result<T, HvError> {
+        match fault {
+            Some(fault) => {
+                tracing::debug!(%op, ?id, message = %fault.message, "sim: injected fault after effect");
+                Err(fault.into_error(op, id))
+            }
+            None => result,
+        }
+    }
+
+    /// Saves the table if this instance has a state file. Called with the
+    /// lock held, right after the change: the file is small, and writing
+    /// under the lock keeps saves in the order of the changes without any
+    /// bookkeeping. There is no `.await` between a change and its save, so
+    /// a cancelled call cannot leave a change unsaved.
+    fn save(&self, inner: &Inner, op: &'static str) -> Result<(), HvError> {
+        let Some(path) = &self.shared.state_file else {
+            return Ok(());
+        };
+        write_state(path, inner).map_err(|e| HvError::Host {
+            op,
+            source: Box::new(e),
+        })
+    }
+
+    /// Runs a state-changing call on an existing guest: check, wait the
+    /// simulated time without the lock, re-check and commit.
+    async fn drive(
+        &self,
+        action: Action,
+        id: GuestId,
+        mode: Option<StopMode>,
+    ) -> Result<(), HvError> {
+        let delay = {
+            let inner = self.lock();
+            let guest = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
+            match action.step(guest.state) {
+                Step::Stay => return Ok(()),
+                Step::Refuse => return Err(invalid(action, id, guest.state)),
+                Step::Go(_) => self.delay_of(action, guest, mode),
+            }
+        };
+        wait(delay).await;
+        let mut inner = self.lock();
+        let Inner {
+            guests, next_pid, ..
+        } = &mut *inner;
+        // The guest may have been destroyed, crashed or moved on while we
+        // waited; judge the action against what it is now.
+        let guest = guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+        match action.step(guest.state) {
+            Step::Stay => return Ok(()),
+            Step::Refuse => return Err(invalid(action, id, guest.state)),
+            Step::Go(to) => apply(guest, to, next_pid),
+        }
+        self.save(&inner, action.name())
+    }
+
+    /// How long `action` takes on `guest` as it is now.
+    fn delay_of(&self, action: Action, guest: &SimGuest, mode: Option<StopMode>) -> Duration {
+        let c = &self.shared.config;
+        match (action, mode) {
+            (Action::Start, _) => c.boot_delay,
+            (Action::Pause | Action::Resume | Action::Crash, _) => c.command_delay,
+            // A crashed guest has no process left to stop.
+            (Action::Stop, _) if guest.state == RuntimeState::Crashed => Duration::ZERO,
+            (Action::Stop, Some(StopMode::Graceful { timeout })) => {
+                // A paused guest cannot act on ACPI either: it is forced off
+                // at the timeout, like one that ignores the request.
+                let honours = guest.state == RuntimeState::Running && !guest.ignores_acpi;
+                if honours && c.stop_delay <= timeout {
+                    c.stop_delay
+                } else {
+                    timeout + c.command_delay
+                }
+            }
+            (Action::Stop, Some(StopMode::Force) | None) => c.command_delay,
+        }
+    }
+
+    async fn create_guest(&self, config: &GuestConfig) -> Result<(), HvError> {
+        validate(config)?;
+        {
+            let mut inner = self.lock();
+            if let Some(guest) = inner.guests.get_mut(&config.id) {
+                if redefine(guest, config) {
+                    self.save(&inner, "create")?;
+                }
+                return Ok(());
+            }
+        }
+        wait(self.shared.config.create_delay).await;
+        let mut inner = self.lock();
+        // A concurrent create of the same guest may have won meanwhile: then
+        // this one is the idempotent repeat.
+        let changed = match inner.guests.get_mut(&config.id) {
+            Some(guest) => redefine(guest, config),
+            None => {
+                inner.guests.insert(
+                    config.id,
+                    SimGuest {
+                        config: config.clone(),
+                        state: RuntimeState::Stopped,
+                        pid: None,
+                        ignores_acpi: false,
+                    },
+                );
+                tracing::debug!(guest = %config.id, generation = config.generation, "sim: created guest");
+                true
+            }
+        };
+        if changed {
+            self.save(&inner, "create")?;
+        }
+        Ok(())
+    }
+
+    async fn destroy_guest(&self, id: GuestId) -> Result<(), HvError> {
+        let delay = {
+            let inner = self.lock();
+            let Some(guest) = inner.guests.get(&id) else {
+                return Ok(());
+            };
+            let c = &self.shared.config;
+            match guest.state {
+                // Pull the plug first, then remove the disks.
+                RuntimeState::Running | RuntimeState::Paused => c.command_delay + c.destroy_delay,
+                RuntimeState::Stopped | RuntimeState::Crashed => c.destroy_delay,
+            }
+        };
+        wait(delay).await;
+        let mut inner = self.lock();
+        if inner.guests.remove(&id).is_some() {
+            tracing::debug!(guest = %id, "sim: destroyed guest");
+            self.save(&inner, "destroy")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SimHypervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // try_lock: Debug may be called by code that already holds the lock
+        // (a tracing field, a panic message); it must not deadlock there.
+        let guests = match self.shared.inner.try_lock() {
+            Ok(inner) => Some(inner.guests.len()),
+            Err(_) => None,
+        };
+        f.debug_struct("SimHypervisor")
+            .field("config", &self.shared.config)
+            .field("state_file", &self.shared.state_file)
+            .field("guests", &guests)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for SimHypervisor {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Sim
+    }
+
+    async fn resources(&self) -> Result<HostResources, HvError> {
+        let fault = self.begin(SimOp::Resources, None)?;
+        let c = &self.shared.config;
+        let result = Ok(HostResources {
+            cores: c.cores,
+            memory: c.memory,
+        });
+        Self::finish(SimOp::Resources, None, fault, result)
+    }
+
+    async fn create(&self, config: &GuestConfig) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::Create, Some(config.id))?;
+        let result = self.create_guest(config).await;
+        Self::finish(SimOp::Create, Some(config.id), fault, result)
+    }
+
+    async fn start(&self, id: GuestId) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::Start, Some(id))?;
+        let result = self.drive(Action::Start, id, None).await;
+        Self::finish(SimOp::Start, Some(id), fault, result)
+    }
+
+    async fn stop(&self, id: GuestId, mode: StopMode) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::Stop, Some(id))?;
+        let result = self.drive(Action::Stop, id, Some(mode)).await;
+        Self::finish(SimOp::Stop, Some(id), fault, result)
+    }
+
+    async fn pause(&self, id: GuestId) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::Pause, Some(id))?;
+        let result = self.drive(Action::Pause, id, None).await;
+        Self::finish(SimOp::Pause, Some(id), fault, result)
+    }
+
+    async fn resume(&self, id: GuestId) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::Resume, Some(id))?;
+        let result = self.drive(Action::Resume, id, None).await;
+        Self::finish(SimOp::Resume, Some(id), fault, result)
+    }
+
+    async fn destroy(&self, id: GuestId) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::Destroy, Some(id))?;
+        let result = self.destroy_guest(id).await;
+        Self::finish(SimOp::Destroy, Some(id), fault, result)
+    }
+
+    async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError> {
+        let fault = self.begin(SimOp::Status, Some(id))?;
+        let result = self
+            .lock()
+            .guests
+            .get(&id)
+            .map(SimGuest::status)
+            .ok_or(HvError::NotFound { id });
+        Self::finish(SimOp::Status, Some(id), fault, result)
+    }
+
+    async fn list(&self) -> Result<Vec<GuestStatus>, HvError> {
+        let fault = self.begin(SimOp::List, None)?;
+        let result = Ok(sorted_statuses(&self.lock()));
+        Self::finish(SimOp::List, None, fault, result)
+    }
+}
+
+/// Sleeps for `d`; zero does not touch the timer, whose resolution would
+/// turn "instant" into a millisecond.
+async fn wait(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+fn invalid(action: Action, id: GuestId, state: RuntimeState) -> HvError {
+    HvError::InvalidState {
+        id,
+        op: action.name(),
+        state,
+    }
+}
+
+/// Moves a guest to `to`, keeping its pid across pause/resume and giving it
+/// a new one for each boot.
+fn apply(guest: &mut SimGuest, to: RuntimeState, next_pid: &mut u32) {
+    let from = guest.state;
+    guest.pid = match to {
+        RuntimeState::Running | RuntimeState::Paused => match guest.pid {
+            Some(pid) => Some(pid),
+            None => {
+                let pid = *next_pid;
+                *next_pid = next_pid.checked_add(1).unwrap_or(FIRST_PID);
+                Some(pid)
+            }
+        },
+        RuntimeState::Stopped | RuntimeState::Crashed => None,
+    };
+    guest.state = to;
+    tracing::debug!(guest = %guest.config.id, ?from, ?to, pid = ?guest.pid, "sim: transition");
+}
+
+/// Takes a repeated create's definition if it is newer. An older generation
+/// is a stale request and never rolls the definition back. Returns whether
+/// anything changed.
+fn redefine(guest: &mut SimGuest, config: &GuestConfig) -> bool {
+    if config.generation > guest.config.generation {
+        guest.config = config.clone();
+        true
+    } else {
+        false
+    }
+}
+
+/// Refuses definitions QEMU would refuse, so that tests of the callers see
+/// the same failure early.
+fn validate(config: &GuestConfig) -> Result<(), HvError> {
+    let reason = if config.spec.vcpus == 0 {
+        "a guest needs at least one vCPU"
+    } else if config.spec.memory.bytes() == 0 {
+        "a guest needs some memory"
+    } else {
+        return Ok(());
+    };
+    Err(HvError::Backend {
+        op: "create",
+        id: config.id,
+        source: reason.into(),
+    })
+}
+
+fn sorted_statuses(inner: &Inner) -> Vec<GuestStatus> {
+    let mut list: Vec<GuestStatus> = inner.guests.values().map(SimGuest::status).collect();
+    list.sort_by_key(|s| s.id);
+    list
+}
+
+fn load_state(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(HashMap<GuestId, SimGuest>, u32), SimStateError> {
+    let parse = |source| SimStateError::Parse {
+        path: path.to_owned(),
+        source,
+    };
+    let header: StateHeader = serde_json::from_slice(bytes).map_err(parse)?;
+    if header.format != STATE_FORMAT || header.version != STATE_VERSION {
+        return Err(SimStateError::Unsupported {
+            path: path.to_owned(),
+            format: header.format,
+            version: header.version,
+        });
+    }
+    let file: StateFile = serde_json::from_slice(bytes).map_err(parse)?;
+    let guests = file.guests.into_iter().map(|g| (g.config.id, g)).collect();
+    Ok((guests, file.next_pid))
+}
+
+fn write_state(path: &Path, inner: &Inner) -> Result<(), SimStateError> {
+    let mut guests: Vec<SimGuest> = inner.guests.values().cloned().collect();
+    // Sorted, so that the file is stable and diffs between saves are small.
+    guests.sort_by_key(|g| g.config.id);
+    let file = StateFile {
+        format: STATE_FORMAT.to_owned(),
+        version: STATE_VERSION,
+        next_pid: inner.next_pid,
+        guests,
+    };
+    let bytes = serde_json::to_vec_pretty(&file).map_err(|source| SimStateError::Encode {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write_err = |source| SimStateError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::write(&tmp, bytes).map_err(write_err)?;
+    std::fs::rename(&tmp, path).map_err(write_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every action in every state has a decided outcome, and the outcomes
+    /// match the diagram in the crate docs.
+    #[test]
+    fn transition_table_matches_the_diagram() {
+        use RuntimeState::{Crashed, Paused, Running, Stopped};
+        let table = [
+            (
+                Action::Start,
+                [
+                    Step::Go(Running),
+                    Step::Stay,
+                    Step::Refuse,
+                    Step::Go(Running),
+                ],
+            ),
+            (
+                Action::Stop,
+                [
+                    Step::Stay,
+                    Step::Go(Stopped),
+                    Step::Go(Stopped),
+                    Step::Go(Stopped),
+                ],
+            ),
+            (
+                Action::Pause,
+                [Step::Refuse, Step::Go(Paused), Step::Refuse, Step::Refuse],
+            ),
+            (
+                Action::Resume,
+                [Step::Refuse, Step::Refuse, Step::Go(Running), Step::Refuse],
+            ),
+            (
+                Action::Crash,
+                [
+                    Step::Refuse,
+                    Step::Go(Crashed),
+                    Step::Go(Crashed),
+                    Step::Refuse,
+                ],
+            ),
+        ];
+        for (action, expected) in table {
+            for (from, want) in [Stopped, Running, Paused, Crashed]
+                .into_iter()
+                .zip(expected)
+            {
+                assert_eq!(action.step(from), want, "{action:?} from {from:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn sim_op_indices_match_all() {
+        for (i, op) in SimOp::ALL.into_iter().enumerate() {
+            assert_eq!(op.index(), i, "{op}");
+        }
+    }
+}

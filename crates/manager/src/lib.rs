@@ -1,1 +1,55 @@
+//! The manager: owner of the data centre's desired state.
+//!
+//! Everything it knows lives in the [`drove_store::Store`]; an in-memory
+//! [`inventory::Inventory`] mirrors it for fast reads and decisions. A
+//! mutation takes the inventory lock, validates, changes memory, and hands
+//! the matching store writes to the [`persist::Persister`] *while still
+//! holding the lock*, so store writes land in the same order as memory
+//! changes; the caller is answered only once its writes are durable. The
+//! persister merges queued writes into one store transaction (group commit),
+//! which is what makes thousands of durable creations per second possible.
+//!
+//! Agents pull their desired state with each heartbeat and push what they
+//! observe; [`core`] turns observations into guest and operation
+//! transitions. [`monitor`] marks silent hosts down and times out stuck
+//! operations. [`http`] serves the `/v1` API.
 
+pub mod auth;
+pub mod core;
+pub mod http;
+pub mod inventory;
+pub mod monitor;
+pub mod persist;
+
+pub use core::{Manager, ManagerConfig};
+pub use http::{ApiDoc, router};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Run the manager's HTTP server and background tasks until `shutdown`
+/// resolves.
+pub async fn serve(
+    manager: Arc<Manager>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let monitor = tokio::spawn(monitor::run(manager.clone()));
+    let app = router(manager.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    monitor.abort();
+    result
+}
+
+/// RFC 3339 timestamp of now, to the millisecond.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

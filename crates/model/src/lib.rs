@@ -21,4 +21,5 @@ pub use host::{HostInfo, HostState, HypervisorKind};
 pub use id::{GuestId, HostId, OperationId, TypedId};
 pub use operation::{Operation, OperationKind, OperationState};
 pub use units::ByteSize;
+pub use uuid;
 pub use vlan::{Vlan, VlanTag};

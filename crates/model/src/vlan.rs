@@ -139,10 +139,10 @@ impl Vlan {
         if name.parse::<u32>().is_ok() {
             return Err(VlanError::Name { name, reason: "must not be a number (numbers name VLAN ids)" });
         }
-        if let (Some(gw), Some(net)) = (gateway, subnet) {
-            if !net.contains(gw) {
-                return Err(VlanError::GatewayOutsideSubnet { gateway: gw, subnet: net });
-            }
+        if let (Some(gw), Some(net)) = (gateway, subnet)
+            && !net.contains(gw)
+        {
+            return Err(VlanError::GatewayOutsideSubnet { gateway: gw, subnet: net });
         }
         Ok(Self { tag, name, subnet, gateway })
     }

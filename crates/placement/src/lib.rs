@@ -1,1 +1,216 @@
+//! Placement: pure decisions about where guests go. No I/O — the same code
+//! serves the live manager and the simulator.
+//!
+//! This first policy is capacity-aware and spreading: memory is never
+//! overcommitted, vCPUs may be overcommitted up to a ratio, and among the
+//! hosts that fit, the one with the most free memory wins (ties broken by
+//! fewest allocated vCPUs, then by id, so decisions are deterministic).
 
+use drove_model::{ByteSize, HostId};
+
+/// What placement needs to know of a host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostCapacity {
+    pub id: HostId,
+    pub name: String,
+    /// Whether the host takes new guests (up, not in maintenance).
+    pub schedulable: bool,
+    pub cores: u32,
+    pub memory: ByteSize,
+    pub allocated_vcpus: u32,
+    pub allocated_memory: ByteSize,
+}
+
+impl HostCapacity {
+    fn free_memory(&self) -> u64 {
+        self.memory.bytes().saturating_sub(self.allocated_memory.bytes())
+    }
+    fn vcpu_limit(&self, policy: &Policy) -> u64 {
+        (f64::from(self.cores) * policy.vcpu_overcommit).floor() as u64
+    }
+    /// Why `req` does not fit here now, if it does not.
+    fn misfit(&self, req: &Request, policy: &Policy) -> Option<String> {
+        if !self.schedulable {
+            return Some(format!("host {} is not accepting guests", self.name));
+        }
+        if req.memory.bytes() > self.free_memory() {
+            return Some(format!(
+                "host {} has {} memory free, {} requested",
+                self.name,
+                ByteSize(self.free_memory()),
+                req.memory
+            ));
+        }
+        let vcpus = u64::from(self.allocated_vcpus) + u64::from(req.vcpus);
+        if vcpus > self.vcpu_limit(policy) {
+            return Some(format!(
+                "host {} would have {vcpus} vCPUs allocated, limit {} ({} cores x {})",
+                self.name,
+                self.vcpu_limit(policy),
+                self.cores,
+                policy.vcpu_overcommit
+            ));
+        }
+        None
+    }
+    /// Whether `req` could fit on this host if it were empty.
+    fn could_ever_hold(&self, req: &Request, policy: &Policy) -> bool {
+        req.memory <= self.memory && u64::from(req.vcpus) <= self.vcpu_limit(policy)
+    }
+}
+
+/// The resources a new guest asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub vcpus: u32,
+    pub memory: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// vCPUs allowed per physical core.
+    pub vcpu_overcommit: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { vcpu_overcommit: 4.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error("no host is registered")]
+    NoHosts,
+    #[error("no host can ever hold {vcpus} vCPUs and {memory} memory (largest host: {largest_cores} cores, {largest_memory})")]
+    TooLarge { vcpus: u32, memory: ByteSize, largest_cores: u32, largest_memory: ByteSize },
+    #[error("no host has room for {vcpus} vCPUs and {memory} memory now ({hosts} hosts checked; most free memory: {most_free})")]
+    NoRoom { vcpus: u32, memory: ByteSize, hosts: usize, most_free: ByteSize },
+    #[error("{reason}")]
+    PinnedMisfit { host: HostId, reason: String },
+    #[error("pinned host {0} is not known")]
+    UnknownHost(HostId),
+}
+
+/// Choose a host for `req`. With `pinned`, only that host is considered.
+pub fn place(
+    hosts: &[HostCapacity],
+    req: Request,
+    pinned: Option<HostId>,
+    policy: &Policy,
+) -> Result<HostId, PlacementError> {
+    if let Some(id) = pinned {
+        let host = hosts.iter().find(|h| h.id == id).ok_or(PlacementError::UnknownHost(id))?;
+        return match host.misfit(&req, policy) {
+            None => Ok(id),
+            Some(reason) => Err(PlacementError::PinnedMisfit { host: id, reason }),
+        };
+    }
+    if hosts.is_empty() {
+        return Err(PlacementError::NoHosts);
+    }
+    if !hosts.iter().any(|h| h.could_ever_hold(&req, policy)) {
+        let largest = hosts.iter().max_by_key(|h| (h.memory, h.cores)).ok_or(PlacementError::NoHosts)?;
+        return Err(PlacementError::TooLarge {
+            vcpus: req.vcpus,
+            memory: req.memory,
+            largest_cores: largest.cores,
+            largest_memory: largest.memory,
+        });
+    }
+    hosts
+        .iter()
+        .filter(|h| h.misfit(&req, policy).is_none())
+        .max_by(|a, b| {
+            a.free_memory()
+                .cmp(&b.free_memory())
+                .then(b.allocated_vcpus.cmp(&a.allocated_vcpus))
+                .then(b.id.cmp(&a.id))
+        })
+        .map(|h| h.id)
+        .ok_or_else(|| PlacementError::NoRoom {
+            vcpus: req.vcpus,
+            memory: req.memory,
+            hosts: hosts.len(),
+            most_free: ByteSize(
+                hosts.iter().filter(|h| h.schedulable).map(HostCapacity::free_memory).max().unwrap_or(0),
+            ),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn host(n: u8, cores: u32, mem_gib: u64) -> HostCapacity {
+        HostCapacity {
+            id: HostId::from_uuid(uuid_from(n)),
+            name: format!("h{n}"),
+            schedulable: true,
+            cores,
+            memory: ByteSize::gib(mem_gib),
+            allocated_vcpus: 0,
+            allocated_memory: ByteSize(0),
+        }
+    }
+
+    fn uuid_from(n: u8) -> drove_model::uuid::Uuid {
+        drove_model::uuid::Uuid::from_bytes([n; 16])
+    }
+
+    #[test]
+    fn spreads_to_most_free_memory() {
+        let mut hosts = vec![host(1, 4, 8), host(2, 4, 8)];
+        hosts[0].allocated_memory = ByteSize::gib(2);
+        let req = Request { vcpus: 1, memory: ByteSize::gib(1) };
+        assert_eq!(place(&hosts, req, None, &Policy::default()), Ok(hosts[1].id));
+    }
+
+    #[test]
+    fn refuses_what_no_host_can_hold_and_says_why() {
+        let hosts = vec![host(1, 4, 8)];
+        let req = Request { vcpus: 1, memory: ByteSize::gib(9) };
+        let err = place(&hosts, req, None, &Policy::default()).expect_err("too large");
+        assert!(matches!(err, PlacementError::TooLarge { .. }), "{err}");
+        let req = Request { vcpus: 17, memory: ByteSize::gib(1) };
+        assert!(matches!(place(&hosts, req, None, &Policy::default()), Err(PlacementError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn skips_unschedulable_and_full_hosts() {
+        let mut hosts = vec![host(1, 4, 8), host(2, 4, 8)];
+        hosts[0].schedulable = false;
+        hosts[1].allocated_memory = ByteSize::gib(8);
+        let req = Request { vcpus: 1, memory: ByteSize::gib(1) };
+        assert!(matches!(place(&hosts, req, None, &Policy::default()), Err(PlacementError::NoRoom { .. })));
+        let pinned = place(&hosts, req, Some(hosts[0].id), &Policy::default());
+        assert!(matches!(pinned, Err(PlacementError::PinnedMisfit { .. })));
+    }
+
+    proptest! {
+        /// Placing guests one by one never overcommits memory or the vCPU
+        /// ratio on any host, and only fails when no host has room.
+        #[test]
+        fn never_overcommits(reqs in prop::collection::vec((1u32..8, 1u64..4096), 1..200)) {
+            let policy = Policy::default();
+            let mut hosts: Vec<HostCapacity> = (1..=5).map(|n| host(n, 4, 8)).collect();
+            for (vcpus, mib) in reqs {
+                let req = Request { vcpus, memory: ByteSize::mib(mib) };
+                match place(&hosts, req, None, &policy) {
+                    Ok(id) => {
+                        let h = hosts.iter_mut().find(|h| h.id == id).expect("placed on a known host");
+                        h.allocated_vcpus += vcpus;
+                        h.allocated_memory = ByteSize(h.allocated_memory.bytes() + req.memory.bytes());
+                        prop_assert!(h.allocated_memory <= h.memory);
+                        prop_assert!(f64::from(h.allocated_vcpus) <= f64::from(h.cores) * policy.vcpu_overcommit);
+                    }
+                    Err(_) => {
+                        prop_assert!(hosts.iter().all(|h| h.misfit(&req, &policy).is_some()));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -8,7 +8,8 @@
 //!
 //! Implementations: [`embedded::EmbeddedStore`] (redb, durable, crash-safe;
 //! the default) — etcd comes later. [`conformance`] holds the test suite that
-//! every implementation must pass.
+//! every implementation must pass. `Arc<S>` (and so `Arc<dyn Store>`) is a
+//! store too.
 
 use std::fmt::Debug;
 
@@ -52,7 +53,10 @@ pub enum Op {
 pub enum Event {
     Put(KeyValue),
     /// The key was deleted at `revision`.
-    Delete { key: String, revision: Revision },
+    Delete {
+        key: String,
+        revision: Revision,
+    },
 }
 
 impl Event {
@@ -87,6 +91,18 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The store file could not be opened or initialised.
+    #[error("opening store at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A watcher did not keep up and was dropped. Nothing at or after `next`
+    /// was delivered: `watch(prefix, Some(next))` resumes without gaps or
+    /// duplicates (or says `Compacted`, and the caller re-lists).
+    #[error("watch on prefix {prefix:?} fell too far behind; resume from revision {next}")]
+    WatchLagged { prefix: String, next: Revision },
     #[error("store is closed")]
     Closed,
 }
@@ -125,11 +141,55 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// is gone); with `None`, only changes after the call are delivered.
     async fn watch(&self, prefix: &str, from: Option<Revision>) -> Result<Watch, StoreError>;
 
+    /// Forget watch history before `revision`, as etcd's compaction does:
+    /// afterwards a watch from an older revision fails with `Compacted`, one
+    /// from `revision` or later still works. Key values are not affected (this
+    /// store keeps no old versions to read). A revision beyond the current one
+    /// compacts all history so far.
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
+
     async fn put(&self, key: &str, value: Vec<u8>, precondition: Precondition) -> Result<Revision, StoreError> {
         self.txn(vec![Op::Put { key: key.to_owned(), value, precondition }]).await
     }
 
     async fn delete(&self, key: &str, precondition: Precondition) -> Result<Revision, StoreError> {
         self.txn(vec![Op::Delete { key: key.to_owned(), precondition }]).await
+    }
+}
+
+/// A shared store handle is a store too, so `Arc<dyn Store>` (what the
+/// manager passes around) works wherever a generic `S: Store` is expected.
+#[async_trait::async_trait]
+impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        (**self).get(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        (**self).list(prefix).await
+    }
+
+    async fn txn(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
+        (**self).txn(ops).await
+    }
+
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        (**self).revision().await
+    }
+
+    async fn watch(&self, prefix: &str, from: Option<Revision>) -> Result<Watch, StoreError> {
+        (**self).watch(prefix, from).await
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        (**self).compact(revision).await
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, precondition: Precondition) -> Result<Revision, StoreError> {
+        (**self).put(key, value, precondition).await
+    }
+
+    async fn delete(&self, key: &str, precondition: Precondition) -> Result<Revision, StoreError> {
+        (**self).delete(key, precondition).await
     }
 }

@@ -1,0 +1,384 @@
+//! Client commands: everything goes through the manager's HTTP API.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use drove_api::{CreateGuestRequest, CreateVlanRequest, NicRequest, OperationAccepted};
+use drove_client::Client;
+use drove_model::{ByteSize, Operation, OperationState};
+
+use crate::output::{opt, print, print_one};
+use crate::{OutputArgs, config, parse_size};
+
+pub fn client() -> Result<Client> {
+    let cfg = config::load()?;
+    Ok(Client::new(&cfg.endpoint, &cfg.token))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// List hosts with their state and allocation.
+    List(OutputArgs),
+    /// Show one host.
+    Show {
+        /// Host name or id.
+        host: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a guest; it is placed on a host with room and started.
+    #[command(after_help = "Example: drove vm create web-1 --vcpus 1 --memory 256M --disk 1G --nic blue")]
+    Create(CreateArgs),
+    /// List guests.
+    List(OutputArgs),
+    /// Show one guest.
+    Show {
+        /// Guest name or id.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Start a stopped guest.
+    Start(ActionArgs),
+    /// Stop a running guest (ACPI power-off, forced after a timeout).
+    Stop {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// Pull the plug instead of asking the guest to power off.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a guest and its disks.
+    Delete(ActionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ActionArgs {
+    /// Guest name or id.
+    pub name: String,
+    /// Return once the request is accepted instead of waiting for it to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this many seconds (the operation carries on).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Guest name: lowercase letters, digits and '-'.
+    pub name: String,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Memory, e.g. 512M or 1G.
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    pub memory: ByteSize,
+    /// Add a disk of this size (repeatable), e.g. --disk 1G.
+    #[arg(long = "disk", value_parser = parse_size)]
+    pub disks: Vec<ByteSize>,
+    /// Add a NIC on this VLAN, by name or id (repeatable).
+    #[arg(long = "nic")]
+    pub nics: Vec<String>,
+    /// Place on this host (name or id) instead of letting drove choose.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// 0..=100; higher restarts first after a failure.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Create it stopped.
+    #[arg(long)]
+    pub stopped: bool,
+    /// Return once accepted instead of waiting until it runs.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this many seconds (the operation carries on).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VlanCommand {
+    /// Define a VLAN.
+    #[command(after_help = "Example: drove vlan create 100 --name blue --subnet 10.0.100.0/24")]
+    Create {
+        /// 802.1Q id, 1..=4094.
+        id: u32,
+        #[arg(long)]
+        name: String,
+        /// IPv4 subnet in CIDR notation.
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Gateway address inside the subnet.
+        #[arg(long)]
+        gateway: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// List VLANs.
+    List(OutputArgs),
+    /// Delete an unused VLAN.
+    Delete {
+        /// VLAN name or id.
+        vlan: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpCommand {
+    /// List operations.
+    List(OutputArgs),
+    /// Show one operation.
+    Show {
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Wait for an operation to finish.
+    Wait {
+        id: String,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List audit records, oldest first.
+    List {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+pub async fn host(cmd: HostCommand) -> Result<()> {
+    let c = client()?;
+    let row = |h: &drove_api::HostView| {
+        vec![
+            h.info.name.clone(),
+            h.info.state.to_string(),
+            h.info.hypervisor.to_string(),
+            format!("{}/{}", h.allocated_vcpus, h.info.cores),
+            format!("{}/{}", h.allocated_memory, h.info.memory),
+            h.guests.to_string(),
+            h.last_seen_ms.map_or("-".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+        ]
+    };
+    const HEADER: [&str; 7] = ["name", "state", "hypervisor", "vcpus", "memory", "guests", "seen"];
+    match cmd {
+        HostCommand::List(out) => {
+            let hosts = c.list_hosts().await?;
+            print(out.format, &hosts, &HEADER, hosts.iter().map(row).collect())
+        }
+        HostCommand::Show { host, out } => {
+            let h = c.get_host(&host).await?;
+            let fields = HEADER.iter().copied().zip(row(&h)).chain([("id", h.info.id.to_string()), ("registered", h.info.registered_at.clone())]).collect();
+            print_one(out.format, &h, fields)
+        }
+    }
+}
+
+fn guest_row(g: &drove_api::GuestView) -> Vec<String> {
+    vec![
+        g.guest.spec.name.clone(),
+        g.guest.state.to_string(),
+        g.host_name.clone(),
+        g.guest.spec.vcpus.to_string(),
+        g.guest.spec.memory.to_string(),
+        g.guest.spec.disks.iter().map(|d| d.size.to_string()).collect::<Vec<_>>().join(","),
+        g.guest.spec.nics.iter().map(|n| n.vlan.to_string()).collect::<Vec<_>>().join(","),
+    ]
+}
+
+pub async fn vm(cmd: VmCommand) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        VmCommand::Create(a) => {
+            let req = CreateGuestRequest {
+                name: a.name.clone(),
+                vcpus: a.vcpus,
+                memory: a.memory,
+                disks: a.disks,
+                nics: a.nics.into_iter().map(|vlan| NicRequest { vlan }).collect(),
+                host: a.host,
+                priority: a.priority,
+                start: Some(!a.stopped),
+                load_profile: None,
+            };
+            let accepted = c.create_guest(&req).await?;
+            let op = finish(&c, &accepted, a.no_wait, a.timeout).await?;
+            if a.no_wait {
+                println!("creating {} (operation {})", a.name, op.id);
+                return Ok(());
+            }
+            let g = c.get_guest(&a.name).await?;
+            if matches!(a.out.format, crate::Format::Json) {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                println!("created {} on {} ({})", g.guest.spec.name, g.host_name, g.guest.state);
+            }
+            Ok(())
+        }
+        VmCommand::List(out) => {
+            let guests = c.list_guests().await?;
+            print(out.format, &guests, &["name", "state", "host", "vcpus", "memory", "disks", "vlans"], guests.iter().map(guest_row).collect())
+        }
+        VmCommand::Show { name, out } => {
+            let g = c.get_guest(&name).await?;
+            let s = &g.guest.spec;
+            print_one(
+                out.format,
+                &g,
+                vec![
+                    ("name", s.name.clone()),
+                    ("id", g.guest.id.to_string()),
+                    ("state", g.guest.state.to_string()),
+                    ("intent", format!("{:?}", g.guest.intent).to_lowercase()),
+                    ("host", g.host_name.clone()),
+                    ("vcpus", s.vcpus.to_string()),
+                    ("memory", s.memory.to_string()),
+                    ("disks", s.disks.iter().map(|d| d.size.to_string()).collect::<Vec<_>>().join(", ")),
+                    ("nics", s.nics.iter().map(|n| format!("vlan {} mac {}", n.vlan, n.mac)).collect::<Vec<_>>().join(", ")),
+                    ("priority", s.priority.0.to_string()),
+                    ("generation", g.guest.generation.to_string()),
+                    ("created", g.guest.created_at.clone()),
+                    ("last error", opt(&g.guest.last_error)),
+                ],
+            )
+        }
+        VmCommand::Start(a) => {
+            let acc = c.start_guest(&a.name).await?;
+            report(&a, finish(&c, &acc, a.no_wait, a.timeout).await?, "started")
+        }
+        VmCommand::Stop { action: a, force } => {
+            let acc = c.stop_guest(&a.name, force).await?;
+            report(&a, finish(&c, &acc, a.no_wait, a.timeout).await?, "stopped")
+        }
+        VmCommand::Delete(a) => {
+            let acc = c.delete_guest(&a.name).await?;
+            report(&a, finish(&c, &acc, a.no_wait, a.timeout).await?, "deleted")
+        }
+    }
+}
+
+fn report(a: &ActionArgs, op: Operation, done: &str) -> Result<()> {
+    if a.no_wait {
+        println!("{} {}: operation {} accepted", op.kind, a.name, op.id);
+    } else {
+        println!("{done} {}", a.name);
+    }
+    Ok(())
+}
+
+/// Wait for an accepted operation, showing its progress on a terminal.
+async fn finish(c: &Client, accepted: &OperationAccepted, no_wait: bool, timeout: u64) -> Result<Operation> {
+    let mut op = accepted.operation.clone();
+    if no_wait || op.state.is_final() {
+        return check(op);
+    }
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    while !op.state.is_final() {
+        if tty {
+            eprint!("\r\x1b[K{} {} [{:>3}%] {}", op.kind, op.target_name, op.progress, op.step);
+            let _ = std::io::stderr().flush();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            if tty {
+                eprintln!();
+            }
+            bail!("gave up waiting after {timeout}s; operation {} is still {} ({}); follow it with `drove op wait {}`", op.id, op.state, op.step, op.id);
+        }
+        op = c.wait_operation(op.id, left.min(Duration::from_secs(2))).await?;
+    }
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    check(op)
+}
+
+fn check(op: Operation) -> Result<Operation> {
+    if op.state == OperationState::Failed {
+        bail!("{} {} failed: {}", op.kind, op.target_name, op.error.as_deref().unwrap_or("no reason given"));
+    }
+    Ok(op)
+}
+
+pub async fn vlan(cmd: VlanCommand) -> Result<()> {
+    let c = client()?;
+    let row = |v: &drove_api::VlanView| {
+        vec![v.vlan.tag.to_string(), v.vlan.name.clone(), opt(&v.vlan.subnet), opt(&v.vlan.gateway), v.nics.to_string()]
+    };
+    const HEADER: [&str; 5] = ["id", "name", "subnet", "gateway", "nics"];
+    match cmd {
+        VlanCommand::Create { id, name, subnet, gateway, out } => {
+            let v = c.create_vlan(&CreateVlanRequest { id, name, subnet, gateway }).await?;
+            print(out.format, &v, &HEADER, vec![row(&v)])
+        }
+        VlanCommand::List(out) => {
+            let vlans = c.list_vlans().await?;
+            print(out.format, &vlans, &HEADER, vlans.iter().map(row).collect())
+        }
+        VlanCommand::Delete { vlan } => {
+            c.delete_vlan(&vlan).await?;
+            println!("deleted VLAN {vlan}");
+            Ok(())
+        }
+    }
+}
+
+fn op_row(o: &Operation) -> Vec<String> {
+    vec![o.id.to_string(), o.kind.to_string(), o.target_name.clone(), o.state.to_string(), format!("{}%", o.progress), o.step.clone(), o.created_at.clone(), opt(&o.error)]
+}
+
+pub async fn op(cmd: OpCommand) -> Result<()> {
+    let c = client()?;
+    const HEADER: [&str; 8] = ["id", "kind", "target", "state", "progress", "step", "created", "error"];
+    match cmd {
+        OpCommand::List(out) => {
+            let ops = c.list_operations().await?;
+            print(out.format, &ops, &HEADER, ops.iter().map(op_row).collect())
+        }
+        OpCommand::Show { id, out } => {
+            let op = c.get_operation(id.parse().with_context(|| format!("{id:?} is not an operation id"))?).await?;
+            print_one(out.format, &op, HEADER.iter().copied().zip(op_row(&op)).collect())
+        }
+        OpCommand::Wait { id, timeout } => {
+            let id = id.parse().with_context(|| format!("{id:?} is not an operation id"))?;
+            let op = c.get_operation(id).await?;
+            let op = finish(&c, &OperationAccepted { guest: drove_model::GuestId::from_uuid(op.target), operation: op }, false, timeout).await?;
+            println!("{} {}: {}", op.kind, op.target_name, op.state);
+            Ok(())
+        }
+    }
+}
+
+pub async fn audit(cmd: AuditCommand) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        AuditCommand::List { after, limit, out } => {
+            let recs = c.audit(after, limit).await?;
+            print(
+                out.format,
+                &recs,
+                &["seq", "time", "principal", "action", "target", "status", "result"],
+                recs.iter()
+                    .map(|r| vec![r.seq.to_string(), r.time.clone(), r.principal.clone(), r.action.clone(), opt(&r.target), r.status.to_string(), r.result.clone()])
+                    .collect(),
+            )
+        }
+    }
+}

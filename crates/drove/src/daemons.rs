@@ -1,0 +1,116 @@
+//! The long-running processes: `drove manager` and `drove agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use drove_agent::{Agent, AgentConfig};
+use drove_client::Client;
+use drove_hypervisor::Hypervisor;
+use drove_hypervisor::sim::{SimConfig, SimHypervisor};
+use drove_manager::{Manager, ManagerConfig};
+use drove_model::ByteSize;
+use drove_store::embedded::EmbeddedStore;
+
+use crate::{Backend, parse_size};
+
+#[derive(Debug, Args)]
+pub struct ManagerArgs {
+    /// Where the state store and token files live.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address to serve the API on (the management network).
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    pub listen: SocketAddr,
+    /// How often agents should send heartbeats, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Mark a host down after this many seconds without a heartbeat.
+    #[arg(long, default_value_t = 10)]
+    pub host_timeout: u64,
+    /// Fail (and roll back) operations that take longer than this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub op_timeout: u64,
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+pub async fn manager(a: ManagerArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let store_path = a.data_dir.join("state.redb");
+    let store = EmbeddedStore::open(&store_path).with_context(|| format!("opening state store {}", store_path.display()))?;
+    let mut config = ManagerConfig::new(a.data_dir.clone());
+    config.heartbeat_interval = Duration::from_millis(a.heartbeat_ms.max(10));
+    config.host_timeout = Duration::from_secs(a.host_timeout.max(1));
+    config.op_timeout = Duration::from_secs(a.op_timeout.max(1));
+    let (m, minted) = Manager::open(config, Arc::new(store)).await.context("starting the manager")?;
+    if minted.admin.is_some() {
+        tracing::info!(dir = %a.data_dir.display(), "first start: minted admin and agent tokens (admin.token, agent.token)");
+    }
+    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+    tracing::info!(endpoint = %format!("http://{}", a.listen), "manager serving");
+    drove_manager::serve(m.clone(), listener, shutdown_signal()).await.context("serving the API")?;
+    if m.persister().has_failed() {
+        anyhow::bail!("the state store failed; restart the manager");
+    }
+    tracing::info!("manager stopped");
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This host's name, unique in the data centre.
+    #[arg(long)]
+    pub name: String,
+    /// The manager's endpoint, e.g. http://127.0.0.1:7300.
+    #[arg(long)]
+    pub manager: String,
+    /// File holding the agent token.
+    #[arg(long)]
+    pub token_file: PathBuf,
+    #[arg(long, value_enum, default_value_t = Backend::Qemu)]
+    pub backend: Backend,
+    /// Where this host keeps its guests' state.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Cores to offer (sim backend).
+    #[arg(long, default_value_t = 4)]
+    pub cores: u32,
+    /// Memory to offer (sim backend), e.g. 16G.
+    #[arg(long, value_parser = parse_size, default_value = "16G")]
+    pub memory: ByteSize,
+}
+
+pub fn hypervisor(backend: Backend, data_dir: &std::path::Path, cores: u32, memory: ByteSize) -> Result<Arc<dyn Hypervisor>> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    Ok(match backend {
+        Backend::Sim => {
+            let cfg = SimConfig { cores, memory, ..SimConfig::default() };
+            Arc::new(SimHypervisor::with_state_file(cfg, data_dir.join("sim-guests.json"))?)
+        }
+        Backend::Qemu => crate::lab::qemu_hypervisor(data_dir)?,
+    })
+}
+
+pub async fn agent(a: AgentArgs) -> Result<()> {
+    let token = std::fs::read_to_string(&a.token_file).with_context(|| format!("reading agent token {}", a.token_file.display()))?;
+    let hv = hypervisor(a.backend, &a.data_dir, a.cores, a.memory)?;
+    let agent = Agent::new(AgentConfig::new(&a.name), Client::new(&a.manager, &token), hv);
+    agent.run(shutdown_signal()).await;
+    Ok(())
+}

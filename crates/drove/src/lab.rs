@@ -1,0 +1,291 @@
+//! `drove up` / `drove down`: a whole data centre on one machine.
+//!
+//! `up` starts a manager (with its embedded store) and N agents as detached
+//! processes under one data directory, records them in `lab.json` as it
+//! goes (so a crashed `up` can still be cleaned up), writes the client
+//! config, and waits until every host reports in. `down` stops the agents
+//! and the manager, then the guests they left running, and is safe to run
+//! twice or after a crash.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use drove_client::Client;
+use drove_hypervisor::{Hypervisor, StopMode};
+use drove_model::{ByteSize, HostState};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, ClientConfig};
+use crate::{Backend, default_data_dir, parse_size};
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of hosts.
+    #[arg(long, default_value_t = 3)]
+    pub hosts: u32,
+    #[arg(long, value_enum, default_value_t = Backend::Qemu)]
+    pub backend: Backend,
+    /// Where the lab keeps its state [default: ~/.local/share/drove/lab].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Return once all hosts are up, leaving the lab running.
+    #[arg(long)]
+    pub detach: bool,
+    /// API port [default: a free one].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Cores each sim host offers.
+    #[arg(long, default_value_t = 4)]
+    pub host_cores: u32,
+    /// Memory each sim host offers.
+    #[arg(long, value_parser = parse_size, default_value = "16G")]
+    pub host_memory: ByteSize,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// The lab's data directory [default: ~/.local/share/drove/lab].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Also delete the lab's state: guests, disks, store.
+    #[arg(long)]
+    pub purge: bool,
+}
+
+/// What `up` started, for `down`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LabFile {
+    version: u32,
+    endpoint: String,
+    backend: Option<String>,
+    manager_pid: Option<u32>,
+    agents: Vec<(String, u32)>,
+}
+
+const LAB_FILE: &str = "lab.json";
+
+fn lab_path(dir: &Path) -> PathBuf {
+    dir.join(LAB_FILE)
+}
+
+fn read_lab(dir: &Path) -> Result<Option<LabFile>> {
+    match std::fs::read(lab_path(dir)) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", lab_path(dir).display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", lab_path(dir).display())),
+    }
+}
+
+fn write_lab(dir: &Path, lab: &LabFile) -> Result<()> {
+    let tmp = dir.join("lab.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(lab)?)?;
+    std::fs::rename(&tmp, lab_path(dir)).with_context(|| format!("writing {}", lab_path(dir).display()))
+}
+
+/// Whether `pid` is a live drove process (guards against pid reuse).
+fn is_drove(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat.rsplit(") ").next().is_some_and(|rest| rest.starts_with('Z'));
+    !zombie && String::from_utf8_lossy(&cmdline).split('\0').next().is_some_and(|exe| exe.ends_with("drove"))
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(Stdio::null()).status();
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log_path = logs.join(log);
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("locating the drove binary")?;
+    std::process::Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        // Own process group: Ctrl-C in the caller's terminal must not kill a
+        // detached lab.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting drove {}", args.first().map_or("", String::as_str)))
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub async fn up(a: UpArgs) -> Result<()> {
+    if a.hosts == 0 || a.hosts > 64 {
+        bail!("--hosts must be between 1 and 64, got {}", a.hosts);
+    }
+    let dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    if let Some(lab) = read_lab(&dir)? {
+        if lab.manager_pid.is_some_and(is_drove) {
+            bail!("a lab is already running at {} (data dir {}); run `drove down` first", lab.endpoint, dir.display());
+        }
+        // Left over from a crash: clear it before starting afresh.
+        stop_processes(&lab).await;
+    }
+    if a.backend == Backend::Qemu {
+        qemu_preflight()?;
+    }
+    let port = match a.port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let backend = match a.backend {
+        Backend::Qemu => "qemu",
+        Backend::Sim => "sim",
+    };
+    let mut lab = LabFile { version: 1, endpoint: endpoint.clone(), backend: Some(backend.into()), ..Default::default() };
+    let mdir = dir.join("manager");
+    let mut manager = spawn(&dir, "manager.log", &["manager".into(), "--data-dir".into(), mdir.display().to_string(), "--listen".into(), format!("127.0.0.1:{port}")])?;
+    lab.manager_pid = Some(manager.id());
+    write_lab(&dir, &lab)?;
+
+    // Wait for the manager to mint (or find) its tokens and answer.
+    let started = Instant::now();
+    let admin_token = loop {
+        if let Some(status) = manager.try_wait()? {
+            bail!("the manager exited ({status}) during start-up; its log says:\n{}", tail(&dir.join("logs/manager.log"), 15));
+        }
+        if let Ok(t) = std::fs::read_to_string(mdir.join(drove_manager::core::ADMIN_TOKEN_FILE)) {
+            let c = Client::new(&endpoint, &t);
+            if c.list_hosts().await.is_ok() {
+                break t.trim().to_owned();
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the manager did not answer within 30s; see {}", dir.join("logs/manager.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let client = Client::new(&endpoint, &admin_token);
+    let agent_token = mdir.join(drove_manager::core::AGENT_TOKEN_FILE);
+    for i in 1..=a.hosts {
+        let name = format!("host-{i}");
+        let child = spawn(
+            &dir,
+            &format!("{name}.log"),
+            &[
+                "agent".into(),
+                "--name".into(),
+                name.clone(),
+                "--manager".into(),
+                endpoint.clone(),
+                "--token-file".into(),
+                agent_token.display().to_string(),
+                "--backend".into(),
+                backend.into(),
+                "--data-dir".into(),
+                dir.join("hosts").join(&name).display().to_string(),
+                "--cores".into(),
+                a.host_cores.to_string(),
+                "--memory".into(),
+                a.host_memory.to_string(),
+            ],
+        )?;
+        lab.agents.push((name, child.id()));
+        write_lab(&dir, &lab)?;
+    }
+    let cfg_path = config::save(&ClientConfig { version: config::CONFIG_VERSION, endpoint: endpoint.clone(), token: admin_token })?;
+
+    let wanted: Vec<String> = lab.agents.iter().map(|(n, _)| n.clone()).collect();
+    let started = Instant::now();
+    loop {
+        let hosts = client.list_hosts().await?;
+        let up = wanted.iter().filter(|n| hosts.iter().any(|h| &h.info.name == *n && h.info.state == HostState::Up && h.last_seen_ms.is_some())).count();
+        if up == wanted.len() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("only {up} of {} hosts came up within 60s; see the logs in {}", wanted.len(), dir.join("logs").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("drove is up: manager at {endpoint}, {} {backend} hosts", a.hosts);
+    println!("data dir {}; client config {}", dir.display(), cfg_path.display());
+    println!("try: drove host list; drove vm create web-1 --memory 256M --disk 1G");
+    if a.detach {
+        return Ok(());
+    }
+    println!("press Ctrl-C to stop");
+    crate::daemons::shutdown_signal().await;
+    down(DownArgs { data_dir: Some(dir), purge: false }).await
+}
+
+async fn stop_processes(lab: &LabFile) {
+    let pids: Vec<u32> = lab.agents.iter().map(|(_, p)| *p).chain(lab.manager_pid).filter(|p| is_drove(*p)).collect();
+    for p in &pids {
+        signal(*p, "TERM");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| is_drove(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in pids.iter().filter(|p| is_drove(**p)) {
+        signal(*p, "KILL");
+    }
+}
+
+pub async fn down(a: DownArgs) -> Result<()> {
+    let dir = a.data_dir.unwrap_or_else(default_data_dir);
+    let Some(lab) = read_lab(&dir)? else {
+        if a.purge && dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        println!("no lab running in {}", dir.display());
+        return Ok(());
+    };
+    stop_processes(&lab).await;
+    // Guests outlive their agents by design; a lab shutdown stops them too.
+    let mut stopped = 0;
+    if lab.backend.as_deref() == Some("qemu") {
+        for (name, _) in &lab.agents {
+            let hdir = dir.join("hosts").join(name);
+            if !hdir.exists() {
+                continue;
+            }
+            let hv = qemu_hypervisor(&hdir)?;
+            for g in hv.list().await.unwrap_or_default() {
+                if let Err(e) = hv.stop(g.id, StopMode::Force).await {
+                    eprintln!("warning: could not stop guest {} on {name}: {e}", g.id);
+                } else {
+                    stopped += 1;
+                }
+            }
+        }
+    }
+    std::fs::remove_file(lab_path(&dir)).ok();
+    if a.purge {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    println!("drove is down ({} hosts, {stopped} guests stopped){}", lab.agents.len(), if a.purge { "; state purged" } else { "" });
+    Ok(())
+}
+
+/// Check what real guests need before starting anything.
+fn qemu_preflight() -> Result<()> {
+    bail!("the qemu backend is not wired in yet; use --backend sim")
+}
+
+pub fn qemu_hypervisor(_dir: &Path) -> Result<Arc<dyn Hypervisor>> {
+    bail!("the qemu backend is not wired in yet; use --backend sim")
+}

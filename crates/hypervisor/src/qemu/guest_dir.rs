@@ -1,0 +1,250 @@
+//! A guest's directory: everything the backend knows about one guest.
+//!
+//! ```text
+//! <state_dir>/guests/<guest-id>/
+//!   guest.json     the definition (GuestConfig), versioned; its presence
+//!                  is what makes the guest exist
+//!   intent         "running" or "stopped": what we last asked for, so a
+//!                  QEMU that is gone can be told crashed from stopped
+//!   disk<N>.qcow2  the virtual disks, created by `create`
+//!   qemu.pid       written by QEMU (-pidfile) once it runs
+//!   qmp.sock       the QMP socket
+//!   console.sock   the serial console, for an interactive client
+//!   serial.log     everything the guest wrote to its serial console, across
+//!                  boots, each boot preceded by a marker line of ours
+//! ```
+//!
+//! Files that several readers may look at while we change them (the record
+//! and the intent) are replaced atomically: written beside, then renamed.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use drove_model::GuestId;
+use serde::{Deserialize, Serialize};
+
+use super::error::QemuError;
+use crate::GuestConfig;
+
+/// The version of `guest.json` this code writes and the only one it reads.
+const RECORD_VERSION: u32 = 1;
+const RECORD_FORMAT: &str = "drove-qemu-guest";
+
+/// The longest path a unix socket address can hold (`sun_path` is 108 bytes
+/// including the terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// What we last asked of the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    Running,
+    Stopped,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    format: String,
+    version: u32,
+    config: GuestConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct GuestDir {
+    root: PathBuf,
+}
+
+impl GuestDir {
+    pub fn new(guests_dir: &Path, id: GuestId) -> Self {
+        Self { root: guests_dir.join(id.to_string()) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn record_path(&self) -> PathBuf {
+        self.root.join("guest.json")
+    }
+    pub fn intent_path(&self) -> PathBuf {
+        self.root.join("intent")
+    }
+    pub fn pid_path(&self) -> PathBuf {
+        self.root.join("qemu.pid")
+    }
+    pub fn qmp_path(&self) -> PathBuf {
+        self.root.join("qmp.sock")
+    }
+    pub fn console_path(&self) -> PathBuf {
+        self.root.join("console.sock")
+    }
+    pub fn serial_log_path(&self) -> PathBuf {
+        self.root.join("serial.log")
+    }
+    pub fn disk_path(&self, index: usize) -> PathBuf {
+        self.root.join(format!("disk{index}.qcow2"))
+    }
+
+    /// Refuses a directory whose sockets the kernel could not bind.
+    pub fn check_socket_paths(&self) -> Result<(), QemuError> {
+        for path in [self.qmp_path(), self.console_path()] {
+            let len = path.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return Err(QemuError::SocketPathTooLong { path, len, max: MAX_SOCKET_PATH });
+            }
+        }
+        Ok(())
+    }
+
+    /// The definition, or `None` when the guest is not defined.
+    pub fn read_record(&self) -> Result<Option<GuestConfig>, QemuError> {
+        let path = self.record_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(QemuError::io("reading", path, e)),
+        };
+        let record: Record = serde_json::from_slice(&bytes)
+            .map_err(|e| QemuError::Record { path: path.clone(), reason: e.to_string() })?;
+        if record.format != RECORD_FORMAT || record.version != RECORD_VERSION {
+            return Err(QemuError::Record {
+                path,
+                reason: format!(
+                    "format {:?} version {} (expected {RECORD_FORMAT:?} version {RECORD_VERSION})",
+                    record.format, record.version
+                ),
+            });
+        }
+        Ok(Some(record.config))
+    }
+
+    pub fn write_record(&self, config: &GuestConfig) -> Result<(), QemuError> {
+        let record = Record {
+            format: RECORD_FORMAT.to_owned(),
+            version: RECORD_VERSION,
+            config: config.clone(),
+        };
+        let path = self.record_path();
+        let bytes = serde_json::to_vec_pretty(&record)
+            .map_err(|e| QemuError::Record { path: path.clone(), reason: e.to_string() })?;
+        write_atomically(&path, &bytes)
+    }
+
+    /// The last intent; a guest never started has none and counts as
+    /// stopped.
+    pub fn read_intent(&self) -> Result<Intent, QemuError> {
+        let path = self.intent_path();
+        match std::fs::read_to_string(&path) {
+            Ok(s) => match s.trim() {
+                "running" => Ok(Intent::Running),
+                "stopped" => Ok(Intent::Stopped),
+                other => Err(QemuError::Record {
+                    path,
+                    reason: format!("unknown intent {other:?}"),
+                }),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Intent::Stopped),
+            Err(e) => Err(QemuError::io("reading", path, e)),
+        }
+    }
+
+    pub fn write_intent(&self, intent: Intent) -> Result<(), QemuError> {
+        let text = match intent {
+            Intent::Running => "running\n",
+            Intent::Stopped => "stopped\n",
+        };
+        write_atomically(&self.intent_path(), text.as_bytes())
+    }
+
+    /// The pid QEMU wrote, if the file is there and holds a number.
+    pub fn read_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.pid_path()).ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// Removes what only a running QEMU needs, so the next launch starts
+    /// clean and a stale pid file cannot point at a reused pid.
+    pub fn clear_runtime_files(&self) -> Result<(), QemuError> {
+        for path in [self.pid_path(), self.qmp_path(), self.console_path()] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(QemuError::io("removing", path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a line of ours to the serial log, so `vm log` shows where
+    /// each boot begins.
+    pub fn mark_serial_log(&self, line: &str) -> Result<(), QemuError> {
+        let path = self.serial_log_path();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| QemuError::io("opening", path.clone(), e))?;
+        file.write_all(format!("\n{line}\n").as_bytes())
+            .map_err(|e| QemuError::io("writing", path, e))
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), QemuError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(|e| QemuError::io("writing", tmp.clone(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| QemuError::io("renaming into place", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use drove_model::{ByteSize, GuestSpec, Priority};
+
+    use super::*;
+
+    fn config() -> GuestConfig {
+        GuestConfig {
+            id: GuestId::new_v4(),
+            generation: 3,
+            spec: GuestSpec {
+                name: "web-1".into(),
+                vcpus: 1,
+                memory: ByteSize::mib(256),
+                disks: vec![],
+                nics: vec![],
+                priority: Priority::default(),
+                load_profile: None,
+            },
+        }
+    }
+
+    #[test]
+    fn record_and_intent_round_trip_and_unknown_versions_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = config();
+        let dir = GuestDir::new(tmp.path(), c.id);
+        std::fs::create_dir_all(dir.root()).unwrap();
+        assert_eq!(dir.read_record().unwrap(), None);
+        assert_eq!(dir.read_intent().unwrap(), Intent::Stopped);
+        dir.write_record(&c).unwrap();
+        dir.write_intent(Intent::Running).unwrap();
+        assert_eq!(dir.read_record().unwrap(), Some(c.clone()));
+        assert_eq!(dir.read_intent().unwrap(), Intent::Running);
+
+        let text = std::fs::read_to_string(dir.record_path()).unwrap();
+        std::fs::write(dir.record_path(), text.replace("\"version\": 1", "\"version\": 2")).unwrap();
+        let err = dir.read_record().unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn long_socket_paths_are_refused() {
+        let deep = PathBuf::from(format!("/{}", "d".repeat(80)));
+        let err = GuestDir::new(&deep, GuestId::new_v4()).check_socket_paths().unwrap_err();
+        assert!(matches!(err, QemuError::SocketPathTooLong { .. }), "{err}");
+        assert!(GuestDir::new(Path::new("/var/lib/drove/guests"), GuestId::new_v4())
+            .check_socket_paths()
+            .is_ok());
+    }
+}

@@ -1,0 +1,1032 @@
+//! The manager's decisions: validation, placement, guest and operation
+//! transitions, and the agent protocol.
+//!
+//! Every mutation follows one pattern: lock the inventory, check, change
+//! memory through the model's state machines, enqueue the store writes
+//! (with the audit record of the call in the same transaction), unlock,
+//! and answer only when the writes are durable.
+//!
+//! A create is a durable multi-step operation driven by agent reports:
+//!
+//! ```text
+//!  place+record ──► provision (agent) ──► boot (agent) ──► succeeded
+//!        │                 │ failure / timeout   │
+//!        │                 ▼                     ▼
+//!        │           rolling back: guest Deleting, agent destroys it,
+//!        │           the record goes only on the agent's confirmation
+//!        ▼
+//!   (refused requests write nothing but their audit record)
+//! ```
+//!
+//! Operation progress lives in the store, so a restarted manager picks up
+//! where the last one stopped: the next heartbeat drives it on.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use drove_api::{
+    AuditRecord, CreateGuestRequest, CreateVlanRequest, DesiredGuest, DesiredState, GuestView,
+    HeartbeatRequest, HeartbeatResponse, HostView, ObservedGuest, ObservedState, OperationAccepted,
+    RegisterRequest, RegisterResponse, VlanView,
+};
+use drove_model::guest::validate_name;
+use drove_model::host::HostEvent;
+use drove_model::operation::OperationEvent;
+use drove_model::units::MIB;
+use drove_model::vlan::Ipv4Cidr;
+use drove_model::{
+    ByteSize, DiskSpec, Guest, GuestEvent, GuestId, GuestSpec, GuestState, HostId, HostInfo,
+    HostState, NicSpec, Operation, OperationId, OperationKind, OperationState, PowerIntent,
+    Priority, Vlan, VlanTag,
+};
+use drove_placement::{HostCapacity, PlacementError, Policy, Request};
+use drove_store::{Op, Store};
+use tokio::sync::watch;
+
+use crate::auth::{self, Principal, Role, TokenRecord};
+use crate::inventory::{
+    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, op_key, put,
+    token_key, vlan_key,
+};
+use crate::persist::{PersistError, Persister};
+use crate::now_rfc3339;
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Where token files live.
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    /// A host not heard from for this long is marked down.
+    pub host_timeout: Duration,
+    /// An operation not finished after this long fails (and rolls back).
+    pub op_timeout: Duration,
+    pub policy: Policy,
+}
+
+impl ManagerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        ManagerConfig {
+            data_dir,
+            heartbeat_interval: Duration::from_secs(1),
+            host_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(600),
+            policy: Policy::default(),
+        }
+    }
+}
+
+/// A refused or failed request: HTTP status, stable code, one-line message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        ApiError { status: 400, code: "invalid_request", message: message.into(), field: Some(field.into()) }
+    }
+    pub fn not_found(what: &str, key: &str) -> Self {
+        ApiError { status: 404, code: "not_found", message: format!("{what} {key:?} does not exist"), field: None }
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApiError { status: 409, code: "conflict", message: message.into(), field: None }
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError { status: 401, code: "unauthorized", message: message.into(), field: None }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError { status: 403, code: "forbidden", message: message.into(), field: None }
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError { status: 503, code: "unavailable", message: message.into(), field: None }
+    }
+}
+
+impl From<PersistError> for ApiError {
+    fn from(e: PersistError) -> Self {
+        ApiError::unavailable(e.to_string())
+    }
+}
+
+/// Who is calling and what for: becomes the audit record of a mutation.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub principal: Principal,
+    /// Method and path, e.g. `POST /v1/guests`.
+    pub action: String,
+}
+
+/// Tokens minted on first start (plaintext exists only here and in files).
+#[derive(Debug, Clone, Default)]
+pub struct MintedTokens {
+    pub admin: Option<String>,
+    pub agent: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("loading state")]
+    Load(#[from] LoadError),
+    #[error("minting tokens")]
+    Token(#[from] auth::TokenError),
+    #[error("writing initial state")]
+    Persist(#[from] PersistError),
+}
+
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const AGENT_TOKEN_FILE: &str = "agent.token";
+
+#[derive(Debug)]
+pub struct Manager {
+    pub config: ManagerConfig,
+    inv: Mutex<Inventory>,
+    persister: Persister,
+    store: Arc<dyn Store>,
+    /// Bumped whenever an operation changes; waiters watch it.
+    changes: watch::Sender<u64>,
+    pub started: Instant,
+    pub http_requests: std::sync::atomic::AtomicU64,
+}
+
+impl Manager {
+    /// Load state from `store` (minting tokens on first start) and start the
+    /// writer task. Must run inside a tokio runtime.
+    pub async fn open(
+        config: ManagerConfig,
+        store: Arc<dyn Store>,
+    ) -> Result<(Arc<Manager>, MintedTokens), OpenError> {
+        let (mut inv, mut init) = Inventory::load(store.as_ref()).await?;
+        let mut minted = MintedTokens::default();
+        if inv.tokens.is_empty() {
+            std::fs::create_dir_all(&config.data_dir).map_err(|source| auth::TokenError::Write {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+            for (name, role, file) in
+                [("admin", Role::Admin, ADMIN_TOKEN_FILE), ("agent", Role::Agent, AGENT_TOKEN_FILE)]
+            {
+                let token = auth::mint_token()?;
+                let rec = TokenRecord {
+                    hash: auth::hash_token(&token),
+                    name: name.into(),
+                    role,
+                    created_at: now_rfc3339(),
+                };
+                init.push(put(token_key(&rec.hash), &rec));
+                inv.tokens.insert(rec.hash.clone(), rec);
+                auth::write_token_file(&config.data_dir.join(file), &token)?;
+                match role {
+                    Role::Admin => minted.admin = Some(token),
+                    Role::Agent => minted.agent = Some(token),
+                }
+            }
+        }
+        let persister = Persister::start(store.clone());
+        persister.enqueue(init).durable().await?;
+        let (changes, _) = watch::channel(0);
+        let m = Manager {
+            config,
+            inv: Mutex::new(inv),
+            persister,
+            store,
+            changes,
+            started: Instant::now(),
+            http_requests: Default::default(),
+        };
+        Ok((Arc::new(m), minted))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inventory> {
+        // A panic while holding the lock leaves memory possibly ahead of the
+        // store; the persister is the authority on failure, so carry on.
+        self.inv.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn persister(&self) -> &Persister {
+        &self.persister
+    }
+
+    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+        let hash = auth::hash_token(token);
+        self.lock().tokens.get(&hash).map(|t| Principal { name: t.name.clone(), role: t.role })
+    }
+
+    fn audit_op(inv: &mut Inventory, ctx: &Ctx, target: Option<String>, result: &str, status: u16) -> Op {
+        let rec = AuditRecord {
+            seq: inv.audit_seq,
+            time: now_rfc3339(),
+            principal: ctx.principal.name.clone(),
+            action: ctx.action.clone(),
+            target,
+            result: result.to_owned(),
+            status,
+        };
+        inv.audit_seq += 1;
+        put(audit_key(rec.seq), &rec)
+    }
+
+    /// Record a call that changed nothing (refused or failed).
+    pub async fn audit_refusal(&self, ctx: &Ctx, target: Option<String>, message: &str, status: u16) {
+        let pending = {
+            let mut inv = self.lock();
+            let op = Self::audit_op(&mut inv, ctx, target, message, status);
+            self.persister.enqueue(vec![op])
+        };
+        if let Err(e) = pending.durable().await {
+            tracing::error!(error = %e, "audit record lost");
+        }
+    }
+
+    fn notify_ops(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    // ---- reads ---------------------------------------------------------------
+
+    fn host_view(inv: &Inventory, h: &HostEntry) -> HostView {
+        let a = inv.allocated.get(&h.info.id).copied().unwrap_or_default();
+        HostView {
+            info: h.info.clone(),
+            allocated_vcpus: a.vcpus,
+            allocated_memory: ByteSize(a.memory),
+            guests: a.guests,
+            last_seen_ms: h.last_seen.map(|t| t.elapsed().as_millis() as u64),
+        }
+    }
+
+    pub fn list_hosts(&self) -> Vec<HostView> {
+        let inv = self.lock();
+        let mut v: Vec<HostView> = inv.hosts.values().map(|h| Self::host_view(&inv, h)).collect();
+        v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        v
+    }
+
+    pub fn get_host(&self, key: &str) -> Result<HostView, ApiError> {
+        let inv = self.lock();
+        let h = inv.find_host(key).ok_or_else(|| ApiError::not_found("host", key))?;
+        Ok(Self::host_view(&inv, h))
+    }
+
+    fn guest_view(inv: &Inventory, g: &Guest) -> GuestView {
+        let host_name = inv.hosts.get(&g.host).map(|h| h.info.name.clone()).unwrap_or_default();
+        GuestView { guest: g.clone(), host_name }
+    }
+
+    pub fn list_guests(&self) -> Vec<GuestView> {
+        let inv = self.lock();
+        let mut v: Vec<GuestView> = inv.guests.values().map(|g| Self::guest_view(&inv, g)).collect();
+        drop(inv);
+        v.sort_by(|a, b| a.guest.spec.name.cmp(&b.guest.spec.name));
+        v
+    }
+
+    pub fn get_guest(&self, key: &str) -> Result<GuestView, ApiError> {
+        let inv = self.lock();
+        let g = inv.find_guest(key).ok_or_else(|| ApiError::not_found("guest", key))?;
+        Ok(Self::guest_view(&inv, g))
+    }
+
+    pub fn list_vlans(&self) -> Vec<VlanView> {
+        let inv = self.lock();
+        inv.vlans
+            .values()
+            .map(|v| VlanView {
+                vlan: v.clone(),
+                nics: inv
+                    .guests
+                    .values()
+                    .flat_map(|g| &g.spec.nics)
+                    .filter(|n| n.vlan == v.tag)
+                    .count() as u32,
+            })
+            .collect()
+    }
+
+    pub fn list_operations(&self) -> Vec<Operation> {
+        let inv = self.lock();
+        let mut v: Vec<Operation> = inv.ops.values().cloned().collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    pub fn get_operation(&self, id: OperationId) -> Result<Operation, ApiError> {
+        self.lock().ops.get(&id).cloned().ok_or_else(|| ApiError::not_found("operation", &id.to_string()))
+    }
+
+    /// Wait until the operation is final or `timeout` passes; returns it
+    /// either way.
+    pub async fn wait_operation(&self, id: OperationId, timeout: Duration) -> Result<Operation, ApiError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.changes.subscribe();
+        loop {
+            let op = self.get_operation(id)?;
+            if op.state.is_final() {
+                return Ok(op);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return self.get_operation(id),
+            }
+        }
+    }
+
+    pub async fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, ApiError> {
+        let (kvs, _) = self.store.list("audit/").await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<AuditRecord>(&kv.value).ok())
+            .filter(|r| r.seq > after)
+            .take(limit)
+            .collect())
+    }
+
+    // ---- VLANs -----------------------------------------------------------------
+
+    pub async fn create_vlan(&self, ctx: &Ctx, req: CreateVlanRequest) -> Result<VlanView, ApiError> {
+        let tag = VlanTag::new(req.id).map_err(|e| ApiError::invalid("id", e.to_string()))?;
+        let subnet = req
+            .subnet
+            .as_deref()
+            .map(str::parse::<Ipv4Cidr>)
+            .transpose()
+            .map_err(|e| ApiError::invalid("subnet", e.to_string()))?;
+        let gateway = req
+            .gateway
+            .as_deref()
+            .map(|g| g.parse().map_err(|_| ApiError::invalid("gateway", format!("gateway {g:?} is not an IPv4 address"))))
+            .transpose()?;
+        if gateway.is_some() && subnet.is_none() {
+            return Err(ApiError::invalid("gateway", "a gateway needs a subnet"));
+        }
+        let vlan = Vlan::new(tag, req.name.clone(), subnet, gateway).map_err(|e| {
+            let field = match e {
+                drove_model::vlan::VlanError::Name { .. } => "name",
+                _ => "gateway",
+            };
+            ApiError::invalid(field, e.to_string())
+        })?;
+        let pending = {
+            let mut inv = self.lock();
+            if let Some(v) = inv.vlans.get(&tag) {
+                return Err(ApiError::conflict(format!("VLAN {tag} already exists (named {:?})", v.name)));
+            }
+            if inv.vlans.values().any(|v| v.name == vlan.name) {
+                return Err(ApiError::conflict(format!("a VLAN named {:?} already exists", vlan.name)));
+            }
+            inv.vlans.insert(tag, vlan.clone());
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("vlan/{tag}")), "ok", 201);
+            self.persister.enqueue(vec![put(vlan_key(tag), &vlan), audit])
+        };
+        pending.durable().await?;
+        Ok(VlanView { vlan, nics: 0 })
+    }
+
+    pub async fn delete_vlan(&self, ctx: &Ctx, key: &str) -> Result<(), ApiError> {
+        let pending = {
+            let mut inv = self.lock();
+            let tag = inv.find_vlan(key).ok_or_else(|| ApiError::not_found("VLAN", key))?.tag;
+            let users: Vec<&str> = inv
+                .guests
+                .values()
+                .filter(|g| g.spec.nics.iter().any(|n| n.vlan == tag))
+                .map(|g| g.spec.name.as_str())
+                .take(5)
+                .collect();
+            if !users.is_empty() {
+                return Err(ApiError::conflict(format!("VLAN {tag} is in use by guests: {}", users.join(", "))));
+            }
+            inv.vlans.remove(&tag);
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("vlan/{tag}")), "ok", 204);
+            self.persister.enqueue(vec![delete(vlan_key(tag)), audit])
+        };
+        pending.durable().await?;
+        Ok(())
+    }
+
+    // ---- guests ----------------------------------------------------------------
+
+    fn validate_spec(inv: &Inventory, req: &CreateGuestRequest) -> Result<(GuestSpec, Option<HostId>), ApiError> {
+        validate_name(&req.name).map_err(|r| ApiError::invalid("name", format!("guest name {:?} {r}", req.name)))?;
+        if !(1..=255).contains(&req.vcpus) {
+            return Err(ApiError::invalid("vcpus", format!("vcpus must be between 1 and 255, got {}", req.vcpus)));
+        }
+        let mem = req.memory.bytes();
+        if mem < 16 * MIB || mem % MIB != 0 {
+            return Err(ApiError::invalid(
+                "memory",
+                format!("memory must be a whole number of MiB and at least 16M, got {} bytes", mem),
+            ));
+        }
+        if req.disks.len() > 16 {
+            return Err(ApiError::invalid("disks", format!("at most 16 disks, got {}", req.disks.len())));
+        }
+        for (i, d) in req.disks.iter().enumerate() {
+            if d.bytes() < MIB || d.bytes() % MIB != 0 {
+                return Err(ApiError::invalid(
+                    &format!("disks[{i}]"),
+                    format!("disk {i} size must be a whole number of MiB and at least 1M, got {} bytes", d.bytes()),
+                ));
+            }
+        }
+        if req.nics.len() > 8 {
+            return Err(ApiError::invalid("nics", format!("at most 8 NICs, got {}", req.nics.len())));
+        }
+        let mut nics = Vec::with_capacity(req.nics.len());
+        let mut taken: HashSet<String> = HashSet::new();
+        for (i, n) in req.nics.iter().enumerate() {
+            let vlan = inv.find_vlan(&n.vlan).ok_or_else(|| {
+                ApiError::invalid(&format!("nics[{i}].vlan"), format!("VLAN {:?} does not exist", n.vlan))
+            })?;
+            let mac = loop {
+                let mac = random_mac().map_err(|e| ApiError::unavailable(e.to_string()))?;
+                if !inv.macs.contains(&mac) && taken.insert(mac.clone()) {
+                    break mac;
+                }
+            };
+            nics.push(NicSpec { vlan: vlan.tag, mac });
+        }
+        let priority = req.priority.unwrap_or(Priority::default().0);
+        if priority > 100 {
+            return Err(ApiError::invalid("priority", format!("priority must be 0..=100, got {priority}")));
+        }
+        if let Some(p) = &req.load_profile {
+            p.validate().map_err(|r| ApiError::invalid("load_profile", format!("load profile {r}")))?;
+        }
+        let pinned = match &req.host {
+            None => None,
+            Some(h) => Some(
+                inv.find_host(h)
+                    .ok_or_else(|| ApiError::invalid("host", format!("host {h:?} does not exist")))?
+                    .info
+                    .id,
+            ),
+        };
+        let spec = GuestSpec {
+            name: req.name.clone(),
+            vcpus: req.vcpus,
+            memory: req.memory,
+            disks: req.disks.iter().map(|&size| DiskSpec { size }).collect(),
+            nics,
+            priority: Priority(priority),
+            load_profile: req.load_profile.clone(),
+        };
+        Ok((spec, pinned))
+    }
+
+    fn capacities(&self, inv: &Inventory) -> Vec<HostCapacity> {
+        inv.hosts
+            .values()
+            .map(|h| {
+                let a = inv.allocated.get(&h.info.id).copied().unwrap_or_default();
+                HostCapacity {
+                    id: h.info.id,
+                    name: h.info.name.clone(),
+                    schedulable: h.info.state.schedulable(),
+                    cores: h.info.cores,
+                    memory: h.info.memory,
+                    allocated_vcpus: a.vcpus,
+                    allocated_memory: ByteSize(a.memory),
+                }
+            })
+            .collect()
+    }
+
+    fn new_op(kind: OperationKind, g: &Guest, principal: &Principal, step: &str) -> Operation {
+        Operation {
+            id: OperationId::new_v4(),
+            kind,
+            target: *g.id.as_uuid(),
+            target_name: g.spec.name.clone(),
+            state: OperationState::Running,
+            step: step.to_owned(),
+            progress: 0,
+            error: None,
+            principal: principal.name.clone(),
+            created_at: now_rfc3339(),
+            finished_at: None,
+        }
+    }
+
+    pub async fn create_guest(&self, ctx: &Ctx, req: CreateGuestRequest) -> Result<OperationAccepted, ApiError> {
+        let (accepted, pending) = {
+            let mut inv = self.lock();
+            let (spec, pinned) = Self::validate_spec(&inv, &req)?;
+            if inv.guest_names.contains_key(&spec.name) {
+                return Err(ApiError::conflict(format!("a guest named {:?} already exists", spec.name)));
+            }
+            let request = Request { vcpus: spec.vcpus, memory: spec.memory };
+            let host = drove_placement::place(&self.capacities(&inv), request, pinned, &self.config.policy)
+                .map_err(|e| match e {
+                    PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
+                    PlacementError::PinnedMisfit { .. } => {
+                        ApiError { field: Some("host".into()), ..ApiError::conflict(e.to_string()) }
+                    }
+                    PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
+                    PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(e.to_string()),
+                })?;
+            let intent = if req.start.unwrap_or(true) { PowerIntent::Running } else { PowerIntent::Stopped };
+            let guest = Guest {
+                id: GuestId::new_v4(),
+                spec,
+                host,
+                state: GuestState::Creating,
+                intent,
+                generation: 1,
+                created_at: now_rfc3339(),
+                last_error: None,
+            };
+            let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
+            let mut op = Self::new_op(OperationKind::CreateGuest, &guest, &ctx.principal, "");
+            op.step = format!("provisioning on host {host_name}");
+            op.progress = 10;
+            inv.index_guest(&guest);
+            inv.guests.insert(guest.id, guest.clone());
+            inv.active_ops.insert(guest.id, op.id);
+            inv.ops.insert(op.id, op.clone());
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", guest.spec.name)), "ok", 202);
+            let pending = self.persister.enqueue(vec![put(guest_key(guest.id), &guest), put(op_key(op.id), &op), audit]);
+            (OperationAccepted { operation: op, guest: guest.id }, pending)
+        };
+        pending.durable().await?;
+        Ok(accepted)
+    }
+
+    /// Start, stop or delete: common shape of a guest power request.
+    pub async fn guest_action(&self, ctx: &Ctx, key: &str, action: GuestAction) -> Result<OperationAccepted, ApiError> {
+        let (accepted, pending) = {
+            let mut inv = self.lock();
+            let mut g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            let mut writes = Vec::new();
+            if let Some(op_id) = inv.active_ops.get(&g.id).copied() {
+                let active = inv.ops.get(&op_id).cloned();
+                match (action, active) {
+                    // Deleting twice: hand back the delete already under way.
+                    (GuestAction::Delete, Some(a)) if a.kind == OperationKind::DeleteGuest || a.state == OperationState::RollingBack => {
+                        return Ok(OperationAccepted { operation: a, guest: g.id });
+                    }
+                    (GuestAction::Delete, Some(mut a)) => {
+                        a.state = OperationState::Failed;
+                        a.error = Some("superseded by a delete request".into());
+                        a.finished_at = Some(now_rfc3339());
+                        writes.push(put(op_key(a.id), &a));
+                        inv.ops.insert(a.id, a);
+                        inv.active_ops.remove(&g.id);
+                    }
+                    (_, Some(a)) => {
+                        return Err(ApiError::conflict(format!(
+                            "guest {} has operation {} ({}) in progress; wait for it or delete the guest",
+                            g.spec.name, a.id, a.kind
+                        )));
+                    }
+                    (_, None) => {}
+                }
+            }
+            let before = g.state;
+            let (kind, done) = match action {
+                GuestAction::Start => {
+                    g.intent = PowerIntent::Running;
+                    match g.state {
+                        GuestState::Running | GuestState::Starting => (OperationKind::StartGuest, true),
+                        GuestState::Stopped | GuestState::Crashed | GuestState::Failed => {
+                            g.state = g.state.apply(GuestEvent::Start).map_err(|e| ApiError::conflict(e.to_string()))?;
+                            (OperationKind::StartGuest, false)
+                        }
+                        s => return Err(ApiError::conflict(format!("guest {} is {s}; it can be started once it is stopped", g.spec.name))),
+                    }
+                }
+                GuestAction::Stop { force } => {
+                    g.intent = PowerIntent::Stopped;
+                    match g.state {
+                        GuestState::Stopped | GuestState::Crashed | GuestState::Failed => (OperationKind::StopGuest, true),
+                        GuestState::Running | GuestState::Starting => {
+                            g.state = g.state.apply(GuestEvent::Stop).map_err(|e| ApiError::conflict(e.to_string()))?;
+                            if force {
+                                inv_force(&mut inv, g.id);
+                            }
+                            (OperationKind::StopGuest, false)
+                        }
+                        GuestState::Stopping => {
+                            if force {
+                                inv_force(&mut inv, g.id);
+                            }
+                            (OperationKind::StopGuest, false)
+                        }
+                        s => return Err(ApiError::conflict(format!("guest {} is {s}; it cannot be stopped now", g.spec.name))),
+                    }
+                }
+                GuestAction::Delete => {
+                    g.state = g.state.apply(GuestEvent::Delete).map_err(|e| ApiError::conflict(e.to_string()))?;
+                    (OperationKind::DeleteGuest, false)
+                }
+            };
+            if g.state != before || g.intent != inv.guests.get(&g.id).map_or(g.intent, |o| o.intent) {
+                g.generation += 1;
+            }
+            let mut op = Self::new_op(kind, &g, &ctx.principal, if done { "nothing to do" } else { "waiting for host" });
+            if done {
+                op.state = OperationState::Succeeded;
+                op.progress = 100;
+                op.finished_at = Some(now_rfc3339());
+            } else {
+                op.progress = 10;
+                inv.active_ops.insert(g.id, op.id);
+            }
+            writes.push(put(guest_key(g.id), &g));
+            writes.push(put(op_key(op.id), &op));
+            inv.ops.insert(op.id, op.clone());
+            inv.guests.insert(g.id, g.clone());
+            writes.push(Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 202));
+            (OperationAccepted { operation: op, guest: g.id }, self.persister.enqueue(writes))
+        };
+        self.notify_ops();
+        pending.durable().await?;
+        Ok(accepted)
+    }
+
+    // ---- agent protocol ----------------------------------------------------------
+
+    pub async fn register(&self, ctx: &Ctx, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
+        validate_name(&req.name).map_err(|r| ApiError::invalid("name", format!("host name {:?} {r}", req.name)))?;
+        if req.cores == 0 {
+            return Err(ApiError::invalid("cores", "a host must offer at least one core"));
+        }
+        if req.memory.bytes() < 64 * MIB {
+            return Err(ApiError::invalid("memory", "a host must offer at least 64M of memory"));
+        }
+        let (id, pending) = {
+            let mut inv = self.lock();
+            let existing = inv.host_names.get(&req.name).copied();
+            let info = match existing.and_then(|id| inv.hosts.get(&id)) {
+                Some(h) => {
+                    let mut info = h.info.clone();
+                    info.cores = req.cores;
+                    info.memory = req.memory;
+                    info.hypervisor = req.hypervisor;
+                    info.state = info.state.apply(HostEvent::HeartbeatBack).unwrap_or(info.state);
+                    info
+                }
+                None => HostInfo {
+                    id: HostId::new_v4(),
+                    name: req.name.clone(),
+                    cores: req.cores,
+                    memory: req.memory,
+                    hypervisor: req.hypervisor,
+                    state: HostState::Up,
+                    registered_at: now_rfc3339(),
+                },
+            };
+            let id = info.id;
+            let changed = inv.hosts.get(&id).map(|h| h.info != info).unwrap_or(true);
+            let orphans = inv.hosts.get(&id).map_or(0, |h| h.orphans);
+            inv.host_names.insert(info.name.clone(), id);
+            inv.hosts.insert(id, HostEntry { info: info.clone(), last_seen: Some(Instant::now()), orphans });
+            let mut writes = Vec::new();
+            if changed {
+                writes.push(put(host_key(id), &info));
+            }
+            writes.push(Self::audit_op(&mut inv, ctx, Some(format!("host/{}", info.name)), "ok", 200));
+            (id, self.persister.enqueue(writes))
+        };
+        pending.durable().await?;
+        Ok(RegisterResponse { host_id: id, heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64 })
+    }
+
+    pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, ApiError> {
+        let (resp, pending, notify) = {
+            let mut inv = self.lock();
+            let inv = &mut *inv;
+            let host = inv
+                .hosts
+                .get_mut(&req.host_id)
+                .ok_or_else(|| ApiError::not_found("host", &req.host_id.to_string()))?;
+            host.last_seen = Some(Instant::now());
+            let mut w = Writes::default();
+            let next = host.info.state.apply(HostEvent::HeartbeatBack).unwrap_or(host.info.state);
+            if next != host.info.state {
+                tracing::info!(host = %host.info.name, "host is back up");
+                host.info.state = next;
+                w.ops.push(put(host_key(host.info.id), &host.info));
+            }
+            let mine = inv.by_host.get(&req.host_id).cloned().unwrap_or_default();
+            host.orphans = req.guests.iter().filter(|o| !mine.contains(&o.id)).count() as u32;
+            for id in &req.destroyed {
+                if mine.contains(id) {
+                    finish_delete(inv, *id, &mut w);
+                }
+            }
+            for f in &req.failures {
+                if let Some(g) = inv.guests.get(&f.id) {
+                    if g.host == req.host_id && g.generation == f.generation {
+                        guest_failed(inv, f.id, &f.message, &mut w);
+                    }
+                }
+            }
+            let observed: std::collections::HashMap<GuestId, &ObservedGuest> =
+                req.guests.iter().map(|o| (o.id, o)).collect();
+            let mut desired = Vec::with_capacity(mine.len());
+            for id in &mine {
+                advance(inv, *id, observed.get(id).copied(), &mut w);
+                if let Some(g) = inv.guests.get(id) {
+                    desired.push(DesiredGuest {
+                        id: g.id,
+                        generation: g.generation,
+                        state: desired_state(g),
+                        spec: g.spec.clone(),
+                        force_stop: inv.force_stop.contains(id),
+                    });
+                }
+            }
+            let notify = w.ops_changed;
+            (HeartbeatResponse { guests: desired }, self.persister.enqueue(w.ops), notify)
+        };
+        if notify {
+            self.notify_ops();
+        }
+        pending.durable().await?;
+        Ok(resp)
+    }
+
+    // ---- monitor ---------------------------------------------------------------------
+
+    /// One pass of the liveness and timeout checks; returns what it changed.
+    pub async fn monitor_pass(&self) -> Result<usize, ApiError> {
+        let (pending, changes) = {
+            let mut inv = self.lock();
+            let inv = &mut *inv;
+            let mut w = Writes::default();
+            let timeout = self.config.host_timeout;
+            let grace_over = self.started.elapsed() > timeout;
+            for h in inv.hosts.values_mut() {
+                let silent = match h.last_seen {
+                    Some(t) => t.elapsed() > timeout,
+                    None => grace_over,
+                };
+                if silent {
+                    let next = h.info.state.apply(HostEvent::HeartbeatLost).unwrap_or(h.info.state);
+                    if next != h.info.state {
+                        tracing::warn!(host = %h.info.name, "host missed its heartbeats; marking it down");
+                        h.info.state = next;
+                        w.ops.push(put(host_key(h.info.id), &h.info));
+                    }
+                }
+            }
+            let now = std::time::SystemTime::now();
+            let expired: Vec<(GuestId, OperationId)> = inv
+                .active_ops
+                .iter()
+                .filter(|(_, op)| {
+                    inv.ops.get(op).is_some_and(|o| {
+                        o.state == OperationState::Running
+                            && humantime::parse_rfc3339(&o.created_at)
+                                .ok()
+                                .and_then(|t| now.duration_since(t).ok())
+                                .is_some_and(|age| age > self.config.op_timeout)
+                    })
+                })
+                .map(|(g, o)| (*g, *o))
+                .collect();
+            for (guest, _) in expired {
+                let msg = format!("timed out after {}s", self.config.op_timeout.as_secs());
+                guest_failed(inv, guest, &msg, &mut w);
+            }
+            let n = w.ops.len();
+            (self.persister.enqueue(w.ops), n)
+        };
+        if changes > 0 {
+            self.notify_ops();
+        }
+        pending.durable().await?;
+        Ok(changes)
+    }
+
+    /// Counts for metrics: (hosts by state, guests by state, ops running).
+    pub fn counts(&self) -> (Vec<(HostState, usize)>, Vec<(GuestState, usize)>, usize) {
+        let inv = self.lock();
+        let hosts = [HostState::Up, HostState::Maintenance, HostState::Down]
+            .into_iter()
+            .map(|s| (s, inv.hosts.values().filter(|h| h.info.state == s).count()))
+            .collect();
+        let mut guests: std::collections::HashMap<GuestState, usize> = Default::default();
+        for g in inv.guests.values() {
+            *guests.entry(g.state).or_default() += 1;
+        }
+        let guests = GuestState::ALL.iter().map(|s| (*s, guests.get(s).copied().unwrap_or(0))).collect();
+        (hosts, guests, inv.active_ops.len())
+    }
+}
+
+fn inv_force(inv: &mut Inventory, id: GuestId) {
+    inv.force_stop.insert(id);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestAction {
+    Start,
+    Stop { force: bool },
+    Delete,
+}
+
+/// Store writes collected while handling one request.
+#[derive(Debug, Default)]
+struct Writes {
+    ops: Vec<Op>,
+    ops_changed: bool,
+}
+
+fn desired_state(g: &Guest) -> DesiredState {
+    match (g.state, g.intent) {
+        (GuestState::Deleting | GuestState::Deleted, _) => DesiredState::Absent,
+        (GuestState::Failed, _) => DesiredState::Stopped,
+        (_, PowerIntent::Running) => DesiredState::Running,
+        (_, PowerIntent::Stopped) => DesiredState::Stopped,
+    }
+}
+
+fn apply(g: &mut Guest, e: GuestEvent) -> bool {
+    match g.state.apply(e) {
+        Ok(next) => {
+            tracing::debug!(guest = %g.spec.name, from = %g.state, to = %next, event = ?e, "guest transition");
+            g.state = next;
+            true
+        }
+        Err(err) => {
+            tracing::warn!(guest = %g.spec.name, error = %err, "ignoring transition");
+            false
+        }
+    }
+}
+
+/// Update the active operation of `guest`: progress, or finish it.
+fn progress_op(inv: &mut Inventory, guest: GuestId, step: &str, progress: u8, w: &mut Writes) {
+    if let Some(op) = inv.active_ops.get(&guest).and_then(|id| inv.ops.get_mut(id)) {
+        if op.state == OperationState::Running && op.step != step {
+            op.step = step.to_owned();
+            op.progress = progress;
+            w.ops.push(put(op_key(op.id), &*op));
+            w.ops_changed = true;
+        }
+    }
+}
+
+fn finish_op(inv: &mut Inventory, guest: GuestId, event: OperationEvent, error: Option<String>, w: &mut Writes) {
+    let Some(op_id) = inv.active_ops.get(&guest).copied() else { return };
+    let Some(op) = inv.ops.get_mut(&op_id) else { return };
+    match op.state.apply(event) {
+        Ok(next) => op.state = next,
+        Err(e) => {
+            tracing::warn!(op = %op.id, error = %e, "ignoring operation transition");
+            return;
+        }
+    }
+    if error.is_some() {
+        op.error = error;
+    }
+    match op.state {
+        OperationState::Succeeded => {
+            op.progress = 100;
+            op.step = "done".into();
+        }
+        OperationState::RollingBack => op.step = "rolling back".into(),
+        OperationState::Failed => op.step = "failed".into(),
+        OperationState::Running => {}
+    }
+    if op.state.is_final() {
+        op.finished_at = Some(now_rfc3339());
+        inv.active_ops.remove(&guest);
+        inv.force_stop.remove(&guest);
+    }
+    w.ops.push(put(op_key(op_id), &*op));
+    w.ops_changed = true;
+}
+
+fn active_kind(inv: &Inventory, guest: GuestId) -> Option<(OperationKind, OperationState)> {
+    inv.active_ops.get(&guest).and_then(|id| inv.ops.get(id)).map(|o| (o.kind, o.state))
+}
+
+/// Something the agent tried for `guest` failed (or an operation timed out).
+fn guest_failed(inv: &mut Inventory, id: GuestId, message: &str, w: &mut Writes) {
+    let Some(mut g) = inv.guests.get(&id).cloned() else { return };
+    tracing::warn!(guest = %g.spec.name, error = message, "guest action failed");
+    g.last_error = Some(message.to_owned());
+    match active_kind(inv, id) {
+        Some((OperationKind::CreateGuest, OperationState::Running)) => {
+            // Leave nothing half-made: the host removes what it built, and the
+            // record goes once it confirms.
+            if apply(&mut g, GuestEvent::Delete) {
+                g.generation += 1;
+            }
+            finish_op(inv, id, OperationEvent::Fail { undo: true }, Some(message.to_owned()), w);
+        }
+        Some((OperationKind::StartGuest, OperationState::Running)) => {
+            apply(&mut g, GuestEvent::Failed);
+            finish_op(inv, id, OperationEvent::Fail { undo: false }, Some(message.to_owned()), w);
+        }
+        Some((OperationKind::StopGuest, OperationState::Running)) => {
+            finish_op(inv, id, OperationEvent::Fail { undo: false }, Some(message.to_owned()), w);
+        }
+        // Deletion and rollback keep going: the agent retries until it can
+        // confirm, because a half-deleted guest must not be forgotten.
+        Some(_) => {}
+        None => {
+            if g.state == GuestState::Starting {
+                apply(&mut g, GuestEvent::Failed);
+            }
+        }
+    }
+    w.ops.push(put(guest_key(id), &g));
+    inv.guests.insert(id, g);
+}
+
+/// The agent confirmed that `id` and its disks are gone.
+fn finish_delete(inv: &mut Inventory, id: GuestId, w: &mut Writes) {
+    let Some(g) = inv.guests.get(&id) else { return };
+    if g.state != GuestState::Deleting {
+        return;
+    }
+    let event = match active_kind(inv, id) {
+        Some((_, OperationState::RollingBack)) => OperationEvent::RolledBack,
+        _ => OperationEvent::Succeed,
+    };
+    finish_op(inv, id, event, None, w);
+    if let Some(g) = inv.guests.remove(&id) {
+        inv.unindex_guest(&g);
+        w.ops.push(delete(guest_key(id)));
+    }
+}
+
+/// Move `id` along its lifecycle given what its host observes.
+fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w: &mut Writes) {
+    let Some(mut g) = inv.guests.get(&id).cloned() else { return };
+    let obs = observed.map(|o| o.state);
+    let before = g.clone();
+    // Loop: one report can carry a guest through several steps (an agent
+    // that provisioned and booted between two heartbeats).
+    for _ in 0..4 {
+        let state = g.state;
+        match (g.state, obs) {
+            (GuestState::Creating, Some(_)) => {
+                apply(&mut g, GuestEvent::Provisioned);
+                if g.intent == PowerIntent::Running {
+                    apply(&mut g, GuestEvent::Start);
+                    progress_op(inv, id, "booting", 60, w);
+                } else {
+                    finish_op(inv, id, OperationEvent::Succeed, None, w);
+                }
+            }
+            (GuestState::Starting, Some(ObservedState::Running)) => {
+                apply(&mut g, GuestEvent::Started);
+                g.last_error = None;
+                if matches!(active_kind(inv, id), Some((OperationKind::CreateGuest | OperationKind::StartGuest, OperationState::Running))) {
+                    finish_op(inv, id, OperationEvent::Succeed, None, w);
+                }
+            }
+            (GuestState::Starting, Some(ObservedState::Crashed)) => {
+                guest_failed(inv, id, "guest crashed while starting", w);
+                return;
+            }
+            (GuestState::Running, Some(ObservedState::Stopped)) => {
+                // The guest OS powered itself off: respect that.
+                apply(&mut g, GuestEvent::Stopped);
+                g.intent = PowerIntent::Stopped;
+                g.generation += 1;
+            }
+            (GuestState::Running, Some(ObservedState::Crashed) | None) => {
+                apply(&mut g, GuestEvent::Crashed);
+                g.last_error = Some(if obs.is_none() { "vanished from its host".into() } else { "crashed".into() });
+            }
+            (GuestState::Crashed, _) if g.intent == PowerIntent::Running => {
+                apply(&mut g, GuestEvent::Start);
+                g.generation += 1;
+            }
+            (GuestState::Stopping, Some(ObservedState::Stopped | ObservedState::Crashed) | None) => {
+                apply(&mut g, GuestEvent::Stopped);
+                if matches!(active_kind(inv, id), Some((OperationKind::StopGuest, OperationState::Running))) {
+                    finish_op(inv, id, OperationEvent::Succeed, None, w);
+                }
+                inv.force_stop.remove(&id);
+            }
+            (GuestState::Deleting, _) => progress_op(inv, id, "removing from host", 50, w),
+            _ => {}
+        }
+        if g.state == state {
+            break;
+        }
+    }
+    if g != before {
+        w.ops.push(put(guest_key(id), &g));
+        inv.guests.insert(id, g);
+    }
+}
+
+/// A locally administered unicast MAC in QEMU's 52:54:00 range.
+fn random_mac() -> Result<String, getrandom::Error> {
+    let mut b = [0u8; 3];
+    getrandom::fill(&mut b)?;
+    Ok(format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
+}

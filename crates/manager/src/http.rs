@@ -1,0 +1,327 @@
+//! The `/v1` HTTP API: routing, authentication, audit of refusals, error
+//! bodies and the OpenAPI document.
+//!
+//! Every request needs `Authorization: Bearer <token>`. Agent tokens reach
+//! only `/v1/agent/*`. Successful mutations write their audit record in the
+//! same store transaction as the change (see [`crate::core`]); refused
+//! mutations — bad token, bad input, conflicts — are audited here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use drove_api::{
+    AuditRecord, CreateGuestRequest, CreateVlanRequest, ErrorBody, ErrorResponse, GuestView,
+    HeartbeatRequest, HeartbeatResponse, HostView, OperationAccepted, RegisterRequest,
+    RegisterResponse, StopGuestRequest, VlanView,
+};
+use drove_model::{Operation, OperationId};
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::auth::{Principal, Role};
+use crate::core::{ApiError, Ctx, GuestAction, Manager};
+
+/// The error message of a failed response, for the audit middleware.
+#[derive(Debug, Clone)]
+struct Failure(String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorResponse {
+            error: ErrorBody { code: self.code.to_owned(), message: self.message.clone(), field: self.field },
+        };
+        let mut resp = (status, Json(body)).into_response();
+        resp.extensions_mut().insert(Failure(self.message));
+        resp
+    }
+}
+
+/// A JSON body whose parse errors become one-line 400s naming the field.
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rej) => Err(json_error(rej)),
+        }
+    }
+}
+
+fn json_error(rej: JsonRejection) -> ApiError {
+    let text = rej.body_text();
+    // axum reports "Failed to deserialize ...: <path>: <serde message>".
+    let detail = text.split_once("target type: ").map_or(text.as_str(), |(_, d)| d);
+    let field = detail
+        .split_once(": ")
+        .map(|(path, _)| path)
+        .filter(|p| !p.contains(' '))
+        .map(str::to_owned);
+    ApiError { field, ..ApiError::invalid("body", format!("invalid request body: {detail}")) }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let principal = parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+        Ok(Ctx { principal, action: format!("{} {}", parts.method, parts.uri.path()) })
+    }
+}
+
+fn is_mutation(m: &Method) -> bool {
+    !matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+async fn authenticate(State(m): State<Arc<Manager>>, mut req: Request, next: Next) -> Response {
+    m.http_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mutation = is_mutation(req.method());
+    let action = format!("{} {}", req.method(), req.uri().path());
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let principal = match token {
+        None => Err(ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)")),
+        Some(t) => m.authenticate(t).ok_or_else(|| ApiError::unauthorized("invalid bearer token")),
+    };
+    let principal = match principal {
+        Ok(p) if p.role == Role::Agent && !req.uri().path().starts_with("/v1/agent/") => Err(
+            ApiError::forbidden(format!("token {:?} may only use the agent protocol", p.name)),
+        ),
+        other => other,
+    };
+    let principal = match principal {
+        Ok(p) => p,
+        Err(e) => {
+            if mutation {
+                let anon = Principal { name: "anonymous".into(), role: Role::Agent };
+                m.audit_refusal(&Ctx { principal: anon, action }, None, &e.message, e.status).await;
+            }
+            return e.into_response();
+        }
+    };
+    req.extensions_mut().insert(principal.clone());
+    let resp = next.run(req).await;
+    if mutation && !resp.status().is_success() {
+        let message = resp
+            .extensions()
+            .get::<Failure>()
+            .map_or_else(|| resp.status().to_string(), |f| f.0.clone());
+        m.audit_refusal(&Ctx { principal, action }, None, &message, resp.status().as_u16()).await;
+    }
+    resp
+}
+
+pub fn router(m: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{host}", get(get_host))
+        .route("/v1/guests", get(list_guests).post(create_guest))
+        .route("/v1/guests/{guest}", get(get_guest).delete(delete_guest))
+        .route("/v1/guests/{guest}/start", post(start_guest))
+        .route("/v1/guests/{guest}/stop", post(stop_guest))
+        .route("/v1/vlans", get(list_vlans).post(create_vlan))
+        .route("/v1/vlans/{vlan}", axum::routing::delete(delete_vlan))
+        .route("/v1/operations", get(list_operations))
+        .route("/v1/operations/{id}", get(get_operation))
+        .route("/v1/audit", get(list_audit))
+        .route("/v1/agent/register", post(register))
+        .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError { status: 404, code: "not_found", message: "no such API path".into(), field: None } })
+        .layer(middleware::from_fn_with_state(m.clone(), authenticate))
+        .with_state(m)
+}
+
+type Res<T> = Result<T, ApiError>;
+
+/// The OpenAPI document, as served and as checked in at `openapi/drove.json`.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", responses((status = 200, description = "This document")))]
+async fn openapi() -> Response {
+    let mut resp = openapi_json().into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts",
+    responses((status = 200, body = [HostView]), (status = 401, body = ErrorResponse)))]
+async fn list_hosts(State(m): State<Arc<Manager>>) -> Json<Vec<HostView>> {
+    Json(m.list_hosts())
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{host}", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
+    responses((status = 200, body = HostView), (status = 404, body = ErrorResponse)))]
+async fn get_host(State(m): State<Arc<Manager>>, Path(host): Path<String>) -> Res<Json<HostView>> {
+    m.get_host(&host).map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/guests", tag = "guests",
+    responses((status = 200, body = [GuestView]), (status = 401, body = ErrorResponse)))]
+async fn list_guests(State(m): State<Arc<Manager>>) -> Json<Vec<GuestView>> {
+    Json(m.list_guests())
+}
+
+#[utoipa::path(post, path = "/v1/guests", tag = "guests", request_body = CreateGuestRequest,
+    responses((status = 202, description = "Creation started", body = OperationAccepted),
+        (status = 400, description = "Invalid request", body = ErrorResponse),
+        (status = 409, description = "Name taken or no room", body = ErrorResponse)))]
+async fn create_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Body(req): Body<CreateGuestRequest>) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.create_guest(&ctx, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[utoipa::path(get, path = "/v1/guests/{guest}", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    responses((status = 200, body = GuestView), (status = 404, body = ErrorResponse)))]
+async fn get_guest(State(m): State<Arc<Manager>>, Path(guest): Path<String>) -> Res<Json<GuestView>> {
+    m.get_guest(&guest).map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/guests/{guest}/start", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
+async fn start_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Path(guest): Path<String>) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.guest_action(&ctx, &guest, GuestAction::Start).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[utoipa::path(post, path = "/v1/guests/{guest}/stop", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    request_body = StopGuestRequest,
+    responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
+async fn stop_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Path(guest): Path<String>, Body(req): Body<StopGuestRequest>) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.guest_action(&ctx, &guest, GuestAction::Stop { force: req.force }).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[utoipa::path(delete, path = "/v1/guests/{guest}", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse)))]
+async fn delete_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Path(guest): Path<String>) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.guest_action(&ctx, &guest, GuestAction::Delete).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[utoipa::path(get, path = "/v1/vlans", tag = "vlans", responses((status = 200, body = [VlanView])))]
+async fn list_vlans(State(m): State<Arc<Manager>>) -> Json<Vec<VlanView>> {
+    Json(m.list_vlans())
+}
+
+#[utoipa::path(post, path = "/v1/vlans", tag = "vlans", request_body = CreateVlanRequest,
+    responses((status = 201, body = VlanView), (status = 400, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
+async fn create_vlan(State(m): State<Arc<Manager>>, ctx: Ctx, Body(req): Body<CreateVlanRequest>) -> Res<(StatusCode, Json<VlanView>)> {
+    m.create_vlan(&ctx, req).await.map(|v| (StatusCode::CREATED, Json(v)))
+}
+
+#[utoipa::path(delete, path = "/v1/vlans/{vlan}", tag = "vlans", params(("vlan" = String, Path, description = "VLAN name or id")),
+    responses((status = 204), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
+async fn delete_vlan(State(m): State<Arc<Manager>>, ctx: Ctx, Path(vlan): Path<String>) -> Res<StatusCode> {
+    m.delete_vlan(&ctx, &vlan).await.map(|()| StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/operations", tag = "operations", responses((status = 200, body = [Operation])))]
+async fn list_operations(State(m): State<Arc<Manager>>) -> Json<Vec<Operation>> {
+    Json(m.list_operations())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct WaitQuery {
+    /// Wait up to this many seconds (max 300) for the operation to finish.
+    wait: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/operations/{id}", tag = "operations", params(("id" = String, Path, description = "Operation id"), WaitQuery),
+    responses((status = 200, body = Operation), (status = 404, body = ErrorResponse)))]
+async fn get_operation(State(m): State<Arc<Manager>>, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> Res<Json<Operation>> {
+    let id: OperationId = id.parse().map_err(|_| ApiError::invalid("id", format!("{id:?} is not an operation id")))?;
+    match q.wait {
+        Some(s) => m.wait_operation(id, Duration::from_secs(s.min(300))).await.map(Json),
+        None => m.get_operation(id).map(Json),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct AuditQuery {
+    /// Only records with a sequence number above this.
+    after: Option<u64>,
+    /// At most this many records (default 1000).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery), responses((status = 200, body = [AuditRecord])))]
+async fn list_audit(State(m): State<Arc<Manager>>, Query(q): Query<AuditQuery>) -> Res<Json<Vec<AuditRecord>>> {
+    m.audit_records(q.after.unwrap_or(0), q.limit.unwrap_or(1000)).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/agent/register", tag = "agent", request_body = RegisterRequest,
+    responses((status = 200, body = RegisterResponse), (status = 400, body = ErrorResponse)))]
+async fn register(State(m): State<Arc<Manager>>, ctx: Ctx, Body(req): Body<RegisterRequest>) -> Res<Json<RegisterResponse>> {
+    m.register(&ctx, req).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/agent/heartbeat", tag = "agent", request_body = HeartbeatRequest,
+    responses((status = 200, body = HeartbeatResponse), (status = 404, description = "Unknown host: register again", body = ErrorResponse)))]
+async fn heartbeat(State(m): State<Arc<Manager>>, Body(req): Body<HeartbeatRequest>) -> Res<Json<HeartbeatResponse>> {
+    m.heartbeat(req).await.map(Json)
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(m): State<Arc<Manager>>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let (hosts, guests, ops) = m.counts();
+    let stats = &m.persister().stats;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP drove_hosts Hosts by state.\n# TYPE drove_hosts gauge");
+    for (s, n) in hosts {
+        let _ = writeln!(out, "drove_hosts{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP drove_guests Guests by state.\n# TYPE drove_guests gauge");
+    for (s, n) in guests {
+        let _ = writeln!(out, "drove_guests{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP drove_operations_active Operations in progress.\n# TYPE drove_operations_active gauge\ndrove_operations_active {ops}");
+    let _ = writeln!(out, "# HELP drove_http_requests_total HTTP requests served.\n# TYPE drove_http_requests_total counter\ndrove_http_requests_total {}", m.http_requests.load(Relaxed));
+    let _ = writeln!(out, "# HELP drove_store_commits_total Store transactions committed.\n# TYPE drove_store_commits_total counter\ndrove_store_commits_total {}", stats.commits.load(Relaxed));
+    let _ = writeln!(out, "# HELP drove_store_ops_total Store writes committed.\n# TYPE drove_store_ops_total counter\ndrove_store_ops_total {}", stats.ops.load(Relaxed));
+    let _ = writeln!(out, "# HELP drove_store_commit_seconds_total Time spent committing.\n# TYPE drove_store_commit_seconds_total counter\ndrove_store_commit_seconds_total {}", stats.commit_micros.load(Relaxed) as f64 / 1e6);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[derive(Debug)]
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        openapi.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+    }
+}
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "drove", description = "drove manager API: hosts, guests, VLANs, operations, audit, and the agent protocol."),
+    paths(openapi, list_hosts, get_host, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest,
+        list_vlans, create_vlan, delete_vlan, list_operations, get_operation, list_audit, register, heartbeat),
+    modifiers(&BearerAuth),
+    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))
+)]
+pub struct ApiDoc;

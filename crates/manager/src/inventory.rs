@@ -1,0 +1,223 @@
+//! The in-memory mirror of the store, and the key layout.
+//!
+//! Keys: `hosts/<id>`, `guests/<id>`, `vlans/<tag, 4 digits>`, `ops/<id>`,
+//! `audit/<seq, 20 digits>`, `tokens/<sha256 of token>`, `meta/schema`.
+//! Values are JSON. The schema version in `meta/schema` guards against a
+//! newer store being opened by an older manager.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
+
+use drove_model::{Guest, GuestId, HostId, HostInfo, Operation, OperationId, Vlan, VlanTag};
+use drove_store::{Op, Precondition, Store, StoreError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::auth::TokenRecord;
+
+pub const SCHEMA_KEY: &str = "meta/schema";
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub fn host_key(id: HostId) -> String {
+    format!("hosts/{id}")
+}
+pub fn guest_key(id: GuestId) -> String {
+    format!("guests/{id}")
+}
+pub fn vlan_key(tag: VlanTag) -> String {
+    format!("vlans/{:04}", tag.get())
+}
+pub fn op_key(id: OperationId) -> String {
+    format!("ops/{id}")
+}
+pub fn audit_key(seq: u64) -> String {
+    format!("audit/{seq:020}")
+}
+pub fn token_key(hash: &str) -> String {
+    format!("tokens/{hash}")
+}
+
+pub fn put<T: Serialize>(key: String, value: &T) -> Op {
+    // Serializing our own plain data types cannot fail.
+    let value = serde_json::to_vec(value).unwrap_or_default();
+    Op::Put { key, value, precondition: Precondition::Any }
+}
+pub fn delete(key: String) -> Op {
+    Op::Delete { key, precondition: Precondition::Any }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading {prefix} from the state store")]
+    Store {
+        prefix: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    #[error("decoding stored record {key}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state store schema version {found} is newer than this manager understands ({SCHEMA_VERSION})")]
+    Schema { found: u32 },
+}
+
+/// A host as the manager holds it: the stored record plus liveness.
+#[derive(Debug, Clone)]
+pub struct HostEntry {
+    pub info: HostInfo,
+    /// When the agent was last heard from by this manager process.
+    pub last_seen: Option<Instant>,
+    /// Guests the agent reports that the manager has no record of.
+    pub orphans: u32,
+}
+
+/// What the guests placed on one host hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocation {
+    pub vcpus: u32,
+    pub memory: u64,
+    pub guests: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Inventory {
+    pub hosts: HashMap<HostId, HostEntry>,
+    pub host_names: HashMap<String, HostId>,
+    pub guests: HashMap<GuestId, Guest>,
+    pub guest_names: HashMap<String, GuestId>,
+    /// The operation currently driving each guest, if any.
+    pub active_ops: HashMap<GuestId, OperationId>,
+    pub vlans: BTreeMap<VlanTag, Vlan>,
+    pub ops: HashMap<OperationId, Operation>,
+    pub macs: HashSet<String>,
+    pub tokens: HashMap<String, TokenRecord>,
+    /// The guests placed on each host.
+    pub by_host: HashMap<HostId, std::collections::BTreeSet<GuestId>>,
+    /// Guests whose pending stop should be forced (not persisted: a
+    /// restarted manager falls back to a graceful stop).
+    pub force_stop: HashSet<GuestId>,
+    /// Resources held on each host by the guests placed there.
+    pub allocated: HashMap<HostId, Allocation>,
+    /// Next audit sequence number.
+    pub audit_seq: u64,
+}
+
+async fn load_all<T: DeserializeOwned>(
+    store: &dyn Store,
+    prefix: &'static str,
+) -> Result<Vec<(String, T)>, LoadError> {
+    let (kvs, _) = store.list(prefix).await.map_err(|source| LoadError::Store { prefix, source })?;
+    kvs.into_iter()
+        .map(|kv| {
+            let v = serde_json::from_slice(&kv.value)
+                .map_err(|source| LoadError::Decode { key: kv.key.clone(), source })?;
+            Ok((kv.key, v))
+        })
+        .collect()
+}
+
+impl Inventory {
+    /// Rebuild the inventory from the store.
+    pub async fn load(store: &dyn Store) -> Result<(Inventory, Vec<Op>), LoadError> {
+        let mut init = Vec::new();
+        match store.get(SCHEMA_KEY).await.map_err(|source| LoadError::Store { prefix: SCHEMA_KEY, source })? {
+            Some(kv) => {
+                let found: u32 = serde_json::from_slice(&kv.value)
+                    .map_err(|source| LoadError::Decode { key: kv.key.clone(), source })?;
+                if found > SCHEMA_VERSION {
+                    return Err(LoadError::Schema { found });
+                }
+            }
+            None => init.push(put(SCHEMA_KEY.to_owned(), &SCHEMA_VERSION)),
+        }
+        let mut inv = Inventory::default();
+        for (_, info) in load_all::<HostInfo>(store, "hosts/").await? {
+            inv.host_names.insert(info.name.clone(), info.id);
+            inv.hosts.insert(info.id, HostEntry { info, last_seen: None, orphans: 0 });
+        }
+        for (_, g) in load_all::<Guest>(store, "guests/").await? {
+            inv.index_guest(&g);
+            inv.guests.insert(g.id, g);
+        }
+        for (_, v) in load_all::<Vlan>(store, "vlans/").await? {
+            inv.vlans.insert(v.tag, v);
+        }
+        for (_, op) in load_all::<Operation>(store, "ops/").await? {
+            if !op.state.is_final() {
+                inv.active_ops.insert(GuestId::from_uuid(op.target), op.id);
+            }
+            inv.ops.insert(op.id, op);
+        }
+        for (_, t) in load_all::<TokenRecord>(store, "tokens/").await? {
+            inv.tokens.insert(t.hash.clone(), t);
+        }
+        let (audit, _) = store
+            .list("audit/")
+            .await
+            .map_err(|source| LoadError::Store { prefix: "audit/", source })?;
+        inv.audit_seq = audit
+            .last()
+            .and_then(|kv| kv.key.strip_prefix("audit/")?.parse::<u64>().ok())
+            .map_or(1, |s| s + 1);
+        Ok((inv, init))
+    }
+
+    /// Add a guest's name, MACs and allocation to the indexes.
+    pub fn index_guest(&mut self, g: &Guest) {
+        self.guest_names.insert(g.spec.name.clone(), g.id);
+        self.by_host.entry(g.host).or_default().insert(g.id);
+        let a = self.allocated.entry(g.host).or_default();
+        a.vcpus += g.spec.vcpus;
+        a.memory += g.spec.memory.bytes();
+        a.guests += 1;
+        for nic in &g.spec.nics {
+            self.macs.insert(nic.mac.clone());
+        }
+    }
+
+    pub fn unindex_guest(&mut self, g: &Guest) {
+        self.guest_names.remove(&g.spec.name);
+        if let Some(set) = self.by_host.get_mut(&g.host) {
+            set.remove(&g.id);
+        }
+        if let Some(a) = self.allocated.get_mut(&g.host) {
+            a.vcpus = a.vcpus.saturating_sub(g.spec.vcpus);
+            a.memory = a.memory.saturating_sub(g.spec.memory.bytes());
+            a.guests = a.guests.saturating_sub(1);
+        }
+        for nic in &g.spec.nics {
+            self.macs.remove(&nic.mac);
+        }
+    }
+
+    /// Find a guest by id or name.
+    pub fn find_guest(&self, key: &str) -> Option<&Guest> {
+        if let Ok(id) = key.parse::<GuestId>() {
+            if let Some(g) = self.guests.get(&id) {
+                return Some(g);
+            }
+        }
+        self.guest_names.get(key).and_then(|id| self.guests.get(id))
+    }
+
+    /// Find a host by id or name.
+    pub fn find_host(&self, key: &str) -> Option<&HostEntry> {
+        if let Ok(id) = key.parse::<HostId>() {
+            if let Some(h) = self.hosts.get(&id) {
+                return Some(h);
+            }
+        }
+        self.host_names.get(key).and_then(|id| self.hosts.get(id))
+    }
+
+    /// Find a VLAN by id or name.
+    pub fn find_vlan(&self, key: &str) -> Option<&Vlan> {
+        if let Ok(tag) = key.parse::<u32>() {
+            return VlanTag::new(tag).ok().and_then(|t| self.vlans.get(&t));
+        }
+        self.vlans.values().find(|v| v.name == key)
+    }
+}

@@ -1,0 +1,18 @@
+//! The liveness and timeout reconciler: marks silent hosts down and fails
+//! (rolling back) operations that overran. Each pass is idempotent.
+
+use std::sync::Arc;
+
+use crate::core::Manager;
+
+pub async fn run(m: Arc<Manager>) {
+    let period = (m.config.host_timeout / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = m.monitor_pass().await {
+            tracing::error!(error = %e, "monitor pass failed");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+#!/usr/bin/env bash
+# Builds drove's tiny test guest image from Debian packages.
+#
+#   scripts/build-image.sh [OUT_DIR]
+#
+# OUT_DIR defaults to ${XDG_CACHE_HOME:-$HOME/.cache}/drove/image and ends up
+# holding:
+#   vmlinux            the Debian kernel, uncompressed: QEMU's direct kernel
+#                      boot of an ELF vmlinux skips the in-guest
+#                      decompression, which costs seconds under TCG
+#   initramfs.cpio.gz  busybox (static), the virtio/ACPI modules and /init
+#   manifest           kernel version and the hash of this script
+#
+# The result is cached: when OUT_DIR already holds an image built by this
+# exact script (same sha256), nothing is done. Concurrent runs on the same
+# OUT_DIR are serialised with flock.
+#
+# Nothing is fetched but Debian packages through apt: the kernel package is
+# `apt-get download`ed and unpacked with `dpkg -x`, never installed.
+#
+# The guest's /init understands these kernel command line parameters:
+#   drove.name=NAME               hostname of the guest
+#   drove.ip=IFACE:ADDR/PREFIX[:GATEWAY]
+#                                 static IPv4 address for IFACE (eth0, eth1...,
+#                                 in the order of the NICs on the QEMU command
+#                                 line); repeat the parameter for more NICs
+#   drove.ip=mac-XX-XX-XX-XX-XX-XX:ADDR/PREFIX[:GATEWAY]
+#                                 the same, naming the NIC by its MAC ('-' for
+#                                 ':' so the field separator stays unique)
+# It prints `DROVE-READY` on the serial console (ttyS0) once modules are
+# loaded and NICs are configured, then keeps a shell on the console. Pressing
+# the ACPI power button (QMP `system_powerdown`) powers the guest off.
+set -euo pipefail
+
+# --- arguments and cache check ------------------------------------------------
+
+out=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/drove/image}
+script_hash=$(sha256sum "$0" | cut -d' ' -f1)
+
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+up_to_date() {
+    [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio.gz" ] &&
+        grep -qx "script_sha256=$script_hash" "$out/manifest" 2>/dev/null
+}
+
+if up_to_date; then
+    echo "build-image: $out is up to date"
+    exit 0
+fi
+
+# Serialise concurrent builders (e.g. several test binaries starting at once);
+# whoever gets the lock second finds the image built.
+exec 9>"$out/.lock"
+flock 9
+if up_to_date; then
+    echo "build-image: $out is up to date"
+    exit 0
+fi
+
+for cmd in apt-get apt-cache dpkg busybox cpio gzip xz zstd; do
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        echo "build-image: '$cmd' is missing; run scripts/install-deps.sh as root first" >&2
+        exit 1
+    fi
+done
+is_elf() { [ "$(head -c4 "$1" | od -An -tx1 | tr -d ' \n')" = "7f454c46" ]; }
+
+busybox_bin=$(command -v busybox)
+if ! is_elf "$busybox_bin"; then
+    echo "build-image: $busybox_bin is not an ELF binary" >&2
+    exit 1
+fi
+if ldd "$busybox_bin" >/dev/null 2>&1; then
+    echo "build-image: $busybox_bin is dynamically linked; install busybox-static" >&2
+    exit 1
+fi
+
+work=$(mktemp -d "$out/.build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+# --- the kernel ----------------------------------------------------------------
+
+# The current kernel ABI package is what the linux-image-amd64 metapackage
+# depends on, e.g. linux-image-6.1.0-56-amd64.
+find_kernel_pkg() {
+    apt-cache depends linux-image-amd64 2>/dev/null |
+        awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+}
+kpkg=$(find_kernel_pkg || true)
+if [ -z "$kpkg" ]; then
+    echo "build-image: apt knows no linux-image-amd64; running apt-get update"
+    apt-get update -q
+    kpkg=$(find_kernel_pkg || true)
+fi
+if [ -z "$kpkg" ]; then
+    echo "build-image: cannot find the kernel package linux-image-amd64 depends on" >&2
+    exit 1
+fi
+kver=${kpkg#linux-image-}
+echo "build-image: kernel $kpkg"
+
+# apt-get download writes into the current directory; _apt cannot always read
+# our temp dir, which only produces a harmless warning.
+(cd "$work" && apt-get download -q "$kpkg" 2>&1 | grep -v 'unsandboxed' || true)
+deb=$(ls "$work"/"${kpkg}"_*.deb 2>/dev/null | head -n1 || true)
+if [ -z "$deb" ]; then
+    echo "build-image: apt-get download $kpkg produced no .deb" >&2
+    exit 1
+fi
+dpkg -x "$deb" "$work/kpkg"
+vmlinuz="$work/kpkg/boot/vmlinuz-$kver"
+moddir="$work/kpkg/lib/modules/$kver"
+[ -f "$vmlinuz" ] || { echo "build-image: $deb has no boot/vmlinuz-$kver" >&2; exit 1; }
+[ -d "$moddir" ] || { echo "build-image: $deb has no lib/modules/$kver" >&2; exit 1; }
+
+# The extract-vmlinux approach: the bzImage carries the kernel as one
+# compressed payload after the real-mode setup code. Find each candidate
+# header by its magic bytes, decompress from there (trailing data is an error
+# the decompressors report after writing the output, hence `|| true`), and
+# keep the first result that is an ELF file. Debian 12 uses xz; the others are
+# here so a kernel built differently still works.
+extract_vmlinux() {
+    local img=$1 dst=$2 magic tool off
+    while read -r magic tool; do
+        for off in $(LC_ALL=C grep -obUaP "$magic" "$img" | cut -d: -f1); do
+            tail -c "+$((off + 1))" "$img" | $tool >"$dst" 2>/dev/null || true
+            if [ -s "$dst" ] && is_elf "$dst"; then
+                echo "build-image: vmlinux found at offset $off ($tool)"
+                return 0
+            fi
+        done
+    done <<'EOF'
+\xFD7zXZ\x00 xz -dc
+\x28\xB5\x2F\xFD zstd -dc
+\x1F\x8B\x08 gzip -dc
+EOF
+    return 1
+}
+if ! extract_vmlinux "$vmlinuz" "$work/vmlinux"; then
+    echo "build-image: found no xz/zstd/gzip payload in $vmlinuz that decompresses to an ELF vmlinux" >&2
+    exit 1
+fi
+
+# --- modules -------------------------------------------------------------------
+
+# What the guest needs: virtio over PCI (pc/q35) and MMIO (microvm), disks,
+# NICs, the virtio console, the ACPI power button with evdev so that acpid
+# sees the button, and pvpanic (ISA, found through ACPI) so QEMU learns of a
+# kernel panic.
+wanted_modules="virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
+virtio_mmio virtio_blk virtio_net virtio_console button evdev pvpanic_mmio"
+
+# The package ships no modules.dep (depmod runs at install time), so read
+# each module's own `depends=` from its .modinfo section. Modules load in
+# dependency order: a module after everything it depends on.
+declare -A modpath=()
+while IFS= read -r f; do
+    name=$(basename "$f" .ko)
+    modpath[${name//-/_}]=$f
+done < <(find "$moddir/kernel" -name '*.ko')
+
+declare -A visited=()
+load_order=()
+visit() {
+    local m=${1//-/_} dep deps
+    [ -n "${visited[$m]:-}" ] && return 0
+    visited[$m]=1
+    if [ -z "${modpath[$m]:-}" ]; then
+        # Built into the kernel: nothing to load.
+        if grep -q "/$m.ko$" "$moddir/modules.builtin" 2>/dev/null; then return 0; fi
+        echo "build-image: module $m is neither in $kpkg nor built in" >&2
+        return 1
+    fi
+    deps=$(tr '\0' '\n' <"${modpath[$m]}" | sed -n 's/^depends=//p' | head -n1)
+    for dep in ${deps//,/ }; do
+        visit "$dep"
+    done
+    load_order+=("$m")
+}
+for m in $wanted_modules; do
+    # virtio_pci_legacy_dev/modern_dev only exist in newer kernels.
+    case $m in virtio_pci_*_dev) [ -n "${modpath[$m]:-}" ] || continue ;; esac
+    visit "$m"
+done
+echo "build-image: modules ${load_order[*]}"
+
+# --- the initramfs -------------------------------------------------------------
+
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,var/log,etc/acpi/PWRF,lib/modules}
+cp "$busybox_bin" "$root/bin/busybox"
+# Every applet as a symlink, at the path busybox itself reports.
+for applet in $("$busybox_bin" --list-full); do
+    [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+done
+for m in "${load_order[@]}"; do
+    cp "${modpath[$m]}" "$root/lib/modules/$m.ko"
+done
+printf '%s\n' "${load_order[@]}" >"$root/lib/modules/load-order"
+echo "$kver" >"$root/etc/drove-kernel"
+
+# busybox acpid runs /etc/acpi/PWRF/00000080 for the power button.
+cat >"$root/etc/acpi/PWRF/00000080" <<'EOF'
+#!/bin/sh
+echo "drove: power button pressed, powering off" >/dev/console
+sync
+poweroff -f
+EOF
+chmod 755 "$root/etc/acpi/PWRF/00000080"
+
+cat >"$root/init" <<'EOF'
+#!/bin/sh
+# drove test image init: see scripts/build-image.sh for the kernel parameters.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+log() { echo "drove: $*"; }
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+
+for m in $(cat /lib/modules/load-order); do
+    insmod "/lib/modules/$m.ko" 2>/dev/null || log "module $m did not load"
+done
+
+name=
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        drove.name=*) name=${arg#drove.name=} ;;
+    esac
+done
+hostname "${name:-drove-guest}"
+
+ip link set lo up
+
+# drove.ip=IFACE:ADDR/PREFIX[:GATEWAY], IFACE may be mac-xx-xx-xx-xx-xx-xx
+configure_ip() {
+    spec=$1
+    iface=${spec%%:*}
+    rest=${spec#*:}
+    addr=${rest%%:*}
+    gw=
+    [ "$rest" != "$addr" ] && gw=${rest#*:}
+    case $iface in
+        mac-*)
+            mac=$(echo "${iface#mac-}" | tr 'A-F-' 'a-f:')
+            iface=
+            for d in /sys/class/net/*; do
+                if [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ]; then
+                    iface=${d##*/}
+                fi
+            done
+            if [ -z "$iface" ]; then
+                log "ip: no NIC with MAC $mac"
+                return
+            fi
+            ;;
+    esac
+    if ! ip link set "$iface" up; then
+        log "ip: no NIC $iface"
+        return
+    fi
+    ip addr add "$addr" dev "$iface" || log "ip: cannot add $addr to $iface"
+    if [ -n "$gw" ]; then
+        ip route add default via "$gw" dev "$iface" || log "ip: cannot route via $gw"
+    fi
+    log "ip $iface $addr${gw:+ via $gw}"
+}
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        drove.ip=*) configure_ip "${arg#drove.ip=}" ;;
+    esac
+done
+
+# What the guest sees, for tests that assert from inside the guest.
+for d in /sys/block/vd*; do
+    [ -e "$d" ] && log "disk ${d##*/} $(( $(cat "$d/size") / 2048 ))M"
+done
+for d in /sys/class/net/*; do
+    [ "${d##*/}" = lo ] || log "nic ${d##*/} $(cat "$d/address")"
+done
+
+# busybox acpid exits at once when it cannot open its log file.
+acpid -l /run/acpid.log || log "acpid did not start"
+
+echo "DROVE-READY"
+
+# A shell on the serial console for whoever connects to it; restart it when it
+# exits so init never does (the kernel would panic).
+while true; do
+    setsid cttyhack sh -l
+    sleep 1
+done
+EOF
+chmod 755 "$root/init"
+
+(cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -6) >"$work/initramfs.cpio.gz"
+
+# --- install -------------------------------------------------------------------
+
+# Files first, manifest last: a half-written image never looks up to date.
+rm -f "$out/manifest"
+mv "$work/vmlinux" "$out/vmlinux"
+mv "$work/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
+cat >"$out/manifest.tmp" <<EOF
+kernel_package=$kpkg
+kernel_version=$kver
+script_sha256=$script_hash
+EOF
+mv "$out/manifest.tmp" "$out/manifest"
+echo "build-image: built $out (vmlinux $(du -h "$out/vmlinux" | cut -f1), initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1))"
