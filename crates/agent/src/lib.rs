@@ -158,8 +158,9 @@ impl Agent {
                         backoff
                     }
                 },
-                Some((id, every)) => match self.beat(id).await {
-                    Ok(()) => every,
+                // The manager paces long polls; no pause between them.
+                Some((id, every)) => match self.beat(id, every).await {
+                    Ok(()) => Duration::ZERO,
                     Err(e) if Client::is_unknown_host(&e) => {
                         tracing::warn!("manager does not know this host; registering again");
                         registration = None;
@@ -181,7 +182,7 @@ impl Agent {
     }
 
     /// One heartbeat and the convergence it calls for.
-    async fn beat(self: &Arc<Self>, host_id: HostId) -> Result<(), ClientError> {
+    async fn beat(self: &Arc<Self>, host_id: HostId, interval: Duration) -> Result<(), ClientError> {
         let statuses = match self.hv.list().await {
             Ok(s) => s,
             Err(e) => {
@@ -198,8 +199,18 @@ impl Agent {
             guests: statuses.iter().map(to_observed).collect(),
             failures: failures.clone(),
             destroyed: destroyed.clone(),
+            wait_ms: Some(interval.as_millis() as u64),
         };
-        let resp = match self.client.heartbeat(&req).await {
+        // Long poll; an action finishing on this host cuts it short so its
+        // result reaches the manager at once.
+        let resp = tokio::select! {
+            r = self.client.heartbeat(&req) => r,
+            _ = self.wake.notified() => {
+                self.lock_reports().failures.extend(failures);
+                return Ok(());
+            }
+        };
+        let resp = match resp {
             Ok(r) => r,
             Err(e) => {
                 // Not delivered: report these again next time.

@@ -199,6 +199,10 @@ pub struct HeartbeatRequest {
     /// manager forgets a deleted guest only on this explicit confirmation.
     #[serde(default)]
     pub destroyed: Vec<GuestId>,
+    /// Long poll: if set, the manager answers as soon as this host's desired
+    /// state changes, or after at most this many milliseconds.
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
 }
 
 /// What the manager wants of one guest on this host.

@@ -28,6 +28,7 @@ use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind};
 use serde::{Deserialize, Serialize};
 
 pub mod conformance;
+pub mod qemu;
 pub mod sim;
 
 /// Everything a backend needs to realise a guest.

@@ -547,6 +547,7 @@ impl Manager {
             op.progress = 10;
             inv.index_guest(&guest);
             inv.guests.insert(guest.id, guest.clone());
+            inv.poke(guest.host);
             inv.active_ops.insert(guest.id, op.id);
             inv.ops.insert(op.id, op.clone());
             let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", guest.spec.name)), "ok", 202);
@@ -640,6 +641,7 @@ impl Manager {
             writes.push(put(guest_key(g.id), &g));
             writes.push(put(op_key(op.id), &op));
             inv.ops.insert(op.id, op.clone());
+            inv.poke(g.host);
             inv.guests.insert(g.id, g.clone());
             writes.push(Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 202));
             (OperationAccepted { operation: op, guest: g.id }, self.persister.enqueue(writes))
@@ -683,9 +685,10 @@ impl Manager {
             };
             let id = info.id;
             let changed = inv.hosts.get(&id).map(|h| h.info != info).unwrap_or(true);
-            let orphans = inv.hosts.get(&id).map_or(0, |h| h.orphans);
             inv.host_names.insert(info.name.clone(), id);
-            inv.hosts.insert(id, HostEntry { info: info.clone(), last_seen: Some(Instant::now()), orphans });
+            let entry = inv.hosts.entry(id).or_insert_with(|| HostEntry::new(info.clone()));
+            entry.info = info.clone();
+            entry.last_seen = Some(Instant::now());
             let mut writes = Vec::new();
             if changed {
                 writes.push(put(host_key(id), &info));
@@ -698,7 +701,7 @@ impl Manager {
     }
 
     pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, ApiError> {
-        let (resp, pending, notify) = {
+        let (pending, notify, poke) = {
             let mut inv = self.lock();
             let inv = &mut *inv;
             let host = inv
@@ -706,6 +709,7 @@ impl Manager {
                 .get_mut(&req.host_id)
                 .ok_or_else(|| ApiError::not_found("host", &req.host_id.to_string()))?;
             host.last_seen = Some(Instant::now());
+            let poke = host.poke.clone();
             let mut w = Writes::default();
             let next = host.info.state.apply(HostEvent::HeartbeatBack).unwrap_or(host.info.state);
             if next != host.info.state {
@@ -721,35 +725,47 @@ impl Manager {
                 }
             }
             for f in &req.failures {
-                if let Some(g) = inv.guests.get(&f.id) {
-                    if g.host == req.host_id && g.generation == f.generation {
-                        guest_failed(inv, f.id, &f.message, &mut w);
-                    }
+                if let Some(g) = inv.guests.get(&f.id)
+                    && g.host == req.host_id
+                    && g.generation == f.generation
+                {
+                    guest_failed(inv, f.id, &f.message, &mut w);
                 }
             }
             let observed: std::collections::HashMap<GuestId, &ObservedGuest> =
                 req.guests.iter().map(|o| (o.id, o)).collect();
-            let mut desired = Vec::with_capacity(mine.len());
             for id in &mine {
                 advance(inv, *id, observed.get(id).copied(), &mut w);
-                if let Some(g) = inv.guests.get(id) {
-                    desired.push(DesiredGuest {
-                        id: g.id,
-                        generation: g.generation,
-                        state: desired_state(g),
-                        spec: g.spec.clone(),
-                        force_stop: inv.force_stop.contains(id),
-                    });
-                }
             }
-            let notify = w.ops_changed;
-            (HeartbeatResponse { guests: desired }, self.persister.enqueue(w.ops), notify)
+            (self.persister.enqueue(w.ops), w.ops_changed, poke)
         };
         if notify {
             self.notify_ops();
         }
         pending.durable().await?;
-        Ok(resp)
+        if let Some(ms) = req.wait_ms {
+            // Hold the answer until there is news for this host, but well
+            // within the liveness timeout.
+            let cap = self.config.host_timeout / 3;
+            let _ = tokio::time::timeout(Duration::from_millis(ms).min(cap), poke.notified()).await;
+        }
+        Ok(HeartbeatResponse { guests: self.desired_for(req.host_id) })
+    }
+
+    /// What `host` should run, as its agent is told.
+    pub fn desired_for(&self, host: HostId) -> Vec<DesiredGuest> {
+        let inv = self.lock();
+        let Some(mine) = inv.by_host.get(&host) else { return Vec::new() };
+        mine.iter()
+            .filter_map(|id| inv.guests.get(id))
+            .map(|g| DesiredGuest {
+                id: g.id,
+                generation: g.generation,
+                state: desired_state(g),
+                spec: g.spec.clone(),
+                force_stop: inv.force_stop.contains(&g.id),
+            })
+            .collect()
     }
 
     // ---- monitor ---------------------------------------------------------------------
@@ -794,6 +810,9 @@ impl Manager {
             for (guest, _) in expired {
                 let msg = format!("timed out after {}s", self.config.op_timeout.as_secs());
                 guest_failed(inv, guest, &msg, &mut w);
+                if let Some(g) = inv.guests.get(&guest) {
+                    inv.poke(g.host);
+                }
             }
             let n = w.ops.len();
             (self.persister.enqueue(w.ops), n)

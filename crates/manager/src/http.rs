@@ -104,17 +104,17 @@ async fn authenticate(State(m): State<Arc<Manager>>, mut req: Request, next: Nex
         Some(t) => m.authenticate(t).ok_or_else(|| ApiError::unauthorized("invalid bearer token")),
     };
     let principal = match principal {
-        Ok(p) if p.role == Role::Agent && !req.uri().path().starts_with("/v1/agent/") => Err(
-            ApiError::forbidden(format!("token {:?} may only use the agent protocol", p.name)),
-        ),
-        other => other,
+        Ok(p) if p.role == Role::Agent && !req.uri().path().starts_with("/v1/agent/") => {
+            Err((ApiError::forbidden(format!("token {:?} may only use the agent protocol", p.name)), p))
+        }
+        Ok(p) => Ok(p),
+        Err(e) => Err((e, Principal { name: "anonymous".into(), role: Role::Agent })),
     };
     let principal = match principal {
         Ok(p) => p,
-        Err(e) => {
+        Err((e, who)) => {
             if mutation {
-                let anon = Principal { name: "anonymous".into(), role: Role::Agent };
-                m.audit_refusal(&Ctx { principal: anon, action }, None, &e.message, e.status).await;
+                m.audit_refusal(&Ctx { principal: who, action }, None, &e.message, e.status).await;
             }
             return e.into_response();
         }

@@ -72,6 +72,14 @@ pub struct HostEntry {
     pub last_seen: Option<Instant>,
     /// Guests the agent reports that the manager has no record of.
     pub orphans: u32,
+    /// Wakes this host's long-polling heartbeat when its desired state changes.
+    pub poke: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl HostEntry {
+    pub fn new(info: HostInfo) -> Self {
+        HostEntry { info, last_seen: None, orphans: 0, poke: Default::default() }
+    }
 }
 
 /// What the guests placed on one host hold.
@@ -136,7 +144,7 @@ impl Inventory {
         let mut inv = Inventory::default();
         for (_, info) in load_all::<HostInfo>(store, "hosts/").await? {
             inv.host_names.insert(info.name.clone(), info.id);
-            inv.hosts.insert(info.id, HostEntry { info, last_seen: None, orphans: 0 });
+            inv.hosts.insert(info.id, HostEntry::new(info));
         }
         for (_, g) in load_all::<Guest>(store, "guests/").await? {
             inv.index_guest(&g);
@@ -190,6 +198,13 @@ impl Inventory {
         }
         for nic in &g.spec.nics {
             self.macs.remove(&nic.mac);
+        }
+    }
+
+    /// Tell `host`'s agent that its desired state changed.
+    pub fn poke(&self, host: HostId) {
+        if let Some(h) = self.hosts.get(&host) {
+            h.poke.notify_one();
         }
     }
 

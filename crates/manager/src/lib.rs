@@ -34,11 +34,17 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let monitor = tokio::spawn(monitor::run(manager.clone()));
-    let app = router(manager.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    monitor.abort();
-    result
+    // Aborted on drop, so a cancelled `serve` leaves no task holding the
+    // manager (and its store) alive.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _monitor = AbortOnDrop(tokio::spawn(monitor::run(manager.clone())));
+    let app = router(manager).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 /// RFC 3339 timestamp of now, to the millisecond.

@@ -60,15 +60,12 @@ pub async fn resolve(accel: Accel, qemu: &Path, image: &BootImage, state_dir: &P
         return ResolvedAccel::Tcg;
     }
     let cache_path = state_dir.join("accel-probe.json");
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
+    let boot_id =
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default();
     let cached = std::fs::read(&cache_path)
         .ok()
         .and_then(|b| serde_json::from_slice::<Cached>(&b).ok())
-        .filter(|c| {
-            !boot_id.is_empty() && c.boot_id == boot_id && c.qemu == qemu && c.kernel == image.kernel
-        });
+        .filter(|c| !boot_id.is_empty() && c.boot_id == boot_id && c.qemu == qemu && c.kernel == image.kernel);
     if let Some(cached) = cached {
         return if cached.kvm_works { ResolvedAccel::Kvm } else { ResolvedAccel::Tcg };
     }
@@ -81,16 +78,10 @@ pub async fn resolve(accel: Accel, qemu: &Path, image: &BootImage, state_dir: &P
         }
     };
     tracing::info!(kvm_works, "probed KVM by booting the test kernel");
-    let cached = Cached {
-        boot_id,
-        qemu: qemu.to_owned(),
-        kernel: image.kernel.clone(),
-        kvm_works,
-    };
+    let cached = Cached { boot_id, qemu: qemu.to_owned(), kernel: image.kernel.clone(), kvm_works };
     // Only an optimisation: a failure to cache costs a probe next time.
-    let written = serde_json::to_vec(&cached)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&cache_path, bytes));
+    let written =
+        serde_json::to_vec(&cached).map_err(std::io::Error::other).and_then(|bytes| std::fs::write(&cache_path, bytes));
     if let Err(e) = written {
         tracing::warn!(path = %cache_path.display(), error = %e, "cannot cache the KVM probe");
     }

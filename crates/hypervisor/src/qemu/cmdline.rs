@@ -59,12 +59,8 @@ pub struct Launch<'a> {
 /// The guest's kernel command line. See `scripts/build-image.sh` for the
 /// `drove.*` parameters the test image understands.
 pub fn kernel_cmdline(config: &GuestConfig, extra: &[String]) -> String {
-    let name: String = config
-        .spec
-        .name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
-        .collect();
+    let name: String =
+        config.spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
     // quiet: every printk line on an emulated UART costs boot time under TCG.
     // panic=-1: reboot at once; with pvpanic QEMU pauses first (see above).
     let mut line = format!("console=ttyS0 quiet panic=-1 drove.name={name} drove.id={}", config.id);
@@ -84,32 +80,33 @@ pub fn opt_value(path: &Path) -> String {
 pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     let spec = &l.config.spec;
     let mut args: Vec<String> = Vec::new();
-    let mut push = |a: &str, b: String| {
-        args.push(a.to_owned());
-        args.push(b);
-    };
-    push("-name", format!("guest={},debug-threads=on", spec.name.replace(',', ",,")));
-    push("-uuid", l.config.id.to_string());
-    push("-machine", "pc".to_owned());
+    fn push(args: &mut Vec<String>, key: &str, value: String) {
+        args.push(key.to_owned());
+        args.push(value);
+    }
+    push(&mut args, "-name", format!("guest={},debug-threads=on", spec.name.replace(',', ",,")));
+    push(&mut args, "-uuid", l.config.id.to_string());
+    push(&mut args, "-machine", "pc".to_owned());
     match l.accel {
-        ResolvedAccel::Tcg => push("-accel", "tcg".to_owned()),
+        ResolvedAccel::Tcg => push(&mut args, "-accel", "tcg".to_owned()),
         ResolvedAccel::Kvm => {
-            push("-accel", "kvm".to_owned());
-            push("-cpu", "host".to_owned());
+            push(&mut args, "-accel", "kvm".to_owned());
+            push(&mut args, "-cpu", "host".to_owned());
         }
     }
-    push("-smp", spec.vcpus.max(1).to_string());
-    push("-m", format!("{}M", spec.memory.as_mib().max(1)));
+    push(&mut args, "-smp", spec.vcpus.max(1).to_string());
+    push(&mut args, "-m", format!("{}M", spec.memory.as_mib().max(1)));
     args.extend(["-nodefaults", "-no-user-config", "-no-shutdown"].map(str::to_owned));
-    push("-display", "none".to_owned());
-    push("-action", "panic=pause".to_owned());
-    push("-device", "pvpanic".to_owned());
+    push(&mut args, "-display", "none".to_owned());
+    push(&mut args, "-action", "panic=pause".to_owned());
+    push(&mut args, "-device", "pvpanic".to_owned());
 
-    push("-kernel", l.image.kernel.to_string_lossy().into_owned());
-    push("-initrd", l.image.initrd.to_string_lossy().into_owned());
-    push("-append", kernel_cmdline(l.config, l.extra_kernel_args));
+    push(&mut args, "-kernel", l.image.kernel.to_string_lossy().into_owned());
+    push(&mut args, "-initrd", l.image.initrd.to_string_lossy().into_owned());
+    push(&mut args, "-append", kernel_cmdline(l.config, l.extra_kernel_args));
 
     push(
+        &mut args,
         "-chardev",
         format!(
             "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
@@ -117,36 +114,29 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
             opt_value(&l.dir.serial_log_path())
         ),
     );
-    push("-serial", "chardev:serial0".to_owned());
-    push(
-        "-chardev",
-        format!("socket,id=qmp,path={},server=on,wait=off", opt_value(&l.dir.qmp_path())),
-    );
-    push("-mon", "chardev=qmp,mode=control".to_owned());
+    push(&mut args, "-serial", "chardev:serial0".to_owned());
+    push(&mut args, "-chardev", format!("socket,id=qmp,path={},server=on,wait=off", opt_value(&l.dir.qmp_path())));
+    push(&mut args, "-mon", "chardev=qmp,mode=control".to_owned());
 
     for i in 0..spec.disks.len() {
         push(
+            &mut args,
             "-blockdev",
-            format!(
-                "driver=qcow2,node-name=disk{i},file.driver=file,file.filename={}",
-                opt_value(&l.dir.disk_path(i))
-            ),
+            format!("driver=qcow2,node-name=disk{i},file.driver=file,file.filename={}", opt_value(&l.dir.disk_path(i))),
         );
-        push("-device", format!("virtio-blk-pci,drive=disk{i},id=vdisk{i},serial=disk{i}"));
+        push(&mut args, "-device", format!("virtio-blk-pci,drive=disk{i},id=vdisk{i},serial=disk{i}"));
     }
     for (i, (nic, tap)) in spec.nics.iter().zip(l.taps).enumerate() {
         let Some(tap) = tap else { continue };
+        push(&mut args, "-netdev", format!("tap,id=net{i},ifname={},script=no,downscript=no", tap.replace(',', ",,")));
         push(
-            "-netdev",
-            format!("tap,id=net{i},ifname={},script=no,downscript=no", tap.replace(',', ",,")),
-        );
-        push(
+            &mut args,
             "-device",
             format!("virtio-net-pci,netdev=net{i},id=nic{i},mac={}", nic.mac.replace(',', ",,")),
         );
     }
 
-    push("-pidfile", l.dir.pid_path().to_string_lossy().into_owned());
+    push(&mut args, "-pidfile", l.dir.pid_path().to_string_lossy().into_owned());
     args.push("-daemonize".to_owned());
     args.into_iter().map(OsString::from).collect()
 }

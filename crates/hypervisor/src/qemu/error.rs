@@ -28,12 +28,7 @@ pub enum QemuError {
         source: io::Error,
     },
     #[error("{program} {what} exited with {status}: {stderr}")]
-    CommandFailed {
-        program: String,
-        what: String,
-        status: ExitStatus,
-        stderr: String,
-    },
+    CommandFailed { program: String, what: String, status: ExitStatus, stderr: String },
     #[error("{what} did not finish within {after:?}")]
     Timeout { what: String, after: Duration },
     #[error("QMP of the QEMU process {pid} at {socket}")]

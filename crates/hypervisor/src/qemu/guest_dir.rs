@@ -117,11 +117,7 @@ impl GuestDir {
     }
 
     pub fn write_record(&self, config: &GuestConfig) -> Result<(), QemuError> {
-        let record = Record {
-            format: RECORD_FORMAT.to_owned(),
-            version: RECORD_VERSION,
-            config: config.clone(),
-        };
+        let record = Record { format: RECORD_FORMAT.to_owned(), version: RECORD_VERSION, config: config.clone() };
         let path = self.record_path();
         let bytes = serde_json::to_vec_pretty(&record)
             .map_err(|e| QemuError::Record { path: path.clone(), reason: e.to_string() })?;
@@ -136,10 +132,7 @@ impl GuestDir {
             Ok(s) => match s.trim() {
                 "running" => Ok(Intent::Running),
                 "stopped" => Ok(Intent::Stopped),
-                other => Err(QemuError::Record {
-                    path,
-                    reason: format!("unknown intent {other:?}"),
-                }),
+                other => Err(QemuError::Record { path, reason: format!("unknown intent {other:?}") }),
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Intent::Stopped),
             Err(e) => Err(QemuError::io("reading", path, e)),
@@ -182,8 +175,7 @@ impl GuestDir {
             .append(true)
             .open(&path)
             .map_err(|e| QemuError::io("opening", path.clone(), e))?;
-        file.write_all(format!("\n{line}\n").as_bytes())
-            .map_err(|e| QemuError::io("writing", path, e))
+        file.write_all(format!("\n{line}\n").as_bytes()).map_err(|e| QemuError::io("writing", path, e))
     }
 }
 
@@ -243,8 +235,6 @@ mod tests {
         let deep = PathBuf::from(format!("/{}", "d".repeat(80)));
         let err = GuestDir::new(&deep, GuestId::new_v4()).check_socket_paths().unwrap_err();
         assert!(matches!(err, QemuError::SocketPathTooLong { .. }), "{err}");
-        assert!(GuestDir::new(Path::new("/var/lib/drove/guests"), GuestId::new_v4())
-            .check_socket_paths()
-            .is_ok());
+        assert!(GuestDir::new(Path::new("/var/lib/drove/guests"), GuestId::new_v4()).check_socket_paths().is_ok());
     }
 }

@@ -42,9 +42,7 @@ pub fn is_alive(pid: u32) -> bool {
     };
     // The state letter follows the command name, which is in parentheses and
     // may itself contain spaces and parentheses: look after the last ')'.
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
     !matches!(state, None | Some("Z") | Some("X") | Some("x"))
 }
 
@@ -86,11 +84,7 @@ pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
 /// SIGKILLs `pid` and waits for it to be gone.
 pub async fn kill_and_wait(pid: u32, timeout: Duration) -> Result<(), QemuError> {
     kill(pid)?;
-    if wait_gone(pid, timeout).await {
-        Ok(())
-    } else {
-        Err(QemuError::Unkillable { pid, after: timeout })
-    }
+    if wait_gone(pid, timeout).await { Ok(()) } else { Err(QemuError::Unkillable { pid, after: timeout }) }
 }
 
 #[cfg(test)]

@@ -1,0 +1,773 @@
+//! The QEMU backend: one `qemu-system-x86_64` process per guest, driven over
+//! QMP.
+//!
+//! # The idea
+//!
+//! The backend keeps no state of its own that matters: everything lives in
+//! one directory per guest (layout in [`guest_dir`]), and every call derives
+//! the guest's state afresh from that directory and the QEMU process it
+//! names. A new [`QemuHypervisor`] over the same `state_dir` — an agent
+//! restart — therefore sees exactly what the old one saw, and re-adopts the
+//! running QEMUs, which were daemonized and never were the agent's children.
+//!
+//! How a state is derived:
+//!
+//! | `qemu.pid` names a live QEMU of this guest? | QMP `query-status`   | `intent`  | state                  |
+//! |----------------------------------------------|----------------------|-----------|------------------------|
+//! | yes                                          | `running`            | any       | Running                |
+//! | yes                                          | `paused`, `inmigrate`, `io-error`, ... | any | Paused       |
+//! | yes                                          | `guest-panicked`, `internal-error` | any | Crashed (with pid) |
+//! | yes                                          | `shutdown`           | any       | Stopped (QEMU is quit) |
+//! | no                                           | —                    | `running` | Crashed                |
+//! | no                                           | —                    | `stopped` | Stopped                |
+//!
+//! `intent` is written before we launch (`running`) and before we stop
+//! (`stopped`), so a QEMU that is gone while we still wanted it running died
+//! on its own: Crashed. A guest that powers itself off does not make QEMU
+//! exit (`-no-shutdown`); QEMU waits in `shutdown`, which we observe, report
+//! as Stopped, and clean up by quitting it. See [`cmdline`] for the other
+//! choices on QEMU's command line.
+//!
+//! # Concurrency
+//!
+//! Calls on one guest are serialised by a per-guest async mutex, which also
+//! owns that guest's QMP connection (QEMU serves one QMP client at a time,
+//! so the connection is kept, not reopened per call). Calls on different
+//! guests run in parallel.
+//!
+//! # Stopping
+//!
+//! Graceful: `system_powerdown` (the ACPI power button), repeated every few
+//! seconds because a guest still booting drops presses that arrive before
+//! its button driver is loaded, until QEMU reports `shutdown` or exits; after
+//! the timeout the guest is forced off. Forced: `quit`, then SIGKILL if QEMU
+//! does not exit.
+//!
+//! # NICs
+//!
+//! A NIC of the spec is attached only when a host tap for it exists, named
+//! by [`QemuHypervisor::tap_name`]; creating and bridging taps is the
+//! network layer's job. NICs without a tap are left out (logged).
+
+mod accel;
+mod cmdline;
+mod error;
+mod guest_dir;
+mod process;
+pub mod qmp;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use drove_model::{ByteSize, GuestId, HypervisorKind};
+use tokio::sync::{Mutex as AsyncMutex, OnceCell};
+
+pub use accel::{Accel, KVM_PROBE_TIMEOUT, probe_kvm};
+pub use cmdline::{BootImage, ResolvedAccel, kernel_cmdline};
+pub use error::QemuError;
+use guest_dir::{GuestDir, Intent};
+use qmp::{QmpClient, QmpError, QmpEvent};
+
+use crate::{GuestConfig, GuestStatus, HostResources, HvError, Hypervisor, RuntimeState, StopMode};
+
+/// The kernel file in an image directory made by `scripts/build-image.sh`.
+pub const IMAGE_KERNEL: &str = "vmlinux";
+/// The initramfs file in an image directory.
+pub const IMAGE_INITRD: &str = "initramfs.cpio.gz";
+
+/// Bounds one QMP exchange (they take well under a millisecond).
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds the daemonizing launcher: QEMU initialised, pid file written.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long QEMU gets to exit after `quit` before SIGKILL.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a SIGKILLed QEMU may take to disappear.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a graceful stop presses the power button again.
+const POWERDOWN_REPEAT: Duration = Duration::from_secs(3);
+/// How often a graceful stop looks whether the guest is off.
+const POWERDOWN_POLL: Duration = Duration::from_millis(100);
+
+/// Where and how the backend runs guests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuConfig {
+    /// Holds `guests/<id>/` per guest and the KVM probe cache. Must be on
+    /// a path short enough for unix sockets (about 50 bytes at most).
+    pub state_dir: PathBuf,
+    /// The boot image: `vmlinux` and `initramfs.cpio.gz`, as made by
+    /// `scripts/build-image.sh`.
+    pub image_dir: PathBuf,
+    /// Cores offered to guests.
+    pub cores: u32,
+    /// Memory offered to guests.
+    pub memory: ByteSize,
+    pub accel: Accel,
+    pub qemu_binary: PathBuf,
+    pub qemu_img: PathBuf,
+    /// Appended to every guest's kernel command line.
+    pub extra_kernel_args: Vec<String>,
+}
+
+impl QemuConfig {
+    /// A config offering the whole host (from `/proc/cpuinfo` and
+    /// `/proc/meminfo`), with `Accel::Auto` and the QEMU binaries on `PATH`.
+    pub fn new(state_dir: impl Into<PathBuf>, image_dir: impl Into<PathBuf>) -> Result<Self, HvError> {
+        let host = host_resources().map_err(|e| HvError::Host { op: "resources", source: Box::new(e) })?;
+        Ok(Self {
+            state_dir: state_dir.into(),
+            image_dir: image_dir.into(),
+            cores: host.cores,
+            memory: host.memory,
+            accel: Accel::Auto,
+            qemu_binary: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            extra_kernel_args: Vec::new(),
+        })
+    }
+
+    /// Where `scripts/build-image.sh` puts the image by default:
+    /// `${XDG_CACHE_HOME:-$HOME/.cache}/drove/image`.
+    pub fn default_image_dir() -> Option<PathBuf> {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(cache.join("drove").join("image"))
+    }
+
+    pub fn boot_image(&self) -> BootImage {
+        BootImage { kernel: self.image_dir.join(IMAGE_KERNEL), initrd: self.image_dir.join(IMAGE_INITRD) }
+    }
+}
+
+/// The host's cores (`processor` lines of `/proc/cpuinfo`) and memory
+/// (`MemTotal` of `/proc/meminfo`).
+pub fn host_resources() -> Result<HostResources, QemuError> {
+    let cpuinfo_path = Path::new("/proc/cpuinfo");
+    let cpuinfo = std::fs::read_to_string(cpuinfo_path).map_err(|e| QemuError::io("reading", cpuinfo_path, e))?;
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let meminfo_path = Path::new("/proc/meminfo");
+    let meminfo = std::fs::read_to_string(meminfo_path).map_err(|e| QemuError::io("reading", meminfo_path, e))?;
+    let mem_kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    match (u32::try_from(cores), mem_kib) {
+        (Ok(cores), Some(kib)) if cores > 0 => Ok(HostResources { cores, memory: ByteSize(kib * 1024) }),
+        (_, Some(_)) => Err(QemuError::HostInfo { what: "processors", path: cpuinfo_path.into() }),
+        (_, None) => Err(QemuError::HostInfo { what: "MemTotal", path: meminfo_path.into() }),
+    }
+}
+
+/// The QEMU backend. Cheap to clone; clones share guests' QMP connections.
+#[derive(Clone)]
+pub struct QemuHypervisor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: QemuConfig,
+    guests_dir: PathBuf,
+    slots: std::sync::Mutex<HashMap<GuestId, Arc<AsyncMutex<Slot>>>>,
+    accel: OnceCell<ResolvedAccel>,
+}
+
+/// Per-guest: serialises calls and holds the QMP connection to the current
+/// QEMU, tagged with its pid so a new incarnation gets a new connection.
+#[derive(Default)]
+struct Slot {
+    qmp: Option<(u32, QmpClient)>,
+}
+
+impl fmt::Debug for QemuHypervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QemuHypervisor")
+            .field("state_dir", &self.inner.config.state_dir)
+            .field("image_dir", &self.inner.config.image_dir)
+            .field("accel", &self.inner.accel.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl QemuHypervisor {
+    /// Opens (creating if needed) the state directory. Guests found there
+    /// are adopted as they are; nothing is started or stopped.
+    pub fn new(mut config: QemuConfig) -> Result<Self, HvError> {
+        let host = |source: QemuError| HvError::Host { op: "open", source: Box::new(source) };
+        let guests_dir = config.state_dir.join("guests");
+        std::fs::create_dir_all(&guests_dir).map_err(|e| host(QemuError::io("creating", &guests_dir, e)))?;
+        // QEMU chdirs to / when it daemonizes: every path we hand it must be
+        // absolute.
+        config.state_dir = std::path::absolute(&config.state_dir)
+            .map_err(|e| host(QemuError::io("resolving", &config.state_dir, e)))?;
+        config.image_dir = std::path::absolute(&config.image_dir)
+            .map_err(|e| host(QemuError::io("resolving", &config.image_dir, e)))?;
+        let guests_dir = config.state_dir.join("guests");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                guests_dir,
+                slots: std::sync::Mutex::new(HashMap::new()),
+                accel: OnceCell::new(),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.inner.config
+    }
+
+    /// The guest's directory (which exists only while it is defined).
+    pub fn guest_dir(&self, id: GuestId) -> PathBuf {
+        self.dir(id).root().to_owned()
+    }
+
+    /// Everything the guest wrote to its serial console, across boots.
+    pub fn serial_log_path(&self, id: GuestId) -> PathBuf {
+        self.dir(id).serial_log_path()
+    }
+
+    /// The guest's serial console as a unix stream socket, while it runs.
+    pub fn console_socket_path(&self, id: GuestId) -> PathBuf {
+        self.dir(id).console_path()
+    }
+
+    /// The guest's QMP socket. The backend keeps it connected; a second
+    /// client waits until the backend lets go.
+    pub fn qmp_socket_path(&self, id: GuestId) -> PathBuf {
+        self.dir(id).qmp_path()
+    }
+
+    /// The host tap a guest's `index`-th NIC is attached to, if the network
+    /// layer created it before `start`. At most 15 bytes (IFNAMSIZ).
+    pub fn tap_name(id: GuestId, index: usize) -> String {
+        let hex = id.as_uuid().simple().to_string();
+        format!("dv{}{index}", &hex[..10])
+    }
+
+    /// The accelerator guests run with, probing KVM on first use when the
+    /// config says `Auto` (see [`accel`]).
+    pub async fn accel(&self) -> ResolvedAccel {
+        let c = &self.inner.config;
+        let image = c.boot_image();
+        *self.inner.accel.get_or_init(|| accel::resolve(c.accel, &c.qemu_binary, &image, &c.state_dir)).await
+    }
+
+    /// QMP events seen on the guest's connection since the last call
+    /// (`SHUTDOWN`, `STOP`, `RESUME`, `POWERDOWN`, ...), oldest first.
+    pub async fn take_events(&self, id: GuestId) -> Vec<QmpEvent> {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        slot.qmp.as_mut().map(|(_, c)| c.take_events()).unwrap_or_default()
+    }
+
+    fn dir(&self, id: GuestId) -> GuestDir {
+        GuestDir::new(&self.inner.guests_dir, id)
+    }
+
+    fn slot(&self, id: GuestId) -> Arc<AsyncMutex<Slot>> {
+        let mut slots = self.inner.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.entry(id).or_default().clone()
+    }
+
+    /// Forgets a destroyed guest's slot unless another call is waiting on
+    /// it (that call will find the guest gone and say NotFound).
+    fn forget_slot(&self, id: GuestId, slot: &Arc<AsyncMutex<Slot>>) {
+        let mut slots = self.inner.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        // Ours and the map's: nobody else holds it, and nobody can take it
+        // while we hold the map lock.
+        if Arc::strong_count(slot) == 2 {
+            slots.remove(&id);
+        }
+    }
+
+    /// The guest's definition, or NotFound.
+    fn record(&self, dir: &GuestDir, id: GuestId, op: &'static str) -> Result<GuestConfig, HvError> {
+        match dir.read_record() {
+            Ok(Some(config)) => Ok(config),
+            Ok(None) => Err(HvError::NotFound { id }),
+            Err(e) => Err(backend(op, id)(e)),
+        }
+    }
+
+    /// Derives the guest's state; see the table in the module docs.
+    async fn observe(&self, dir: &GuestDir, slot: &mut Slot) -> Result<(RuntimeState, Option<u32>), QemuError> {
+        let intent = dir.read_intent()?;
+        let down = |slot: &mut Slot| {
+            slot.qmp = None;
+            let state = match intent {
+                Intent::Running => RuntimeState::Crashed,
+                Intent::Stopped => RuntimeState::Stopped,
+            };
+            (state, None)
+        };
+        let Some(pid) = live_pid(dir) else {
+            return Ok(down(slot));
+        };
+        let status = match slot.query_status(dir, pid).await {
+            Ok(s) => s,
+            // It may have died between the liveness check and the query.
+            Err(_) if !process::is_alive(pid) => return Ok(down(slot)),
+            Err(e) => return Err(e),
+        };
+        let state = match status.as_str() {
+            "running" => RuntimeState::Running,
+            "guest-panicked" | "internal-error" => RuntimeState::Crashed,
+            "shutdown" => {
+                // The guest powered itself off; QEMU only waits for us.
+                tracing::info!(guest = %dir.root().display(), "guest powered off; quitting its QEMU");
+                dir.write_intent(Intent::Stopped)?;
+                terminate(dir, slot, pid).await?;
+                return Ok((RuntimeState::Stopped, None));
+            }
+            // paused, suspended, inmigrate, postmigrate, io-error, watchdog,
+            // prelaunch, finish-migrate, save-vm, restore-vm, colo, debug:
+            // alive, not executing the guest.
+            _ => RuntimeState::Paused,
+        };
+        Ok((state, Some(pid)))
+    }
+
+    async fn launch(&self, dir: &GuestDir, slot: &mut Slot, config: &GuestConfig) -> Result<(), QemuError> {
+        let c = &self.inner.config;
+        let image = c.boot_image();
+        for path in [&image.kernel, &image.initrd] {
+            if !path.is_file() {
+                return Err(QemuError::ImageMissing { path: path.clone() });
+            }
+        }
+        dir.check_socket_paths()?;
+        let accel = self.accel().await;
+        let taps: Vec<Option<String>> = (0..config.spec.nics.len())
+            .map(|i| {
+                let name = Self::tap_name(config.id, i);
+                if Path::new("/sys/class/net").join(&name).exists() {
+                    Some(name)
+                } else {
+                    tracing::warn!(guest = %config.id, nic = i, tap = %name, "no such tap; NIC left out");
+                    None
+                }
+            })
+            .collect();
+
+        dir.clear_runtime_files()?;
+        let previous = dir.read_intent()?;
+        // Before the process exists: if we die right after launching it, the
+        // next agent must see a guest meant to run.
+        dir.write_intent(Intent::Running)?;
+        let unix_time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        dir.mark_serial_log(&format!(
+            "--- drove: starting guest {} generation {} ({accel:?}) at unix time {unix_time} ---",
+            config.id, config.generation
+        ))?;
+
+        let launched = self.spawn_and_connect(dir, slot, config, &image, accel, &taps).await;
+        if let Err(e) = launched {
+            // Leave no half-started QEMU behind, and the intent as it was: a
+            // failed start does not turn a Stopped guest into a Crashed one.
+            if let Some(pid) = live_pid(dir) {
+                if let Err(kill_err) = process::kill_and_wait(pid, KILL_TIMEOUT).await {
+                    tracing::error!(error = %kill_err, "cannot kill the QEMU of a failed start");
+                }
+            }
+            slot.qmp = None;
+            dir.clear_runtime_files()?;
+            dir.write_intent(previous)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn spawn_and_connect(
+        &self,
+        dir: &GuestDir,
+        slot: &mut Slot,
+        config: &GuestConfig,
+        image: &BootImage,
+        accel: ResolvedAccel,
+        taps: &[Option<String>],
+    ) -> Result<(), QemuError> {
+        let c = &self.inner.config;
+        let args = cmdline::qemu_args(&cmdline::Launch {
+            config,
+            dir,
+            image,
+            accel,
+            taps,
+            extra_kernel_args: &c.extra_kernel_args,
+        });
+        let program = c.qemu_binary.to_string_lossy().into_owned();
+        tracing::debug!(guest = %config.id, ?args, "launching QEMU");
+        let launcher = tokio::process::Command::new(&c.qemu_binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // The launcher only; the daemonized QEMU is another process.
+            .kill_on_drop(true)
+            .output();
+        let what = format!("launch of guest {}", config.id);
+        let output = tokio::time::timeout(LAUNCH_TIMEOUT, launcher)
+            .await
+            .map_err(|_| QemuError::Timeout { what: what.clone(), after: LAUNCH_TIMEOUT })?
+            .map_err(|source| QemuError::Spawn { program: program.clone(), source })?;
+        if !output.status.success() {
+            return Err(QemuError::CommandFailed {
+                program,
+                what,
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        let pid_path = dir.pid_path();
+        let Some(pid) = dir.read_pid() else {
+            let content = std::fs::read_to_string(&pid_path).unwrap_or_default();
+            return Err(QemuError::PidFile { path: pid_path, content });
+        };
+        // -daemonize returns once QEMU is initialised, so its QMP socket
+        // listens already; the query confirms the guest executes.
+        let status = slot.query_status(dir, pid).await?;
+        if status != "running" {
+            return Err(QemuError::UnexpectedRunState { status, after: "launch" });
+        }
+        tracing::info!(guest = %config.id, pid, ?accel, "guest started");
+        Ok(())
+    }
+
+    /// Presses the power button until the guest is off or `timeout` passes.
+    /// Returns whether it went off.
+    async fn power_down(&self, dir: &GuestDir, slot: &mut Slot, pid: u32, paused: bool, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        if paused {
+            // A paused guest cannot see the button.
+            if let Err(e) = slot.execute(dir, pid, "cont", None).await {
+                tracing::warn!(error = %e, "cannot resume a paused guest for its graceful stop");
+            }
+        }
+        loop {
+            if let Err(e) = slot.execute(dir, pid, "system_powerdown", None).await {
+                if !process::is_alive(pid) {
+                    return true;
+                }
+                tracing::warn!(error = %e, "system_powerdown failed");
+            }
+            let next_press = tokio::time::Instant::now() + POWERDOWN_REPEAT;
+            while tokio::time::Instant::now() < next_press.min(deadline) {
+                tokio::time::sleep(POWERDOWN_POLL).await;
+                if !process::is_alive(pid) {
+                    return true;
+                }
+                match slot.query_status(dir, pid).await {
+                    Ok(status) if status == "shutdown" => return true,
+                    Ok(_) => {}
+                    Err(_) if !process::is_alive(pid) => return true,
+                    Err(e) => tracing::warn!(error = %e, "query-status failed during a graceful stop"),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+}
+
+/// The pid in the guest's pid file, if it is a live QEMU of this guest.
+fn live_pid(dir: &GuestDir) -> Option<u32> {
+    dir.read_pid().filter(|&pid| process::is_guest_process(pid, &dir.qmp_path()))
+}
+
+/// Makes the QEMU `pid` exit: `quit`, then SIGKILL. Clears the runtime files.
+async fn terminate(dir: &GuestDir, slot: &mut Slot, pid: u32) -> Result<(), QemuError> {
+    match slot.execute(dir, pid, "quit", None).await {
+        Ok(_) => {}
+        // QEMU may close the connection before the reply gets out.
+        Err(QemuError::Qmp { source: QmpError::Closed { .. }, .. }) => {}
+        Err(e) => tracing::warn!(pid, error = %e, "quit failed; killing QEMU"),
+    }
+    slot.qmp = None;
+    if !process::wait_gone(pid, QUIT_TIMEOUT).await {
+        tracing::warn!(pid, "QEMU did not exit after quit; killing it");
+        process::kill_and_wait(pid, KILL_TIMEOUT).await?;
+    }
+    dir.clear_runtime_files()
+}
+
+impl Slot {
+    async fn client(&mut self, dir: &GuestDir, pid: u32) -> Result<&mut QmpClient, QemuError> {
+        if self.qmp.as_ref().is_some_and(|(p, _)| *p != pid) {
+            self.qmp = None;
+        }
+        if self.qmp.is_none() {
+            let socket = dir.qmp_path();
+            let client = QmpClient::connect(&socket, QMP_TIMEOUT).await.map_err(|source| QemuError::Qmp {
+                pid,
+                socket,
+                source,
+            })?;
+            self.qmp = Some((pid, client));
+        }
+        match self.qmp.as_mut() {
+            Some((_, client)) => Ok(client),
+            None => unreachable!("connected just above"),
+        }
+    }
+
+    /// Runs a QMP command on the guest's QEMU `pid`, connecting if needed.
+    /// After any failure the connection is dropped, to be made anew.
+    async fn execute(
+        &mut self,
+        dir: &GuestDir,
+        pid: u32,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, QemuError> {
+        let result = match self.client(dir, pid).await {
+            Ok(client) => client.execute(command, arguments).await.map_err(|source| QemuError::Qmp {
+                pid,
+                socket: dir.qmp_path(),
+                source,
+            }),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.qmp = None;
+        }
+        result
+    }
+
+    async fn query_status(&mut self, dir: &GuestDir, pid: u32) -> Result<String, QemuError> {
+        let reply = self.execute(dir, pid, "query-status", None).await?;
+        Ok(reply.get("status").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned())
+    }
+}
+
+fn backend(op: &'static str, id: GuestId) -> impl FnOnce(QemuError) -> HvError {
+    move |e| HvError::Backend { op, id, source: Box::new(e) }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for QemuHypervisor {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Qemu
+    }
+
+    async fn resources(&self) -> Result<HostResources, HvError> {
+        let c = &self.inner.config;
+        Ok(HostResources { cores: c.cores, memory: c.memory })
+    }
+
+    async fn create(&self, config: &GuestConfig) -> Result<(), HvError> {
+        let id = config.id;
+        let slot = self.slot(id);
+        let _slot = slot.lock().await;
+        let dir = self.dir(id);
+        dir.check_socket_paths().map_err(backend("create", id))?;
+        if let Some(mut existing) = dir.read_record().map_err(backend("create", id))? {
+            // Defined already: leave it as it is but for the generation.
+            if existing.generation != config.generation {
+                existing.generation = config.generation;
+                dir.write_record(&existing).map_err(backend("create", id))?;
+            }
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir.root())
+            .map_err(|e| backend("create", id)(QemuError::io("creating", dir.root(), e)))?;
+        let qemu_img = &self.inner.config.qemu_img;
+        for (i, disk) in config.spec.disks.iter().enumerate() {
+            let path = dir.disk_path(i);
+            if path.exists() {
+                continue; // left by an earlier, interrupted create
+            }
+            // Created beside and renamed, so an interrupted create never
+            // leaves a half-made disk that looks finished.
+            let tmp = path.with_extension("qcow2.tmp");
+            let output = tokio::process::Command::new(qemu_img)
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&tmp)
+                .arg(disk.size.bytes().to_string())
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|source| {
+                    backend("create", id)(QemuError::Spawn { program: qemu_img.to_string_lossy().into_owned(), source })
+                })?;
+            if !output.status.success() {
+                return Err(backend("create", id)(QemuError::CommandFailed {
+                    program: qemu_img.to_string_lossy().into_owned(),
+                    what: format!("create of {} ({})", tmp.display(), disk.size),
+                    status: output.status,
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                }));
+            }
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| backend("create", id)(QemuError::io("renaming into place", &path, e)))?;
+        }
+        // Last: only a complete guest has a record, and only a guest with a
+        // record exists.
+        dir.write_record(config).map_err(backend("create", id))
+    }
+
+    async fn start(&self, id: GuestId) -> Result<(), HvError> {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        let dir = self.dir(id);
+        let config = self.record(&dir, id, "start")?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend("start", id))?;
+        match (state, pid) {
+            (RuntimeState::Running, _) => return Ok(()),
+            (RuntimeState::Paused, _) => {
+                return Err(HvError::InvalidState { id, op: "start", state });
+            }
+            // A QEMU that is alive but crashed (panicked guest) holds the
+            // disks' locks: end it before booting anew.
+            (RuntimeState::Crashed, Some(pid)) => {
+                terminate(&dir, &mut slot, pid).await.map_err(backend("start", id))?;
+            }
+            (RuntimeState::Crashed | RuntimeState::Stopped, _) => {}
+        }
+        self.launch(&dir, &mut slot, &config).await.map_err(backend("start", id))
+    }
+
+    async fn stop(&self, id: GuestId, mode: StopMode) -> Result<(), HvError> {
+        let err = backend("stop", id);
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        let dir = self.dir(id);
+        self.record(&dir, id, "stop")?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend("stop", id))?;
+        let Some(pid) = pid else {
+            // Stopped, or Crashed without a process: now meant to be off.
+            return dir.write_intent(Intent::Stopped).map_err(err);
+        };
+        // First, so that the exit we cause is never taken for a crash.
+        dir.write_intent(Intent::Stopped).map_err(backend("stop", id))?;
+        let graceful = match mode {
+            StopMode::Graceful { timeout } => Some(timeout),
+            StopMode::Force => None,
+        };
+        // A Crashed guest (panicked, its QEMU alive) gets no say.
+        if let Some(timeout) = graceful.filter(|_| state != RuntimeState::Crashed) {
+            let paused = state == RuntimeState::Paused;
+            if !self.power_down(&dir, &mut slot, pid, paused, timeout).await {
+                tracing::warn!(guest = %id, ?timeout, "guest did not power off in time; forcing it off");
+            }
+        }
+        terminate(&dir, &mut slot, pid).await.map_err(err)
+    }
+
+    async fn pause(&self, id: GuestId) -> Result<(), HvError> {
+        self.pause_or_resume(id, "pause", RuntimeState::Running, "stop", "paused").await
+    }
+
+    async fn resume(&self, id: GuestId) -> Result<(), HvError> {
+        self.pause_or_resume(id, "resume", RuntimeState::Paused, "cont", "running").await
+    }
+
+    async fn destroy(&self, id: GuestId) -> Result<(), HvError> {
+        let slot_arc = self.slot(id);
+        let mut slot = slot_arc.lock().await;
+        let dir = self.dir(id);
+        // Works from the pid file alone, so that even a guest whose record
+        // is unreadable can be destroyed.
+        if let Some(pid) = live_pid(&dir) {
+            dir.write_intent(Intent::Stopped).map_err(backend("destroy", id))?;
+            terminate(&dir, &mut slot, pid).await.map_err(backend("destroy", id))?;
+        }
+        match std::fs::remove_dir_all(dir.root()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(backend("destroy", id)(QemuError::io("removing", dir.root(), e))),
+        }
+        drop(slot);
+        self.forget_slot(id, &slot_arc);
+        Ok(())
+    }
+
+    async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError> {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        let dir = self.dir(id);
+        let config = self.record(&dir, id, "status")?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend("status", id))?;
+        Ok(GuestStatus { id, state, generation: config.generation, pid })
+    }
+
+    async fn list(&self) -> Result<Vec<GuestStatus>, HvError> {
+        let guests_dir = &self.inner.guests_dir;
+        let entries = std::fs::read_dir(guests_dir)
+            .map_err(|e| HvError::Host { op: "list", source: Box::new(QemuError::io("reading", guests_dir, e)) })?;
+        let mut ids: Vec<GuestId> = entries
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name();
+                name.to_str()?.parse().ok()
+            })
+            .collect();
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.status(id).await {
+                Ok(status) => out.push(status),
+                // A directory without a record: an interrupted create or a
+                // concurrent destroy. Not a guest.
+                Err(HvError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl QemuHypervisor {
+    async fn pause_or_resume(
+        &self,
+        id: GuestId,
+        op: &'static str,
+        from: RuntimeState,
+        command: &str,
+        expect: &str,
+    ) -> Result<(), HvError> {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        let dir = self.dir(id);
+        self.record(&dir, id, op)?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend(op, id))?;
+        let (true, Some(pid)) = (state == from, pid) else {
+            return Err(HvError::InvalidState { id, op, state });
+        };
+        slot.execute(&dir, pid, command, None).await.map_err(backend(op, id))?;
+        let status = slot.query_status(&dir, pid).await.map_err(backend(op, id))?;
+        if status != expect {
+            return Err(backend(op, id)(QemuError::UnexpectedRunState { status, after: op }));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn tap_names_fit_ifnamsiz_and_differ_per_nic() {
+        let id = GuestId::new_v4();
+        let names: Vec<String> = (0..12).map(|i| QemuHypervisor::tap_name(id, i)).collect();
+        assert!(names.iter().all(|n| n.len() <= 15), "{names:?}");
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+    }
+
+    #[test]
+    fn host_resources_are_read_from_proc() {
+        let r = host_resources().unwrap();
+        assert!(r.cores > 0);
+        assert!(r.memory.bytes() > 64 * 1024 * 1024);
+    }
+}

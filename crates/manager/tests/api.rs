@@ -1,0 +1,352 @@
+//! The manager's API against real HTTP, a real embedded store and sim
+//! agents: lifecycle, refusals, authentication, audit, rollback, restarts.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::Dc;
+use drove_api::{CreateGuestRequest, CreateVlanRequest, NicRequest};
+use drove_client::Client;
+use drove_hypervisor::sim::SimOp;
+use drove_model::{ByteSize, GuestState, OperationState};
+
+fn guest(name: &str) -> CreateGuestRequest {
+    CreateGuestRequest {
+        name: name.into(),
+        vcpus: 1,
+        memory: ByteSize::mib(256),
+        disks: vec![ByteSize::gib(1)],
+        nics: vec![],
+        host: None,
+        priority: None,
+        start: None,
+        load_profile: None,
+    }
+}
+
+async fn raw(dc: &Dc, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().request(method, format!("{}{path}", dc.endpoint));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+fn admin_token(dc: &Dc) -> String {
+    std::fs::read_to_string(dc.dir.path().join("admin.token")).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn openapi_document_matches_the_checked_in_one() {
+    let dc = Dc::start(0).await;
+    let served = dc.admin.openapi().await.unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi/drove.json");
+    if std::env::var_os("DROVE_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, serde_json::to_string_pretty(&served).unwrap() + "\n").unwrap();
+    }
+    let checked_in: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(
+        served == checked_in,
+        "the served OpenAPI document differs from openapi/drove.json; regenerate it with \
+         `DROVE_UPDATE_OPENAPI=1 cargo test -p drove-manager --test api openapi` and review the diff"
+    );
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_guest_goes_through_its_whole_lifecycle() {
+    let dc = Dc::start(2).await;
+    dc.admin.create_vlan(&CreateVlanRequest { id: 100, name: "blue".into(), subnet: Some("10.0.100.0/24".into()), gateway: None }).await.unwrap();
+    let mut req = guest("web-1");
+    req.nics = vec![NicRequest { vlan: "blue".into() }, NicRequest { vlan: "100".into() }];
+    let acc = dc.admin.create_guest(&req).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let g = dc.admin.get_guest("web-1").await.unwrap();
+    assert_eq!(g.guest.state, GuestState::Running);
+    assert_eq!(g.guest.spec.nics.len(), 2);
+    assert_ne!(g.guest.spec.nics[0].mac, g.guest.spec.nics[1].mac);
+    // The host it landed on really runs it, and accounts for it.
+    let i = dc.agents.iter().position(|a| a.name == g.host_name).unwrap();
+    let on_host = dc.agents[i].sim.guests();
+    assert_eq!(on_host.iter().filter(|s| s.id == acc.guest).count(), 1);
+    let host = dc.admin.get_host(&g.host_name).await.unwrap();
+    assert_eq!((host.allocated_vcpus, host.allocated_memory, host.guests), (1, ByteSize::mib(256), 1));
+
+    let stop = dc.admin.stop_guest("web-1", false).await.unwrap();
+    dc.wait_succeeded(&stop.operation).await;
+    assert_eq!(dc.admin.get_guest("web-1").await.unwrap().guest.state, GuestState::Stopped);
+    assert_eq!(dc.agents[i].sim.guests()[0].state, drove_hypervisor::RuntimeState::Stopped);
+
+    let start = dc.admin.start_guest(&acc.guest.to_string()).await.unwrap();
+    dc.wait_succeeded(&start.operation).await;
+    assert_eq!(dc.admin.get_guest("web-1").await.unwrap().guest.state, GuestState::Running);
+
+    let del = dc.admin.delete_guest("web-1").await.unwrap();
+    dc.wait_succeeded(&del.operation).await;
+    assert_eq!(dc.admin.get_guest("web-1").await.unwrap_err().status(), Some(404));
+    assert!(dc.agents[i].sim.guests().is_empty(), "disks and definition removed from the host");
+    assert_eq!(dc.admin.get_host(&g.host_name).await.unwrap().guests, 0);
+    // The VLAN is free again and can go.
+    dc.admin.delete_vlan("blue").await.unwrap();
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_refused_naming_the_field_and_leave_nothing() {
+    let dc = Dc::start(2).await;
+    let token = admin_token(&dc);
+    let cases: Vec<(serde_json::Value, u16, &str)> = vec![
+        (serde_json::json!({"name": "a", "vcpus": 0, "memory": 268435456}), 400, "vcpus"),
+        (serde_json::json!({"name": "a", "vcpus": 1, "memory": 0}), 400, "memory"),
+        (serde_json::json!({"name": "a", "vcpus": 1, "memory": -5}), 400, "memory"),
+        (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "disks": [0]}), 400, "disks[0]"),
+        (serde_json::json!({"name": "Bad_Name", "vcpus": 1, "memory": 268435456}), 400, "name"),
+        (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "nics": [{"vlan": "nope"}]}), 400, "nics[0].vlan"),
+        (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "host": "nowhere"}), 400, "host"),
+        (serde_json::json!({"name": "a", "vcpus": 1, "memory": 1099511627776u64}), 400, "memory"),
+        (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "priority": 101}), 400, "priority"),
+    ];
+    for (body, status, field) in cases {
+        let (s, v) = raw(&dc, reqwest::Method::POST, "/v1/guests", Some(&token), Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert_eq!(v["error"]["field"], field, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(!msg.contains('\n') && !msg.is_empty(), "one line: {msg:?}");
+    }
+    // Duplicate names conflict; the first guest is untouched.
+    let acc = dc.admin.create_guest(&guest("dup")).await.unwrap();
+    let err = dc.admin.create_guest(&guest("dup")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    assert!(err.to_string().contains("already exists"), "{err}");
+    dc.wait_succeeded(&acc.operation).await;
+    // More than any host can hold, and more than is free.
+    let mut big = guest("big");
+    big.memory = ByteSize::gib(17);
+    assert_eq!(dc.admin.create_guest(&big).await.unwrap_err().status(), Some(400));
+    let guests = dc.admin.list_guests().await.unwrap();
+    assert_eq!(guests.len(), 1, "no partial guest left: {guests:?}");
+    assert_eq!(dc.admin.list_operations().await.unwrap().len(), 1);
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn placement_refuses_when_full_and_honours_pins() {
+    let dc = Dc::start(2).await;
+    let mut req = guest("pinned");
+    req.host = Some("host-2".into());
+    let acc = dc.admin.create_guest(&req).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    assert_eq!(dc.admin.get_guest("pinned").await.unwrap().host_name, "host-2");
+    // Fill both 16G hosts with 8G guests, then one more is refused.
+    let mut ops = Vec::new();
+    for i in 0..3 {
+        let mut r = guest(&format!("fat-{i}"));
+        r.memory = ByteSize::gib(8);
+        ops.push(dc.admin.create_guest(&r).await.unwrap().operation);
+    }
+    let mut r = guest("one-too-many");
+    r.memory = ByteSize::gib(8);
+    let err = dc.admin.create_guest(&r).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("no host has room"), "{err}");
+    for op in &ops {
+        dc.wait_succeeded(op).await;
+    }
+    for h in dc.admin.list_hosts().await.unwrap() {
+        assert!(h.allocated_memory <= h.info.memory, "{h:?}");
+    }
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_token_get_401_change_nothing_and_are_audited() {
+    let dc = Dc::start(1).await;
+    let body = serde_json::json!({"name": "sneaky", "vcpus": 1, "memory": 268435456});
+    for token in [None, Some("not-a-token")] {
+        let (s, v) = raw(&dc, reqwest::Method::POST, "/v1/guests", token, Some(body.clone())).await;
+        assert_eq!(s, 401, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("token"));
+        let (s, _) = raw(&dc, reqwest::Method::GET, "/v1/guests", token, None).await;
+        assert_eq!(s, 401);
+    }
+    // The agent token is for the agent protocol only.
+    let (s, v) = raw(&dc, reqwest::Method::POST, "/v1/guests", Some(dc.agent_token.trim()), Some(body)).await;
+    assert_eq!(s, 403, "{v}");
+    assert!(dc.admin.list_guests().await.unwrap().is_empty());
+    let audit = dc.admin.audit(0, 1000).await.unwrap();
+    let refused: Vec<_> = audit.iter().filter(|r| r.action == "POST /v1/guests").collect();
+    assert_eq!(refused.len(), 3, "{audit:?}");
+    assert_eq!(refused.iter().filter(|r| r.status == 401 && r.principal == "anonymous").count(), 2);
+    assert_eq!(refused.iter().filter(|r| r.status == 403 && r.principal == "agent").count(), 1);
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_mutating_call_is_audited_with_who_what_and_result() {
+    let dc = Dc::start(1).await;
+    let before = dc.admin.audit(0, 10_000).await.unwrap().len();
+    dc.admin.create_vlan(&CreateVlanRequest { id: 7, name: "green".into(), subnet: None, gateway: None }).await.unwrap();
+    let acc = dc.admin.create_guest(&guest("g1")).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let _ = dc.admin.create_guest(&guest("g1")).await.unwrap_err();
+    dc.wait_succeeded(&dc.admin.stop_guest("g1", true).await.unwrap().operation).await;
+    dc.wait_succeeded(&dc.admin.delete_guest("g1").await.unwrap().operation).await;
+    let _ = dc.admin.delete_vlan("nope").await.unwrap_err();
+    let recs = dc.admin.audit(0, 10_000).await.unwrap();
+    let new: Vec<_> = recs[before..].iter().filter(|r| r.principal == "admin").collect();
+    let summary: Vec<(String, u16)> = new.iter().map(|r| (r.action.clone(), r.status)).collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("POST /v1/vlans".to_owned(), 201),
+            ("POST /v1/guests".to_owned(), 202),
+            ("POST /v1/guests".to_owned(), 409),
+            ("POST /v1/guests/g1/stop".to_owned(), 202),
+            ("DELETE /v1/guests/g1".to_owned(), 202),
+            ("DELETE /v1/vlans/nope".to_owned(), 404),
+        ]
+    );
+    assert!(new[2].result.contains("already exists"));
+    assert!(recs.windows(2).all(|w| w[0].seq < w[1].seq), "sequence strictly increases");
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_creates_of_one_name_have_exactly_one_winner() {
+    let dc = Dc::start(2).await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let c = dc.admin.clone();
+        tasks.push(tokio::spawn(async move { c.create_guest(&guest("same")).await }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.status(), Some(409), "{e}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(dc.admin.list_guests().await.unwrap().len(), 1);
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_provisioning_rolls_back_and_leaves_no_guest() {
+    let dc = Dc::start(1).await;
+    dc.agents[0].sim.fail_next(SimOp::Create, "disk pool full");
+    let acc = dc.admin.create_guest(&guest("doomed")).await.unwrap();
+    let op = dc.wait_op(&acc.operation).await;
+    assert_eq!(op.state, OperationState::Failed, "{op:?}");
+    assert!(op.error.as_deref().unwrap().contains("disk pool full"), "{op:?}");
+    assert_eq!(dc.admin.get_guest("doomed").await.unwrap_err().status(), Some(404));
+    assert!(dc.agents[0].sim.guests().is_empty());
+    assert_eq!(dc.admin.get_host("host-1").await.unwrap().allocated_memory, ByteSize(0));
+    // A boot failure rolls back too: the half-made guest is destroyed on the host.
+    dc.agents[0].sim.fail_next(SimOp::Start, "firmware exploded");
+    let acc = dc.admin.create_guest(&guest("doomed")).await.unwrap();
+    let op = dc.wait_op(&acc.operation).await;
+    assert_eq!(op.state, OperationState::Failed, "{op:?}");
+    assert!(dc.agents[0].sim.guests().is_empty(), "{:?}", dc.agents[0].sim.guests());
+    assert!(dc.admin.list_guests().await.unwrap().is_empty());
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_operation_on_a_dead_host_times_out_and_rolls_back_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::fast_config(dir.path());
+    config.op_timeout = Duration::from_secs(1);
+    let mut dc = Dc::start_with(dir, config, 1).await;
+    dc.agents[0].stop().await;
+    let acc = dc.admin.create_guest(&guest("stranded")).await.unwrap();
+    let op = dc
+        .eventually("rollback", || async {
+            let o = dc.admin.get_operation(acc.operation.id).await.ok()?;
+            (o.state != OperationState::Running).then_some(o)
+        })
+        .await;
+    assert_eq!(op.state, OperationState::RollingBack, "{op:?}");
+    assert!(op.error.as_deref().unwrap().contains("timed out"));
+    dc.restart_agent(0).await;
+    let op = dc.wait_op(&acc.operation).await;
+    assert_eq!(op.state, OperationState::Failed);
+    assert!(dc.admin.list_guests().await.unwrap().is_empty());
+    assert!(dc.agents[0].sim.guests().is_empty());
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_manager_keeps_every_definition_and_operation() {
+    let mut dc = Dc::start(2).await;
+    let mut ops = Vec::new();
+    for i in 0..20 {
+        ops.push(dc.admin.create_guest(&guest(&format!("keep-{i}"))).await.unwrap().operation);
+    }
+    for op in &ops[..10] {
+        dc.wait_succeeded(op).await;
+    }
+    dc.restart_manager().await;
+    let guests = dc.admin.list_guests().await.unwrap();
+    assert_eq!(guests.len(), 20);
+    for op in &ops {
+        dc.wait_succeeded(op).await;
+    }
+    for g in dc.admin.list_guests().await.unwrap() {
+        assert_eq!(g.guest.state, GuestState::Running, "{g:?}");
+    }
+    // Exactly one copy of each guest across all hosts.
+    let total: usize = dc.agents.iter().map(|a| a.sim.guests().len()).sum();
+    assert_eq!(total, 20);
+    // Tokens survive too.
+    let c = Client::new(&dc.endpoint, &admin_token(&dc));
+    assert!(c.list_hosts().await.is_ok());
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_restarted_mid_operation_converges() {
+    let mut dc = Dc::start(1).await;
+    let acc = dc.admin.create_guest(&guest("survivor")).await.unwrap();
+    dc.restart_agent(0).await;
+    dc.wait_succeeded(&acc.operation).await;
+    dc.restart_agent(0).await;
+    let stop = dc.admin.stop_guest("survivor", false).await.unwrap();
+    dc.wait_succeeded(&stop.operation).await;
+    let on_host = dc.agents[0].sim.guests();
+    assert_eq!(on_host.len(), 1);
+    assert_eq!(on_host[0].state, drove_hypervisor::RuntimeState::Stopped);
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crashed_guest_is_restarted_and_a_silent_host_goes_down() {
+    let mut dc = Dc::start(1).await;
+    let acc = dc.admin.create_guest(&guest("phoenix")).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let pid = dc.agents[0].sim.guests()[0].pid;
+    dc.agents[0].sim.crash(acc.guest).unwrap();
+    dc.eventually("restart after crash", || async {
+        let s = dc.agents[0].sim.guests();
+        (s[0].state == drove_hypervisor::RuntimeState::Running && s[0].pid != pid).then_some(())
+    })
+    .await;
+    assert_eq!(dc.admin.get_guest("phoenix").await.unwrap().guest.state, GuestState::Running);
+    dc.agents[0].stop().await;
+    dc.eventually("host down", || async {
+        let h = dc.admin.get_host("host-1").await.ok()?;
+        (h.info.state == drove_model::HostState::Down).then_some(())
+    })
+    .await;
+    dc.restart_agent(0).await;
+    dc.wait_hosts_up(1).await;
+    dc.shutdown().await;
+}
