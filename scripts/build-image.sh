@@ -289,6 +289,7 @@ done
 # busybox acpid exits at once when it cannot open its log file.
 acpid -l /run/acpid.log || log "acpid did not start"
 
+log "up after $(cut -d' ' -f1 /proc/uptime)s"
 echo "DROVE-READY"
 
 # A shell on the serial console for whoever connects to it; restart it when it

@@ -160,7 +160,8 @@ impl Agent {
                 },
                 // The manager paces long polls; no pause between them.
                 Some((id, every)) => match self.beat(id, every).await {
-                    Ok(()) => Duration::ZERO,
+                    Ok(true) => Duration::ZERO,
+                    Ok(false) => every,
                     Err(e) if Client::is_unknown_host(&e) => {
                         tracing::warn!("manager does not know this host; registering again");
                         registration = None;
@@ -182,7 +183,9 @@ impl Agent {
     }
 
     /// One heartbeat and the convergence it calls for.
-    async fn beat(self: &Arc<Self>, host_id: HostId, interval: Duration) -> Result<(), ClientError> {
+    /// One heartbeat; returns whether it was a long poll (so the next one can
+    /// follow at once).
+    async fn beat(self: &Arc<Self>, host_id: HostId, interval: Duration) -> Result<bool, ClientError> {
         let statuses = match self.hv.list().await {
             Ok(s) => s,
             Err(e) => {
@@ -199,17 +202,19 @@ impl Agent {
             guests: statuses.iter().map(to_observed).collect(),
             failures: failures.clone(),
             destroyed: destroyed.clone(),
-            wait_ms: Some(interval.as_millis() as u64),
+            wait_ms: None,
         };
-        // Long poll; an action finishing on this host cuts it short so its
-        // result reaches the manager at once.
-        let resp = tokio::select! {
-            r = self.client.heartbeat(&req) => r,
-            _ = self.wake.notified() => {
-                self.lock_reports().failures.extend(failures);
-                return Ok(());
-            }
+        // Long-poll only when nothing is in flight here: then only the
+        // manager can have news. While actions run, answer at once and let
+        // their completion (or the interval) pace the next beat, so no
+        // request is ever cancelled half-way.
+        let busy = {
+            let mut actions = self.actions.lock().unwrap_or_else(|p| p.into_inner());
+            actions.retain(|_, h| !h.is_finished());
+            !actions.is_empty()
         };
+        let req = HeartbeatRequest { wait_ms: (!busy).then(|| interval.as_millis() as u64), ..req };
+        let resp = self.client.heartbeat(&req).await;
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
@@ -244,7 +249,7 @@ impl Agent {
             let me = self.clone();
             actions.insert(d.id, tokio::spawn(async move { me.act(d, action).await }));
         }
-        Ok(())
+        Ok(req.wait_ms.is_some() && actions.is_empty())
     }
 
     fn lock_reports(&self) -> std::sync::MutexGuard<'_, Reports> {

@@ -2,7 +2,7 @@
 //! (or whatever `Accel::Auto` finds, in the one test that asks).
 //!
 //! Nothing is skipped: a missing image is built with
-//! `scripts/build-image.sh` (cached in `$DROVE_IMAGE_DIR` or
+//! `scripts/build-image.sh` (cached in `$DROVE_IMAGE_DIR`, else
 //! `~/.cache/drove/image`); missing QEMU fails with a pointer to
 //! `scripts/install-deps.sh`. Every test owns a temporary state directory and
 //! a [`Reaper`] that SIGKILLs any QEMU mentioning that directory when the
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use drove_hypervisor::conformance::Options;
 use drove_hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor, ResolvedAccel};
 use drove_hypervisor::{GuestConfig, GuestStatus, HostResources, HvError, Hypervisor, RuntimeState, StopMode};
-use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, HypervisorKind, Priority};
+use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, HypervisorKind, NicSpec, Priority, VlanTag};
 use tokio::io::AsyncWriteExt;
 
 /// Waits for anything the guest itself must do (boot, power off).
@@ -43,7 +43,7 @@ fn image_dir() -> &'static Path {
         let dir = std::env::var_os("DROVE_IMAGE_DIR")
             .map(PathBuf::from)
             .or_else(QemuConfig::default_image_dir)
-            .expect("neither DROVE_IMAGE_DIR nor HOME is set: nowhere to keep the test image");
+            .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("drove-image"));
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let script = repo.join("scripts/build-image.sh");
         // Cheap when the image is current: the script checks its own hash.
@@ -175,13 +175,20 @@ async fn status(hv: &impl Hypervisor, id: GuestId) -> GuestStatus {
     hv.status(id).await.unwrap()
 }
 
-/// Types a line on the guest's serial console.
-async fn type_on_console(hv: &QemuHypervisor, id: GuestId, line: &str) {
-    let mut console = tokio::net::UnixStream::connect(hv.console_socket_path(id)).await.unwrap();
-    console.write_all(format!("{line}\n").as_bytes()).await.unwrap();
-    console.flush().await.unwrap();
-    // Give QEMU the bytes before the connection goes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+/// A connection to the guest's serial console. QEMU only takes from the
+/// socket what the emulated UART has room for, so the connection must stay
+/// open until the guest has read everything typed.
+struct Console(tokio::net::UnixStream);
+
+impl Console {
+    async fn open(hv: &QemuHypervisor, id: GuestId) -> Self {
+        Self(tokio::net::UnixStream::connect(hv.console_socket_path(id)).await.unwrap())
+    }
+
+    async fn type_line(&mut self, line: &str) {
+        self.0.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        self.0.flush().await.unwrap();
+    }
 }
 
 fn assert_no_qemu_for(lab: &Lab, id: GuestId) {
@@ -250,22 +257,27 @@ async fn pause_and_resume_follow_qemu_run_state() {
     let events: Vec<String> = hv.take_events(g.id).await.into_iter().map(|e| e.event).collect();
     assert!(events.contains(&"STOP".to_owned()), "{events:?}");
 
-    // Paused means the guest does not run: its log stays still.
-    let before = serial_log(&hv, g.id);
-    type_on_console(&hv, g.id, "echo typed-while-paused").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(serial_log(&hv, g.id), before);
+    // Paused means the guest does not run: what is typed now is answered
+    // only after resume. (The shell prints 42 for $((6*7)); the echo of the
+    // typed line shows the expression itself.)
+    let mut console = Console::open(&hv, g.id).await;
+    console.type_line("echo $((6*7))-answered").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!serial_log(&hv, g.id).contains("42-answered"));
 
     hv.resume(g.id).await.unwrap();
     let s = status(&hv, g.id).await;
     assert_eq!((s.state, s.pid), (RuntimeState::Running, pid));
     let events: Vec<String> = hv.take_events(g.id).await.into_iter().map(|e| e.event).collect();
     assert!(events.contains(&"RESUME".to_owned()), "{events:?}");
-    // Input typed while paused is handled once it runs again.
-    wait_for_serial(&hv, g.id, "typed-while-paused", 2).await;
+    wait_for_serial(&hv, g.id, "42-answered", 1).await;
+    drop(console);
 
-    hv.stop(g.id, StopMode::Force).await.unwrap();
+    // A graceful stop of a paused guest lets it run to see the button.
+    hv.pause(g.id).await.unwrap();
+    hv.stop(g.id, GRACEFUL).await.unwrap();
     assert_eq!(status(&hv, g.id).await.state, RuntimeState::Stopped);
+    assert!(serial_log(&hv, g.id).contains("power button pressed"));
     hv.destroy(g.id).await.unwrap();
 }
 
@@ -357,7 +369,8 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
     wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
     let pid = status(&hv, g.id).await.pid.unwrap();
 
-    type_on_console(&hv, g.id, "poweroff -f").await;
+    let mut console = Console::open(&hv, g.id).await;
+    console.type_line("poweroff -f").await;
     let deadline = Instant::now() + GUEST_TIMEOUT;
     loop {
         let s = status(&hv, g.id).await;
@@ -400,6 +413,7 @@ async fn a_start_without_image_fails_clearly_and_leaves_the_guest_stopped() {
     hv.create(&g).await.unwrap();
     let err = hv.start(g.id).await.unwrap_err();
     let chain = error_chain(&err);
+    eprintln!("start failed as expected: {chain}");
     assert!(chain.contains("vmlinux") && chain.contains("build-image.sh"), "{chain}");
     assert_eq!(status(&hv, g.id).await.state, RuntimeState::Stopped);
 }
@@ -421,6 +435,143 @@ async fn auto_accel_resolves_to_something_that_boots() {
     hv.start(g.id).await.unwrap();
     let log = wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
     assert!(log.contains(&format!("({accel:?})")), "{log}");
+    hv.destroy(g.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_guest_ignoring_the_power_button_is_forced_off_and_list_answers_meanwhile() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = guest("deaf-1", &[]);
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    let mut console = Console::open(&hv, g.id).await;
+    console.type_line("killall acpid; echo acpid-$((6*7))-gone").await;
+    wait_for_serial(&hv, g.id, "acpid-42-gone", 1).await;
+    drop(console);
+    let pid = status(&hv, g.id).await.pid;
+
+    let stopping = tokio::spawn({
+        let hv = hv.clone();
+        async move {
+            hv.stop(g.id, StopMode::Graceful { timeout: Duration::from_secs(20) }).await.unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The stop holds the guest; list and status answer from what was last
+    // seen instead of waiting for it.
+    let listed = hv.list().await.unwrap();
+    let s = status(&hv, g.id).await;
+    assert!(!stopping.is_finished(), "the stop did not wait for the guest");
+    assert_eq!(listed.iter().find(|s| s.id == g.id).map(|s| s.state), Some(RuntimeState::Running));
+    assert_eq!((s.state, s.pid), (RuntimeState::Running, pid));
+
+    stopping.await.unwrap();
+    let s = status(&hv, g.id).await;
+    assert_eq!((s.state, s.pid), (RuntimeState::Stopped, None));
+    assert!(!serial_log(&hv, g.id).contains("power button pressed"));
+    hv.destroy(g.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_panicking_guest_is_crashed_and_starts_again() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = guest("panic-1", &[]);
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    let pid = status(&hv, g.id).await.pid.unwrap();
+
+    let mut console = Console::open(&hv, g.id).await;
+    console.type_line("echo c > /proc/sysrq-trigger").await;
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let s = loop {
+        let s = status(&hv, g.id).await;
+        if s.state != RuntimeState::Running {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no panic reported:\n{}", serial_log(&hv, g.id));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(console);
+    // QEMU keeps the panicked guest for inspection: Crashed, with its pid.
+    assert_eq!((s.state, s.pid), (RuntimeState::Crashed, Some(pid)));
+    let events: Vec<String> = hv.take_events(g.id).await.into_iter().map(|e| e.event).collect();
+    assert!(events.contains(&"GUEST_PANICKED".to_owned()), "{events:?}");
+
+    hv.start(g.id).await.unwrap();
+    let s = status(&hv, g.id).await;
+    assert_eq!(s.state, RuntimeState::Running);
+    assert_ne!(s.pid, Some(pid));
+    assert!(!alive(pid));
+    wait_for_serial(&hv, g.id, "DROVE-READY", 2).await;
+    hv.destroy(g.id).await.unwrap();
+    assert_no_qemu_for(&lab, g.id);
+}
+
+#[tokio::test]
+async fn a_failed_launch_reports_qemu_stderr_and_leaves_the_guest_stopped() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = guest("no-disk-1", &[16]);
+    hv.create(&g).await.unwrap();
+    std::fs::remove_file(hv.guest_dir(g.id).join("disk0.qcow2")).unwrap();
+    let err = hv.start(g.id).await.unwrap_err();
+    let chain = error_chain(&err);
+    eprintln!("start failed as expected: {chain}");
+    assert!(chain.contains("start of guest") && chain.contains("disk0.qcow2"), "{chain}");
+    assert_eq!(status(&hv, g.id).await.state, RuntimeState::Stopped);
+    assert_no_qemu_for(&lab, g.id);
+}
+
+/// A host tap, deleted on drop.
+struct Tap(String);
+
+impl Tap {
+    fn create(name: &str) -> Self {
+        let out =
+            std::process::Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cannot create tap {name} (needs root and /dev/net/tun): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(name.to_owned())
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+#[tokio::test]
+async fn nics_with_a_tap_are_attached_and_configured_from_the_kernel_command_line() {
+    let lab = Lab::new();
+    let mut config = lab.config(Accel::Tcg);
+    config.extra_kernel_args =
+        vec!["drove.ip=eth0:10.250.0.2/24".to_owned(), "drove.ip=mac-52-54-00-12-34-56:10.250.1.2/24".to_owned()];
+    let hv = QemuHypervisor::new(config).unwrap();
+    let mut g = guest("nic-1", &[]);
+    let vlan = VlanTag::new(10).unwrap();
+    g.spec.nics = vec![
+        NicSpec { vlan, mac: "52:54:00:12:34:56".to_owned() },
+        // No tap for this one: left out.
+        NicSpec { vlan, mac: "52:54:00:12:34:57".to_owned() },
+    ];
+    // The tap's name says which guest and NIC it serves; the network layer
+    // creates it before start. No address on the host side: no traffic.
+    let _tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    let log = wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    assert!(log.contains("drove: nic eth0 52:54:00:12:34:56"), "{log}");
+    assert!(!log.contains("52:54:00:12:34:57"), "{log}");
+    assert!(log.contains("drove: ip eth0 10.250.0.2/24"), "{log}");
+    assert!(log.contains("drove: ip eth0 10.250.1.2/24"), "{log}");
     hv.destroy(g.id).await.unwrap();
 }
 

@@ -31,7 +31,11 @@ const READY: &str = "DROVE-READY";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Accel {
-    /// KVM if a probe guest actually boots under it, else TCG.
+    /// KVM if a probe guest actually boots under it ([`probe_kvm`]), else
+    /// TCG. A usable-looking `/dev/kvm` is not enough: on a host that is
+    /// itself a VM without working nested virtualisation the guest kernel
+    /// hangs. The answer is cached in `<state_dir>/accel-probe.json` for
+    /// the current host boot.
     #[default]
     Auto,
     /// Emulation; works everywhere, 10-50x slower.

@@ -4,50 +4,61 @@
 //! # The idea
 //!
 //! The backend keeps no state of its own that matters: everything lives in
-//! one directory per guest (layout in [`guest_dir`]), and every call derives
+//! one directory per guest (layout in `guest_dir.rs`), and every call derives
 //! the guest's state afresh from that directory and the QEMU process it
-//! names. A new [`QemuHypervisor`] over the same `state_dir` — an agent
-//! restart — therefore sees exactly what the old one saw, and re-adopts the
+//! names. A new [`QemuHypervisor`] over the same `state_dir` (an agent
+//! restart) therefore sees exactly what the old one saw, and re-adopts the
 //! running QEMUs, which were daemonized and never were the agent's children.
 //!
 //! How a state is derived:
 //!
-//! | `qemu.pid` names a live QEMU of this guest? | QMP `query-status`   | `intent`  | state                  |
-//! |----------------------------------------------|----------------------|-----------|------------------------|
-//! | yes                                          | `running`            | any       | Running                |
-//! | yes                                          | `paused`, `inmigrate`, `io-error`, ... | any | Paused       |
-//! | yes                                          | `guest-panicked`, `internal-error` | any | Crashed (with pid) |
-//! | yes                                          | `shutdown`           | any       | Stopped (QEMU is quit) |
-//! | no                                           | —                    | `running` | Crashed                |
-//! | no                                           | —                    | `stopped` | Stopped                |
+//! | live QEMU in `qemu.pid`? | QMP `query-status`                  | `intent`  | state                  |
+//! |--------------------------|-------------------------------------|-----------|------------------------|
+//! | yes                      | `running`                           | any       | Running                |
+//! | yes                      | `paused`, `inmigrate`, `io-error`.. | any       | Paused                 |
+//! | yes                      | `guest-panicked`, `internal-error`  | any       | Crashed (with its pid) |
+//! | yes                      | `shutdown`                          | any       | Stopped (QEMU is quit) |
+//! | no                       | -                                   | `running` | Crashed                |
+//! | no                       | -                                   | `stopped` | Stopped                |
 //!
-//! `intent` is written before we launch (`running`) and before we stop
-//! (`stopped`), so a QEMU that is gone while we still wanted it running died
-//! on its own: Crashed. A guest that powers itself off does not make QEMU
-//! exit (`-no-shutdown`); QEMU waits in `shutdown`, which we observe, report
-//! as Stopped, and clean up by quitting it. See [`cmdline`] for the other
-//! choices on QEMU's command line.
+//! "Live QEMU" means: the pid is alive, not a zombie, and its command line
+//! names this guest's QMP socket (pids get reused). `intent` is written
+//! before we launch (`running`) and before we stop (`stopped`), so a QEMU
+//! that is gone while we still wanted it running died on its own: Crashed. A
+//! guest that powers itself off does not make QEMU exit (`-no-shutdown`);
+//! QEMU waits in `shutdown`, which we observe, report as Stopped, and clean
+//! up by quitting it. `cmdline.rs` explains the other choices on QEMU's
+//! command line.
 //!
 //! # Concurrency
 //!
 //! Calls on one guest are serialised by a per-guest async mutex, which also
 //! owns that guest's QMP connection (QEMU serves one QMP client at a time,
 //! so the connection is kept, not reopened per call). Calls on different
-//! guests run in parallel.
+//! guests run in parallel. `status` and `list` do not queue behind an
+//! operation in progress (a graceful stop may take minutes): they answer
+//! with the state last observed before it.
 //!
 //! # Stopping
 //!
 //! Graceful: `system_powerdown` (the ACPI power button), repeated every few
 //! seconds because a guest still booting drops presses that arrive before
 //! its button driver is loaded, until QEMU reports `shutdown` or exits; after
-//! the timeout the guest is forced off. Forced: `quit`, then SIGKILL if QEMU
-//! does not exit.
+//! the timeout the guest is forced off. A paused guest is resumed first, or
+//! it could not react. Forced: `quit`, then SIGKILL if QEMU does not exit.
 //!
 //! # NICs
 //!
 //! A NIC of the spec is attached only when a host tap for it exists, named
 //! by [`QemuHypervisor::tap_name`]; creating and bridging taps is the
 //! network layer's job. NICs without a tap are left out (logged).
+//!
+//! # The guest image
+//!
+//! Guests boot the kernel and initramfs in [`QemuConfig::image_dir`], built
+//! by `scripts/build-image.sh`, whose header documents the `drove.*` kernel
+//! parameters its init understands; [`QemuConfig::extra_kernel_args`] passes
+//! them.
 
 mod accel;
 mod cmdline;
@@ -172,15 +183,68 @@ pub struct QemuHypervisor {
 struct Inner {
     config: QemuConfig,
     guests_dir: PathBuf,
-    slots: std::sync::Mutex<HashMap<GuestId, Arc<AsyncMutex<Slot>>>>,
+    guests: std::sync::Mutex<HashMap<GuestId, Arc<GuestHandle>>>,
     accel: OnceCell<ResolvedAccel>,
 }
 
-/// Per-guest: serialises calls and holds the QMP connection to the current
-/// QEMU, tagged with its pid so a new incarnation gets a new connection.
+/// Per guest, in memory only.
+#[derive(Default)]
+struct GuestHandle {
+    /// Serialises the calls on the guest and owns its QMP connection.
+    ops: AsyncMutex<Slot>,
+    /// What `status` last observed, cleared whenever an operation ends. A
+    /// reader that finds an operation in progress answers from it instead of
+    /// waiting: `list` must not stall for the length of a graceful stop.
+    seen: std::sync::Mutex<Option<Observed>>,
+}
+
+type Observed = (RuntimeState, Option<u32>);
+
+/// The QMP connection to the guest's current QEMU, tagged with its pid so a
+/// new incarnation gets a new connection.
 #[derive(Default)]
 struct Slot {
     qmp: Option<(u32, QmpClient)>,
+}
+
+impl GuestHandle {
+    /// Locks the guest for an operation that may change its state.
+    async fn change(&self) -> Change<'_> {
+        Change { slot: self.ops.lock().await, seen: &self.seen }
+    }
+
+    fn seen(&self) -> Option<Observed> {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remember(&self, observed: Observed) {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = Some(observed);
+    }
+}
+
+/// The lock of an operation; when it ends, earlier observations are stale.
+struct Change<'a> {
+    slot: tokio::sync::MutexGuard<'a, Slot>,
+    seen: &'a std::sync::Mutex<Option<Observed>>,
+}
+
+impl Drop for Change<'_> {
+    fn drop(&mut self) {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+impl std::ops::Deref for Change<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        &self.slot
+    }
+}
+
+impl std::ops::DerefMut for Change<'_> {
+    fn deref_mut(&mut self) -> &mut Slot {
+        &mut self.slot
+    }
 }
 
 impl fmt::Debug for QemuHypervisor {
@@ -211,7 +275,7 @@ impl QemuHypervisor {
             inner: Arc::new(Inner {
                 config,
                 guests_dir,
-                slots: std::sync::Mutex::new(HashMap::new()),
+                guests: std::sync::Mutex::new(HashMap::new()),
                 accel: OnceCell::new(),
             }),
         })
@@ -250,7 +314,7 @@ impl QemuHypervisor {
     }
 
     /// The accelerator guests run with, probing KVM on first use when the
-    /// config says `Auto` (see [`accel`]).
+    /// config says `Auto` (see [`Accel::Auto`]).
     pub async fn accel(&self) -> ResolvedAccel {
         let c = &self.inner.config;
         let image = c.boot_image();
@@ -260,8 +324,8 @@ impl QemuHypervisor {
     /// QMP events seen on the guest's connection since the last call
     /// (`SHUTDOWN`, `STOP`, `RESUME`, `POWERDOWN`, ...), oldest first.
     pub async fn take_events(&self, id: GuestId) -> Vec<QmpEvent> {
-        let slot = self.slot(id);
-        let mut slot = slot.lock().await;
+        let guest = self.guest(id);
+        let mut slot = guest.ops.lock().await;
         slot.qmp.as_mut().map(|(_, c)| c.take_events()).unwrap_or_default()
     }
 
@@ -269,19 +333,19 @@ impl QemuHypervisor {
         GuestDir::new(&self.inner.guests_dir, id)
     }
 
-    fn slot(&self, id: GuestId) -> Arc<AsyncMutex<Slot>> {
-        let mut slots = self.inner.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        slots.entry(id).or_default().clone()
+    fn guest(&self, id: GuestId) -> Arc<GuestHandle> {
+        let mut guests = self.inner.guests.lock().unwrap_or_else(PoisonError::into_inner);
+        guests.entry(id).or_default().clone()
     }
 
-    /// Forgets a destroyed guest's slot unless another call is waiting on
+    /// Forgets a destroyed guest's handle unless another call is waiting on
     /// it (that call will find the guest gone and say NotFound).
-    fn forget_slot(&self, id: GuestId, slot: &Arc<AsyncMutex<Slot>>) {
-        let mut slots = self.inner.slots.lock().unwrap_or_else(PoisonError::into_inner);
+    fn forget_guest(&self, id: GuestId, guest: &Arc<GuestHandle>) {
+        let mut guests = self.inner.guests.lock().unwrap_or_else(PoisonError::into_inner);
         // Ours and the map's: nobody else holds it, and nobody can take it
         // while we hold the map lock.
-        if Arc::strong_count(slot) == 2 {
-            slots.remove(&id);
+        if Arc::strong_count(guest) == 2 {
+            guests.remove(&id);
         }
     }
 
@@ -332,6 +396,19 @@ impl QemuHypervisor {
         Ok((state, Some(pid)))
     }
 
+    /// Observes under the guest's lock and remembers the result for readers
+    /// that come while an operation holds the lock.
+    async fn observe_and_remember(
+        &self,
+        guest: &GuestHandle,
+        dir: &GuestDir,
+        slot: &mut Slot,
+    ) -> Result<Observed, QemuError> {
+        let observed = self.observe(dir, slot).await?;
+        guest.remember(observed);
+        Ok(observed)
+    }
+
     async fn launch(&self, dir: &GuestDir, slot: &mut Slot, config: &GuestConfig) -> Result<(), QemuError> {
         let c = &self.inner.config;
         let image = c.boot_image();
@@ -369,10 +446,10 @@ impl QemuHypervisor {
         if let Err(e) = launched {
             // Leave no half-started QEMU behind, and the intent as it was: a
             // failed start does not turn a Stopped guest into a Crashed one.
-            if let Some(pid) = live_pid(dir) {
-                if let Err(kill_err) = process::kill_and_wait(pid, KILL_TIMEOUT).await {
-                    tracing::error!(error = %kill_err, "cannot kill the QEMU of a failed start");
-                }
+            if let Some(pid) = live_pid(dir)
+                && let Err(kill_err) = process::kill_and_wait(pid, KILL_TIMEOUT).await
+            {
+                tracing::error!(error = %kill_err, "cannot kill the QEMU of a failed start");
             }
             slot.qmp = None;
             dir.clear_runtime_files()?;
@@ -562,8 +639,8 @@ impl Hypervisor for QemuHypervisor {
 
     async fn create(&self, config: &GuestConfig) -> Result<(), HvError> {
         let id = config.id;
-        let slot = self.slot(id);
-        let _slot = slot.lock().await;
+        let guest = self.guest(id);
+        let _change = guest.change().await;
         let dir = self.dir(id);
         dir.check_socket_paths().map_err(backend("create", id))?;
         if let Some(mut existing) = dir.read_record().map_err(backend("create", id))? {
@@ -612,8 +689,8 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn start(&self, id: GuestId) -> Result<(), HvError> {
-        let slot = self.slot(id);
-        let mut slot = slot.lock().await;
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
         let dir = self.dir(id);
         let config = self.record(&dir, id, "start")?;
         let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend("start", id))?;
@@ -634,8 +711,8 @@ impl Hypervisor for QemuHypervisor {
 
     async fn stop(&self, id: GuestId, mode: StopMode) -> Result<(), HvError> {
         let err = backend("stop", id);
-        let slot = self.slot(id);
-        let mut slot = slot.lock().await;
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
         let dir = self.dir(id);
         self.record(&dir, id, "stop")?;
         let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend("stop", id))?;
@@ -668,8 +745,8 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn destroy(&self, id: GuestId) -> Result<(), HvError> {
-        let slot_arc = self.slot(id);
-        let mut slot = slot_arc.lock().await;
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
         let dir = self.dir(id);
         // Works from the pid file alone, so that even a guest whose record
         // is unreadable can be destroyed.
@@ -683,16 +760,27 @@ impl Hypervisor for QemuHypervisor {
             Err(e) => return Err(backend("destroy", id)(QemuError::io("removing", dir.root(), e))),
         }
         drop(slot);
-        self.forget_slot(id, &slot_arc);
+        self.forget_guest(id, &guest);
         Ok(())
     }
 
     async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError> {
-        let slot = self.slot(id);
-        let mut slot = slot.lock().await;
+        let guest = self.guest(id);
         let dir = self.dir(id);
         let config = self.record(&dir, id, "status")?;
-        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend("status", id))?;
+        let (state, pid) = match guest.ops.try_lock() {
+            Ok(mut slot) => self.observe_and_remember(&guest, &dir, &mut slot).await,
+            Err(_) => match guest.seen() {
+                // Busy with an operation: as far as anyone knows, the guest
+                // is still as last seen.
+                Some(seen) => Ok(seen),
+                None => {
+                    let mut slot = guest.ops.lock().await;
+                    self.observe_and_remember(&guest, &dir, &mut slot).await
+                }
+            },
+        }
+        .map_err(backend("status", id))?;
         Ok(GuestStatus { id, state, generation: config.generation, pid })
     }
 
@@ -730,8 +818,8 @@ impl QemuHypervisor {
         command: &str,
         expect: &str,
     ) -> Result<(), HvError> {
-        let slot = self.slot(id);
-        let mut slot = slot.lock().await;
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
         let dir = self.dir(id);
         self.record(&dir, id, op)?;
         let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend(op, id))?;

@@ -105,7 +105,12 @@ mod tests {
             .unwrap();
         let pid = child.id();
         assert!(is_alive(pid));
-        assert!(is_guest_process(pid, &marker));
+        // Until the child has exec'd, /proc shows our own command line.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !is_guest_process(pid, &marker) {
+            assert!(std::time::Instant::now() < deadline, "{pid} never showed the marker");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!is_guest_process(pid, &dir.path().join("other.sock")));
         kill(pid).unwrap();
         // Our own child stays a zombie until reaped: it must count as gone.
