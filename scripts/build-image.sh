@@ -88,27 +88,27 @@ find_kernel_pkg() {
     apt-cache depends linux-image-amd64 2>/dev/null |
         awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
 }
-kpkg=$(find_kernel_pkg || true)
-if [ -z "$kpkg" ]; then
-    echo "build-image: apt knows no linux-image-amd64; running apt-get update"
-    apt-get update -q
+# apt-get download writes into the current directory; _apt cannot always read
+# our temp dir, which only produces a harmless warning.
+download_kernel() {
     kpkg=$(find_kernel_pkg || true)
-fi
-if [ -z "$kpkg" ]; then
-    echo "build-image: cannot find the kernel package linux-image-amd64 depends on" >&2
-    exit 1
+    [ -n "$kpkg" ] || return 1
+    (cd "$work" && apt-get download -q "$kpkg" 2>&1 | grep -v 'unsandboxed' || true)
+    deb=$(ls "$work"/"${kpkg}"_*.deb 2>/dev/null | head -n1 || true)
+    [ -n "$deb" ]
+}
+# Stale or missing package lists (a fresh machine, a point release that
+# removed the old kernel from the mirror): update them once and retry.
+if ! download_kernel; then
+    echo "build-image: cannot download the kernel with the current package lists; running apt-get update"
+    apt-get update -q
+    if ! download_kernel; then
+        echo "build-image: cannot download ${kpkg:-the kernel package linux-image-amd64 depends on}" >&2
+        exit 1
+    fi
 fi
 kver=${kpkg#linux-image-}
 echo "build-image: kernel $kpkg"
-
-# apt-get download writes into the current directory; _apt cannot always read
-# our temp dir, which only produces a harmless warning.
-(cd "$work" && apt-get download -q "$kpkg" 2>&1 | grep -v 'unsandboxed' || true)
-deb=$(ls "$work"/"${kpkg}"_*.deb 2>/dev/null | head -n1 || true)
-if [ -z "$deb" ]; then
-    echo "build-image: apt-get download $kpkg produced no .deb" >&2
-    exit 1
-fi
 dpkg -x "$deb" "$work/kpkg"
 vmlinuz="$work/kpkg/boot/vmlinuz-$kver"
 moddir="$work/kpkg/lib/modules/$kver"

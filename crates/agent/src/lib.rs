@@ -13,11 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drove_api::{
-    DesiredGuest, DesiredState, GuestFailure, HeartbeatRequest, ObservedGuest, ObservedState,
-    RegisterRequest,
+    DesiredGuest, DesiredState, GuestFailure, HeartbeatRequest, ObservedGuest, ObservedState, RegisterRequest,
 };
 use drove_client::{Client, ClientError};
-use drove_hypervisor::{GuestConfig, GuestStatus, Hypervisor, HvError, RuntimeState, StopMode};
+use drove_hypervisor::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
 use drove_model::{GuestId, HostId};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -33,7 +32,11 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     pub fn new(name: &str) -> Self {
-        AgentConfig { name: name.to_owned(), stop_timeout: Duration::from_secs(30), retry_after: Duration::from_secs(5) }
+        AgentConfig {
+            name: name.to_owned(),
+            stop_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(5),
+        }
     }
 }
 
@@ -85,9 +88,13 @@ fn to_observed(s: &GuestStatus) -> ObservedGuest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
     /// Define (or refresh the generation of) the guest, then maybe start it.
-    Ensure { start: bool },
+    Ensure {
+        start: bool,
+    },
     Resume,
-    Stop { force: bool },
+    Stop {
+        force: bool,
+    },
     Destroy,
     /// Nothing to do on the hypervisor; tell the manager it is gone.
     ConfirmAbsent,
@@ -213,7 +220,7 @@ impl Agent {
             actions.retain(|_, h| !h.is_finished());
             !actions.is_empty()
         };
-        let req = HeartbeatRequest { wait_ms: (!busy).then(|| interval.as_millis() as u64), ..req };
+        let req = HeartbeatRequest { wait_ms: (!busy).then_some(interval.as_millis() as u64), ..req };
         let resp = self.client.heartbeat(&req).await;
         let resp = match resp {
             Ok(r) => r,
@@ -241,10 +248,13 @@ impl Agent {
                 self.lock_reports().destroyed.insert(d.id);
                 continue;
             }
-            if let Some((generation, at)) = self.lock_reports().failed_at.get(&d.id) {
-                if *generation == d.generation && at.elapsed() < self.config.retry_after {
-                    continue;
-                }
+            let retry_later = self
+                .lock_reports()
+                .failed_at
+                .get(&d.id)
+                .is_some_and(|(generation, at)| *generation == d.generation && at.elapsed() < self.config.retry_after);
+            if retry_later {
+                continue;
             }
             let me = self.clone();
             actions.insert(d.id, tokio::spawn(async move { me.act(d, action).await }));
@@ -268,7 +278,8 @@ impl Agent {
             }
             Action::Resume => self.hv.resume(id).await,
             Action::Stop { force } => {
-                let mode = if force { StopMode::Force } else { StopMode::Graceful { timeout: self.config.stop_timeout } };
+                let mode =
+                    if force { StopMode::Force } else { StopMode::Graceful { timeout: self.config.stop_timeout } };
                 self.hv.stop(id, mode).await
             }
             Action::Destroy => self.hv.destroy(id).await,

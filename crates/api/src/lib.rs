@@ -6,8 +6,7 @@
 //! fails when the served document and the checked-in one differ.
 
 use drove_model::{
-    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, Vlan,
-    guest::LoadProfile,
+    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, Vlan, guest::LoadProfile,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use drove_api::{
-    AuditRecord, CreateGuestRequest, CreateVlanRequest, ErrorResponse, GuestView, HeartbeatRequest,
-    HeartbeatResponse, HostView, OperationAccepted, RegisterRequest, RegisterResponse,
-    StopGuestRequest, VlanView,
+    AuditRecord, CreateGuestRequest, CreateVlanRequest, ErrorResponse, GuestView, HeartbeatRequest, HeartbeatResponse,
+    HostView, OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
 };
 use drove_model::{Operation, OperationId};
 use reqwest::{Method, StatusCode};
@@ -73,7 +72,11 @@ impl Client {
     ) -> Result<T, ClientError> {
         let resp = self.send(method.clone(), path, body, timeout).await?;
         let status = resp.status().as_u16();
-        resp.json::<T>().await.map_err(|source| ClientError::Decode { what: format!("{method} {path}"), status, source })
+        resp.json::<T>().await.map_err(|source| ClientError::Decode {
+            what: format!("{method} {path}"),
+            status,
+            source,
+        })
     }
 
     async fn send<B: Serialize>(
@@ -91,10 +94,8 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| ClientError::Connect { endpoint: self.endpoint.clone(), source })?;
+        let resp =
+            req.send().await.map_err(|source| ClientError::Connect { endpoint: self.endpoint.clone(), source })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -183,8 +184,13 @@ impl Client {
     /// Long-poll until the operation is final or `wait` passes.
     pub async fn wait_operation(&self, id: OperationId, wait: Duration) -> Result<Operation, ClientError> {
         let secs = wait.as_secs().clamp(1, 300);
-        self.call::<(), _>(Method::GET, &format!("/v1/operations/{id}?wait={secs}"), None, Duration::from_secs(secs + 30))
-            .await
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/operations/{id}?wait={secs}"),
+            None,
+            Duration::from_secs(secs + 30),
+        )
+        .await
     }
 
     pub async fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, ClientError> {

@@ -267,11 +267,26 @@ async fn api(a: ApiBench) -> Result<()> {
     match a.out.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&f)?),
         Format::Table => {
-            println!("drove bench api: {} guests on {} sim hosts, {} concurrent clients, durable embedded store", f.guests, f.hosts, f.concurrency);
-            println!("  create (acknowledged, durable)  {:>9.0} guests/s   ({:.2} s; p50 {:.1} ms, p99 {:.1} ms)", f.creations_per_second, f.create_seconds, f.create_p50_ms, f.create_p99_ms);
-            println!("  create -> running on its host   {:>9.0} guests/s   ({:.2} s)", f.end_to_end_per_second, f.all_running_seconds);
-            println!("  list {} guests                 {:>9.1} ms p50     (min {:.1}, max {:.1})", f.guests, f.list_guests_p50_ms, f.list_guests_min_ms, f.list_guests_max_ms);
-            println!("  manager resident memory         {:>9.1} MiB        (peak {:.1} MiB)", f.manager_rss_mib, f.manager_peak_rss_mib);
+            println!(
+                "drove bench api: {} guests on {} sim hosts, {} concurrent clients, durable embedded store",
+                f.guests, f.hosts, f.concurrency
+            );
+            println!(
+                "  create (acknowledged, durable)  {:>9.0} guests/s   ({:.2} s; p50 {:.1} ms, p99 {:.1} ms)",
+                f.creations_per_second, f.create_seconds, f.create_p50_ms, f.create_p99_ms
+            );
+            println!(
+                "  create -> running on its host   {:>9.0} guests/s   ({:.2} s)",
+                f.end_to_end_per_second, f.all_running_seconds
+            );
+            println!(
+                "  list {} guests                 {:>9.1} ms p50     (min {:.1}, max {:.1})",
+                f.guests, f.list_guests_p50_ms, f.list_guests_min_ms, f.list_guests_max_ms
+            );
+            println!(
+                "  manager resident memory         {:>9.1} MiB        (peak {:.1} MiB)",
+                f.manager_rss_mib, f.manager_peak_rss_mib
+            );
         }
     }
     drop(manager);

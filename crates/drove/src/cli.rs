@@ -184,7 +184,12 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
         }
         HostCommand::Show { host, out } => {
             let h = c.get_host(&host).await?;
-            let fields = HEADER.iter().copied().zip(row(&h)).chain([("id", h.info.id.to_string()), ("registered", h.info.registered_at.clone())]).collect();
+            let fields = HEADER
+                .iter()
+                .copied()
+                .zip(row(&h))
+                .chain([("id", h.info.id.to_string()), ("registered", h.info.registered_at.clone())])
+                .collect();
             print_one(out.format, &h, fields)
         }
     }
@@ -233,7 +238,12 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
         }
         VmCommand::List(out) => {
             let guests = c.list_guests().await?;
-            print(out.format, &guests, &["name", "state", "host", "vcpus", "memory", "disks", "vlans"], guests.iter().map(guest_row).collect())
+            print(
+                out.format,
+                &guests,
+                &["name", "state", "host", "vcpus", "memory", "disks", "vlans"],
+                guests.iter().map(guest_row).collect(),
+            )
         }
         VmCommand::Show { name, out } => {
             let g = c.get_guest(&name).await?;
@@ -250,7 +260,10 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("vcpus", s.vcpus.to_string()),
                     ("memory", s.memory.to_string()),
                     ("disks", s.disks.iter().map(|d| d.size.to_string()).collect::<Vec<_>>().join(", ")),
-                    ("nics", s.nics.iter().map(|n| format!("vlan {} mac {}", n.vlan, n.mac)).collect::<Vec<_>>().join(", ")),
+                    (
+                        "nics",
+                        s.nics.iter().map(|n| format!("vlan {} mac {}", n.vlan, n.mac)).collect::<Vec<_>>().join(", "),
+                    ),
                     ("priority", s.priority.0.to_string()),
                     ("generation", g.guest.generation.to_string()),
                     ("created", g.guest.created_at.clone()),
@@ -300,7 +313,13 @@ async fn finish(c: &Client, accepted: &OperationAccepted, no_wait: bool, timeout
             if tty {
                 eprintln!();
             }
-            bail!("gave up waiting after {timeout}s; operation {} is still {} ({}); follow it with `drove op wait {}`", op.id, op.state, op.step, op.id);
+            bail!(
+                "gave up waiting after {timeout}s; operation {} is still {} ({}); follow it with `drove op wait {}`",
+                op.id,
+                op.state,
+                op.step,
+                op.id
+            );
         }
         op = c.wait_operation(op.id, left.min(Duration::from_secs(2))).await?;
     }
@@ -341,7 +360,16 @@ pub async fn vlan(cmd: VlanCommand) -> Result<()> {
 }
 
 fn op_row(o: &Operation) -> Vec<String> {
-    vec![o.id.to_string(), o.kind.to_string(), o.target_name.clone(), o.state.to_string(), format!("{}%", o.progress), o.step.clone(), o.created_at.clone(), opt(&o.error)]
+    vec![
+        o.id.to_string(),
+        o.kind.to_string(),
+        o.target_name.clone(),
+        o.state.to_string(),
+        format!("{}%", o.progress),
+        o.step.clone(),
+        o.created_at.clone(),
+        opt(&o.error),
+    ]
 }
 
 pub async fn op(cmd: OpCommand) -> Result<()> {
@@ -359,7 +387,13 @@ pub async fn op(cmd: OpCommand) -> Result<()> {
         OpCommand::Wait { id, timeout } => {
             let id = id.parse().with_context(|| format!("{id:?} is not an operation id"))?;
             let op = c.get_operation(id).await?;
-            let op = finish(&c, &OperationAccepted { guest: drove_model::GuestId::from_uuid(op.target), operation: op }, false, timeout).await?;
+            let op = finish(
+                &c,
+                &OperationAccepted { guest: drove_model::GuestId::from_uuid(op.target), operation: op },
+                false,
+                timeout,
+            )
+            .await?;
             println!("{} {}: {}", op.kind, op.target_name, op.state);
             Ok(())
         }
@@ -376,7 +410,17 @@ pub async fn audit(cmd: AuditCommand) -> Result<()> {
                 &recs,
                 &["seq", "time", "principal", "action", "target", "status", "result"],
                 recs.iter()
-                    .map(|r| vec![r.seq.to_string(), r.time.clone(), r.principal.clone(), r.action.clone(), opt(&r.target), r.status.to_string(), r.result.clone()])
+                    .map(|r| {
+                        vec![
+                            r.seq.to_string(),
+                            r.time.clone(),
+                            r.principal.clone(),
+                            r.action.clone(),
+                            opt(&r.target),
+                            r.status.to_string(),
+                            r.result.clone(),
+                        ]
+                    })
                     .collect(),
             )
         }

@@ -37,15 +37,17 @@ pub fn load() -> Result<ClientConfig> {
             let cfg: ClientConfig = serde_json::from_slice(&bytes)
                 .with_context(|| format!("client config {} is not valid", path.display()))?;
             if cfg.version != CONFIG_VERSION {
-                bail!("client config {} has version {}, this drove understands {CONFIG_VERSION}", path.display(), cfg.version);
+                bail!(
+                    "client config {} has version {}, this drove understands {CONFIG_VERSION}",
+                    path.display(),
+                    cfg.version
+                );
             }
             cfg
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ClientConfig {
-            version: CONFIG_VERSION,
-            endpoint: String::new(),
-            token: String::new(),
-        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            ClientConfig { version: CONFIG_VERSION, endpoint: String::new(), token: String::new() }
+        }
         Err(e) => return Err(e).with_context(|| format!("reading client config {}", path.display())),
     };
     if let Ok(e) = std::env::var("DROVE_ENDPOINT") {
@@ -55,7 +57,10 @@ pub fn load() -> Result<ClientConfig> {
         cfg.token = t;
     }
     if cfg.endpoint.is_empty() || cfg.token.is_empty() {
-        bail!("no manager configured: run `drove up` (or set DROVE_ENDPOINT and DROVE_TOKEN); looked in {}", path.display());
+        bail!(
+            "no manager configured: run `drove up` (or set DROVE_ENDPOINT and DROVE_TOKEN); looked in {}",
+            path.display()
+        );
     }
     Ok(cfg)
 }

@@ -53,7 +53,8 @@ pub async fn shutdown_signal() {
 pub async fn manager(a: ManagerArgs) -> Result<()> {
     std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
     let store_path = a.data_dir.join("state.redb");
-    let store = EmbeddedStore::open(&store_path).with_context(|| format!("opening state store {}", store_path.display()))?;
+    let store =
+        EmbeddedStore::open(&store_path).with_context(|| format!("opening state store {}", store_path.display()))?;
     let mut config = ManagerConfig::new(a.data_dir.clone());
     config.heartbeat_interval = Duration::from_millis(a.heartbeat_ms.max(10));
     config.host_timeout = Duration::from_secs(a.host_timeout.max(1));
@@ -62,7 +63,8 @@ pub async fn manager(a: ManagerArgs) -> Result<()> {
     if minted.admin.is_some() {
         tracing::info!(dir = %a.data_dir.display(), "first start: minted admin and agent tokens (admin.token, agent.token)");
     }
-    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("listening on {}", a.listen))?;
     tracing::info!(endpoint = %format!("http://{}", a.listen), "manager serving");
     drove_manager::serve(m.clone(), listener, shutdown_signal()).await.context("serving the API")?;
     if m.persister().has_failed() {
@@ -96,7 +98,12 @@ pub struct AgentArgs {
     pub memory: ByteSize,
 }
 
-pub fn hypervisor(backend: Backend, data_dir: &std::path::Path, cores: u32, memory: ByteSize) -> Result<Arc<dyn Hypervisor>> {
+pub fn hypervisor(
+    backend: Backend,
+    data_dir: &std::path::Path,
+    cores: u32,
+    memory: ByteSize,
+) -> Result<Arc<dyn Hypervisor>> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     Ok(match backend {
         Backend::Sim => {
@@ -108,7 +115,8 @@ pub fn hypervisor(backend: Backend, data_dir: &std::path::Path, cores: u32, memo
 }
 
 pub async fn agent(a: AgentArgs) -> Result<()> {
-    let token = std::fs::read_to_string(&a.token_file).with_context(|| format!("reading agent token {}", a.token_file.display()))?;
+    let token = std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("reading agent token {}", a.token_file.display()))?;
     let hv = hypervisor(a.backend, &a.data_dir, a.cores, a.memory)?;
     let agent = Agent::new(AgentConfig::new(&a.name), Client::new(&a.manager, &token), hv);
     agent.run(shutdown_signal()).await;

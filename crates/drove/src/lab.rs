@@ -74,7 +74,9 @@ fn lab_path(dir: &Path) -> PathBuf {
 
 fn read_lab(dir: &Path) -> Result<Option<LabFile>> {
     match std::fs::read(lab_path(dir)) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", lab_path(dir).display()))?)),
+        Ok(b) => {
+            Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", lab_path(dir).display()))?))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", lab_path(dir).display())),
     }
@@ -95,7 +97,8 @@ fn is_drove(pid: u32) -> bool {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(Stdio::null()).status();
+    let _ =
+        std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(Stdio::null()).status();
 }
 
 fn free_port() -> Result<u16> {
@@ -108,7 +111,11 @@ fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<std::process::Child> 
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let log_path = logs.join(log);
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("locating the drove binary")?;
     std::process::Command::new(exe)
         .args(args)
@@ -154,9 +161,20 @@ pub async fn up(a: UpArgs) -> Result<()> {
         Backend::Qemu => "qemu",
         Backend::Sim => "sim",
     };
-    let mut lab = LabFile { version: 1, endpoint: endpoint.clone(), backend: Some(backend.into()), ..Default::default() };
+    let mut lab =
+        LabFile { version: 1, endpoint: endpoint.clone(), backend: Some(backend.into()), ..Default::default() };
     let mdir = dir.join("manager");
-    let mut manager = spawn(&dir, "manager.log", &["manager".into(), "--data-dir".into(), mdir.display().to_string(), "--listen".into(), format!("127.0.0.1:{port}")])?;
+    let mut manager = spawn(
+        &dir,
+        "manager.log",
+        &[
+            "manager".into(),
+            "--data-dir".into(),
+            mdir.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+    )?;
     lab.manager_pid = Some(manager.id());
     write_lab(&dir, &lab)?;
 
@@ -164,7 +182,10 @@ pub async fn up(a: UpArgs) -> Result<()> {
     let started = Instant::now();
     let admin_token = loop {
         if let Some(status) = manager.try_wait()? {
-            bail!("the manager exited ({status}) during start-up; its log says:\n{}", tail(&dir.join("logs/manager.log"), 15));
+            bail!(
+                "the manager exited ({status}) during start-up; its log says:\n{}",
+                tail(&dir.join("logs/manager.log"), 15)
+            );
         }
         if let Ok(t) = std::fs::read_to_string(mdir.join(drove_manager::core::ADMIN_TOKEN_FILE)) {
             let c = Client::new(&endpoint, &t);
@@ -205,18 +226,31 @@ pub async fn up(a: UpArgs) -> Result<()> {
         lab.agents.push((name, child.id()));
         write_lab(&dir, &lab)?;
     }
-    let cfg_path = config::save(&ClientConfig { version: config::CONFIG_VERSION, endpoint: endpoint.clone(), token: admin_token })?;
+    let cfg_path = config::save(&ClientConfig {
+        version: config::CONFIG_VERSION,
+        endpoint: endpoint.clone(),
+        token: admin_token,
+    })?;
 
     let wanted: Vec<String> = lab.agents.iter().map(|(n, _)| n.clone()).collect();
     let started = Instant::now();
     loop {
         let hosts = client.list_hosts().await?;
-        let up = wanted.iter().filter(|n| hosts.iter().any(|h| &h.info.name == *n && h.info.state == HostState::Up && h.last_seen_ms.is_some())).count();
+        let up = wanted
+            .iter()
+            .filter(|n| {
+                hosts.iter().any(|h| &h.info.name == *n && h.info.state == HostState::Up && h.last_seen_ms.is_some())
+            })
+            .count();
         if up == wanted.len() {
             break;
         }
         if started.elapsed() > Duration::from_secs(60) {
-            bail!("only {up} of {} hosts came up within 60s; see the logs in {}", wanted.len(), dir.join("logs").display());
+            bail!(
+                "only {up} of {} hosts came up within 60s; see the logs in {}",
+                wanted.len(),
+                dir.join("logs").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -277,7 +311,11 @@ pub async fn down(a: DownArgs) -> Result<()> {
     if a.purge {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    println!("drove is down ({} hosts, {stopped} guests stopped){}", lab.agents.len(), if a.purge { "; state purged" } else { "" });
+    println!(
+        "drove is down ({} hosts, {stopped} guests stopped){}",
+        lab.agents.len(),
+        if a.purge { "; state purged" } else { "" }
+    );
     Ok(())
 }
 

@@ -6,7 +6,12 @@ use serde::Serialize;
 use crate::Format;
 
 /// Print `rows` as a table with `header`, or `value` as JSON.
-pub fn print<T: Serialize + ?Sized>(format: Format, value: &T, header: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<()> {
+pub fn print<T: Serialize + ?Sized>(
+    format: Format,
+    value: &T,
+    header: &[&str],
+    rows: Vec<Vec<String>>,
+) -> anyhow::Result<()> {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
         Format::Table => {

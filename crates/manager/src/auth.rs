@@ -64,13 +64,8 @@ pub fn write_token_file(path: &Path, token: &str) -> Result<(), TokenError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| TokenError::Write { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
     f.write_all(token.as_bytes()).map_err(err)?;
     f.write_all(b"\n").map_err(err)?;
     f.sync_all().map_err(err)?;

@@ -27,9 +27,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use drove_api::{
-    AuditRecord, CreateGuestRequest, CreateVlanRequest, DesiredGuest, DesiredState, GuestView,
-    HeartbeatRequest, HeartbeatResponse, HostView, ObservedGuest, ObservedState, OperationAccepted,
-    RegisterRequest, RegisterResponse, VlanView,
+    AuditRecord, CreateGuestRequest, CreateVlanRequest, DesiredGuest, DesiredState, GuestView, HeartbeatRequest,
+    HeartbeatResponse, HostView, ObservedGuest, ObservedState, OperationAccepted, RegisterRequest, RegisterResponse,
+    VlanView,
 };
 use drove_model::guest::validate_name;
 use drove_model::host::HostEvent;
@@ -37,9 +37,8 @@ use drove_model::operation::OperationEvent;
 use drove_model::units::MIB;
 use drove_model::vlan::Ipv4Cidr;
 use drove_model::{
-    ByteSize, DiskSpec, Guest, GuestEvent, GuestId, GuestSpec, GuestState, HostId, HostInfo,
-    HostState, NicSpec, Operation, OperationId, OperationKind, OperationState, PowerIntent,
-    Priority, Vlan, VlanTag,
+    ByteSize, DiskSpec, Guest, GuestEvent, GuestId, GuestSpec, GuestState, HostId, HostInfo, HostState, NicSpec,
+    Operation, OperationId, OperationKind, OperationState, PowerIntent, Priority, Vlan, VlanTag,
 };
 use drove_placement::{HostCapacity, PlacementError, Policy, Request};
 use drove_store::{Op, Store};
@@ -47,11 +46,10 @@ use tokio::sync::watch;
 
 use crate::auth::{self, Principal, Role, TokenRecord};
 use crate::inventory::{
-    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, op_key, put,
-    token_key, vlan_key,
+    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, op_key, put, token_key, vlan_key,
 };
-use crate::persist::{PersistError, Persister};
 use crate::now_rfc3339;
+use crate::persist::{PersistError, Persister};
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -157,27 +155,18 @@ pub struct Manager {
 impl Manager {
     /// Load state from `store` (minting tokens on first start) and start the
     /// writer task. Must run inside a tokio runtime.
-    pub async fn open(
-        config: ManagerConfig,
-        store: Arc<dyn Store>,
-    ) -> Result<(Arc<Manager>, MintedTokens), OpenError> {
+    pub async fn open(config: ManagerConfig, store: Arc<dyn Store>) -> Result<(Arc<Manager>, MintedTokens), OpenError> {
         let (mut inv, mut init) = Inventory::load(store.as_ref()).await?;
         let mut minted = MintedTokens::default();
         if inv.tokens.is_empty() {
-            std::fs::create_dir_all(&config.data_dir).map_err(|source| auth::TokenError::Write {
-                path: config.data_dir.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(&config.data_dir)
+                .map_err(|source| auth::TokenError::Write { path: config.data_dir.clone(), source })?;
             for (name, role, file) in
                 [("admin", Role::Admin, ADMIN_TOKEN_FILE), ("agent", Role::Agent, AGENT_TOKEN_FILE)]
             {
                 let token = auth::mint_token()?;
-                let rec = TokenRecord {
-                    hash: auth::hash_token(&token),
-                    name: name.into(),
-                    role,
-                    created_at: now_rfc3339(),
-                };
+                let rec =
+                    TokenRecord { hash: auth::hash_token(&token), name: name.into(), role, created_at: now_rfc3339() };
                 init.push(put(token_key(&rec.hash), &rec));
                 inv.tokens.insert(rec.hash.clone(), rec);
                 auth::write_token_file(&config.data_dir.join(file), &token)?;
@@ -298,12 +287,7 @@ impl Manager {
             .values()
             .map(|v| VlanView {
                 vlan: v.clone(),
-                nics: inv
-                    .guests
-                    .values()
-                    .flat_map(|g| &g.spec.nics)
-                    .filter(|n| n.vlan == v.tag)
-                    .count() as u32,
+                nics: inv.guests.values().flat_map(|g| &g.spec.nics).filter(|n| n.vlan == v.tag).count() as u32,
             })
             .collect()
     }
@@ -359,7 +343,9 @@ impl Manager {
         let gateway = req
             .gateway
             .as_deref()
-            .map(|g| g.parse().map_err(|_| ApiError::invalid("gateway", format!("gateway {g:?} is not an IPv4 address"))))
+            .map(|g| {
+                g.parse().map_err(|_| ApiError::invalid("gateway", format!("gateway {g:?} is not an IPv4 address")))
+            })
             .transpose()?;
         if gateway.is_some() && subnet.is_none() {
             return Err(ApiError::invalid("gateway", "a gateway needs a subnet"));
@@ -417,7 +403,7 @@ impl Manager {
             return Err(ApiError::invalid("vcpus", format!("vcpus must be between 1 and 255, got {}", req.vcpus)));
         }
         let mem = req.memory.bytes();
-        if mem < 16 * MIB || mem % MIB != 0 {
+        if mem < 16 * MIB || !mem.is_multiple_of(MIB) {
             return Err(ApiError::invalid(
                 "memory",
                 format!("memory must be a whole number of MiB and at least 16M, got {} bytes", mem),
@@ -427,7 +413,7 @@ impl Manager {
             return Err(ApiError::invalid("disks", format!("at most 16 disks, got {}", req.disks.len())));
         }
         for (i, d) in req.disks.iter().enumerate() {
-            if d.bytes() < MIB || d.bytes() % MIB != 0 {
+            if d.bytes() < MIB || !d.bytes().is_multiple_of(MIB) {
                 return Err(ApiError::invalid(
                     &format!("disks[{i}]"),
                     format!("disk {i} size must be a whole number of MiB and at least 1M, got {} bytes", d.bytes()),
@@ -514,46 +500,48 @@ impl Manager {
     }
 
     pub async fn create_guest(&self, ctx: &Ctx, req: CreateGuestRequest) -> Result<OperationAccepted, ApiError> {
-        let (accepted, pending) = {
-            let mut inv = self.lock();
-            let (spec, pinned) = Self::validate_spec(&inv, &req)?;
-            if inv.guest_names.contains_key(&spec.name) {
-                return Err(ApiError::conflict(format!("a guest named {:?} already exists", spec.name)));
-            }
-            let request = Request { vcpus: spec.vcpus, memory: spec.memory };
-            let host = drove_placement::place(&self.capacities(&inv), request, pinned, &self.config.policy)
-                .map_err(|e| match e {
-                    PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
-                    PlacementError::PinnedMisfit { .. } => {
-                        ApiError { field: Some("host".into()), ..ApiError::conflict(e.to_string()) }
-                    }
-                    PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
-                    PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(e.to_string()),
-                })?;
-            let intent = if req.start.unwrap_or(true) { PowerIntent::Running } else { PowerIntent::Stopped };
-            let guest = Guest {
-                id: GuestId::new_v4(),
-                spec,
-                host,
-                state: GuestState::Creating,
-                intent,
-                generation: 1,
-                created_at: now_rfc3339(),
-                last_error: None,
+        let (accepted, pending) =
+            {
+                let mut inv = self.lock();
+                let (spec, pinned) = Self::validate_spec(&inv, &req)?;
+                if inv.guest_names.contains_key(&spec.name) {
+                    return Err(ApiError::conflict(format!("a guest named {:?} already exists", spec.name)));
+                }
+                let request = Request { vcpus: spec.vcpus, memory: spec.memory };
+                let host = drove_placement::place(&self.capacities(&inv), request, pinned, &self.config.policy)
+                    .map_err(|e| match e {
+                        PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
+                        PlacementError::PinnedMisfit { .. } => {
+                            ApiError { field: Some("host".into()), ..ApiError::conflict(e.to_string()) }
+                        }
+                        PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
+                        PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(e.to_string()),
+                    })?;
+                let intent = if req.start.unwrap_or(true) { PowerIntent::Running } else { PowerIntent::Stopped };
+                let guest = Guest {
+                    id: GuestId::new_v4(),
+                    spec,
+                    host,
+                    state: GuestState::Creating,
+                    intent,
+                    generation: 1,
+                    created_at: now_rfc3339(),
+                    last_error: None,
+                };
+                let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
+                let mut op = Self::new_op(OperationKind::CreateGuest, &guest, &ctx.principal, "");
+                op.step = format!("provisioning on host {host_name}");
+                op.progress = 10;
+                inv.index_guest(&guest);
+                inv.guests.insert(guest.id, guest.clone());
+                inv.poke(guest.host);
+                inv.active_ops.insert(guest.id, op.id);
+                inv.ops.insert(op.id, op.clone());
+                let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", guest.spec.name)), "ok", 202);
+                let pending =
+                    self.persister.enqueue(vec![put(guest_key(guest.id), &guest), put(op_key(op.id), &op), audit]);
+                (OperationAccepted { operation: op, guest: guest.id }, pending)
             };
-            let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
-            let mut op = Self::new_op(OperationKind::CreateGuest, &guest, &ctx.principal, "");
-            op.step = format!("provisioning on host {host_name}");
-            op.progress = 10;
-            inv.index_guest(&guest);
-            inv.guests.insert(guest.id, guest.clone());
-            inv.poke(guest.host);
-            inv.active_ops.insert(guest.id, op.id);
-            inv.ops.insert(op.id, op.clone());
-            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", guest.spec.name)), "ok", 202);
-            let pending = self.persister.enqueue(vec![put(guest_key(guest.id), &guest), put(op_key(op.id), &op), audit]);
-            (OperationAccepted { operation: op, guest: guest.id }, pending)
-        };
         pending.durable().await?;
         Ok(accepted)
     }
@@ -568,7 +556,9 @@ impl Manager {
                 let active = inv.ops.get(&op_id).cloned();
                 match (action, active) {
                     // Deleting twice: hand back the delete already under way.
-                    (GuestAction::Delete, Some(a)) if a.kind == OperationKind::DeleteGuest || a.state == OperationState::RollingBack => {
+                    (GuestAction::Delete, Some(a))
+                        if a.kind == OperationKind::DeleteGuest || a.state == OperationState::RollingBack =>
+                    {
                         return Ok(OperationAccepted { operation: a, guest: g.id });
                     }
                     (GuestAction::Delete, Some(mut a)) => {
@@ -595,16 +585,24 @@ impl Manager {
                     match g.state {
                         GuestState::Running | GuestState::Starting => (OperationKind::StartGuest, true),
                         GuestState::Stopped | GuestState::Crashed | GuestState::Failed => {
-                            g.state = g.state.apply(GuestEvent::Start).map_err(|e| ApiError::conflict(e.to_string()))?;
+                            g.state =
+                                g.state.apply(GuestEvent::Start).map_err(|e| ApiError::conflict(e.to_string()))?;
                             (OperationKind::StartGuest, false)
                         }
-                        s => return Err(ApiError::conflict(format!("guest {} is {s}; it can be started once it is stopped", g.spec.name))),
+                        s => {
+                            return Err(ApiError::conflict(format!(
+                                "guest {} is {s}; it can be started once it is stopped",
+                                g.spec.name
+                            )));
+                        }
                     }
                 }
                 GuestAction::Stop { force } => {
                     g.intent = PowerIntent::Stopped;
                     match g.state {
-                        GuestState::Stopped | GuestState::Crashed | GuestState::Failed => (OperationKind::StopGuest, true),
+                        GuestState::Stopped | GuestState::Crashed | GuestState::Failed => {
+                            (OperationKind::StopGuest, true)
+                        }
                         GuestState::Running | GuestState::Starting => {
                             g.state = g.state.apply(GuestEvent::Stop).map_err(|e| ApiError::conflict(e.to_string()))?;
                             if force {
@@ -618,7 +616,12 @@ impl Manager {
                             }
                             (OperationKind::StopGuest, false)
                         }
-                        s => return Err(ApiError::conflict(format!("guest {} is {s}; it cannot be stopped now", g.spec.name))),
+                        s => {
+                            return Err(ApiError::conflict(format!(
+                                "guest {} is {s}; it cannot be stopped now",
+                                g.spec.name
+                            )));
+                        }
                     }
                 }
                 GuestAction::Delete => {
@@ -629,7 +632,8 @@ impl Manager {
             if g.state != before || g.intent != inv.guests.get(&g.id).map_or(g.intent, |o| o.intent) {
                 g.generation += 1;
             }
-            let mut op = Self::new_op(kind, &g, &ctx.principal, if done { "nothing to do" } else { "waiting for host" });
+            let mut op =
+                Self::new_op(kind, &g, &ctx.principal, if done { "nothing to do" } else { "waiting for host" });
             if done {
                 op.state = OperationState::Succeeded;
                 op.progress = 100;
@@ -704,10 +708,8 @@ impl Manager {
         let (pending, notify, poke) = {
             let mut inv = self.lock();
             let inv = &mut *inv;
-            let host = inv
-                .hosts
-                .get_mut(&req.host_id)
-                .ok_or_else(|| ApiError::not_found("host", &req.host_id.to_string()))?;
+            let host =
+                inv.hosts.get_mut(&req.host_id).ok_or_else(|| ApiError::not_found("host", &req.host_id.to_string()))?;
             host.last_seen = Some(Instant::now());
             let poke = host.poke.clone();
             let mut w = Writes::default();
@@ -824,8 +826,8 @@ impl Manager {
         Ok(changes)
     }
 
-    /// Counts for metrics: (hosts by state, guests by state, ops running).
-    pub fn counts(&self) -> (Vec<(HostState, usize)>, Vec<(GuestState, usize)>, usize) {
+    /// Counts for metrics.
+    pub fn counts(&self) -> Counts {
         let inv = self.lock();
         let hosts = [HostState::Up, HostState::Maintenance, HostState::Down]
             .into_iter()
@@ -836,8 +838,16 @@ impl Manager {
             *guests.entry(g.state).or_default() += 1;
         }
         let guests = GuestState::ALL.iter().map(|s| (*s, guests.get(s).copied().unwrap_or(0))).collect();
-        (hosts, guests, inv.active_ops.len())
+        Counts { hosts, guests, active_operations: inv.active_ops.len() }
     }
+}
+
+/// Object counts for metrics.
+#[derive(Debug, Clone)]
+pub struct Counts {
+    pub hosts: Vec<(HostState, usize)>,
+    pub guests: Vec<(GuestState, usize)>,
+    pub active_operations: usize,
 }
 
 fn inv_force(inv: &mut Inventory, id: GuestId) {
@@ -883,13 +893,14 @@ fn apply(g: &mut Guest, e: GuestEvent) -> bool {
 
 /// Update the active operation of `guest`: progress, or finish it.
 fn progress_op(inv: &mut Inventory, guest: GuestId, step: &str, progress: u8, w: &mut Writes) {
-    if let Some(op) = inv.active_ops.get(&guest).and_then(|id| inv.ops.get_mut(id)) {
-        if op.state == OperationState::Running && op.step != step {
-            op.step = step.to_owned();
-            op.progress = progress;
-            w.ops.push(put(op_key(op.id), &*op));
-            w.ops_changed = true;
-        }
+    if let Some(op) = inv.active_ops.get(&guest).and_then(|id| inv.ops.get_mut(id))
+        && op.state == OperationState::Running
+        && op.step != step
+    {
+        op.step = step.to_owned();
+        op.progress = progress;
+        w.ops.push(put(op_key(op.id), &*op));
+        w.ops_changed = true;
     }
 }
 
@@ -1001,7 +1012,10 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
             (GuestState::Starting, Some(ObservedState::Running)) => {
                 apply(&mut g, GuestEvent::Started);
                 g.last_error = None;
-                if matches!(active_kind(inv, id), Some((OperationKind::CreateGuest | OperationKind::StartGuest, OperationState::Running))) {
+                if matches!(
+                    active_kind(inv, id),
+                    Some((OperationKind::CreateGuest | OperationKind::StartGuest, OperationState::Running))
+                ) {
                     finish_op(inv, id, OperationEvent::Succeed, None, w);
                 }
             }

@@ -18,9 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
-    AuditRecord, CreateGuestRequest, CreateVlanRequest, ErrorBody, ErrorResponse, GuestView,
-    HeartbeatRequest, HeartbeatResponse, HostView, OperationAccepted, RegisterRequest,
-    RegisterResponse, StopGuestRequest, VlanView,
+    AuditRecord, CreateGuestRequest, CreateVlanRequest, ErrorBody, ErrorResponse, GuestView, HeartbeatRequest,
+    HeartbeatResponse, HostView, OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
 };
 use drove_model::{Operation, OperationId};
 use serde::Deserialize;
@@ -64,11 +63,7 @@ fn json_error(rej: JsonRejection) -> ApiError {
     let text = rej.body_text();
     // axum reports "Failed to deserialize ...: <path>: <serde message>".
     let detail = text.split_once("target type: ").map_or(text.as_str(), |(_, d)| d);
-    let field = detail
-        .split_once(": ")
-        .map(|(path, _)| path)
-        .filter(|p| !p.contains(' '))
-        .map(str::to_owned);
+    let field = detail.split_once(": ").map(|(path, _)| path).filter(|p| !p.contains(' ')).map(str::to_owned);
     ApiError { field, ..ApiError::invalid("body", format!("invalid request body: {detail}")) }
 }
 
@@ -122,10 +117,7 @@ async fn authenticate(State(m): State<Arc<Manager>>, mut req: Request, next: Nex
     req.extensions_mut().insert(principal.clone());
     let resp = next.run(req).await;
     if mutation && !resp.status().is_success() {
-        let message = resp
-            .extensions()
-            .get::<Failure>()
-            .map_or_else(|| resp.status().to_string(), |f| f.0.clone());
+        let message = resp.extensions().get::<Failure>().map_or_else(|| resp.status().to_string(), |f| f.0.clone());
         m.audit_refusal(&Ctx { principal, action }, None, &message, resp.status().as_u16()).await;
     }
     resp
@@ -148,7 +140,9 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError { status: 404, code: "not_found", message: "no such API path".into(), field: None } })
+        .fallback(|| async {
+            ApiError { status: 404, code: "not_found", message: "no such API path".into(), field: None }
+        })
         .layer(middleware::from_fn_with_state(m.clone(), authenticate))
         .with_state(m)
 }
@@ -189,7 +183,11 @@ async fn list_guests(State(m): State<Arc<Manager>>) -> Json<Vec<GuestView>> {
     responses((status = 202, description = "Creation started", body = OperationAccepted),
         (status = 400, description = "Invalid request", body = ErrorResponse),
         (status = 409, description = "Name taken or no room", body = ErrorResponse)))]
-async fn create_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Body(req): Body<CreateGuestRequest>) -> Res<(StatusCode, Json<OperationAccepted>)> {
+async fn create_guest(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Body(req): Body<CreateGuestRequest>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
     m.create_guest(&ctx, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
@@ -201,20 +199,33 @@ async fn get_guest(State(m): State<Arc<Manager>>, Path(guest): Path<String>) -> 
 
 #[utoipa::path(post, path = "/v1/guests/{guest}/start", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
-async fn start_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Path(guest): Path<String>) -> Res<(StatusCode, Json<OperationAccepted>)> {
+async fn start_guest(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
     m.guest_action(&ctx, &guest, GuestAction::Start).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
 #[utoipa::path(post, path = "/v1/guests/{guest}/stop", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     request_body = StopGuestRequest,
     responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
-async fn stop_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Path(guest): Path<String>, Body(req): Body<StopGuestRequest>) -> Res<(StatusCode, Json<OperationAccepted>)> {
+async fn stop_guest(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<StopGuestRequest>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
     m.guest_action(&ctx, &guest, GuestAction::Stop { force: req.force }).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
 #[utoipa::path(delete, path = "/v1/guests/{guest}", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse)))]
-async fn delete_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Path(guest): Path<String>) -> Res<(StatusCode, Json<OperationAccepted>)> {
+async fn delete_guest(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
     m.guest_action(&ctx, &guest, GuestAction::Delete).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
@@ -225,7 +236,11 @@ async fn list_vlans(State(m): State<Arc<Manager>>) -> Json<Vec<VlanView>> {
 
 #[utoipa::path(post, path = "/v1/vlans", tag = "vlans", request_body = CreateVlanRequest,
     responses((status = 201, body = VlanView), (status = 400, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
-async fn create_vlan(State(m): State<Arc<Manager>>, ctx: Ctx, Body(req): Body<CreateVlanRequest>) -> Res<(StatusCode, Json<VlanView>)> {
+async fn create_vlan(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Body(req): Body<CreateVlanRequest>,
+) -> Res<(StatusCode, Json<VlanView>)> {
     m.create_vlan(&ctx, req).await.map(|v| (StatusCode::CREATED, Json(v)))
 }
 
@@ -248,7 +263,11 @@ struct WaitQuery {
 
 #[utoipa::path(get, path = "/v1/operations/{id}", tag = "operations", params(("id" = String, Path, description = "Operation id"), WaitQuery),
     responses((status = 200, body = Operation), (status = 404, body = ErrorResponse)))]
-async fn get_operation(State(m): State<Arc<Manager>>, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> Res<Json<Operation>> {
+async fn get_operation(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Res<Json<Operation>> {
     let id: OperationId = id.parse().map_err(|_| ApiError::invalid("id", format!("{id:?} is not an operation id")))?;
     match q.wait {
         Some(s) => m.wait_operation(id, Duration::from_secs(s.min(300))).await.map(Json),
@@ -271,7 +290,11 @@ async fn list_audit(State(m): State<Arc<Manager>>, Query(q): Query<AuditQuery>) 
 
 #[utoipa::path(post, path = "/v1/agent/register", tag = "agent", request_body = RegisterRequest,
     responses((status = 200, body = RegisterResponse), (status = 400, body = ErrorResponse)))]
-async fn register(State(m): State<Arc<Manager>>, ctx: Ctx, Body(req): Body<RegisterRequest>) -> Res<Json<RegisterResponse>> {
+async fn register(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Body(req): Body<RegisterRequest>,
+) -> Res<Json<RegisterResponse>> {
     m.register(&ctx, req).await.map(Json)
 }
 
@@ -285,7 +308,8 @@ async fn heartbeat(State(m): State<Arc<Manager>>, Body(req): Body<HeartbeatReque
 async fn metrics(State(m): State<Arc<Manager>>) -> Response {
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
-    let (hosts, guests, ops) = m.counts();
+    let counts = m.counts();
+    let (hosts, guests, ops) = (counts.hosts, counts.guests, counts.active_operations);
     let stats = &m.persister().stats;
     let mut out = String::new();
     let _ = writeln!(out, "# HELP drove_hosts Hosts by state.\n# TYPE drove_hosts gauge");
@@ -296,11 +320,30 @@ async fn metrics(State(m): State<Arc<Manager>>) -> Response {
     for (s, n) in guests {
         let _ = writeln!(out, "drove_guests{{state=\"{s}\"}} {n}");
     }
-    let _ = writeln!(out, "# HELP drove_operations_active Operations in progress.\n# TYPE drove_operations_active gauge\ndrove_operations_active {ops}");
-    let _ = writeln!(out, "# HELP drove_http_requests_total HTTP requests served.\n# TYPE drove_http_requests_total counter\ndrove_http_requests_total {}", m.http_requests.load(Relaxed));
-    let _ = writeln!(out, "# HELP drove_store_commits_total Store transactions committed.\n# TYPE drove_store_commits_total counter\ndrove_store_commits_total {}", stats.commits.load(Relaxed));
-    let _ = writeln!(out, "# HELP drove_store_ops_total Store writes committed.\n# TYPE drove_store_ops_total counter\ndrove_store_ops_total {}", stats.ops.load(Relaxed));
-    let _ = writeln!(out, "# HELP drove_store_commit_seconds_total Time spent committing.\n# TYPE drove_store_commit_seconds_total counter\ndrove_store_commit_seconds_total {}", stats.commit_micros.load(Relaxed) as f64 / 1e6);
+    let _ = writeln!(
+        out,
+        "# HELP drove_operations_active Operations in progress.\n# TYPE drove_operations_active gauge\ndrove_operations_active {ops}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP drove_http_requests_total HTTP requests served.\n# TYPE drove_http_requests_total counter\ndrove_http_requests_total {}",
+        m.http_requests.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP drove_store_commits_total Store transactions committed.\n# TYPE drove_store_commits_total counter\ndrove_store_commits_total {}",
+        stats.commits.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP drove_store_ops_total Store writes committed.\n# TYPE drove_store_ops_total counter\ndrove_store_ops_total {}",
+        stats.ops.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP drove_store_commit_seconds_total Time spent committing.\n# TYPE drove_store_commit_seconds_total counter\ndrove_store_commit_seconds_total {}",
+        stats.commit_micros.load(Relaxed) as f64 / 1e6
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -311,7 +354,10 @@ impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
         openapi.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
     }
 }

@@ -113,10 +113,7 @@ pub struct Inventory {
     pub audit_seq: u64,
 }
 
-async fn load_all<T: DeserializeOwned>(
-    store: &dyn Store,
-    prefix: &'static str,
-) -> Result<Vec<(String, T)>, LoadError> {
+async fn load_all<T: DeserializeOwned>(store: &dyn Store, prefix: &'static str) -> Result<Vec<(String, T)>, LoadError> {
     let (kvs, _) = store.list(prefix).await.map_err(|source| LoadError::Store { prefix, source })?;
     kvs.into_iter()
         .map(|kv| {
@@ -162,14 +159,9 @@ impl Inventory {
         for (_, t) in load_all::<TokenRecord>(store, "tokens/").await? {
             inv.tokens.insert(t.hash.clone(), t);
         }
-        let (audit, _) = store
-            .list("audit/")
-            .await
-            .map_err(|source| LoadError::Store { prefix: "audit/", source })?;
-        inv.audit_seq = audit
-            .last()
-            .and_then(|kv| kv.key.strip_prefix("audit/")?.parse::<u64>().ok())
-            .map_or(1, |s| s + 1);
+        let (audit, _) = store.list("audit/").await.map_err(|source| LoadError::Store { prefix: "audit/", source })?;
+        inv.audit_seq =
+            audit.last().and_then(|kv| kv.key.strip_prefix("audit/")?.parse::<u64>().ok()).map_or(1, |s| s + 1);
         Ok((inv, init))
     }
 
@@ -210,20 +202,16 @@ impl Inventory {
 
     /// Find a guest by id or name.
     pub fn find_guest(&self, key: &str) -> Option<&Guest> {
-        if let Ok(id) = key.parse::<GuestId>() {
-            if let Some(g) = self.guests.get(&id) {
-                return Some(g);
-            }
+        if let Some(g) = key.parse::<GuestId>().ok().and_then(|id| self.guests.get(&id)) {
+            return Some(g);
         }
         self.guest_names.get(key).and_then(|id| self.guests.get(id))
     }
 
     /// Find a host by id or name.
     pub fn find_host(&self, key: &str) -> Option<&HostEntry> {
-        if let Ok(id) = key.parse::<HostId>() {
-            if let Some(h) = self.hosts.get(&id) {
-                return Some(h);
-            }
+        if let Some(h) = key.parse::<HostId>().ok().and_then(|id| self.hosts.get(&id)) {
+            return Some(h);
         }
         self.host_names.get(key).and_then(|id| self.hosts.get(id))
     }

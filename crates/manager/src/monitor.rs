@@ -6,7 +6,8 @@ use std::sync::Arc;
 use crate::core::Manager;
 
 pub async fn run(m: Arc<Manager>) {
-    let period = (m.config.host_timeout / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1));
+    let period =
+        (m.config.host_timeout / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -51,9 +51,7 @@ impl Pending {
     pub async fn durable(self) -> Result<(), PersistError> {
         match self.0 {
             None => Ok(()),
-            Some(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err(PersistError::Failed("writer task ended".into()))),
+            Some(rx) => rx.await.unwrap_or_else(|_| Err(PersistError::Failed("writer task ended".into()))),
         }
     }
 }

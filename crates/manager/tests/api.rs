@@ -27,7 +27,13 @@ fn guest(name: &str) -> CreateGuestRequest {
     }
 }
 
-async fn raw(dc: &Dc, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+async fn raw(
+    dc: &Dc,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
     let mut req = reqwest::Client::new().request(method, format!("{}{path}", dc.endpoint));
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -64,7 +70,15 @@ async fn openapi_document_matches_the_checked_in_one() {
 #[tokio::test]
 async fn a_guest_goes_through_its_whole_lifecycle() {
     let dc = Dc::start(2).await;
-    dc.admin.create_vlan(&CreateVlanRequest { id: 100, name: "blue".into(), subnet: Some("10.0.100.0/24".into()), gateway: None }).await.unwrap();
+    dc.admin
+        .create_vlan(&CreateVlanRequest {
+            id: 100,
+            name: "blue".into(),
+            subnet: Some("10.0.100.0/24".into()),
+            gateway: None,
+        })
+        .await
+        .unwrap();
     let mut req = guest("web-1");
     req.nics = vec![NicRequest { vlan: "blue".into() }, NicRequest { vlan: "100".into() }];
     let acc = dc.admin.create_guest(&req).await.unwrap();
@@ -109,7 +123,11 @@ async fn invalid_requests_are_refused_naming_the_field_and_leave_nothing() {
         (serde_json::json!({"name": "a", "vcpus": 1, "memory": -5}), 400, "memory"),
         (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "disks": [0]}), 400, "disks[0]"),
         (serde_json::json!({"name": "Bad_Name", "vcpus": 1, "memory": 268435456}), 400, "name"),
-        (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "nics": [{"vlan": "nope"}]}), 400, "nics[0].vlan"),
+        (
+            serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "nics": [{"vlan": "nope"}]}),
+            400,
+            "nics[0].vlan",
+        ),
         (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "host": "nowhere"}), 400, "host"),
         (serde_json::json!({"name": "a", "vcpus": 1, "memory": 1099511627776u64}), 400, "memory"),
         (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "priority": 101}), 400, "priority"),
@@ -193,7 +211,10 @@ async fn requests_without_a_valid_token_get_401_change_nothing_and_are_audited()
 async fn every_mutating_call_is_audited_with_who_what_and_result() {
     let dc = Dc::start(1).await;
     let before = dc.admin.audit(0, 10_000).await.unwrap().len();
-    dc.admin.create_vlan(&CreateVlanRequest { id: 7, name: "green".into(), subnet: None, gateway: None }).await.unwrap();
+    dc.admin
+        .create_vlan(&CreateVlanRequest { id: 7, name: "green".into(), subnet: None, gateway: None })
+        .await
+        .unwrap();
     let acc = dc.admin.create_guest(&guest("g1")).await.unwrap();
     dc.wait_succeeded(&acc.operation).await;
     let _ = dc.admin.create_guest(&guest("g1")).await.unwrap_err();

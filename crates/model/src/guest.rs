@@ -42,9 +42,7 @@ pub fn validate_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// Relative importance: higher restarts first after a failure.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub struct Priority(pub u8);
 
@@ -212,16 +210,9 @@ impl GuestState {
             (S::Running | S::Starting, E::Stop) => S::Stopping,
             (S::Stopping | S::Running | S::Starting, E::Stopped) => S::Stopped,
             (S::Running | S::Starting | S::Stopping, E::Crashed) => S::Crashed,
-            (
-                S::Creating
-                | S::Stopped
-                | S::Starting
-                | S::Running
-                | S::Stopping
-                | S::Crashed
-                | S::Failed,
-                E::Delete,
-            ) => S::Deleting,
+            (S::Creating | S::Stopped | S::Starting | S::Running | S::Stopping | S::Crashed | S::Failed, E::Delete) => {
+                S::Deleting
+            }
             (S::Deleting, E::Deleted) => S::Deleted,
             (
                 S::Creating
@@ -277,7 +268,9 @@ mod tests {
     #[test]
     fn happy_path() {
         let mut s = GuestState::Creating;
-        for e in [GuestEvent::Provisioned, GuestEvent::Start, GuestEvent::Started, GuestEvent::Stop, GuestEvent::Stopped] {
+        for e in
+            [GuestEvent::Provisioned, GuestEvent::Start, GuestEvent::Started, GuestEvent::Stop, GuestEvent::Stopped]
+        {
             s = s.apply(e).expect("valid transition");
         }
         assert_eq!(s, GuestState::Stopped);

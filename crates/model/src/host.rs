@@ -74,7 +74,9 @@ pub enum HostEvent {
     HeartbeatBack,
     EnterMaintenance,
     /// Leave maintenance; `alive` says whether the host is currently heard from.
-    ExitMaintenance { alive: bool },
+    ExitMaintenance {
+        alive: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -14,8 +14,7 @@ pub mod units;
 pub mod vlan;
 
 pub use guest::{
-    DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition, NicSpec, PowerIntent,
-    Priority,
+    DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition, NicSpec, PowerIntent, Priority,
 };
 pub use host::{HostInfo, HostState, HypervisorKind};
 pub use id::{GuestId, HostId, OperationId, TypedId};

@@ -63,7 +63,9 @@ impl std::fmt::Display for OperationState {
 pub enum OperationEvent {
     Succeed,
     /// Failed; `undo` says whether there is work to roll back.
-    Fail { undo: bool },
+    Fail {
+        undo: bool,
+    },
     RolledBack,
 }
 

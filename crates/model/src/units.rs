@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 /// A size in bytes. Parses binary units (K, M, G, T with optional `i`/`iB`
 /// suffix, all powers of 1024, as QEMU and operators mean them).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-    utoipa::ToSchema,
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
 )]
 #[serde(transparent)]
 #[schema(value_type = u64)]
@@ -73,10 +72,7 @@ impl FromStr for ByteSize {
                 .and_then(|i| i.checked_add(frac_val.checked_mul(mult)? / scale))
                 .ok_or_else(|| err("too large"))?
         } else {
-            num.parse::<u64>()
-                .map_err(|_| err("bad number"))?
-                .checked_mul(mult)
-                .ok_or_else(|| err("too large"))?
+            num.parse::<u64>().map_err(|_| err("bad number"))?.checked_mul(mult).ok_or_else(|| err("too large"))?
         };
         Ok(ByteSize(bytes))
     }

@@ -8,9 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// An 802.1Q VLAN id, 1..=4094.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(try_from = "u16", into = "u16")]
 #[schema(value_type = u16)]
 pub struct VlanTag(u16);
@@ -29,11 +27,7 @@ pub enum VlanError {
 
 impl VlanTag {
     pub fn new(tag: u32) -> Result<Self, VlanError> {
-        if (1..=4094).contains(&tag) {
-            Ok(Self(tag as u16))
-        } else {
-            Err(VlanError::TagOutOfRange(tag))
-        }
+        if (1..=4094).contains(&tag) { Ok(Self(tag as u16)) } else { Err(VlanError::TagOutOfRange(tag)) }
     }
     pub const fn get(self) -> u16 {
         self.0

@@ -82,9 +82,13 @@ impl Default for Policy {
 pub enum PlacementError {
     #[error("no host is registered")]
     NoHosts,
-    #[error("no host can ever hold {vcpus} vCPUs and {memory} memory (largest host: {largest_cores} cores, {largest_memory})")]
+    #[error(
+        "no host can ever hold {vcpus} vCPUs and {memory} memory (largest host: {largest_cores} cores, {largest_memory})"
+    )]
     TooLarge { vcpus: u32, memory: ByteSize, largest_cores: u32, largest_memory: ByteSize },
-    #[error("no host has room for {vcpus} vCPUs and {memory} memory now ({hosts} hosts checked; most free memory: {most_free})")]
+    #[error(
+        "no host has room for {vcpus} vCPUs and {memory} memory now ({hosts} hosts checked; most free memory: {most_free})"
+    )]
     NoRoom { vcpus: u32, memory: ByteSize, hosts: usize, most_free: ByteSize },
     #[error("{reason}")]
     PinnedMisfit { host: HostId, reason: String },
@@ -122,10 +126,7 @@ pub fn place(
         .iter()
         .filter(|h| h.misfit(&req, policy).is_none())
         .max_by(|a, b| {
-            a.free_memory()
-                .cmp(&b.free_memory())
-                .then(b.allocated_vcpus.cmp(&a.allocated_vcpus))
-                .then(b.id.cmp(&a.id))
+            a.free_memory().cmp(&b.free_memory()).then(b.allocated_vcpus.cmp(&a.allocated_vcpus)).then(b.id.cmp(&a.id))
         })
         .map(|h| h.id)
         .ok_or_else(|| PlacementError::NoRoom {

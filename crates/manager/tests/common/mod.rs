@@ -84,7 +84,8 @@ impl Dc {
     }
 
     async fn serve(&mut self, addr: Option<std::net::SocketAddr>) {
-        let listener = tokio::net::TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).await.unwrap();
+        let listener =
+            tokio::net::TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).await.unwrap();
         self.endpoint = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let m = self.manager();
@@ -167,7 +168,9 @@ impl Dc {
     pub async fn wait_hosts_up(&self, n: usize) {
         self.eventually("hosts up", || async {
             let hosts = self.admin.list_hosts().await.ok()?;
-            (hosts.iter().filter(|h| h.info.state == drove_model::HostState::Up && h.last_seen_ms.is_some()).count() >= n).then_some(())
+            (hosts.iter().filter(|h| h.info.state == drove_model::HostState::Up && h.last_seen_ms.is_some()).count()
+                >= n)
+                .then_some(())
         })
         .await;
     }
@@ -211,4 +214,3 @@ impl Dc {
         self.kill_manager().await;
     }
 }
-

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The full test suite, exactly as CI runs it: formatting, lints, and every
+# test (unit, API, process-level, and real QEMU guests under TCG).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+scripts/build-image.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked
+    cargo test --workspace --doc --locked
+else
+    cargo test --workspace --locked
+fi
