@@ -18,8 +18,11 @@
 # Nothing is fetched but Debian packages through apt: the kernel package is
 # `apt-get download`ed and unpacked with `dpkg -x`, never installed.
 #
-# The guest's /init understands these kernel command line parameters:
+# The guest's /init understands these kernel command line parameters (the
+# QEMU backend passes drove.name and drove.id; more come from
+# QemuConfig::extra_kernel_args):
 #   drove.name=NAME               hostname of the guest
+#   drove.id=UUID                 the guest id (informational)
 #   drove.ip=IFACE:ADDR/PREFIX[:GATEWAY]
 #                                 static IPv4 address for IFACE (eth0, eth1...,
 #                                 in the order of the NICs on the QEMU command
@@ -27,9 +30,13 @@
 #   drove.ip=mac-XX-XX-XX-XX-XX-XX:ADDR/PREFIX[:GATEWAY]
 #                                 the same, naming the NIC by its MAC ('-' for
 #                                 ':' so the field separator stays unique)
-# It prints `DROVE-READY` on the serial console (ttyS0) once modules are
-# loaded and NICs are configured, then keeps a shell on the console. Pressing
-# the ACPI power button (QMP `system_powerdown`) powers the guest off.
+# It reports on the serial console (ttyS0) what it sees, for tests that
+# assert from inside the guest ("drove: disk vda 64M", "drove: nic eth0 MAC",
+# "drove: ip eth0 10.0.0.5/24", "drove: up after 2.1s"), then prints the
+# line `DROVE-READY` once modules are loaded and NICs are configured, and
+# keeps a shell on the console. The ACPI power button (QMP system_powerdown)
+# powers the guest off through busybox acpid; a kernel panic is reported to
+# QEMU through pvpanic.
 set -euo pipefail
 
 # --- arguments and cache check ------------------------------------------------

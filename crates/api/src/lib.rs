@@ -47,6 +47,12 @@ pub struct HostView {
     pub last_seen_ms: Option<u64>,
 }
 
+/// Put a host into maintenance (no new guests) or take it out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MaintenanceRequest {
+    pub enabled: bool,
+}
+
 // ---- guests ---------------------------------------------------------------
 
 /// A NIC to attach: a VLAN by name or id.

@@ -137,6 +137,10 @@ impl Client {
         self.get(&format!("/v1/hosts/{}", seg(host))).await
     }
 
+    pub async fn set_maintenance(&self, host: &str, enabled: bool) -> Result<HostView, ClientError> {
+        self.post(&format!("/v1/hosts/{}/maintenance", seg(host)), &drove_api::MaintenanceRequest { enabled }).await
+    }
+
     pub async fn list_guests(&self) -> Result<Vec<GuestView>, ClientError> {
         self.get("/v1/guests").await
     }

@@ -28,6 +28,14 @@ pub enum HostCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Put a host into maintenance (it takes no new guests) or take it out.
+    #[command(after_help = "Example: drove host maintenance host-2 on")]
+    Maintenance {
+        /// Host name or id.
+        host: String,
+        #[arg(value_parser = ["on", "off"])]
+        mode: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +199,11 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
                 .chain([("id", h.info.id.to_string()), ("registered", h.info.registered_at.clone())])
                 .collect();
             print_one(out.format, &h, fields)
+        }
+        HostCommand::Maintenance { host, mode } => {
+            let h = c.set_maintenance(&host, mode == "on").await?;
+            println!("host {} is {}", h.info.name, h.info.state);
+            Ok(())
         }
     }
 }

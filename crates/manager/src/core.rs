@@ -262,6 +262,36 @@ impl Manager {
         Ok(Self::host_view(&inv, h))
     }
 
+    /// Enter or leave maintenance: a host in maintenance takes no new guests.
+    pub async fn set_maintenance(&self, ctx: &Ctx, key: &str, enabled: bool) -> Result<HostView, ApiError> {
+        let (view, pending) = {
+            let mut inv = self.lock();
+            let h = inv.find_host(key).ok_or_else(|| ApiError::not_found("host", key))?;
+            let (id, state) = (h.info.id, h.info.state);
+            let alive = h.last_seen.is_some_and(|t| t.elapsed() <= self.config.host_timeout);
+            let event = if enabled { HostEvent::EnterMaintenance } else { HostEvent::ExitMaintenance { alive } };
+            let next = match state.apply(event) {
+                Ok(next) => next,
+                // Asking for the state it is already in is not an error.
+                Err(_) if (state == HostState::Maintenance) == enabled => state,
+                Err(e) => return Err(ApiError::conflict(e.to_string())),
+            };
+            let mut writes = Vec::new();
+            if let Some(h) = inv.hosts.get_mut(&id)
+                && h.info.state != next
+            {
+                h.info.state = next;
+                writes.push(put(host_key(id), &h.info));
+            }
+            let h = inv.hosts.get(&id).ok_or_else(|| ApiError::not_found("host", key))?;
+            let view = Self::host_view(&inv, h);
+            writes.push(Self::audit_op(&mut inv, ctx, Some(format!("host/{}", view.info.name)), "ok", 200));
+            (view, self.persister.enqueue(writes))
+        };
+        pending.durable().await?;
+        Ok(view)
+    }
+
     fn guest_view(inv: &Inventory, g: &Guest) -> GuestView {
         let host_name = inv.hosts.get(&g.host).map(|h| h.info.name.clone()).unwrap_or_default();
         GuestView { guest: g.clone(), host_name }

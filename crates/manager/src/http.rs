@@ -19,7 +19,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
     AuditRecord, CreateGuestRequest, CreateVlanRequest, ErrorBody, ErrorResponse, GuestView, HeartbeatRequest,
-    HeartbeatResponse, HostView, OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
+    HeartbeatResponse, HostView, MaintenanceRequest, OperationAccepted, RegisterRequest, RegisterResponse,
+    StopGuestRequest, VlanView,
 };
 use drove_model::{Operation, OperationId};
 use serde::Deserialize;
@@ -128,6 +129,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{host}", get(get_host))
+        .route("/v1/hosts/{host}/maintenance", post(set_maintenance))
         .route("/v1/guests", get(list_guests).post(create_guest))
         .route("/v1/guests/{guest}", get(get_guest).delete(delete_guest))
         .route("/v1/guests/{guest}/start", post(start_guest))
@@ -171,6 +173,18 @@ async fn list_hosts(State(m): State<Arc<Manager>>) -> Json<Vec<HostView>> {
     responses((status = 200, body = HostView), (status = 404, body = ErrorResponse)))]
 async fn get_host(State(m): State<Arc<Manager>>, Path(host): Path<String>) -> Res<Json<HostView>> {
     m.get_host(&host).map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{host}/maintenance", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
+    request_body = MaintenanceRequest,
+    responses((status = 200, body = HostView), (status = 404, body = ErrorResponse)))]
+async fn set_maintenance(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(host): Path<String>,
+    Body(req): Body<MaintenanceRequest>,
+) -> Res<Json<HostView>> {
+    m.set_maintenance(&ctx, &host, req.enabled).await.map(Json)
 }
 
 #[utoipa::path(get, path = "/v1/guests", tag = "guests",
@@ -365,7 +379,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest,
+    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest,
         list_vlans, create_vlan, delete_vlan, list_operations, get_operation, list_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))

@@ -185,6 +185,34 @@ async fn placement_refuses_when_full_and_honours_pins() {
 }
 
 #[tokio::test]
+async fn a_host_in_maintenance_takes_no_new_guests() {
+    let dc = Dc::start(2).await;
+    let h = dc.admin.set_maintenance("host-1", true).await.unwrap();
+    assert_eq!(h.info.state, drove_model::HostState::Maintenance);
+    // Heartbeats do not take it out of maintenance.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(dc.admin.get_host("host-1").await.unwrap().info.state, drove_model::HostState::Maintenance);
+    for i in 0..4 {
+        let acc = dc.admin.create_guest(&guest(&format!("m-{i}"))).await.unwrap();
+        dc.wait_succeeded(&acc.operation).await;
+        assert_eq!(dc.admin.get_guest(&format!("m-{i}")).await.unwrap().host_name, "host-2");
+    }
+    let mut pinned = guest("pinned");
+    pinned.host = Some("host-1".into());
+    let err = dc.admin.create_guest(&pinned).await.unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    assert!(err.to_string().contains("not accepting guests"), "{err}");
+    let h = dc.admin.set_maintenance("host-1", false).await.unwrap();
+    assert_eq!(h.info.state, drove_model::HostState::Up);
+    let acc = dc.admin.create_guest(&pinned).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let metrics = dc.admin.metrics().await.unwrap();
+    assert!(metrics.contains("drove_guests{state=\"running\"} 5"), "{metrics}");
+    assert!(metrics.contains("drove_hosts{state=\"up\"} 2"), "{metrics}");
+    dc.shutdown().await;
+}
+
+#[tokio::test]
 async fn requests_without_a_valid_token_get_401_change_nothing_and_are_audited() {
     let dc = Dc::start(1).await;
     let body = serde_json::json!({"name": "sneaky", "vcpus": 1, "memory": 268435456});
