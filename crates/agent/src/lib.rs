@@ -248,11 +248,10 @@ impl Agent {
                 self.lock_reports().destroyed.insert(d.id);
                 continue;
             }
-            let retry_later = self
-                .lock_reports()
-                .failed_at
-                .get(&d.id)
-                .is_some_and(|(generation, at)| *generation == d.generation && at.elapsed() < self.config.retry_after);
+            let retry_later =
+                self.lock_reports().failed_at.get(&d.id).is_some_and(|(generation, at)| {
+                    *generation == d.generation && at.elapsed() < self.config.retry_after
+                });
             if retry_later {
                 continue;
             }

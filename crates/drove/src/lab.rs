@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use drove_client::Client;
+use drove_hypervisor::qemu::{QemuConfig, QemuHypervisor};
 use drove_hypervisor::{Hypervisor, StopMode};
 use drove_model::{ByteSize, HostState};
 use serde::{Deserialize, Serialize};
@@ -150,7 +151,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         stop_processes(&lab).await;
     }
     if a.backend == Backend::Qemu {
-        qemu_preflight()?;
+        qemu_preflight(&dir)?;
     }
     let port = match a.port {
         Some(p) => p,
@@ -319,11 +320,36 @@ pub async fn down(a: DownArgs) -> Result<()> {
     Ok(())
 }
 
-/// Check what real guests need before starting anything.
-fn qemu_preflight() -> Result<()> {
-    bail!("the qemu backend is not wired in yet; use --backend sim")
+/// Where the guest image is: `$DROVE_IMAGE_DIR`, else the cache directory
+/// `scripts/build-image.sh` fills by default.
+fn image_dir() -> Result<PathBuf> {
+    std::env::var_os("DROVE_IMAGE_DIR")
+        .map(PathBuf::from)
+        .or_else(QemuConfig::default_image_dir)
+        .context("cannot tell where the guest image is: set DROVE_IMAGE_DIR or HOME")
 }
 
-pub fn qemu_hypervisor(_dir: &Path) -> Result<Arc<dyn Hypervisor>> {
-    bail!("the qemu backend is not wired in yet; use --backend sim")
+/// Check what real guests need before starting anything.
+fn qemu_preflight(dir: &Path) -> Result<()> {
+    let probe = std::process::Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        bail!("qemu-system-x86_64 is not installed; run scripts/install-deps.sh (or use --backend sim)");
+    }
+    let image = QemuConfig::new(dir, image_dir()?)?.boot_image();
+    for f in [&image.kernel, &image.initrd] {
+        if !f.exists() {
+            bail!("guest image file {} is missing; run scripts/build-image.sh", f.display());
+        }
+    }
+    // hosts/host-NN/guests/<uuid>/console.sock must fit a unix socket path.
+    let longest = dir.join("hosts/host-64/guests/00000000-0000-0000-0000-000000000000/console.sock");
+    if longest.as_os_str().len() > drove_hypervisor::qemu::MAX_SOCKET_PATH {
+        bail!("data dir {} is too long for the guests' unix sockets; choose a shorter --data-dir", dir.display());
+    }
+    Ok(())
+}
+
+pub fn qemu_hypervisor(dir: &Path) -> Result<Arc<dyn Hypervisor>> {
+    let config = QemuConfig::new(dir, image_dir()?)?;
+    Ok(Arc::new(QemuHypervisor::new(config)?))
 }

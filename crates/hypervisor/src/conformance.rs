@@ -59,10 +59,7 @@ pub struct Options {
 impl Default for Options {
     /// Generous for the simulator; real backends under TCG want more.
     fn default() -> Self {
-        Self {
-            op_timeout: Duration::from_secs(10),
-            graceful_timeout: Duration::from_secs(5),
-        }
+        Self { op_timeout: Duration::from_secs(10), graceful_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -131,9 +128,7 @@ impl Property {
             Property::ResourcesAreReported => "resources_are_reported",
             Property::CreateLeavesGuestStopped => "create_leaves_guest_stopped",
             Property::CreateIsIdempotent => "create_is_idempotent",
-            Property::CreateWithNewerGenerationUpdatesIt => {
-                "create_with_newer_generation_updates_it"
-            }
+            Property::CreateWithNewerGenerationUpdatesIt => "create_with_newer_generation_updates_it",
             Property::StartRunsGuestAndIsIdempotent => "start_runs_guest_and_is_idempotent",
             Property::PauseAndResume => "pause_and_resume",
             Property::StopGracefully => "stop_gracefully",
@@ -155,8 +150,7 @@ impl Property {
         F: Fn(u32) -> GuestConfig,
     {
         let mut next_index = 0;
-        self.check_from(hv, &template, options, &mut next_index)
-            .await
+        self.check_from(hv, &template, options, &mut next_index).await
     }
 
     async fn check_from<H, F>(
@@ -170,13 +164,7 @@ impl Property {
         H: Hypervisor,
         F: Fn(u32) -> GuestConfig,
     {
-        let mut cx = Cx {
-            hv,
-            template,
-            options,
-            next_index,
-            created: Vec::new(),
-        };
+        let mut cx = Cx { hv, template, options, next_index, created: Vec::new() };
         let outcome = self.run(&mut cx).await;
         let cleanup = cx.cleanup().await;
         let message = match (outcome, cleanup) {
@@ -185,10 +173,7 @@ impl Property {
             (Ok(()), Err(c)) => format!("cleanup: {c}"),
             (Err(e), Err(c)) => format!("{e}; and cleanup: {c}"),
         };
-        Err(Violation {
-            property: self,
-            message,
-        })
+        Err(Violation { property: self, message })
     }
 
     async fn run<H, F>(self, cx: &mut Cx<'_, H, F>) -> Check
@@ -200,9 +185,7 @@ impl Property {
             Property::ResourcesAreReported => resources_are_reported(cx).await,
             Property::CreateLeavesGuestStopped => create_leaves_guest_stopped(cx).await,
             Property::CreateIsIdempotent => create_is_idempotent(cx).await,
-            Property::CreateWithNewerGenerationUpdatesIt => {
-                create_with_newer_generation_updates_it(cx).await
-            }
+            Property::CreateWithNewerGenerationUpdatesIt => create_with_newer_generation_updates_it(cx).await,
             Property::StartRunsGuestAndIsIdempotent => start_runs_guest_and_is_idempotent(cx).await,
             Property::PauseAndResume => pause_and_resume(cx).await,
             Property::StopGracefully => stop_gracefully(cx).await,
@@ -239,12 +222,7 @@ pub struct SuiteFailure {
 
 impl fmt::Display for SuiteFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} of {} hypervisor conformance properties violated",
-            self.violations.len(),
-            Property::ALL.len()
-        )?;
+        write!(f, "{} of {} hypervisor conformance properties violated", self.violations.len(), Property::ALL.len())?;
         for v in &self.violations {
             write!(f, "\n  - {v}")?;
         }
@@ -299,18 +277,11 @@ where
     let mut next_index = 0;
     let mut violations = Vec::new();
     for property in Property::ALL {
-        if let Err(v) = property
-            .check_from(hv, &template, options, &mut next_index)
-            .await
-        {
+        if let Err(v) = property.check_from(hv, &template, options, &mut next_index).await {
             violations.push(v);
         }
     }
-    if violations.is_empty() {
-        Ok(())
-    } else {
-        Err(SuiteFailure { violations })
-    }
+    if violations.is_empty() { Ok(()) } else { Err(SuiteFailure { violations }) }
 }
 
 /// Generates a module with one `#[tokio::test]` per [`Property`].
@@ -423,9 +394,7 @@ where
             !self.created.contains(&id),
             "template({n}) returned id {id} again; the suite needs a fresh id per call"
         );
-        let seen = self
-            .call(format!("status({id})"), self.hv.status(id))
-            .await?;
+        let seen = self.call(format!("status({id})"), self.hv.status(id)).await?;
         ensure!(
             matches!(seen, Err(HvError::NotFound { .. })),
             "template({n}) returned id {id}, which the backend already knows ({}); the suite needs fresh ids",
@@ -466,17 +435,11 @@ where
         fut: impl Future<Output = Result<T, HvError>>,
     ) -> Result<Result<T, HvError>, String> {
         let limit = self.options.op_timeout;
-        tokio::time::timeout(limit, fut)
-            .await
-            .map_err(|_| format!("{what} did not return within {limit:?}"))
+        tokio::time::timeout(limit, fut).await.map_err(|_| format!("{what} did not return within {limit:?}"))
     }
 
     /// Awaits `fut`, which must succeed.
-    async fn ok<T>(
-        &self,
-        what: String,
-        fut: impl Future<Output = Result<T, HvError>>,
-    ) -> Result<T, String> {
+    async fn ok<T>(&self, what: String, fut: impl Future<Output = Result<T, HvError>>) -> Result<T, String> {
         match self.call(what.clone(), fut).await? {
             Ok(v) => Ok(v),
             Err(e) => Err(format!("{what} failed: {}", chain(&e))),
@@ -493,8 +456,7 @@ where
     }
 
     async fn stop(&self, id: GuestId, mode: StopMode) -> Check {
-        self.ok(format!("stop({id}, {mode:?})"), self.hv.stop(id, mode))
-            .await
+        self.ok(format!("stop({id}, {mode:?})"), self.hv.stop(id, mode)).await
     }
 
     async fn pause(&self, id: GuestId) -> Check {
@@ -514,9 +476,7 @@ where
     }
 
     fn graceful(&self) -> StopMode {
-        StopMode::Graceful {
-            timeout: self.options.graceful_timeout,
-        }
+        StopMode::Graceful { timeout: self.options.graceful_timeout }
     }
 
     /// `status(id)` must report `state` at `generation`; returns the status.
@@ -527,14 +487,8 @@ where
         generation: u64,
         after: &str,
     ) -> Result<GuestStatus, String> {
-        let status = self
-            .ok(format!("status({id}) after {after}"), self.hv.status(id))
-            .await?;
-        ensure!(
-            status.id == id,
-            "status({id}) after {after} describes guest {}",
-            status.id
-        );
+        let status = self.ok(format!("status({id}) after {after}"), self.hv.status(id)).await?;
+        ensure!(status.id == id, "status({id}) after {after} describes guest {}", status.id);
         ensure!(
             status.state == state && status.generation == generation,
             "after {after}, guest {id} should be {state:?} at generation {generation}, \
@@ -551,11 +505,7 @@ where
         let mut entries = list.iter().filter(|s| s.id == id);
         let entry = entries.next().cloned();
         let more = entries.count();
-        ensure!(
-            more == 0,
-            "after {after}, list() shows guest {id} {} times",
-            more + 1
-        );
+        ensure!(more == 0, "after {after}, list() shows guest {id} {} times", more + 1);
         entry.ok_or_else(|| format!("after {after}, list() does not show guest {id}"))
     }
 
@@ -567,11 +517,7 @@ where
                 failures.push(e);
             }
         }
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(failures.join("; "))
-        }
+        if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) }
     }
 }
 
@@ -610,13 +556,8 @@ fn same_incarnation(before: &GuestStatus, after: &GuestStatus, during: &str) -> 
 fn expect_not_found<T: fmt::Debug>(what: &str, result: &Result<T, HvError>, id: GuestId) -> Check {
     match result {
         Err(HvError::NotFound { id: got }) if *got == id => Ok(()),
-        Err(HvError::NotFound { id: got }) => Err(format!(
-            "{what} gave NotFound for guest {got} instead of {id}"
-        )),
-        other => Err(format!(
-            "{what} should give NotFound, but {}",
-            describe(other)
-        )),
+        Err(HvError::NotFound { id: got }) => Err(format!("{what} gave NotFound for guest {got} instead of {id}")),
+        other => Err(format!("{what} should give NotFound, but {}", describe(other))),
     }
 }
 
@@ -627,23 +568,14 @@ fn expect_invalid_state<T: fmt::Debug>(
     state: RuntimeState,
 ) -> Check {
     match result {
-        Err(HvError::InvalidState {
-            id: got_id,
-            state: got_state,
-            ..
-        }) if *got_id == id && *got_state == state => Ok(()),
-        Err(HvError::InvalidState {
-            id: got_id,
-            state: got_state,
-            ..
-        }) => Err(format!(
+        Err(HvError::InvalidState { id: got_id, state: got_state, .. }) if *got_id == id && *got_state == state => {
+            Ok(())
+        }
+        Err(HvError::InvalidState { id: got_id, state: got_state, .. }) => Err(format!(
             "{what} gave InvalidState for guest {got_id} in state {got_state:?}, \
              expected guest {id} in state {state:?}"
         )),
-        other => Err(format!(
-            "{what} on a {state:?} guest should give InvalidState, but {}",
-            describe(other)
-        )),
+        other => Err(format!("{what} on a {state:?} guest should give InvalidState, but {}", describe(other))),
     }
 }
 
@@ -664,8 +596,7 @@ where
     F: Fn(u32) -> GuestConfig,
 {
     let g = cx.stopped().await?;
-    cx.expect(g.id, RuntimeState::Stopped, g.generation, "create")
-        .await?;
+    cx.expect(g.id, RuntimeState::Stopped, g.generation, "create").await?;
     let entry = cx.listed(g.id, "create").await?;
     ensure!(
         entry.state == RuntimeState::Stopped && entry.generation == g.generation,
@@ -685,30 +616,15 @@ where
 {
     let g = cx.stopped().await?;
     cx.create(&g).await?;
-    cx.expect(
-        g.id,
-        RuntimeState::Stopped,
-        g.generation,
-        "a repeated create",
-    )
-    .await?;
+    cx.expect(g.id, RuntimeState::Stopped, g.generation, "a repeated create").await?;
     cx.listed(g.id, "a repeated create").await?;
 
     // "An existing guest is left as it is": a repeated create must not stop
     // or reboot a running guest.
     cx.start(g.id).await?;
-    let before = cx
-        .expect(g.id, RuntimeState::Running, g.generation, "start")
-        .await?;
+    let before = cx.expect(g.id, RuntimeState::Running, g.generation, "start").await?;
     cx.create(&g).await?;
-    let after = cx
-        .expect(
-            g.id,
-            RuntimeState::Running,
-            g.generation,
-            "create of a running guest",
-        )
-        .await?;
+    let after = cx.expect(g.id, RuntimeState::Running, g.generation, "create of a running guest").await?;
     same_incarnation(&before, &after, "a repeated create")
 }
 
@@ -720,27 +636,14 @@ where
     let mut g = cx.stopped().await?;
     g.generation += 1;
     cx.create(&g).await?;
-    cx.expect(
-        g.id,
-        RuntimeState::Stopped,
-        g.generation,
-        "create with a newer generation",
-    )
-    .await?;
+    cx.expect(g.id, RuntimeState::Stopped, g.generation, "create with a newer generation").await?;
 
     cx.start(g.id).await?;
-    let before = cx
-        .expect(g.id, RuntimeState::Running, g.generation, "start")
-        .await?;
+    let before = cx.expect(g.id, RuntimeState::Running, g.generation, "start").await?;
     g.generation += 1;
     cx.create(&g).await?;
     let after = cx
-        .expect(
-            g.id,
-            RuntimeState::Running,
-            g.generation,
-            "create with a newer generation of a running guest",
-        )
+        .expect(g.id, RuntimeState::Running, g.generation, "create with a newer generation of a running guest")
         .await?;
     same_incarnation(&before, &after, "create with a newer generation")?;
     let entry = cx.listed(g.id, "create with a newer generation").await?;
@@ -760,18 +663,9 @@ where
     F: Fn(u32) -> GuestConfig,
 {
     let g = cx.running().await?;
-    let first = cx
-        .expect(g.id, RuntimeState::Running, g.generation, "start")
-        .await?;
+    let first = cx.expect(g.id, RuntimeState::Running, g.generation, "start").await?;
     cx.start(g.id).await?;
-    let second = cx
-        .expect(
-            g.id,
-            RuntimeState::Running,
-            g.generation,
-            "start of a running guest",
-        )
-        .await?;
+    let second = cx.expect(g.id, RuntimeState::Running, g.generation, "start of a running guest").await?;
     same_incarnation(&first, &second, "a repeated start")
 }
 
@@ -781,18 +675,12 @@ where
     F: Fn(u32) -> GuestConfig,
 {
     let g = cx.running().await?;
-    let running = cx
-        .expect(g.id, RuntimeState::Running, g.generation, "start")
-        .await?;
+    let running = cx.expect(g.id, RuntimeState::Running, g.generation, "start").await?;
     cx.pause(g.id).await?;
-    let paused = cx
-        .expect(g.id, RuntimeState::Paused, g.generation, "pause")
-        .await?;
+    let paused = cx.expect(g.id, RuntimeState::Paused, g.generation, "pause").await?;
     same_incarnation(&running, &paused, "pause")?;
     cx.resume(g.id).await?;
-    let resumed = cx
-        .expect(g.id, RuntimeState::Running, g.generation, "resume")
-        .await?;
+    let resumed = cx.expect(g.id, RuntimeState::Running, g.generation, "resume").await?;
     same_incarnation(&running, &resumed, "pause and resume")
 }
 
@@ -803,16 +691,9 @@ where
 {
     let g = cx.running().await?;
     cx.stop(g.id, cx.graceful()).await?;
-    cx.expect(g.id, RuntimeState::Stopped, g.generation, "a graceful stop")
-        .await?;
+    cx.expect(g.id, RuntimeState::Stopped, g.generation, "a graceful stop").await?;
     cx.start(g.id).await?;
-    cx.expect(
-        g.id,
-        RuntimeState::Running,
-        g.generation,
-        "start after a graceful stop",
-    )
-    .await?;
+    cx.expect(g.id, RuntimeState::Running, g.generation, "start after a graceful stop").await?;
     Ok(())
 }
 
@@ -823,23 +704,11 @@ where
 {
     let running = cx.running().await?;
     cx.stop(running.id, StopMode::Force).await?;
-    cx.expect(
-        running.id,
-        RuntimeState::Stopped,
-        running.generation,
-        "a forced stop of a running guest",
-    )
-    .await?;
+    cx.expect(running.id, RuntimeState::Stopped, running.generation, "a forced stop of a running guest").await?;
 
     let paused = cx.paused().await?;
     cx.stop(paused.id, StopMode::Force).await?;
-    cx.expect(
-        paused.id,
-        RuntimeState::Stopped,
-        paused.generation,
-        "a forced stop of a paused guest",
-    )
-    .await?;
+    cx.expect(paused.id, RuntimeState::Stopped, paused.generation, "a forced stop of a paused guest").await?;
     Ok(())
 }
 
@@ -852,26 +721,14 @@ where
     let g = cx.stopped().await?;
     cx.stop(g.id, StopMode::Force).await?;
     cx.stop(g.id, cx.graceful()).await?;
-    cx.expect(
-        g.id,
-        RuntimeState::Stopped,
-        g.generation,
-        "stops of a never-started guest",
-    )
-    .await?;
+    cx.expect(g.id, RuntimeState::Stopped, g.generation, "stops of a never-started guest").await?;
 
     // Started, stopped, stopped again.
     cx.start(g.id).await?;
     cx.stop(g.id, cx.graceful()).await?;
     cx.stop(g.id, cx.graceful()).await?;
     cx.stop(g.id, StopMode::Force).await?;
-    cx.expect(
-        g.id,
-        RuntimeState::Stopped,
-        g.generation,
-        "repeated stops of a stopped guest",
-    )
-    .await?;
+    cx.expect(g.id, RuntimeState::Stopped, g.generation, "repeated stops of a stopped guest").await?;
     Ok(())
 }
 
@@ -880,11 +737,7 @@ where
     H: Hypervisor,
     F: Fn(u32) -> GuestConfig,
 {
-    let guests = [
-        ("Stopped", cx.stopped().await?),
-        ("Running", cx.running().await?),
-        ("Paused", cx.paused().await?),
-    ];
+    let guests = [("Stopped", cx.stopped().await?), ("Running", cx.running().await?), ("Paused", cx.paused().await?)];
     for (state, g) in &guests {
         let id = g.id;
         cx.destroy(id).await?;
@@ -892,13 +745,8 @@ where
         let status = cx.call(format!("status({id})"), cx.hv.status(id)).await?;
         expect_not_found(&format!("status({id}) after {after}"), &status, id)?;
         let list = cx.list().await?;
-        ensure!(
-            list.iter().all(|s| s.id != id),
-            "after {after}, list() still shows guest {id}"
-        );
-        cx.destroy(id)
-            .await
-            .map_err(|e| format!("a repeated destroy must succeed: {e}"))?;
+        ensure!(list.iter().all(|s| s.id != id), "after {after}, list() still shows guest {id}");
+        cx.destroy(id).await.map_err(|e| format!("a repeated destroy must succeed: {e}"))?;
     }
     Ok(())
 }
@@ -910,14 +758,8 @@ where
 {
     let g = cx.fresh().await?;
     cx.destroy(g.id).await?;
-    let status = cx
-        .call(format!("status({})", g.id), cx.hv.status(g.id))
-        .await?;
-    expect_not_found(
-        &format!("status({}) after destroying it unknown", g.id),
-        &status,
-        g.id,
-    )
+    let status = cx.call(format!("status({})", g.id), cx.hv.status(g.id)).await?;
+    expect_not_found(&format!("status({}) after destroying it unknown", g.id), &status, g.id)
 }
 
 async fn list_shows_all_guests<H, F>(cx: &mut Cx<'_, H, F>) -> Check
@@ -938,18 +780,11 @@ where
     cx.pause(paused.id).await?;
 
     let list = cx.list().await?;
-    for (g, state) in [
-        (&stopped, RuntimeState::Stopped),
-        (&running, RuntimeState::Running),
-        (&paused, RuntimeState::Paused),
-    ] {
+    for (g, state) in
+        [(&stopped, RuntimeState::Stopped), (&running, RuntimeState::Running), (&paused, RuntimeState::Paused)]
+    {
         let entries: Vec<&GuestStatus> = list.iter().filter(|s| s.id == g.id).collect();
-        ensure!(
-            entries.len() == 1,
-            "list() shows guest {} {} times, expected once",
-            g.id,
-            entries.len()
-        );
+        ensure!(entries.len() == 1, "list() shows guest {} {} times, expected once", g.id, entries.len());
         let entry = entries[0];
         ensure!(
             entry.state == state && entry.generation == g.generation,
@@ -963,10 +798,7 @@ where
     let mut ids: Vec<GuestId> = list.iter().map(|s| s.id).collect();
     ids.sort();
     ids.dedup();
-    ensure!(
-        ids.len() == list.len(),
-        "list() shows some guest more than once: {list:?}"
-    );
+    ensure!(ids.len() == list.len(), "list() shows some guest more than once: {list:?}");
     Ok(())
 }
 
@@ -983,14 +815,12 @@ where
     expect_invalid_state(&format!("pause({id})"), &r, id, Stopped)?;
     let r = cx.call(format!("resume({id})"), cx.hv.resume(id)).await?;
     expect_invalid_state(&format!("resume({id})"), &r, id, Stopped)?;
-    cx.expect(id, Stopped, g.generation, "refused pause and resume")
-        .await?;
+    cx.expect(id, Stopped, g.generation, "refused pause and resume").await?;
 
     cx.start(id).await?;
     let r = cx.call(format!("resume({id})"), cx.hv.resume(id)).await?;
     expect_invalid_state(&format!("resume({id})"), &r, id, Running)?;
-    cx.expect(id, Running, g.generation, "a refused resume")
-        .await?;
+    cx.expect(id, Running, g.generation, "a refused resume").await?;
 
     cx.pause(id).await?;
     let r = cx.call(format!("pause({id})"), cx.hv.pause(id)).await?;
@@ -998,8 +828,7 @@ where
     // A paused guest is resumed, not booted.
     let r = cx.call(format!("start({id})"), cx.hv.start(id)).await?;
     expect_invalid_state(&format!("start({id})"), &r, id, Paused)?;
-    cx.expect(id, Paused, g.generation, "refused pause and start")
-        .await?;
+    cx.expect(id, Paused, g.generation, "refused pause and start").await?;
     Ok(())
 }
 
@@ -1012,19 +841,9 @@ where
     let graceful = cx.graceful();
     let r = cx.call(format!("start({id})"), cx.hv.start(id)).await?;
     expect_not_found(&format!("start({id})"), &r, id)?;
-    let r = cx
-        .call(
-            format!("stop({id}, Force)"),
-            cx.hv.stop(id, StopMode::Force),
-        )
-        .await?;
+    let r = cx.call(format!("stop({id}, Force)"), cx.hv.stop(id, StopMode::Force)).await?;
     expect_not_found(&format!("stop({id}, Force)"), &r, id)?;
-    let r = cx
-        .call(
-            format!("stop({id}, {graceful:?})"),
-            cx.hv.stop(id, graceful),
-        )
-        .await?;
+    let r = cx.call(format!("stop({id}, {graceful:?})"), cx.hv.stop(id, graceful)).await?;
     expect_not_found(&format!("stop({id}, Graceful)"), &r, id)?;
     let r = cx.call(format!("pause({id})"), cx.hv.pause(id)).await?;
     expect_not_found(&format!("pause({id})"), &r, id)?;

@@ -182,11 +182,7 @@ pub enum SimStateError {
         "sim state file {} is {format:?} version {version}; this build reads only {STATE_FORMAT:?} version {STATE_VERSION}",
         .path.display()
     )]
-    Unsupported {
-        path: PathBuf,
-        format: String,
-        version: u32,
-    },
+    Unsupported { path: PathBuf, format: String, version: u32 },
     #[error("encoding sim state for {}", .path.display())]
     Encode {
         path: PathBuf,
@@ -257,12 +253,7 @@ struct SimGuest {
 
 impl SimGuest {
     fn status(&self) -> GuestStatus {
-        GuestStatus {
-            id: self.config.id,
-            state: self.state,
-            generation: self.config.generation,
-            pid: self.pid,
-        }
+        GuestStatus { id: self.config.id, state: self.state, generation: self.config.generation, pid: self.pid }
     }
 }
 
@@ -275,20 +266,11 @@ struct Fault {
 
 impl Fault {
     fn into_error(self, op: SimOp, id: Option<GuestId>) -> HvError {
-        let source = Box::new(InjectedFault {
-            message: self.message,
-        });
+        let source = Box::new(InjectedFault { message: self.message });
         match id {
-            Some(id) => HvError::Backend {
-                op: op.name(),
-                id,
-                source,
-            },
+            Some(id) => HvError::Backend { op: op.name(), id, source },
             // `resources` and `list` concern no guest: they fail as the host.
-            None => HvError::Host {
-                op: op.name(),
-                source,
-            },
+            None => HvError::Host { op: op.name(), source },
         }
     }
 }
@@ -387,10 +369,7 @@ impl SimHypervisor {
     /// is no fsync: the file survives a process restart, which is what it
     /// simulates, not a power cut. One state file belongs to one instance at
     /// a time.
-    pub fn with_state_file(
-        config: SimConfig,
-        path: impl Into<PathBuf>,
-    ) -> Result<Self, SimStateError> {
+    pub fn with_state_file(config: SimConfig, path: impl Into<PathBuf>) -> Result<Self, SimStateError> {
         let path = path.into();
         let (guests, next_pid) = match std::fs::read(&path) {
             Ok(bytes) => load_state(&path, &bytes)?,
@@ -407,18 +386,8 @@ impl SimHypervisor {
         guests: HashMap<GuestId, SimGuest>,
         next_pid: u32,
     ) -> Self {
-        let inner = Inner {
-            guests,
-            next_pid,
-            ..Inner::default()
-        };
-        Self {
-            shared: Arc::new(Shared {
-                config,
-                state_file,
-                inner: Mutex::new(inner),
-            }),
-        }
+        let inner = Inner { guests, next_pid, ..Inner::default() };
+        Self { shared: Arc::new(Shared { config, state_file, inner: Mutex::new(inner) }) }
     }
 
     pub fn config(&self) -> &SimConfig {
@@ -434,9 +403,7 @@ impl SimHypervisor {
     /// give `NotFound`, guests without a process `InvalidState`.
     pub fn crash(&self, id: GuestId) -> Result<(), HvError> {
         let mut inner = self.lock();
-        let Inner {
-            guests, next_pid, ..
-        } = &mut *inner;
+        let Inner { guests, next_pid, .. } = &mut *inner;
         let guest = guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
         match Action::Crash.step(guest.state) {
             Step::Go(to) => apply(guest, to, next_pid),
@@ -450,9 +417,7 @@ impl SimHypervisor {
     /// killer spree would. Returns how many crashed.
     pub fn crash_all(&self) -> Result<usize, HvError> {
         let mut inner = self.lock();
-        let Inner {
-            guests, next_pid, ..
-        } = &mut *inner;
+        let Inner { guests, next_pid, .. } = &mut *inner;
         let mut crashed = 0;
         for guest in guests.values_mut() {
             if let Step::Go(to) = Action::Crash.step(guest.state) {
@@ -495,10 +460,7 @@ impl SimHypervisor {
     }
 
     fn push_fault(&self, op: SimOp, message: String, after_effect: bool) {
-        self.lock().faults[op.index()].push_back(Fault {
-            message,
-            after_effect,
-        });
+        self.lock().faults[op.index()].push_back(Fault { message, after_effect });
     }
 
     /// How many times `op` was called, failed calls included.
@@ -521,10 +483,7 @@ impl SimHypervisor {
         // Every mutation under this lock is completed before anything that
         // could panic, so a poisoned table is still consistent: keep going
         // rather than turn one failed test assertion into cascading panics.
-        self.shared
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts the call and takes its pending fault, if any. A fault that
@@ -567,20 +526,12 @@ impl SimHypervisor {
         let Some(path) = &self.shared.state_file else {
             return Ok(());
         };
-        write_state(path, inner).map_err(|e| HvError::Host {
-            op,
-            source: Box::new(e),
-        })
+        write_state(path, inner).map_err(|e| HvError::Host { op, source: Box::new(e) })
     }
 
     /// Runs a state-changing call on an existing guest: check, wait the
     /// simulated time without the lock, re-check and commit.
-    async fn drive(
-        &self,
-        action: Action,
-        id: GuestId,
-        mode: Option<StopMode>,
-    ) -> Result<(), HvError> {
+    async fn drive(&self, action: Action, id: GuestId, mode: Option<StopMode>) -> Result<(), HvError> {
         let delay = {
             let inner = self.lock();
             let guest = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
@@ -592,9 +543,7 @@ impl SimHypervisor {
         };
         wait(delay).await;
         let mut inner = self.lock();
-        let Inner {
-            guests, next_pid, ..
-        } = &mut *inner;
+        let Inner { guests, next_pid, .. } = &mut *inner;
         // The guest may have been destroyed, crashed or moved on while we
         // waited; judge the action against what it is now.
         let guest = guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
@@ -618,11 +567,7 @@ impl SimHypervisor {
                 // A paused guest cannot act on ACPI either: it is forced off
                 // at the timeout, like one that ignores the request.
                 let honours = guest.state == RuntimeState::Running && !guest.ignores_acpi;
-                if honours && c.stop_delay <= timeout {
-                    c.stop_delay
-                } else {
-                    timeout + c.command_delay
-                }
+                if honours && c.stop_delay <= timeout { c.stop_delay } else { timeout + c.command_delay }
             }
             (Action::Stop, Some(StopMode::Force) | None) => c.command_delay,
         }
@@ -648,12 +593,7 @@ impl SimHypervisor {
             None => {
                 inner.guests.insert(
                     config.id,
-                    SimGuest {
-                        config: config.clone(),
-                        state: RuntimeState::Stopped,
-                        pid: None,
-                        ignores_acpi: false,
-                    },
+                    SimGuest { config: config.clone(), state: RuntimeState::Stopped, pid: None, ignores_acpi: false },
                 );
                 tracing::debug!(guest = %config.id, generation = config.generation, "sim: created guest");
                 true
@@ -713,10 +653,7 @@ impl Hypervisor for SimHypervisor {
     async fn resources(&self) -> Result<HostResources, HvError> {
         let fault = self.begin(SimOp::Resources, None)?;
         let c = &self.shared.config;
-        let result = Ok(HostResources {
-            cores: c.cores,
-            memory: c.memory,
-        });
+        let result = Ok(HostResources { cores: c.cores, memory: c.memory });
         Self::finish(SimOp::Resources, None, fault, result)
     }
 
@@ -758,12 +695,7 @@ impl Hypervisor for SimHypervisor {
 
     async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError> {
         let fault = self.begin(SimOp::Status, Some(id))?;
-        let result = self
-            .lock()
-            .guests
-            .get(&id)
-            .map(SimGuest::status)
-            .ok_or(HvError::NotFound { id });
+        let result = self.lock().guests.get(&id).map(SimGuest::status).ok_or(HvError::NotFound { id });
         Self::finish(SimOp::Status, Some(id), fault, result)
     }
 
@@ -783,11 +715,7 @@ async fn wait(d: Duration) {
 }
 
 fn invalid(action: Action, id: GuestId, state: RuntimeState) -> HvError {
-    HvError::InvalidState {
-        id,
-        op: action.name(),
-        state,
-    }
+    HvError::InvalidState { id, op: action.name(), state }
 }
 
 /// Moves a guest to `to`, keeping its pid across pause/resume and giving it
@@ -831,11 +759,7 @@ fn validate(config: &GuestConfig) -> Result<(), HvError> {
     } else {
         return Ok(());
     };
-    Err(HvError::Backend {
-        op: "create",
-        id: config.id,
-        source: reason.into(),
-    })
+    Err(HvError::Backend { op: "create", id: config.id, source: reason.into() })
 }
 
 fn sorted_statuses(inner: &Inner) -> Vec<GuestStatus> {
@@ -844,14 +768,8 @@ fn sorted_statuses(inner: &Inner) -> Vec<GuestStatus> {
     list
 }
 
-fn load_state(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<(HashMap<GuestId, SimGuest>, u32), SimStateError> {
-    let parse = |source| SimStateError::Parse {
-        path: path.to_owned(),
-        source,
-    };
+fn load_state(path: &Path, bytes: &[u8]) -> Result<(HashMap<GuestId, SimGuest>, u32), SimStateError> {
+    let parse = |source| SimStateError::Parse { path: path.to_owned(), source };
     let header: StateHeader = serde_json::from_slice(bytes).map_err(parse)?;
     if header.format != STATE_FORMAT || header.version != STATE_VERSION {
         return Err(SimStateError::Unsupported {
@@ -869,23 +787,13 @@ fn write_state(path: &Path, inner: &Inner) -> Result<(), SimStateError> {
     let mut guests: Vec<SimGuest> = inner.guests.values().cloned().collect();
     // Sorted, so that the file is stable and diffs between saves are small.
     guests.sort_by_key(|g| g.config.id);
-    let file = StateFile {
-        format: STATE_FORMAT.to_owned(),
-        version: STATE_VERSION,
-        next_pid: inner.next_pid,
-        guests,
-    };
-    let bytes = serde_json::to_vec_pretty(&file).map_err(|source| SimStateError::Encode {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file = StateFile { format: STATE_FORMAT.to_owned(), version: STATE_VERSION, next_pid: inner.next_pid, guests };
+    let bytes =
+        serde_json::to_vec_pretty(&file).map_err(|source| SimStateError::Encode { path: path.to_owned(), source })?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let write_err = |source| SimStateError::Write {
-        path: path.to_owned(),
-        source,
-    };
+    let write_err = |source| SimStateError::Write { path: path.to_owned(), source };
     std::fs::write(&tmp, bytes).map_err(write_err)?;
     std::fs::rename(&tmp, path).map_err(write_err)
 }
@@ -900,47 +808,14 @@ mod tests {
     fn transition_table_matches_the_diagram() {
         use RuntimeState::{Crashed, Paused, Running, Stopped};
         let table = [
-            (
-                Action::Start,
-                [
-                    Step::Go(Running),
-                    Step::Stay,
-                    Step::Refuse,
-                    Step::Go(Running),
-                ],
-            ),
-            (
-                Action::Stop,
-                [
-                    Step::Stay,
-                    Step::Go(Stopped),
-                    Step::Go(Stopped),
-                    Step::Go(Stopped),
-                ],
-            ),
-            (
-                Action::Pause,
-                [Step::Refuse, Step::Go(Paused), Step::Refuse, Step::Refuse],
-            ),
-            (
-                Action::Resume,
-                [Step::Refuse, Step::Refuse, Step::Go(Running), Step::Refuse],
-            ),
-            (
-                Action::Crash,
-                [
-                    Step::Refuse,
-                    Step::Go(Crashed),
-                    Step::Go(Crashed),
-                    Step::Refuse,
-                ],
-            ),
+            (Action::Start, [Step::Go(Running), Step::Stay, Step::Refuse, Step::Go(Running)]),
+            (Action::Stop, [Step::Stay, Step::Go(Stopped), Step::Go(Stopped), Step::Go(Stopped)]),
+            (Action::Pause, [Step::Refuse, Step::Go(Paused), Step::Refuse, Step::Refuse]),
+            (Action::Resume, [Step::Refuse, Step::Refuse, Step::Go(Running), Step::Refuse]),
+            (Action::Crash, [Step::Refuse, Step::Go(Crashed), Step::Go(Crashed), Step::Refuse]),
         ];
         for (action, expected) in table {
-            for (from, want) in [Stopped, Running, Paused, Crashed]
-                .into_iter()
-                .zip(expected)
-            {
+            for (from, want) in [Stopped, Running, Paused, Crashed].into_iter().zip(expected) {
                 assert_eq!(action.step(from), want, "{action:?} from {from:?}");
             }
         }

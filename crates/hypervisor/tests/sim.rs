@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drove_hypervisor::conformance::{self, Options, Property};
-use drove_hypervisor::sim::{
-    InjectedFault, SimConfig, SimHypervisor, SimOp, SimStateError, sample_guest,
-};
+use drove_hypervisor::sim::{InjectedFault, SimConfig, SimHypervisor, SimOp, SimStateError, sample_guest};
 use drove_hypervisor::{GuestConfig, HvError, Hypervisor, RuntimeState, StopMode};
 use drove_model::GuestId;
 
@@ -25,27 +23,20 @@ drove_hypervisor::conformance_tests!(
     conformance_default_delays,
     hypervisor = SimHypervisor::new(SimConfig::default()),
     template = sample_guest,
-    options = Options {
-        op_timeout: Duration::from_secs(5),
-        graceful_timeout: Duration::from_secs(1),
-    },
+    options = Options { op_timeout: Duration::from_secs(5), graceful_timeout: Duration::from_secs(1) },
 );
 
 #[tokio::test]
 async fn whole_conformance_suite_passes_in_one_call() {
     let hv = SimHypervisor::new(SimConfig::instant());
     conformance::run_all(&hv, sample_guest).await;
-    assert!(
-        hv.guests().is_empty(),
-        "the suite must clean up after itself"
-    );
+    assert!(hv.guests().is_empty(), "the suite must clean up after itself");
 }
 
 #[tokio::test]
 async fn conformance_suite_passes_with_persistence() {
     let dir = tempfile::tempdir().unwrap();
-    let hv = SimHypervisor::with_state_file(SimConfig::instant(), dir.path().join("state.json"))
-        .unwrap();
+    let hv = SimHypervisor::with_state_file(SimConfig::instant(), dir.path().join("state.json")).unwrap();
     conformance::run_all(&hv, sample_guest).await;
 }
 
@@ -70,15 +61,10 @@ async fn conformance_suite_reports_a_broken_backend() {
     for _ in 0..100 {
         hv.fail_next(SimOp::List, "list is broken");
     }
-    let failure = conformance::check_all(&hv, sample_guest, &Options::default())
-        .await
-        .unwrap_err();
+    let failure = conformance::check_all(&hv, sample_guest, &Options::default()).await.unwrap_err();
     let failed: Vec<Property> = failure.violations.iter().map(|v| v.property).collect();
     assert!(failed.contains(&Property::ListShowsAllGuests), "{failure}");
-    assert!(
-        failed.contains(&Property::CreateLeavesGuestStopped),
-        "{failure}"
-    );
+    assert!(failed.contains(&Property::CreateLeavesGuestStopped), "{failure}");
     assert!(!failed.contains(&Property::PauseAndResume), "{failure}");
     let text = failure.to_string();
     assert!(text.contains("list is broken"), "{text}");
@@ -87,22 +73,10 @@ async fn conformance_suite_reports_a_broken_backend() {
 
 #[tokio::test]
 async fn conformance_suite_reports_a_hung_call() {
-    let hv = SimHypervisor::new(SimConfig {
-        boot_delay: Duration::from_secs(60),
-        ..SimConfig::instant()
-    });
-    let options = Options {
-        op_timeout: Duration::from_millis(20),
-        graceful_timeout: Duration::from_millis(5),
-    };
-    let violation = Property::StartRunsGuestAndIsIdempotent
-        .check(&hv, sample_guest, &options)
-        .await
-        .unwrap_err();
-    assert!(
-        violation.message.contains("did not return within"),
-        "{violation}"
-    );
+    let hv = SimHypervisor::new(SimConfig { boot_delay: Duration::from_secs(60), ..SimConfig::instant() });
+    let options = Options { op_timeout: Duration::from_millis(20), graceful_timeout: Duration::from_millis(5) };
+    let violation = Property::StartRunsGuestAndIsIdempotent.check(&hv, sample_guest, &options).await.unwrap_err();
+    assert!(violation.message.contains("did not return within"), "{violation}");
 }
 
 async fn created(hv: &SimHypervisor, n: u32) -> GuestConfig {
@@ -155,17 +129,7 @@ async fn crash_needs_a_known_guest_with_a_process() {
     assert!(matches!(hv.crash(unknown), Err(HvError::NotFound { id }) if id == unknown));
     let g = created(&hv, 0).await;
     let err = hv.crash(g.id).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HvError::InvalidState {
-                op: "crash",
-                state: RuntimeState::Stopped,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, HvError::InvalidState { op: "crash", state: RuntimeState::Stopped, .. }), "{err}");
 }
 
 #[tokio::test]
@@ -197,16 +161,9 @@ async fn fail_next_fails_exactly_once_before_any_effect() {
         }
         other => panic!("expected a Backend error, got {other:?}"),
     }
-    let cause = err
-        .source()
-        .and_then(|s| s.downcast_ref::<InjectedFault>())
-        .unwrap();
+    let cause = err.source().and_then(|s| s.downcast_ref::<InjectedFault>()).unwrap();
     assert_eq!(cause.message, "qemu would not launch");
-    assert_eq!(
-        state_of(&hv, g.id).await,
-        RuntimeState::Stopped,
-        "no effect"
-    );
+    assert_eq!(state_of(&hv, g.id).await, RuntimeState::Stopped, "no effect");
 
     hv.start(g.id).await.unwrap();
     assert_eq!(state_of(&hv, g.id).await, RuntimeState::Running);
@@ -235,15 +192,8 @@ async fn fail_next_after_effect_reports_failure_of_a_done_operation() {
     let g = sample_guest(0);
     hv.fail_next_after_effect(SimOp::Create, "reply lost");
     let err = hv.create(&g).await.unwrap_err();
-    assert!(
-        matches!(err, HvError::Backend { op: "create", .. }),
-        "{err}"
-    );
-    assert_eq!(
-        state_of(&hv, g.id).await,
-        RuntimeState::Stopped,
-        "the create happened"
-    );
+    assert!(matches!(err, HvError::Backend { op: "create", .. }), "{err}");
+    assert_eq!(state_of(&hv, g.id).await, RuntimeState::Stopped, "the create happened");
     // The caller's retry is absorbed by idempotency.
     hv.create(&g).await.unwrap();
     assert_eq!(hv.guests().len(), 1);
@@ -257,16 +207,7 @@ async fn faults_of_calls_without_a_guest_are_host_errors() {
     let err = hv.list().await.unwrap_err();
     assert!(matches!(err, HvError::Host { op: "list", .. }), "{err}");
     let err = hv.resources().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HvError::Host {
-                op: "resources",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, HvError::Host { op: "resources", .. }), "{err}");
     assert!(hv.list().await.unwrap().is_empty());
 }
 
@@ -332,11 +273,7 @@ async fn guests_survive_a_restart_with_the_same_state_file() {
     drop(hv);
 
     let hv = SimHypervisor::with_state_file(SimConfig::instant(), &path).unwrap();
-    assert_eq!(
-        hv.list().await.unwrap(),
-        before,
-        "same guests, states, generations, pids"
-    );
+    assert_eq!(hv.list().await.unwrap(), before, "same guests, states, generations, pids");
     assert_eq!(hv.guest_config(stopped.id), Some(newer));
 
     // The re-adopted guests work, and pids are never handed out twice.
@@ -365,8 +302,7 @@ async fn guests_of_a_state_file_survive_a_failed_reply() {
 #[test]
 fn a_missing_state_file_is_an_empty_host() {
     let dir = tempfile::tempdir().unwrap();
-    let hv = SimHypervisor::with_state_file(SimConfig::instant(), dir.path().join("absent.json"))
-        .unwrap();
+    let hv = SimHypervisor::with_state_file(SimConfig::instant(), dir.path().join("absent.json")).unwrap();
     assert!(hv.guests().is_empty());
 }
 
@@ -380,16 +316,9 @@ fn a_corrupt_or_foreign_state_file_is_refused() {
     assert!(matches!(err, SimStateError::Parse { .. }), "{err}");
     assert!(err.to_string().contains("state.json"), "{err}");
 
-    std::fs::write(
-        &path,
-        br#"{"format":"drove-sim-state","version":99,"guests":"whatever"}"#,
-    )
-    .unwrap();
+    std::fs::write(&path, br#"{"format":"drove-sim-state","version":99,"guests":"whatever"}"#).unwrap();
     let err = SimHypervisor::with_state_file(SimConfig::instant(), &path).unwrap_err();
-    assert!(
-        matches!(err, SimStateError::Unsupported { version: 99, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, SimStateError::Unsupported { version: 99, .. }), "{err}");
 }
 
 #[tokio::test]
@@ -399,10 +328,7 @@ async fn an_unwritable_state_file_fails_the_call_as_a_host_error() {
     let hv = SimHypervisor::with_state_file(SimConfig::instant(), &path).unwrap();
     let err = hv.create(&sample_guest(0)).await.unwrap_err();
     assert!(matches!(err, HvError::Host { op: "create", .. }), "{err}");
-    let cause = err
-        .source()
-        .and_then(|s| s.downcast_ref::<SimStateError>())
-        .unwrap();
+    let cause = err.source().and_then(|s| s.downcast_ref::<SimStateError>()).unwrap();
     assert!(matches!(cause, SimStateError::Write { .. }), "{cause}");
 }
 
@@ -479,18 +405,12 @@ async fn no_op_calls_take_no_simulated_time() {
         hv.stop(stopped.id, StopMode::Force).await?;
         hv.destroy(GuestId::new_v4()).await
     };
-    tokio::time::timeout(quick, repeats)
-        .await
-        .expect("no-op calls waited for simulated time")
-        .unwrap();
+    tokio::time::timeout(quick, repeats).await.expect("no-op calls waited for simulated time").unwrap();
 }
 
 #[tokio::test]
 async fn a_cancelled_call_changes_nothing() {
-    let hv = SimHypervisor::new(SimConfig {
-        boot_delay: Duration::from_secs(60),
-        ..SimConfig::instant()
-    });
+    let hv = SimHypervisor::new(SimConfig { boot_delay: Duration::from_secs(60), ..SimConfig::instant() });
     let g = created(&hv, 0).await;
     let start = tokio::time::timeout(Duration::from_millis(20), hv.start(g.id)).await;
     assert!(start.is_err(), "a 60 s boot must not finish in 20 ms");
@@ -499,10 +419,7 @@ async fn a_cancelled_call_changes_nothing() {
 
 #[tokio::test]
 async fn graceful_stop_forces_a_guest_that_ignores_acpi_at_the_timeout() {
-    let hv = SimHypervisor::new(SimConfig {
-        stop_delay: Duration::from_millis(1),
-        ..SimConfig::instant()
-    });
+    let hv = SimHypervisor::new(SimConfig { stop_delay: Duration::from_millis(1), ..SimConfig::instant() });
     let g = created(&hv, 0).await;
     hv.start(g.id).await.unwrap();
     hv.set_ignores_acpi(g.id, true).unwrap();
@@ -515,10 +432,7 @@ async fn graceful_stop_forces_a_guest_that_ignores_acpi_at_the_timeout() {
 
 #[tokio::test]
 async fn graceful_stop_of_a_slow_guest_is_forced_at_the_timeout() {
-    let hv = SimHypervisor::new(SimConfig {
-        stop_delay: Duration::from_secs(60),
-        ..SimConfig::instant()
-    });
+    let hv = SimHypervisor::new(SimConfig { stop_delay: Duration::from_secs(60), ..SimConfig::instant() });
     let g = created(&hv, 0).await;
     hv.start(g.id).await.unwrap();
     let timeout = Duration::from_millis(30);
@@ -530,10 +444,7 @@ async fn graceful_stop_of_a_slow_guest_is_forced_at_the_timeout() {
 
 #[tokio::test]
 async fn concurrent_starts_make_one_incarnation() {
-    let hv = SimHypervisor::new(SimConfig {
-        boot_delay: Duration::from_millis(20),
-        ..SimConfig::instant()
-    });
+    let hv = SimHypervisor::new(SimConfig { boot_delay: Duration::from_millis(20), ..SimConfig::instant() });
     let g = created(&hv, 0).await;
     let (a, b) = tokio::join!(hv.start(g.id), hv.start(g.id));
     a.unwrap();
@@ -550,20 +461,14 @@ async fn concurrent_starts_make_one_incarnation() {
 
 #[tokio::test]
 async fn destroy_during_boot_makes_the_start_fail_with_not_found() {
-    let hv = SimHypervisor::new(SimConfig {
-        boot_delay: Duration::from_millis(50),
-        ..SimConfig::instant()
-    });
+    let hv = SimHypervisor::new(SimConfig { boot_delay: Duration::from_millis(50), ..SimConfig::instant() });
     let g = created(&hv, 0).await;
     let (started, destroyed) = tokio::join!(hv.start(g.id), async {
         tokio::time::sleep(Duration::from_millis(5)).await;
         hv.destroy(g.id).await
     });
     destroyed.unwrap();
-    assert!(
-        matches!(started, Err(HvError::NotFound { id }) if id == g.id),
-        "{started:?}"
-    );
+    assert!(matches!(started, Err(HvError::NotFound { id }) if id == g.id), "{started:?}");
     assert!(hv.guests().is_empty());
 }
 
@@ -573,9 +478,8 @@ async fn destroy_during_boot_makes_the_start_fail_with_not_found() {
 async fn a_thousand_hosts_with_ten_guests_each() {
     const HOSTS: usize = 1000;
     const GUESTS: u32 = 10;
-    let hosts: Vec<Arc<SimHypervisor>> = (0..HOSTS)
-        .map(|_| Arc::new(SimHypervisor::new(SimConfig::default())))
-        .collect();
+    let hosts: Vec<Arc<SimHypervisor>> =
+        (0..HOSTS).map(|_| Arc::new(SimHypervisor::new(SimConfig::default()))).collect();
     let mut tasks = tokio::task::JoinSet::new();
     for hv in &hosts {
         let hv = Arc::clone(hv);

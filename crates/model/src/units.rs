@@ -79,16 +79,16 @@ impl FromStr for ByteSize {
 }
 
 impl fmt::Display for ByteSize {
+    /// In the largest unit it reaches: exact as an integer, else to one decimal.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, size) in [("T", TIB), ("G", GIB), ("M", MIB), ("K", KIB)] {
-            if b >= size && b.is_multiple_of(size) {
-                return write!(f, "{}{unit}", b / size);
-            }
-        }
-        for (unit, size) in [("T", TIB), ("G", GIB), ("M", MIB), ("K", KIB)] {
             if b >= size {
-                return write!(f, "{:.1}{unit}", b as f64 / size as f64);
+                return if b.is_multiple_of(size) {
+                    write!(f, "{}{unit}", b / size)
+                } else {
+                    write!(f, "{:.1}{unit}", b as f64 / size as f64)
+                };
             }
         }
         write!(f, "{b}B")
@@ -122,7 +122,8 @@ mod tests {
     fn displays_compactly() {
         assert_eq!(ByteSize::mib(512).to_string(), "512M");
         assert_eq!(ByteSize::gib(2).to_string(), "2G");
-        assert_eq!(ByteSize(GIB + GIB / 2).to_string(), "1536M");
+        assert_eq!(ByteSize(GIB + GIB / 2).to_string(), "1.5G");
+        assert_eq!(ByteSize(24684084 * KIB).to_string(), "23.5G");
         assert_eq!(ByteSize(GIB + 1).to_string(), "1.0G");
         assert_eq!(ByteSize(100).to_string(), "100B");
     }

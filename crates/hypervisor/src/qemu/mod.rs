@@ -80,6 +80,7 @@ use tokio::sync::{Mutex as AsyncMutex, OnceCell};
 pub use accel::{Accel, KVM_PROBE_TIMEOUT, probe_kvm};
 pub use cmdline::{BootImage, ResolvedAccel, kernel_cmdline};
 pub use error::QemuError;
+pub use guest_dir::MAX_SOCKET_PATH;
 use guest_dir::{GuestDir, Intent};
 use qmp::{QmpClient, QmpError, QmpEvent};
 

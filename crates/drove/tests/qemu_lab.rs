@@ -1,0 +1,177 @@
+//! The whole stack on real QEMU guests (TCG): `drove up` with the qemu
+//! backend, guests created, stopped, started and deleted through the CLI,
+//! an agent killed and restarted under a running guest, and `drove down`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// A lab in a temp dir; `drove down` and a last-resort kill on drop, so no
+/// QEMU or daemon outlives the test, whatever happens.
+struct Lab {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Lab {
+    fn start(hosts: u32) -> Lab {
+        // Short path: guests' unix sockets live under it.
+        let dir = tempfile::Builder::new().prefix("dq").tempdir_in("/tmp").unwrap();
+        let config = dir.path().join("client.json");
+        let lab = Lab { dir, config };
+        let out = lab.drove(&[
+            "up",
+            "--backend",
+            "qemu",
+            "--hosts",
+            &hosts.to_string(),
+            "--detach",
+            "--data-dir",
+            lab.data(),
+        ]);
+        assert!(out.status.success(), "drove up failed: {}", String::from_utf8_lossy(&out.stderr));
+        lab
+    }
+
+    fn data(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+
+    fn drove(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_drove")).args(args).env("DROVE_CONFIG", &self.config).output().unwrap()
+    }
+
+    /// Run a command that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.drove(args);
+        assert!(out.status.success(), "drove {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    fn guest_dir(&self, host: &str, id: &str) -> PathBuf {
+        self.dir.path().join("hosts").join(host).join("guests").join(id)
+    }
+
+    fn lab_file(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir.path().join("lab.json")).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.drove(&["down", "--data-dir", self.data()]);
+        // Anything still holding our directory on its command line goes.
+        let _ = Command::new("pkill").args(["-KILL", "-f", self.data()]).status();
+    }
+}
+
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|rest| !rest.starts_with('Z')))
+}
+
+fn qemu_pid(dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
+    pid_alive(pid).then_some(pid)
+}
+
+fn ready_count(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default().matches("DROVE-READY").count()
+}
+
+fn qemus_of(dir: &str) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-f", &format!("qemu-system.*{dir}")]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|p| pid_alive(*p))
+        .collect()
+}
+
+#[test]
+fn real_guests_live_through_the_whole_stack() {
+    let lab = Lab::start(2);
+    let hosts = lab.json(&["host", "list"]);
+    assert_eq!(hosts.as_array().unwrap().len(), 2);
+    assert!(hosts.as_array().unwrap().iter().all(|h| h["hypervisor"] == "qemu" && h["state"] == "up"));
+
+    lab.ok(&["vm", "create", "web-1", "--memory", "128M", "--disk", "64M"]);
+    let g = lab.json(&["vm", "show", "web-1"]);
+    assert_eq!(g["state"], "running");
+    let (host, id) = (g["host_name"].as_str().unwrap().to_owned(), g["id"].as_str().unwrap().to_owned());
+    let gdir = lab.guest_dir(&host, &id);
+    // The guest really boots: its init reports on the serial console.
+    eventually("guest boot", Duration::from_secs(120), || (ready_count(&gdir) >= 1).then_some(()));
+    let pid = qemu_pid(&gdir).expect("a live QEMU process for the guest");
+    assert!(gdir.join("disk0.qcow2").exists());
+
+    // An agent killed under a running guest: QEMU outlives it, the new agent
+    // re-adopts it, nothing restarts, nothing is duplicated.
+    let lab_file = lab.lab_file();
+    let agent_pid =
+        lab_file["agents"].as_array().unwrap().iter().find(|a| a[0] == host.as_str()).unwrap()[1].as_u64().unwrap();
+    Command::new("kill").args(["-KILL", &agent_pid.to_string()]).status().unwrap();
+    eventually("agent gone", Duration::from_secs(10), || (!pid_alive(agent_pid as u32)).then_some(()));
+    assert_eq!(qemu_pid(&gdir), Some(pid), "QEMU must survive its agent");
+    let token = lab.dir.path().join("manager/agent.token");
+    let endpoint = lab_file["endpoint"].as_str().unwrap().to_owned();
+    let log = std::fs::File::create(lab.dir.path().join("logs/restarted-agent.log")).unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_drove"))
+        .args([
+            "agent",
+            "--name",
+            &host,
+            "--manager",
+            &endpoint,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--backend",
+            "qemu",
+        ])
+        .arg("--data-dir")
+        .arg(lab.dir.path().join("hosts").join(&host))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    lab.ok(&["vm", "stop", "web-1"]);
+    assert_eq!(lab.json(&["vm", "show", "web-1"])["state"], "stopped");
+    eventually("QEMU exit after stop", Duration::from_secs(30), || (!pid_alive(pid)).then_some(()));
+    assert_eq!(ready_count(&gdir), 1, "the guest was not restarted by the agent restart");
+
+    lab.ok(&["vm", "start", "web-1"]);
+    eventually("second boot", Duration::from_secs(120), || (ready_count(&gdir) >= 2).then_some(()));
+    assert_eq!(qemus_of(lab.data()).len(), 1, "exactly one QEMU for one guest");
+
+    lab.ok(&["vm", "delete", "web-1"]);
+    assert!(!gdir.exists(), "the guest's disks and files are removed");
+    assert!(qemus_of(lab.data()).is_empty());
+    assert!(lab.json(&["vm", "list"]).as_array().unwrap().is_empty());
+
+    // A guest left running is stopped by `drove down`.
+    lab.ok(&["vm", "create", "web-2", "--memory", "128M"]);
+    assert_eq!(qemus_of(lab.data()).len(), 1);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    lab.ok(&["down", "--data-dir", lab.data()]);
+    eventually("no QEMU after down", Duration::from_secs(30), || qemus_of(lab.data()).is_empty().then_some(()));
+}
