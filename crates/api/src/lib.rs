@@ -85,6 +85,23 @@ pub struct CreateGuestRequest {
     pub load_profile: Option<LoadProfile>,
 }
 
+impl CreateGuestRequest {
+    /// A request with only the required fields; the rest take their defaults.
+    pub fn new(name: &str, vcpus: u32, memory: ByteSize) -> Self {
+        CreateGuestRequest {
+            name: name.to_owned(),
+            vcpus,
+            memory,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            host: None,
+            priority: None,
+            start: None,
+            load_profile: None,
+        }
+    }
+}
+
 /// A guest with names resolved for people.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GuestView {

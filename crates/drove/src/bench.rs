@@ -184,15 +184,8 @@ async fn api(a: ApiBench) -> Result<()> {
                     return Ok::<_, drove_client::ClientError>(lat);
                 }
                 let req = CreateGuestRequest {
-                    name: format!("bench-{i:05}"),
-                    vcpus: 1,
-                    memory: ByteSize::mib(256),
                     disks: vec![ByteSize::gib(1)],
-                    nics: vec![],
-                    host: None,
-                    priority: None,
-                    start: None,
-                    load_profile: None,
+                    ..CreateGuestRequest::new(&format!("bench-{i:05}"), 1, ByteSize::mib(256))
                 };
                 let s = Instant::now();
                 c.create_guest(&req).await?;

@@ -14,17 +14,7 @@ use drove_hypervisor::sim::SimOp;
 use drove_model::{ByteSize, GuestState, OperationState};
 
 fn guest(name: &str) -> CreateGuestRequest {
-    CreateGuestRequest {
-        name: name.into(),
-        vcpus: 1,
-        memory: ByteSize::mib(256),
-        disks: vec![ByteSize::gib(1)],
-        nics: vec![],
-        host: None,
-        priority: None,
-        start: None,
-        load_profile: None,
-    }
+    CreateGuestRequest { disks: vec![ByteSize::gib(1)], ..CreateGuestRequest::new(name, 1, ByteSize::mib(256)) }
 }
 
 async fn raw(
