@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drove_api::{
-    DesiredGuest, DesiredState, GuestFailure, HeartbeatRequest, ObservedGuest, ObservedState, RegisterRequest,
+    AgentCall, AgentCallKind, CallOutcome, CallResult, DesiredGuest, DesiredState, GuestFailure, HeartbeatRequest,
+    ObservedGuest, ObservedState, RegisterRequest,
 };
 use drove_client::{Client, ClientError};
 use drove_hypervisor::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
@@ -236,6 +237,10 @@ impl Agent {
                 r.destroyed.remove(id);
             }
         }
+        for call in resp.calls {
+            let me = self.clone();
+            tokio::spawn(async move { me.answer(call).await });
+        }
         let by_id: HashMap<GuestId, &GuestStatus> = statuses.iter().map(|s| (s.id, s)).collect();
         let mut actions = self.actions.lock().unwrap_or_else(|p| p.into_inner());
         actions.retain(|_, h| !h.is_finished());
@@ -303,6 +308,34 @@ impl Agent {
         drop(r);
         // Tell the manager now rather than at the next tick.
         self.wake.notify_one();
+    }
+}
+
+impl Agent {
+    /// Answer a call the manager relayed from an operator.
+    async fn answer(&self, call: AgentCall) {
+        let outcome = match call.kind {
+            AgentCallKind::ConsoleLog { max_bytes } => match self.hv.console_log(call.guest, max_bytes).await {
+                Ok(bytes) => CallOutcome::ConsoleLog { text: String::from_utf8_lossy(&bytes).into_owned() },
+                Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
+            },
+            AgentCallKind::Console { session } => match self.hv.console(call.guest).await {
+                Ok(mut console) => match self.client.agent_console(&session).await {
+                    Ok(mut upgraded) => {
+                        let _ = tokio::io::copy_bidirectional(&mut console, &mut upgraded).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not open the console session with the manager");
+                        return;
+                    }
+                },
+                Err(e) => CallOutcome::Error { message: format!("{e}") },
+            },
+        };
+        if let Err(e) = self.client.post_result(&CallResult { id: call.id, outcome }).await {
+            tracing::warn!(error = %e, call = call.id, "could not deliver a call result");
+        }
     }
 }
 

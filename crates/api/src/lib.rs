@@ -250,6 +250,54 @@ pub struct DesiredGuest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatResponse {
     pub guests: Vec<DesiredGuest>,
+    /// Requests the manager relays to this host (console, log, exec).
+    #[serde(default)]
+    pub calls: Vec<AgentCall>,
+}
+
+/// A request relayed from the manager to an agent. Calls are not durable:
+/// they serve an operator waiting at the other end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AgentCall {
+    pub id: u64,
+    pub guest: GuestId,
+    pub kind: AgentCallKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum AgentCallKind {
+    /// Answer with the last `max_bytes` of the serial console history.
+    ConsoleLog { max_bytes: u64 },
+    /// Open `POST /v1/agent/console/{session}` and splice it with the
+    /// guest's serial console.
+    Console { session: String },
+}
+
+/// An agent's answer to a call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CallResult {
+    pub id: u64,
+    pub outcome: CallOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum CallOutcome {
+    /// Console history, UTF-8 with invalid bytes replaced.
+    ConsoleLog {
+        text: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Console history of a guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleLog {
+    pub guest: GuestId,
+    pub text: String,
 }
 
 /// Identifies a long-running operation in paths.

@@ -101,20 +101,7 @@ impl Client {
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<ErrorResponse>(&text) {
-            Ok(e) => ClientError::Api {
-                status: status.as_u16(),
-                code: e.error.code,
-                message: e.error.message,
-                field: e.error.field,
-            },
-            Err(_) => ClientError::Api {
-                status: status.as_u16(),
-                code: "http".into(),
-                message: format!("{method} {path}: {status} {}", text.lines().next().unwrap_or("")),
-                field: None,
-            },
-        })
+        Err(api_error(method, path, status, &text))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -207,6 +194,46 @@ impl Client {
         resp.text().await.map_err(|source| ClientError::Decode { what: "GET /metrics".into(), status, source })
     }
 
+    /// The last `bytes` of a guest's console history.
+    pub async fn console_log(&self, guest: &str, bytes: u64) -> Result<drove_api::ConsoleLog, ClientError> {
+        self.get(&format!("/v1/guests/{}/log?bytes={bytes}", seg(guest))).await
+    }
+
+    /// Attach to a guest's serial console: a byte stream both ways.
+    pub async fn console(&self, guest: &str) -> Result<reqwest::Upgraded, ClientError> {
+        self.upgrade(Method::GET, &format!("/v1/guests/{}/console", seg(guest))).await
+    }
+
+    /// The agent's side of a console session.
+    pub async fn agent_console(&self, session: &str) -> Result<reqwest::Upgraded, ClientError> {
+        self.upgrade(Method::POST, &format!("/v1/agent/console/{}", seg(session))).await
+    }
+
+    pub async fn post_result(&self, result: &drove_api::CallResult) -> Result<(), ClientError> {
+        self.send(Method::POST, "/v1/agent/results", Some(result), DEFAULT_TIMEOUT).await.map(|_| ())
+    }
+
+    async fn upgrade(&self, method: Method, path: &str) -> Result<reqwest::Upgraded, ClientError> {
+        let resp = self
+            .http
+            .request(method.clone(), format!("{}{}", self.endpoint, path))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, CONSOLE_PROTOCOL)
+            .send()
+            .await
+            .map_err(|source| ClientError::Connect { endpoint: self.endpoint.clone(), source })?;
+        let status = resp.status();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(api_error(method, path, status, &resp.text().await.unwrap_or_default()));
+        }
+        resp.upgrade().await.map_err(|source| ClientError::Decode {
+            what: format!("{method} {path}"),
+            status: status.as_u16(),
+            source,
+        })
+    }
+
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
         self.post("/v1/agent/register", req).await
     }
@@ -218,6 +245,26 @@ impl Client {
     /// Whether an error means "the manager does not know this host".
     pub fn is_unknown_host(err: &ClientError) -> bool {
         err.status() == Some(StatusCode::NOT_FOUND.as_u16())
+    }
+}
+
+/// The `Upgrade` protocol of console connections.
+pub const CONSOLE_PROTOCOL: &str = "drove-console";
+
+fn api_error(method: Method, path: &str, status: StatusCode, text: &str) -> ClientError {
+    match serde_json::from_str::<ErrorResponse>(text) {
+        Ok(e) => ClientError::Api {
+            status: status.as_u16(),
+            code: e.error.code,
+            message: e.error.message,
+            field: e.error.field,
+        },
+        Err(_) => ClientError::Api {
+            status: status.as_u16(),
+            code: "http".into(),
+            message: format!("{method} {path}: {status} {}", text.lines().next().unwrap_or("")),
+            field: None,
+        },
     }
 }
 

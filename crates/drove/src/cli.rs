@@ -64,6 +64,22 @@ pub enum VmCommand {
     },
     /// Delete a guest and its disks.
     Delete(ActionArgs),
+    /// Show the guest's serial console history.
+    Log {
+        /// Guest name or id.
+        name: String,
+        /// At most this many bytes from the end.
+        #[arg(long, default_value_t = 64 * 1024)]
+        bytes: u64,
+    },
+    /// Attach to the guest's serial console; Ctrl-] leaves.
+    #[command(
+        after_help = "Press Ctrl-] to detach. With stdin not a terminal, input is sent as is and the console is left half a second after stdin ends."
+    )]
+    Console {
+        /// Guest name or id.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -296,6 +312,13 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             let acc = c.delete_guest(&a.name).await?;
             report(&a, finish(&c, &acc, a.no_wait, a.timeout).await?, "deleted")
         }
+        VmCommand::Log { name, bytes } => {
+            let log = c.console_log(&name, bytes).await?;
+            print!("{}", log.text);
+            std::io::stdout().flush()?;
+            Ok(())
+        }
+        VmCommand::Console { name } => crate::console::attach(&c, &name).await,
     }
 }
 

@@ -10,6 +10,7 @@ use drove_model::ByteSize;
 mod bench;
 mod cli;
 mod config;
+mod console;
 mod daemons;
 mod lab;
 mod output;

@@ -132,4 +132,39 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     /// All guests defined on this host, including ones from before an agent
     /// restart.
     async fn list(&self) -> Result<Vec<GuestStatus>, HvError>;
+
+    /// The last `max_bytes` of the guest's serial console output, across
+    /// its boots.
+    async fn console_log(&self, id: GuestId, max_bytes: u64) -> Result<Vec<u8>, HvError> {
+        let _ = (id, max_bytes);
+        Err(HvError::Unsupported { op: "console_log", backend: self.kind(), reason: "no console history".into() })
+    }
+
+    /// An interactive byte stream to the serial console of a running guest.
+    async fn console(&self, id: GuestId) -> Result<ConsoleStream, HvError> {
+        let _ = id;
+        Err(HvError::Unsupported { op: "console", backend: self.kind(), reason: "no serial console".into() })
+    }
+}
+
+/// Something a console can be read from and written to.
+pub trait ConsoleIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ConsoleIo for T {}
+
+/// A guest's serial console, as a byte stream.
+pub type ConsoleStream = Box<dyn ConsoleIo>;
+
+/// The last `max` bytes of a file (console histories can grow large).
+pub async fn tail_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata().await?.len();
+    f.seek(std::io::SeekFrom::Start(len.saturating_sub(max))).await?;
+    let mut buf = Vec::with_capacity(len.min(max) as usize);
+    f.take(max).read_to_end(&mut buf).await?;
+    Ok(buf)
 }

@@ -704,6 +704,34 @@ impl Hypervisor for SimHypervisor {
         let result = Ok(sorted_statuses(&self.lock()));
         Self::finish(SimOp::List, None, fault, result)
     }
+
+    /// A simulated guest has no real console output; its history is one
+    /// line describing its current state, so callers can test the path.
+    async fn console_log(&self, id: GuestId, max_bytes: u64) -> Result<Vec<u8>, HvError> {
+        let line = {
+            let guests = self.lock();
+            let g = guests.guests.get(&id).ok_or(HvError::NotFound { id })?;
+            format!("sim guest {} is {:?} (pid {:?})\n", g.config.spec.name, g.state, g.pid)
+        };
+        let bytes = line.into_bytes();
+        let skip = bytes.len().saturating_sub(max_bytes as usize);
+        Ok(bytes[skip..].to_vec())
+    }
+
+    /// The console of a simulated guest is an echo: every byte written comes
+    /// back, like a terminal in cooked mode with nothing behind it.
+    async fn console(&self, id: GuestId) -> Result<crate::ConsoleStream, HvError> {
+        let state = self.lock().guests.get(&id).map(|g| g.state).ok_or(HvError::NotFound { id })?;
+        if !matches!(state, RuntimeState::Running | RuntimeState::Paused) {
+            return Err(HvError::InvalidState { id, op: "console", state });
+        }
+        let (ours, theirs) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(theirs);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        Ok(Box::new(ours))
+    }
 }
 
 /// Sleeps for `d`; zero does not touch the timer, whose resolution would

@@ -21,15 +21,15 @@
 //! Operation progress lives in the store, so a restarted manager picks up
 //! where the last one stopped: the next heartbeat drives it on.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use drove_api::{
-    AuditRecord, CreateGuestRequest, CreateVlanRequest, DesiredGuest, DesiredState, GuestView, HeartbeatRequest,
-    HeartbeatResponse, HostView, ObservedGuest, ObservedState, OperationAccepted, RegisterRequest, RegisterResponse,
-    VlanView,
+    AgentCall, AgentCallKind, AuditRecord, CallOutcome, CallResult, CreateGuestRequest, CreateVlanRequest,
+    DesiredGuest, DesiredState, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, ObservedGuest, ObservedState,
+    OperationAccepted, RegisterRequest, RegisterResponse, VlanView,
 };
 use drove_model::guest::validate_name;
 use drove_model::host::HostEvent;
@@ -42,7 +42,7 @@ use drove_model::{
 };
 use drove_placement::{HostCapacity, PlacementError, Policy, Request};
 use drove_store::{Op, Store};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::auth::{self, Principal, Role, TokenRecord};
 use crate::inventory::{
@@ -150,7 +150,34 @@ pub struct Manager {
     changes: watch::Sender<u64>,
     pub started: Instant,
     pub http_requests: std::sync::atomic::AtomicU64,
+    calls: Mutex<Calls>,
+    consoles: Mutex<HashMap<String, oneshot::Sender<Result<hyper::upgrade::OnUpgrade, String>>>>,
 }
+
+/// Relayed calls to agents: queued per host until its next heartbeat
+/// collects them, answered through `POST /v1/agent/results`.
+#[derive(Debug, Default)]
+struct Calls {
+    next_id: u64,
+    queued: HashMap<HostId, Vec<AgentCall>>,
+    waiting: HashMap<u64, Waiter>,
+}
+
+#[derive(Debug)]
+enum Waiter {
+    Call(oneshot::Sender<CallOutcome>),
+    /// A console session: the agent's upgraded connection, or why it failed.
+    Console {
+        session: String,
+    },
+}
+
+/// How long an operator waits for a host to answer a relayed call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A console session waiting for its agent: the agent's connection (or
+/// the reason it will not come).
+pub type ConsoleRendezvous = oneshot::Receiver<Result<hyper::upgrade::OnUpgrade, String>>;
 
 impl Manager {
     /// Load state from `store` (minting tokens on first start) and start the
@@ -187,6 +214,8 @@ impl Manager {
             changes,
             started: Instant::now(),
             http_requests: Default::default(),
+            calls: Mutex::new(Calls::default()),
+            consoles: Mutex::new(HashMap::new()),
         };
         Ok((Arc::new(m), minted))
     }
@@ -220,8 +249,9 @@ impl Manager {
         put(audit_key(rec.seq), &rec)
     }
 
-    /// Record a call that changed nothing (refused or failed).
-    pub async fn audit_refusal(&self, ctx: &Ctx, target: Option<String>, message: &str, status: u16) {
+    /// Record a call outside a state change: a refusal, or an interactive
+    /// session that changes no state but must be accounted for.
+    pub async fn audit_event(&self, ctx: &Ctx, target: Option<String>, message: &str, status: u16) {
         let pending = {
             let mut inv = self.lock();
             let op = Self::audit_op(&mut inv, ctx, target, message, status);
@@ -781,7 +811,8 @@ impl Manager {
             let cap = self.config.host_timeout / 3;
             let _ = tokio::time::timeout(Duration::from_millis(ms).min(cap), poke.notified()).await;
         }
-        Ok(HeartbeatResponse { guests: self.desired_for(req.host_id) })
+        let calls = self.calls_lock().queued.remove(&req.host_id).unwrap_or_default();
+        Ok(HeartbeatResponse { guests: self.desired_for(req.host_id), calls })
     }
 
     /// What `host` should run, as its agent is told.
@@ -798,6 +829,109 @@ impl Manager {
                 force_stop: inv.force_stop.contains(&g.id),
             })
             .collect()
+    }
+
+    // ---- relayed calls ------------------------------------------------------------
+
+    fn calls_lock(&self) -> MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue a call for the host of guest `key`; returns the call id.
+    fn queue_call(
+        &self,
+        key: &str,
+        make: impl FnOnce(u64) -> (AgentCallKind, Waiter),
+    ) -> Result<(u64, GuestId), ApiError> {
+        let inv = self.lock();
+        let g = inv.find_guest(key).ok_or_else(|| ApiError::not_found("guest", key))?;
+        let host = inv.hosts.get(&g.host).ok_or_else(|| ApiError::not_found("host", &g.host.to_string()))?;
+        if host.info.state == HostState::Down {
+            return Err(ApiError::unavailable(format!("host {} of guest {} is down", host.info.name, g.spec.name)));
+        }
+        let mut calls = self.calls_lock();
+        calls.next_id += 1;
+        let id = calls.next_id;
+        let (kind, waiter) = make(id);
+        calls.queued.entry(g.host).or_default().push(AgentCall { id, guest: g.id, kind });
+        calls.waiting.insert(id, waiter);
+        drop(calls);
+        host.poke.notify_one();
+        Ok((id, g.id))
+    }
+
+    fn forget_call(&self, id: u64) {
+        let mut calls = self.calls_lock();
+        calls.waiting.remove(&id);
+        for q in calls.queued.values_mut() {
+            q.retain(|c| c.id != id);
+        }
+    }
+
+    /// Relay a call to the guest's host and wait for its answer.
+    pub async fn relay(&self, key: &str, kind: AgentCallKind) -> Result<(GuestId, CallOutcome), ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let (id, guest) = self.queue_call(key, |_| (kind, Waiter::Call(tx)))?;
+        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => Ok((guest, outcome)),
+            _ => {
+                self.forget_call(id);
+                Err(ApiError {
+                    status: 504,
+                    code: "host_timeout",
+                    message: format!("the host of guest {key} did not answer within {}s", CALL_TIMEOUT.as_secs()),
+                    field: None,
+                })
+            }
+        }
+    }
+
+    /// Ask the guest's agent to connect its console to a new session.
+    pub fn open_console(&self, key: &str) -> Result<(String, ConsoleRendezvous), ApiError> {
+        let session = auth::mint_token().map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.consoles.lock().unwrap_or_else(|p| p.into_inner()).insert(session.clone(), tx);
+        let s = session.clone();
+        if let Err(e) =
+            self.queue_call(key, |_| (AgentCallKind::Console { session: s.clone() }, Waiter::Console { session: s }))
+        {
+            self.consoles.lock().unwrap_or_else(|p| p.into_inner()).remove(&session);
+            return Err(e);
+        }
+        Ok((session, rx))
+    }
+
+    /// Forget a console session nobody will join any more.
+    pub fn close_console(&self, session: &str) {
+        self.consoles.lock().unwrap_or_else(|p| p.into_inner()).remove(session);
+    }
+
+    /// The agent's side of a console session arrived.
+    pub fn join_console(&self, session: &str, conn: hyper::upgrade::OnUpgrade) -> Result<(), ApiError> {
+        let tx = self
+            .consoles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session)
+            .ok_or_else(|| ApiError::not_found("console session", session))?;
+        self.calls_lock().waiting.retain(|_, w| !matches!(w, Waiter::Console { session: s } if s == session));
+        tx.send(Ok(conn)).map_err(|_| ApiError::conflict("the operator left the console session"))
+    }
+
+    /// An agent answered a relayed call.
+    pub fn complete_call(&self, result: CallResult) {
+        let waiter = self.calls_lock().waiting.remove(&result.id);
+        match (waiter, result.outcome) {
+            (Some(Waiter::Call(tx)), outcome) => {
+                let _ = tx.send(outcome);
+            }
+            (Some(Waiter::Console { session }), CallOutcome::Error { message }) => {
+                if let Some(tx) = self.consoles.lock().unwrap_or_else(|p| p.into_inner()).remove(&session) {
+                    let _ = tx.send(Err(message));
+                }
+            }
+            (Some(Waiter::Console { .. }), _) | (None, _) => {}
+        }
     }
 
     // ---- monitor ---------------------------------------------------------------------

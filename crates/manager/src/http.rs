@@ -18,9 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
-    AuditRecord, CreateGuestRequest, CreateVlanRequest, ErrorBody, ErrorResponse, GuestView, HeartbeatRequest,
-    HeartbeatResponse, HostView, MaintenanceRequest, OperationAccepted, RegisterRequest, RegisterResponse,
-    StopGuestRequest, VlanView,
+    AgentCallKind, AuditRecord, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest, CreateVlanRequest, ErrorBody,
+    ErrorResponse, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, MaintenanceRequest, OperationAccepted,
+    RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
 };
 use drove_model::{Operation, OperationId};
 use serde::Deserialize;
@@ -110,7 +110,7 @@ async fn authenticate(State(m): State<Arc<Manager>>, mut req: Request, next: Nex
         Ok(p) => p,
         Err((e, who)) => {
             if mutation {
-                m.audit_refusal(&Ctx { principal: who, action }, None, &e.message, e.status).await;
+                m.audit_event(&Ctx { principal: who, action }, None, &e.message, e.status).await;
             }
             return e.into_response();
         }
@@ -119,7 +119,7 @@ async fn authenticate(State(m): State<Arc<Manager>>, mut req: Request, next: Nex
     let resp = next.run(req).await;
     if mutation && !resp.status().is_success() {
         let message = resp.extensions().get::<Failure>().map_or_else(|| resp.status().to_string(), |f| f.0.clone());
-        m.audit_refusal(&Ctx { principal, action }, None, &message, resp.status().as_u16()).await;
+        m.audit_event(&Ctx { principal, action }, None, &message, resp.status().as_u16()).await;
     }
     resp
 }
@@ -141,6 +141,10 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/audit", get(list_audit))
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/agent/results", post(call_result))
+        .route("/v1/agent/console/{session}", post(agent_console))
+        .route("/v1/guests/{guest}/log", get(console_log))
+        .route("/v1/guests/{guest}/console", get(console))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError { status: 404, code: "not_found", message: "no such API path".into(), field: None }
@@ -318,6 +322,101 @@ async fn heartbeat(State(m): State<Arc<Manager>>, Body(req): Body<HeartbeatReque
     m.heartbeat(req).await.map(Json)
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct LogQuery {
+    /// At most this many bytes from the end of the history (default 64 KiB).
+    bytes: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/guests/{guest}/log", tag = "guests", params(("guest" = String, Path, description = "Guest name or id"), LogQuery),
+    responses((status = 200, body = ConsoleLog), (status = 404, body = ErrorResponse), (status = 504, description = "The host did not answer", body = ErrorResponse)))]
+async fn console_log(
+    State(m): State<Arc<Manager>>,
+    Path(guest): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Res<Json<ConsoleLog>> {
+    let max_bytes = q.bytes.unwrap_or(64 * 1024).min(16 * 1024 * 1024);
+    match m.relay(&guest, AgentCallKind::ConsoleLog { max_bytes }).await? {
+        (id, CallOutcome::ConsoleLog { text }) => Ok(Json(ConsoleLog { guest: id, text })),
+        (_, CallOutcome::Error { message }) => Err(ApiError::conflict(message)),
+    }
+}
+
+/// The protocol name of console upgrades.
+pub const CONSOLE_PROTOCOL: &str = "drove-console";
+
+fn wants_upgrade(req: &Request) -> bool {
+    req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()) == Some(CONSOLE_PROTOCOL)
+}
+
+fn switching_protocols() -> Response {
+    let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_PROTOCOL));
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp
+}
+
+/// Splice two upgraded connections until either side closes.
+async fn splice(a: hyper::upgrade::OnUpgrade, b: hyper::upgrade::OnUpgrade) {
+    let (Ok(a), Ok(b)) = (a.await, b.await) else {
+        tracing::warn!("a console connection failed to upgrade");
+        return;
+    };
+    let (mut a, mut b) = (hyper_util::rt::TokioIo::new(a), hyper_util::rt::TokioIo::new(b));
+    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+}
+
+#[utoipa::path(get, path = "/v1/guests/{guest}/console", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    description = "Interactive serial console: send `Connection: upgrade` and `Upgrade: drove-console`; after 101 the connection carries the console's bytes both ways.",
+    responses((status = 101, description = "Connected to the console"), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse), (status = 504, body = ErrorResponse)))]
+async fn console(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    mut req: Request,
+) -> Res<Response> {
+    if !wants_upgrade(&req) {
+        return Err(ApiError::invalid(
+            "upgrade",
+            format!("the console needs `Connection: upgrade` and `Upgrade: {CONSOLE_PROTOCOL}`"),
+        ));
+    }
+    let client = hyper::upgrade::on(&mut req);
+    let (session, rendezvous) = m.open_console(&guest)?;
+    let agent = match tokio::time::timeout(crate::core::CALL_TIMEOUT, rendezvous).await {
+        Ok(Ok(Ok(conn))) => conn,
+        Ok(Ok(Err(message))) => return Err(ApiError::conflict(message)),
+        _ => {
+            m.close_console(&session);
+            return Err(ApiError {
+                status: 504,
+                code: "host_timeout",
+                message: format!("the host of guest {guest} did not open its console"),
+                field: None,
+            });
+        }
+    };
+    m.audit_event(&ctx, Some(format!("guest/{guest}")), "console opened", 101).await;
+    tokio::spawn(splice(client, agent));
+    Ok(switching_protocols())
+}
+
+#[utoipa::path(post, path = "/v1/agent/results", tag = "agent", request_body = CallResult, responses((status = 204)))]
+async fn call_result(State(m): State<Arc<Manager>>, Body(result): Body<CallResult>) -> StatusCode {
+    m.complete_call(result);
+    StatusCode::NO_CONTENT
+}
+
+#[utoipa::path(post, path = "/v1/agent/console/{session}", tag = "agent", params(("session" = String, Path, description = "Console session id")),
+    responses((status = 101, description = "Connected"), (status = 404, body = ErrorResponse)))]
+async fn agent_console(State(m): State<Arc<Manager>>, Path(session): Path<String>, mut req: Request) -> Res<Response> {
+    if !wants_upgrade(&req) {
+        return Err(ApiError::invalid("upgrade", format!("needs `Upgrade: {CONSOLE_PROTOCOL}`")));
+    }
+    m.join_console(&session, hyper::upgrade::on(&mut req))?;
+    Ok(switching_protocols())
+}
+
 /// Prometheus text exposition.
 async fn metrics(State(m): State<Arc<Manager>>) -> Response {
     use std::fmt::Write;
@@ -379,7 +478,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest,
+    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, console, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_operations, get_operation, list_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))

@@ -389,3 +389,37 @@ async fn a_crashed_guest_is_restarted_and_a_silent_host_goes_down() {
     dc.wait_hosts_up(1).await;
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn console_history_and_interactive_console_are_relayed_through_the_agent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dc = Dc::start(1).await;
+    let acc = dc.admin.create_guest(&guest("talky")).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let log = dc.admin.console_log("talky", 4096).await.unwrap();
+    assert!(log.text.contains("sim guest talky is Running"), "{log:?}");
+    // The sim console echoes: what goes in through the manager and the agent
+    // comes back the same way.
+    let mut conn = dc.admin.console("talky").await.unwrap();
+    conn.write_all(b"hello console\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !got.ends_with(b"hello console\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "console closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(conn);
+    let audit = dc.admin.audit(0, 1000).await.unwrap();
+    assert!(audit.iter().any(|r| r.result == "console opened" && r.principal == "admin"), "{audit:?}");
+    // A stopped guest has no console; the error says so, in one line.
+    dc.wait_succeeded(&dc.admin.stop_guest("talky", false).await.unwrap().operation).await;
+    let err = dc.admin.console("talky").await.expect_err("no console while stopped");
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("console"), "{err}");
+    // Without a token: nothing.
+    let anon = Client::new(&dc.endpoint, "wrong");
+    assert_eq!(anon.console("talky").await.err().and_then(|e| e.status()), Some(401));
+    assert_eq!(anon.console_log("talky", 10).await.unwrap_err().status(), Some(401));
+    dc.shutdown().await;
+}

@@ -808,6 +808,27 @@ impl Hypervisor for QemuHypervisor {
         }
         Ok(out)
     }
+
+    async fn console_log(&self, id: GuestId, max_bytes: u64) -> Result<Vec<u8>, HvError> {
+        let dir = self.dir(id);
+        self.record(&dir, id, "console_log")?;
+        let path = dir.serial_log_path();
+        crate::tail_file(&path, max_bytes)
+            .await
+            .map_err(|e| backend("console_log", id)(QemuError::io("reading", &path, e)))
+    }
+
+    async fn console(&self, id: GuestId) -> Result<crate::ConsoleStream, HvError> {
+        let status = self.status(id).await?;
+        if !matches!(status.state, RuntimeState::Running | RuntimeState::Paused) {
+            return Err(HvError::InvalidState { id, op: "console", state: status.state });
+        }
+        let path = self.dir(id).console_path();
+        let stream = tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|e| backend("console", id)(QemuError::io("connecting to", &path, e)))?;
+        Ok(Box::new(stream))
+    }
 }
 
 impl QemuHypervisor {
