@@ -18,7 +18,7 @@ use drove_api::{
 };
 use drove_client::{Client, ClientError};
 use drove_hypervisor::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
-use drove_model::{GuestId, HostId};
+use drove_model::{GuestId, HostId, RestartPolicy};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -29,6 +29,12 @@ pub struct AgentConfig {
     pub stop_timeout: Duration,
     /// Wait this long before retrying a failed action of one generation.
     pub retry_after: Duration,
+    /// Backoff between restarts of a crashing guest: the first restart is
+    /// immediate, then this, doubling up to `restart_backoff_max`.
+    pub restart_backoff: Duration,
+    pub restart_backoff_max: Duration,
+    /// A guest running this long without a crash starts its backoff afresh.
+    pub restart_stable_after: Duration,
 }
 
 impl AgentConfig {
@@ -37,6 +43,9 @@ impl AgentConfig {
             name: name.to_owned(),
             stop_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(5),
+            restart_backoff: Duration::from_secs(1),
+            restart_backoff_max: Duration::from_secs(60),
+            restart_stable_after: Duration::from_secs(60),
         }
     }
 }
@@ -60,6 +69,21 @@ struct Reports {
     destroyed: HashSet<GuestId>,
     /// Last failed generation per guest and when, to pace retries.
     failed_at: HashMap<GuestId, (u64, Instant)>,
+    /// Crashed guests restarted since the last delivered heartbeat.
+    restarted: Vec<GuestId>,
+    /// Restart pacing per guest.
+    backoff: HashMap<GuestId, Backoff>,
+}
+
+/// When a crashing guest may be restarted next.
+#[derive(Debug, Clone, Copy, Default)]
+struct Backoff {
+    /// Wait before restarting after the next crash.
+    delay: Duration,
+    /// When the current crash's restart is due, once the crash was seen.
+    restart_at: Option<Instant>,
+    /// Since when it has been seen running.
+    running_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -201,14 +225,19 @@ impl Agent {
                 Vec::new()
             }
         };
-        let (failures, destroyed) = {
+        let (failures, restarted, destroyed) = {
             let mut r = self.lock_reports();
-            (std::mem::take(&mut r.failures), r.destroyed.iter().copied().collect::<Vec<_>>())
+            (
+                std::mem::take(&mut r.failures),
+                std::mem::take(&mut r.restarted),
+                r.destroyed.iter().copied().collect::<Vec<_>>(),
+            )
         };
         let req = HeartbeatRequest {
             host_id,
             guests: statuses.iter().map(to_observed).collect(),
             failures: failures.clone(),
+            restarted: restarted.clone(),
             destroyed: destroyed.clone(),
             wait_ms: None,
         };
@@ -227,7 +256,9 @@ impl Agent {
             Ok(r) => r,
             Err(e) => {
                 // Not delivered: report these again next time.
-                self.lock_reports().failures.extend(failures);
+                let mut r = self.lock_reports();
+                r.failures.extend(failures);
+                r.restarted.extend(restarted);
                 return Err(e);
             }
         };
@@ -248,7 +279,11 @@ impl Agent {
             if actions.contains_key(&d.id) {
                 continue;
             }
-            let Some(action) = plan(&d, by_id.get(&d.id).copied()) else { continue };
+            let observed = by_id.get(&d.id).copied();
+            if !self.may_restart(&d, observed) {
+                continue;
+            }
+            let Some(action) = plan(&d, observed) else { continue };
             if action == Action::ConfirmAbsent {
                 self.lock_reports().destroyed.insert(d.id);
                 continue;
@@ -264,6 +299,40 @@ impl Agent {
             actions.insert(d.id, tokio::spawn(async move { me.act(d, action).await }));
         }
         Ok(req.wait_ms.is_some() && actions.is_empty())
+    }
+
+    /// The restart policy and its backoff: whether a guest that should run
+    /// may be (re)started now. Counts each crash restart for the manager.
+    fn may_restart(&self, d: &DesiredGuest, observed: Option<&GuestStatus>) -> bool {
+        let now = Instant::now();
+        let mut r = self.lock_reports();
+        match observed.map(|o| o.state) {
+            Some(RuntimeState::Running) => {
+                let b = r.backoff.entry(d.id).or_default();
+                let since = *b.running_since.get_or_insert(now);
+                if since.elapsed() >= self.config.restart_stable_after {
+                    b.delay = Duration::ZERO;
+                }
+                true
+            }
+            Some(RuntimeState::Crashed) if d.state == DesiredState::Running => {
+                if d.restart_policy == RestartPolicy::Never {
+                    return false;
+                }
+                let b = r.backoff.entry(d.id).or_default();
+                let due = *b.restart_at.get_or_insert(now + b.delay);
+                if now < due {
+                    return false;
+                }
+                b.restart_at = None;
+                b.running_since = None;
+                b.delay = (b.delay * 2).clamp(self.config.restart_backoff, self.config.restart_backoff_max);
+                tracing::warn!(guest = %d.spec.name, next_delay = ?b.delay, "guest crashed; restarting it");
+                r.restarted.push(d.id);
+                true
+            }
+            _ => true,
+        }
     }
 
     fn lock_reports(&self) -> std::sync::MutexGuard<'_, Reports> {
@@ -362,6 +431,7 @@ mod tests {
             generation,
             state,
             force_stop: false,
+            restart_policy: RestartPolicy::Always,
             spec: GuestSpec {
                 name: "g".into(),
                 vcpus: 1,

@@ -6,7 +6,8 @@
 //! fails when the served document and the checked-in one differ.
 
 use drove_model::{
-    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, Vlan, guest::LoadProfile,
+    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, RestartPolicy, Vlan,
+    guest::LoadProfile,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -83,6 +84,9 @@ pub struct CreateGuestRequest {
     pub start: Option<bool>,
     #[serde(default)]
     pub load_profile: Option<LoadProfile>,
+    /// What to do when it crashes. Default: always restart (with backoff).
+    #[serde(default)]
+    pub restart_policy: Option<RestartPolicy>,
 }
 
 impl CreateGuestRequest {
@@ -98,6 +102,7 @@ impl CreateGuestRequest {
             priority: None,
             start: None,
             load_profile: None,
+            restart_policy: None,
         }
     }
 }
@@ -217,6 +222,10 @@ pub struct HeartbeatRequest {
     /// Failures since the last heartbeat.
     #[serde(default)]
     pub failures: Vec<GuestFailure>,
+    /// Guests the agent found crashed and restarted (policy `always`) since
+    /// its last delivered heartbeat, once per crash.
+    #[serde(default)]
+    pub restarted: Vec<GuestId>,
     /// Guests the manager wanted absent that the agent has destroyed; the
     /// manager forgets a deleted guest only on this explicit confirmation.
     #[serde(default)]
@@ -245,6 +254,7 @@ pub struct DesiredGuest {
     pub spec: drove_model::GuestSpec,
     /// Whether a stop should be forced.
     pub force_stop: bool,
+    pub restart_policy: RestartPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -118,6 +118,9 @@ pub struct CreateArgs {
     /// Create it stopped.
     #[arg(long)]
     pub stopped: bool,
+    /// When it crashes: `always` restart it (with backoff) or `never`.
+    #[arg(long, default_value = "always")]
+    pub restart: drove_model::RestartPolicy,
     /// Return once accepted instead of waiting until it runs.
     #[arg(long)]
     pub no_wait: bool,
@@ -250,6 +253,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 priority: a.priority,
                 start: Some(!a.stopped),
                 load_profile: None,
+                restart_policy: Some(a.restart),
             };
             let accepted = c.create_guest(&req).await?;
             let op = finish(&c, &accepted, a.no_wait, a.timeout).await?;
@@ -294,6 +298,8 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                         s.nics.iter().map(|n| format!("vlan {} mac {}", n.vlan, n.mac)).collect::<Vec<_>>().join(", "),
                     ),
                     ("priority", s.priority.0.to_string()),
+                    ("restart policy", format!("{:?}", g.guest.restart_policy).to_lowercase()),
+                    ("restarts", g.guest.restarts.to_string()),
                     ("generation", g.guest.generation.to_string()),
                     ("created", g.guest.created_at.clone()),
                     ("last error", opt(&g.guest.last_error)),

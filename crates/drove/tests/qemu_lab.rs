@@ -174,6 +174,18 @@ fn real_guests_live_through_the_whole_stack() {
     let answer = console_roundtrip(&lab, "web-1", "echo hello-$((6*7))\n", "hello-42");
     assert!(answer.contains("hello-42"), "{answer}");
 
+    // QEMU dies under the guest: its agent restarts it (policy `always`),
+    // the restart is counted and shown.
+    Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    eventually("crash restart", Duration::from_secs(120), || (ready_count(&gdir) >= 2).then_some(()));
+    let pid = qemu_pid(&gdir).expect("restarted QEMU");
+    let shown = eventually("restart counted", Duration::from_secs(30), || {
+        let g = lab.json(&["vm", "show", "web-1"]);
+        (g["restarts"] == 1).then_some(g)
+    });
+    assert_eq!(shown["state"], "running");
+    assert!(lab.ok(&["vm", "show", "web-1"]).contains("restarts:"));
+
     // An agent killed under a running guest: QEMU outlives it, the new agent
     // re-adopts it, nothing restarts, nothing is duplicated.
     let lab_file = lab.lab_file();
@@ -206,10 +218,10 @@ fn real_guests_live_through_the_whole_stack() {
     lab.ok(&["vm", "stop", "web-1"]);
     assert_eq!(lab.json(&["vm", "show", "web-1"])["state"], "stopped");
     eventually("QEMU exit after stop", Duration::from_secs(30), || (!pid_alive(pid)).then_some(()));
-    assert_eq!(ready_count(&gdir), 1, "the guest was not restarted by the agent restart");
+    assert_eq!(ready_count(&gdir), 2, "the guest was not restarted by the agent restart");
 
     lab.ok(&["vm", "start", "web-1"]);
-    eventually("second boot", Duration::from_secs(120), || (ready_count(&gdir) >= 2).then_some(()));
+    eventually("third boot", Duration::from_secs(120), || (ready_count(&gdir) >= 3).then_some(()));
     assert_eq!(qemus_of(lab.data()).len(), 1, "exactly one QEMU for one guest");
 
     lab.ok(&["vm", "delete", "web-1"]);

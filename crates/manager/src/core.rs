@@ -38,7 +38,7 @@ use drove_model::units::MIB;
 use drove_model::vlan::Ipv4Cidr;
 use drove_model::{
     ByteSize, DiskSpec, Guest, GuestEvent, GuestId, GuestSpec, GuestState, HostId, HostInfo, HostState, NicSpec,
-    Operation, OperationId, OperationKind, OperationState, PowerIntent, Priority, Vlan, VlanTag,
+    Operation, OperationId, OperationKind, OperationState, PowerIntent, Priority, RestartPolicy, Vlan, VlanTag,
 };
 use drove_placement::{HostCapacity, PlacementError, Policy, Request};
 use drove_store::{Op, Store};
@@ -587,6 +587,8 @@ impl Manager {
                     generation: 1,
                     created_at: now_rfc3339(),
                     last_error: None,
+                    restart_policy: req.restart_policy.unwrap_or_default(),
+                    restarts: 0,
                 };
                 let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
                 let mut op = Self::new_op(OperationKind::CreateGuest, &guest, &ctx.principal, "");
@@ -786,6 +788,16 @@ impl Manager {
                     finish_delete(inv, *id, &mut w);
                 }
             }
+            for id in &req.restarted {
+                if let Some(g) = inv.guests.get_mut(id)
+                    && g.host == req.host_id
+                {
+                    g.restarts += 1;
+                    g.last_error = Some(format!("crashed; restarted by its host ({} restarts)", g.restarts));
+                    tracing::warn!(guest = %g.spec.name, restarts = g.restarts, "guest crashed and was restarted");
+                    w.ops.push(put(guest_key(*id), &*g));
+                }
+            }
             for f in &req.failures {
                 if let Some(g) = inv.guests.get(&f.id)
                     && g.host == req.host_id
@@ -827,6 +839,7 @@ impl Manager {
                 state: desired_state(g),
                 spec: g.spec.clone(),
                 force_stop: inv.force_stop.contains(&g.id),
+                restart_policy: g.restart_policy,
             })
             .collect()
     }
@@ -1197,10 +1210,17 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
                 apply(&mut g, GuestEvent::Crashed);
                 g.last_error = Some(if obs.is_none() { "vanished from its host".into() } else { "crashed".into() });
             }
-            (GuestState::Crashed, _) if g.intent == PowerIntent::Running => {
-                apply(&mut g, GuestEvent::Start);
-                g.generation += 1;
-            }
+            (GuestState::Crashed, _) if g.intent == PowerIntent::Running => match g.restart_policy {
+                RestartPolicy::Always => {
+                    apply(&mut g, GuestEvent::Start);
+                    g.generation += 1;
+                }
+                // Left for the operator: it stays crashed, and off.
+                RestartPolicy::Never => {
+                    g.intent = PowerIntent::Stopped;
+                    g.generation += 1;
+                }
+            },
             (GuestState::Stopping, Some(ObservedState::Stopped | ObservedState::Crashed) | None) => {
                 apply(&mut g, GuestEvent::Stopped);
                 if matches!(active_kind(inv, id), Some((OperationKind::StopGuest, OperationState::Running))) {

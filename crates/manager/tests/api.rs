@@ -371,14 +371,45 @@ async fn a_crashed_guest_is_restarted_and_a_silent_host_goes_down() {
     let mut dc = Dc::start(1).await;
     let acc = dc.admin.create_guest(&guest("phoenix")).await.unwrap();
     dc.wait_succeeded(&acc.operation).await;
-    let pid = dc.agents[0].sim.guests()[0].pid;
-    dc.agents[0].sim.crash(acc.guest).unwrap();
-    dc.eventually("restart after crash", || async {
-        let s = dc.agents[0].sim.guests();
-        (s[0].state == drove_hypervisor::RuntimeState::Running && s[0].pid != pid).then_some(())
-    })
-    .await;
-    assert_eq!(dc.admin.get_guest("phoenix").await.unwrap().guest.state, GuestState::Running);
+    // Crash it twice: restarted at once the first time, after the backoff
+    // (500 ms in these tests) the second time; both counted.
+    for round in 1..=2u32 {
+        let pid = dc.agents[0].sim.guests()[0].pid;
+        let crashed = std::time::Instant::now();
+        dc.agents[0].sim.crash(acc.guest).unwrap();
+        dc.eventually("restart after crash", || async {
+            let s = dc.agents[0].sim.guests();
+            (s[0].state == drove_hypervisor::RuntimeState::Running && s[0].pid != pid).then_some(())
+        })
+        .await;
+        if round == 2 {
+            assert!(crashed.elapsed() >= Duration::from_millis(500), "second restart came before the backoff");
+        }
+        let g = dc
+            .eventually("restart counted", || async {
+                let g = dc.admin.get_guest("phoenix").await.ok()?;
+                (g.guest.restarts == round).then_some(g)
+            })
+            .await;
+        assert_eq!(g.guest.state, GuestState::Running);
+        assert!(g.guest.last_error.as_deref().unwrap().contains("restarted"), "{g:?}");
+    }
+    // With policy `never`, a crashed guest is left crashed and off.
+    let mut req = guest("fragile");
+    req.restart_policy = Some(drove_model::RestartPolicy::Never);
+    let acc2 = dc.admin.create_guest(&req).await.unwrap();
+    dc.wait_succeeded(&acc2.operation).await;
+    dc.agents[0].sim.crash(acc2.guest).unwrap();
+    let g = dc
+        .eventually("crash seen", || async {
+            let g = dc.admin.get_guest("fragile").await.ok()?;
+            (g.guest.state == GuestState::Crashed && g.guest.intent == drove_model::PowerIntent::Stopped).then_some(g)
+        })
+        .await;
+    assert_eq!(g.guest.restarts, 0);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let on_host = dc.agents[0].sim.guests();
+    assert_eq!(on_host.iter().find(|s| s.id == acc2.guest).unwrap().state, drove_hypervisor::RuntimeState::Crashed);
     dc.agents[0].stop().await;
     dc.eventually("host down", || async {
         let h = dc.admin.get_host("host-1").await.ok()?;

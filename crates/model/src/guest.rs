@@ -97,6 +97,28 @@ pub struct GuestSpec {
     pub load_profile: Option<LoadProfile>,
 }
 
+/// What a guest's host does when the guest dies without being asked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// Restart it, with exponential backoff between crashes.
+    #[default]
+    Always,
+    /// Leave it crashed (and stopped) for the operator.
+    Never,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            other => Err(format!("unknown restart policy {other:?} (expected always or never)")),
+        }
+    }
+}
+
 /// Whether the operator wants the guest running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -257,6 +279,11 @@ pub struct Guest {
     pub created_at: String,
     /// The last error seen for this guest, if any.
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// How many times its host restarted it after a crash.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 #[cfg(test)]

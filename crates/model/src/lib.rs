@@ -15,6 +15,7 @@ pub mod vlan;
 
 pub use guest::{
     DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition, NicSpec, PowerIntent, Priority,
+    RestartPolicy,
 };
 pub use host::{HostInfo, HostState, HypervisorKind};
 pub use id::{GuestId, HostId, OperationId, TypedId};

@@ -148,6 +148,7 @@ impl Dc {
     fn start_agent(&self, name: &str, sim: &SimHypervisor) -> TestAgent {
         let mut ac = AgentConfig::new(name);
         ac.retry_after = Duration::from_millis(200);
+        ac.restart_backoff = Duration::from_millis(500);
         let agent = Agent::new(ac, Client::new(&self.endpoint, &self.agent_token), Arc::new(sim.clone()));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(agent.run(async {
