@@ -26,6 +26,8 @@ use crate::{Format, OutputArgs};
 pub enum BenchCommand {
     /// Create guests on sim hosts through the HTTP API; print rates, list latency, manager memory.
     Api(ApiBench),
+    /// Boot real QEMU guests through the whole stack; print readiness times, density, memory per guest.
+    Boot(crate::bench_boot::BootBench),
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +67,7 @@ struct ApiFigures {
 pub async fn run(c: BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Api(a) => api(a).await,
+        BenchCommand::Boot(a) => crate::bench_boot::run(a).await,
     }
 }
 

@@ -34,6 +34,9 @@ pub struct ManagerArgs {
     /// Fail (and roll back) operations that take longer than this many seconds.
     #[arg(long, default_value_t = 600)]
     pub op_timeout: u64,
+    /// vCPUs placement allows per physical core.
+    #[arg(long, default_value_t = 4.0)]
+    pub vcpu_overcommit: f64,
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -59,6 +62,10 @@ pub async fn manager(a: ManagerArgs) -> Result<()> {
     config.heartbeat_interval = Duration::from_millis(a.heartbeat_ms.max(10));
     config.host_timeout = Duration::from_secs(a.host_timeout.max(1));
     config.op_timeout = Duration::from_secs(a.op_timeout.max(1));
+    if !(a.vcpu_overcommit.is_finite() && a.vcpu_overcommit > 0.0) {
+        anyhow::bail!("--vcpu-overcommit must be a positive number, got {}", a.vcpu_overcommit);
+    }
+    config.policy.vcpu_overcommit = a.vcpu_overcommit;
     let (m, minted) = Manager::open(config, Arc::new(store)).await.context("starting the manager")?;
     if minted.admin.is_some() {
         tracing::info!(dir = %a.data_dir.display(), "first start: minted admin and agent tokens (admin.token, agent.token)");

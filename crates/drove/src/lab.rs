@@ -45,6 +45,9 @@ pub struct UpArgs {
     /// Memory each sim host offers.
     #[arg(long, value_parser = parse_size, default_value = "16G")]
     pub host_memory: ByteSize,
+    /// vCPUs placement allows per physical core.
+    #[arg(long, default_value_t = 4.0)]
+    pub vcpu_overcommit: f64,
 }
 
 #[derive(Debug, Args)]
@@ -89,12 +92,17 @@ fn write_lab(dir: &Path, lab: &LabFile) -> Result<()> {
     std::fs::rename(&tmp, lab_path(dir)).with_context(|| format!("writing {}", lab_path(dir).display()))
 }
 
-/// Whether `pid` is a live drove process (guards against pid reuse).
-fn is_drove(pid: u32) -> bool {
+/// Whether `pid` is a live drove process of the lab in `dir` (guards
+/// against pid reuse, also by another lab's daemons).
+fn is_drove(pid: u32, dir: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat.rsplit(") ").next().is_some_and(|rest| rest.starts_with('Z'));
-    !zombie && String::from_utf8_lossy(&cmdline).split('\0').next().is_some_and(|exe| exe.ends_with("drove"))
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let dir = dir.display().to_string();
+    !zombie
+        && cmdline.split('\0').next().is_some_and(|exe| exe.ends_with("drove"))
+        && cmdline.split('\0').any(|arg| arg.starts_with(&dir))
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -144,11 +152,11 @@ pub async fn up(a: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     if let Some(lab) = read_lab(&dir)? {
-        if lab.manager_pid.is_some_and(is_drove) {
+        if lab.manager_pid.is_some_and(|p| is_drove(p, &dir)) {
             bail!("a lab is already running at {} (data dir {}); run `drove down` first", lab.endpoint, dir.display());
         }
         // Left over from a crash: clear it before starting afresh.
-        stop_processes(&lab).await;
+        stop_processes(&lab, &dir).await;
     }
     if a.backend == Backend::Qemu {
         qemu_preflight(&dir)?;
@@ -174,6 +182,8 @@ pub async fn up(a: UpArgs) -> Result<()> {
             mdir.display().to_string(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
+            "--vcpu-overcommit".into(),
+            a.vcpu_overcommit.to_string(),
         ],
     )?;
     lab.manager_pid = Some(manager.id());
@@ -266,22 +276,25 @@ pub async fn up(a: UpArgs) -> Result<()> {
     down(DownArgs { data_dir: Some(dir), purge: false }).await
 }
 
-async fn stop_processes(lab: &LabFile) {
-    let pids: Vec<u32> = lab.agents.iter().map(|(_, p)| *p).chain(lab.manager_pid).filter(|p| is_drove(*p)).collect();
+async fn stop_processes(lab: &LabFile, dir: &Path) {
+    let pids: Vec<u32> =
+        lab.agents.iter().map(|(_, p)| *p).chain(lab.manager_pid).filter(|p| is_drove(*p, dir)).collect();
     for p in &pids {
         signal(*p, "TERM");
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|p| is_drove(*p)) && Instant::now() < deadline {
+    while pids.iter().any(|p| is_drove(*p, dir)) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for p in pids.iter().filter(|p| is_drove(**p)) {
+    for p in pids.iter().filter(|p| is_drove(**p, dir)) {
         signal(*p, "KILL");
     }
 }
 
 pub async fn down(a: DownArgs) -> Result<()> {
     let dir = a.data_dir.unwrap_or_else(default_data_dir);
+    // `up` recorded canonical paths on the daemons' command lines.
+    let dir = dir.canonicalize().unwrap_or(dir);
     let Some(lab) = read_lab(&dir)? else {
         if a.purge && dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -289,7 +302,7 @@ pub async fn down(a: DownArgs) -> Result<()> {
         println!("no lab running in {}", dir.display());
         return Ok(());
     };
-    stop_processes(&lab).await;
+    stop_processes(&lab, &dir).await;
     // Guests outlive their agents by design; a lab shutdown stops them too.
     let mut stopped = 0;
     if lab.backend.as_deref() == Some("qemu") {

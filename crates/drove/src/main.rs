@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
 use drove_model::ByteSize;
 
 mod bench;
+mod bench_boot;
 mod cli;
 mod config;
 mod console;
@@ -99,8 +101,34 @@ fn init_tracing(default: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// Usage errors in one line (the CLI's rule for every error); help and
+/// version output go through unchanged.
+fn parse_args() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) if e.use_stderr() => {
+            let rendered = e.render().to_string();
+            let parts: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .collect();
+            let line = parts.join(": ");
+            eprintln!("{}", if line.starts_with("error:") { line } else { format!("error: {line}") });
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let daemon = matches!(cli.command, Command::Manager(_) | Command::Agent(_));
     init_tracing(if daemon { "info" } else { "warn" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -279,17 +279,27 @@ impl Manager {
         }
     }
 
-    pub fn list_hosts(&self) -> Vec<HostView> {
-        let inv = self.lock();
-        let mut v: Vec<HostView> = inv.hosts.values().map(|h| Self::host_view(&inv, h)).collect();
-        v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
-        v
+    /// Read from the inventory, answering only once everything the read
+    /// saw is durable: a client never sees state a crash could take back.
+    async fn read<T>(&self, f: impl FnOnce(&Inventory) -> T) -> Result<T, ApiError> {
+        let (value, durable) = {
+            let inv = self.lock();
+            (f(&inv), self.persister.barrier())
+        };
+        durable.durable().await?;
+        Ok(value)
     }
 
-    pub fn get_host(&self, key: &str) -> Result<HostView, ApiError> {
-        let inv = self.lock();
-        let h = inv.find_host(key).ok_or_else(|| ApiError::not_found("host", key))?;
-        Ok(Self::host_view(&inv, h))
+    pub async fn list_hosts(&self) -> Result<Vec<HostView>, ApiError> {
+        let mut v = self.read(|inv| inv.hosts.values().map(|h| Self::host_view(inv, h)).collect::<Vec<_>>()).await?;
+        v.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        Ok(v)
+    }
+
+    pub async fn get_host(&self, key: &str) -> Result<HostView, ApiError> {
+        self.read(|inv| inv.find_host(key).map(|h| Self::host_view(inv, h)))
+            .await?
+            .ok_or_else(|| ApiError::not_found("host", key))
     }
 
     /// Enter or leave maintenance: a host in maintenance takes no new guests.
@@ -327,40 +337,41 @@ impl Manager {
         GuestView { guest: g.clone(), host_name }
     }
 
-    pub fn list_guests(&self) -> Vec<GuestView> {
-        let inv = self.lock();
-        let mut v: Vec<GuestView> = inv.guests.values().map(|g| Self::guest_view(&inv, g)).collect();
-        drop(inv);
+    pub async fn list_guests(&self) -> Result<Vec<GuestView>, ApiError> {
+        let mut v = self.read(|inv| inv.guests.values().map(|g| Self::guest_view(inv, g)).collect::<Vec<_>>()).await?;
         v.sort_by(|a, b| a.guest.spec.name.cmp(&b.guest.spec.name));
-        v
+        Ok(v)
     }
 
-    pub fn get_guest(&self, key: &str) -> Result<GuestView, ApiError> {
-        let inv = self.lock();
-        let g = inv.find_guest(key).ok_or_else(|| ApiError::not_found("guest", key))?;
-        Ok(Self::guest_view(&inv, g))
+    pub async fn get_guest(&self, key: &str) -> Result<GuestView, ApiError> {
+        self.read(|inv| inv.find_guest(key).map(|g| Self::guest_view(inv, g)))
+            .await?
+            .ok_or_else(|| ApiError::not_found("guest", key))
     }
 
-    pub fn list_vlans(&self) -> Vec<VlanView> {
-        let inv = self.lock();
-        inv.vlans
-            .values()
-            .map(|v| VlanView {
-                vlan: v.clone(),
-                nics: inv.guests.values().flat_map(|g| &g.spec.nics).filter(|n| n.vlan == v.tag).count() as u32,
-            })
-            .collect()
+    pub async fn list_vlans(&self) -> Result<Vec<VlanView>, ApiError> {
+        self.read(|inv| {
+            inv.vlans
+                .values()
+                .map(|v| VlanView {
+                    vlan: v.clone(),
+                    nics: inv.guests.values().flat_map(|g| &g.spec.nics).filter(|n| n.vlan == v.tag).count() as u32,
+                })
+                .collect()
+        })
+        .await
     }
 
-    pub fn list_operations(&self) -> Vec<Operation> {
-        let inv = self.lock();
-        let mut v: Vec<Operation> = inv.ops.values().cloned().collect();
+    pub async fn list_operations(&self) -> Result<Vec<Operation>, ApiError> {
+        let mut v = self.read(|inv| inv.ops.values().cloned().collect::<Vec<_>>()).await?;
         v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-        v
+        Ok(v)
     }
 
-    pub fn get_operation(&self, id: OperationId) -> Result<Operation, ApiError> {
-        self.lock().ops.get(&id).cloned().ok_or_else(|| ApiError::not_found("operation", &id.to_string()))
+    pub async fn get_operation(&self, id: OperationId) -> Result<Operation, ApiError> {
+        self.read(|inv| inv.ops.get(&id).cloned())
+            .await?
+            .ok_or_else(|| ApiError::not_found("operation", &id.to_string()))
     }
 
     /// Wait until the operation is final or `timeout` passes; returns it
@@ -369,13 +380,13 @@ impl Manager {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.changes.subscribe();
         loop {
-            let op = self.get_operation(id)?;
+            let op = self.get_operation(id).await?;
             if op.state.is_final() {
                 return Ok(op);
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return self.get_operation(id),
+                Ok(Err(_)) | Err(_) => return self.get_operation(id).await,
             }
         }
     }
@@ -824,12 +835,18 @@ impl Manager {
             let _ = tokio::time::timeout(Duration::from_millis(ms).min(cap), poke.notified()).await;
         }
         let calls = self.calls_lock().queued.remove(&req.host_id).unwrap_or_default();
-        Ok(HeartbeatResponse { guests: self.desired_for(req.host_id), calls })
+        // Tell the agent only what is durable: a guest whose record a crash
+        // could still lose must not be created on a host.
+        let (guests, durable) = {
+            let inv = self.lock();
+            (Self::desired_for(&inv, req.host_id), self.persister.barrier())
+        };
+        durable.durable().await?;
+        Ok(HeartbeatResponse { guests, calls })
     }
 
     /// What `host` should run, as its agent is told.
-    pub fn desired_for(&self, host: HostId) -> Vec<DesiredGuest> {
-        let inv = self.lock();
+    fn desired_for(inv: &Inventory, host: HostId) -> Vec<DesiredGuest> {
         let Some(mine) = inv.by_host.get(&host) else { return Vec::new() };
         mine.iter()
             .filter_map(|id| inv.guests.get(id))

@@ -169,14 +169,14 @@ async fn openapi() -> Response {
 
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts",
     responses((status = 200, body = [HostView]), (status = 401, body = ErrorResponse)))]
-async fn list_hosts(State(m): State<Arc<Manager>>) -> Json<Vec<HostView>> {
-    Json(m.list_hosts())
+async fn list_hosts(State(m): State<Arc<Manager>>) -> Res<Json<Vec<HostView>>> {
+    m.list_hosts().await.map(Json)
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{host}", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
     responses((status = 200, body = HostView), (status = 404, body = ErrorResponse)))]
 async fn get_host(State(m): State<Arc<Manager>>, Path(host): Path<String>) -> Res<Json<HostView>> {
-    m.get_host(&host).map(Json)
+    m.get_host(&host).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{host}/maintenance", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
@@ -193,8 +193,8 @@ async fn set_maintenance(
 
 #[utoipa::path(get, path = "/v1/guests", tag = "guests",
     responses((status = 200, body = [GuestView]), (status = 401, body = ErrorResponse)))]
-async fn list_guests(State(m): State<Arc<Manager>>) -> Json<Vec<GuestView>> {
-    Json(m.list_guests())
+async fn list_guests(State(m): State<Arc<Manager>>) -> Res<Json<Vec<GuestView>>> {
+    m.list_guests().await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/guests", tag = "guests", request_body = CreateGuestRequest,
@@ -212,7 +212,7 @@ async fn create_guest(
 #[utoipa::path(get, path = "/v1/guests/{guest}", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     responses((status = 200, body = GuestView), (status = 404, body = ErrorResponse)))]
 async fn get_guest(State(m): State<Arc<Manager>>, Path(guest): Path<String>) -> Res<Json<GuestView>> {
-    m.get_guest(&guest).map(Json)
+    m.get_guest(&guest).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/guests/{guest}/start", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
@@ -248,8 +248,8 @@ async fn delete_guest(
 }
 
 #[utoipa::path(get, path = "/v1/vlans", tag = "vlans", responses((status = 200, body = [VlanView])))]
-async fn list_vlans(State(m): State<Arc<Manager>>) -> Json<Vec<VlanView>> {
-    Json(m.list_vlans())
+async fn list_vlans(State(m): State<Arc<Manager>>) -> Res<Json<Vec<VlanView>>> {
+    m.list_vlans().await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/vlans", tag = "vlans", request_body = CreateVlanRequest,
@@ -269,8 +269,8 @@ async fn delete_vlan(State(m): State<Arc<Manager>>, ctx: Ctx, Path(vlan): Path<S
 }
 
 #[utoipa::path(get, path = "/v1/operations", tag = "operations", responses((status = 200, body = [Operation])))]
-async fn list_operations(State(m): State<Arc<Manager>>) -> Json<Vec<Operation>> {
-    Json(m.list_operations())
+async fn list_operations(State(m): State<Arc<Manager>>) -> Res<Json<Vec<Operation>>> {
+    m.list_operations().await.map(Json)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -289,7 +289,7 @@ async fn get_operation(
     let id: OperationId = id.parse().map_err(|_| ApiError::invalid("id", format!("{id:?} is not an operation id")))?;
     match q.wait {
         Some(s) => m.wait_operation(id, Duration::from_secs(s.min(300))).await.map(Json),
-        None => m.get_operation(id).map(Json),
+        None => m.get_operation(id).await.map(Json),
     }
 }
 

@@ -77,6 +77,16 @@ impl Persister {
         Pending(Some(rx))
     }
 
+    /// Resolves once everything enqueued before it is durable: lets a reader
+    /// hand out only state that a crash cannot take back.
+    pub fn barrier(&self) -> Pending {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Batch { ops: Vec::new(), done }).is_err() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        Pending(Some(rx))
+    }
+
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
     }
@@ -102,6 +112,9 @@ async fn run(
         }
         let result = if failed.load(Ordering::SeqCst) {
             Err(PersistError::Failed("an earlier write failed".into()))
+        } else if n == 0 {
+            // Only barriers: everything before them has been answered.
+            Ok(())
         } else {
             let ops: Vec<Op> = batches.iter_mut().flat_map(|b| std::mem::take(&mut b.ops)).collect();
             let started = std::time::Instant::now();

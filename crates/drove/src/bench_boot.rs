@@ -1,0 +1,217 @@
+//! `drove bench boot`: real QEMU guests through the whole stack.
+//!
+//! Starts its own one-host QEMU lab in a temp dir (`drove up` as a child
+//! process, so the operator's client config is untouched), then measures:
+//! create-to-readiness time (API call until the guest's init prints
+//! `DROVE-READY`, read back through the API), density (N small guests
+//! booted together), and what each guest costs in memory beyond its RAM.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use drove_api::CreateGuestRequest;
+use drove_client::Client;
+use drove_model::ByteSize;
+use serde::Serialize;
+
+use crate::{Format, OutputArgs};
+
+#[derive(Debug, Args)]
+pub struct BootBench {
+    /// Sequential boots to time.
+    #[arg(long, default_value_t = 10)]
+    pub boots: usize,
+    /// Guests booted together for the density run.
+    #[arg(long, default_value_t = 20)]
+    pub together: usize,
+    /// Memory of each guest.
+    #[arg(long, value_parser = crate::parse_size, default_value = "128M")]
+    pub memory: ByteSize,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct BootFigures {
+    boots: usize,
+    ready_p50_s: f64,
+    ready_p95_s: f64,
+    ready_min_s: f64,
+    together: usize,
+    together_ready: usize,
+    together_seconds: f64,
+    guest_memory_mib: u64,
+    qemu_rss_mib_mean: f64,
+    qemu_rss_mib_max: f64,
+    agent_rss_mib: f64,
+    overhead_mib_per_guest: f64,
+}
+
+/// The lab this bench started; stopped and purged however the bench ends.
+struct BenchLab {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl BenchLab {
+    fn drove(&self, args: &[&str]) -> Result<std::process::Output> {
+        std::process::Command::new(std::env::current_exe()?)
+            .args(args)
+            .env("DROVE_CONFIG", &self.config)
+            .output()
+            .context("running drove")
+    }
+}
+
+impl Drop for BenchLab {
+    fn drop(&mut self) {
+        let dir = self.dir.display().to_string();
+        let _ = self.drove(&["down", "--purge", "--data-dir", &dir]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn qemu_pids(dir: &Path) -> Vec<u32> {
+    let Ok(hosts) = std::fs::read_dir(dir.join("hosts")) else { return Vec::new() };
+    hosts
+        .flatten()
+        .filter_map(|h| std::fs::read_dir(h.path().join("guests")).ok())
+        .flat_map(|g| g.flatten())
+        .filter_map(|g| std::fs::read_to_string(g.path().join("qemu.pid")).ok()?.trim().parse().ok())
+        .filter(|pid: &u32| Path::new(&format!("/proc/{pid}")).exists())
+        .collect()
+}
+
+async fn wait_ready(c: &Client, name: &str, deadline: Instant) -> Result<()> {
+    loop {
+        if let Ok(log) = c.console_log(name, 1 << 20).await
+            && log.text.contains("DROVE-READY")
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("guest {name} did not report ready in time");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0.0)
+}
+
+pub async fn run(a: BootBench) -> Result<()> {
+    if a.boots == 0 {
+        bail!("--boots must be at least 1");
+    }
+    // Short path: guests' unix sockets live under it.
+    let dir = PathBuf::from(format!("/tmp/drove-boot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let lab = BenchLab { config: dir.join("client.json"), dir: dir.clone() };
+    let d = dir.display().to_string();
+    // Idle TCG guests: let placement put many on the one host.
+    let out = lab.drove(&[
+        "up",
+        "--backend",
+        "qemu",
+        "--hosts",
+        "1",
+        "--detach",
+        "--vcpu-overcommit",
+        "32",
+        "--data-dir",
+        &d,
+    ])?;
+    if !out.status.success() {
+        bail!("starting the bench lab failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let cfg: crate::config::ClientConfig = serde_json::from_slice(&std::fs::read(&lab.config)?)?;
+    let c = Client::new(&cfg.endpoint, &cfg.token);
+
+    let mut times = Vec::new();
+    for i in 0..a.boots {
+        let name = format!("boot-{i}");
+        let t0 = Instant::now();
+        c.create_guest(&CreateGuestRequest::new(&name, 1, a.memory)).await?;
+        wait_ready(&c, &name, t0 + Duration::from_secs(120)).await?;
+        times.push(t0.elapsed().as_secs_f64());
+        eprint!("\rboot {}/{}: {:.2}s   ", i + 1, a.boots, times[i]);
+        let del = c.delete_guest(&name).await?;
+        c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
+    }
+    eprintln!();
+    times.sort_by(f64::total_cmp);
+
+    let t0 = Instant::now();
+    for i in 0..a.together {
+        c.create_guest(&CreateGuestRequest::new(&format!("dense-{i}"), 1, a.memory)).await?;
+    }
+    let mut ready = 0;
+    for i in 0..a.together {
+        if wait_ready(&c, &format!("dense-{i}"), t0 + Duration::from_secs(600)).await.is_ok() {
+            ready += 1;
+        }
+        eprint!("\rdensity: {ready}/{} ready   ", a.together);
+    }
+    eprintln!();
+    let together_seconds = t0.elapsed().as_secs_f64();
+    // Let the guests settle so RSS reflects a running guest, not a booting one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss: Vec<f64> = qemu_pids(&dir).into_iter().map(rss_mib).collect();
+    let lab_file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("lab.json"))?)?;
+    let agent_rss = lab_file["agents"][0][1].as_u64().map_or(0.0, |p| rss_mib(p as u32));
+    let mean = rss.iter().sum::<f64>() / rss.len().max(1) as f64;
+    let guest_mib = a.memory.as_mib();
+    let f = BootFigures {
+        boots: a.boots,
+        ready_p50_s: pct(&times, 0.5),
+        ready_p95_s: pct(&times, 0.95),
+        ready_min_s: times[0],
+        together: a.together,
+        together_ready: ready,
+        together_seconds,
+        guest_memory_mib: guest_mib,
+        qemu_rss_mib_mean: mean,
+        qemu_rss_mib_max: rss.iter().copied().fold(0.0, f64::max),
+        agent_rss_mib: agent_rss,
+        // RSS counts guest pages the guest touched; all of it is charged as
+        // overhead here, so this is an upper bound.
+        overhead_mib_per_guest: mean + agent_rss / rss.len().max(1) as f64,
+    };
+    match a.out.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&f)?),
+        Format::Table => {
+            println!("drove bench boot: real QEMU guests ({} MiB) through manager, agent and QMP", guest_mib);
+            println!(
+                "  create -> DROVE-READY        p50 {:.2} s   p95 {:.2} s   min {:.2} s   ({} boots)",
+                f.ready_p50_s, f.ready_p95_s, f.ready_min_s, f.boots
+            );
+            println!(
+                "  booted together              {}/{} ready in {:.1} s",
+                f.together_ready, f.together, f.together_seconds
+            );
+            println!(
+                "  QEMU resident memory         mean {:.1} MiB, max {:.1} MiB per guest",
+                f.qemu_rss_mib_mean, f.qemu_rss_mib_max
+            );
+            println!("  agent resident memory        {:.1} MiB for {} guests", f.agent_rss_mib, rss.len());
+            println!(
+                "  cost per guest (upper bound) {:.1} MiB (QEMU RSS incl. touched guest RAM + agent share)",
+                f.overhead_mib_per_guest
+            );
+        }
+    }
+    drop(lab);
+    Ok(())
+}
