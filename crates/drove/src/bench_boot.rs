@@ -43,9 +43,10 @@ struct BootFigures {
     together_ready: usize,
     together_seconds: f64,
     guest_memory_mib: u64,
-    qemu_rss_mib_mean: f64,
-    qemu_rss_mib_max: f64,
-    agent_rss_mib: f64,
+    qemu_pss_mib_mean: f64,
+    qemu_pss_mib_max: f64,
+    guest_ram_pss_mib_mean: f64,
+    agent_pss_mib: f64,
     overhead_mib_per_guest: f64,
 }
 
@@ -73,13 +74,33 @@ impl Drop for BenchLab {
     }
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// Proportional set size (shared pages split among their users), MiB: what
+/// one more process of the kind really costs.
+fn pss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with("Pss:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Proportional MiB of the mapping that is the guest's RAM: the anonymous
+/// mapping exactly the guest's memory size (QEMU allocates it in one piece).
+fn guest_ram_rss_mib(pid: u32, guest_mib: u64) -> f64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let want = format!("{}", guest_mib * 1024);
+    let mut in_ram = false;
+    let mut total_kib = 0.0;
+    for line in smaps.lines() {
+        let mut parts = line.split_whitespace();
+        match (parts.next(), parts.next()) {
+            (Some("Size:"), Some(kib)) => in_ram = kib == want,
+            (Some("Pss:"), Some(kib)) if in_ram => total_kib += kib.parse::<f64>().unwrap_or(0.0),
+            _ => {}
+        }
+    }
+    total_kib / 1024.0
 }
 
 fn qemu_pids(dir: &Path) -> Vec<u32> {
@@ -168,9 +189,12 @@ pub async fn run(a: BootBench) -> Result<()> {
     let together_seconds = t0.elapsed().as_secs_f64();
     // Let the guests settle so RSS reflects a running guest, not a booting one.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss: Vec<f64> = qemu_pids(&dir).into_iter().map(rss_mib).collect();
+    let pids = qemu_pids(&dir);
+    let rss: Vec<f64> = pids.iter().map(|p| pss_mib(*p)).collect();
+    let ram: Vec<f64> = pids.iter().map(|p| guest_ram_rss_mib(*p, a.memory.as_mib())).collect();
+    let ram_mean = ram.iter().sum::<f64>() / ram.len().max(1) as f64;
     let lab_file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("lab.json"))?)?;
-    let agent_rss = lab_file["agents"][0][1].as_u64().map_or(0.0, |p| rss_mib(p as u32));
+    let agent_rss = lab_file["agents"][0][1].as_u64().map_or(0.0, |p| pss_mib(p as u32));
     let mean = rss.iter().sum::<f64>() / rss.len().max(1) as f64;
     let guest_mib = a.memory.as_mib();
     let f = BootFigures {
@@ -182,17 +206,18 @@ pub async fn run(a: BootBench) -> Result<()> {
         together_ready: ready,
         together_seconds,
         guest_memory_mib: guest_mib,
-        qemu_rss_mib_mean: mean,
-        qemu_rss_mib_max: rss.iter().copied().fold(0.0, f64::max),
-        agent_rss_mib: agent_rss,
-        // RSS counts guest pages the guest touched; all of it is charged as
-        // overhead here, so this is an upper bound.
-        overhead_mib_per_guest: mean + agent_rss / rss.len().max(1) as f64,
+        qemu_pss_mib_mean: mean,
+        qemu_pss_mib_max: rss.iter().copied().fold(0.0, f64::max),
+        guest_ram_pss_mib_mean: ram_mean,
+        agent_pss_mib: agent_rss,
+        // Beyond its own RAM: QEMU's resident memory less the guest RAM
+        // mapping, plus its share of the agent.
+        overhead_mib_per_guest: mean - ram_mean + agent_rss / rss.len().max(1) as f64,
     };
     match a.out.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&f)?),
         Format::Table => {
-            println!("drove bench boot: real QEMU guests ({} MiB) through manager, agent and QMP", guest_mib);
+            println!("drove bench boot: real QEMU guests ({guest_mib} MiB) through manager, agent and QMP");
             println!(
                 "  create -> DROVE-READY        p50 {:.2} s   p95 {:.2} s   min {:.2} s   ({} boots)",
                 f.ready_p50_s, f.ready_p95_s, f.ready_min_s, f.boots
@@ -202,12 +227,13 @@ pub async fn run(a: BootBench) -> Result<()> {
                 f.together_ready, f.together, f.together_seconds
             );
             println!(
-                "  QEMU resident memory         mean {:.1} MiB, max {:.1} MiB per guest",
-                f.qemu_rss_mib_mean, f.qemu_rss_mib_max
+                "  QEMU memory (PSS)            mean {:.1} MiB, max {:.1} MiB per guest",
+                f.qemu_pss_mib_mean, f.qemu_pss_mib_max
             );
-            println!("  agent resident memory        {:.1} MiB for {} guests", f.agent_rss_mib, rss.len());
+            println!("  of which the guest's RAM     mean {:.1} MiB", f.guest_ram_pss_mib_mean);
+            println!("  agent memory (PSS)           {:.1} MiB for {} guests", f.agent_pss_mib, rss.len());
             println!(
-                "  cost per guest (upper bound) {:.1} MiB (QEMU RSS incl. touched guest RAM + agent share)",
+                "  cost beyond the guest's RAM  {:.1} MiB per guest (QEMU + share of the agent)",
                 f.overhead_mib_per_guest
             );
         }

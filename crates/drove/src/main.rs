@@ -16,6 +16,7 @@ mod console;
 mod daemons;
 mod lab;
 mod output;
+mod sim;
 
 #[derive(Debug, Parser)]
 #[command(name = "drove", version, about = "drove: run a virtual data centre", long_about = None)]
@@ -77,6 +78,8 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Replay a recorded workload trace through placement policies; print energy, SLA violations, migrations.
+    Sim(sim::SimArgs),
     /// Print the OpenAPI document of the manager API.
     Openapi,
 }
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
             Command::Operation(c) => cli::op(c).await,
             Command::Audit(c) => cli::audit(c).await,
             Command::Bench(c) => bench::run(c).await,
+            Command::Sim(a) => sim::run(a),
             Command::Openapi => {
                 println!("{}", drove_manager::http::openapi_json());
                 Ok(())

@@ -20,6 +20,9 @@
 //!   one is connected.
 //! * `-display none` rather than `-nographic`, which QEMU refuses together
 //!   with `-daemonize`.
+//! * A virtio-serial port named `org.qemu.guest_agent.0` on a unix socket,
+//!   the channel every QEMU guest agent looks for (`qga.rs`). Always there:
+//!   whether an agent answers is the guest's business.
 //! * Values inside QEMU's `key=value,...` options double their commas.
 
 use std::ffi::OsString;
@@ -27,6 +30,9 @@ use std::path::Path;
 
 use super::guest_dir::GuestDir;
 use crate::GuestConfig;
+
+/// TCG translation cache per guest, MiB.
+pub const TCG_TB_SIZE_MIB: u32 = 32;
 
 /// The accelerator a guest actually runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +94,10 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-uuid", l.config.id.to_string());
     push(&mut args, "-machine", "pc".to_owned());
     match l.accel {
-        ResolvedAccel::Tcg => push(&mut args, "-accel", "tcg".to_owned()),
+        // TCG's translation cache defaults to a gigabyte per guest on
+        // 64-bit hosts; 32 MiB holds a small guest's hot code, and the
+        // cache is memory each guest costs beyond its own RAM.
+        ResolvedAccel::Tcg => push(&mut args, "-accel", format!("tcg,tb-size={TCG_TB_SIZE_MIB}")),
         ResolvedAccel::Kvm => {
             push(&mut args, "-accel", "kvm".to_owned());
             push(&mut args, "-cpu", "host".to_owned());
@@ -117,6 +126,9 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-serial", "chardev:serial0".to_owned());
     push(&mut args, "-chardev", format!("socket,id=qmp,path={},server=on,wait=off", opt_value(&l.dir.qmp_path())));
     push(&mut args, "-mon", "chardev=qmp,mode=control".to_owned());
+    push(&mut args, "-device", "virtio-serial-pci,id=vser0".to_owned());
+    push(&mut args, "-chardev", format!("socket,id=qga0,path={},server=on,wait=off", opt_value(&l.dir.qga_path())));
+    push(&mut args, "-device", format!("virtserialport,bus=vser0.0,chardev=qga0,name={}", super::qga::PORT_NAME));
 
     for i in 0..spec.disks.len() {
         push(
@@ -201,6 +213,9 @@ mod tests {
         assert!(append.ends_with(" drove.ip=eth0:10.0.0.5/24"), "{append}");
         assert_eq!(args.last().unwrap(), "-daemonize");
         assert!(!args.contains(&"-nographic".to_owned()));
+        // The guest agent's channel, on a socket in the guest's directory.
+        assert!(joined.contains(&format!("socket,id=qga0,path=/state/with,,comma/{}/qga.sock,server=on", c.id)));
+        assert!(joined.contains("virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"), "{joined}");
     }
 
     #[test]
