@@ -440,6 +440,7 @@ mod tests {
                 nics: vec![],
                 priority: Priority::default(),
                 load_profile: None,
+                limits: Default::default(),
             },
         }
     }

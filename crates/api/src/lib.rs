@@ -6,8 +6,8 @@
 //! fails when the served document and the checked-in one differ.
 
 use drove_model::{
-    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, RestartPolicy, Vlan,
-    guest::LoadProfile,
+    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, ResourceLimits, RestartPolicy,
+    Vlan, guest::LoadProfile,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -87,6 +87,9 @@ pub struct CreateGuestRequest {
     /// What to do when it crashes. Default: always restart (with backoff).
     #[serde(default)]
     pub restart_policy: Option<RestartPolicy>,
+    /// CPU, disk and NIC controls. Default: none.
+    #[serde(default)]
+    pub limits: Option<ResourceLimits>,
 }
 
 impl CreateGuestRequest {
@@ -103,6 +106,7 @@ impl CreateGuestRequest {
             start: None,
             load_profile: None,
             restart_policy: None,
+            limits: None,
         }
     }
 }

@@ -121,6 +121,24 @@ pub struct CreateArgs {
     /// When it crashes: `always` restart it (with backoff) or `never`.
     #[arg(long, default_value = "always")]
     pub restart: drove_model::RestartPolicy,
+    /// Cap CPU at this percent of one host core (50 = half a core).
+    #[arg(long)]
+    pub cpu_cap: Option<u32>,
+    /// Relative CPU weight (cgroup shares; 1024 is the default).
+    #[arg(long)]
+    pub cpu_shares: Option<u32>,
+    /// Pin the vCPUs to these host cores, e.g. 0,1.
+    #[arg(long, value_delimiter = ',')]
+    pub cpu_pin: Vec<u32>,
+    /// Cap each disk at this many bytes per second, e.g. 10M.
+    #[arg(long, value_parser = parse_size)]
+    pub disk_bps: Option<ByteSize>,
+    /// Cap each disk at this many operations per second.
+    #[arg(long)]
+    pub disk_iops: Option<u64>,
+    /// Cap each NIC at this many megabits per second.
+    #[arg(long)]
+    pub nic_mbit: Option<u64>,
     /// Return once accepted instead of waiting until it runs.
     #[arg(long)]
     pub no_wait: bool,
@@ -254,6 +272,14 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 start: Some(!a.stopped),
                 load_profile: None,
                 restart_policy: Some(a.restart),
+                limits: Some(drove_model::ResourceLimits {
+                    cpu_cap_percent: a.cpu_cap,
+                    cpu_shares: a.cpu_shares,
+                    cpu_pin: a.cpu_pin,
+                    disk_bps: a.disk_bps.map(ByteSize::bytes),
+                    disk_iops: a.disk_iops,
+                    nic_rate_bps: a.nic_mbit.map(|m| m * 1_000_000),
+                }),
             };
             let accepted = c.create_guest(&req).await?;
             let op = finish(&c, &accepted, a.no_wait, a.timeout).await?;
@@ -299,6 +325,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ),
                     ("priority", s.priority.0.to_string()),
                     ("restart policy", format!("{:?}", g.guest.restart_policy).to_lowercase()),
+                    ("limits", limits_summary(&s.limits)),
                     ("restarts", g.guest.restarts.to_string()),
                     ("generation", g.guest.generation.to_string()),
                     ("created", g.guest.created_at.clone()),
@@ -326,6 +353,29 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
         }
         VmCommand::Console { name } => crate::console::attach(&c, &name).await,
     }
+}
+
+fn limits_summary(l: &drove_model::ResourceLimits) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = l.cpu_cap_percent {
+        parts.push(format!("cpu cap {c}%"));
+    }
+    if let Some(s) = l.cpu_shares {
+        parts.push(format!("cpu shares {s}"));
+    }
+    if !l.cpu_pin.is_empty() {
+        parts.push(format!("pinned to {:?}", l.cpu_pin));
+    }
+    if let Some(b) = l.disk_bps {
+        parts.push(format!("disk {}/s", ByteSize(b)));
+    }
+    if let Some(i) = l.disk_iops {
+        parts.push(format!("disk {i} iops"));
+    }
+    if let Some(r) = l.nic_rate_bps {
+        parts.push(format!("nic {} Mbit/s", r / 1_000_000));
+    }
+    if parts.is_empty() { "none".into() } else { parts.join(", ") }
 }
 
 fn report(a: &ActionArgs, op: Operation, done: &str) -> Result<()> {

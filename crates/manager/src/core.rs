@@ -512,6 +512,8 @@ impl Manager {
         if priority > 100 {
             return Err(ApiError::invalid("priority", format!("priority must be 0..=100, got {priority}")));
         }
+        let limits = req.limits.clone().unwrap_or_default();
+        limits.validate(req.vcpus).map_err(|(field, msg)| ApiError::invalid(&format!("limits.{field}"), msg))?;
         if let Some(p) = &req.load_profile {
             p.validate().map_err(|r| ApiError::invalid("load_profile", format!("load profile {r}")))?;
         }
@@ -532,6 +534,7 @@ impl Manager {
             nics,
             priority: Priority(priority),
             load_profile: req.load_profile.clone(),
+            limits,
         };
         Ok((spec, pinned))
     }
@@ -588,6 +591,12 @@ impl Manager {
                         PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
                         PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(e.to_string()),
                     })?;
+                if let Some(core) =
+                    spec.limits.cpu_pin.iter().find(|c| inv.hosts.get(&host).is_some_and(|h| **c >= h.info.cores))
+                {
+                    let name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
+                    return Err(ApiError::invalid("limits.cpu_pin", format!("host {name} has no core {core}")));
+                }
                 let intent = if req.start.unwrap_or(true) { PowerIntent::Running } else { PowerIntent::Stopped };
                 let guest = Guest {
                     id: GuestId::new_v4(),

@@ -121,6 +121,26 @@ async fn invalid_requests_are_refused_naming_the_field_and_leave_nothing() {
         (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "host": "nowhere"}), 400, "host"),
         (serde_json::json!({"name": "a", "vcpus": 1, "memory": 1099511627776u64}), 400, "memory"),
         (serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "priority": 101}), 400, "priority"),
+        (
+            serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "limits": {"cpu_cap_percent": 0}}),
+            400,
+            "limits.cpu_cap_percent",
+        ),
+        (
+            serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "limits": {"cpu_cap_percent": 150}}),
+            400,
+            "limits.cpu_cap_percent",
+        ),
+        (
+            serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "limits": {"cpu_pin": [99]}}),
+            400,
+            "limits.cpu_pin",
+        ),
+        (
+            serde_json::json!({"name": "a", "vcpus": 1, "memory": 268435456, "limits": {"disk_bps": 0}}),
+            400,
+            "limits.disk_bps",
+        ),
     ];
     for (body, status, field) in cases {
         let (s, v) = raw(&dc, reqwest::Method::POST, "/v1/guests", Some(&token), Some(body.clone())).await;

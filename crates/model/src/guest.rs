@@ -85,6 +85,64 @@ impl LoadProfile {
     }
 }
 
+/// Resource controls of a guest. Every field is optional: `None` (or an
+/// empty pin list) means no control of that kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ResourceLimits {
+    /// CPU cap in percent of one host core (50 = half a core, 200 = two).
+    #[serde(default)]
+    pub cpu_cap_percent: Option<u32>,
+    /// Relative CPU weight against other guests on the host (cgroup v1
+    /// shares, 2..=262144; 1024 is the default weight).
+    #[serde(default)]
+    pub cpu_shares: Option<u32>,
+    /// Host cores the guest's vCPUs may run on.
+    #[serde(default)]
+    pub cpu_pin: Vec<u32>,
+    /// Disk throughput cap, bytes per second, for each of its disks.
+    #[serde(default)]
+    pub disk_bps: Option<u64>,
+    /// Disk operations cap, per second, for each of its disks.
+    #[serde(default)]
+    pub disk_iops: Option<u64>,
+    /// Bandwidth cap of each of its NICs, bits per second.
+    #[serde(default)]
+    pub nic_rate_bps: Option<u64>,
+}
+
+impl ResourceLimits {
+    /// Checks values against the guest's own size; says which field is wrong.
+    pub fn validate(&self, vcpus: u32) -> Result<(), (&'static str, String)> {
+        if let Some(cap) = self.cpu_cap_percent
+            && (cap == 0 || cap > 100 * vcpus)
+        {
+            return Err((
+                "cpu_cap_percent",
+                format!("CPU cap must be 1..={}% for {vcpus} vCPUs, got {cap}%", 100 * vcpus),
+            ));
+        }
+        if let Some(shares) = self.cpu_shares
+            && !(2..=262_144).contains(&shares)
+        {
+            return Err(("cpu_shares", format!("CPU shares must be 2..=262144, got {shares}")));
+        }
+        let mut pins = self.cpu_pin.clone();
+        pins.sort_unstable();
+        pins.dedup();
+        if pins.len() != self.cpu_pin.len() {
+            return Err(("cpu_pin", "CPU pin list names a core twice".to_owned()));
+        }
+        for (field, v) in
+            [("disk_bps", self.disk_bps), ("disk_iops", self.disk_iops), ("nic_rate_bps", self.nic_rate_bps)]
+        {
+            if v == Some(0) {
+                return Err((field, format!("{field} must be positive when set")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a guest is made of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuestSpec {
@@ -95,6 +153,8 @@ pub struct GuestSpec {
     pub nics: Vec<NicSpec>,
     pub priority: Priority,
     pub load_profile: Option<LoadProfile>,
+    #[serde(default)]
+    pub limits: ResourceLimits,
 }
 
 /// What a guest's host does when the guest dies without being asked to.

@@ -15,7 +15,7 @@ pub mod vlan;
 
 pub use guest::{
     DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition, NicSpec, PowerIntent, Priority,
-    RestartPolicy,
+    ResourceLimits, RestartPolicy,
 };
 pub use host::{HostInfo, HostState, HypervisorKind};
 pub use id::{GuestId, HostId, OperationId, TypedId};

@@ -176,6 +176,7 @@ mod tests {
                 ],
                 priority: Priority::default(),
                 load_profile: None,
+                limits: Default::default(),
             },
         }
     }

@@ -10,6 +10,7 @@
 //!   qemu.pid       written by QEMU (-pidfile) once it runs
 //!   qmp.sock       the QMP socket
 //!   console.sock   the serial console, for an interactive client
+//!   qga.sock       the guest agent's virtio-serial port (see qga.rs)
 //!   serial.log     everything the guest wrote to its serial console, across
 //!                  boots, each boot preceded by a marker line of ours
 //! ```
@@ -76,6 +77,9 @@ impl GuestDir {
     pub fn console_path(&self) -> PathBuf {
         self.root.join("console.sock")
     }
+    pub fn qga_path(&self) -> PathBuf {
+        self.root.join("qga.sock")
+    }
     pub fn serial_log_path(&self) -> PathBuf {
         self.root.join("serial.log")
     }
@@ -85,7 +89,7 @@ impl GuestDir {
 
     /// Refuses a directory whose sockets the kernel could not bind.
     pub fn check_socket_paths(&self) -> Result<(), QemuError> {
-        for path in [self.qmp_path(), self.console_path()] {
+        for path in [self.qmp_path(), self.console_path(), self.qga_path()] {
             let len = path.as_os_str().len();
             if len > MAX_SOCKET_PATH {
                 return Err(QemuError::SocketPathTooLong { path, len, max: MAX_SOCKET_PATH });
@@ -156,7 +160,7 @@ impl GuestDir {
     /// Removes what only a running QEMU needs, so the next launch starts
     /// clean and a stale pid file cannot point at a reused pid.
     pub fn clear_runtime_files(&self) -> Result<(), QemuError> {
-        for path in [self.pid_path(), self.qmp_path(), self.console_path()] {
+        for path in [self.pid_path(), self.qmp_path(), self.console_path(), self.qga_path()] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -207,6 +211,7 @@ mod tests {
                 nics: vec![],
                 priority: Priority::default(),
                 load_profile: None,
+                limits: Default::default(),
             },
         }
     }
