@@ -8,15 +8,18 @@
 #   vmlinux            the Debian kernel, uncompressed: QEMU's direct kernel
 #                      boot of an ELF vmlinux skips the in-guest
 #                      decompression, which costs seconds under TCG
-#   initramfs.cpio.gz  busybox (static), the virtio/ACPI modules and /init
-#   manifest           kernel version and the hash of this script
+#   initramfs.cpio.gz  busybox (static), the virtio/ACPI modules, drove's
+#                      guest agent (static) and /init
+#   manifest           kernel version and the hashes of the inputs
 #
-# The result is cached: when OUT_DIR already holds an image built by this
-# exact script (same sha256), nothing is done. Concurrent runs on the same
-# OUT_DIR are serialised with flock.
+# The result is cached: when OUT_DIR already holds an image built from the
+# same inputs (this script and the guest agent's sources, crates/guest-agent,
+# by sha256), nothing is done. Concurrent runs on the same OUT_DIR are
+# serialised with flock.
 #
-# Nothing is fetched but Debian packages through apt: the kernel package is
-# `apt-get download`ed and unpacked with `dpkg -x`, never installed.
+# Nothing is fetched but Debian packages through apt (the kernel package is
+# `apt-get download`ed and unpacked with `dpkg -x`, never installed) and the
+# guest agent's crates through cargo.
 #
 # The guest's /init understands these kernel command line parameters (the
 # QEMU backend passes drove.name and drove.id; more come from
@@ -34,7 +37,10 @@
 # assert from inside the guest ("drove: disk vda 64M", "drove: nic eth0 MAC",
 # "drove: ip eth0 10.0.0.5/24", "drove: up after 2.1s"), then prints the
 # line `DROVE-READY` once modules are loaded and NICs are configured, and
-# keeps a shell on the console. The ACPI power button (QMP system_powerdown)
+# keeps a shell on the console. Before that it starts drove-guest-agent
+# (crates/guest-agent), which serves the QEMU guest agent protocol on the
+# virtio-serial port org.qemu.guest_agent.0 and logs "drove: guest agent
+# listening on /dev/vportNpM" once it has the port. The ACPI power button (QMP system_powerdown)
 # powers the guest off through busybox acpid; a kernel panic is reported to
 # QEMU through pvpanic.
 set -euo pipefail
@@ -42,14 +48,22 @@ set -euo pipefail
 # --- arguments and cache check ------------------------------------------------
 
 out=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/drove/image}
+repo=$(cd "$(dirname "$0")/.." && pwd)
 script_hash=$(sha256sum "$0" | cut -d' ' -f1)
+# Every file of the agent's crate, by path and content. Cargo.lock is left
+# out on purpose: it changes with every dependency anyone adds to the
+# workspace, and a patch release of serde does not change what the agent
+# does.
+agent_hash=$(cd "$repo" && find crates/guest-agent -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum |
+    sha256sum | cut -d' ' -f1)
+inputs_hash=$(printf 'script %s\nagent %s\n' "$script_hash" "$agent_hash" | sha256sum | cut -d' ' -f1)
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 up_to_date() {
     [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio.gz" ] &&
-        grep -qx "script_sha256=$script_hash" "$out/manifest" 2>/dev/null
+        grep -qx "inputs_sha256=$inputs_hash" "$out/manifest" 2>/dev/null
 }
 
 if up_to_date; then
@@ -72,6 +86,10 @@ for cmd in apt-get apt-cache dpkg busybox cpio gzip xz zstd; do
         exit 1
     fi
 done
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "build-image: cargo is missing; the guest agent is built from crates/guest-agent (install Rust >= 1.85)" >&2
+    exit 1
+fi
 is_elf() { [ "$(head -c4 "$1" | od -An -tx1 | tr -d ' \n')" = "7f454c46" ]; }
 
 busybox_bin=$(command -v busybox)
@@ -86,6 +104,38 @@ fi
 
 work=$(mktemp -d "$out/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+
+# --- the guest agent -----------------------------------------------------------
+
+# Static, because the initramfs has no libc: crt-static links glibc in, and
+# relocation-model=static makes a plain static executable rather than a
+# static-pie. The flags reach the agent only: with an explicit --target,
+# RUSTFLAGS skip build scripts and proc macros (serde_derive), which must stay
+# dynamic. Its own target directory keeps the workspace's build from being
+# invalidated by the different flags. Small beats fast here: every boot
+# unpacks the initramfs under TCG.
+agent_triple=x86_64-unknown-linux-gnu
+agent_target="${CARGO_TARGET_DIR:-$repo/target}/guest-agent"
+echo "build-image: building drove-guest-agent into $agent_target"
+(
+    cd "$repo"
+    env -u CARGO_ENCODED_RUSTFLAGS -u CARGO_BUILD_RUSTFLAGS \
+        CARGO_TARGET_DIR="$agent_target" \
+        RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
+        CARGO_PROFILE_RELEASE_OPT_LEVEL=s \
+        CARGO_PROFILE_RELEASE_LTO=true \
+        CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+        CARGO_PROFILE_RELEASE_DEBUG=false \
+        CARGO_PROFILE_RELEASE_STRIP=symbols \
+        cargo build --release --locked --quiet -p drove-guest-agent --target "$agent_triple"
+)
+agent_bin="$agent_target/$agent_triple/release/drove-guest-agent"
+# ldd fails (status 1) on exactly the executables we want.
+agent_ldd=$(ldd "$agent_bin" 2>&1 || true)
+if ! grep -q 'not a dynamic executable' <<<"$agent_ldd"; then
+    echo "build-image: $agent_bin is not a static executable: $agent_ldd" >&2
+    exit 1
+fi
 
 # --- the kernel ----------------------------------------------------------------
 
@@ -205,6 +255,7 @@ done
 for m in "${load_order[@]}"; do
     cp "${modpath[$m]}" "$root/lib/modules/$m.ko"
 done
+cp "$agent_bin" "$root/usr/bin/drove-guest-agent"
 printf '%s\n' "${load_order[@]}" >"$root/lib/modules/load-order"
 echo "$kver" >"$root/etc/drove-kernel"
 
@@ -235,6 +286,10 @@ mount -t tmpfs tmpfs /tmp
 for m in $(cat /lib/modules/load-order); do
     insmod "/lib/modules/$m.ko" 2>/dev/null || log "module $m did not load"
 done
+
+# The guest agent waits for its virtio-serial port itself (virtio_console adds
+# ports a moment after it loads), so it can start now, in the background.
+drove-guest-agent </dev/null &
 
 name=
 for arg in $(cat /proc/cmdline); do
@@ -320,6 +375,8 @@ cat >"$out/manifest.tmp" <<EOF
 kernel_package=$kpkg
 kernel_version=$kver
 script_sha256=$script_hash
+agent_sha256=$agent_hash
+inputs_sha256=$inputs_hash
 EOF
 mv "$out/manifest.tmp" "$out/manifest"
-echo "build-image: built $out (vmlinux $(du -h "$out/vmlinux" | cut -f1), initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1))"
+echo "build-image: built $out (vmlinux $(du -h "$out/vmlinux" | cut -f1), initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1), agent $(du -h "$agent_bin" | cut -f1))"

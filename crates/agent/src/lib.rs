@@ -401,6 +401,28 @@ impl Agent {
                 },
                 Err(e) => CallOutcome::Error { message: format!("{e}") },
             },
+            AgentCallKind::Exec { command, input, timeout_secs } => {
+                let mut req = drove_hypervisor::ExecRequest::new(command[0].clone(), command[1..].to_vec());
+                req.input = input.map(String::into_bytes);
+                req.timeout = Duration::from_secs(timeout_secs);
+                match self.hv.exec(call.guest, &req).await {
+                    Ok(r) => CallOutcome::Exec(drove_api::ExecResponse {
+                        exit_code: r.exit_code,
+                        stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+                        stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+                    }),
+                    Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
+                }
+            }
+            AgentCallKind::Interfaces => match self.hv.guest_interfaces(call.guest).await {
+                Ok(list) => CallOutcome::Interfaces {
+                    interfaces: list
+                        .into_iter()
+                        .map(|i| drove_api::GuestInterface { name: i.name, mac: i.mac, addresses: i.addresses })
+                        .collect(),
+                },
+                Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
+            },
         };
         if let Err(e) = self.client.post_result(&CallResult { id: call.id, outcome }).await {
             tracing::warn!(error = %e, call = call.id, "could not deliver a call result");

@@ -286,6 +286,10 @@ pub enum AgentCallKind {
     /// Open `POST /v1/agent/console/{session}` and splice it with the
     /// guest's serial console.
     Console { session: String },
+    /// Run a command inside the guest through its guest agent.
+    Exec { command: Vec<String>, input: Option<String>, timeout_secs: u64 },
+    /// List the guest's network interfaces through its guest agent.
+    Interfaces,
 }
 
 /// An agent's answer to a call.
@@ -302,9 +306,44 @@ pub enum CallOutcome {
     ConsoleLog {
         text: String,
     },
+    Exec(ExecResponse),
+    Interfaces {
+        interfaces: Vec<GuestInterface>,
+    },
     Error {
         message: String,
     },
+}
+
+/// A command to run inside a guest (`POST /v1/guests/{guest}/exec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExecRequest {
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// Sent to the command's standard input.
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Give up after this many seconds (default 60, at most 600).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// How a command inside a guest ended; output is UTF-8 with invalid bytes
+/// replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A network interface as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestInterface {
+    pub name: String,
+    pub mac: Option<String>,
+    /// With prefix length, e.g. `10.0.0.5/24`.
+    pub addresses: Vec<String>,
 }
 
 /// Console history of a guest.

@@ -199,6 +199,21 @@ impl Client {
         self.get(&format!("/v1/guests/{}/log?bytes={bytes}", seg(guest))).await
     }
 
+    /// Run a command inside a guest through its guest agent.
+    pub async fn exec(
+        &self,
+        guest: &str,
+        req: &drove_api::ExecRequest,
+    ) -> Result<drove_api::ExecResponse, ClientError> {
+        let wait = Duration::from_secs(req.timeout_secs.unwrap_or(60) + 60);
+        self.call(Method::POST, &format!("/v1/guests/{}/exec", seg(guest)), Some(req), wait).await
+    }
+
+    /// The guest's network interfaces and addresses, as its agent sees them.
+    pub async fn guest_interfaces(&self, guest: &str) -> Result<Vec<drove_api::GuestInterface>, ClientError> {
+        self.get(&format!("/v1/guests/{}/interfaces", seg(guest))).await
+    }
+
     /// Attach to a guest's serial console: a byte stream both ways.
     pub async fn console(&self, guest: &str) -> Result<reqwest::Upgraded, ClientError> {
         self.upgrade(Method::GET, &format!("/v1/guests/{}/console", seg(guest))).await

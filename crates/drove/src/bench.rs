@@ -28,6 +28,8 @@ pub enum BenchCommand {
     Api(ApiBench),
     /// Boot real QEMU guests through the whole stack; print readiness times, density, memory per guest.
     Boot(crate::bench_boot::BootBench),
+    /// Place N guests with daily profiles on M hosts, plan a failover and a rebalancing round; print times.
+    Placement(crate::sim::PlacementBench),
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +70,7 @@ pub async fn run(c: BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Api(a) => api(a).await,
         BenchCommand::Boot(a) => crate::bench_boot::run(a).await,
+        BenchCommand::Placement(a) => crate::sim::bench_placement(a),
     }
 }
 

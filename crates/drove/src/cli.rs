@@ -64,6 +64,19 @@ pub enum VmCommand {
     },
     /// Delete a guest and its disks.
     Delete(ActionArgs),
+    /// Run a command inside the guest (through its guest agent); exits with
+    /// the command's exit code.
+    #[command(after_help = "Example: drove vm exec web-1 -- ip -o addr")]
+    Exec {
+        /// Guest name or id.
+        name: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Show the guest's serial console history.
     Log {
         /// Guest name or id.
@@ -306,6 +319,20 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
         }
         VmCommand::Show { name, out } => {
             let g = c.get_guest(&name).await?;
+            // Addresses come from inside the guest, so only while it runs.
+            let addresses = if g.guest.state == drove_model::GuestState::Running {
+                match c.guest_interfaces(&name).await {
+                    Ok(list) => list
+                        .iter()
+                        .filter(|i| i.name != "lo")
+                        .map(|i| format!("{} {}", i.name, i.addresses.join(" ")))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Err(e) => format!("unknown ({e})"),
+                }
+            } else {
+                "-".to_owned()
+            };
             let s = &g.guest.spec;
             print_one(
                 out.format,
@@ -323,6 +350,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                         "nics",
                         s.nics.iter().map(|n| format!("vlan {} mac {}", n.vlan, n.mac)).collect::<Vec<_>>().join(", "),
                     ),
+                    ("addresses", addresses),
                     ("priority", s.priority.0.to_string()),
                     ("restart policy", format!("{:?}", g.guest.restart_policy).to_lowercase()),
                     ("limits", limits_summary(&s.limits)),
@@ -352,6 +380,17 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             Ok(())
         }
         VmCommand::Console { name } => crate::console::attach(&c, &name).await,
+        VmCommand::Exec { name, timeout, command } => {
+            let r =
+                c.exec(&name, &drove_api::ExecRequest { command, input: None, timeout_secs: Some(timeout) }).await?;
+            print!("{}", r.stdout);
+            eprint!("{}", r.stderr);
+            std::io::stdout().flush()?;
+            if r.exit_code != 0 {
+                return Err(crate::ExitWith(r.exit_code.clamp(1, 255) as u8).into());
+            }
+            Ok(())
+        }
     }
 }
 

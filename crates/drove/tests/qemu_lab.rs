@@ -167,6 +167,16 @@ fn real_guests_live_through_the_whole_stack() {
     let pid = qemu_pid(&gdir).expect("a live QEMU process for the guest");
     assert!(gdir.join("disk0.qcow2").exists());
 
+    // Commands run inside it through the guest agent; exit codes and both
+    // output streams come back, and the CLI exits with the command's code.
+    let out = lab.drove(&["vm", "exec", "web-1", "--", "sh", "-c", "echo out-$((40+2)); echo err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out-42\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert!(lab.ok(&["vm", "exec", "web-1", "--", "cat", "/proc/cmdline"]).contains("drove.name=web-1"));
+    let shown = lab.ok(&["vm", "show", "web-1"]);
+    assert!(shown.contains("addresses:"), "{shown}");
+
     // Its console history, through manager and agent.
     assert!(lab.ok(&["vm", "log", "web-1"]).contains("DROVE-READY"));
     // The interactive console reaches the guest's shell: a command typed in

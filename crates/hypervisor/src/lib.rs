@@ -10,6 +10,12 @@
 //! scale runs) and `qemu` (real guests over QMP). [`conformance`] is the
 //! suite every backend must pass.
 //!
+//! Looking inside a running guest ([`Hypervisor::exec`],
+//! [`Hypervisor::guest_interfaces`]) goes through a guest agent where the
+//! backend has one (QEMU: the QEMU guest agent protocol over virtio-serial);
+//! these methods default to [`HvError::Unsupported`], so a backend without
+//! one need not implement them.
+//!
 //! Runtime states a backend reports:
 //!
 //! ```text
@@ -100,6 +106,62 @@ pub enum HvError {
     },
 }
 
+/// A command to run inside a guest, through its guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The program. Without a slash it is looked up on the guest agent's
+    /// `PATH`, as qemu-guest-agent does.
+    pub path: String,
+    /// The arguments after the program name.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Written to the command's standard input, which is then closed.
+    /// Without it, standard input is empty (`/dev/null`).
+    #[serde(default)]
+    pub input: Option<Vec<u8>>,
+    /// Bounds the whole call: reaching the agent, running the command and
+    /// collecting its output. A command still running then is left running
+    /// (the protocol has no way to stop it) and the call fails.
+    pub timeout: Duration,
+}
+
+impl ExecRequest {
+    /// What [`ExecRequest::new`] allows a command.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// `path` with `args`, no input, [`Self::DEFAULT_TIMEOUT`].
+    pub fn new(path: impl Into<String>, args: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            path: path.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            input: None,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// How a command run by [`Hypervisor::exec`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// The exit status; for a command killed by a signal, 128 + the signal
+    /// number, as shells report it.
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A network interface as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestInterface {
+    /// The guest's name for it: `lo`, `eth0`, ...
+    pub name: String,
+    /// The hardware address, lower case with colons, where it has one.
+    pub mac: Option<String>,
+    /// IPv4 and IPv6 addresses with their prefix length: `10.0.0.5/24`,
+    /// `fe80::5054:ff:fe12:3456/64`.
+    pub addresses: Vec<String>,
+}
+
 #[async_trait::async_trait]
 pub trait Hypervisor: Send + Sync + Debug + 'static {
     fn kind(&self) -> HypervisorKind;
@@ -144,6 +206,22 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     async fn console(&self, id: GuestId) -> Result<ConsoleStream, HvError> {
         let _ = id;
         Err(HvError::Unsupported { op: "console", backend: self.kind(), reason: "no serial console".into() })
+    }
+
+    /// Runs a command inside a Running guest and waits for it to exit,
+    /// within `req.timeout`. A guest that is not Running is
+    /// `InvalidState`; one whose agent does not answer fails with a timeout
+    /// in the error's source chain.
+    async fn exec(&self, id: GuestId, req: &ExecRequest) -> Result<ExecResult, HvError> {
+        let _ = (id, req);
+        Err(HvError::Unsupported { op: "exec", backend: self.kind(), reason: "no guest agent".into() })
+    }
+
+    /// The network interfaces of a Running guest, with their addresses, as
+    /// its guest agent reports them.
+    async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<GuestInterface>, HvError> {
+        let _ = id;
+        Err(HvError::Unsupported { op: "guest_interfaces", backend: self.kind(), reason: "no guest agent".into() })
     }
 }
 

@@ -33,6 +33,12 @@
 //! Fake process ids: a guest gets a new pid each time it boots (each
 //! incarnation), keeps it while Running or Paused, and has none otherwise.
 //!
+//! A Running simulated guest has a tiny "guest agent": [`Hypervisor::exec`]
+//! runs a fixed set of commands ([`SIM_COMMANDS`], see
+//! [`SimHypervisor::run_sim_command`]) and [`Hypervisor::guest_interfaces`]
+//! shows `lo` and one `ethN` per NIC of the spec, with its MAC and no
+//! address (the simulator assigns none).
+//!
 //! The simulator does not enforce capacity: like QEMU it lets memory and
 //! vCPUs be overcommitted; keeping hosts within their means is the job of
 //! admission control and placement.
@@ -163,6 +169,18 @@ pub struct InjectedFault {
     pub message: String,
 }
 
+/// The commands a simulated guest runs, by name or as `/bin/NAME` or
+/// `/usr/bin/NAME`.
+pub const SIM_COMMANDS: &str = "echo ARGS, true, false and cat (without arguments)";
+
+/// A command the simulated guest agent does not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the sim backend runs only {SIM_COMMANDS}, not {path:?} with arguments {args:?}")]
+pub struct SimExecUnsupported {
+    pub path: String,
+    pub args: Vec<String>,
+}
+
 /// Why a state file could not be loaded or saved.
 #[derive(Debug, thiserror::Error)]
 pub enum SimStateError {
@@ -212,6 +230,7 @@ pub fn sample_guest(n: u32) -> GuestConfig {
             nics: Vec::new(),
             priority: Priority::default(),
             load_profile: None,
+            limits: Default::default(),
         },
     }
 }
@@ -732,6 +751,68 @@ impl Hypervisor for SimHypervisor {
         });
         Ok(Box::new(ours))
     }
+
+    /// Runs one of [`SIM_COMMANDS`] in a Running guest, taking
+    /// `command_delay`; see [`SimHypervisor::run_sim_command`].
+    async fn exec(&self, id: GuestId, req: &crate::ExecRequest) -> Result<crate::ExecResult, HvError> {
+        self.running(id, "exec")?;
+        wait(self.shared.config.command_delay).await;
+        let result = Self::run_sim_command(req).ok_or_else(|| HvError::Backend {
+            op: "exec",
+            id,
+            source: Box::new(SimExecUnsupported { path: req.path.clone(), args: req.args.clone() }),
+        })?;
+        // The guest may have gone while the command "ran".
+        self.running(id, "exec")?;
+        Ok(result)
+    }
+
+    /// `lo` with its loopback addresses, then `eth0`, `eth1`, ... for the
+    /// spec's NICs in order, with their MACs and no addresses.
+    async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<crate::GuestInterface>, HvError> {
+        let nics = self.running(id, "guest_interfaces")?.spec.nics;
+        wait(self.shared.config.command_delay).await;
+        let lo = crate::GuestInterface {
+            name: "lo".to_owned(),
+            mac: Some("00:00:00:00:00:00".to_owned()),
+            addresses: vec!["127.0.0.1/8".to_owned(), "::1/128".to_owned()],
+        };
+        let eths = nics.iter().enumerate().map(|(i, nic)| crate::GuestInterface {
+            name: format!("eth{i}"),
+            mac: Some(nic.mac.to_ascii_lowercase()),
+            addresses: Vec::new(),
+        });
+        Ok(std::iter::once(lo).chain(eths).collect())
+    }
+}
+
+impl SimHypervisor {
+    /// What a simulated guest's command does, or `None` for a command it
+    /// does not have. `echo` prints its arguments joined by spaces and a
+    /// newline (no options), `true` exits 0, `false` exits 1, `cat` copies
+    /// its input to its output.
+    pub fn run_sim_command(req: &crate::ExecRequest) -> Option<crate::ExecResult> {
+        let name = req.path.strip_prefix("/usr/bin/").or_else(|| req.path.strip_prefix("/bin/")).unwrap_or(&req.path);
+        let (exit_code, stdout) = match (name, req.args.as_slice()) {
+            ("echo", args) => (0, format!("{}\n", args.join(" ")).into_bytes()),
+            ("true", _) => (0, Vec::new()),
+            ("false", _) => (1, Vec::new()),
+            ("cat", []) => (0, req.input.clone().unwrap_or_default()),
+            _ => return None,
+        };
+        Some(crate::ExecResult { exit_code, stdout, stderr: Vec::new() })
+    }
+
+    /// The definition of a Running guest; otherwise NotFound or
+    /// InvalidState for `op`.
+    fn running(&self, id: GuestId, op: &'static str) -> Result<GuestConfig, HvError> {
+        let inner = self.lock();
+        let guest = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
+        match guest.state {
+            RuntimeState::Running => Ok(guest.config.clone()),
+            state => Err(HvError::InvalidState { id, op, state }),
+        }
+    }
 }
 
 /// Sleeps for `d`; zero does not touch the timer, whose resolution would
@@ -847,6 +928,43 @@ mod tests {
                 assert_eq!(action.step(from), want, "{action:?} from {from:?}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn the_sim_agent_runs_its_fixed_commands_in_running_guests_only() {
+        use crate::ExecRequest;
+        let hv = SimHypervisor::new(SimConfig::instant());
+        let mut g = sample_guest(1);
+        g.spec.nics = vec![drove_model::NicSpec {
+            vlan: drove_model::VlanTag::new(10).expect("a valid VLAN"),
+            mac: "52:54:00:AA:00:01".into(),
+        }];
+        hv.create(&g).await.expect("create");
+        let echo = ExecRequest::new("/bin/echo", ["hello", "sim"]);
+        assert!(matches!(hv.exec(g.id, &echo).await, Err(HvError::InvalidState { op: "exec", .. })));
+        hv.start(g.id).await.expect("start");
+
+        let out = hv.exec(g.id, &echo).await.expect("echo");
+        assert_eq!((out.exit_code, out.stdout.as_slice()), (0, &b"hello sim\n"[..]));
+        assert_eq!(hv.exec(g.id, &ExecRequest::new("false", [] as [&str; 0])).await.expect("false").exit_code, 1);
+        let mut cat = ExecRequest::new("/usr/bin/cat", [] as [&str; 0]);
+        cat.input = Some(b"in".to_vec());
+        assert_eq!(hv.exec(g.id, &cat).await.expect("cat").stdout, b"in");
+        let err = hv.exec(g.id, &ExecRequest::new("/bin/sh", ["-c", "true"])).await.expect_err("sh is not simulated");
+        let source = std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default();
+        assert!(source.contains("\"/bin/sh\"") && source.contains("echo"), "{source}");
+
+        let names: Vec<(String, Option<String>, usize)> = hv
+            .guest_interfaces(g.id)
+            .await
+            .expect("interfaces")
+            .into_iter()
+            .map(|i| (i.name, i.mac, i.addresses.len()))
+            .collect();
+        assert_eq!(
+            names,
+            [("lo".into(), Some("00:00:00:00:00:00".into()), 2), ("eth0".into(), Some("52:54:00:aa:00:01".into()), 0)]
+        );
     }
 
     #[test]

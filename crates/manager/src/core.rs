@@ -907,11 +907,17 @@ impl Manager {
         }
     }
 
-    /// Relay a call to the guest's host and wait for its answer.
+    /// Relay a call to the guest's host and wait for its answer, at most
+    /// `CALL_TIMEOUT` beyond the call's own time limit.
     pub async fn relay(&self, key: &str, kind: AgentCallKind) -> Result<(GuestId, CallOutcome), ApiError> {
+        let budget = CALL_TIMEOUT
+            + match &kind {
+                AgentCallKind::Exec { timeout_secs, .. } => Duration::from_secs(*timeout_secs),
+                _ => Duration::ZERO,
+            };
         let (tx, rx) = oneshot::channel();
         let (id, guest) = self.queue_call(key, |_| (kind, Waiter::Call(tx)))?;
-        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+        match tokio::time::timeout(budget, rx).await {
             Ok(Ok(outcome)) => Ok((guest, outcome)),
             _ => {
                 self.forget_call(id);

@@ -19,8 +19,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
     AgentCallKind, AuditRecord, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest, CreateVlanRequest, ErrorBody,
-    ErrorResponse, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, MaintenanceRequest, OperationAccepted,
-    RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
+    ErrorResponse, ExecRequest, ExecResponse, GuestInterface, GuestView, HeartbeatRequest, HeartbeatResponse, HostView,
+    MaintenanceRequest, OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
 };
 use drove_model::{Operation, OperationId};
 use serde::Deserialize;
@@ -144,6 +144,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/agent/results", post(call_result))
         .route("/v1/agent/console/{session}", post(agent_console))
         .route("/v1/guests/{guest}/log", get(console_log))
+        .route("/v1/guests/{guest}/exec", post(exec))
+        .route("/v1/guests/{guest}/interfaces", get(interfaces))
         .route("/v1/guests/{guest}/console", get(console))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -338,7 +340,55 @@ async fn console_log(
     let max_bytes = q.bytes.unwrap_or(64 * 1024).min(16 * 1024 * 1024);
     match m.relay(&guest, AgentCallKind::ConsoleLog { max_bytes }).await? {
         (id, CallOutcome::ConsoleLog { text }) => Ok(Json(ConsoleLog { guest: id, text })),
-        (_, CallOutcome::Error { message }) => Err(ApiError::conflict(message)),
+        (_, other) => Err(unexpected(other)),
+    }
+}
+
+/// An agent's answer of the wrong kind, or its error, as an API error.
+fn unexpected(outcome: CallOutcome) -> ApiError {
+    match outcome {
+        CallOutcome::Error { message } => ApiError::conflict(message),
+        other => ApiError::unavailable(format!("the host answered with {other:?}")),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/guests/{guest}/exec", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    request_body = ExecRequest,
+    responses((status = 200, body = ExecResponse), (status = 400, body = ErrorResponse), (status = 409, description = "No guest agent, or not running", body = ErrorResponse), (status = 504, body = ErrorResponse)))]
+async fn exec(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<ExecRequest>,
+) -> Res<Json<ExecResponse>> {
+    if req.command.first().is_none_or(String::is_empty) {
+        return Err(ApiError::invalid("command", "the command must name a program"));
+    }
+    let timeout_secs = req.timeout_secs.unwrap_or(60);
+    if !(1..=600).contains(&timeout_secs) {
+        return Err(ApiError::invalid("timeout_secs", format!("timeout must be 1..=600 seconds, got {timeout_secs}")));
+    }
+    let kind = AgentCallKind::Exec { command: req.command.clone(), input: req.input, timeout_secs };
+    let result = match m.relay(&guest, kind).await? {
+        (_, CallOutcome::Exec(r)) => r,
+        (_, other) => return Err(unexpected(other)),
+    };
+    m.audit_event(
+        &ctx,
+        Some(format!("guest/{guest}")),
+        &format!("ran {:?}: exit {}", req.command, result.exit_code),
+        200,
+    )
+    .await;
+    Ok(Json(result))
+}
+
+#[utoipa::path(get, path = "/v1/guests/{guest}/interfaces", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    responses((status = 200, body = [GuestInterface]), (status = 409, body = ErrorResponse), (status = 504, body = ErrorResponse)))]
+async fn interfaces(State(m): State<Arc<Manager>>, Path(guest): Path<String>) -> Res<Json<Vec<GuestInterface>>> {
+    match m.relay(&guest, AgentCallKind::Interfaces).await? {
+        (_, CallOutcome::Interfaces { interfaces }) => Ok(Json(interfaces)),
+        (_, other) => Err(unexpected(other)),
     }
 }
 
@@ -478,7 +528,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, console, call_result, agent_console,
+    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, interfaces, console, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_operations, get_operation, list_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))

@@ -474,3 +474,39 @@ async fn console_history_and_interactive_console_are_relayed_through_the_agent()
     assert_eq!(anon.console_log("talky", 10).await.unwrap_err().status(), Some(401));
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn commands_and_interfaces_are_relayed_to_the_guest_agent_and_audited() {
+    let dc = Dc::start(1).await;
+    dc.admin.create_vlan(&CreateVlanRequest { id: 5, name: "red".into(), subnet: None, gateway: None }).await.unwrap();
+    let mut req = guest("inside");
+    req.nics = vec![NicRequest { vlan: "red".into() }];
+    let acc = dc.admin.create_guest(&req).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let exec = |command: &[&str], input: Option<&str>| drove_api::ExecRequest {
+        command: command.iter().map(|s| s.to_string()).collect(),
+        input: input.map(str::to_owned),
+        timeout_secs: None,
+    };
+    let r = dc.admin.exec("inside", &exec(&["echo", "hello", "there"], None)).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "hello there\n"));
+    let r = dc.admin.exec("inside", &exec(&["cat"], Some("piped"))).await.unwrap();
+    assert_eq!(r.stdout, "piped");
+    assert_eq!(dc.admin.exec("inside", &exec(&["false"], None)).await.unwrap().exit_code, 1);
+    // A program the guest does not have: a clear refusal, not a hang.
+    let err = dc.admin.exec("inside", &exec(&["frobnicate"], None)).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("frobnicate"), "{err}");
+    let err = dc.admin.exec("inside", &exec(&[], None)).await.unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    let nics = dc.admin.guest_interfaces("inside").await.unwrap();
+    let mac = &dc.admin.get_guest("inside").await.unwrap().guest.spec.nics[0].mac;
+    assert!(nics.iter().any(|i| i.mac.as_deref() == Some(mac.as_str())), "{nics:?}");
+    let audit = dc.admin.audit(0, 1000).await.unwrap();
+    assert!(
+        audit.iter().any(|r| r.action == "POST /v1/guests/inside/exec" && r.result.contains("exit 0")),
+        "{audit:?}"
+    );
+    assert!(audit.iter().any(|r| r.action == "POST /v1/guests/inside/exec" && r.status == 409));
+    dc.shutdown().await;
+}

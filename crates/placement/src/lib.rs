@@ -1,10 +1,55 @@
 //! Placement: pure decisions about where guests go. No I/O — the same code
-//! serves the live manager and the simulator.
+//! serves the live manager and the simulator (`drove sim`).
 //!
-//! This first policy is capacity-aware and spreading: memory is never
-//! overcommitted, vCPUs may be overcommitted up to a ratio, and among the
-//! hosts that fit, the one with the most free memory wins (ties broken by
-//! fewest allocated vCPUs, then by id, so decisions are deterministic).
+//! Two layers:
+//!
+//! - [`place`]: the manager's admission of one new guest today — memory is
+//!   never overcommitted, vCPUs up to a ratio, the host with the most free
+//!   memory wins (ties by fewest vCPUs, then id, so decisions repeat).
+//! - The engine ([`Cluster`] and the decision functions around it): a
+//!   multi-resource model (CPU, memory, NIC and disk/HBA bandwidth), each
+//!   guest with a load profile over the day, filters (capacity in every
+//!   slot, anti-affinity, security tiers, host state, HA reserve) and scores
+//!   (most-packed with complementary profiles, least-loaded, migration
+//!   cost). On top of it:
+//!
+//! | function | question it answers | used by |
+//! |---|---|---|
+//! | [`place_all`] | where do these new guests go? | admission, `drove bench placement` |
+//! | [`failover`] | host X died: where does each guest restart, in which wave? | HA |
+//! | [`rebalance`] | which hosts are hot, which guests move where, and why? | DRS, the simulator |
+//! | [`consolidate`], [`wake_for_demand`] | which hosts can go to standby, which must wake? | DPM, the simulator |
+//! | [`headroom`], [`what_if_add`], [`what_if_lose`] | how much room is left per time of day? | capacity planning |
+//! | [`PowerModel`] | how many watts at this load? | DPM, the simulator |
+//! | [`History`], [`daily_profile`] | what do measurements predict? | the simulator, profiles from agents |
+//!
+//! Decision functions take a `&Cluster` and return a plan; they never
+//! change the caller's cluster. Hosts and guests are addressed by their
+//! index in the cluster ([`HostIx`], [`GuestIx`]); mapping them to typed
+//! ids is the caller's business, which keeps the hot loops on flat arrays.
+
+pub mod balance;
+pub mod capacity;
+pub mod cluster;
+pub mod dpm;
+pub mod forecast;
+pub mod plan;
+pub mod power;
+pub mod profile;
+pub mod resources;
+
+pub use balance::{BalanceParams, BalancePlan, Move, MoveReason, rebalance, standby_by_efficiency};
+pub use capacity::{Headroom, WhatIfAdd, cluster_headroom, headroom, what_if_add, what_if_lose};
+pub use cluster::{
+    Cluster, ClusterError, Group, GuestIx, GuestSpec, HostIx, HostSpec, Limits, Misfit, Mobility, NoHost, Strategy,
+    Tier,
+};
+pub use dpm::{ConsolidateParams, ConsolidationPlan, consolidate, wake_for_demand};
+pub use forecast::{History, daily_profile};
+pub use plan::{FailoverParams, FailoverPlan, PlacementPlan, Restart, failover, packing_order, place_all};
+pub use power::{InvalidPowerTransition, PowerEvent, PowerModel, PowerModelError, PowerState};
+pub use profile::{Profile, ProfileError};
+pub use resources::{DIMS, Dim, Resources};
 
 use drove_model::{ByteSize, HostId};
 

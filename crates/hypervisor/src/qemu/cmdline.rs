@@ -23,10 +23,16 @@
 //! * A virtio-serial port named `org.qemu.guest_agent.0` on a unix socket,
 //!   the channel every QEMU guest agent looks for (`qga.rs`). Always there:
 //!   whether an agent answers is the guest's business.
+//! * Disk limits (`disk_bps`, `disk_iops`): QEMU's own I/O throttling, a
+//!   `throttle-group` object per disk and a `throttle` block node between
+//!   the device and the qcow2 node. Guests without disk limits keep the
+//!   plain layout: no throttle node to pass through.
 //! * Values inside QEMU's `key=value,...` options double their commas.
 
 use std::ffi::OsString;
 use std::path::Path;
+
+use drove_model::ResourceLimits;
 
 use super::guest_dir::GuestDir;
 use crate::GuestConfig;
@@ -82,6 +88,21 @@ pub fn opt_value(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
+/// The throttle-group properties for the guest's disk limits, or `None`
+/// without any. One group per disk: the limits are per disk (a group shared
+/// by all disks would split one budget among them). Totals count reads and
+/// writes together; QEMU's default burst (a tenth of the rate) applies.
+pub fn throttle_limits(limits: &ResourceLimits) -> Option<String> {
+    let mut props = Vec::new();
+    if let Some(bps) = limits.disk_bps {
+        props.push(format!("x-bps-total={bps}"));
+    }
+    if let Some(iops) = limits.disk_iops {
+        props.push(format!("x-iops-total={iops}"));
+    }
+    if props.is_empty() { None } else { Some(props.join(",")) }
+}
+
 /// The arguments after the program name.
 pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     let spec = &l.config.spec;
@@ -130,13 +151,28 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-chardev", format!("socket,id=qga0,path={},server=on,wait=off", opt_value(&l.dir.qga_path())));
     push(&mut args, "-device", format!("virtserialport,bus=vser0.0,chardev=qga0,name={}", super::qga::PORT_NAME));
 
+    let throttle = throttle_limits(&spec.limits);
     for i in 0..spec.disks.len() {
         push(
             &mut args,
             "-blockdev",
             format!("driver=qcow2,node-name=disk{i},file.driver=file,file.filename={}", opt_value(&l.dir.disk_path(i))),
         );
-        push(&mut args, "-device", format!("virtio-blk-pci,drive=disk{i},id=vdisk{i},serial=disk{i}"));
+        // The device sits on a throttle node over the qcow2 node, so node
+        // `disk{i}` stays the image for anything that works on it.
+        let drive = match &throttle {
+            Some(limits) => {
+                push(&mut args, "-object", format!("throttle-group,id=throttle{i},{limits}"));
+                push(
+                    &mut args,
+                    "-blockdev",
+                    format!("driver=throttle,node-name=throttled{i},throttle-group=throttle{i},file=disk{i}"),
+                );
+                format!("throttled{i}")
+            }
+            None => format!("disk{i}"),
+        };
+        push(&mut args, "-device", format!("virtio-blk-pci,drive={drive},id=vdisk{i},serial=disk{i}"));
     }
     for (i, (nic, tap)) in spec.nics.iter().zip(l.taps).enumerate() {
         let Some(tap) = tap else { continue };
@@ -235,5 +271,45 @@ mod tests {
         .join(" ");
         assert!(joined.contains("-accel kvm -cpu host"), "{joined}");
         assert!(!joined.contains("netdev"), "{joined}");
+    }
+
+    #[test]
+    fn disk_limits_put_each_disk_behind_its_own_throttle_group() {
+        let mut c = config();
+        let dir = GuestDir::new(Path::new("/s"), c.id);
+        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
+        let launch = |c: &GuestConfig| {
+            args_of(&Launch {
+                config: c,
+                dir: &dir,
+                image: &image,
+                accel: ResolvedAccel::Tcg,
+                taps: &[],
+                extra_kernel_args: &[],
+            })
+            .join(" ")
+        };
+        let plain = launch(&c);
+        assert!(!plain.contains("throttle"), "{plain}");
+        assert!(plain.contains("virtio-blk-pci,drive=disk1,"), "{plain}");
+
+        c.spec.limits.disk_bps = Some(2_097_152);
+        c.spec.limits.disk_iops = Some(100);
+        let joined = launch(&c);
+        for i in 0..2 {
+            assert!(
+                joined.contains(&format!("-object throttle-group,id=throttle{i},x-bps-total=2097152,x-iops-total=100")),
+                "{joined}"
+            );
+            assert!(
+                joined.contains(&format!(
+                    "-blockdev driver=throttle,node-name=throttled{i},throttle-group=throttle{i},file=disk{i}"
+                )),
+                "{joined}"
+            );
+            assert!(joined.contains(&format!("virtio-blk-pci,drive=throttled{i},id=vdisk{i}")), "{joined}");
+        }
+        c.spec.limits.disk_bps = None;
+        assert!(launch(&c).contains("throttle-group,id=throttle0,x-iops-total=100 "));
     }
 }

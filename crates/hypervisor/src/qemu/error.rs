@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use super::qga::QgaError;
 use super::qmp::QmpError;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,13 @@ pub enum QemuError {
         #[source]
         source: QmpError,
     },
+    #[error("{what} through the guest agent at {socket}")]
+    Qga {
+        socket: PathBuf,
+        what: String,
+        #[source]
+        source: QgaError,
+    },
     #[error("{path} is not a guest record this version understands: {reason}")]
     Record { path: PathBuf, reason: String },
     #[error(
@@ -62,6 +70,10 @@ pub enum QemuError {
     PidFile { path: PathBuf, content: String },
     #[error("reading host {what} from {path}")]
     HostInfo { what: &'static str, path: PathBuf },
+    #[error(transparent)]
+    Cgroup(#[from] super::cgroup::CgroupError),
+    #[error(transparent)]
+    Tc(#[from] super::tc::TcError),
 }
 
 impl QemuError {

@@ -51,12 +51,17 @@ struct Record {
 
 #[derive(Debug, Clone)]
 pub struct GuestDir {
+    id: GuestId,
     root: PathBuf,
 }
 
 impl GuestDir {
     pub fn new(guests_dir: &Path, id: GuestId) -> Self {
-        Self { root: guests_dir.join(id.to_string()) }
+        Self { id, root: guests_dir.join(id.to_string()) }
+    }
+
+    pub fn id(&self) -> GuestId {
+        self.id
     }
 
     pub fn root(&self) -> &Path {

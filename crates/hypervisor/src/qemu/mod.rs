@@ -53,19 +53,38 @@
 //! by [`QemuHypervisor::tap_name`]; creating and bridging taps is the
 //! network layer's job. NICs without a tap are left out (logged).
 //!
+//! # Resource controls
+//!
+//! Each QEMU runs in a cgroup of its guest (CPU accounting, caps, shares,
+//! pinning: `cgroup.rs`), with its NICs' taps capped by `tc` (`tc.rs`) and
+//! its disks throttled by QEMU itself (`cmdline.rs`). `limits.rs` sets them
+//! up around a start and removes them whenever the guest is found without
+//! its QEMU, whoever ended it.
+//!
 //! # The guest image
 //!
 //! Guests boot the kernel and initramfs in [`QemuConfig::image_dir`], built
 //! by `scripts/build-image.sh`, whose header documents the `drove.*` kernel
 //! parameters its init understands; [`QemuConfig::extra_kernel_args`] passes
 //! them.
+//!
+//! # The guest agent
+//!
+//! Every guest has a virtio-serial channel for a QEMU guest agent
+//! (qemu-guest-agent in users' images, `drove-guest-agent` in the test
+//! image); `exec` and `guest_interfaces` go through it. `qga.rs` explains the
+//! protocol and how a connection gets in step with the agent.
 
 mod accel;
+pub mod cgroup;
 mod cmdline;
 mod error;
 mod guest_dir;
+mod limits;
 mod process;
+pub mod qga;
 pub mod qmp;
+pub mod tc;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -197,6 +216,9 @@ struct GuestHandle {
     /// reader that finds an operation in progress answers from it instead of
     /// waiting: `list` must not stall for the length of a graceful stop.
     seen: std::sync::Mutex<Option<Observed>>,
+    /// The guest agent connection, with the QEMU pid it belongs to; apart
+    /// from `ops` so that a long `exec` does not hold up lifecycle calls.
+    qga: AsyncMutex<Option<(u32, qga::QgaClient)>>,
 }
 
 type Observed = (RuntimeState, Option<u32>);
@@ -371,12 +393,18 @@ impl QemuHypervisor {
             (state, None)
         };
         let Some(pid) = live_pid(dir) else {
+            // Whatever ended it (a crash, a failed start, a dead agent)
+            // left its cgroup and NIC limits: gone with it.
+            limits::release_leftovers(dir.id()).await;
             return Ok(down(slot));
         };
         let status = match slot.query_status(dir, pid).await {
             Ok(s) => s,
             // It may have died between the liveness check and the query.
-            Err(_) if !process::is_alive(pid) => return Ok(down(slot)),
+            Err(_) if !process::is_alive(pid) => {
+                limits::release_leftovers(dir.id()).await;
+                return Ok(down(slot));
+            }
             Err(e) => return Err(e),
         };
         let state = match status.as_str() {
@@ -443,7 +471,14 @@ impl QemuHypervisor {
             config.id, config.generation
         ))?;
 
-        let launched = self.spawn_and_connect(dir, slot, config, &image, accel, &taps).await;
+        let launched = match limits::before_launch(config, &taps).await {
+            Ok(applied) => match self.spawn_and_connect(dir, slot, config, &image, accel, &taps).await {
+                // At once: the guest runs outside its cgroup until then.
+                Ok(()) => dir.read_pid().map_or(Ok(()), |pid| applied.attach(pid)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
         if let Err(e) = launched {
             // Leave no half-started QEMU behind, and the intent as it was: a
             // failed start does not turn a Stopped guest into a Crashed one.
@@ -453,6 +488,7 @@ impl QemuHypervisor {
                 tracing::error!(error = %kill_err, "cannot kill the QEMU of a failed start");
             }
             slot.qmp = None;
+            limits::release_or_log(config.id).await;
             dir.clear_runtime_files()?;
             dir.write_intent(previous)?;
             return Err(e);
@@ -571,7 +607,8 @@ async fn terminate(dir: &GuestDir, slot: &mut Slot, pid: u32) -> Result<(), Qemu
         tracing::warn!(pid, "QEMU did not exit after quit; killing it");
         process::kill_and_wait(pid, KILL_TIMEOUT).await?;
     }
-    dir.clear_runtime_files()
+    dir.clear_runtime_files()?;
+    limits::release(dir.id()).await
 }
 
 impl Slot {
@@ -755,6 +792,9 @@ impl Hypervisor for QemuHypervisor {
             dir.write_intent(Intent::Stopped).map_err(backend("destroy", id))?;
             terminate(&dir, &mut slot, pid).await.map_err(backend("destroy", id))?;
         }
+        // Also after a crash that nobody observed. Before the directory
+        // goes, so that a failure leaves a guest to destroy again.
+        limits::release(id).await.map_err(backend("destroy", id))?;
         match std::fs::remove_dir_all(dir.root()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -828,6 +868,14 @@ impl Hypervisor for QemuHypervisor {
             .await
             .map_err(|e| backend("console", id)(QemuError::io("connecting to", &path, e)))?;
         Ok(Box::new(stream))
+    }
+
+    async fn exec(&self, id: GuestId, req: &crate::ExecRequest) -> Result<crate::ExecResult, HvError> {
+        self.agent_exec(id, req).await
+    }
+
+    async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<crate::GuestInterface>, HvError> {
+        self.agent_interfaces(id).await
     }
 }
 
