@@ -99,7 +99,7 @@ fn is_drove(pid: u32, dir: &Path) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat.rsplit(") ").next().is_some_and(|rest| rest.starts_with('Z'));
     let cmdline = String::from_utf8_lossy(&cmdline);
-    let dir = dir.display().to_string();
+    let dir = format!("{}/", dir.display());
     !zombie
         && cmdline.split('\0').next().is_some_and(|exe| exe.ends_with("drove"))
         && cmdline.split('\0').any(|arg| arg.starts_with(&dir))
@@ -321,6 +321,9 @@ pub async fn down(a: DownArgs) -> Result<()> {
             }
         }
     }
+    // Last resort: a QEMU launched by an agent that died mid-start may not
+    // be in any guest record yet; none of the lab's may survive `down`.
+    stopped += kill_strays(&dir);
     std::fs::remove_file(lab_path(&dir)).ok();
     if a.purge {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -331,6 +334,24 @@ pub async fn down(a: DownArgs) -> Result<()> {
         if a.purge { "; state purged" } else { "" }
     );
     Ok(())
+}
+
+/// SIGKILL every QEMU whose command line points into the lab's directory;
+/// returns how many there were.
+fn kill_strays(dir: &Path) -> usize {
+    let dir = format!("{}/", dir.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    let mut n = 0;
+    for pid in procs.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let mut args = cmdline.split('\0');
+        if args.next().is_some_and(|exe| exe.contains("qemu-system")) && args.any(|a| a.contains(&dir)) {
+            signal(pid, "KILL");
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Where the guest image is: `$DROVE_IMAGE_DIR`, else the cache directory

@@ -848,12 +848,13 @@ mod resource_controls {
         wait_for_serial(&hv, g.id, "spin-42", 1).await;
         drop(console);
 
-        // The cap bounds what the guest gets; whether it gets that much
-        // depends on the host's other load. So: in every window the guest
-        // stays under the cap, and the ±10 % figure is taken from a window
-        // in which it ran out of quota in at least 90 % of the CFS periods
-        // (it wanted more and the host let it have its quota). On a 2-core
-        // machine busy with other tests such a window comes within minutes.
+        // The cap is an upper bound, checked in every window. Whether the
+        // guest also gets its 50 % depends on the host's other load (the
+        // tests boot guests in parallel on 2 cores), so the lower bound is
+        // taken from the first window in which the cap was what held the
+        // guest back (throttled periods) and it got at least 40 %. Under
+        // steady contention that comes within a minute here; a host too
+        // busy to give half a core for four minutes fails the test.
         const WINDOW: Duration = Duration::from_secs(5);
         let deadline = Instant::now() + Duration::from_secs(240);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -865,7 +866,6 @@ mod resource_controls {
             let share = (s1.usage - s0.usage).as_secs_f64() / (t1 - t0).as_secs_f64();
             let periods = s1.periods - s0.periods;
             let throttled = s1.throttled_periods - s0.throttled_periods;
-            let hungry = throttled as f64 / periods.max(1) as f64;
             eprintln!(
                 "cap 50%: used {:.1}% of a core over {:?}; throttled in {throttled} of {periods} periods",
                 share * 100.0,
@@ -873,14 +873,13 @@ mod resource_controls {
             );
             seen.push((share, throttled, periods));
             assert!(share <= 0.60, "the guest used {:.1}% of a core, over its 50% cap", share * 100.0);
-            if hungry >= 0.9 {
-                assert!(share >= 0.40, "the guest used {:.1}% of a core, capped at 50%", share * 100.0);
+            if throttled > 0 && share >= 0.40 {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "in no {WINDOW:?} window did the guest get its quota in 90% of the periods (the host was too \
-                 busy to check the lower bound): (share, throttled, periods) = {seen:?}"
+                "in no {WINDOW:?} window did the throttled guest get 40% of a core or more (a host too busy, \
+                 or a cap tighter than asked): (share, throttled, periods) = {seen:?}"
             );
         }
         hv.destroy(g.id).await.unwrap();
@@ -970,8 +969,8 @@ mod resource_controls {
         hv.destroy(g.id).await.unwrap();
     }
 
-    /// The configured rate in both directions; a throughput measurement
-    /// needs a peer on the tap's network and comes with the network layer.
+    /// The configured rate in both directions, set up at each start and
+    /// gone at each stop, while the tap (the network layer's) stays.
     #[tokio::test]
     async fn a_nic_rate_limit_shapes_both_directions_of_the_tap_while_the_guest_runs() {
         const RATE_BPS: u64 = 10_000_000;
@@ -1005,6 +1004,105 @@ mod resource_controls {
 
             hv.stop(g.id, StopMode::Force).await.unwrap();
             assert_no_host_leftovers(&lab, g.id, &[&tap]).await;
+        }
+        hv.destroy(g.id).await.unwrap();
+        assert_no_host_leftovers(&lab, g.id, &[&tap]).await;
+    }
+
+    /// A /30 of the benchmarking range 198.18.0.0/15 (RFC 2544) for one
+    /// test's tap, from its guest id, so that concurrent runs do not share
+    /// a subnet: (host address, guest address).
+    fn bench_pair(id: GuestId) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+        let b = id.as_uuid().as_bytes();
+        let (third, fourth) = (b[0], (b[1] % 64) * 4);
+        ([198, 18, third, fourth + 1].into(), [198, 18, third, fourth + 2].into())
+    }
+
+    /// Guest and host talk TCP over the tap (the host end gets an address
+    /// from the benchmarking range; no traffic leaves the machine). Each
+    /// direction is measured where the data arrives, from its first to its
+    /// last byte.
+    #[tokio::test]
+    async fn a_nic_rate_limit_caps_tcp_throughput_both_ways() {
+        use tokio::io::AsyncReadExt;
+
+        const RATE_BPS: u64 = 8_000_000;
+        const BYTES: usize = 4 * 1024 * 1024;
+        let lab = Lab::new();
+        let mut g = limited("nic-tput-1", &[], ResourceLimits { nic_rate_bps: Some(RATE_BPS), ..Default::default() });
+        g.spec.nics = vec![NicSpec { vlan: VlanTag::new(10).unwrap(), mac: "52:54:00:12:35:03".to_owned() }];
+        let (host_ip, guest_ip) = bench_pair(g.id);
+        let mut config = lab.config(Accel::Tcg);
+        config.extra_kernel_args = vec![format!("drove.ip=eth0:{guest_ip}/30")];
+        let hv = QemuHypervisor::new(config).unwrap();
+        let tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
+        for args in
+            [vec!["addr", "add", &format!("{host_ip}/30"), "dev", &tap.0], vec!["link", "set", "dev", &tap.0, "up"]]
+        {
+            let out = std::process::Command::new("ip").args(&args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        hv.create(&g).await.unwrap();
+        hv.start(g.id).await.unwrap();
+        wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+        let mbit = |bytes: usize, secs: f64| bytes as f64 * 8.0 / secs / 1e6;
+
+        // From the guest: through the tap's ingress and the IFB's shaper.
+        let listener = tokio::net::TcpListener::bind((host_ip, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let send = format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc {host_ip} {port}", BYTES / 65536);
+        let sender = tokio::spawn({
+            let hv = hv.clone();
+            let mut req = ExecRequest::new("/bin/sh", ["-c", send.as_str()]);
+            req.timeout = GUEST_TIMEOUT;
+            async move { hv.exec(g.id, &req).await }
+        });
+        let (mut stream, _) = tokio::time::timeout(GUEST_TIMEOUT, listener.accept()).await.unwrap().unwrap();
+        let mut buf = vec![0u8; 65536];
+        let first = stream.read(&mut buf).await.unwrap();
+        let t0 = Instant::now();
+        let mut got = first;
+        while got < BYTES {
+            let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "the guest closed after {got} of {BYTES} bytes");
+            got += n;
+        }
+        let from_guest = mbit(got - first, t0.elapsed().as_secs_f64());
+        drop(stream);
+        let _ = sender.await.unwrap();
+
+        // To the guest: through the tap's egress shaper; timed in the guest.
+        let receive = "t() { cut -d' ' -f1 /proc/uptime; }; nc -l -p 5001 | \
+                       { head -c 1 >/dev/null; a=$(t); n=$(wc -c); b=$(t); echo $a $b $n; }";
+        let receiver = tokio::spawn({
+            let hv = hv.clone();
+            let mut req = ExecRequest::new("/bin/sh", ["-c", receive]);
+            req.timeout = GUEST_TIMEOUT;
+            async move { hv.exec(g.id, &req).await }
+        });
+        let deadline = Instant::now() + GUEST_TIMEOUT;
+        let mut stream = loop {
+            match tokio::net::TcpStream::connect((guest_ip, 5001)).await {
+                Ok(s) => break s,
+                Err(e) => assert!(Instant::now() < deadline, "cannot reach the guest's listener: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        stream.write_all(&vec![0u8; BYTES]).await.unwrap();
+        stream.shutdown().await.unwrap();
+        drop(stream);
+        let r = receiver.await.unwrap().unwrap();
+        let out = String::from_utf8_lossy(&r.stdout);
+        let f: Vec<f64> = out.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        let to_guest = mbit(f[2] as usize, f[1] - f[0]);
+
+        let limit = RATE_BPS as f64 / 1e6;
+        eprintln!("NIC limit {limit} Mbit/s: from the guest {from_guest:.2} Mbit/s, to the guest {to_guest:.2} Mbit/s");
+        // Shaped: never above the rate (tbf's bucket adds a few KiB); TCP
+        // through a shaper gets close to it.
+        for (direction, rate) in [("from the guest", from_guest), ("to the guest", to_guest)] {
+            assert!(rate <= limit * 1.05, "{direction}: {rate:.2} Mbit/s exceeds the limit of {limit} Mbit/s");
+            assert!(rate >= limit * 0.75, "{direction}: {rate:.2} Mbit/s is far below the limit of {limit} Mbit/s");
         }
         hv.destroy(g.id).await.unwrap();
         assert_no_host_leftovers(&lab, g.id, &[&tap]).await;

@@ -101,7 +101,7 @@ pub fn device_exists(name: &str) -> bool {
 }
 
 /// The token bucket size for `rate_bps`: 10 ms worth of traffic, at least
-/// [`MIN_BURST_BYTES`]. A bucket much smaller than what the kernel can send
+/// 32 KiB. A bucket much smaller than what the kernel can send
 /// per timer tick caps below the rate.
 pub fn burst_bytes(rate_bps: u64) -> u64 {
     (rate_bps / 8 / 100).max(MIN_BURST_BYTES)
