@@ -16,6 +16,7 @@ mod console;
 mod daemons;
 mod lab;
 mod output;
+mod plan;
 mod sim;
 
 #[derive(Debug, Parser)]
@@ -80,6 +81,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Replay a recorded workload trace through placement policies; print energy, SLA violations, migrations.
     Sim(sim::SimArgs),
+    /// Read-only recommendations: capacity headroom and what-ifs, rebalancing moves, hosts to put into standby.
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
     /// Print the OpenAPI document of the manager API.
     Openapi,
 }
@@ -116,7 +120,13 @@ fn parse_args() -> Result<Cli, ExitCode> {
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
                 .collect();
-            let line = parts.join(": ");
+            let mut line = String::new();
+            for part in parts {
+                if !line.is_empty() {
+                    line.push_str(if line.ends_with(':') { " " } else { ": " });
+                }
+                line.push_str(part);
+            }
             eprintln!("{}", if line.starts_with("error:") { line } else { format!("error: {line}") });
             Err(ExitCode::from(2))
         }
@@ -154,6 +164,7 @@ fn main() -> ExitCode {
             Command::Audit(c) => cli::audit(c).await,
             Command::Bench(c) => bench::run(c).await,
             Command::Sim(a) => sim::run(a),
+            Command::Plan(c) => plan::run(c).await,
             Command::Openapi => {
                 println!("{}", drove_manager::http::openapi_json());
                 Ok(())

@@ -16,6 +16,10 @@
 //! these methods default to [`HvError::Unsupported`], so a backend without
 //! one need not implement them.
 //!
+//! Hardware can be added to a running guest with [`Hypervisor::hotplug`]
+//! (a disk, a NIC, vCPUs, memory; see [`Hotplug`]); it also defaults to
+//! [`HvError::Unsupported`].
+//!
 //! Runtime states a backend reports:
 //!
 //! ```text
@@ -162,6 +166,37 @@ pub struct GuestInterface {
     pub addresses: Vec<String>,
 }
 
+/// A change to the hardware of a Running guest ([`Hypervisor::hotplug`]).
+///
+/// Only additions: a guest OS cannot be made to give up memory or vCPUs it
+/// may be using, so shrinking is refused (stop the guest and redefine it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Hotplug {
+    /// A new, empty disk of `size`, after the guest's existing disks.
+    AddDisk { size: ByteSize },
+    /// A new NIC with hardware address `mac`, after the guest's existing
+    /// NICs. Its host side is the tap the network layer created for it
+    /// (QEMU: [`qemu::QemuHypervisor::tap_name`] of the new NIC's index).
+    AddNic { mac: String },
+    /// Grow the guest's memory to `memory` in total.
+    SetMemory { memory: ByteSize },
+    /// Grow the guest's vCPUs to `vcpus` in total.
+    SetVcpus { vcpus: u32 },
+}
+
+impl Hotplug {
+    /// A short name of the change, for errors and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Hotplug::AddDisk { size } => format!("adding a {size} disk"),
+            Hotplug::AddNic { mac } => format!("adding a NIC with MAC {mac}"),
+            Hotplug::SetMemory { memory } => format!("setting memory to {memory}"),
+            Hotplug::SetVcpus { vcpus } => format!("setting vCPUs to {vcpus}"),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 pub trait Hypervisor: Send + Sync + Debug + 'static {
     fn kind(&self) -> HypervisorKind;
@@ -222,6 +257,16 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<GuestInterface>, HvError> {
         let _ = id;
         Err(HvError::Unsupported { op: "guest_interfaces", backend: self.kind(), reason: "no guest agent".into() })
+    }
+
+    /// Applies `change` to a Running guest, and records it in the guest's
+    /// definition so that later starts keep the new hardware. A change that
+    /// cannot be made is refused (`Unsupported` with the reason,
+    /// `InvalidState` for a guest that is not Running) and leaves nothing
+    /// of itself behind: no half-added device, file or definition change.
+    async fn hotplug(&self, id: GuestId, change: &Hotplug) -> Result<(), HvError> {
+        let _ = (id, change);
+        Err(HvError::Unsupported { op: "hotplug", backend: self.kind(), reason: "no hotplug support".into() })
     }
 }
 

@@ -39,6 +39,10 @@
 //! shows `lo` and one `ethN` per NIC of the spec, with its MAC and no
 //! address (the simulator assigns none).
 //!
+//! [`Hypervisor::hotplug`] changes a Running guest's definition at once:
+//! disks and NICs are appended, vCPUs and memory set; shrinking and
+//! changes to a guest that is not Running are refused as by QEMU.
+//!
 //! The simulator does not enforce capacity: like QEMU it lets memory and
 //! vCPUs be overcommitted; keeping hosts within their means is the job of
 //! admission control and placement.
@@ -750,6 +754,59 @@ impl Hypervisor for SimHypervisor {
             let _ = tokio::io::copy(&mut r, &mut w).await;
         });
         Ok(Box::new(ours))
+    }
+
+    /// Applies `change` to a Running guest's definition, after
+    /// `command_delay` (a QMP round trip), and saves it.
+    async fn hotplug(&self, id: GuestId, change: &crate::Hotplug) -> Result<(), HvError> {
+        self.running(id, "hotplug")?;
+        wait(self.shared.config.command_delay).await;
+        let mut inner = self.lock();
+        let guest = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+        // The guest may have stopped during the delay.
+        if guest.state != RuntimeState::Running {
+            return Err(HvError::InvalidState { id, op: "hotplug", state: guest.state });
+        }
+        let refuse = |reason: String| HvError::Unsupported { op: "hotplug", backend: HypervisorKind::Sim, reason };
+        let before = guest.config.spec.clone();
+        let spec = &mut guest.config.spec;
+        match change {
+            crate::Hotplug::AddDisk { size } if size.bytes() == 0 => {
+                return Err(refuse("a disk needs a size above zero".to_owned()));
+            }
+            crate::Hotplug::AddDisk { size } => spec.disks.push(drove_model::DiskSpec { size: *size }),
+            crate::Hotplug::AddNic { mac } if spec.nics.iter().any(|n| n.mac.eq_ignore_ascii_case(mac)) => {
+                return Err(refuse(format!("the guest already has a NIC with MAC {mac}")));
+            }
+            crate::Hotplug::AddNic { mac } => {
+                // As the QEMU backend records it: hotplug names no VLAN.
+                let vlan = spec.nics.first().map(|n| n.vlan).or_else(|| drove_model::VlanTag::try_from(1u16).ok());
+                let Some(vlan) = vlan else { unreachable!("VLAN 1 is valid") };
+                spec.nics.push(drove_model::NicSpec { vlan, mac: mac.clone() });
+            }
+            crate::Hotplug::SetVcpus { vcpus } if *vcpus < spec.vcpus => {
+                return Err(refuse(format!(
+                    "vCPUs can only be added while running, not removed: the guest has {}, {vcpus} asked",
+                    spec.vcpus
+                )));
+            }
+            crate::Hotplug::SetVcpus { vcpus } => spec.vcpus = *vcpus,
+            crate::Hotplug::SetMemory { memory } if *memory < spec.memory => {
+                return Err(refuse(format!(
+                    "memory can only be added while running, not removed: the guest has {}, {memory} asked",
+                    spec.memory
+                )));
+            }
+            crate::Hotplug::SetMemory { memory } => spec.memory = *memory,
+        }
+        let saved = self.save(&inner, "hotplug");
+        if saved.is_err() {
+            // Never half-applied: not in memory if not on disk.
+            if let Some(guest) = inner.guests.get_mut(&id) {
+                guest.config.spec = before;
+            }
+        }
+        saved
     }
 
     /// Runs one of [`SIM_COMMANDS`] in a Running guest, taking

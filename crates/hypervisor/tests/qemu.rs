@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use drove_hypervisor::conformance::Options;
 use drove_hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor, ResolvedAccel, cgroup, tc};
 use drove_hypervisor::{
-    ExecRequest, ExecResult, GuestConfig, GuestInterface, GuestStatus, HostResources, HvError, Hypervisor,
+    ExecRequest, ExecResult, GuestConfig, GuestInterface, GuestStatus, HostResources, Hotplug, HvError, Hypervisor,
     RuntimeState, StopMode,
 };
 use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, HypervisorKind, NicSpec, Priority, VlanTag};
@@ -579,6 +579,183 @@ async fn nics_with_a_tap_are_attached_and_configured_from_the_kernel_command_lin
     assert!(log.contains("drove: ip eth0 10.250.0.2/24"), "{log}");
     assert!(log.contains("drove: ip eth0 10.250.1.2/24"), "{log}");
     hv.destroy(g.id).await.unwrap();
+}
+
+// --- hotplug -------------------------------------------------------------------
+
+/// Runs `script` with `sh -c` in the guest until its trimmed output is
+/// `want` (hot-added hardware takes a moment to show up).
+async fn wait_for_guest_output(hv: &QemuHypervisor, id: GuestId, script: &str, want: &str) {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let out = exec(hv, id, "sh", &["-c", script]).await;
+        let text = out.as_ref().map(|r| String::from_utf8_lossy(&r.stdout).trim().to_owned()).unwrap_or_default();
+        if text == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{script:?} in guest {id} gave {out:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The guest's MemTotal in KiB.
+async fn guest_mem_total_kib(hv: &QemuHypervisor, id: GuestId) -> u64 {
+    let out = exec(hv, id, "sh", &["-c", "grep MemTotal /proc/meminfo"]).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{text:?}"))
+}
+
+/// Node names of QEMU's block graph.
+async fn block_nodes(hv: &QemuHypervisor, id: GuestId) -> Vec<String> {
+    let nodes = hv.qmp_execute(id, "query-named-block-nodes", None).await.unwrap();
+    let mut names: Vec<String> =
+        nodes.as_array().unwrap().iter().filter_map(|n| n["node-name"].as_str().map(str::to_owned)).collect();
+    names.sort();
+    names
+}
+
+fn dir_listing(hv: &QemuHypervisor, id: GuestId) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(hv.guest_dir(id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn record_spec(hv: &QemuHypervisor, id: GuestId) -> serde_json::Value {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(hv.guest_dir(id).join("guest.json")).unwrap()).unwrap();
+    record["config"]["spec"].clone()
+}
+
+/// A hypervisor that offers guests 2 cores and 4 GiB, whatever the host:
+/// the hotplug room (maxcpus, maxmem) follows from it.
+fn hotplug_hv(lab: &Lab) -> QemuHypervisor {
+    let mut config = lab.config(Accel::Tcg);
+    config.cores = 2;
+    config.memory = ByteSize::gib(4);
+    QemuHypervisor::new(config).unwrap()
+}
+
+#[tokio::test]
+async fn hotplug_disk_vcpu_and_memory_are_seen_by_the_guest_and_kept_across_a_restart() {
+    let lab = Lab::new();
+    let hv = hotplug_hv(&lab);
+    let g = guest("hotplug-1", &[16]);
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    let mem_before = guest_mem_total_kib(&hv, g.id).await;
+
+    // A 64 MiB disk: vdb of 131072 sectors.
+    hv.hotplug(g.id, &Hotplug::AddDisk { size: ByteSize::mib(64) }).await.unwrap();
+    wait_for_guest_output(&hv, g.id, "cat /sys/block/vdb/size", "131072").await;
+    assert!(hv.guest_dir(g.id).join("disk1.qcow2").is_file());
+    assert_eq!(block_nodes(&hv, g.id).await.iter().filter(|n| n.starts_with("disk")).count(), 2);
+
+    // A second vCPU: present at once, used once the guest onlines it (the
+    // test image has no udev rule doing so).
+    hv.hotplug(g.id, &Hotplug::SetVcpus { vcpus: 2 }).await.unwrap();
+    wait_for_guest_output(
+        &hv,
+        g.id,
+        "test -e /sys/devices/system/cpu/cpu1/online && echo 1 > /sys/devices/system/cpu/cpu1/online; nproc",
+        "2",
+    )
+    .await;
+
+    // 128 MiB more memory, onlined by the guest.
+    hv.hotplug(g.id, &Hotplug::SetMemory { memory: ByteSize::mib(384) }).await.unwrap();
+    let online = "for s in /sys/devices/system/memory/memory*/state; do \
+                  grep -q offline $s && echo online > $s; done; grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2";
+    wait_for_guest_output(&hv, g.id, online, &(mem_before + 128 * 1024).to_string()).await;
+
+    // Refusals: shrinking, beyond the room started with, odd memory steps.
+    for (change, says) in [
+        (Hotplug::SetVcpus { vcpus: 1 }, "can only be added while running"),
+        (Hotplug::SetMemory { memory: ByteSize::mib(256) }, "can only be added while running"),
+        (Hotplug::SetVcpus { vcpus: 3 }, "room for 2 vCPUs"),
+        (Hotplug::SetMemory { memory: ByteSize::mib(400) }, "steps of 128M"),
+        (Hotplug::SetMemory { memory: ByteSize::gib(2) }, "room for 1G of memory"),
+    ] {
+        let err = hv.hotplug(g.id, &change).await.unwrap_err();
+        assert!(matches!(err, HvError::Unsupported { op: "hotplug", .. }), "{change:?}: {err:?}");
+        assert!(err.to_string().contains(says), "{change:?}: {err}");
+    }
+    let spec = record_spec(&hv, g.id);
+    assert_eq!((spec["vcpus"].as_u64(), spec["disks"].as_array().unwrap().len()), (Some(2), 2), "{spec}");
+    assert_eq!(spec["memory"].as_u64(), Some(384 << 20), "{spec}");
+
+    // The record keeps the new hardware: a restart boots with all of it.
+    hv.stop(g.id, GRACEFUL).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 2).await;
+    wait_for_guest_output(&hv, g.id, "cat /sys/block/vdb/size", "131072").await;
+    wait_for_guest_output(&hv, g.id, "nproc", "2").await;
+    let mem_after = guest_mem_total_kib(&hv, g.id).await;
+    assert!(mem_after > mem_before + 100 * 1024, "{mem_before} KiB before, {mem_after} KiB after the restart");
+    hv.destroy(g.id).await.unwrap();
+    assert_no_qemu_for(&lab, g.id);
+}
+
+#[tokio::test]
+async fn hotplug_refusals_and_failures_leave_no_file_node_or_record_change() {
+    let lab = Lab::new();
+    let hv = hotplug_hv(&lab);
+    let g = guest("hotplug-2", &[]);
+    hv.create(&g).await.unwrap();
+
+    // Stopped: nothing to plug into.
+    let err = hv.hotplug(g.id, &Hotplug::AddDisk { size: ByteSize::mib(64) }).await.unwrap_err();
+    assert!(matches!(err, HvError::InvalidState { op: "hotplug", state: RuntimeState::Stopped, .. }), "{err:?}");
+    assert!(!hv.guest_dir(g.id).join("disk0.qcow2").exists());
+
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    let files = dir_listing(&hv, g.id);
+    let nodes = block_nodes(&hv, g.id).await;
+    let spec = record_spec(&hv, g.id);
+
+    // A NIC without its tap.
+    let err = hv.hotplug(g.id, &Hotplug::AddNic { mac: "52:54:00:00:99:01".into() }).await.unwrap_err();
+    assert!(matches!(err, HvError::Unsupported { .. }), "{err:?}");
+    let tap = QemuHypervisor::tap_name(g.id, 0);
+    assert!(err.to_string().contains(&format!("no tap {tap} exists on this host")), "{err}");
+
+    // A device_add that QEMU refuses (its id is taken) after the image and
+    // its block node were made: both are taken back, and the record too.
+    hv.qmp_execute(g.id, "device_add", Some(serde_json::json!({ "driver": "virtio-rng-pci", "id": "vdisk0" })))
+        .await
+        .unwrap();
+    let err = hv.hotplug(g.id, &Hotplug::AddDisk { size: ByteSize::mib(64) }).await.unwrap_err();
+    assert!(matches!(err, HvError::Backend { op: "hotplug", .. }), "{err:?}");
+    assert!(error_chain(&err).contains("vdisk0"), "{}", error_chain(&err));
+
+    assert_eq!(dir_listing(&hv, g.id), files);
+    assert_eq!(block_nodes(&hv, g.id).await, nodes);
+    assert_eq!(record_spec(&hv, g.id), spec);
+    hv.destroy(g.id).await.unwrap();
+    assert_no_qemu_for(&lab, g.id);
+}
+
+#[tokio::test]
+async fn hotplug_nic_on_its_tap_is_seen_by_the_guest_with_its_mac() {
+    let lab = Lab::new();
+    let hv = hotplug_hv(&lab);
+    let g = guest("hotplug-3", &[]);
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    let _tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
+    hv.hotplug(g.id, &Hotplug::AddNic { mac: "52:54:00:00:99:02".into() }).await.unwrap();
+    wait_for_guest_output(&hv, g.id, "cat /sys/class/net/eth0/address", "52:54:00:00:99:02").await;
+    let spec = record_spec(&hv, g.id);
+    assert_eq!(spec["nics"][0]["mac"], "52:54:00:00:99:02", "{spec}");
+    let err = hv.hotplug(g.id, &Hotplug::AddNic { mac: "52:54:00:00:99:02".into() }).await.unwrap_err();
+    assert!(err.to_string().contains("already has a NIC"), "{err}");
+    hv.destroy(g.id).await.unwrap();
+    assert_no_qemu_for(&lab, g.id);
 }
 
 // --- the guest agent -------------------------------------------------------------

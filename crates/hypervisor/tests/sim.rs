@@ -501,3 +501,35 @@ async fn a_thousand_hosts_with_ten_guests_each() {
         assert!(list.iter().all(|s| s.state == RuntimeState::Running));
     }
 }
+
+#[tokio::test]
+async fn hotplug_updates_the_running_guests_definition_and_refuses_shrinking_and_stopped_guests() {
+    use drove_hypervisor::Hotplug;
+    use drove_model::ByteSize;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim.json");
+    let hv = SimHypervisor::with_state_file(SimConfig::instant(), &path).unwrap();
+    let g = sample_guest(1);
+    hv.create(&g).await.unwrap();
+    let add_disk = Hotplug::AddDisk { size: ByteSize::mib(64) };
+    assert!(matches!(hv.hotplug(g.id, &add_disk).await, Err(HvError::InvalidState { op: "hotplug", .. })));
+    hv.start(g.id).await.unwrap();
+
+    let (vcpus, memory) = (g.spec.vcpus, g.spec.memory);
+    hv.hotplug(g.id, &add_disk).await.unwrap();
+    hv.hotplug(g.id, &Hotplug::AddNic { mac: "52:54:00:aa:bb:cc".into() }).await.unwrap();
+    hv.hotplug(g.id, &Hotplug::SetVcpus { vcpus: vcpus + 1 }).await.unwrap();
+    hv.hotplug(g.id, &Hotplug::SetMemory { memory: ByteSize(memory.bytes() * 2) }).await.unwrap();
+    let shrink = hv.hotplug(g.id, &Hotplug::SetVcpus { vcpus }).await.unwrap_err();
+    assert!(shrink.to_string().contains("only be added while running"), "{shrink}");
+    let shrink = hv.hotplug(g.id, &Hotplug::SetMemory { memory }).await.unwrap_err();
+    assert!(matches!(shrink, HvError::Unsupported { .. }), "{shrink}");
+
+    // Saved: a reloaded simulator has the new hardware.
+    let reloaded = SimHypervisor::with_state_file(SimConfig::instant(), &path).unwrap();
+    let spec = reloaded.guest_config(g.id).unwrap().spec;
+    assert_eq!(spec.disks.len(), g.spec.disks.len() + 1);
+    assert_eq!(spec.disks.last().unwrap().size, ByteSize::mib(64));
+    assert_eq!(spec.nics.last().unwrap().mac, "52:54:00:aa:bb:cc");
+    assert_eq!((spec.vcpus, spec.memory), (vcpus + 1, ByteSize(memory.bytes() * 2)));
+}

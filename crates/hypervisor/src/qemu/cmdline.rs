@@ -27,15 +27,20 @@
 //!   `throttle-group` object per disk and a `throttle` block node between
 //!   the device and the qcow2 node. Guests without disk limits keep the
 //!   plain layout: no throttle node to pass through.
+//! * Room for hotplug (`hotplug.rs`): `-smp N,maxcpus=M` and
+//!   `-m SIZE,slots=S,maxmem=X`, with the ceilings of [`hotplug_ceilings`].
+//!   Without them QEMU cannot add a vCPU or a DIMM to a running guest at
+//!   all; reserving the room costs no guest memory (DIMMs are allocated
+//!   when added) and did not measurably slow TCG boots.
 //! * Values inside QEMU's `key=value,...` options double their commas.
 
 use std::ffi::OsString;
 use std::path::Path;
 
-use drove_model::ResourceLimits;
+use drove_model::{ByteSize, GuestSpec, ResourceLimits};
 
 use super::guest_dir::GuestDir;
-use crate::GuestConfig;
+use crate::{GuestConfig, HostResources};
 
 /// TCG translation cache per guest, MiB.
 pub const TCG_TB_SIZE_MIB: u32 = 32;
@@ -66,6 +71,48 @@ pub struct Launch<'a> {
     pub taps: &'a [Option<String>],
     /// Appended to the kernel command line.
     pub extra_kernel_args: &'a [String],
+    /// What the host offers guests: bounds the room left for hotplug.
+    pub host: HostResources,
+}
+
+/// The most vCPUs a guest is started with room for, whatever its host.
+pub const MAX_HOTPLUG_VCPUS: u32 = 16;
+/// DIMM slots for memory hotplug: each SetMemory uses one.
+pub const MEMORY_SLOTS: u32 = 8;
+/// How much a guest's memory may grow while running, as a multiple of the
+/// memory it boots with.
+pub const MEMORY_GROWTH_FACTOR: u64 = 4;
+
+/// How far a guest booted with `spec` can grow while running: (`maxcpus`,
+/// `maxmem`). vCPUs up to twice the boot count (at most
+/// [`MAX_HOTPLUG_VCPUS`]) and memory up to [`MEMORY_GROWTH_FACTOR`] times,
+/// both capped by what the host offers but never below what the guest
+/// boots with.
+pub fn hotplug_ceilings(vcpus: u32, memory: ByteSize, host: HostResources) -> (u32, ByteSize) {
+    let vcpus = vcpus.max(1);
+    let max_vcpus = vcpus.saturating_mul(2).min(MAX_HOTPLUG_VCPUS).min(host.cores).max(vcpus);
+    let mib = memory.as_mib().max(1);
+    let max_mib = mib.saturating_mul(MEMORY_GROWTH_FACTOR).min(host.memory.as_mib()).max(mib);
+    (max_vcpus, ByteSize::mib(max_mib))
+}
+
+/// [`hotplug_ceilings`] of a spec.
+fn spec_ceilings(spec: &GuestSpec, host: HostResources) -> (u32, ByteSize) {
+    hotplug_ceilings(spec.vcpus, spec.memory, host)
+}
+
+/// The throttle-group properties for the guest's disk limits, as
+/// (property, value) pairs; empty without limits. Shared by the command
+/// line and disk hotplug so both throttle alike.
+pub fn throttle_props(limits: &ResourceLimits) -> Vec<(&'static str, u64)> {
+    let mut props = Vec::new();
+    if let Some(bps) = limits.disk_bps {
+        props.push(("x-bps-total", bps));
+    }
+    if let Some(iops) = limits.disk_iops {
+        props.push(("x-iops-total", iops));
+    }
+    props
 }
 
 /// The guest's kernel command line. See `scripts/build-image.sh` for the
@@ -93,13 +140,7 @@ pub fn opt_value(path: &Path) -> String {
 /// by all disks would split one budget among them). Totals count reads and
 /// writes together; QEMU's default burst (a tenth of the rate) applies.
 pub fn throttle_limits(limits: &ResourceLimits) -> Option<String> {
-    let mut props = Vec::new();
-    if let Some(bps) = limits.disk_bps {
-        props.push(format!("x-bps-total={bps}"));
-    }
-    if let Some(iops) = limits.disk_iops {
-        props.push(format!("x-iops-total={iops}"));
-    }
+    let props: Vec<String> = throttle_props(limits).into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     if props.is_empty() { None } else { Some(props.join(",")) }
 }
 
@@ -124,8 +165,13 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
             push(&mut args, "-cpu", "host".to_owned());
         }
     }
-    push(&mut args, "-smp", spec.vcpus.max(1).to_string());
-    push(&mut args, "-m", format!("{}M", spec.memory.as_mib().max(1)));
+    let (max_vcpus, max_memory) = spec_ceilings(spec, l.host);
+    push(&mut args, "-smp", format!("{},maxcpus={max_vcpus}", spec.vcpus.max(1)));
+    push(
+        &mut args,
+        "-m",
+        format!("{}M,slots={MEMORY_SLOTS},maxmem={}M", spec.memory.as_mib().max(1), max_memory.as_mib()),
+    );
     args.extend(["-nodefaults", "-no-user-config", "-no-shutdown"].map(str::to_owned));
     push(&mut args, "-display", "none".to_owned());
     push(&mut args, "-action", "panic=pause".to_owned());
@@ -217,6 +263,8 @@ mod tests {
         }
     }
 
+    const HOST: HostResources = HostResources { cores: 8, memory: ByteSize(16 << 30) };
+
     fn args_of(l: &Launch<'_>) -> Vec<String> {
         qemu_args(l).into_iter().map(|a| a.into_string().unwrap()).collect()
     }
@@ -234,10 +282,11 @@ mod tests {
             accel: ResolvedAccel::Tcg,
             taps: &taps,
             extra_kernel_args: &["drove.ip=eth0:10.0.0.5/24".to_owned()],
+            host: HOST,
         });
         let joined = args.join(" ");
         assert!(joined.contains("-accel tcg"), "{joined}");
-        assert!(joined.contains("-smp 2 -m 512M"), "{joined}");
+        assert!(joined.contains("-smp 2,maxcpus=4 -m 512M,slots=8,maxmem=2048M"), "{joined}");
         assert!(joined.contains(&format!("file.filename=/state/with,,comma/{}/disk1.qcow2", c.id)));
         assert_eq!(args.iter().filter(|a| a.starts_with("virtio-blk-pci")).count(), 2);
         // Only the NIC with a tap is attached, with its own MAC.
@@ -256,6 +305,16 @@ mod tests {
     }
 
     #[test]
+    fn hotplug_ceilings_double_vcpus_and_quadruple_memory_within_the_host() {
+        let host = HostResources { cores: 2, memory: ByteSize::gib(1) };
+        assert_eq!(hotplug_ceilings(1, ByteSize::mib(256), host), (2, ByteSize::gib(1)));
+        // Never below what the guest boots with, even beyond the host.
+        assert_eq!(hotplug_ceilings(4, ByteSize::gib(2), host), (4, ByteSize::gib(2)));
+        let big = HostResources { cores: 64, memory: ByteSize::gib(256) };
+        assert_eq!(hotplug_ceilings(12, ByteSize::gib(1), big), (MAX_HOTPLUG_VCPUS, ByteSize::gib(4)));
+    }
+
+    #[test]
     fn kvm_uses_the_host_cpu() {
         let c = config();
         let dir = GuestDir::new(Path::new("/s"), c.id);
@@ -267,6 +326,7 @@ mod tests {
             accel: ResolvedAccel::Kvm,
             taps: &[],
             extra_kernel_args: &[],
+            host: HOST,
         })
         .join(" ");
         assert!(joined.contains("-accel kvm -cpu host"), "{joined}");
@@ -286,6 +346,7 @@ mod tests {
                 accel: ResolvedAccel::Tcg,
                 taps: &[],
                 extra_kernel_args: &[],
+                host: HOST,
             })
             .join(" ")
         };

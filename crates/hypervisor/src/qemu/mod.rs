@@ -68,6 +68,12 @@
 //! parameters its init understands; [`QemuConfig::extra_kernel_args`] passes
 //! them.
 //!
+//! # Hotplug
+//!
+//! Disks, NICs, vCPUs and memory can be added to a running guest within
+//! the room it was started with; `hotplug.rs` explains how, what is
+//! refused, and how a failed change is undone.
+//!
 //! # The guest agent
 //!
 //! Every guest has a virtio-serial channel for a QEMU guest agent
@@ -80,6 +86,7 @@ pub mod cgroup;
 mod cmdline;
 mod error;
 mod guest_dir;
+mod hotplug;
 mod limits;
 mod process;
 pub mod qga;
@@ -352,6 +359,25 @@ impl QemuHypervisor {
         slot.qmp.as_mut().map(|(_, c)| c.take_events()).unwrap_or_default()
     }
 
+    /// Runs one QMP command on the guest's running QEMU, over the
+    /// backend's own connection, and returns its `return` value. For
+    /// inspection (`query-block`, `query-hotpluggable-cpus`, ...) by tests
+    /// and operators; changing the guest this way bypasses its record.
+    pub async fn qmp_execute(
+        &self,
+        id: GuestId,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, HvError> {
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
+        let dir = self.dir(id);
+        self.record(&dir, id, "qmp")?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend("qmp", id))?;
+        let Some(pid) = pid else { return Err(HvError::InvalidState { id, op: "qmp", state }) };
+        slot.execute(&dir, pid, command, arguments).await.map_err(backend("qmp", id))
+    }
+
     fn dir(&self, id: GuestId) -> GuestDir {
         GuestDir::new(&self.inner.guests_dir, id)
     }
@@ -513,6 +539,7 @@ impl QemuHypervisor {
             accel,
             taps,
             extra_kernel_args: &c.extra_kernel_args,
+            host: HostResources { cores: c.cores, memory: c.memory },
         });
         let program = c.qemu_binary.to_string_lossy().into_owned();
         tracing::debug!(guest = %config.id, ?args, "launching QEMU");
@@ -660,6 +687,33 @@ impl Slot {
     }
 }
 
+/// Creates an empty qcow2 image of `size` at `path`, replacing any file
+/// there. Created beside and renamed, so an interrupted create never leaves
+/// a half-made disk that looks finished.
+async fn create_qcow2(qemu_img: &Path, path: &Path, size: ByteSize) -> Result<(), QemuError> {
+    let tmp = path.with_extension("qcow2.tmp");
+    let program = || qemu_img.to_string_lossy().into_owned();
+    let output = tokio::process::Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&tmp)
+        .arg(size.bytes().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn { program: program(), source })?;
+    if !output.status.success() {
+        // qemu-img may have left part of the image.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(QemuError::CommandFailed {
+            program: program(),
+            what: format!("create of {} ({size})", tmp.display()),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    std::fs::rename(&tmp, path).map_err(|e| QemuError::io("renaming into place", path, e))
+}
+
 fn backend(op: &'static str, id: GuestId) -> impl FnOnce(QemuError) -> HvError {
     move |e| HvError::Backend { op, id, source: Box::new(e) }
 }
@@ -697,29 +751,7 @@ impl Hypervisor for QemuHypervisor {
             if path.exists() {
                 continue; // left by an earlier, interrupted create
             }
-            // Created beside and renamed, so an interrupted create never
-            // leaves a half-made disk that looks finished.
-            let tmp = path.with_extension("qcow2.tmp");
-            let output = tokio::process::Command::new(qemu_img)
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&tmp)
-                .arg(disk.size.bytes().to_string())
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .map_err(|source| {
-                    backend("create", id)(QemuError::Spawn { program: qemu_img.to_string_lossy().into_owned(), source })
-                })?;
-            if !output.status.success() {
-                return Err(backend("create", id)(QemuError::CommandFailed {
-                    program: qemu_img.to_string_lossy().into_owned(),
-                    what: format!("create of {} ({})", tmp.display(), disk.size),
-                    status: output.status,
-                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                }));
-            }
-            std::fs::rename(&tmp, &path)
-                .map_err(|e| backend("create", id)(QemuError::io("renaming into place", &path, e)))?;
+            create_qcow2(qemu_img, &path, disk.size).await.map_err(backend("create", id))?;
         }
         // Last: only a complete guest has a record, and only a guest with a
         // record exists.
@@ -876,6 +908,10 @@ impl Hypervisor for QemuHypervisor {
 
     async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<crate::GuestInterface>, HvError> {
         self.agent_interfaces(id).await
+    }
+
+    async fn hotplug(&self, id: GuestId, change: &crate::Hotplug) -> Result<(), HvError> {
+        self.hotplug_guest(id, change).await
     }
 }
 

@@ -101,6 +101,9 @@ mod tests {
         let mut child = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!("sleep 30; echo {}", marker.display()))
+            // The orphaned `sleep` must not hold the test's output open.
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let pid = child.id();

@@ -1,0 +1,385 @@
+//! Adding hardware to a running guest ([`crate::Hypervisor::hotplug`]).
+//!
+//! | change      | QMP, in order                                                    | room needed              |
+//! |-------------|------------------------------------------------------------------|--------------------------|
+//! | `AddDisk`   | (`qemu-img create`) `blockdev-add` qcow2, [`object-add` throttle-group, `blockdev-add` throttle], `device_add virtio-blk-pci` | a free PCI slot |
+//! | `AddNic`    | [tc on the tap] `netdev_add tap`, `device_add virtio-net-pci`    | the tap, made by the network layer |
+//! | `SetVcpus`  | `device_add` of free slots from `query-hotpluggable-cpus`        | `-smp N,maxcpus=M`       |
+//! | `SetMemory` | `object-add memory-backend-ram`, `device_add pc-dimm`            | `-m S,slots=K,maxmem=X`  |
+//!
+//! Devices get the ids and node names the command line gives the same
+//! hardware (`disk{i}`, `vdisk{i}`, `nic{i}`, ...), so a hot-added disk or
+//! NIC looks the same after a restart as before it. The room for vCPUs and
+//! memory is what `cmdline::hotplug_ceilings` reserved at start.
+//!
+//! # Never half-applied
+//!
+//! Each step that leaves something behind pushes its undo; when a later
+//! step fails, the undos run in reverse order. The guest's record
+//! (`guest.json`) is rewritten just before the final `device_add`, the one
+//! step the guest sees: a record restore is a local file write, far more
+//! certain than a `device_del`, which needs the guest's cooperation. Only a
+//! vCPU change adds several devices; a failure on the second unplugs the
+//! first (logged if the guest does not let go).
+//!
+//! Refusals (`Unsupported`, or `InvalidState` for a guest that is not
+//! Running) are decided before the first step, so they leave nothing.
+//!
+//! # What the guest must do
+//!
+//! PCI devices (disks, NICs) appear in the guest by ACPI PCI hotplug on the
+//! `pc` machine's root bus. Hot-added vCPUs and memory appear offline in
+//! guests without udev rules to online them (like the test image): the
+//! guest writes `1` to `/sys/devices/system/cpu/cpuN/online` and `online`
+//! to `/sys/devices/system/memory/memoryN/state`. Measured under TCG
+//! (QEMU 7.2, Debian 12 kernel): both work.
+
+use std::path::PathBuf;
+
+use drove_model::{ByteSize, DiskSpec, GuestId, HypervisorKind, NicSpec, VlanTag};
+use serde_json::{Value, json};
+
+use super::cmdline::{self, MEMORY_SLOTS};
+use super::guest_dir::GuestDir;
+use super::{QemuError, QemuHypervisor, Slot, backend, tc};
+use crate::{GuestConfig, HostResources, Hotplug, HvError, RuntimeState};
+
+/// Memory is added in multiples of this: the x86-64 Linux memory block,
+/// the unit in which a guest onlines hot-added memory. A DIMM of another
+/// size would leave part of it unusable.
+const MEMORY_STEP: ByteSize = ByteSize::mib(128);
+
+const OP: &str = "hotplug";
+
+/// A refusal: the change cannot be made, and nothing was done.
+fn refuse(reason: impl Into<String>) -> HvError {
+    HvError::Unsupported { op: OP, backend: HypervisorKind::Qemu, reason: reason.into() }
+}
+
+/// How to take back one step of a change.
+#[derive(Debug)]
+enum Undo {
+    RemoveFile(PathBuf),
+    ObjectDel(String),
+    BlockdevDel(String),
+    NetdevDel(String),
+    DeviceDel(String),
+    Record(Box<GuestConfig>),
+    ClearTc { tap: String, ifb: String },
+}
+
+/// One change in progress on a guest whose lock we hold.
+struct Plug<'a> {
+    hv: &'a QemuHypervisor,
+    dir: &'a GuestDir,
+    slot: &'a mut Slot,
+    pid: u32,
+    /// The record as it was before the change.
+    config: GuestConfig,
+    undo: Vec<Undo>,
+}
+
+impl QemuHypervisor {
+    pub(super) async fn hotplug_guest(&self, id: GuestId, change: &Hotplug) -> Result<(), HvError> {
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
+        let dir = self.dir(id);
+        let config = self.record(&dir, id, OP)?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend(OP, id))?;
+        let (RuntimeState::Running, Some(pid)) = (state, pid) else {
+            return Err(HvError::InvalidState { id, op: OP, state });
+        };
+        let mut plug = Plug { hv: self, dir: &dir, slot: &mut slot, pid, config, undo: Vec::new() };
+        let result = match change {
+            Hotplug::AddDisk { size } => plug.add_disk(*size).await,
+            Hotplug::AddNic { mac } => plug.add_nic(mac).await,
+            Hotplug::SetVcpus { vcpus } => plug.set_vcpus(*vcpus).await,
+            Hotplug::SetMemory { memory } => plug.set_memory(*memory).await,
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(guest = %id, change = %change.describe(), "hotplugged");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(guest = %id, change = %change.describe(), error = %e, "hotplug failed; undoing it");
+                plug.roll_back().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Plug<'_> {
+    fn id(&self) -> GuestId {
+        self.config.id
+    }
+
+    fn host(&self) -> HostResources {
+        let c = &self.hv.inner.config;
+        HostResources { cores: c.cores, memory: c.memory }
+    }
+
+    async fn qmp(&mut self, command: &str, arguments: Value) -> Result<Value, HvError> {
+        self.slot.execute(self.dir, self.pid, command, Some(arguments)).await.map_err(backend(OP, self.config.id))
+    }
+
+    async fn query(&mut self, command: &str) -> Result<Value, HvError> {
+        self.slot.execute(self.dir, self.pid, command, None).await.map_err(backend(OP, self.config.id))
+    }
+
+    /// Writes the changed definition, remembering the old one.
+    fn commit_record(&mut self, changed: GuestConfig) -> Result<(), HvError> {
+        self.dir.write_record(&changed).map_err(backend(OP, self.config.id))?;
+        self.undo.push(Undo::Record(Box::new(self.config.clone())));
+        Ok(())
+    }
+
+    /// Takes back every step done, newest first. Failures are logged: the
+    /// change has failed already, and the original error is the one to
+    /// report.
+    async fn roll_back(&mut self) {
+        let id = self.id();
+        while let Some(step) = self.undo.pop() {
+            let result = match &step {
+                Undo::RemoveFile(path) => {
+                    std::fs::remove_file(path).map_err(|e| backend(OP, id)(QemuError::io("removing", path, e)))
+                }
+                Undo::ObjectDel(obj) => self.qmp("object-del", json!({ "id": obj })).await.map(drop),
+                Undo::BlockdevDel(node) => self.qmp("blockdev-del", json!({ "node-name": node })).await.map(drop),
+                Undo::NetdevDel(netdev) => self.qmp("netdev_del", json!({ "id": netdev })).await.map(drop),
+                Undo::DeviceDel(dev) => self.qmp("device_del", json!({ "id": dev })).await.map(drop),
+                Undo::Record(old) => self.dir.write_record(old).map_err(backend(OP, id)),
+                Undo::ClearTc { tap, ifb } => tc::clear(tap, ifb).await.map_err(|e| backend(OP, id)(e.into())),
+            };
+            if let Err(e) = result {
+                tracing::error!(guest = %id, ?step, error = %e, "cannot undo a step of a failed hotplug");
+            }
+        }
+    }
+
+    async fn add_disk(&mut self, size: ByteSize) -> Result<(), HvError> {
+        if size.bytes() == 0 {
+            return Err(refuse("a disk needs a size above zero"));
+        }
+        let i = self.config.spec.disks.len();
+        let path = self.dir.disk_path(i);
+        let qemu_img = self.hv.inner.config.qemu_img.clone();
+        super::create_qcow2(&qemu_img, &path, size).await.map_err(backend(OP, self.id()))?;
+        self.undo.push(Undo::RemoveFile(path.clone()));
+
+        let node = format!("disk{i}");
+        self.qmp(
+            "blockdev-add",
+            json!({ "driver": "qcow2", "node-name": node, "file": { "driver": "file", "filename": path } }),
+        )
+        .await?;
+        self.undo.push(Undo::BlockdevDel(node.clone()));
+        // The same layout as the command line's (see cmdline.rs): the
+        // device on a throttle node over the image when there are limits.
+        let props = cmdline::throttle_props(&self.config.spec.limits);
+        let drive = if props.is_empty() {
+            node
+        } else {
+            let group = format!("throttle{i}");
+            let mut args = json!({ "qom-type": "throttle-group", "id": group });
+            for (key, value) in props {
+                args[key] = json!(value);
+            }
+            self.qmp("object-add", args).await?;
+            self.undo.push(Undo::ObjectDel(group.clone()));
+            let throttled = format!("throttled{i}");
+            self.qmp(
+                "blockdev-add",
+                json!({ "driver": "throttle", "node-name": throttled, "throttle-group": group, "file": node }),
+            )
+            .await?;
+            self.undo.push(Undo::BlockdevDel(throttled.clone()));
+            throttled
+        };
+
+        let mut changed = self.config.clone();
+        changed.spec.disks.push(DiskSpec { size });
+        self.commit_record(changed)?;
+        self.qmp(
+            "device_add",
+            json!({ "driver": "virtio-blk-pci", "drive": drive, "id": format!("vdisk{i}"), "serial": format!("disk{i}") }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn add_nic(&mut self, mac: &str) -> Result<(), HvError> {
+        if !is_mac(mac) {
+            return Err(refuse(format!("{mac:?} is not a MAC address (six hex pairs separated by colons)")));
+        }
+        if self.config.spec.nics.iter().any(|n| n.mac.eq_ignore_ascii_case(mac)) {
+            return Err(refuse(format!("the guest already has a NIC with MAC {mac}")));
+        }
+        let id = self.id();
+        let i = self.config.spec.nics.len();
+        let tap = QemuHypervisor::tap_name(id, i);
+        if !std::path::Path::new("/sys/class/net").join(&tap).exists() {
+            return Err(refuse(format!(
+                "no tap {tap} exists on this host for NIC {i} of the guest; the network layer must create it \
+                 before the NIC can be added"
+            )));
+        }
+        if let Some(rate) = self.config.spec.limits.nic_rate_bps {
+            let ifb = tc::ifb_name(id, i);
+            tc::apply(&tap, &ifb, rate).await.map_err(|e| backend(OP, id)(e.into()))?;
+            self.undo.push(Undo::ClearTc { tap: tap.clone(), ifb });
+        }
+        let netdev = format!("net{i}");
+        self.qmp(
+            "netdev_add",
+            json!({ "type": "tap", "id": netdev, "ifname": tap, "script": "no", "downscript": "no" }),
+        )
+        .await?;
+        self.undo.push(Undo::NetdevDel(netdev.clone()));
+
+        let mut changed = self.config.clone();
+        // Hotplug names no VLAN: the tap's bridging decides where the NIC
+        // is. The record keeps the guest's first VLAN as the best guess,
+        // VLAN 1 for a guest without NICs.
+        let vlan = changed.spec.nics.first().map(|n| n.vlan).unwrap_or_else(default_vlan);
+        changed.spec.nics.push(NicSpec { vlan, mac: mac.to_owned() });
+        self.commit_record(changed)?;
+        self.qmp(
+            "device_add",
+            json!({ "driver": "virtio-net-pci", "netdev": netdev, "id": format!("nic{i}"), "mac": mac }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_vcpus(&mut self, vcpus: u32) -> Result<(), HvError> {
+        let current = self.config.spec.vcpus;
+        if vcpus < current {
+            return Err(refuse(format!(
+                "vCPUs can only be added while running, not removed: the guest has {current}, {vcpus} asked"
+            )));
+        }
+        if vcpus == current {
+            return Ok(());
+        }
+        let slots = self.query("query-hotpluggable-cpus").await?;
+        let slots = slots.as_array().cloned().unwrap_or_default();
+        let present = slots.iter().filter(|s| s.get("qom-path").is_some()).count();
+        let mut free: Vec<&Value> = slots.iter().filter(|s| s.get("qom-path").is_none()).collect();
+        // Lowest topology ids first, as a boot with more vCPUs would fill them.
+        free.sort_by_key(|s| {
+            let p = |k: &str| s["props"].get(k).and_then(Value::as_u64).unwrap_or(0);
+            (p("socket-id"), p("die-id"), p("core-id"), p("thread-id"))
+        });
+        let wanted = usize::try_from(vcpus).unwrap_or(usize::MAX).saturating_sub(present);
+        if wanted > free.len() {
+            return Err(refuse(format!(
+                "the guest was started with room for {} vCPUs (maxcpus: twice its boot vCPUs, at most the \
+                 host's cores and {}); {vcpus} needs a restart with more vCPUs defined",
+                slots.len(),
+                cmdline::MAX_HOTPLUG_VCPUS
+            )));
+        }
+        let adds: Vec<Value> = free
+            .into_iter()
+            .take(wanted)
+            .map(|s| {
+                let mut args = s["props"].clone();
+                let p = |k: &str| args.get(k).and_then(Value::as_u64).unwrap_or(0);
+                let dev = format!("cpu-{}-{}-{}", p("socket-id"), p("core-id"), p("thread-id"));
+                args["driver"] = s["type"].clone();
+                args["id"] = json!(dev);
+                args
+            })
+            .collect();
+
+        let mut changed = self.config.clone();
+        changed.spec.vcpus = vcpus;
+        self.commit_record(changed)?;
+        for args in adds {
+            let dev = args["id"].as_str().unwrap_or_default().to_owned();
+            self.qmp("device_add", args).await?;
+            self.undo.push(Undo::DeviceDel(dev));
+        }
+        Ok(())
+    }
+
+    async fn set_memory(&mut self, memory: ByteSize) -> Result<(), HvError> {
+        let current = self.config.spec.memory;
+        if memory < current {
+            return Err(refuse(format!(
+                "memory can only be added while running, not removed: the guest has {current}, {memory} asked"
+            )));
+        }
+        if memory == current {
+            return Ok(());
+        }
+        let delta = ByteSize(memory.bytes() - current.bytes());
+        if !delta.bytes().is_multiple_of(MEMORY_STEP.bytes()) {
+            return Err(refuse(format!(
+                "memory grows in steps of {MEMORY_STEP} (the guest's memory block); adding {delta} to {current} is not"
+            )));
+        }
+        let summary = self.query("query-memory-size-summary").await?;
+        let base = ByteSize(summary.get("base-memory").and_then(Value::as_u64).unwrap_or(current.bytes()));
+        let plugged = summary.get("plugged-memory").and_then(Value::as_u64).unwrap_or(0);
+        let dimms = self.query("query-memory-devices").await?.as_array().map_or(0, Vec::len);
+        let (_, max) = cmdline::hotplug_ceilings(1, base, self.host());
+        if base.bytes() + plugged + delta.bytes() > max.bytes() {
+            return Err(refuse(format!(
+                "the guest was started with room for {max} of memory (maxmem: {}x its boot memory, at most the \
+                 host's); {memory} needs a restart with more memory defined",
+                cmdline::MEMORY_GROWTH_FACTOR
+            )));
+        }
+        if dimms >= MEMORY_SLOTS as usize {
+            return Err(refuse(format!(
+                "all {MEMORY_SLOTS} memory slots of the guest are used; more memory needs a restart"
+            )));
+        }
+        // Named by where the DIMM starts in the guest's memory: unique, as
+        // memory only grows while the guest runs.
+        let at = (base.bytes() + plugged) / ByteSize::mib(1).bytes();
+        let (backing, dimm) = (format!("mem-at-{at}m"), format!("dimm-at-{at}m"));
+        self.qmp("object-add", json!({ "qom-type": "memory-backend-ram", "id": backing, "size": delta.bytes() }))
+            .await?;
+        self.undo.push(Undo::ObjectDel(backing.clone()));
+
+        let mut changed = self.config.clone();
+        changed.spec.memory = memory;
+        self.commit_record(changed)?;
+        self.qmp("device_add", json!({ "driver": "pc-dimm", "id": dimm, "memdev": backing })).await?;
+        Ok(())
+    }
+}
+
+fn default_vlan() -> VlanTag {
+    VlanTag::try_from(1u16).unwrap_or_else(|_| unreachable!("VLAN 1 is valid"))
+}
+
+/// Six pairs of hex digits separated by colons.
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_six_hex_pairs() {
+        assert!(is_mac("52:54:00:ab:CD:ef"));
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "52-54-00-ab-cd-ef",
+            "52:54:00:ab:cd:eg",
+            "5:54:00:ab:cd:ef0",
+        ] {
+            assert!(!is_mac(bad), "{bad}");
+        }
+    }
+}
