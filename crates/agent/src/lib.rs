@@ -414,6 +414,20 @@ impl Agent {
                     Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
                 }
             }
+            AgentCallKind::Hotplug { change } => {
+                use drove_api::HotplugChange as C;
+                use drove_hypervisor::Hotplug as H;
+                let change = match change {
+                    C::AddDisk { size } => H::AddDisk { size },
+                    C::AddNic { mac } => H::AddNic { mac },
+                    C::SetMemory { memory } => H::SetMemory { memory },
+                    C::SetVcpus { vcpus } => H::SetVcpus { vcpus },
+                };
+                match self.hv.hotplug(call.guest, &change).await {
+                    Ok(()) => CallOutcome::Done,
+                    Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
+                }
+            }
             AgentCallKind::Interfaces => match self.hv.guest_interfaces(call.guest).await {
                 Ok(list) => CallOutcome::Interfaces {
                     interfaces: list

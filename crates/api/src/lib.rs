@@ -290,6 +290,8 @@ pub enum AgentCallKind {
     Exec { command: Vec<String>, input: Option<String>, timeout_secs: u64 },
     /// List the guest's network interfaces through its guest agent.
     Interfaces,
+    /// Add hardware to the running guest.
+    Hotplug { change: HotplugChange },
 }
 
 /// An agent's answer to a call.
@@ -310,9 +312,39 @@ pub enum CallOutcome {
     Interfaces {
         interfaces: Vec<GuestInterface>,
     },
+    /// The call did what it asked.
+    Done,
     Error {
         message: String,
     },
+}
+
+/// Hardware to add to a running guest (`POST /v1/guests/{guest}/hotplug`):
+/// exactly one field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HotplugRequest {
+    /// Add an empty disk of this size (bytes).
+    #[serde(default)]
+    pub add_disk: Option<ByteSize>,
+    /// Add a NIC on this VLAN.
+    #[serde(default)]
+    pub add_nic: Option<NicRequest>,
+    /// Grow memory to this total (bytes).
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// Grow vCPUs to this total.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+}
+
+/// One hardware change, as relayed to the guest's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HotplugChange {
+    AddDisk { size: ByteSize },
+    AddNic { mac: String },
+    SetMemory { memory: ByteSize },
+    SetVcpus { vcpus: u32 },
 }
 
 /// A command to run inside a guest (`POST /v1/guests/{guest}/exec`).

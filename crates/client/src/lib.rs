@@ -209,6 +209,11 @@ impl Client {
         self.call(Method::POST, &format!("/v1/guests/{}/exec", seg(guest)), Some(req), wait).await
     }
 
+    /// Add hardware to a running guest.
+    pub async fn hotplug(&self, guest: &str, req: &drove_api::HotplugRequest) -> Result<GuestView, ClientError> {
+        self.post(&format!("/v1/guests/{}/hotplug", seg(guest)), req).await
+    }
+
     /// The guest's network interfaces and addresses, as its agent sees them.
     pub async fn guest_interfaces(&self, guest: &str) -> Result<Vec<drove_api::GuestInterface>, ClientError> {
         self.get(&format!("/v1/guests/{}/interfaces", seg(guest))).await

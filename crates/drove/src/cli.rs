@@ -77,6 +77,27 @@ pub enum VmCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Add hardware to a running guest: a disk, a NIC, memory or vCPUs (one per call).
+    #[command(
+        after_help = "Examples:\n  drove vm hotplug web-1 --add-disk 1G\n  drove vm hotplug web-1 --vcpus 2\nThe guest may need to bring new vCPUs and memory online itself."
+    )]
+    #[command(group(clap::ArgGroup::new("change").required(true).args(["add_disk", "add_nic", "memory", "vcpus"])))]
+    Hotplug {
+        /// Guest name or id.
+        name: String,
+        /// Add an empty disk of this size, e.g. 1G.
+        #[arg(long, value_parser = parse_size)]
+        add_disk: Option<ByteSize>,
+        /// Add a NIC on this VLAN (name or id).
+        #[arg(long)]
+        add_nic: Option<String>,
+        /// Grow memory to this total, e.g. 1G.
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<ByteSize>,
+        /// Grow vCPUs to this total.
+        #[arg(long)]
+        vcpus: Option<u32>,
+    },
     /// Show the guest's serial console history.
     Log {
         /// Guest name or id.
@@ -380,6 +401,21 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             Ok(())
         }
         VmCommand::Console { name } => crate::console::attach(&c, &name).await,
+        VmCommand::Hotplug { name, add_disk, add_nic, memory, vcpus } => {
+            let req =
+                drove_api::HotplugRequest { add_disk, add_nic: add_nic.map(|vlan| NicRequest { vlan }), memory, vcpus };
+            let g = c.hotplug(&name, &req).await?;
+            let s = &g.guest.spec;
+            println!(
+                "{}: {} vCPUs, {} memory, {} disks, {} NICs",
+                s.name,
+                s.vcpus,
+                s.memory,
+                s.disks.len(),
+                s.nics.len()
+            );
+            Ok(())
+        }
         VmCommand::Exec { name, timeout, command } => {
             let r =
                 c.exec(&name, &drove_api::ExecRequest { command, input: None, timeout_secs: Some(timeout) }).await?;

@@ -177,6 +177,19 @@ fn real_guests_live_through_the_whole_stack() {
     let shown = lab.ok(&["vm", "show", "web-1"]);
     assert!(shown.contains("addresses:"), "{shown}");
 
+    // Hardware hot-added through the API reaches the running guest.
+    lab.ok(&["vm", "hotplug", "web-1", "--add-disk", "32M"]);
+    // The guest takes the PCI hotplug event in its own time.
+    let sectors = eventually("the guest sees the new disk", Duration::from_secs(60), || {
+        let out = lab.drove(&["vm", "exec", "web-1", "--", "cat", "/sys/block/vdb/size"]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    });
+    assert_eq!(sectors, "65536");
+    assert_eq!(lab.json(&["vm", "show", "web-1"])["spec"]["disks"].as_array().unwrap().len(), 2);
+    let out = lab.drove(&["vm", "hotplug", "web-1", "--memory", "64M"]);
+    assert!(!out.status.success(), "shrinking must be refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only grow"), "{}", String::from_utf8_lossy(&out.stderr));
+
     // Its console history, through manager and agent.
     assert!(lab.ok(&["vm", "log", "web-1"]).contains("DROVE-READY"));
     // The interactive console reaches the guest's shell: a command typed in

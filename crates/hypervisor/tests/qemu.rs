@@ -758,6 +758,24 @@ async fn hotplug_nic_on_its_tap_is_seen_by_the_guest_with_its_mac() {
     assert_no_qemu_for(&lab, g.id);
 }
 
+#[tokio::test]
+async fn hotplug_disk_of_a_guest_with_disk_limits_sits_behind_its_own_throttle_node() {
+    let lab = Lab::new();
+    let hv = hotplug_hv(&lab);
+    let mut g = guest("hotplug-4", &[]);
+    g.spec.limits.disk_bps = Some(4 << 20);
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    hv.hotplug(g.id, &Hotplug::AddDisk { size: ByteSize::mib(32) }).await.unwrap();
+    wait_for_guest_output(&hv, g.id, "cat /sys/block/vda/size", "65536").await;
+    // (QEMU names the file node under the qcow2 node itself: `#block...`.)
+    let ours: Vec<String> = block_nodes(&hv, g.id).await.into_iter().filter(|n| !n.starts_with('#')).collect();
+    assert_eq!(ours, ["disk0", "throttled0"]);
+    hv.destroy(g.id).await.unwrap();
+    assert_no_qemu_for(&lab, g.id);
+}
+
 // --- the guest agent -------------------------------------------------------------
 
 /// `path args...` through the guest agent.

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use drove_api::{
     AgentCall, AgentCallKind, AuditRecord, CallOutcome, CallResult, CreateGuestRequest, CreateVlanRequest,
-    DesiredGuest, DesiredState, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, ObservedGuest, ObservedState,
-    OperationAccepted, RegisterRequest, RegisterResponse, VlanView,
+    DesiredGuest, DesiredState, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugChange,
+    HotplugRequest, ObservedGuest, ObservedState, OperationAccepted, RegisterRequest, RegisterResponse, VlanView,
 };
 use drove_model::guest::validate_name;
 use drove_model::host::HostEvent;
@@ -735,6 +735,134 @@ impl Manager {
         self.notify_ops();
         pending.durable().await?;
         Ok(accepted)
+    }
+
+    /// Add hardware to a running guest: checked here (size, capacity,
+    /// VLAN), applied by its host, recorded only once the host did it; a
+    /// refused change leaves the guest exactly as it was.
+    pub async fn hotplug(&self, ctx: &Ctx, key: &str, req: HotplugRequest) -> Result<GuestView, ApiError> {
+        let asked = [req.add_disk.is_some(), req.add_nic.is_some(), req.memory.is_some(), req.vcpus.is_some()];
+        if asked.iter().filter(|a| **a).count() != 1 {
+            return Err(ApiError::invalid("body", "name exactly one of add_disk, add_nic, memory, vcpus"));
+        }
+        let (id, change, new_nic) = {
+            let mut inv = self.lock();
+            let g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            if g.state != GuestState::Running {
+                return Err(ApiError::conflict(format!(
+                    "guest {} is {}; hardware can be hot-added only while it runs",
+                    g.spec.name, g.state
+                )));
+            }
+            if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
+                return Err(ApiError::conflict(format!(
+                    "guest {} has operation {} ({}) in progress",
+                    g.spec.name, op.id, op.kind
+                )));
+            }
+            let host = inv
+                .hosts
+                .get(&g.host)
+                .map(|h| h.info.clone())
+                .ok_or_else(|| ApiError::not_found("host", &g.host.to_string()))?;
+            let alloc = inv.allocated.get(&g.host).copied().unwrap_or_default();
+            let mut new_nic = None;
+            let change = if let Some(size) = req.add_disk {
+                if size.bytes() < MIB || !size.bytes().is_multiple_of(MIB) {
+                    return Err(ApiError::invalid(
+                        "add_disk",
+                        format!("disk size must be a whole number of MiB and at least 1M, got {} bytes", size.bytes()),
+                    ));
+                }
+                if g.spec.disks.len() >= 16 {
+                    return Err(ApiError::conflict(format!("guest {} already has 16 disks", g.spec.name)));
+                }
+                HotplugChange::AddDisk { size }
+            } else if let Some(nic) = &req.add_nic {
+                let vlan = inv
+                    .find_vlan(&nic.vlan)
+                    .ok_or_else(|| ApiError::invalid("add_nic.vlan", format!("VLAN {:?} does not exist", nic.vlan)))?
+                    .tag;
+                if g.spec.nics.len() >= 8 {
+                    return Err(ApiError::conflict(format!("guest {} already has 8 NICs", g.spec.name)));
+                }
+                // Reserved now so a concurrent create cannot take it.
+                let mac = loop {
+                    let mac = random_mac().map_err(|e| ApiError::unavailable(e.to_string()))?;
+                    if inv.macs.insert(mac.clone()) {
+                        break mac;
+                    }
+                };
+                new_nic = Some(NicSpec { vlan, mac: mac.clone() });
+                HotplugChange::AddNic { mac }
+            } else if let Some(memory) = req.memory {
+                if memory <= g.spec.memory || !memory.bytes().is_multiple_of(MIB) {
+                    return Err(ApiError::invalid(
+                        "memory",
+                        format!("memory can only grow, in whole MiB, from {} (asked {memory})", g.spec.memory),
+                    ));
+                }
+                let free = host.memory.bytes().saturating_sub(alloc.memory);
+                let more = memory.bytes() - g.spec.memory.bytes();
+                if more > free {
+                    return Err(ApiError::conflict(format!(
+                        "host {} has {} memory free, {} more requested",
+                        host.name,
+                        ByteSize(free),
+                        ByteSize(more)
+                    )));
+                }
+                HotplugChange::SetMemory { memory }
+            } else {
+                let vcpus = req.vcpus.unwrap_or_default();
+                if vcpus <= g.spec.vcpus || vcpus > 255 {
+                    return Err(ApiError::invalid(
+                        "vcpus",
+                        format!("vCPUs can only grow, up to 255, from {} (asked {vcpus})", g.spec.vcpus),
+                    ));
+                }
+                let limit = (f64::from(host.cores) * self.config.policy.vcpu_overcommit).floor() as u32;
+                if alloc.vcpus + (vcpus - g.spec.vcpus) > limit {
+                    return Err(ApiError::conflict(format!(
+                        "host {} would have more than {limit} vCPUs allocated",
+                        host.name
+                    )));
+                }
+                HotplugChange::SetVcpus { vcpus }
+            };
+            (g.id, change, new_nic)
+        };
+        let outcome = self.relay(&id.to_string(), AgentCallKind::Hotplug { change: change.clone() }).await;
+        let failure = match outcome {
+            Ok((_, CallOutcome::Done)) => None,
+            Ok((_, CallOutcome::Error { message })) => Some(ApiError::conflict(message)),
+            Ok((_, other)) => Some(ApiError::unavailable(format!("the host answered with {other:?}"))),
+            Err(e) => Some(e),
+        };
+        if let Some(err) = failure {
+            if let Some(nic) = &new_nic {
+                self.lock().macs.remove(&nic.mac);
+            }
+            return Err(err);
+        }
+        let (view, pending) = {
+            let mut inv = self.lock();
+            let mut g = inv.guests.get(&id).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            inv.unindex_guest(&g);
+            match change {
+                HotplugChange::AddDisk { size } => g.spec.disks.push(DiskSpec { size }),
+                HotplugChange::AddNic { .. } => g.spec.nics.extend(new_nic),
+                HotplugChange::SetMemory { memory } => g.spec.memory = memory,
+                HotplugChange::SetVcpus { vcpus } => g.spec.vcpus = vcpus,
+            }
+            g.generation += 1;
+            inv.index_guest(&g);
+            inv.guests.insert(id, g.clone());
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 200);
+            (Self::guest_view(&inv, &g), self.persister.enqueue(vec![put(guest_key(id), &g), audit]))
+        };
+        pending.durable().await?;
+        Ok(view)
     }
 
     // ---- agent protocol ----------------------------------------------------------

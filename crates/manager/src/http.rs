@@ -20,7 +20,8 @@ use axum::{Json, Router};
 use drove_api::{
     AgentCallKind, AuditRecord, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest, CreateVlanRequest, ErrorBody,
     ErrorResponse, ExecRequest, ExecResponse, GuestInterface, GuestView, HeartbeatRequest, HeartbeatResponse, HostView,
-    MaintenanceRequest, OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
+    HotplugRequest, MaintenanceRequest, OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest,
+    VlanView,
 };
 use drove_model::{Operation, OperationId};
 use serde::Deserialize;
@@ -145,6 +146,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/agent/console/{session}", post(agent_console))
         .route("/v1/guests/{guest}/log", get(console_log))
         .route("/v1/guests/{guest}/exec", post(exec))
+        .route("/v1/guests/{guest}/hotplug", post(hotplug))
         .route("/v1/guests/{guest}/interfaces", get(interfaces))
         .route("/v1/guests/{guest}/console", get(console))
         .route("/metrics", get(metrics))
@@ -383,6 +385,19 @@ async fn exec(
     Ok(Json(result))
 }
 
+#[utoipa::path(post, path = "/v1/guests/{guest}/hotplug", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    request_body = HotplugRequest,
+    responses((status = 200, description = "Added; the guest as it is now", body = GuestView), (status = 400, body = ErrorResponse),
+        (status = 409, description = "Not running, no room, or the host refused (with the reason)", body = ErrorResponse), (status = 504, body = ErrorResponse)))]
+async fn hotplug(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<HotplugRequest>,
+) -> Res<Json<GuestView>> {
+    m.hotplug(&ctx, &guest, req).await.map(Json)
+}
+
 #[utoipa::path(get, path = "/v1/guests/{guest}/interfaces", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     responses((status = 200, body = [GuestInterface]), (status = 409, body = ErrorResponse), (status = 504, body = ErrorResponse)))]
 async fn interfaces(State(m): State<Arc<Manager>>, Path(guest): Path<String>) -> Res<Json<Vec<GuestInterface>>> {
@@ -528,7 +543,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, interfaces, console, call_result, agent_console,
+    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, hotplug, interfaces, console, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_operations, get_operation, list_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))

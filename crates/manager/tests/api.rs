@@ -510,3 +510,60 @@ async fn commands_and_interfaces_are_relayed_to_the_guest_agent_and_audited() {
     assert!(audit.iter().any(|r| r.action == "POST /v1/guests/inside/exec" && r.status == 409));
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn hardware_is_hot_added_to_running_guests_and_refusals_change_nothing() {
+    let dc = Dc::start(1).await;
+    dc.admin.create_vlan(&CreateVlanRequest { id: 9, name: "hp".into(), subnet: None, gateway: None }).await.unwrap();
+    let acc = dc.admin.create_guest(&guest("grow")).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let add = |r: drove_api::HotplugRequest| r;
+    let g = dc
+        .admin
+        .hotplug("grow", &add(drove_api::HotplugRequest { add_disk: Some(ByteSize::gib(2)), ..Default::default() }))
+        .await
+        .unwrap();
+    assert_eq!(g.guest.spec.disks.len(), 2);
+    let g = dc
+        .admin
+        .hotplug("grow", &drove_api::HotplugRequest { memory: Some(ByteSize::mib(512)), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(g.guest.spec.memory, ByteSize::mib(512));
+    let g = dc
+        .admin
+        .hotplug(
+            "grow",
+            &drove_api::HotplugRequest { add_nic: Some(NicRequest { vlan: "hp".into() }), ..Default::default() },
+        )
+        .await
+        .unwrap();
+    assert_eq!(g.guest.spec.nics.len(), 1);
+    // The host holds the same hardware, and the allocation follows.
+    let on_host = dc.agents[0].sim.guest_config(acc.guest).unwrap();
+    assert_eq!((on_host.spec.disks.len(), on_host.spec.memory, on_host.spec.nics.len()), (2, ByteSize::mib(512), 1));
+    assert_eq!(on_host.spec.nics[0].mac, g.guest.spec.nics[0].mac);
+    assert_eq!(dc.admin.get_host("host-1").await.unwrap().allocated_memory, ByteSize::mib(512));
+    // Refusals: shrink, two changes at once, more than the host has, a stopped guest.
+    let before = dc.admin.get_guest("grow").await.unwrap();
+    for (req, status) in [
+        (drove_api::HotplugRequest { memory: Some(ByteSize::mib(256)), ..Default::default() }, 400),
+        (drove_api::HotplugRequest { vcpus: Some(2), memory: Some(ByteSize::gib(1)), ..Default::default() }, 400),
+        (drove_api::HotplugRequest { memory: Some(ByteSize::gib(64)), ..Default::default() }, 409),
+        (drove_api::HotplugRequest { add_nic: Some(NicRequest { vlan: "nope".into() }), ..Default::default() }, 400),
+    ] {
+        let err = dc.admin.hotplug("grow", &req).await.unwrap_err();
+        assert_eq!(err.status(), Some(status), "{req:?}: {err}");
+    }
+    dc.wait_succeeded(&dc.admin.stop_guest("grow", true).await.unwrap().operation).await;
+    let err = dc
+        .admin
+        .hotplug("grow", &drove_api::HotplugRequest { vcpus: Some(2), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    assert!(err.to_string().contains("only while it runs"), "{err}");
+    let after = dc.admin.get_guest("grow").await.unwrap();
+    assert_eq!(after.guest.spec, before.guest.spec);
+    dc.shutdown().await;
+}
