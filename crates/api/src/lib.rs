@@ -6,8 +6,8 @@
 //! fails when the served document and the checked-in one differ.
 
 use drove_model::{
-    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, ResourceLimits, RestartPolicy,
-    Vlan, guest::LoadProfile,
+    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, ResourceLimits, RestartPolicy, Vlan,
+    guest::LoadProfile,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -46,6 +46,9 @@ pub struct HostView {
     /// Milliseconds since the agent was last heard from (`None`: not since
     /// this manager started).
     pub last_seen_ms: Option<u64>,
+    /// Guests the host runs that the manager has no record of (left alone,
+    /// never destroyed: an operator decides).
+    pub orphans: u32,
 }
 
 /// Put a host into maintenance (no new guests) or take it out.
@@ -384,6 +387,3 @@ pub struct ConsoleLog {
     pub guest: GuestId,
     pub text: String,
 }
-
-/// Identifies a long-running operation in paths.
-pub type OpId = OperationId;

@@ -253,9 +253,10 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
             format!("{}/{}", h.allocated_memory, h.info.memory),
             h.guests.to_string(),
             h.last_seen_ms.map_or("-".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+            h.orphans.to_string(),
         ]
     };
-    const HEADER: [&str; 7] = ["name", "state", "hypervisor", "vcpus", "memory", "guests", "seen"];
+    const HEADER: [&str; 8] = ["name", "state", "hypervisor", "vcpus", "memory", "guests", "seen", "orphans"];
     match cmd {
         HostCommand::List(out) => {
             let hosts = c.list_hosts().await?;

@@ -276,6 +276,7 @@ impl Manager {
             allocated_memory: ByteSize(a.memory),
             guests: a.guests,
             last_seen_ms: h.last_seen.map(|t| t.elapsed().as_millis() as u64),
+            orphans: h.orphans,
         }
     }
 
@@ -688,13 +689,13 @@ impl Manager {
                         GuestState::Running | GuestState::Starting => {
                             g.state = g.state.apply(GuestEvent::Stop).map_err(|e| ApiError::conflict(e.to_string()))?;
                             if force {
-                                inv_force(&mut inv, g.id);
+                                inv.force_stop.insert(g.id);
                             }
                             (OperationKind::StopGuest, false)
                         }
                         GuestState::Stopping => {
                             if force {
-                                inv_force(&mut inv, g.id);
+                                inv.force_stop.insert(g.id);
                             }
                             (OperationKind::StopGuest, false)
                         }
@@ -1185,10 +1186,6 @@ pub struct Counts {
     pub hosts: Vec<(HostState, usize)>,
     pub guests: Vec<(GuestState, usize)>,
     pub active_operations: usize,
-}
-
-fn inv_force(inv: &mut Inventory, id: GuestId) {
-    inv.force_stop.insert(id);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -567,3 +567,24 @@ async fn hardware_is_hot_added_to_running_guests_and_refusals_change_nothing() {
     assert_eq!(after.guest.spec, before.guest.spec);
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_guest_the_manager_does_not_know_is_reported_as_an_orphan_and_left_alone() {
+    use drove_hypervisor::Hypervisor;
+    let dc = Dc::start(1).await;
+    let stray = drove_hypervisor::sim::sample_guest(7);
+    dc.agents[0].sim.create(&stray).await.unwrap();
+    dc.agents[0].sim.start(stray.id).await.unwrap();
+    let h = dc
+        .eventually("orphan reported", || async {
+            let h = dc.admin.get_host("host-1").await.ok()?;
+            (h.orphans == 1).then_some(h)
+        })
+        .await;
+    assert_eq!(h.guests, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let on_host = dc.agents[0].sim.guests();
+    assert_eq!(on_host.len(), 1, "the stray guest and its disks are never destroyed by the agent");
+    assert_eq!(on_host[0].state, drove_hypervisor::RuntimeState::Running);
+    dc.shutdown().await;
+}
