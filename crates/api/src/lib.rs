@@ -174,6 +174,48 @@ pub struct AuditRecord {
     /// `ok` or the error message.
     pub result: String,
     pub status: u16,
+    /// `hash` of the record before (64 zeros for the first).
+    pub prev_hash: String,
+    /// SHA-256 over this record's fields and `prev_hash`: changing,
+    /// removing or reordering any record breaks every hash after it.
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// The chain link before the first record.
+    pub const GENESIS: &'static str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    /// The bytes the hash covers: every field but `hash`, unambiguously
+    /// separated (lengths prefix the free-text fields).
+    pub fn hashed_content(&self) -> String {
+        let target = self.target.as_deref().unwrap_or("");
+        format!(
+            "drove-audit-v1|{}|{}|{}:{}|{}:{}|{}:{}|{}:{}|{}|{}",
+            self.seq,
+            self.time,
+            self.principal.len(),
+            self.principal,
+            self.action.len(),
+            self.action,
+            target.len(),
+            target,
+            self.result.len(),
+            self.result,
+            self.status,
+            self.prev_hash
+        )
+    }
+}
+
+/// The outcome of checking the audit chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditVerification {
+    /// Records checked.
+    pub records: u64,
+    pub intact: bool,
+    /// The first record whose link or hash does not match.
+    pub first_bad_seq: Option<u64>,
+    pub reason: Option<String>,
 }
 
 // ---- agent protocol ---------------------------------------------------------

@@ -188,6 +188,11 @@ impl Client {
         self.get(&format!("/v1/audit?after={after}&limit={limit}")).await
     }
 
+    /// Recompute the audit log's hash chain on the manager.
+    pub async fn verify_audit(&self) -> Result<drove_api::AuditVerification, ClientError> {
+        self.get("/v1/audit/verify").await
+    }
+
     pub async fn metrics(&self) -> Result<String, ClientError> {
         let resp = self.send::<()>(Method::GET, "/metrics", None, DEFAULT_TIMEOUT).await?;
         let status = resp.status().as_u16();

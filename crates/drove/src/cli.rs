@@ -230,6 +230,9 @@ pub enum OpCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// Check the audit log's hash chain: any changed, removed or reordered
+    /// record is found; exits non-zero when the chain is broken.
+    Verify(OutputArgs),
     /// List audit records, oldest first.
     List {
         /// Only records after this sequence number.
@@ -571,6 +574,24 @@ pub async fn op(cmd: OpCommand) -> Result<()> {
 pub async fn audit(cmd: AuditCommand) -> Result<()> {
     let c = client()?;
     match cmd {
+        AuditCommand::Verify(out) => {
+            let v = c.verify_audit().await?;
+            match out.format {
+                crate::Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                crate::Format::Table if v.intact => {
+                    println!("audit log intact: {} records, hash chain verified", v.records)
+                }
+                crate::Format::Table => {}
+            }
+            if !v.intact {
+                bail!(
+                    "audit log broken at record {}: {}",
+                    v.first_bad_seq.unwrap_or(0),
+                    v.reason.as_deref().unwrap_or("unknown reason")
+                );
+            }
+            Ok(())
+        }
         AuditCommand::List { after, limit, out } => {
             let recs = c.audit(after, limit).await?;
             print(

@@ -27,9 +27,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use drove_api::{
-    AgentCall, AgentCallKind, AuditRecord, CallOutcome, CallResult, CreateGuestRequest, CreateVlanRequest,
-    DesiredGuest, DesiredState, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugChange,
-    HotplugRequest, ObservedGuest, ObservedState, OperationAccepted, RegisterRequest, RegisterResponse, VlanView,
+    AgentCall, AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, CreateGuestRequest,
+    CreateVlanRequest, DesiredGuest, DesiredState, GuestView, HeartbeatRequest, HeartbeatResponse, HostView,
+    HotplugChange, HotplugRequest, ObservedGuest, ObservedState, OperationAccepted, RegisterRequest, RegisterResponse,
+    VlanView,
 };
 use drove_model::guest::validate_name;
 use drove_model::host::HostEvent;
@@ -236,7 +237,7 @@ impl Manager {
     }
 
     fn audit_op(inv: &mut Inventory, ctx: &Ctx, target: Option<String>, result: &str, status: u16) -> Op {
-        let rec = AuditRecord {
+        let mut rec = AuditRecord {
             seq: inv.audit_seq,
             time: now_rfc3339(),
             principal: ctx.principal.name.clone(),
@@ -244,9 +245,48 @@ impl Manager {
             target,
             result: result.to_owned(),
             status,
+            prev_hash: inv.audit_last_hash.clone(),
+            hash: String::new(),
         };
+        rec.hash = auth::sha256_hex(rec.hashed_content().as_bytes());
         inv.audit_seq += 1;
+        inv.audit_last_hash = rec.hash.clone();
         put(audit_key(rec.seq), &rec)
+    }
+
+    /// Recompute the audit chain from the store (not from memory): any
+    /// record changed, removed or reordered shows as the first bad link.
+    pub async fn verify_audit(&self) -> Result<AuditVerification, ApiError> {
+        let (kvs, _) = self.store.list("audit/").await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let mut prev = AuditRecord::GENESIS.to_owned();
+        let mut expected_seq = 1;
+        for kv in &kvs {
+            let bad = |seq: u64, reason: String| AuditVerification {
+                records: kvs.len() as u64,
+                intact: false,
+                first_bad_seq: Some(seq),
+                reason: Some(reason),
+            };
+            let rec: AuditRecord = match serde_json::from_slice(&kv.value) {
+                Ok(r) => r,
+                Err(e) => return Ok(bad(expected_seq, format!("record {} does not decode: {e}", kv.key))),
+            };
+            if rec.seq != expected_seq || kv.key != audit_key(rec.seq) {
+                return Ok(bad(
+                    expected_seq,
+                    format!("expected record {expected_seq}, found {} at {}", rec.seq, kv.key),
+                ));
+            }
+            if rec.prev_hash != prev {
+                return Ok(bad(rec.seq, "its link to the record before does not match".into()));
+            }
+            if auth::sha256_hex(rec.hashed_content().as_bytes()) != rec.hash {
+                return Ok(bad(rec.seq, "its contents do not match its hash".into()));
+            }
+            prev = rec.hash;
+            expected_seq += 1;
+        }
+        Ok(AuditVerification { records: kvs.len() as u64, intact: true, first_bad_seq: None, reason: None })
     }
 
     /// Record a call outside a state change: a refusal, or an interactive

@@ -18,10 +18,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
-    AgentCallKind, AuditRecord, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest, CreateVlanRequest, ErrorBody,
-    ErrorResponse, ExecRequest, ExecResponse, GuestInterface, GuestView, HeartbeatRequest, HeartbeatResponse, HostView,
-    HotplugRequest, MaintenanceRequest, OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest,
-    VlanView,
+    AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest,
+    CreateVlanRequest, ErrorBody, ErrorResponse, ExecRequest, ExecResponse, GuestInterface, GuestView,
+    HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, MaintenanceRequest, OperationAccepted,
+    RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
 };
 use drove_model::{Operation, OperationId};
 use serde::Deserialize;
@@ -140,6 +140,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v1/audit", get(list_audit))
+        .route("/v1/audit/verify", get(verify_audit))
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/results", post(call_result))
@@ -308,6 +309,13 @@ struct AuditQuery {
 #[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery), responses((status = 200, body = [AuditRecord])))]
 async fn list_audit(State(m): State<Arc<Manager>>, Query(q): Query<AuditQuery>) -> Res<Json<Vec<AuditRecord>>> {
     m.audit_records(q.after.unwrap_or(0), q.limit.unwrap_or(1000)).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit",
+    description = "Recompute the audit log's hash chain from the store.",
+    responses((status = 200, body = AuditVerification)))]
+async fn verify_audit(State(m): State<Arc<Manager>>) -> Res<Json<AuditVerification>> {
+    m.verify_audit().await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/agent/register", tag = "agent", request_body = RegisterRequest,
@@ -544,7 +552,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, VLANs, operations, audit, and the agent protocol."),
     paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, hotplug, interfaces, console, call_result, agent_console,
-        list_vlans, create_vlan, delete_vlan, list_operations, get_operation, list_audit, register, heartbeat),
+        list_vlans, create_vlan, delete_vlan, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))
 )]

@@ -111,6 +111,8 @@ pub struct Inventory {
     pub allocated: HashMap<HostId, Allocation>,
     /// Next audit sequence number.
     pub audit_seq: u64,
+    /// Hash of the last audit record: the next one links to it.
+    pub audit_last_hash: String,
 }
 
 async fn load_all<T: DeserializeOwned>(store: &dyn Store, prefix: &'static str) -> Result<Vec<(String, T)>, LoadError> {
@@ -162,6 +164,14 @@ impl Inventory {
         let (audit, _) = store.list("audit/").await.map_err(|source| LoadError::Store { prefix: "audit/", source })?;
         inv.audit_seq =
             audit.last().and_then(|kv| kv.key.strip_prefix("audit/")?.parse::<u64>().ok()).map_or(1, |s| s + 1);
+        inv.audit_last_hash = match audit.last() {
+            Some(kv) => {
+                serde_json::from_slice::<drove_api::AuditRecord>(&kv.value)
+                    .map_err(|source| LoadError::Decode { key: kv.key.clone(), source })?
+                    .hash
+            }
+            None => drove_api::AuditRecord::GENESIS.to_owned(),
+        };
         Ok((inv, init))
     }
 

@@ -588,3 +588,39 @@ async fn a_guest_the_manager_does_not_know_is_reported_as_an_orphan_and_left_alo
     assert_eq!(on_host[0].state, drove_hypervisor::RuntimeState::Running);
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_audit_log_is_a_hash_chain_that_reveals_tampering() {
+    use drove_store::Store;
+    let mut dc = Dc::start(1).await;
+    for id in [11, 12, 13] {
+        dc.admin
+            .create_vlan(&CreateVlanRequest { id, name: format!("v{id}"), subnet: None, gateway: None })
+            .await
+            .unwrap();
+    }
+    let v = dc.admin.verify_audit().await.unwrap();
+    assert!(v.intact && v.records >= 4, "{v:?}");
+    let recs = dc.admin.audit(0, 1000).await.unwrap();
+    assert!(recs.windows(2).all(|w| w[1].prev_hash == w[0].hash));
+    // Someone with access to the store rewrites history: who created v12.
+    let victim = recs.iter().find(|r| r.target.as_deref() == Some("vlan/12")).unwrap().seq;
+    dc.kill_manager().await;
+    {
+        // The old manager's last handlers may hold the store for a moment.
+        let path = dc.dir.path().join("state.redb");
+        let store =
+            dc.eventually("store released", || async { drove_store::embedded::EmbeddedStore::open(&path).ok() }).await;
+        let key = format!("audit/{victim:020}");
+        let kv = store.get(&key).await.unwrap().unwrap();
+        let mut rec: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+        rec["principal"] = serde_json::json!("nobody");
+        store.put(&key, serde_json::to_vec(&rec).unwrap(), drove_store::Precondition::Any).await.unwrap();
+    }
+    dc.restart_manager().await;
+    let v = dc.admin.verify_audit().await.unwrap();
+    assert!(!v.intact, "{v:?}");
+    assert_eq!(v.first_bad_seq, Some(victim), "{v:?}");
+    assert!(v.reason.as_deref().unwrap().contains("hash"), "{v:?}");
+    dc.shutdown().await;
+}
