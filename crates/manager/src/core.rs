@@ -259,8 +259,7 @@ impl Manager {
     pub async fn verify_audit(&self) -> Result<AuditVerification, ApiError> {
         let (kvs, _) = self.store.list("audit/").await.map_err(|e| ApiError::unavailable(e.to_string()))?;
         let mut prev = AuditRecord::GENESIS.to_owned();
-        let mut expected_seq = 1;
-        for kv in &kvs {
+        for (expected_seq, kv) in (1u64..).zip(kvs.iter()) {
             let bad = |seq: u64, reason: String| AuditVerification {
                 records: kvs.len() as u64,
                 intact: false,
@@ -284,7 +283,6 @@ impl Manager {
                 return Ok(bad(rec.seq, "its contents do not match its hash".into()));
             }
             prev = rec.hash;
-            expected_seq += 1;
         }
         Ok(AuditVerification { records: kvs.len() as u64, intact: true, first_bad_seq: None, reason: None })
     }
