@@ -115,6 +115,11 @@ pub fn throttle_props(limits: &ResourceLimits) -> Vec<(&'static str, u64)> {
     props
 }
 
+/// Kernel parameters that shorten the test image's boot (measured ~2.4 s →
+/// ~1.9 s to `DROVE-READY` under TCG).
+pub const FAST_BOOT_ARGS: &str =
+    "i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable no_timer_check 8250.nr_uarts=1 cryptomgr.notests";
+
 /// The guest's kernel command line. See `scripts/build-image.sh` for the
 /// `drove.*` parameters the test image understands.
 pub fn kernel_cmdline(config: &GuestConfig, extra: &[String]) -> String {
@@ -122,7 +127,10 @@ pub fn kernel_cmdline(config: &GuestConfig, extra: &[String]) -> String {
         config.spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
     // quiet: every printk line on an emulated UART costs boot time under TCG.
     // panic=-1: reboot at once; with pvpanic QEMU pauses first (see above).
-    let mut line = format!("console=ttyS0 quiet panic=-1 drove.name={name} drove.id={}", config.id);
+    // The rest skips probes that cost ~0.4 s under TCG and mean nothing to
+    // a guest with no PS/2 devices and one UART: i8042 probing, TSC
+    // calibration checks, three unused 8250 ports, crypto self-tests.
+    let mut line = format!("console=ttyS0 quiet panic=-1 {FAST_BOOT_ARGS} drove.name={name} drove.id={}", config.id);
     for arg in extra {
         line.push(' ');
         line.push_str(arg);
