@@ -167,37 +167,31 @@ fn relieve(
         let mut moved = false;
         let mut why: Option<NoHost> = None;
         for &(_, _, _, g, after) in &cands {
-            match scratch.best_host(g, &p.target, p.strategy, |x| x != h && !is_hot[x.index()]) {
-                Ok((to, _)) => {
-                    scratch.move_guest(g, to);
-                    scratch.set_mobility(g, Mobility::Reluctant);
-                    plan.moves.push(Move {
-                        guest: g,
-                        from: h,
-                        to,
-                        reason: MoveReason::Hot { pressure_before: before, pressure_after: after },
-                    });
-                    moved = true;
-                    break;
-                }
+            // A running host with room, else (if allowed) a woken one.
+            let to = match scratch.best_host(g, &p.target, p.strategy, |x| x != h && !is_hot[x.index()]) {
+                Ok((to, _)) => Some(to),
                 Err(e) => {
-                    if p.allow_wake
-                        && let Some(to) = wake_one(scratch, g, &p.target, standby)
-                    {
-                        plan.wake.push(to);
-                        scratch.move_guest(g, to);
-                        scratch.set_mobility(g, Mobility::Reluctant);
-                        plan.moves.push(Move {
-                            guest: g,
-                            from: h,
-                            to,
-                            reason: MoveReason::Hot { pressure_before: before, pressure_after: after },
-                        });
-                        moved = true;
-                        break;
+                    let woken = if p.allow_wake { wake_one(scratch, g, &p.target, standby) } else { None };
+                    match woken {
+                        Some(to) => plan.wake.push(to),
+                        None => {
+                            why.get_or_insert(e);
+                        }
                     }
-                    why.get_or_insert(e);
+                    woken
                 }
+            };
+            if let Some(to) = to {
+                scratch.move_guest(g, to);
+                scratch.set_mobility(g, Mobility::Reluctant);
+                plan.moves.push(Move {
+                    guest: g,
+                    from: h,
+                    to,
+                    reason: MoveReason::Hot { pressure_before: before, pressure_after: after },
+                });
+                moved = true;
+                break;
             }
         }
         if !moved {
