@@ -68,7 +68,7 @@ pub async fn manager(a: ManagerArgs) -> Result<()> {
     config.policy.vcpu_overcommit = a.vcpu_overcommit;
     let (m, minted) = Manager::open(config, Arc::new(store)).await.context("starting the manager")?;
     if minted.admin.is_some() {
-        tracing::info!(dir = %a.data_dir.display(), "first start: minted admin and agent tokens (admin.token, agent.token)");
+        tracing::info!(dir = %a.data_dir.display(), "minted a new admin token (admin.token)");
     }
     let listener =
         tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("listening on {}", a.listen))?;

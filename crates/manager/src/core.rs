@@ -186,26 +186,47 @@ impl Manager {
     pub async fn open(config: ManagerConfig, store: Arc<dyn Store>) -> Result<(Arc<Manager>, MintedTokens), OpenError> {
         let (mut inv, mut init) = Inventory::load(store.as_ref()).await?;
         let mut minted = MintedTokens::default();
-        if inv.tokens.is_empty() {
-            std::fs::create_dir_all(&config.data_dir)
-                .map_err(|source| auth::TokenError::Write { path: config.data_dir.clone(), source })?;
-            for (name, role, file) in
-                [("admin", Role::Admin, ADMIN_TOKEN_FILE), ("agent", Role::Agent, AGENT_TOKEN_FILE)]
-            {
-                let token = auth::mint_token()?;
-                let rec =
-                    TokenRecord { hash: auth::hash_token(&token), name: name.into(), role, created_at: now_rfc3339() };
-                init.push(put(token_key(&rec.hash), &rec));
-                inv.tokens.insert(rec.hash.clone(), rec);
-                auth::write_token_file(&config.data_dir.join(file), &token)?;
-                match role {
-                    Role::Admin => minted.admin = Some(token),
-                    Role::Agent => minted.agent = Some(token),
-                }
+        // Each token file must hold a token the store knows under its name.
+        // A missing or stale file (first start, or an operator who lost it)
+        // gets a fresh token, and the old one of that name is revoked. The
+        // file is written only after the store has the token, so a crash in
+        // between leaves a file-less token that the next start replaces.
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| auth::TokenError::Write { path: config.data_dir.clone(), source })?;
+        let mut files = Vec::new();
+        for (name, role, file) in [("admin", Role::Admin, ADMIN_TOKEN_FILE), ("agent", Role::Agent, AGENT_TOKEN_FILE)] {
+            let path = config.data_dir.join(file);
+            let valid = std::fs::read_to_string(&path)
+                .ok()
+                .map(|t| auth::hash_token(t.trim()))
+                .is_some_and(|h| inv.tokens.get(&h).is_some_and(|r| r.name == name));
+            if valid {
+                continue;
             }
+            let old: Vec<String> = inv.tokens.values().filter(|r| r.name == name).map(|r| r.hash.clone()).collect();
+            if !old.is_empty() {
+                tracing::warn!(file = %path.display(), "token file missing or stale: minting a new {name} token, revoking the old");
+            }
+            for hash in old {
+                inv.tokens.remove(&hash);
+                init.push(delete(token_key(&hash)));
+            }
+            let token = auth::mint_token()?;
+            let rec =
+                TokenRecord { hash: auth::hash_token(&token), name: name.into(), role, created_at: now_rfc3339() };
+            init.push(put(token_key(&rec.hash), &rec));
+            inv.tokens.insert(rec.hash.clone(), rec);
+            match role {
+                Role::Admin => minted.admin = Some(token.clone()),
+                Role::Agent => minted.agent = Some(token.clone()),
+            }
+            files.push((path, token));
         }
         let persister = Persister::start(store.clone());
         persister.enqueue(init).durable().await?;
+        for (path, token) in files {
+            auth::write_token_file(&path, &token)?;
+        }
         let (changes, _) = watch::channel(0);
         let m = Manager {
             config,

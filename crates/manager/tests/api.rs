@@ -624,3 +624,25 @@ async fn the_audit_log_is_a_hash_chain_that_reveals_tampering() {
     assert!(v.reason.as_deref().unwrap().contains("hash"), "{v:?}");
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_lost_admin_token_file_is_replaced_and_the_old_token_revoked() {
+    let mut dc = Dc::start(1).await;
+    let old = admin_token(&dc);
+    let old_agent = dc.agent_token.clone();
+    dc.kill_manager().await;
+    std::fs::remove_file(dc.dir.path().join("admin.token")).unwrap();
+    dc.restart_manager().await;
+    let new = admin_token(&dc);
+    assert_ne!(new, old);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dc.dir.path().join("admin.token")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(Client::new(&dc.endpoint, &old).list_hosts().await.unwrap_err().status(), Some(401));
+    assert!(Client::new(&dc.endpoint, &new).list_hosts().await.is_ok());
+    // The agent token was not touched: its file still matches.
+    assert_eq!(dc.agent_token, old_agent);
+    dc.wait_hosts_up(1).await;
+    dc.shutdown().await;
+}
