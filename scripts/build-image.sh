@@ -10,6 +10,12 @@
 #                      decompression, which costs seconds under TCG
 #   initramfs.cpio.gz  busybox (static), the virtio/ACPI modules, drove's
 #                      guest agent (static) and /init
+#   vmlinuz            the same kernel as the package ships it (bzImage)
+#   disk.qcow2         a BIOS-bootable disk with vmlinuz and the initramfs:
+#                      an unpartitioned FAT "superfloppy" with syslinux,
+#                      booting with console=ttyS0. It stands in for a user's
+#                      own image (GuestSpec::image) in tests; its /init is
+#                      the same, so it prints DROVE-READY too.
 #   manifest           kernel version and the hashes of the inputs
 #
 # The result is cached: when OUT_DIR already holds an image built from the
@@ -62,7 +68,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 up_to_date() {
-    [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio.gz" ] &&
+    [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/disk.qcow2" ] &&
         grep -qx "inputs_sha256=$inputs_hash" "$out/manifest" 2>/dev/null
 }
 
@@ -80,7 +86,9 @@ if up_to_date; then
     exit 0
 fi
 
-for cmd in apt-get apt-cache dpkg busybox cpio gzip xz zstd; do
+# mkfs.vfat lives in sbin, which a non-root PATH may lack.
+PATH=$PATH:/usr/sbin:/sbin
+for cmd in apt-get apt-cache dpkg busybox cpio gzip xz zstd mkfs.vfat syslinux mcopy qemu-img; do
     if ! command -v "$cmd" >/dev/null 2>&1; then
         echo "build-image: '$cmd' is missing; run scripts/install-deps.sh as root first" >&2
         exit 1
@@ -365,12 +373,38 @@ chmod 755 "$root/init"
 
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -6) >"$work/initramfs.cpio.gz"
 
+# --- the bootable disk -----------------------------------------------------------
+
+# A FAT filesystem over the whole disk (no partition table) whose boot sector
+# is syslinux's: SeaBIOS boots it like any disk with a 0x55AA signature.
+# Short 8.3 names keep syslinux's FAT reader out of long-name territory.
+cp "$vmlinuz" "$work/vmlinuz"
+kib=$(( ($(stat -c %s "$work/vmlinuz") + $(stat -c %s "$work/initramfs.cpio.gz")) / 1024 + 8192 ))
+mkfs.vfat -C -n DROVE "$work/disk.img" "$kib" >/dev/null
+syslinux --install "$work/disk.img"
+cat >"$work/syslinux.cfg" <<'EOF'
+SERIAL 0 115200
+DEFAULT drove
+PROMPT 0
+TIMEOUT 0
+LABEL drove
+    KERNEL /vmlinuz
+    INITRD /initrd.gz
+    APPEND console=ttyS0 quiet panic=-1 i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable no_timer_check 8250.nr_uarts=1 cryptomgr.notests drove.name=drove-disk
+EOF
+mcopy -i "$work/disk.img" "$work/vmlinuz" ::/vmlinuz
+mcopy -i "$work/disk.img" "$work/initramfs.cpio.gz" ::/initrd.gz
+mcopy -i "$work/disk.img" "$work/syslinux.cfg" ::/syslinux.cfg
+qemu-img convert -q -f raw -O qcow2 "$work/disk.img" "$work/disk.qcow2"
+
 # --- install -------------------------------------------------------------------
 
 # Files first, manifest last: a half-written image never looks up to date.
 rm -f "$out/manifest"
 mv "$work/vmlinux" "$out/vmlinux"
 mv "$work/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
+mv "$work/vmlinuz" "$out/vmlinuz"
+mv "$work/disk.qcow2" "$out/disk.qcow2"
 cat >"$out/manifest.tmp" <<EOF
 kernel_package=$kpkg
 kernel_version=$kver
@@ -379,4 +413,4 @@ agent_sha256=$agent_hash
 inputs_sha256=$inputs_hash
 EOF
 mv "$out/manifest.tmp" "$out/manifest"
-echo "build-image: built $out (vmlinux $(du -h "$out/vmlinux" | cut -f1), initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1), agent $(du -h "$agent_bin" | cut -f1))"
+echo "build-image: built $out (vmlinux $(du -h "$out/vmlinux" | cut -f1), initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1), disk.qcow2 $(du -h "$out/disk.qcow2" | cut -f1), agent $(du -h "$agent_bin" | cut -f1))"

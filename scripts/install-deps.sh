@@ -21,8 +21,13 @@ declare -A wanted=(
     [xz]=xz-utils
     [zstd]=zstd
     [gzip]=gzip
+    [mkfs.vfat]=dosfstools
+    [syslinux]=syslinux
+    [mcopy]=mtools
 )
 
+# mkfs.vfat lives in sbin, which a non-root PATH may lack.
+PATH=$PATH:/usr/sbin:/sbin
 missing=()
 for cmd in "${!wanted[@]}"; do
     if ! command -v "$cmd" >/dev/null 2>&1; then
@@ -33,6 +38,10 @@ done
 # static one (it runs in an initramfs without libc).
 if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed'; then
     missing+=(busybox-static)
+fi
+# syslinux's boot sector and modules (ldlinux.sys) come from syslinux-common.
+if ! dpkg-query -W -f='${Status}' syslinux-common 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=(syslinux-common)
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then
@@ -57,5 +66,6 @@ if [ -z "$qemu_ver" ] || [ "$qemu_ver" = "(none)" ]; then
     exit 1
 fi
 apt-get install -y -q --no-install-recommends --allow-downgrades \
-    qemu-system-x86 "qemu-utils=$qemu_ver" busybox-static cpio socat iproute2 xz-utils zstd gzip
+    qemu-system-x86 "qemu-utils=$qemu_ver" busybox-static cpio socat iproute2 xz-utils zstd gzip \
+    dosfstools syslinux syslinux-common mtools
 echo "install-deps: done"

@@ -477,6 +477,7 @@ mod tests {
                 priority: Priority::default(),
                 load_profile: None,
                 limits: Default::default(),
+                image: None,
             },
         }
     }

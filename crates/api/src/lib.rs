@@ -93,6 +93,18 @@ pub struct CreateGuestRequest {
     /// CPU, disk and NIC controls. Default: none.
     #[serde(default)]
     pub limits: Option<ResourceLimits>,
+    /// Boot from this imported image (its first disk is a copy-on-write
+    /// overlay of it). Default: the built-in test image.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// Import a qcow2 file into the image pool (`POST /v1/images`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImportImageRequest {
+    pub name: String,
+    /// A qcow2 file on the manager's machine; it is copied into the pool.
+    pub path: String,
 }
 
 impl CreateGuestRequest {
@@ -110,6 +122,7 @@ impl CreateGuestRequest {
             load_profile: None,
             restart_policy: None,
             limits: None,
+            image: None,
         }
     }
 }

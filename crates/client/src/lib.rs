@@ -164,6 +164,23 @@ impl Client {
         self.send::<()>(Method::DELETE, &format!("/v1/vlans/{}", seg(vlan)), None, DEFAULT_TIMEOUT).await.map(|_| ())
     }
 
+    pub async fn list_images(&self) -> Result<Vec<drove_model::image::Image>, ClientError> {
+        self.get("/v1/images").await
+    }
+
+    /// Copy a qcow2 file (a path on the manager's machine) into the image pool.
+    pub async fn import_image(
+        &self,
+        req: &drove_api::ImportImageRequest,
+    ) -> Result<drove_model::image::Image, ClientError> {
+        // Copying a large image takes its time.
+        self.call(Method::POST, "/v1/images", Some(req), Duration::from_secs(3600)).await
+    }
+
+    pub async fn delete_image(&self, image: &str) -> Result<(), ClientError> {
+        self.send::<()>(Method::DELETE, &format!("/v1/images/{}", seg(image)), None, DEFAULT_TIMEOUT).await.map(|_| ())
+    }
+
     pub async fn list_operations(&self) -> Result<Vec<Operation>, ClientError> {
         self.get("/v1/operations").await
     }

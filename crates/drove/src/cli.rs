@@ -173,6 +173,9 @@ pub struct CreateArgs {
     /// Cap each NIC at this many megabits per second.
     #[arg(long)]
     pub nic_mbit: Option<u64>,
+    /// Boot from this imported image (see `drove image import`) instead of the test image.
+    #[arg(long)]
+    pub image: Option<String>,
     /// Return once accepted instead of waiting until it runs.
     #[arg(long)]
     pub no_wait: bool,
@@ -208,6 +211,57 @@ pub enum VlanCommand {
         /// VLAN name or id.
         vlan: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Copy a qcow2 image into the image pool under a name.
+    #[command(
+        after_help = "Example: drove image import ./debian.qcow2 --name debian\nThen: drove vm create web-1 --image debian --memory 512M"
+    )]
+    Import {
+        /// A qcow2 file (a path on the manager's machine).
+        file: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// List images.
+    List(OutputArgs),
+    /// Delete an image no guest is built on.
+    Delete { name: String },
+}
+
+pub async fn image(cmd: ImageCommand) -> Result<()> {
+    let c = client()?;
+    let row = |i: &drove_model::image::Image| {
+        vec![
+            i.name.clone(),
+            i.format.clone(),
+            i.virtual_size.to_string(),
+            i.file_size.to_string(),
+            i.imported_at.clone(),
+        ]
+    };
+    const HEADER: [&str; 5] = ["name", "format", "size", "file", "imported"];
+    match cmd {
+        ImageCommand::Import { file, name, out } => {
+            // The manager reads the file: hand it an absolute path.
+            let path = std::fs::canonicalize(&file).with_context(|| format!("{} cannot be read", file.display()))?;
+            let img = c.import_image(&drove_api::ImportImageRequest { name, path: path.display().to_string() }).await?;
+            print(out.format, &img, &HEADER, vec![row(&img)])
+        }
+        ImageCommand::List(out) => {
+            let imgs = c.list_images().await?;
+            print(out.format, &imgs, &HEADER, imgs.iter().map(row).collect())
+        }
+        ImageCommand::Delete { name } => {
+            c.delete_image(&name).await?;
+            println!("deleted image {name}");
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -318,6 +372,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     disk_iops: a.disk_iops,
                     nic_rate_bps: a.nic_mbit.map(|m| m * 1_000_000),
                 }),
+                image: a.image,
             };
             let accepted = c.create_guest(&req).await?;
             let op = finish(&c, &accepted, a.no_wait, a.timeout).await?;

@@ -70,6 +70,9 @@ enum Command {
     /// VLANs: layer-2 segments guests attach to.
     #[command(subcommand)]
     Vlan(cli::VlanCommand),
+    /// Disk images guests can boot from.
+    #[command(subcommand)]
+    Image(cli::ImageCommand),
     /// Long-running operations.
     #[command(subcommand, name = "op")]
     Operation(cli::OpCommand),
@@ -160,6 +163,7 @@ fn main() -> ExitCode {
             Command::Host(c) => cli::host(c).await,
             Command::Vm(c) => cli::vm(c).await,
             Command::Vlan(c) => cli::vlan(c).await,
+            Command::Image(c) => cli::image(c).await,
             Command::Operation(c) => cli::op(c).await,
             Command::Audit(c) => cli::audit(c).await,
             Command::Bench(c) => bench::run(c).await,

@@ -252,6 +252,31 @@ fn real_guests_live_through_the_whole_stack() {
     assert!(qemus_of(lab.data()).is_empty());
     assert!(lab.json(&["vm", "list"]).as_array().unwrap().is_empty());
 
+    // A user's qcow2 image: imported into the pool, booted through the BIOS
+    // (no kernel handed to QEMU), reaching the same readiness line.
+    let image_dir = std::env::var_os("DROVE_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
+            .join("drove/image")
+    });
+    let disk = image_dir.join("disk.qcow2");
+    lab.ok(&["image", "import", disk.to_str().unwrap(), "--name", "bootdisk"]);
+    assert_eq!(lab.json(&["image", "list"]).as_array().unwrap().len(), 1);
+    lab.ok(&["vm", "create", "img-1", "--image", "bootdisk", "--memory", "128M"]);
+    eventually("BIOS boot of the imported image", Duration::from_secs(120), || {
+        lab.ok(&["vm", "log", "img-1"]).contains("DROVE-READY").then_some(())
+    });
+    let img = lab.json(&["vm", "show", "img-1"]);
+    let gdir = lab.guest_dir(img["host_name"].as_str().unwrap(), img["id"].as_str().unwrap());
+    let pid = qemu_pid(&gdir).expect("QEMU of the image guest");
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!cmdline.contains("-kernel"), "booted from its disk, not a kernel");
+    let out = lab.drove(&["image", "delete", "bootdisk"]);
+    assert!(!out.status.success(), "an image in use cannot be deleted");
+    lab.ok(&["vm", "delete", "img-1"]);
+    lab.ok(&["image", "delete", "bootdisk"]);
+
     // A guest left running is stopped by `drove down`.
     lab.ok(&["vm", "create", "web-2", "--memory", "128M"]);
     assert_eq!(qemus_of(lab.data()).len(), 1);

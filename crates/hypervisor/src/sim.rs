@@ -235,6 +235,7 @@ pub fn sample_guest(n: u32) -> GuestConfig {
             priority: Priority::default(),
             load_profile: None,
             limits: Default::default(),
+            image: None,
         },
     }
 }

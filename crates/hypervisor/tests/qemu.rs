@@ -153,6 +153,7 @@ fn guest(name: &str, disks: &[u64]) -> GuestConfig {
             priority: Priority::default(),
             load_profile: None,
             limits: Default::default(),
+            image: None,
         },
     }
 }
@@ -1472,3 +1473,98 @@ drove_hypervisor::conformance_tests!(
     template = conformance_guest,
     options = conformance_options(),
 );
+
+// --- users' images (BIOS boot of a base qcow2) ------------------------------------
+
+/// The bootable test disk `scripts/build-image.sh` makes beside the kernel.
+fn test_disk_image() -> PathBuf {
+    image_dir().join("disk.qcow2")
+}
+
+/// What must not change about a base image: its bytes, size and mtime.
+fn fingerprint(path: &Path) -> (Vec<u8>, u64, std::time::SystemTime) {
+    let meta = std::fs::metadata(path).unwrap();
+    (std::fs::read(path).unwrap(), meta.len(), meta.modified().unwrap())
+}
+
+#[tokio::test]
+async fn image_guest_boots_its_own_qcow2_through_the_bios_and_leaves_the_base_alone() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let base = test_disk_image();
+    let before = fingerprint(&base);
+    // No disks in the spec: disk 0 is made anyway, as the boot disk.
+    let mut g = guest("image-1", &[]);
+    g.spec.image = Some(base.to_string_lossy().into_owned());
+    hv.create(&g).await.unwrap();
+    let disk0 = hv.guest_dir(g.id).join("disk0.qcow2");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "--force-share"])
+        .arg(&disk0)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["backing-filename"].as_str(), Some(&*base.to_string_lossy()), "{info}");
+
+    hv.start(g.id).await.unwrap();
+    let pid = status(&hv, g.id).await.pid.unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    for direct in ["-kernel", "-initrd", "-append"] {
+        assert!(!args.iter().any(|a| a == direct), "{direct} on a BIOS-booted guest's command line: {args:?}");
+    }
+    assert!(args.iter().any(|a| a.contains("disk0.qcow2")), "{args:?}");
+    let log = wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    assert!(log.contains("drove: disk vda"), "{log}");
+
+    hv.stop(g.id, StopMode::Force).await.unwrap();
+    hv.destroy(g.id).await.unwrap();
+    assert_no_qemu_for(&lab, g.id);
+    assert!(fingerprint(&base) == before, "the base image {} changed", base.display());
+}
+
+#[tokio::test]
+async fn image_first_disk_larger_than_the_base_grows_the_overlay() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let mut g = guest("image-2", &[256, 16]);
+    g.spec.image = Some(test_disk_image().to_string_lossy().into_owned());
+    hv.create(&g).await.unwrap();
+    let size = |i: usize| {
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(hv.guest_dir(g.id).join(format!("disk{i}.qcow2")))
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (info["virtual-size"].as_u64().unwrap(), info.get("backing-filename").is_some())
+    };
+    assert_eq!(size(0), (ByteSize::mib(256).bytes(), true));
+    assert_eq!(size(1), (ByteSize::mib(16).bytes(), false));
+    hv.destroy(g.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn image_missing_or_non_qcow2_bases_are_refused_at_create_leaving_nothing() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let garbage = lab.state_dir().join("garbage.img");
+    std::fs::write(&garbage, b"this is not a disk image\n".repeat(4096)).unwrap();
+    let missing = lab.state_dir().join("no-such-image.qcow2");
+    let cases = [
+        (missing.to_string_lossy().into_owned(), "does not exist"),
+        (garbage.to_string_lossy().into_owned(), "unknown format"),
+        ("relative/disk.qcow2".to_owned(), "not absolute"),
+    ];
+    for (path, reason) in cases {
+        let mut g = guest("image-bad", &[16]);
+        g.spec.image = Some(path.clone());
+        let err = hv.create(&g).await.unwrap_err();
+        let text = error_chain(&err);
+        assert!(text.contains(&path) && text.contains(reason), "{path}: {text}");
+        assert!(!hv.guest_dir(g.id).exists(), "{path}: a guest directory was left behind");
+        assert!(matches!(hv.status(g.id).await, Err(HvError::NotFound { .. })), "{path}");
+    }
+    assert!(hv.list().await.unwrap().is_empty());
+}

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use drove_api::{
     AgentCall, AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, CreateGuestRequest,
     CreateVlanRequest, DesiredGuest, DesiredState, GuestView, HeartbeatRequest, HeartbeatResponse, HostView,
-    HotplugChange, HotplugRequest, ObservedGuest, ObservedState, OperationAccepted, RegisterRequest, RegisterResponse,
-    VlanView,
+    HotplugChange, HotplugRequest, ImportImageRequest, ObservedGuest, ObservedState, OperationAccepted,
+    RegisterRequest, RegisterResponse, VlanView,
 };
 use drove_model::guest::validate_name;
 use drove_model::host::HostEvent;
@@ -47,7 +47,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::auth::{self, Principal, Role, TokenRecord};
 use crate::inventory::{
-    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, op_key, put, token_key, vlan_key,
+    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, image_key, op_key, put, token_key,
+    vlan_key,
 };
 use crate::now_rfc3339;
 use crate::persist::{PersistError, Persister};
@@ -461,6 +462,112 @@ impl Manager {
             .collect())
     }
 
+    // ---- images ----------------------------------------------------------------
+
+    /// Copy a qcow2 file into the image pool and register it. The header is
+    /// checked first (qcow2, no backing file), the copy lands under a
+    /// temporary name and is renamed into place, so a failed import leaves
+    /// nothing behind.
+    pub async fn import_image(
+        &self,
+        ctx: &Ctx,
+        req: ImportImageRequest,
+    ) -> Result<drove_model::image::Image, ApiError> {
+        validate_name(&req.name).map_err(|r| ApiError::invalid("name", format!("image name {:?} {r}", req.name)))?;
+        if self.lock().images.contains_key(&req.name) {
+            return Err(ApiError::conflict(format!("an image named {:?} already exists", req.name)));
+        }
+        let source = PathBuf::from(&req.path);
+        let header = {
+            use std::io::Read;
+            let mut buf = vec![0u8; 512];
+            let n = std::fs::File::open(&source)
+                .and_then(|mut f| f.read(&mut buf))
+                .map_err(|e| ApiError::invalid("path", format!("cannot read {}: {e}", source.display())))?;
+            buf.truncate(n);
+            drove_model::image::parse_qcow2_header(&buf)
+                .map_err(|e| ApiError::invalid("path", format!("{}: {e}", source.display())))?
+        };
+        if header.has_backing_file {
+            return Err(ApiError::invalid(
+                "path",
+                format!("{} has a backing file; flatten it first (qemu-img convert -O qcow2)", source.display()),
+            ));
+        }
+        let pool = self.config.data_dir.join("images");
+        let dest = pool.join(format!("{}.qcow2", req.name));
+        let tmp = pool.join(format!(".{}.importing", req.name));
+        let copy = {
+            let (tmp, dest, source) = (tmp.clone(), dest.clone(), source.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+                std::fs::create_dir_all(tmp.parent().unwrap_or(std::path::Path::new(".")))?;
+                let n = std::fs::copy(&source, &tmp)?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &dest)?;
+                Ok(n)
+            })
+            .await
+        };
+        let file_size = match copy {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(ApiError::unavailable(format!("copying {} into the image pool: {e}", source.display())));
+            }
+            Err(e) => return Err(ApiError::unavailable(format!("copying {}: {e}", source.display()))),
+        };
+        let image = drove_model::image::Image {
+            name: req.name.clone(),
+            path: dest.display().to_string(),
+            format: "qcow2".into(),
+            virtual_size: ByteSize(header.virtual_size),
+            file_size: ByteSize(file_size),
+            imported_at: now_rfc3339(),
+        };
+        let pending = {
+            let mut inv = self.lock();
+            if inv.images.contains_key(&req.name) {
+                drop(inv);
+                let _ = std::fs::remove_file(&dest);
+                return Err(ApiError::conflict(format!("an image named {:?} already exists", req.name)));
+            }
+            inv.images.insert(image.name.clone(), image.clone());
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("image/{}", image.name)), "ok", 201);
+            self.persister.enqueue(vec![put(image_key(&image.name), &image), audit])
+        };
+        pending.durable().await?;
+        Ok(image)
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<drove_model::image::Image>, ApiError> {
+        self.read(|inv| inv.images.values().cloned().collect()).await
+    }
+
+    /// Remove an image no guest is built on.
+    pub async fn delete_image(&self, ctx: &Ctx, name: &str) -> Result<(), ApiError> {
+        let (path, pending) = {
+            let mut inv = self.lock();
+            let image = inv.images.get(name).cloned().ok_or_else(|| ApiError::not_found("image", name))?;
+            let users: Vec<&str> = inv
+                .guests
+                .values()
+                .filter(|g| g.spec.image.as_deref() == Some(image.path.as_str()))
+                .map(|g| g.spec.name.as_str())
+                .take(5)
+                .collect();
+            if !users.is_empty() {
+                return Err(ApiError::conflict(format!("image {name} is the base of guests: {}", users.join(", "))));
+            }
+            inv.images.remove(name);
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("image/{name}")), "ok", 204);
+            (image.path, self.persister.enqueue(vec![delete(image_key(name)), audit]))
+        };
+        pending.durable().await?;
+        // The record is gone for good; only then the file.
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+
     // ---- VLANs -----------------------------------------------------------------
 
     pub async fn create_vlan(&self, ctx: &Ctx, req: CreateVlanRequest) -> Result<VlanView, ApiError> {
@@ -586,15 +693,38 @@ impl Manager {
                     .id,
             ),
         };
+        let mut disks: Vec<DiskSpec> = req.disks.iter().map(|&size| DiskSpec { size }).collect();
+        let image = match &req.image {
+            None => None,
+            Some(name) => {
+                let img = inv
+                    .images
+                    .get(name)
+                    .ok_or_else(|| ApiError::invalid("image", format!("image {name:?} does not exist")))?;
+                // Disk 0 is the image's overlay: at least the image's size.
+                match disks.first() {
+                    None => disks.push(DiskSpec { size: img.virtual_size }),
+                    Some(d) if d.size < img.virtual_size => {
+                        return Err(ApiError::invalid(
+                            "disks[0]",
+                            format!("disk 0 boots image {name} and must be at least its {} size", img.virtual_size),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                Some(img.path.clone())
+            }
+        };
         let spec = GuestSpec {
             name: req.name.clone(),
             vcpus: req.vcpus,
             memory: req.memory,
-            disks: req.disks.iter().map(|&size| DiskSpec { size }).collect(),
+            disks,
             nics,
             priority: Priority(priority),
             load_profile: req.load_profile.clone(),
             limits,
+            image,
         };
         Ok((spec, pinned))
     }

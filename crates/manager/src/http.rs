@@ -20,9 +20,10 @@ use axum::{Json, Router};
 use drove_api::{
     AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest,
     CreateVlanRequest, ErrorBody, ErrorResponse, ExecRequest, ExecResponse, GuestInterface, GuestView,
-    HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, MaintenanceRequest, OperationAccepted,
-    RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
+    HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest,
+    OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
 };
+use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
 use serde::Deserialize;
 use utoipa::OpenApi;
@@ -136,6 +137,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/guests/{guest}/start", post(start_guest))
         .route("/v1/guests/{guest}/stop", post(stop_guest))
         .route("/v1/vlans", get(list_vlans).post(create_vlan))
+        .route("/v1/images", get(list_images).post(import_image))
+        .route("/v1/images/{image}", axum::routing::delete(delete_image))
         .route("/v1/vlans/{vlan}", axum::routing::delete(delete_vlan))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
@@ -271,6 +274,27 @@ async fn create_vlan(
     responses((status = 204), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
 async fn delete_vlan(State(m): State<Arc<Manager>>, ctx: Ctx, Path(vlan): Path<String>) -> Res<StatusCode> {
     m.delete_vlan(&ctx, &vlan).await.map(|()| StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = [Image])))]
+async fn list_images(State(m): State<Arc<Manager>>) -> Res<Json<Vec<Image>>> {
+    m.list_images().await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/images", tag = "images", request_body = ImportImageRequest,
+    responses((status = 201, body = Image), (status = 400, description = "Not a usable qcow2 file", body = ErrorResponse), (status = 409, body = ErrorResponse)))]
+async fn import_image(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Body(req): Body<ImportImageRequest>,
+) -> Res<(StatusCode, Json<Image>)> {
+    m.import_image(&ctx, req).await.map(|i| (StatusCode::CREATED, Json(i)))
+}
+
+#[utoipa::path(delete, path = "/v1/images/{image}", tag = "images", params(("image" = String, Path, description = "Image name")),
+    responses((status = 204), (status = 404, body = ErrorResponse), (status = 409, description = "Guests are built on it", body = ErrorResponse)))]
+async fn delete_image(State(m): State<Arc<Manager>>, ctx: Ctx, Path(image): Path<String>) -> Res<StatusCode> {
+    m.delete_image(&ctx, &image).await.map(|()| StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/operations", tag = "operations", responses((status = 200, body = [Operation])))]
@@ -552,8 +576,8 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, VLANs, operations, audit, and the agent protocol."),
     paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, hotplug, interfaces, console, call_result, agent_console,
-        list_vlans, create_vlan, delete_vlan, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
+        list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
-    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))
+    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))
 )]
 pub struct ApiDoc;

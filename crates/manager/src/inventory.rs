@@ -33,6 +33,9 @@ pub fn op_key(id: OperationId) -> String {
 pub fn audit_key(seq: u64) -> String {
     format!("audit/{seq:020}")
 }
+pub fn image_key(name: &str) -> String {
+    format!("images/{name}")
+}
 pub fn token_key(hash: &str) -> String {
     format!("tokens/{hash}")
 }
@@ -99,6 +102,7 @@ pub struct Inventory {
     /// The operation currently driving each guest, if any.
     pub active_ops: HashMap<GuestId, OperationId>,
     pub vlans: BTreeMap<VlanTag, Vlan>,
+    pub images: BTreeMap<String, drove_model::image::Image>,
     pub ops: HashMap<OperationId, Operation>,
     pub macs: HashSet<String>,
     pub tokens: HashMap<String, TokenRecord>,
@@ -157,6 +161,9 @@ impl Inventory {
                 inv.active_ops.insert(GuestId::from_uuid(op.target), op.id);
             }
             inv.ops.insert(op.id, op);
+        }
+        for (_, img) in load_all::<drove_model::image::Image>(store, "images/").await? {
+            inv.images.insert(img.name.clone(), img);
         }
         for (_, t) in load_all::<TokenRecord>(store, "tokens/").await? {
             inv.tokens.insert(t.hash.clone(), t);

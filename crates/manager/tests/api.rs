@@ -646,3 +646,67 @@ async fn a_lost_admin_token_file_is_replaced_and_the_old_token_revoked() {
     dc.wait_hosts_up(1).await;
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn images_are_imported_checked_used_as_a_base_and_protected_while_used() {
+    let dc = Dc::start(1).await;
+    let src = dc.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img is installed (scripts/install-deps.sh)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let base = src.join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+    let import = |name: &str, path: &std::path::Path| drove_api::ImportImageRequest {
+        name: name.into(),
+        path: path.display().to_string(),
+    };
+    let img = dc.admin.import_image(&import("base", &base)).await.unwrap();
+    assert_eq!((img.format.as_str(), img.virtual_size), ("qcow2", ByteSize::mib(64)));
+    assert!(std::path::Path::new(&img.path).exists(), "copied into the pool");
+    assert_ne!(img.path, base.display().to_string());
+    // Refused: not qcow2, a backing chain, a taken name, a missing file.
+    let garbage = src.join("garbage.img");
+    std::fs::write(&garbage, vec![7u8; 4096]).unwrap();
+    let overlay = src.join("overlay.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", overlay.to_str().unwrap()]);
+    for (req, status, needle) in [
+        (import("junk", &garbage), 400, "not a qcow2"),
+        (import("layered", &overlay), 400, "backing file"),
+        (import("base", &base), 409, "already exists"),
+        (import("ghost", &src.join("nope.qcow2")), 400, "cannot read"),
+    ] {
+        let err = dc.admin.import_image(&req).await.unwrap_err();
+        assert_eq!(err.status(), Some(status), "{req:?}: {err}");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    let pool: Vec<_> =
+        std::fs::read_dir(dc.dir.path().join("images")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(pool.len(), 1, "refused imports leave nothing in the pool: {pool:?}");
+    assert_eq!(dc.admin.list_images().await.unwrap().len(), 1);
+    // A guest built on it: disk 0 is at least the image's size.
+    let mut req = CreateGuestRequest::new("from-image", 1, ByteSize::mib(128));
+    req.image = Some("base".into());
+    let acc = dc.admin.create_guest(&req).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let g = dc.admin.get_guest("from-image").await.unwrap();
+    assert_eq!(g.guest.spec.image.as_deref(), Some(img.path.as_str()));
+    assert_eq!(g.guest.spec.disks[0].size, ByteSize::mib(64));
+    let mut small = CreateGuestRequest::new("too-small", 1, ByteSize::mib(128));
+    small.image = Some("base".into());
+    small.disks = vec![ByteSize::mib(32)];
+    assert_eq!(dc.admin.create_guest(&small).await.unwrap_err().status(), Some(400));
+    small.image = Some("nope".into());
+    assert_eq!(dc.admin.create_guest(&small).await.unwrap_err().status(), Some(400));
+    // In use: cannot go. Unused: goes, with its file.
+    let err = dc.admin.delete_image("base").await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    dc.wait_succeeded(&dc.admin.delete_guest("from-image").await.unwrap().operation).await;
+    dc.admin.delete_image("base").await.unwrap();
+    assert!(!std::path::Path::new(&img.path).exists());
+    dc.shutdown().await;
+}

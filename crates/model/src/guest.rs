@@ -155,6 +155,11 @@ pub struct GuestSpec {
     pub load_profile: Option<LoadProfile>,
     #[serde(default)]
     pub limits: ResourceLimits,
+    /// Absolute path on the host of a base qcow2 image the guest boots from
+    /// (BIOS boot): its first disk becomes a copy-on-write overlay of it.
+    /// Without it, the guest boots the backend's own kernel and initramfs.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// What a guest's host does when the guest dies without being asked to.

@@ -9,6 +9,7 @@
 pub mod guest;
 pub mod host;
 pub mod id;
+pub mod image;
 pub mod operation;
 pub mod units;
 pub mod vlan;

@@ -32,6 +32,9 @@
 //!   Without them QEMU cannot add a vCPU or a DIMM to a running guest at
 //!   all; reserving the room costs no guest memory (DIMMs are allocated
 //!   when added) and did not measurably slow TCG boots.
+//! * A guest with a base image of its own (`GuestSpec::image`) boots it
+//!   through the BIOS (SeaBIOS) from disk 0, an overlay of that image: no
+//!   `-kernel`, `-initrd` or `-append`, and disk 0 is the boot device.
 //! * Values inside QEMU's `key=value,...` options double their commas.
 
 use std::ffi::OsString;
@@ -185,9 +188,12 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-action", "panic=pause".to_owned());
     push(&mut args, "-device", "pvpanic".to_owned());
 
-    push(&mut args, "-kernel", l.image.kernel.to_string_lossy().into_owned());
-    push(&mut args, "-initrd", l.image.initrd.to_string_lossy().into_owned());
-    push(&mut args, "-append", kernel_cmdline(l.config, l.extra_kernel_args));
+    let bios_boot = spec.image.is_some();
+    if !bios_boot {
+        push(&mut args, "-kernel", l.image.kernel.to_string_lossy().into_owned());
+        push(&mut args, "-initrd", l.image.initrd.to_string_lossy().into_owned());
+        push(&mut args, "-append", kernel_cmdline(l.config, l.extra_kernel_args));
+    }
 
     push(
         &mut args,
@@ -226,7 +232,8 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
             }
             None => format!("disk{i}"),
         };
-        push(&mut args, "-device", format!("virtio-blk-pci,drive={drive},id=vdisk{i},serial=disk{i}"));
+        let boot = if bios_boot && i == 0 { ",bootindex=0" } else { "" };
+        push(&mut args, "-device", format!("virtio-blk-pci,drive={drive},id=vdisk{i},serial=disk{i}{boot}"));
     }
     for (i, (nic, tap)) in spec.nics.iter().zip(l.taps).enumerate() {
         let Some(tap) = tap else { continue };
@@ -267,6 +274,7 @@ mod tests {
                 priority: Priority::default(),
                 load_profile: None,
                 limits: Default::default(),
+                image: None,
             },
         }
     }
@@ -310,6 +318,28 @@ mod tests {
         // The guest agent's channel, on a socket in the guest's directory.
         assert!(joined.contains(&format!("socket,id=qga0,path=/state/with,,comma/{}/qga.sock,server=on", c.id)));
         assert!(joined.contains("virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"), "{joined}");
+    }
+
+    #[test]
+    fn a_guest_with_its_own_image_boots_disk_0_through_the_bios() {
+        let mut c = config();
+        c.spec.image = Some("/images/debian.qcow2".into());
+        let dir = GuestDir::new(Path::new("/state"), c.id);
+        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
+        let args = args_of(&Launch {
+            config: &c,
+            dir: &dir,
+            image: &image,
+            accel: ResolvedAccel::Tcg,
+            taps: &[],
+            extra_kernel_args: &[],
+            host: HOST,
+        });
+        for direct in ["-kernel", "-initrd", "-append"] {
+            assert!(!args.iter().any(|a| a == direct), "{args:?}");
+        }
+        assert!(args.contains(&"virtio-blk-pci,drive=disk0,id=vdisk0,serial=disk0,bootindex=0".to_owned()), "{args:?}");
+        assert!(args.contains(&"virtio-blk-pci,drive=disk1,id=vdisk1,serial=disk1".to_owned()), "{args:?}");
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub enum QemuError {
     SocketPathTooLong { path: PathBuf, len: usize, max: usize },
     #[error("the guest image file {path} is missing; build it with scripts/build-image.sh")]
     ImageMissing { path: PathBuf },
+    #[error("the base image {path} cannot be used: {reason}")]
+    BaseImage { path: PathBuf, reason: String },
     #[error("QEMU reports the unexpected run state {status:?} after {after}")]
     UnexpectedRunState { status: String, after: &'static str },
     #[error("sending {signal} to the QEMU process {pid}")]

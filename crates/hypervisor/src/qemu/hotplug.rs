@@ -165,7 +165,7 @@ impl Plug<'_> {
         let i = self.config.spec.disks.len();
         let path = self.dir.disk_path(i);
         let qemu_img = self.hv.inner.config.qemu_img.clone();
-        super::create_qcow2(&qemu_img, &path, size).await.map_err(backend(OP, self.id()))?;
+        super::create_qcow2(&qemu_img, &path, size, None).await.map_err(backend(OP, self.id()))?;
         self.undo.push(Undo::RemoveFile(path.clone()));
 
         let node = format!("disk{i}");

@@ -68,6 +68,17 @@
 //! parameters its init understands; [`QemuConfig::extra_kernel_args`] passes
 //! them.
 //!
+//! # Users' images
+//!
+//! A guest whose spec names a base image (`GuestSpec::image`, an absolute
+//! path to a qcow2 file) boots it through the BIOS instead: `create` checks
+//! the base (it exists, `qemu-img info` calls it qcow2) before it makes
+//! anything, then makes disk 0 a qcow2 overlay backed by it, as large as the
+//! spec's first disk if that is larger than the base. The base itself is
+//! only ever read. A spec without disks gets disk 0 anyway (the boot disk):
+//! the guest's record then lists it, at the base's size, so that hotplug
+//! numbers further disks after it.
+//!
 //! # Hotplug
 //!
 //! Disks, NICs, vCPUs and memory can be added to a running guest within
@@ -467,9 +478,19 @@ impl QemuHypervisor {
     async fn launch(&self, dir: &GuestDir, slot: &mut Slot, config: &GuestConfig) -> Result<(), QemuError> {
         let c = &self.inner.config;
         let image = c.boot_image();
-        for path in [&image.kernel, &image.initrd] {
-            if !path.is_file() {
-                return Err(QemuError::ImageMissing { path: path.clone() });
+        match &config.spec.image {
+            // The overlay names its base: QEMU would fail on a missing one
+            // too, but less clearly.
+            Some(base) if !Path::new(base).is_file() => {
+                return Err(QemuError::BaseImage { path: base.into(), reason: "the file does not exist".into() });
+            }
+            Some(_) => {}
+            None => {
+                for path in [&image.kernel, &image.initrd] {
+                    if !path.is_file() {
+                        return Err(QemuError::ImageMissing { path: path.clone() });
+                    }
+                }
             }
         }
         dir.check_socket_paths()?;
@@ -687,16 +708,70 @@ impl Slot {
     }
 }
 
-/// Creates an empty qcow2 image of `size` at `path`, replacing any file
-/// there. Created beside and renamed, so an interrupted create never leaves
-/// a half-made disk that looks finished.
-async fn create_qcow2(qemu_img: &Path, path: &Path, size: ByteSize) -> Result<(), QemuError> {
+/// Checks that `base` can back a guest's boot disk: an absolute path to an
+/// existing file that `qemu-img info` (probing, not told the format) calls
+/// qcow2. Returns its virtual size.
+async fn check_base_image(qemu_img: &Path, base: &Path) -> Result<ByteSize, QemuError> {
+    let refuse = |reason: String| QemuError::BaseImage { path: base.to_owned(), reason };
+    if !base.is_absolute() {
+        return Err(refuse("the path is not absolute".into()));
+    }
+    match std::fs::metadata(base) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(refuse("not a regular file".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(refuse("the file does not exist".into())),
+        Err(e) => return Err(refuse(format!("cannot read it: {e}"))),
+    }
+    let program = || qemu_img.to_string_lossy().into_owned();
+    // --force-share: other guests may be running from the same base.
+    let output = tokio::process::Command::new(qemu_img)
+        .args(["info", "--output=json", "--force-share"])
+        .arg(base)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn { program: program(), source })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        return Err(refuse(format!("qemu-img info failed: {stderr}")));
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&output.stdout).map_err(|e| refuse(format!("qemu-img info gave no JSON ({e})")))?;
+    let format = info.get("format").and_then(serde_json::Value::as_str).unwrap_or("unknown");
+    if format != "qcow2" {
+        return Err(refuse(format!(
+            "unknown format: qemu-img detects {format:?}, and only qcow2 images are supported"
+        )));
+    }
+    match info.get("virtual-size").and_then(serde_json::Value::as_u64) {
+        Some(size) if size > 0 => Ok(ByteSize(size)),
+        _ => Err(refuse("qemu-img info reports no virtual size".into())),
+    }
+}
+
+/// Creates a qcow2 image of `size` at `path`, replacing any file there:
+/// empty, or an overlay of the qcow2 image `backing` (`size` is then given
+/// only when it is larger than the base's `backing.1`). Created beside and
+/// renamed, so an interrupted create never leaves a half-made disk that
+/// looks finished.
+async fn create_qcow2(
+    qemu_img: &Path,
+    path: &Path,
+    size: ByteSize,
+    backing: Option<(&Path, ByteSize)>,
+) -> Result<(), QemuError> {
     let tmp = path.with_extension("qcow2.tmp");
     let program = || qemu_img.to_string_lossy().into_owned();
-    let output = tokio::process::Command::new(qemu_img)
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&tmp)
-        .arg(size.bytes().to_string())
+    let mut command = tokio::process::Command::new(qemu_img);
+    command.args(["create", "-q", "-f", "qcow2"]);
+    if let Some((base, _)) = backing {
+        command.arg("-b").arg(base).args(["-F", "qcow2"]);
+    }
+    command.arg(&tmp);
+    if backing.is_none_or(|(_, base_size)| size > base_size) {
+        command.arg(size.bytes().to_string());
+    }
+    let output = command
         .stdin(Stdio::null())
         .output()
         .await
@@ -743,19 +818,41 @@ impl Hypervisor for QemuHypervisor {
             }
             return Ok(());
         }
+        let qemu_img = &self.inner.config.qemu_img;
+        // Before anything is made: a bad base leaves nothing behind.
+        let mut config = config.clone();
+        let base = match config.spec.image.clone() {
+            Some(base) => {
+                let base = PathBuf::from(base);
+                let base_size = check_base_image(qemu_img, &base).await.map_err(backend("create", id))?;
+                // Disk 0 is the boot disk, at least as large as the base.
+                match config.spec.disks.first_mut() {
+                    Some(disk) => disk.size = disk.size.max(base_size),
+                    None => config.spec.disks.push(drove_model::DiskSpec { size: base_size }),
+                }
+                Some((base, base_size))
+            }
+            None => None,
+        };
+        let created_dir = !dir.root().exists();
         std::fs::create_dir_all(dir.root())
             .map_err(|e| backend("create", id)(QemuError::io("creating", dir.root(), e)))?;
-        let qemu_img = &self.inner.config.qemu_img;
         for (i, disk) in config.spec.disks.iter().enumerate() {
             let path = dir.disk_path(i);
             if path.exists() {
                 continue; // left by an earlier, interrupted create
             }
-            create_qcow2(qemu_img, &path, disk.size).await.map_err(backend("create", id))?;
+            let backing = base.as_ref().filter(|_| i == 0).map(|(p, s)| (p.as_path(), *s));
+            if let Err(e) = create_qcow2(qemu_img, &path, disk.size, backing).await {
+                if created_dir {
+                    let _ = std::fs::remove_dir_all(dir.root());
+                }
+                return Err(backend("create", id)(e));
+            }
         }
         // Last: only a complete guest has a record, and only a guest with a
         // record exists.
-        dir.write_record(config).map_err(backend("create", id))
+        dir.write_record(&config).map_err(backend("create", id))
     }
 
     async fn start(&self, id: GuestId) -> Result<(), HvError> {
