@@ -31,7 +31,7 @@ use std::thread::{self, JoinHandle};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::protocol::{CommandError, decode_base64, encode_base64};
+use crate::protocol::{CommandError, decode_base64, encode_base64, os_error};
 
 /// Output kept per stream, as in qemu-ga (GUEST_EXEC_MAX_OUTPUT).
 pub const MAX_OUTPUT: usize = 16 << 20;
@@ -220,15 +220,6 @@ fn drain(mut pipe: impl Read + Send + 'static) -> io::Result<JoinHandle<Captured
         }
         captured
     })
-}
-
-/// The OS's wording of an error, without Rust's " (os error N)" suffix.
-fn os_error(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_owned(),
-        None => text,
-    }
 }
 
 #[cfg(test)]

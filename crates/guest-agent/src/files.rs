@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::protocol::{CommandError, decode_base64, encode_base64};
+use crate::protocol::{CommandError, decode_base64, encode_base64, os_error};
 
 /// The largest read qemu-ga allows (QGA_READ_COUNT_MAX).
 pub const MAX_READ: u64 = 48 << 20;
@@ -81,7 +81,7 @@ impl Files {
         let options =
             open_options(mode).ok_or_else(|| CommandError::generic(format!("invalid file open mode '{mode}'")))?;
         let file = options.open(&args.path).map_err(|e| {
-            CommandError::generic(format!("failed to open file '{}' (mode: '{mode}'): {}", args.path, describe(&e)))
+            CommandError::generic(format!("failed to open file '{}' (mode: '{mode}'): {}", args.path, os_error(&e)))
         })?;
         self.last = self.last.max(FIRST_HANDLE - 1) + 1;
         self.open.insert(self.last, file);
@@ -100,7 +100,7 @@ impl Files {
         let got = file
             .take(count)
             .read_to_end(&mut buf)
-            .map_err(|e| CommandError::generic(format!("reading handle {}: {}", args.handle, describe(&e))))?;
+            .map_err(|e| CommandError::generic(format!("reading handle {}: {}", args.handle, os_error(&e))))?;
         let eof = (got as u64) < count;
         Ok(json!({ "count": got, "buf-b64": encode_base64(&buf), "eof": eof }))
     }
@@ -120,7 +120,7 @@ impl Files {
         let file = self.file(args.handle)?;
         file.write_all(&data[..count])
             .and_then(|()| file.flush())
-            .map_err(|e| CommandError::generic(format!("writing handle {}: {}", args.handle, describe(&e))))?;
+            .map_err(|e| CommandError::generic(format!("writing handle {}: {}", args.handle, os_error(&e))))?;
         Ok(json!({ "count": count, "eof": false }))
     }
 
@@ -136,14 +136,6 @@ impl Files {
 
 fn not_found(handle: i64) -> CommandError {
     CommandError::generic(format!("handle '{handle}' has not been found"))
-}
-
-fn describe(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_owned(),
-        None => text,
-    }
 }
 
 #[cfg(test)]

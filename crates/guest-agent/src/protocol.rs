@@ -188,6 +188,16 @@ pub fn decode_base64(param: &str, data: &str) -> Result<Vec<u8>, CommandError> {
         .map_err(|e| CommandError::generic(format!("invalid base64 data in '{param}': {e}")))
 }
 
+/// The OS's wording of an error, without Rust's " (os error N)" suffix, as
+/// qemu-ga words its messages.
+pub fn os_error(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
 pub fn encode_base64(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)
