@@ -457,28 +457,18 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use drove_model::{ByteSize, GuestSpec, Priority};
 
     use super::*;
 
     fn desired(state: DesiredState, generation: u64) -> DesiredGuest {
+        let guest = drove_hypervisor::sim::sample_guest(0);
         DesiredGuest {
-            id: GuestId::new_v4(),
+            id: guest.id,
             generation,
             state,
             force_stop: false,
             restart_policy: RestartPolicy::Always,
-            spec: GuestSpec {
-                name: "g".into(),
-                vcpus: 1,
-                memory: ByteSize::mib(64),
-                disks: vec![],
-                nics: vec![],
-                priority: Priority::default(),
-                load_profile: None,
-                limits: Default::default(),
-                image: None,
-            },
+            spec: guest.spec,
         }
     }
 
