@@ -18,7 +18,8 @@ use drove_api::{
 };
 use drove_client::{Client, ClientError};
 use drove_hypervisor::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
-use drove_model::{GuestId, HostId, RestartPolicy};
+use drove_model::{GuestId, HostId, NicSpec, RestartPolicy};
+use drove_net::{HostNetwork, NetError, NoNetwork};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -35,6 +36,8 @@ pub struct AgentConfig {
     pub restart_backoff_max: Duration,
     /// A guest running this long without a crash starts its backoff afresh.
     pub restart_stable_after: Duration,
+    /// The host side of guests' NICs (taps on VLAN segments).
+    pub network: Arc<dyn HostNetwork>,
 }
 
 impl AgentConfig {
@@ -46,8 +49,18 @@ impl AgentConfig {
             restart_backoff: Duration::from_secs(1),
             restart_backoff_max: Duration::from_secs(60),
             restart_stable_after: Duration::from_secs(60),
+            network: Arc::new(NoNetwork),
         }
     }
+}
+
+/// Why an action on a guest failed.
+#[derive(Debug, thiserror::Error)]
+enum ActError {
+    #[error(transparent)]
+    Hypervisor(#[from] HvError),
+    #[error("setting up the host side of its NICs")]
+    Network(#[from] NetError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -341,21 +354,33 @@ impl Agent {
 
     async fn act(&self, d: DesiredGuest, action: Action) {
         let id = d.id;
-        let result = match action {
+        let result: Result<(), ActError> = match action {
             Action::Ensure { start } => {
-                let config = GuestConfig { id, generation: d.generation, spec: d.spec.clone() };
-                match self.hv.create(&config).await {
-                    Ok(()) if start => self.hv.start(id).await,
-                    other => other,
+                async {
+                    let config = GuestConfig { id, generation: d.generation, spec: d.spec.clone() };
+                    self.attach_nics(id, &d.spec.nics).await?;
+                    self.hv.create(&config).await?;
+                    if start {
+                        self.hv.start(id).await?;
+                    }
+                    Ok(())
                 }
+                .await
             }
-            Action::Resume => self.hv.resume(id).await,
+            Action::Resume => self.hv.resume(id).await.map_err(Into::into),
             Action::Stop { force } => {
                 let mode =
                     if force { StopMode::Force } else { StopMode::Graceful { timeout: self.config.stop_timeout } };
-                self.hv.stop(id, mode).await
+                self.hv.stop(id, mode).await.map_err(Into::into)
             }
-            Action::Destroy => self.hv.destroy(id).await,
+            Action::Destroy => {
+                async {
+                    self.hv.destroy(id).await?;
+                    self.config.network.detach(&self.nic_devices(id, 0..d.spec.nics.len())).await?;
+                    Ok(())
+                }
+                .await
+            }
             Action::ConfirmAbsent => Ok(()),
         };
         let mut r = self.lock_reports();
@@ -381,6 +406,39 @@ impl Agent {
 }
 
 impl Agent {
+    /// The host devices of the guest's NICs with these indexes (none for a
+    /// backend without host-side NICs).
+    fn nic_devices(&self, id: GuestId, indexes: std::ops::Range<usize>) -> Vec<String> {
+        indexes.filter_map(|i| self.hv.nic_device(id, i)).collect()
+    }
+
+    /// Puts each NIC's host device on its VLAN's segment. Idempotent: on a
+    /// restart or re-adoption, what is in place stays untouched.
+    async fn attach_nics(&self, id: GuestId, nics: &[NicSpec]) -> Result<(), NetError> {
+        for (i, nic) in nics.iter().enumerate() {
+            if let Some(dev) = self.hv.nic_device(id, i) {
+                self.config.network.attach(&dev, nic.vlan).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hot-adds a NIC: its host device first, removed again if QEMU refuses.
+    async fn hotplug_nic(&self, id: GuestId, nic: NicSpec, index: usize) -> Result<(), ActError> {
+        let device = self.hv.nic_device(id, index);
+        if let Some(dev) = &device {
+            self.config.network.attach(dev, nic.vlan).await?;
+        }
+        let result = self.hv.hotplug(id, &drove_hypervisor::Hotplug::AddNic { nic }).await;
+        if result.is_err()
+            && let Some(dev) = device
+            && let Err(e) = self.config.network.detach(&[dev]).await
+        {
+            tracing::warn!(guest = %id, error = %e, "cannot remove the tap of a NIC that was not added");
+        }
+        Ok(result?)
+    }
+
     /// Answer a call the manager relayed from an operator.
     async fn answer(&self, call: AgentCall) {
         let outcome = match call.kind {
@@ -417,13 +475,15 @@ impl Agent {
             AgentCallKind::Hotplug { change } => {
                 use drove_api::HotplugChange as C;
                 use drove_hypervisor::Hotplug as H;
-                let change = match change {
-                    C::AddDisk { size } => H::AddDisk { size },
-                    C::AddNic { mac } => H::AddNic { mac },
-                    C::SetMemory { memory } => H::SetMemory { memory },
-                    C::SetVcpus { vcpus } => H::SetVcpus { vcpus },
+                let plug =
+                    |change: H| async move { self.hv.hotplug(call.guest, &change).await.map_err(ActError::from) };
+                let result = match change {
+                    C::AddNic { nic, index } => self.hotplug_nic(call.guest, nic, index as usize).await,
+                    C::AddDisk { size } => plug(H::AddDisk { size }).await,
+                    C::SetMemory { memory } => plug(H::SetMemory { memory }).await,
+                    C::SetVcpus { vcpus } => plug(H::SetVcpus { vcpus }).await,
                 };
-                match self.hv.hotplug(call.guest, &change).await {
+                match result {
                     Ok(()) => CallOutcome::Done,
                     Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
                 }

@@ -63,6 +63,19 @@ pub struct MaintenanceRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NicRequest {
     pub vlan: String,
+    /// A fixed address on the VLAN's subnet; by default the next free one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// Bandwidth cap of this NIC, bits per second, each direction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_bps: Option<u64>,
+}
+
+impl NicRequest {
+    pub fn on(vlan: impl Into<String>) -> Self {
+        NicRequest { vlan: vlan.into(), ip: None, rate_bps: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -399,10 +412,21 @@ pub struct HotplugRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum HotplugChange {
-    AddDisk { size: ByteSize },
-    AddNic { mac: String },
-    SetMemory { memory: ByteSize },
-    SetVcpus { vcpus: u32 },
+    AddDisk {
+        size: ByteSize,
+    },
+    /// The NIC as the manager defined it (MAC, VLAN, address, cap); it
+    /// becomes the guest's `index`-th NIC.
+    AddNic {
+        nic: drove_model::NicSpec,
+        index: u32,
+    },
+    SetMemory {
+        memory: ByteSize,
+    },
+    SetVcpus {
+        vcpus: u32,
+    },
 }
 
 /// A command to run inside a guest (`POST /v1/guests/{guest}/exec`).

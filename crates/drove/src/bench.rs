@@ -30,6 +30,8 @@ pub enum BenchCommand {
     Boot(crate::bench_boot::BootBench),
     /// Place N guests with daily profiles on M hosts, plan a failover and a rebalancing round; print times.
     Placement(crate::sim::PlacementBench),
+    /// Guest-to-guest latency and throughput on real QEMU guests: same host vs. across hosts, with and without a NIC rate limit.
+    Net(crate::bench_net::NetBench),
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +72,7 @@ pub async fn run(c: BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Api(a) => api(a).await,
         BenchCommand::Boot(a) => crate::bench_boot::run(a).await,
+        BenchCommand::Net(a) => crate::bench_net::run(a).await,
         BenchCommand::Placement(a) => crate::sim::bench_placement(a),
     }
 }
@@ -96,7 +99,7 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

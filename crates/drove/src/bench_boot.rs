@@ -16,6 +16,7 @@ use drove_client::Client;
 use drove_model::ByteSize;
 use serde::Serialize;
 
+use crate::bench::percentile;
 use crate::{Format, OutputArgs};
 
 #[derive(Debug, Args)]
@@ -50,13 +51,32 @@ struct BootFigures {
     overhead_mib_per_guest: f64,
 }
 
-/// The lab this bench started; stopped and purged however the bench ends.
-struct BenchLab {
-    dir: PathBuf,
+/// The lab a bench started; stopped and purged however the bench ends.
+pub(crate) struct BenchLab {
+    pub dir: PathBuf,
     config: PathBuf,
 }
 
 impl BenchLab {
+    /// `drove up --backend qemu --detach` with `extra` arguments, in a
+    /// fresh directory under /tmp (short: guests' unix sockets live there),
+    /// and a client for it.
+    pub fn start(name: &str, extra: &[&str]) -> Result<(BenchLab, Client)> {
+        let dir = PathBuf::from(format!("/tmp/drove-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let lab = BenchLab { config: dir.join("client.json"), dir: dir.clone() };
+        let d = dir.display().to_string();
+        let mut args = vec!["up", "--backend", "qemu", "--detach", "--data-dir", &d];
+        args.extend_from_slice(extra);
+        let out = lab.drove(&args)?;
+        if !out.status.success() {
+            bail!("starting the bench lab failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let cfg: crate::config::ClientConfig = serde_json::from_slice(&std::fs::read(&lab.config)?)?;
+        let c = Client::new(&cfg.endpoint, &cfg.token);
+        Ok((lab, c))
+    }
+
     fn drove(&self, args: &[&str]) -> Result<std::process::Output> {
         std::process::Command::new(std::env::current_exe()?)
             .args(args)
@@ -128,37 +148,13 @@ async fn wait_ready(c: &Client, name: &str, deadline: Instant) -> Result<()> {
     }
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted.get(((sorted.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0.0)
-}
-
 pub async fn run(a: BootBench) -> Result<()> {
     if a.boots == 0 {
         bail!("--boots must be at least 1");
     }
-    // Short path: guests' unix sockets live under it.
-    let dir = PathBuf::from(format!("/tmp/drove-boot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let lab = BenchLab { config: dir.join("client.json"), dir: dir.clone() };
-    let d = dir.display().to_string();
     // Idle TCG guests: let placement put many on the one host.
-    let out = lab.drove(&[
-        "up",
-        "--backend",
-        "qemu",
-        "--hosts",
-        "1",
-        "--detach",
-        "--vcpu-overcommit",
-        "32",
-        "--data-dir",
-        &d,
-    ])?;
-    if !out.status.success() {
-        bail!("starting the bench lab failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    let cfg: crate::config::ClientConfig = serde_json::from_slice(&std::fs::read(&lab.config)?)?;
-    let c = Client::new(&cfg.endpoint, &cfg.token);
+    let (lab, c) = BenchLab::start("boot", &["--hosts", "1", "--vcpu-overcommit", "32"])?;
+    let dir = lab.dir.clone();
 
     let mut times = Vec::new();
     for i in 0..a.boots {
@@ -199,8 +195,8 @@ pub async fn run(a: BootBench) -> Result<()> {
     let guest_mib = a.memory.as_mib();
     let f = BootFigures {
         boots: a.boots,
-        ready_p50_s: pct(&times, 0.5),
-        ready_p95_s: pct(&times, 0.95),
+        ready_p50_s: percentile(&times, 0.5),
+        ready_p95_s: percentile(&times, 0.95),
         ready_min_s: times[0],
         together: a.together,
         together_ready: ready,

@@ -88,9 +88,9 @@ pub enum VmCommand {
         /// Add an empty disk of this size, e.g. 1G.
         #[arg(long, value_parser = parse_size)]
         add_disk: Option<ByteSize>,
-        /// Add a NIC on this VLAN (name or id).
-        #[arg(long)]
-        add_nic: Option<String>,
+        /// Add a NIC: VLAN[,rate=100mbit][,ip=ADDRESS] (VLAN by name or id).
+        #[arg(long, value_parser = parse_nic)]
+        add_nic: Option<NicRequest>,
         /// Grow memory to this total, e.g. 1G.
         #[arg(long, value_parser = parse_size)]
         memory: Option<ByteSize>,
@@ -140,9 +140,11 @@ pub struct CreateArgs {
     /// Add a disk of this size (repeatable), e.g. --disk 1G.
     #[arg(long = "disk", value_parser = parse_size)]
     pub disks: Vec<ByteSize>,
-    /// Add a NIC on this VLAN, by name or id (repeatable).
-    #[arg(long = "nic")]
-    pub nics: Vec<String>,
+    /// Add a NIC (repeatable): VLAN[,rate=RATE][,ip=ADDRESS], the VLAN by
+    /// name or id, e.g. --nic blue or --nic 100,rate=100mbit. Its address
+    /// comes from the VLAN's subnet (next free one unless ip= is given).
+    #[arg(long = "nic", value_parser = parse_nic)]
+    pub nics: Vec<NicRequest>,
     /// Place on this host (name or id) instead of letting drove choose.
     #[arg(long)]
     pub host: Option<String>,
@@ -337,6 +339,61 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
     }
 }
 
+/// `VLAN[,rate=RATE][,ip=ADDRESS]`, as `--nic` takes it.
+pub fn parse_nic(s: &str) -> Result<NicRequest, String> {
+    let mut parts = s.split(',');
+    let vlan = parts.next().unwrap_or_default().trim();
+    if vlan.is_empty() {
+        return Err(format!("{s:?}: expected VLAN[,rate=RATE][,ip=ADDRESS], e.g. blue,rate=100mbit"));
+    }
+    let mut nic = NicRequest::on(vlan);
+    for part in parts {
+        match part.split_once('=') {
+            Some(("rate", r)) => nic.rate_bps = Some(parse_rate(r)?),
+            Some(("ip", ip)) => {
+                nic.ip = Some(ip.parse().map_err(|_| format!("ip={ip}: not an IPv4 address, e.g. ip=10.0.100.5"))?)
+            }
+            _ => return Err(format!("{part:?}: unknown NIC option; known are rate=RATE and ip=ADDRESS")),
+        }
+    }
+    Ok(nic)
+}
+
+/// A bandwidth: a number of bits per second with an optional unit (bit,
+/// kbit, mbit, gbit; decimal, as `tc` counts), e.g. 100mbit.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let split = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+    let (digits, unit) = lower.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("rate {s:?}: expected a number and a unit, e.g. 100mbit"))?;
+    let scale = match unit {
+        "" | "bit" | "bps" => 1,
+        "kbit" | "k" => 1_000,
+        "mbit" | "m" => 1_000_000,
+        "gbit" | "g" => 1_000_000_000,
+        _ => return Err(format!("rate {s:?}: unknown unit {unit:?}; use bit, kbit, mbit or gbit")),
+    };
+    n.checked_mul(scale).filter(|r| *r > 0).ok_or_else(|| format!("rate {s:?} is out of range"))
+}
+
+fn nic_brief(n: &drove_model::NicSpec) -> String {
+    match &n.address {
+        Some(a) => format!("{}:{}", n.vlan, a.ip),
+        None => n.vlan.to_string(),
+    }
+}
+
+fn nic_detail(n: &drove_model::NicSpec) -> String {
+    let mut s = format!("vlan {} mac {}", n.vlan, n.mac);
+    if let Some(a) = &n.address {
+        s.push_str(&format!(" ip {a}"));
+    }
+    if let Some(r) = n.rate_bps {
+        s.push_str(&format!(" rate {}mbit", r as f64 / 1e6));
+    }
+    s
+}
+
 fn guest_row(g: &drove_api::GuestView) -> Vec<String> {
     vec![
         g.guest.spec.name.clone(),
@@ -345,7 +402,7 @@ fn guest_row(g: &drove_api::GuestView) -> Vec<String> {
         g.guest.spec.vcpus.to_string(),
         g.guest.spec.memory.to_string(),
         g.guest.spec.disks.iter().map(|d| d.size.to_string()).collect::<Vec<_>>().join(","),
-        g.guest.spec.nics.iter().map(|n| n.vlan.to_string()).collect::<Vec<_>>().join(","),
+        g.guest.spec.nics.iter().map(nic_brief).collect::<Vec<_>>().join(","),
     ]
 }
 
@@ -358,7 +415,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 vcpus: a.vcpus,
                 memory: a.memory,
                 disks: a.disks,
-                nics: a.nics.into_iter().map(|vlan| NicRequest { vlan }).collect(),
+                nics: a.nics,
                 host: a.host,
                 priority: a.priority,
                 start: Some(!a.stopped),
@@ -393,7 +450,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             print(
                 out.format,
                 &guests,
-                &["name", "state", "host", "vcpus", "memory", "disks", "vlans"],
+                &["name", "state", "host", "vcpus", "memory", "disks", "nics"],
                 guests.iter().map(guest_row).collect(),
             )
         }
@@ -426,10 +483,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("vcpus", s.vcpus.to_string()),
                     ("memory", s.memory.to_string()),
                     ("disks", s.disks.iter().map(|d| d.size.to_string()).collect::<Vec<_>>().join(", ")),
-                    (
-                        "nics",
-                        s.nics.iter().map(|n| format!("vlan {} mac {}", n.vlan, n.mac)).collect::<Vec<_>>().join(", "),
-                    ),
+                    ("nics", s.nics.iter().map(nic_detail).collect::<Vec<_>>().join(", ")),
                     ("addresses", addresses),
                     ("priority", s.priority.0.to_string()),
                     ("restart policy", format!("{:?}", g.guest.restart_policy).to_lowercase()),
@@ -461,8 +515,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
         }
         VmCommand::Console { name } => crate::console::attach(&c, &name).await,
         VmCommand::Hotplug { name, add_disk, add_nic, memory, vcpus } => {
-            let req =
-                drove_api::HotplugRequest { add_disk, add_nic: add_nic.map(|vlan| NicRequest { vlan }), memory, vcpus };
+            let req = drove_api::HotplugRequest { add_disk, add_nic, memory, vcpus };
             let g = c.hotplug(&name, &req).await?;
             let s = &g.guest.spec;
             println!(

@@ -103,6 +103,10 @@ pub struct AgentArgs {
     /// Memory to offer (sim backend), e.g. 16G.
     #[arg(long, value_parser = parse_size, default_value = "16G")]
     pub memory: ByteSize,
+    /// The interface guests' VLANs run over (as VXLAN, VNI = VLAN id).
+    /// Without it the host has no guest networking: NICs are left out.
+    #[arg(long)]
+    pub underlay: Option<String>,
 }
 
 pub fn hypervisor(
@@ -125,7 +129,12 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
     let token = std::fs::read_to_string(&a.token_file)
         .with_context(|| format!("reading agent token {}", a.token_file.display()))?;
     let hv = hypervisor(a.backend, &a.data_dir, a.cores, a.memory)?;
-    let agent = Agent::new(AgentConfig::new(&a.name), Client::new(&a.manager, &token), hv);
+    let mut config = AgentConfig::new(&a.name);
+    if let Some(dev) = &a.underlay {
+        config.network = Arc::new(drove_net::VxlanNetwork::new(dev.clone(), None)?);
+        tracing::info!(underlay = %dev, "guest VLANs run as VXLAN segments over the underlay");
+    }
+    let agent = Agent::new(config, Client::new(&a.manager, &token), hv);
     agent.run(shutdown_signal()).await;
     Ok(())
 }

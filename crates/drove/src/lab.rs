@@ -18,6 +18,7 @@ use drove_client::Client;
 use drove_hypervisor::qemu::{QemuConfig, QemuHypervisor};
 use drove_hypervisor::{Hypervisor, StopMode};
 use drove_model::{ByteSize, HostState};
+use drove_net::fabric::{self, Fabric, LinkRole};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ClientConfig};
@@ -48,6 +49,19 @@ pub struct UpArgs {
     /// vCPUs placement allows per physical core.
     #[arg(long, default_value_t = 4.0)]
     pub vcpu_overcommit: f64,
+    /// The lab's network: `netns` makes each host a network namespace with
+    /// management, migration and trunk links (guests' VLANs run over the
+    /// trunk; needs root); `host` runs every daemon on loopback and leaves
+    /// guests without NICs. `auto`: netns for QEMU hosts when root.
+    #[arg(long, value_enum, default_value_t = NetMode::Auto)]
+    pub net: NetMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetMode {
+    Auto,
+    Netns,
+    Host,
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +82,43 @@ struct LabFile {
     backend: Option<String>,
     manager_pid: Option<u32>,
     agents: Vec<(String, u32)>,
+    /// The namespaces and switches of a `--net netns` lab.
+    #[serde(default)]
+    fabric: Option<FabricRecord>,
+    /// How each agent was started, so `drove lab heal` can start it again.
+    #[serde(default)]
+    launches: std::collections::BTreeMap<String, Launch>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Launch {
+    /// The host's namespace, if any, and its number in the fabric.
+    netns: Option<String>,
+    index: u32,
+    args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FabricRecord {
+    id: String,
+    k: u8,
+}
+
+impl FabricRecord {
+    fn fabric(&self) -> Fabric {
+        Fabric { id: self.id.clone(), k: self.k }
+    }
+}
+
+/// A short id for the lab in `dir`, stable across runs, that names its
+/// namespaces and links (FNV-1a of the path: no two labs on one machine
+/// share a data dir).
+fn lab_id(dir: &Path) -> (String, u8) {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    (format!("{:06x}", h & 0xff_ffff), (h >> 24) as u8)
 }
 
 const LAB_FILE: &str = "lab.json";
@@ -115,7 +166,7 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<std::process::Child> {
+fn spawn(dir: &Path, log: &str, netns: Option<&str>, args: &[String]) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -126,8 +177,16 @@ fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<std::process::Child> 
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("locating the drove binary")?;
-    std::process::Command::new(exe)
-        .args(args)
+    let mut cmd = match netns {
+        // `ip netns exec` execs the program: the pid stays the daemon's.
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -157,31 +216,57 @@ pub async fn up(a: UpArgs) -> Result<()> {
         }
         // Left over from a crash: clear it before starting afresh.
         stop_processes(&lab, &dir).await;
+        kill_strays(&dir);
+        if let Some(f) = &lab.fabric {
+            fabric::destroy(&f.id);
+        }
     }
     if a.backend == Backend::Qemu {
         qemu_preflight(&dir)?;
+    }
+    let root = rustix::process::geteuid().is_root();
+    let netns = match a.net {
+        NetMode::Netns if !root => bail!("--net netns needs root (it creates network namespaces); try --net host"),
+        NetMode::Netns => true,
+        NetMode::Host => false,
+        NetMode::Auto => root && a.backend == Backend::Qemu,
+    };
+    if netns && a.hosts > fabric::MAX_HOSTS {
+        bail!("--net netns supports at most {} hosts, got {}", fabric::MAX_HOSTS, a.hosts);
     }
     let port = match a.port {
         Some(p) => p,
         None => free_port()?,
     };
-    let endpoint = format!("http://127.0.0.1:{port}");
     let backend = match a.backend {
         Backend::Qemu => "qemu",
         Backend::Sim => "sim",
     };
-    let mut lab =
-        LabFile { version: 1, endpoint: endpoint.clone(), backend: Some(backend.into()), ..Default::default() };
+    let mut lab = LabFile { version: 1, backend: Some(backend.into()), ..Default::default() };
+    let listen = if netns {
+        let (id, hint) = lab_id(&dir);
+        let f = Fabric::choose(&id, hint).await.context("choosing the lab's subnets")?;
+        // Recorded before anything exists, so `down` can clear a crashed up.
+        lab.fabric = Some(FabricRecord { id: f.id.clone(), k: f.k });
+        write_lab(&dir, &lab)?;
+        f.create_switches().await.context("creating the lab's switches")?;
+        f.manager_ip()
+    } else {
+        std::net::Ipv4Addr::LOCALHOST
+    };
+    let endpoint = format!("http://{listen}:{port}");
+    lab.endpoint = endpoint.clone();
     let mdir = dir.join("manager");
     let mut manager = spawn(
         &dir,
         "manager.log",
+        None,
         &[
             "manager".into(),
             "--data-dir".into(),
             mdir.display().to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{port}"),
+            format!("{listen}:{port}"),
             "--vcpu-overcommit".into(),
             a.vcpu_overcommit.to_string(),
         ],
@@ -213,27 +298,40 @@ pub async fn up(a: UpArgs) -> Result<()> {
     let agent_token = mdir.join(drove_manager::core::AGENT_TOKEN_FILE);
     for i in 1..=a.hosts {
         let name = format!("host-{i}");
-        let child = spawn(
-            &dir,
-            &format!("{name}.log"),
-            &[
-                "agent".into(),
-                "--name".into(),
-                name.clone(),
-                "--manager".into(),
-                endpoint.clone(),
-                "--token-file".into(),
-                agent_token.display().to_string(),
-                "--backend".into(),
-                backend.into(),
-                "--data-dir".into(),
-                dir.join("hosts").join(&name).display().to_string(),
-                "--cores".into(),
-                a.host_cores.to_string(),
-                "--memory".into(),
-                a.host_memory.to_string(),
-            ],
-        )?;
+        let ns = match &lab.fabric {
+            Some(rec) => {
+                let f = rec.fabric();
+                f.add_host(i).await.with_context(|| format!("creating the namespace of {name}"))?;
+                Some(f.namespace(i))
+            }
+            None => None,
+        };
+        let mut extra: Vec<String> = Vec::new();
+        if ns.is_some() {
+            extra.extend(["--underlay".into(), fabric::TRUNK_IF.into()]);
+        }
+        let args: Vec<String> = [
+            "agent".into(),
+            "--name".into(),
+            name.clone(),
+            "--manager".into(),
+            endpoint.clone(),
+            "--token-file".into(),
+            agent_token.display().to_string(),
+            "--backend".into(),
+            backend.into(),
+            "--data-dir".into(),
+            dir.join("hosts").join(&name).display().to_string(),
+            "--cores".into(),
+            a.host_cores.to_string(),
+            "--memory".into(),
+            a.host_memory.to_string(),
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect();
+        let child = spawn(&dir, &format!("{name}.log"), ns.as_deref(), &args)?;
+        lab.launches.insert(name.clone(), Launch { netns: ns, index: i, args });
         lab.agents.push((name, child.id()));
         write_lab(&dir, &lab)?;
     }
@@ -265,7 +363,13 @@ pub async fn up(a: UpArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("drove is up: manager at {endpoint}, {} {backend} hosts", a.hosts);
+    let network = match &lab.fabric {
+        Some(rec) => {
+            format!("in network namespaces {}..{}", rec.fabric().namespace(1), rec.fabric().namespace(a.hosts))
+        }
+        None => "on loopback".to_owned(),
+    };
+    println!("drove is up: manager at {endpoint}, {} {backend} hosts {network}", a.hosts);
     println!("data dir {}; client config {}", dir.display(), cfg_path.display());
     println!("try: drove host list; drove vm create web-1 --memory 256M --disk 1G");
     if a.detach {
@@ -324,6 +428,10 @@ pub async fn down(a: DownArgs) -> Result<()> {
     // Last resort: a QEMU launched by an agent that died mid-start may not
     // be in any guest record yet; none of the lab's may survive `down`.
     stopped += kill_strays(&dir);
+    // The namespaces go last: nothing may run in them any more.
+    if let Some(f) = &lab.fabric {
+        fabric::destroy(&f.id);
+    }
     std::fs::remove_file(lab_path(&dir)).ok();
     if a.purge {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -386,4 +494,101 @@ fn qemu_preflight(dir: &Path) -> Result<()> {
 pub fn qemu_hypervisor(dir: &Path) -> Result<Arc<dyn Hypervisor>> {
     let config = QemuConfig::new(dir, image_dir()?)?;
     Ok(Arc::new(QemuHypervisor::new(config)?))
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Make a lab host fail, as a test or a drill would.
+    Fail {
+        /// The host, e.g. host-2.
+        host: String,
+        /// `agent`: SIGKILL its agent only (guests keep running);
+        /// `kill`: a power loss (agent and guests SIGKILLed, links down);
+        /// `partition`: cut its management and migration links (guests
+        /// keep running; needs --net netns).
+        #[arg(long, value_enum, default_value_t = FailMode::Agent)]
+        mode: FailMode,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Undo `fail`: links up, and the agent started again if it is not running.
+    Heal {
+        host: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailMode {
+    Agent,
+    Kill,
+    Partition,
+}
+
+pub async fn lab(cmd: LabCommand) -> Result<()> {
+    let (host, data_dir) = match &cmd {
+        LabCommand::Fail { host, data_dir, .. } | LabCommand::Heal { host, data_dir } => (host, data_dir),
+    };
+    let dir = data_dir.clone().unwrap_or_else(default_data_dir);
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let mut lab = read_lab(&dir)?.with_context(|| format!("no lab is running in {}", dir.display()))?;
+    let launch = lab.launches.get(host).cloned().with_context(|| {
+        format!(
+            "the lab has no host {host:?}; its hosts are {}",
+            lab.launches.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let fabric = lab.fabric.as_ref().map(FabricRecord::fabric);
+    let agent_pid = lab.agents.iter().find(|(n, _)| n == host).map(|(_, p)| *p).filter(|p| is_drove(*p, &dir));
+    match cmd {
+        LabCommand::Fail { mode, .. } => {
+            if mode == FailMode::Partition && fabric.is_none() {
+                bail!("--mode partition needs a lab started with --net netns");
+            }
+            if matches!(mode, FailMode::Agent | FailMode::Kill)
+                && let Some(pid) = agent_pid
+            {
+                signal(pid, "KILL");
+            }
+            if mode == FailMode::Kill {
+                kill_strays(&dir.join("hosts").join(host));
+            }
+            if let Some(f) = &fabric {
+                let roles: &[LinkRole] = match mode {
+                    FailMode::Agent => &[],
+                    FailMode::Kill => &[LinkRole::Management, LinkRole::Migration, LinkRole::Trunk],
+                    FailMode::Partition => &[LinkRole::Management, LinkRole::Migration],
+                };
+                for role in roles {
+                    f.set_link(launch.index, *role, false).await?;
+                }
+            }
+            println!(
+                "{host} failed ({})",
+                match mode {
+                    FailMode::Agent => "agent killed; guests keep running",
+                    FailMode::Kill => "agent and guests killed, links down",
+                    FailMode::Partition => "management and migration links cut; guests keep running",
+                }
+            );
+        }
+        LabCommand::Heal { .. } => {
+            if let Some(f) = &fabric {
+                for role in [LinkRole::Management, LinkRole::Migration, LinkRole::Trunk] {
+                    f.set_link(launch.index, role, true).await?;
+                }
+            }
+            if agent_pid.is_none() {
+                let child = spawn(&dir, &format!("{host}.log"), launch.netns.as_deref(), &launch.args)?;
+                lab.agents.retain(|(n, _)| n != host);
+                lab.agents.push((host.clone(), child.id()));
+                write_lab(&dir, &lab)?;
+                println!("{host} healed: links up, agent started (pid {})", child.id());
+            } else {
+                println!("{host} healed: links up, agent was running");
+            }
+        }
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ use drove_model::ByteSize;
 
 mod bench;
 mod bench_boot;
+mod bench_net;
 mod cli;
 mod config;
 mod console;
@@ -57,6 +58,9 @@ enum Command {
     Up(lab::UpArgs),
     /// Stop the local data centre started by `drove up`.
     Down(lab::DownArgs),
+    /// Fault injection on the local data centre: fail and heal its hosts.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Run the manager daemon.
     Manager(daemons::ManagerArgs),
     /// Run a host agent daemon.
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(a) => lab::up(a).await,
             Command::Down(a) => lab::down(a).await,
+            Command::Lab(c) => lab::lab(c).await,
             Command::Manager(a) => daemons::manager(a).await,
             Command::Agent(a) => daemons::agent(a).await,
             Command::Host(c) => cli::host(c).await,

@@ -127,8 +127,8 @@ fn vm_lifecycle_through_the_cli() {
     assert!(g.host_name.starts_with("host-"), "host {:?}", g.host_name);
 
     let rows = table(&lab.run(&["vm", "list"]).ok());
-    assert_eq!(rows[0], ["NAME", "STATE", "HOST", "VCPUS", "MEMORY", "DISKS", "VLANS"]);
-    assert_eq!(rows[1..], [["web-1", "running", g.host_name.as_str(), "2", "512M", "1G,2G", "100"]]);
+    assert_eq!(rows[0], ["NAME", "STATE", "HOST", "VCPUS", "MEMORY", "DISKS", "NICS"]);
+    assert_eq!(rows[1..], [["web-1", "running", g.host_name.as_str(), "2", "512M", "1G,2G", "100:10.0.100.1"]]);
 
     let shown: GuestView = lab.run(&["vm", "show", "web-1", "-o", "json"]).ok().json();
     assert_eq!(&shown, g);

@@ -63,6 +63,26 @@ impl Lab {
     fn lab_file(&self) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(self.dir.path().join("lab.json")).unwrap()).unwrap()
     }
+
+    fn agent_pid(&self, host: &str) -> u32 {
+        let lab = self.lab_file();
+        let agent = lab["agents"].as_array().unwrap().iter().find(|a| a[0] == host).unwrap().clone();
+        agent[1].as_u64().unwrap() as u32
+    }
+
+    /// `drove vm exec GUEST -- sh -c SCRIPT`: (exit code, stdout + stderr).
+    fn sh(&self, guest: &str, script: &str) -> (i32, String) {
+        let out = self.drove(&["vm", "exec", guest, "--", "sh", "-c", script]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    /// Waits until the guest's agent answers (it has booted).
+    fn booted(&self, guest: &str) {
+        eventually(&format!("{guest} answers"), Duration::from_secs(120), || {
+            (self.sh(guest, "true").0 == 0).then_some(())
+        });
+    }
 }
 
 impl Drop for Lab {
@@ -211,33 +231,12 @@ fn real_guests_live_through_the_whole_stack() {
 
     // An agent killed under a running guest: QEMU outlives it, the new agent
     // re-adopts it, nothing restarts, nothing is duplicated.
-    let lab_file = lab.lab_file();
-    let agent_pid =
-        lab_file["agents"].as_array().unwrap().iter().find(|a| a[0] == host.as_str()).unwrap()[1].as_u64().unwrap();
-    Command::new("kill").args(["-KILL", &agent_pid.to_string()]).status().unwrap();
-    eventually("agent gone", Duration::from_secs(10), || (!pid_alive(agent_pid as u32)).then_some(()));
+    let agent_pid = lab.agent_pid(&host);
+    lab.ok(&["lab", "fail", &host, "--mode", "agent", "--data-dir", lab.data()]);
+    eventually("agent gone", Duration::from_secs(10), || (!pid_alive(agent_pid)).then_some(()));
     assert_eq!(qemu_pid(&gdir), Some(pid), "QEMU must survive its agent");
-    let token = lab.dir.path().join("manager/agent.token");
-    let endpoint = lab_file["endpoint"].as_str().unwrap().to_owned();
-    let log = std::fs::File::create(lab.dir.path().join("logs/restarted-agent.log")).unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_drove"))
-        .args([
-            "agent",
-            "--name",
-            &host,
-            "--manager",
-            &endpoint,
-            "--token-file",
-            token.to_str().unwrap(),
-            "--backend",
-            "qemu",
-        ])
-        .arg("--data-dir")
-        .arg(lab.dir.path().join("hosts").join(&host))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    // Started again the way the lab started it (in its namespace).
+    lab.ok(&["lab", "heal", &host, "--data-dir", lab.data()]);
     lab.ok(&["vm", "stop", "web-1"]);
     assert_eq!(lab.json(&["vm", "show", "web-1"])["state"], "stopped");
     eventually("QEMU exit after stop", Duration::from_secs(30), || (!pid_alive(pid)).then_some(()));
@@ -280,8 +279,109 @@ fn real_guests_live_through_the_whole_stack() {
     // A guest left running is stopped by `drove down`.
     lab.ok(&["vm", "create", "web-2", "--memory", "128M"]);
     assert_eq!(qemus_of(lab.data()).len(), 1);
-    let _ = agent.kill();
-    let _ = agent.wait();
     lab.ok(&["down", "--data-dir", lab.data()]);
     eventually("no QEMU after down", Duration::from_secs(30), || qemus_of(lab.data()).is_empty().then_some(()));
+}
+
+/// VLANs as the issue asks: a segment spans hosts (ping and a TCP transfer
+/// between guests on different hosts), other VLANs are unreachable even at
+/// layer 2, nothing of the hosts is reachable from a guest, each NIC has its
+/// own address from the VLAN's subnet, and a dead agent leaves its guests'
+/// network alone (and its restart re-adopts the taps untouched).
+#[test]
+fn vlans_span_hosts_and_isolate_guests() {
+    let lab = Lab::start(2);
+    let fabric = lab.lab_file()["fabric"].clone();
+    assert!(fabric.is_object(), "a QEMU lab run as root uses network namespaces: {fabric}");
+    lab.ok(&["vlan", "create", "100", "--name", "blue", "--subnet", "10.50.0.0/24", "--gateway", "10.50.0.1"]);
+    lab.ok(&["vlan", "create", "200", "--name", "red", "--subnet", "10.60.0.0/24"]);
+    lab.ok(&["vm", "create", "a1", "--memory", "128M", "--nic", "blue", "--host", "host-1"]);
+    lab.ok(&["vm", "create", "b1", "--memory", "128M", "--nic", "blue", "--host", "host-2"]);
+    lab.ok(&["vm", "create", "r1", "--memory", "128M", "--nic", "red", "--host", "host-2"]);
+    let addr = |g: &str| lab.json(&["vm", "show", g])["spec"]["nics"][0]["address"]["ip"].as_str().unwrap().to_owned();
+    let (a1, b1, r1) = (addr("a1"), addr("b1"), addr("r1"));
+    // The gateway is skipped; each address is unique on its VLAN.
+    assert_eq!((a1.as_str(), b1.as_str(), r1.as_str()), ("10.50.0.2", "10.50.0.3", "10.60.0.1"));
+    for g in ["a1", "b1", "r1"] {
+        lab.booted(g);
+    }
+    // Each guest configured the address IPAM gave it, with the gateway.
+    let (code, out) = lab.sh("a1", "ip -4 addr show eth0; ip route");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("inet 10.50.0.2/24") && out.contains("default via 10.50.0.1"), "{out}");
+
+    // Across hosts on one VLAN: ping, and a TCP transfer that arrives intact.
+    let (code, out) = lab.sh("a1", &format!("ping -c 3 -W 2 {b1}"));
+    assert_eq!(code, 0, "a1 must reach b1 on another host over VLAN 100: {out}");
+    let (code, sum) = lab.sh(
+        "b1",
+        "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1k count=1024 2>/dev/null && \
+         httpd -p 8080 -h /tmp/www && sha256sum < /tmp/www/blob",
+    );
+    assert_eq!(code, 0, "{sum}");
+    let (code, got) = lab.sh("a1", &format!("wget -q -O - http://{b1}:8080/blob | sha256sum"));
+    assert_eq!(code, 0, "{got}");
+    assert_eq!(got.split_whitespace().next(), sum.split_whitespace().next(), "the transfer arrives intact");
+
+    // Another VLAN is another layer-2 segment: r1 (same host as b1) gets an
+    // address in blue's subnet and still reaches nobody there.
+    let (code, out) = lab.sh("r1", &format!("ip addr add 10.50.0.200/24 dev eth0 && ping -c 2 -W 1 {b1}"));
+    assert_ne!(code, 0, "VLAN 200 must not reach VLAN 100: {out}");
+    let (code, out) = lab.sh("r1", &format!("ping -c 2 -W 1 {a1}"));
+    assert_ne!(code, 0, "nor across hosts: {out}");
+
+    // Nothing of the hosts answers on a VLAN: not the manager's API, not a
+    // host's management address, even with a route pointing at the wire.
+    let endpoint = lab.lab_file()["endpoint"].as_str().unwrap().trim_start_matches("http://").to_owned();
+    let (manager_ip, port) = endpoint.split_once(':').unwrap();
+    let host_ip = manager_ip.rsplit_once('.').map(|(net, _)| format!("{net}.11")).unwrap();
+    let (code, out) = lab.sh(
+        "a1",
+        &format!(
+            "ip route add 10.213.0.0/16 dev eth0; ip route add 10.214.0.0/16 dev eth0; \
+             echo x | nc -w 2 {manager_ip} {port} && echo REACHED-MANAGER; \
+             ping -c 1 -W 1 {host_ip} && echo REACHED-HOST; \
+             ping -c 1 -W 1 10.214.{k}.12 && echo REACHED-MIGRATION; true",
+            k = fabric["k"]
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("REACHED"), "a guest reached the management or migration network: {out}");
+
+    // host-2's agent dies: its guests keep talking across hosts; its
+    // restart re-adopts their taps without recreating them.
+    let ns2 = format!("drove-{}-h2", fabric["id"].as_str().unwrap());
+    let b1_id = lab.json(&["vm", "show", "b1"])["id"].as_str().unwrap().to_owned();
+    let tap = format!("dv{}0", &b1_id.replace('-', "")[..10]);
+    let ifindex = || {
+        let out = Command::new("ip").args(["-n", &ns2, "-o", "link", "show", &tap]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split(':').next().unwrap_or_default().to_owned()
+    };
+    let before = ifindex();
+    assert!(!before.is_empty(), "b1's tap {tap} exists in {ns2}");
+    let agent = lab.agent_pid("host-2");
+    lab.ok(&["lab", "fail", "host-2", "--mode", "agent", "--data-dir", lab.data()]);
+    eventually("agent gone", Duration::from_secs(10), || (!pid_alive(agent)).then_some(()));
+    let (code, out) = lab.sh("a1", &format!("ping -c 3 -W 2 {b1}"));
+    assert_eq!(code, 0, "guests keep talking while their agent is dead: {out}");
+    lab.ok(&["lab", "heal", "host-2", "--data-dir", lab.data()]);
+    eventually("host-2 back", Duration::from_secs(30), || {
+        let hosts = lab.json(&["host", "list"]);
+        hosts.as_array().unwrap().iter().all(|h| h["state"] == "up").then_some(())
+    });
+    // One more converge round after the restart.
+    lab.ok(&["vm", "show", "b1"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ifindex(), before, "the restarted agent must not recreate the tap");
+    let (code, out) = lab.sh("a1", &format!("ping -c 2 -W 2 {b1}"));
+    assert_eq!(code, 0, "{out}");
+
+    // Deleting the last guest of a VLAN on a host removes its segment there.
+    lab.ok(&["vm", "delete", "r1"]);
+    let links = Command::new("ip").args(["-n", &ns2, "-o", "link", "show"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("dbr200") && links.contains("dbr100"), "{links}");
+    lab.ok(&["down", "--data-dir", lab.data()]);
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&left.stdout).contains(&ns2), "down removes the namespaces");
 }

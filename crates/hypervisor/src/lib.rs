@@ -178,7 +178,7 @@ pub enum Hotplug {
     /// A new NIC with hardware address `mac`, after the guest's existing
     /// NICs. Its host side is the tap the network layer created for it
     /// (QEMU: [`qemu::QemuHypervisor::tap_name`] of the new NIC's index).
-    AddNic { mac: String },
+    AddNic { nic: drove_model::NicSpec },
     /// Grow the guest's memory to `memory` in total.
     SetMemory { memory: ByteSize },
     /// Grow the guest's vCPUs to `vcpus` in total.
@@ -190,7 +190,7 @@ impl Hotplug {
     pub fn describe(&self) -> String {
         match self {
             Hotplug::AddDisk { size } => format!("adding a {size} disk"),
-            Hotplug::AddNic { mac } => format!("adding a NIC with MAC {mac}"),
+            Hotplug::AddNic { nic } => format!("adding a NIC with MAC {} on VLAN {}", nic.mac, nic.vlan),
             Hotplug::SetMemory { memory } => format!("setting memory to {memory}"),
             Hotplug::SetVcpus { vcpus } => format!("setting vCPUs to {vcpus}"),
         }
@@ -200,6 +200,14 @@ impl Hotplug {
 #[async_trait::async_trait]
 pub trait Hypervisor: Send + Sync + Debug + 'static {
     fn kind(&self) -> HypervisorKind;
+
+    /// The host network device the guest's `index`-th NIC attaches to, which
+    /// the network layer must create and bridge before the guest starts (or
+    /// before the NIC is hot-added); `None` for a backend without host-side
+    /// NICs.
+    fn nic_device(&self, _id: GuestId, _index: usize) -> Option<String> {
+        None
+    }
 
     /// Cores and memory this host offers to guests.
     async fn resources(&self) -> Result<HostResources, HvError>;

@@ -776,15 +776,10 @@ impl Hypervisor for SimHypervisor {
                 return Err(refuse("a disk needs a size above zero".to_owned()));
             }
             crate::Hotplug::AddDisk { size } => spec.disks.push(drove_model::DiskSpec { size: *size }),
-            crate::Hotplug::AddNic { mac } if spec.nics.iter().any(|n| n.mac.eq_ignore_ascii_case(mac)) => {
-                return Err(refuse(format!("the guest already has a NIC with MAC {mac}")));
+            crate::Hotplug::AddNic { nic } if spec.nics.iter().any(|n| n.mac.eq_ignore_ascii_case(&nic.mac)) => {
+                return Err(refuse(format!("the guest already has a NIC with MAC {}", nic.mac)));
             }
-            crate::Hotplug::AddNic { mac } => {
-                // As the QEMU backend records it: hotplug names no VLAN.
-                let vlan = spec.nics.first().map(|n| n.vlan).or_else(|| drove_model::VlanTag::try_from(1u16).ok());
-                let Some(vlan) = vlan else { unreachable!("VLAN 1 is valid") };
-                spec.nics.push(drove_model::NicSpec { vlan, mac: mac.clone() });
-            }
+            crate::Hotplug::AddNic { nic } => spec.nics.push(nic.clone()),
             crate::Hotplug::SetVcpus { vcpus } if *vcpus < spec.vcpus => {
                 return Err(refuse(format!(
                     "vCPUs can only be added while running, not removed: the guest has {}, {vcpus} asked",
@@ -993,10 +988,8 @@ mod tests {
         use crate::ExecRequest;
         let hv = SimHypervisor::new(SimConfig::instant());
         let mut g = sample_guest(1);
-        g.spec.nics = vec![drove_model::NicSpec {
-            vlan: drove_model::VlanTag::new(10).expect("a valid VLAN"),
-            mac: "52:54:00:AA:00:01".into(),
-        }];
+        g.spec.nics =
+            vec![drove_model::NicSpec::new(drove_model::VlanTag::new(10).expect("a valid VLAN"), "52:54:00:AA:00:01")];
         hv.create(&g).await.expect("create");
         let echo = ExecRequest::new("/bin/echo", ["hello", "sim"]);
         assert!(matches!(hv.exec(g.id, &echo).await, Err(HvError::InvalidState { op: "exec", .. })));

@@ -565,9 +565,9 @@ async fn nics_with_a_tap_are_attached_and_configured_from_the_kernel_command_lin
     let mut g = guest("nic-1", &[]);
     let vlan = VlanTag::new(10).unwrap();
     g.spec.nics = vec![
-        NicSpec { vlan, mac: "52:54:00:12:34:56".to_owned() },
+        NicSpec::new(vlan, "52:54:00:12:34:56"),
         // No tap for this one: left out.
-        NicSpec { vlan, mac: "52:54:00:12:34:57".to_owned() },
+        NicSpec::new(vlan, "52:54:00:12:34:57"),
     ];
     // The tap's name says which guest and NIC it serves; the network layer
     // creates it before start. No address on the host side: no traffic.
@@ -719,7 +719,10 @@ async fn hotplug_refusals_and_failures_leave_no_file_node_or_record_change() {
     let spec = record_spec(&hv, g.id);
 
     // A NIC without its tap.
-    let err = hv.hotplug(g.id, &Hotplug::AddNic { mac: "52:54:00:00:99:01".into() }).await.unwrap_err();
+    let err = hv
+        .hotplug(g.id, &Hotplug::AddNic { nic: NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:00:99:01") })
+        .await
+        .unwrap_err();
     assert!(matches!(err, HvError::Unsupported { .. }), "{err:?}");
     let tap = QemuHypervisor::tap_name(g.id, 0);
     assert!(err.to_string().contains(&format!("no tap {tap} exists on this host")), "{err}");
@@ -749,11 +752,16 @@ async fn hotplug_nic_on_its_tap_is_seen_by_the_guest_with_its_mac() {
     hv.start(g.id).await.unwrap();
     wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
     let _tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
-    hv.hotplug(g.id, &Hotplug::AddNic { mac: "52:54:00:00:99:02".into() }).await.unwrap();
+    hv.hotplug(g.id, &Hotplug::AddNic { nic: NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:00:99:02") })
+        .await
+        .unwrap();
     wait_for_guest_output(&hv, g.id, "cat /sys/class/net/eth0/address", "52:54:00:00:99:02").await;
     let spec = record_spec(&hv, g.id);
     assert_eq!(spec["nics"][0]["mac"], "52:54:00:00:99:02", "{spec}");
-    let err = hv.hotplug(g.id, &Hotplug::AddNic { mac: "52:54:00:00:99:02".into() }).await.unwrap_err();
+    let err = hv
+        .hotplug(g.id, &Hotplug::AddNic { nic: NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:00:99:02") })
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("already has a NIC"), "{err}");
     hv.destroy(g.id).await.unwrap();
     assert_no_qemu_for(&lab, g.id);
@@ -852,7 +860,7 @@ async fn guest_interfaces_show_loopback_and_the_nic_with_its_mac_and_address() {
     config.extra_kernel_args = vec!["drove.ip=eth0:10.250.2.7/24".to_owned()];
     let hv = QemuHypervisor::new(config).unwrap();
     let mut g = guest("ifaces-1", &[]);
-    g.spec.nics = vec![NicSpec { vlan: VlanTag::new(10).unwrap(), mac: "52:54:00:ab:cd:01".to_owned() }];
+    g.spec.nics = vec![NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:ab:cd:01")];
     let _tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
     hv.create(&g).await.unwrap();
     hv.start(g.id).await.unwrap();
@@ -1173,7 +1181,7 @@ mod resource_controls {
         let lab = Lab::new();
         let hv = lab.hv();
         let mut g = limited("nic-limit-1", &[], ResourceLimits { nic_rate_bps: Some(RATE_BPS), ..Default::default() });
-        g.spec.nics = vec![NicSpec { vlan: VlanTag::new(10).unwrap(), mac: "52:54:00:12:35:01".to_owned() }];
+        g.spec.nics = vec![NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:12:35:01")];
         let tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
         let ifb = tc::ifb_name(g.id, 0);
         hv.create(&g).await.unwrap();
@@ -1226,7 +1234,7 @@ mod resource_controls {
         const BYTES: usize = 4 * 1024 * 1024;
         let lab = Lab::new();
         let mut g = limited("nic-tput-1", &[], ResourceLimits { nic_rate_bps: Some(RATE_BPS), ..Default::default() });
-        g.spec.nics = vec![NicSpec { vlan: VlanTag::new(10).unwrap(), mac: "52:54:00:12:35:03".to_owned() }];
+        g.spec.nics = vec![NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:12:35:03")];
         let (host_ip, guest_ip) = bench_pair(g.id);
         let mut config = lab.config(Accel::Tcg);
         config.extra_kernel_args = vec![format!("drove.ip=eth0:{guest_ip}/30")];
@@ -1316,7 +1324,7 @@ mod resource_controls {
     }
 
     fn with_nic(mut g: GuestConfig) -> (GuestConfig, Tap) {
-        g.spec.nics = vec![NicSpec { vlan: VlanTag::new(10).unwrap(), mac: "52:54:00:12:35:02".to_owned() }];
+        g.spec.nics = vec![NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:12:35:02")];
         let tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
         (g, tap)
     }

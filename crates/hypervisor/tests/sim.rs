@@ -517,7 +517,14 @@ async fn hotplug_updates_the_running_guests_definition_and_refuses_shrinking_and
 
     let (vcpus, memory) = (g.spec.vcpus, g.spec.memory);
     hv.hotplug(g.id, &add_disk).await.unwrap();
-    hv.hotplug(g.id, &Hotplug::AddNic { mac: "52:54:00:aa:bb:cc".into() }).await.unwrap();
+    hv.hotplug(
+        g.id,
+        &Hotplug::AddNic {
+            nic: drove_model::NicSpec::new(drove_model::VlanTag::new(10).unwrap(), "52:54:00:aa:bb:cc"),
+        },
+    )
+    .await
+    .unwrap();
     hv.hotplug(g.id, &Hotplug::SetVcpus { vcpus: vcpus + 1 }).await.unwrap();
     hv.hotplug(g.id, &Hotplug::SetMemory { memory: ByteSize(memory.bytes() * 2) }).await.unwrap();
     let shrink = hv.hotplug(g.id, &Hotplug::SetVcpus { vcpus }).await.unwrap_err();

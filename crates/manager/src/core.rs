@@ -635,6 +635,16 @@ impl Manager {
 
     // ---- guests ----------------------------------------------------------------
 
+    /// A NIC's own bandwidth cap: at least 8 kbit/s (what `tc` can shape).
+    fn check_nic_rate(field: &str, rate: Option<u64>) -> Result<Option<u64>, ApiError> {
+        match rate {
+            Some(r) if r < 8_000 => {
+                Err(ApiError::invalid(field, format!("a NIC rate must be at least 8000 bit/s (8kbit), got {r}")))
+            }
+            other => Ok(other),
+        }
+    }
+
     fn validate_spec(inv: &Inventory, req: &CreateGuestRequest) -> Result<(GuestSpec, Option<HostId>), ApiError> {
         validate_name(&req.name).map_err(|r| ApiError::invalid("name", format!("guest name {:?} {r}", req.name)))?;
         if !(1..=255).contains(&req.vcpus) {
@@ -661,7 +671,7 @@ impl Manager {
         if req.nics.len() > 8 {
             return Err(ApiError::invalid("nics", format!("at most 8 NICs, got {}", req.nics.len())));
         }
-        let mut nics = Vec::with_capacity(req.nics.len());
+        let mut nics: Vec<NicSpec> = Vec::with_capacity(req.nics.len());
         let mut taken: HashSet<String> = HashSet::new();
         for (i, n) in req.nics.iter().enumerate() {
             let vlan = inv.find_vlan(&n.vlan).ok_or_else(|| {
@@ -673,7 +683,11 @@ impl Manager {
                     break mac;
                 }
             };
-            nics.push(NicSpec { vlan: vlan.tag, mac });
+            let pending: Vec<_> =
+                nics.iter().filter(|p| p.vlan == vlan.tag).filter_map(|p| p.address).map(|a| a.ip).collect();
+            let rate_bps = Self::check_nic_rate(&format!("nics[{i}].rate_bps"), n.rate_bps)?;
+            let address = inv.assign_address(vlan, n.ip, &pending).map_err(|e| ipam_error(&format!("nics[{i}]"), e))?;
+            nics.push(NicSpec { address, rate_bps, ..NicSpec::new(vlan.tag, mac) });
         }
         let priority = req.priority.unwrap_or(Priority::default().0);
         if priority > 100 {
@@ -972,19 +986,25 @@ impl Manager {
                 let vlan = inv
                     .find_vlan(&nic.vlan)
                     .ok_or_else(|| ApiError::invalid("add_nic.vlan", format!("VLAN {:?} does not exist", nic.vlan)))?
-                    .tag;
+                    .clone();
                 if g.spec.nics.len() >= 8 {
                     return Err(ApiError::conflict(format!("guest {} already has 8 NICs", g.spec.name)));
                 }
-                // Reserved now so a concurrent create cannot take it.
+                let rate_bps = Self::check_nic_rate("add_nic.rate_bps", nic.rate_bps)?;
+                let address = inv.assign_address(&vlan, nic.ip, &[]).map_err(|e| ipam_error("add_nic", e))?;
+                // Reserved now so a concurrent create cannot take them.
                 let mac = loop {
                     let mac = random_mac().map_err(|e| ApiError::unavailable(e.to_string()))?;
                     if inv.macs.insert(mac.clone()) {
                         break mac;
                     }
                 };
-                new_nic = Some(NicSpec { vlan, mac: mac.clone() });
-                HotplugChange::AddNic { mac }
+                if let Some(a) = address {
+                    inv.addresses.entry(vlan.tag).or_default().insert(a.ip);
+                }
+                let spec = NicSpec { address, rate_bps, ..NicSpec::new(vlan.tag, mac) };
+                new_nic = Some(spec.clone());
+                HotplugChange::AddNic { nic: spec, index: g.spec.nics.len() as u32 }
             } else if let Some(memory) = req.memory {
                 if memory <= g.spec.memory || !memory.bytes().is_multiple_of(MIB) {
                     return Err(ApiError::invalid(
@@ -1031,7 +1051,11 @@ impl Manager {
         };
         if let Some(err) = failure {
             if let Some(nic) = &new_nic {
-                self.lock().macs.remove(&nic.mac);
+                let mut inv = self.lock();
+                inv.macs.remove(&nic.mac);
+                if let (Some(a), Some(set)) = (nic.address, inv.addresses.get_mut(&nic.vlan)) {
+                    set.remove(&a.ip);
+                }
             }
             return Err(err);
         }
@@ -1588,6 +1612,20 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
 }
 
 /// A locally administered unicast MAC in QEMU's 52:54:00 range.
+/// An address that cannot be given: a conflict when it is taken or the
+/// subnet is full, invalid input otherwise.
+fn ipam_error(field: &str, e: drove_model::vlan::IpamError) -> ApiError {
+    use drove_model::vlan::IpamError as E;
+    match e {
+        E::Taken { .. } | E::Exhausted { .. } => {
+            ApiError { field: Some(field.to_owned()), ..ApiError::conflict(e.to_string()) }
+        }
+        E::NoSubnet { .. } | E::Outside { .. } | E::Gateway { .. } => {
+            ApiError::invalid(&format!("{field}.ip"), e.to_string())
+        }
+    }
+}
+
 fn random_mac() -> Result<String, getrandom::Error> {
     let mut b = [0u8; 3];
     getrandom::fill(&mut b)?;

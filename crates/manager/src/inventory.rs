@@ -105,6 +105,10 @@ pub struct Inventory {
     pub images: BTreeMap<String, drove_model::image::Image>,
     pub ops: HashMap<OperationId, Operation>,
     pub macs: HashSet<String>,
+    /// The addresses NICs hold, per VLAN (IPAM).
+    pub addresses: HashMap<VlanTag, std::collections::BTreeSet<std::net::Ipv4Addr>>,
+    /// Where each VLAN's next-fit allocation continues (not persisted).
+    pub address_cursor: HashMap<VlanTag, std::net::Ipv4Addr>,
     pub tokens: HashMap<String, TokenRecord>,
     /// The guests placed on each host.
     pub by_host: HashMap<HostId, std::collections::BTreeSet<GuestId>>,
@@ -192,6 +196,10 @@ impl Inventory {
         a.guests += 1;
         for nic in &g.spec.nics {
             self.macs.insert(nic.mac.clone());
+            if let Some(a) = nic.address {
+                self.addresses.entry(nic.vlan).or_default().insert(a.ip);
+                self.address_cursor.insert(nic.vlan, std::net::Ipv4Addr::from(u32::from(a.ip).wrapping_add(1)));
+            }
         }
     }
 
@@ -207,6 +215,27 @@ impl Inventory {
         }
         for nic in &g.spec.nics {
             self.macs.remove(&nic.mac);
+            if let (Some(a), Some(set)) = (nic.address, self.addresses.get_mut(&nic.vlan)) {
+                set.remove(&a.ip);
+            }
+        }
+    }
+
+    /// An address for a new NIC on `vlan`: `wanted` if it is free, else the
+    /// next free one; `pending` holds addresses of the same request not yet
+    /// indexed. `None` on a VLAN without a subnet (unless an address was
+    /// asked for: that is an error).
+    pub fn assign_address(
+        &self,
+        vlan: &drove_model::Vlan,
+        wanted: Option<std::net::Ipv4Addr>,
+        pending: &[std::net::Ipv4Addr],
+    ) -> Result<Option<drove_model::NicAddress>, drove_model::vlan::IpamError> {
+        let held = self.addresses.get(&vlan.tag);
+        let used = |ip| pending.contains(&ip) || held.is_some_and(|s| s.contains(&ip));
+        match wanted {
+            Some(ip) => vlan.claim(ip, used).map(Some),
+            None => vlan.allocate(used, self.address_cursor.get(&vlan.tag).copied()),
         }
     }
 

@@ -70,7 +70,7 @@ async fn a_guest_goes_through_its_whole_lifecycle() {
         .await
         .unwrap();
     let mut req = guest("web-1");
-    req.nics = vec![NicRequest { vlan: "blue".into() }, NicRequest { vlan: "100".into() }];
+    req.nics = vec![NicRequest::on("blue"), NicRequest::on("100")];
     let acc = dc.admin.create_guest(&req).await.unwrap();
     dc.wait_succeeded(&acc.operation).await;
     let g = dc.admin.get_guest("web-1").await.unwrap();
@@ -480,7 +480,7 @@ async fn commands_and_interfaces_are_relayed_to_the_guest_agent_and_audited() {
     let dc = Dc::start(1).await;
     dc.admin.create_vlan(&CreateVlanRequest { id: 5, name: "red".into(), subnet: None, gateway: None }).await.unwrap();
     let mut req = guest("inside");
-    req.nics = vec![NicRequest { vlan: "red".into() }];
+    req.nics = vec![NicRequest::on("red")];
     let acc = dc.admin.create_guest(&req).await.unwrap();
     dc.wait_succeeded(&acc.operation).await;
     let exec = |command: &[&str], input: Option<&str>| drove_api::ExecRequest {
@@ -532,10 +532,7 @@ async fn hardware_is_hot_added_to_running_guests_and_refusals_change_nothing() {
     assert_eq!(g.guest.spec.memory, ByteSize::mib(512));
     let g = dc
         .admin
-        .hotplug(
-            "grow",
-            &drove_api::HotplugRequest { add_nic: Some(NicRequest { vlan: "hp".into() }), ..Default::default() },
-        )
+        .hotplug("grow", &drove_api::HotplugRequest { add_nic: Some(NicRequest::on("hp")), ..Default::default() })
         .await
         .unwrap();
     assert_eq!(g.guest.spec.nics.len(), 1);
@@ -550,7 +547,7 @@ async fn hardware_is_hot_added_to_running_guests_and_refusals_change_nothing() {
         (drove_api::HotplugRequest { memory: Some(ByteSize::mib(256)), ..Default::default() }, 400),
         (drove_api::HotplugRequest { vcpus: Some(2), memory: Some(ByteSize::gib(1)), ..Default::default() }, 400),
         (drove_api::HotplugRequest { memory: Some(ByteSize::gib(64)), ..Default::default() }, 409),
-        (drove_api::HotplugRequest { add_nic: Some(NicRequest { vlan: "nope".into() }), ..Default::default() }, 400),
+        (drove_api::HotplugRequest { add_nic: Some(NicRequest::on("nope")), ..Default::default() }, 400),
     ] {
         let err = dc.admin.hotplug("grow", &req).await.unwrap_err();
         assert_eq!(err.status(), Some(status), "{req:?}: {err}");
@@ -708,5 +705,97 @@ async fn images_are_imported_checked_used_as_a_base_and_protected_while_used() {
     dc.wait_succeeded(&dc.admin.delete_guest("from-image").await.unwrap().operation).await;
     dc.admin.delete_image("base").await.unwrap();
     assert!(!std::path::Path::new(&img.path).exists());
+    dc.shutdown().await;
+}
+
+/// Per-VLAN IPAM: concurrent creates never share an address, the gateway is
+/// never handed out, a full subnet and a taken or foreign address are
+/// refused with the reason, a deleted guest's address comes back (after the
+/// cursor wrapped), and addresses survive a manager restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_nic_gets_its_own_address_also_under_concurrent_creates() {
+    let mut dc = Dc::start(3).await;
+    // A /27: 30 host addresses, one of them the gateway.
+    dc.admin
+        .create_vlan(&CreateVlanRequest {
+            id: 300,
+            name: "ipam".into(),
+            subnet: Some("10.3.0.0/27".into()),
+            gateway: Some("10.3.0.1".into()),
+        })
+        .await
+        .unwrap();
+    let creates: Vec<_> = (0..29)
+        .map(|i| {
+            let admin = dc.admin.clone();
+            tokio::spawn(async move {
+                let mut req = guest(&format!("ip-{i}"));
+                req.disks.clear();
+                req.nics = vec![NicRequest::on("ipam")];
+                admin.create_guest(&req).await
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for c in creates {
+        results.push(c.await.unwrap());
+    }
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let addresses = |guests: &[drove_api::GuestView]| -> Vec<std::net::Ipv4Addr> {
+        guests.iter().flat_map(|g| &g.guest.spec.nics).filter_map(|n| n.address.map(|a| a.ip)).collect()
+    };
+    let guests = dc.admin.list_guests().await.unwrap();
+    let mut ips = addresses(&guests);
+    assert_eq!(ips.len(), 29);
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 29, "an address was handed out twice");
+    assert!(!ips.contains(&"10.3.0.1".parse().unwrap()), "the gateway is not a guest address");
+    assert!(guests.iter().flat_map(|g| &g.guest.spec.nics).all(|n| n.address.unwrap().prefix == 27));
+
+    // Full: the next one is refused, and says why.
+    let mut req = guest("ip-full");
+    req.nics = vec![NicRequest::on("ipam")];
+    let err = dc.admin.create_guest(&req).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("no free address"), "{err}");
+
+    // A deleted guest's address is free again; a fixed address is honoured
+    // when free and refused when taken or outside the subnet.
+    let victim = dc.admin.get_guest("ip-7").await.unwrap();
+    let freed = victim.guest.spec.nics[0].address.unwrap().ip;
+    let del = dc.admin.delete_guest("ip-7").await.unwrap();
+    dc.wait_succeeded(&del.operation).await;
+    let taken = dc.admin.get_guest("ip-8").await.unwrap().guest.spec.nics[0].address.unwrap().ip;
+    let mut req = guest("ip-fixed-taken");
+    req.nics = vec![NicRequest { ip: Some(taken), ..NicRequest::on("ipam") }];
+    let err = dc.admin.create_guest(&req).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("already in use"), "{err}");
+    let mut req = guest("ip-fixed-outside");
+    req.nics = vec![NicRequest { ip: Some("10.3.1.5".parse().unwrap()), ..NicRequest::on("ipam") }];
+    let err = dc.admin.create_guest(&req).await.unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("not a host address of subnet 10.3.0.0/27"), "{err}");
+    let mut req = guest("ip-fixed");
+    req.nics = vec![NicRequest { ip: Some(freed), rate_bps: Some(100_000_000), ..NicRequest::on("ipam") }];
+    let acc = dc.admin.create_guest(&req).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let fixed = dc.admin.get_guest("ip-fixed").await.unwrap();
+    assert_eq!(fixed.guest.spec.nics[0].address.unwrap().ip, freed);
+    assert_eq!(fixed.guest.spec.nics[0].rate_bps, Some(100_000_000));
+    let mut req = guest("ip-slow");
+    req.nics = vec![NicRequest { rate_bps: Some(10), ..NicRequest::on("ipam") }];
+    let err = dc.admin.create_guest(&req).await.unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+
+    // Durable: after a restart the same addresses, and still none free.
+    let before = addresses(&dc.admin.list_guests().await.unwrap());
+    dc.restart_manager().await;
+    let after = addresses(&dc.admin.list_guests().await.unwrap());
+    assert_eq!(before.len(), after.len());
+    let mut req = guest("ip-full-again");
+    req.nics = vec![NicRequest::on("ipam")];
+    assert_eq!(dc.admin.create_guest(&req).await.unwrap_err().status(), Some(409));
     dc.shutdown().await;
 }

@@ -64,6 +64,26 @@ pub struct NicSpec {
     pub vlan: VlanTag,
     /// Assigned by the manager at creation: locally administered, unique.
     pub mac: String,
+    /// The NIC's address on its VLAN's subnet, from the manager's IPAM; the
+    /// guest configures it at boot. None on a VLAN without a subnet.
+    #[serde(default)]
+    pub address: Option<crate::vlan::NicAddress>,
+    /// Bandwidth cap of this NIC, bits per second, each direction; overrides
+    /// the guest's `limits.nic_rate_bps`.
+    #[serde(default)]
+    pub rate_bps: Option<u64>,
+}
+
+impl NicSpec {
+    /// A NIC with no address and no cap of its own.
+    pub fn new(vlan: VlanTag, mac: impl Into<String>) -> Self {
+        NicSpec { vlan, mac: mac.into(), address: None, rate_bps: None }
+    }
+
+    /// The cap that applies to this NIC of a guest with `limits`.
+    pub fn effective_rate(&self, limits: &ResourceLimits) -> Option<u64> {
+        self.rate_bps.or(limits.nic_rate_bps)
+    }
 }
 
 /// Expected CPU use over the day: 24 hourly fractions of the guest's vCPUs

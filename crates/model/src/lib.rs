@@ -23,4 +23,4 @@ pub use id::{GuestId, HostId, OperationId, TypedId};
 pub use operation::{Operation, OperationKind, OperationState};
 pub use units::ByteSize;
 pub use uuid;
-pub use vlan::{Vlan, VlanTag};
+pub use vlan::{NicAddress, Vlan, VlanTag};

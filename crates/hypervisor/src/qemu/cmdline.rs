@@ -134,6 +134,15 @@ pub fn kernel_cmdline(config: &GuestConfig, extra: &[String]) -> String {
     // a guest with no PS/2 devices and one UART: i8042 probing, TSC
     // calibration checks, three unused 8250 ports, crypto self-tests.
     let mut line = format!("console=ttyS0 quiet panic=-1 {FAST_BOOT_ARGS} drove.name={name} drove.id={}", config.id);
+    // Addresses by MAC: the guest's interface names depend on PCI order.
+    for nic in &config.spec.nics {
+        if let Some(a) = &nic.address {
+            line.push_str(&format!(" drove.ip=mac-{}:{a}", nic.mac.replace(':', "-")));
+            if let Some(gw) = a.gateway {
+                line.push_str(&format!(":{gw}"));
+            }
+        }
+    }
     for arg in extra {
         line.push(' ');
         line.push_str(arg);
@@ -254,7 +263,7 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, NicSpec, Priority, VlanTag};
+    use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, NicAddress, NicSpec, Priority, VlanTag};
 
     use super::*;
 
@@ -268,8 +277,15 @@ mod tests {
                 memory: ByteSize::mib(512),
                 disks: vec![DiskSpec { size: ByteSize::gib(1) }, DiskSpec { size: ByteSize::gib(2) }],
                 nics: vec![
-                    NicSpec { vlan: VlanTag::new(10).unwrap(), mac: "52:54:00:00:00:01".into() },
-                    NicSpec { vlan: VlanTag::new(20).unwrap(), mac: "52:54:00:00:00:02".into() },
+                    NicSpec {
+                        address: Some(NicAddress {
+                            ip: "10.0.10.5".parse().unwrap(),
+                            prefix: 24,
+                            gateway: Some("10.0.10.1".parse().unwrap()),
+                        }),
+                        ..NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:00:00:01")
+                    },
+                    NicSpec::new(VlanTag::new(20).unwrap(), "52:54:00:00:00:02"),
                 ],
                 priority: Priority::default(),
                 load_profile: None,
@@ -309,6 +325,8 @@ mod tests {
         assert_eq!(args.iter().filter(|a| a.starts_with("virtio-net-pci")).count(), 1);
         assert!(joined.contains("tap,id=net1,ifname=dvtap1,script=no,downscript=no"), "{joined}");
         assert!(joined.contains("netdev=net1,id=nic1,mac=52:54:00:00:00:02"), "{joined}");
+        assert!(joined.contains(" drove.ip=mac-52-54-00-00-00-01:10.0.10.5/24:10.0.10.1"), "{joined}");
+        assert_eq!(joined.matches("drove.ip=mac-").count(), 1, "only NICs with an address: {joined}");
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(append.starts_with("console=ttyS0 "), "{append}");
         assert!(append.contains("drove.name=web-1"), "{append}");

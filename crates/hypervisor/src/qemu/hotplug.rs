@@ -36,7 +36,7 @@
 
 use std::path::PathBuf;
 
-use drove_model::{ByteSize, DiskSpec, GuestId, HypervisorKind, NicSpec, VlanTag};
+use drove_model::{ByteSize, DiskSpec, GuestId, HypervisorKind, NicSpec};
 use serde_json::{Value, json};
 
 use super::cmdline::{self, MEMORY_SLOTS};
@@ -92,7 +92,7 @@ impl QemuHypervisor {
         let mut plug = Plug { hv: self, dir: &dir, slot: &mut slot, pid, config, undo: Vec::new() };
         let result = match change {
             Hotplug::AddDisk { size } => plug.add_disk(*size).await,
-            Hotplug::AddNic { mac } => plug.add_nic(mac).await,
+            Hotplug::AddNic { nic } => plug.add_nic(nic).await,
             Hotplug::SetVcpus { vcpus } => plug.set_vcpus(*vcpus).await,
             Hotplug::SetMemory { memory } => plug.set_memory(*memory).await,
         };
@@ -209,7 +209,8 @@ impl Plug<'_> {
         Ok(())
     }
 
-    async fn add_nic(&mut self, mac: &str) -> Result<(), HvError> {
+    async fn add_nic(&mut self, nic: &NicSpec) -> Result<(), HvError> {
+        let mac = nic.mac.as_str();
         if !is_mac(mac) {
             return Err(refuse(format!("{mac:?} is not a MAC address (six hex pairs separated by colons)")));
         }
@@ -225,7 +226,7 @@ impl Plug<'_> {
                  before the NIC can be added"
             )));
         }
-        if let Some(rate) = self.config.spec.limits.nic_rate_bps {
+        if let Some(rate) = nic.effective_rate(&self.config.spec.limits) {
             let ifb = tc::ifb_name(id, i);
             tc::apply(&tap, &ifb, rate).await.map_err(|e| backend(OP, id)(e.into()))?;
             self.undo.push(Undo::ClearTc { tap: tap.clone(), ifb });
@@ -239,15 +240,11 @@ impl Plug<'_> {
         self.undo.push(Undo::NetdevDel(netdev.clone()));
 
         let mut changed = self.config.clone();
-        // Hotplug names no VLAN: the tap's bridging decides where the NIC
-        // is. The record keeps the guest's first VLAN as the best guess,
-        // VLAN 1 for a guest without NICs.
-        let vlan = changed.spec.nics.first().map(|n| n.vlan).unwrap_or_else(default_vlan);
-        changed.spec.nics.push(NicSpec { vlan, mac: mac.to_owned() });
+        changed.spec.nics.push(nic.clone());
         self.commit_record(changed)?;
         self.qmp(
             "device_add",
-            json!({ "driver": "virtio-net-pci", "netdev": netdev, "id": format!("nic{i}"), "mac": mac }),
+            json!({ "driver": "virtio-net-pci", "netdev": netdev, "id": format!("nic{i}"), "mac": nic.mac }),
         )
         .await?;
         Ok(())
@@ -352,10 +349,6 @@ impl Plug<'_> {
         self.qmp("device_add", json!({ "driver": "pc-dimm", "id": dimm, "memdev": backing })).await?;
         Ok(())
     }
-}
-
-fn default_vlan() -> VlanTag {
-    VlanTag::try_from(1u16).unwrap_or_else(|_| unreachable!("VLAN 1 is valid"))
 }
 
 /// Six pairs of hex digits separated by colons.

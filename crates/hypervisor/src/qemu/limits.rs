@@ -96,15 +96,13 @@ pub(super) async fn before_launch(config: &GuestConfig, taps: &[Option<String>])
         }
     };
     let applied = Applied { id, cgroup, cgroup_required: required };
-    if let Some(rate) = limits.nic_rate_bps {
-        for (index, tap) in taps.iter().enumerate() {
-            let Some(tap) = tap else { continue };
-            if let Err(e) = tc::apply(tap, &tc::ifb_name(id, index), rate).await {
-                if let Err(release_err) = release(id).await {
-                    tracing::error!(guest = %id, error = %release_err, "cannot undo a failed start's limits");
-                }
-                return Err(e.into());
+    for (index, (tap, nic)) in taps.iter().zip(&config.spec.nics).enumerate() {
+        let (Some(tap), Some(rate)) = (tap, nic.effective_rate(limits)) else { continue };
+        if let Err(e) = tc::apply(tap, &tc::ifb_name(id, index), rate).await {
+            if let Err(release_err) = release(id).await {
+                tracing::error!(guest = %id, error = %release_err, "cannot undo a failed start's limits");
             }
+            return Err(e.into());
         }
     }
     Ok(applied)

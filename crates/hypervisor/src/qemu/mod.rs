@@ -799,6 +799,10 @@ impl Hypervisor for QemuHypervisor {
         HypervisorKind::Qemu
     }
 
+    fn nic_device(&self, id: GuestId, index: usize) -> Option<String> {
+        Some(Self::tap_name(id, index))
+    }
+
     async fn resources(&self) -> Result<HostResources, HvError> {
         let c = &self.inner.config;
         Ok(HostResources { cores: c.cores, memory: c.memory })

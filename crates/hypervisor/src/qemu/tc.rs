@@ -34,9 +34,10 @@
 //! ours to delete.
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 
 use drove_model::GuestId;
+pub use drove_net::cmd::device_exists;
+use drove_net::cmd::{CmdError, run, run_json};
 
 /// The handle of our root `tbf` qdiscs, so that we remove only our own.
 pub const ROOT_HANDLE: &str = "d7:";
@@ -48,14 +49,8 @@ const MIN_BURST_BYTES: u64 = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TcError {
-    #[error("running {program}")]
-    Spawn {
-        program: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{command}` exited with {status}: {stderr}")]
-    Failed { command: String, status: ExitStatus, stderr: String },
+    #[error(transparent)]
+    Command(#[from] CmdError),
     #[error("cannot read the output of `{command}`: {reason}")]
     Output { command: String, reason: String },
     #[error("{action} {path}")]
@@ -93,11 +88,6 @@ pub fn guest_ifbs(id: GuestId) -> Result<Vec<(usize, String)>, TcError> {
         .collect();
     ifbs.sort();
     Ok(ifbs)
-}
-
-/// Whether the network device `name` exists.
-pub fn device_exists(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).exists()
 }
 
 /// The token bucket size for `rate_bps`: 10 ms worth of traffic, at least
@@ -179,12 +169,12 @@ pub struct Qdisc {
 /// The qdiscs on `dev`.
 pub async fn qdiscs(dev: &str) -> Result<Vec<Qdisc>, TcError> {
     let args = ["-j", "qdisc", "show", "dev", dev];
-    let out = run("tc", &args).await?;
-    let command = || format!("tc {}", args.join(" "));
-    let value: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| TcError::Output { command: command(), reason: e.to_string() })?;
+    let value = run_json("tc", &args).await?;
     let Some(list) = value.as_array() else {
-        return Err(TcError::Output { command: command(), reason: format!("not a JSON array: {out}") });
+        return Err(TcError::Output {
+            command: format!("tc {}", args.join(" ")),
+            reason: format!("not a JSON array: {value}"),
+        });
     };
     Ok(list
         .iter()
@@ -198,26 +188,6 @@ pub async fn qdiscs(dev: &str) -> Result<Vec<Qdisc>, TcError> {
             }
         })
         .collect())
-}
-
-/// Runs `program args...`; its standard output if it succeeds.
-async fn run(program: &'static str, args: &[impl AsRef<str>]) -> Result<String, TcError> {
-    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-    let output = tokio::process::Command::new(program)
-        .args(&args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| TcError::Spawn { program, source })?;
-    if !output.status.success() {
-        return Err(TcError::Failed {
-            command: format!("{program} {}", args.join(" ")),
-            status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 #[cfg(test)]
