@@ -18,8 +18,8 @@ use drove_api::{
 };
 use drove_client::{Client, ClientError};
 use drove_hypervisor::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
-use drove_model::{GuestId, HostId, NicSpec, RestartPolicy};
-use drove_net::{HostNetwork, NetError, NoNetwork};
+use drove_model::{GuestId, GuestSpec, HostId, NicSpec, ResourceLimits, RestartPolicy};
+use drove_net::{HostNetwork, NetError, NicAttachment, NoNetwork};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub restart_stable_after: Duration,
     /// The host side of guests' NICs (taps on VLAN segments).
     pub network: Arc<dyn HostNetwork>,
+    /// The uplink guests' NIC limits reserve, reported to the manager.
+    pub uplink_bps: Option<u64>,
 }
 
 impl AgentConfig {
@@ -50,6 +52,7 @@ impl AgentConfig {
             restart_backoff_max: Duration::from_secs(60),
             restart_stable_after: Duration::from_secs(60),
             network: Arc::new(NoNetwork),
+            uplink_bps: None,
         }
     }
 }
@@ -173,6 +176,7 @@ impl Agent {
             cores: res.cores,
             memory: res.memory,
             hypervisor: self.hv.kind(),
+            uplink_bps: self.config.uplink_bps,
         };
         let r = self
             .client
@@ -186,6 +190,11 @@ impl Agent {
     /// converge until `shutdown` resolves. Guests keep running after it.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        // Before any guest starts: the uplink's shaping (kept as it is for
+        // the guests already running).
+        if let Err(e) = self.config.network.prepare().await {
+            tracing::error!(error = %e, cause = %source_chain(&e), "cannot set up the host network; guests' NICs may fail");
+        }
         let mut backoff = Duration::from_millis(200);
         let mut registration: Option<(HostId, Duration)> = None;
         loop {
@@ -358,7 +367,7 @@ impl Agent {
             Action::Ensure { start } => {
                 async {
                     let config = GuestConfig { id, generation: d.generation, spec: d.spec.clone() };
-                    self.attach_nics(id, &d.spec.nics).await?;
+                    self.attach_nics(id, &d.spec).await?;
                     self.hv.create(&config).await?;
                     if start {
                         self.hv.start(id).await?;
@@ -414,10 +423,10 @@ impl Agent {
 
     /// Puts each NIC's host device on its VLAN's segment. Idempotent: on a
     /// restart or re-adoption, what is in place stays untouched.
-    async fn attach_nics(&self, id: GuestId, nics: &[NicSpec]) -> Result<(), NetError> {
-        for (i, nic) in nics.iter().enumerate() {
+    async fn attach_nics(&self, id: GuestId, spec: &GuestSpec) -> Result<(), NetError> {
+        for (i, nic) in spec.nics.iter().enumerate() {
             if let Some(dev) = self.hv.nic_device(id, i) {
-                self.config.network.attach(&dev, nic.vlan).await?;
+                self.config.network.attach(&attachment(&dev, nic, &spec.limits)).await?;
             }
         }
         Ok(())
@@ -427,7 +436,8 @@ impl Agent {
     async fn hotplug_nic(&self, id: GuestId, nic: NicSpec, index: usize) -> Result<(), ActError> {
         let device = self.hv.nic_device(id, index);
         if let Some(dev) = &device {
-            self.config.network.attach(dev, nic.vlan).await?;
+            // The manager wrote the guest-wide cap into a hot-added NIC.
+            self.config.network.attach(&attachment(dev, &nic, &Default::default())).await?;
         }
         let result = self.hv.hotplug(id, &drove_hypervisor::Hotplug::AddNic { nic }).await;
         if result.is_err()
@@ -502,6 +512,10 @@ impl Agent {
             tracing::warn!(error = %e, call = call.id, "could not deliver a call result");
         }
     }
+}
+
+fn attachment<'a>(device: &'a str, nic: &'a NicSpec, limits: &ResourceLimits) -> NicAttachment<'a> {
+    NicAttachment { device, vlan: nic.vlan, mac: &nic.mac, rate_bps: nic.effective_rate(limits) }
 }
 
 /// The causes of an error, joined, for one-line messages.

@@ -42,6 +42,9 @@ pub struct HostView {
     pub allocated_vcpus: u32,
     /// Memory of guests placed here.
     pub allocated_memory: ByteSize,
+    /// Uplink bandwidth reserved by the NIC limits of guests placed here.
+    #[serde(default)]
+    pub allocated_nic_bps: u64,
     pub guests: u32,
     /// Milliseconds since the agent was last heard from (`None`: not since
     /// this manager started).
@@ -254,6 +257,9 @@ pub struct RegisterRequest {
     pub cores: u32,
     pub memory: ByteSize,
     pub hypervisor: HypervisorKind,
+    /// The uplink guests' traffic to other hosts shares, bits per second.
+    #[serde(default)]
+    pub uplink_bps: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -17,6 +17,7 @@ use drove_client::Client;
 use drove_model::ByteSize;
 use serde::Serialize;
 
+use crate::bench::percentile;
 use crate::bench_boot::BenchLab;
 use crate::{Format, OutputArgs};
 
@@ -31,6 +32,9 @@ pub struct NetBench {
     /// Pings per latency figure.
     #[arg(long, default_value_t = 20)]
     pub pings: u32,
+    /// Downloads per client; the median counts (TCG guests are noisy).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -91,9 +95,27 @@ fn parse_rtt(out: &str) -> Option<(f64, f64, f64)> {
     }
 }
 
+/// One download of the server's file by `client`, in Mbit/s, timed inside
+/// the guest (centiseconds of uptime): no exec round trip counted.
+async fn download_mbit(c: &Client, client: &str, server_ip: &str, size: ByteSize) -> Result<f64> {
+    let out = sh(
+        c,
+        client,
+        &format!(
+            "a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null http://{server_ip}:8080/blob || exit 1; \
+             b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"
+        ),
+        600,
+    )
+    .await?;
+    let times: Vec<f64> = out.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let [t0, t1] = times[..] else { bail!("unexpected timing output from {client}: {out}") };
+    Ok(size.bytes() as f64 * 8.0 / (t1 - t0).max(0.01) / 1e6)
+}
+
 pub async fn run(a: NetBench) -> Result<()> {
-    if a.size.as_mib() == 0 {
-        bail!("--size must be at least 1M");
+    if a.size.as_mib() == 0 || a.runs == 0 {
+        bail!("--size must be at least 1M and --runs at least 1");
     }
     let (lab, c) = BenchLab::start("net", &["--hosts", "2", "--net", "netns", "--vcpu-overcommit", "16"])?;
     c.create_vlan(&CreateVlanRequest {
@@ -143,21 +165,12 @@ pub async fn run(a: NetBench) -> Result<()> {
         let out = sh(&c, name, &format!("ping -c {} -i 0.2 -W 2 {server_ip}", a.pings), 120).await?;
         let (rtt_min_ms, rtt_avg_ms, rtt_max_ms) =
             parse_rtt(&out).with_context(|| format!("no ping summary from {name}: {out}"))?;
-        // Centiseconds of uptime around the download: no exec round trip.
-        let out = sh(
-            &c,
-            name,
-            &format!(
-                "a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null http://{server_ip}:8080/blob || exit 1; \
-                 b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"
-            ),
-            600,
-        )
-        .await?;
-        let times: Vec<f64> = out.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-        let [t0, t1] = times[..] else { bail!("unexpected timing output from {name}: {out}") };
-        let secs = (t1 - t0).max(0.01);
-        let mbit_per_s = a.size.bytes() as f64 * 8.0 / secs / 1e6;
+        let mut speeds = Vec::with_capacity(a.runs);
+        for _ in 0..a.runs {
+            speeds.push(download_mbit(&c, name, &server_ip, a.size).await?);
+        }
+        speeds.sort_by(f64::total_cmp);
+        let mbit_per_s = percentile(&speeds, 0.5);
         let limit_mbit = nic.rate_bps.map(|r| r as f64 / 1e6);
         rows.push(Row {
             path,

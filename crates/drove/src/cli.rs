@@ -327,7 +327,20 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
                 .iter()
                 .copied()
                 .zip(row(&h))
-                .chain([("id", h.info.id.to_string()), ("registered", h.info.registered_at.clone())])
+                .chain([
+                    ("id", h.info.id.to_string()),
+                    ("registered", h.info.registered_at.clone()),
+                    (
+                        "uplink",
+                        h.info.uplink_bps.map_or("not managed".into(), |u| {
+                            format!(
+                                "{} Mbit/s, {} Mbit/s reserved by NIC limits",
+                                u as f64 / 1e6,
+                                h.allocated_nic_bps as f64 / 1e6
+                            )
+                        }),
+                    ),
+                ])
                 .collect();
             print_one(out.format, &h, fields)
         }

@@ -107,6 +107,10 @@ pub struct AgentArgs {
     /// Without it the host has no guest networking: NICs are left out.
     #[arg(long)]
     pub underlay: Option<String>,
+    /// The underlay's capacity for guest traffic, e.g. 1gbit: shaped, and
+    /// reserved by guests' NIC limits (placement keeps within it).
+    #[arg(long, value_parser = crate::cli::parse_rate, requires = "underlay")]
+    pub uplink_rate: Option<u64>,
 }
 
 pub fn hypervisor(
@@ -131,7 +135,8 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
     let hv = hypervisor(a.backend, &a.data_dir, a.cores, a.memory)?;
     let mut config = AgentConfig::new(&a.name);
     if let Some(dev) = &a.underlay {
-        config.network = Arc::new(drove_net::VxlanNetwork::new(dev.clone(), None)?);
+        config.network = Arc::new(drove_net::VxlanNetwork::new(dev.clone(), None)?.with_uplink(a.uplink_rate));
+        config.uplink_bps = a.uplink_rate;
         tracing::info!(underlay = %dev, "guest VLANs run as VXLAN segments over the underlay");
     }
     let agent = Agent::new(config, Client::new(&a.manager, &token), hv);

@@ -55,6 +55,10 @@ pub struct UpArgs {
     /// guests without NICs. `auto`: netns for QEMU hosts when root.
     #[arg(long, value_enum, default_value_t = NetMode::Auto)]
     pub net: NetMode,
+    /// Each host's uplink for guest traffic, e.g. 1gbit (netns labs):
+    /// shaped, and reserved by guests' NIC limits.
+    #[arg(long, value_parser = crate::cli::parse_rate)]
+    pub uplink_rate: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -231,6 +235,9 @@ pub async fn up(a: UpArgs) -> Result<()> {
         NetMode::Host => false,
         NetMode::Auto => root && a.backend == Backend::Qemu,
     };
+    if a.uplink_rate.is_some() && !netns {
+        bail!("--uplink-rate needs --net netns (hosts without a trunk have no uplink to shape)");
+    }
     if netns && a.hosts > fabric::MAX_HOSTS {
         bail!("--net netns supports at most {} hosts, got {}", fabric::MAX_HOSTS, a.hosts);
     }
@@ -309,6 +316,9 @@ pub async fn up(a: UpArgs) -> Result<()> {
         let mut extra: Vec<String> = Vec::new();
         if ns.is_some() {
             extra.extend(["--underlay".into(), fabric::TRUNK_IF.into()]);
+            if let Some(rate) = a.uplink_rate {
+                extra.extend(["--uplink-rate".into(), rate.to_string()]);
+            }
         }
         let args: Vec<String> = [
             "agent".into(),

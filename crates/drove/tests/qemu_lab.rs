@@ -17,20 +17,20 @@ struct Lab {
 
 impl Lab {
     fn start(hosts: u32) -> Lab {
+        Self::start_with(hosts, &[])
+    }
+
+    fn start_with(hosts: u32, extra: &[&str]) -> Lab {
         // Short path: guests' unix sockets live under it.
         let dir = tempfile::Builder::new().prefix("dq").tempdir_in("/tmp").unwrap();
         let config = dir.path().join("client.json");
         let lab = Lab { dir, config };
-        let out = lab.drove(&[
-            "up",
-            "--backend",
-            "qemu",
-            "--hosts",
-            &hosts.to_string(),
-            "--detach",
-            "--data-dir",
-            lab.data(),
-        ]);
+        let out = lab.drove(
+            &["up", "--backend", "qemu", "--hosts", &hosts.to_string(), "--detach", "--data-dir", lab.data()]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .collect::<Vec<_>>(),
+        );
         assert!(out.status.success(), "drove up failed: {}", String::from_utf8_lossy(&out.stderr));
         lab
     }
@@ -384,4 +384,68 @@ fn vlans_span_hosts_and_isolate_guests() {
     lab.ok(&["down", "--data-dir", lab.data()]);
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&left.stdout).contains(&ns2), "down removes the namespaces");
+}
+
+/// Downloads `/blob` from `server` inside `client`; Mbit/s, timed in the guest.
+fn download_mbit(lab: &Lab, client: &str, server_ip: &str, bytes: u64) -> f64 {
+    let (code, out) = lab.sh(
+        client,
+        &format!(
+            "a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null http://{server_ip}:8080/blob || exit 1; \
+             b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    let t: Vec<f64> = out.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    bytes as f64 * 8.0 / (t[1] - t[0]).max(0.01) / 1e6
+}
+
+/// A host's uplink is shaped to its rate; a NIC limit is a guaranteed share
+/// of it (measured with real transfers while a best-effort guest competes),
+/// and placement never reserves more than the uplink.
+#[test]
+fn uplink_shares_hold_under_load() {
+    const UPLINK: f64 = 40.0;
+    const SHARE: f64 = 20.0;
+    let lab = Lab::start_with(2, &["--uplink-rate", "40mbit"]);
+    lab.ok(&["vlan", "create", "100", "--name", "lan", "--subnet", "10.70.0.0/24"]);
+    lab.ok(&["vm", "create", "s-lim", "--memory", "128M", "--nic", "lan,rate=20mbit", "--host", "host-1"]);
+    lab.ok(&["vm", "create", "s-free", "--memory", "128M", "--nic", "lan", "--host", "host-1"]);
+    lab.ok(&["vm", "create", "c-1", "--memory", "128M", "--nic", "lan", "--host", "host-2"]);
+    lab.ok(&["vm", "create", "c-2", "--memory", "128M", "--nic", "lan", "--host", "host-2"]);
+    // 20 of host-1's 40 Mbit/s are reserved: a 30 Mbit/s NIC does not fit.
+    let out = lab.drove(&["vm", "create", "s-big", "--memory", "128M", "--nic", "lan,rate=30mbit", "--host", "host-1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("uplink reserved"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lab.ok(&["host", "show", "host-1"]).contains("40 Mbit/s, 20 Mbit/s reserved"));
+    let ip = |g: &str| lab.json(&["vm", "show", g])["spec"]["nics"][0]["address"]["ip"].as_str().unwrap().to_owned();
+    let (lim_ip, free_ip) = (ip("s-lim"), ip("s-free"));
+    const BYTES: u64 = 6 << 20;
+    for g in ["s-lim", "s-free", "c-1", "c-2"] {
+        lab.booted(g);
+    }
+    for g in ["s-lim", "s-free"] {
+        let (code, out) = lab.sh(
+            g,
+            &format!("mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1k count={} 2>/dev/null && httpd -p 8080 -h /tmp/www", BYTES >> 10),
+        );
+        assert_eq!(code, 0, "{out}");
+    }
+    // Alone, a best-effort guest gets the whole uplink, and no more.
+    let alone = download_mbit(&lab, "c-2", &free_ip, BYTES);
+    assert!((UPLINK * 0.85..=UPLINK * 1.15).contains(&alone), "best effort alone: {alone:.1} Mbit/s, uplink {UPLINK}");
+    // Competing: the limited NIC keeps its share, the uplink its cap.
+    let (lim, free) = std::thread::scope(|s| {
+        let lim = s.spawn(|| download_mbit(&lab, "c-1", &lim_ip, BYTES));
+        let free = s.spawn(|| download_mbit(&lab, "c-2", &free_ip, BYTES));
+        (lim.join().unwrap(), free.join().unwrap())
+    });
+    eprintln!("uplink {UPLINK}: alone {alone:.1}, limited {lim:.1}, best effort {free:.1} Mbit/s");
+    assert!((SHARE * 0.85..=SHARE * 1.15).contains(&lim), "guaranteed share under load: {lim:.1} Mbit/s of {SHARE}");
+    assert!(free <= UPLINK * 1.15, "best effort under load: {free:.1} Mbit/s");
+    assert!(lim + free <= UPLINK * 1.15, "both together: {lim:.1} + {free:.1} Mbit/s on a {UPLINK} uplink");
 }

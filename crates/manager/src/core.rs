@@ -334,6 +334,7 @@ impl Manager {
             info: h.info.clone(),
             allocated_vcpus: a.vcpus,
             allocated_memory: ByteSize(a.memory),
+            allocated_nic_bps: a.nic_bps,
             guests: a.guests,
             last_seen_ms: h.last_seen.map(|t| t.elapsed().as_millis() as u64),
             orphans: h.orphans,
@@ -756,6 +757,8 @@ impl Manager {
                     memory: h.info.memory,
                     allocated_vcpus: a.vcpus,
                     allocated_memory: ByteSize(a.memory),
+                    uplink_bps: h.info.uplink_bps,
+                    allocated_nic_bps: a.nic_bps,
                 }
             })
             .collect()
@@ -785,7 +788,7 @@ impl Manager {
                 if inv.guest_names.contains_key(&spec.name) {
                     return Err(ApiError::conflict(format!("a guest named {:?} already exists", spec.name)));
                 }
-                let request = Request { vcpus: spec.vcpus, memory: spec.memory };
+                let request = Request { vcpus: spec.vcpus, memory: spec.memory, nic_bps: spec.nic_reservation() };
                 let host = drove_placement::place(&self.capacities(&inv), request, pinned, &self.config.policy)
                     .map_err(|e| match e {
                         PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
@@ -1002,7 +1005,22 @@ impl Manager {
                 if let Some(a) = address {
                     inv.addresses.entry(vlan.tag).or_default().insert(a.ip);
                 }
+                // The guest-wide cap made explicit: the host applies and
+                // reserves what the NIC carries.
+                let rate_bps = rate_bps.or(g.spec.limits.nic_rate_bps);
                 let spec = NicSpec { address, rate_bps, ..NicSpec::new(vlan.tag, mac) };
+                if let (Some(uplink), Some(rate)) = (host.uplink_bps, spec.rate_bps)
+                    && alloc.nic_bps + rate > uplink
+                {
+                    inv.macs.remove(&spec.mac);
+                    if let (Some(a), Some(set)) = (address, inv.addresses.get_mut(&vlan.tag)) {
+                        set.remove(&a.ip);
+                    }
+                    return Err(ApiError::conflict(format!(
+                        "host {} has {} of its {} bit/s uplink reserved by NIC limits; a {rate} bit/s NIC does not fit",
+                        host.name, alloc.nic_bps, uplink
+                    )));
+                }
                 new_nic = Some(spec.clone());
                 HotplugChange::AddNic { nic: spec, index: g.spec.nics.len() as u32 }
             } else if let Some(memory) = req.memory {
@@ -1098,6 +1116,7 @@ impl Manager {
                     info.cores = req.cores;
                     info.memory = req.memory;
                     info.hypervisor = req.hypervisor;
+                    info.uplink_bps = req.uplink_bps;
                     info.state = info.state.apply(HostEvent::HeartbeatBack).unwrap_or(info.state);
                     info
                 }
@@ -1109,6 +1128,7 @@ impl Manager {
                     hypervisor: req.hypervisor,
                     state: HostState::Up,
                     registered_at: now_rfc3339(),
+                    uplink_bps: req.uplink_bps,
                 },
             };
             let id = info.id;

@@ -91,6 +91,8 @@ pub struct Allocation {
     pub vcpus: u32,
     pub memory: u64,
     pub guests: u32,
+    /// Uplink bandwidth its guests' NIC limits reserve, bits per second.
+    pub nic_bps: u64,
 }
 
 #[derive(Debug, Default)]
@@ -194,6 +196,7 @@ impl Inventory {
         a.vcpus += g.spec.vcpus;
         a.memory += g.spec.memory.bytes();
         a.guests += 1;
+        a.nic_bps += g.spec.nic_reservation();
         for nic in &g.spec.nics {
             self.macs.insert(nic.mac.clone());
             if let Some(a) = nic.address {
@@ -212,6 +215,7 @@ impl Inventory {
             a.vcpus = a.vcpus.saturating_sub(g.spec.vcpus);
             a.memory = a.memory.saturating_sub(g.spec.memory.bytes());
             a.guests = a.guests.saturating_sub(1);
+            a.nic_bps = a.nic_bps.saturating_sub(g.spec.nic_reservation());
         }
         for nic in &g.spec.nics {
             self.macs.remove(&nic.mac);

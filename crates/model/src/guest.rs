@@ -74,6 +74,13 @@ pub struct NicSpec {
     pub rate_bps: Option<u64>,
 }
 
+impl GuestSpec {
+    /// The uplink bandwidth its NIC limits reserve, bits per second.
+    pub fn nic_reservation(&self) -> u64 {
+        self.nics.iter().filter_map(|n| n.effective_rate(&self.limits)).sum()
+    }
+}
+
 impl NicSpec {
     /// A NIC with no address and no cap of its own.
     pub fn new(vlan: VlanTag, mac: impl Into<String>) -> Self {

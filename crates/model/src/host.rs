@@ -130,6 +130,10 @@ pub struct HostInfo {
     pub state: HostState,
     /// When the agent first registered (RFC 3339).
     pub registered_at: String,
+    /// The host's uplink for guest traffic, bits per second, which guests'
+    /// NIC limits reserve; `None`: not managed.
+    #[serde(default)]
+    pub uplink_bps: Option<u64>,
 }
 
 #[cfg(test)]

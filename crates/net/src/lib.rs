@@ -32,6 +32,8 @@ use drove_model::VlanTag;
 
 pub mod cmd;
 pub mod fabric;
+pub mod tc_rate;
+pub mod uplink;
 
 pub use cmd::CmdError;
 
@@ -48,6 +50,8 @@ pub enum NetError {
     NoUnderlay(String),
     #[error("network device name {0:?} is not valid (1 to 15 bytes, no '/', ':' or whitespace)")]
     BadName(String),
+    #[error("{0:?} is not a MAC address (six hex pairs separated by colons)")]
+    BadMac(String),
     #[error("device {device} exists but is a {kind}, not a tap")]
     NotATap { device: String, kind: String },
     #[error("changing the host network")]
@@ -79,13 +83,30 @@ fn check_name(name: &str) -> Result<(), NetError> {
     if ok { Ok(()) } else { Err(NetError::BadName(name.to_owned())) }
 }
 
+/// A guest NIC's host side, as the network layer needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct NicAttachment<'a> {
+    /// The host device (tap) the hypervisor connects the NIC to.
+    pub device: &'a str,
+    pub vlan: VlanTag,
+    pub mac: &'a str,
+    /// The NIC's rate limit, reserved on the host's uplink.
+    pub rate_bps: Option<u64>,
+}
+
 /// The host side of guests' NICs.
 #[async_trait::async_trait]
 pub trait HostNetwork: Send + Sync + Debug + 'static {
-    /// Makes `device` a tap on `vlan`'s segment, creating the segment on
-    /// first use. A tap that is already there, on that segment and up, is
-    /// left as it is.
-    async fn attach(&self, device: &str, vlan: VlanTag) -> Result<(), NetError>;
+    /// Host-wide set-up at agent start (the uplink's shaping). Keeps what
+    /// guests already use.
+    async fn prepare(&self) -> Result<(), NetError> {
+        Ok(())
+    }
+
+    /// Makes the NIC's device a tap on its VLAN's segment, creating the
+    /// segment on first use, and reserves its rate on the uplink. A tap
+    /// that is already there, on that segment and up, is left as it is.
+    async fn attach(&self, nic: &NicAttachment<'_>) -> Result<(), NetError>;
 
     /// Removes `devices` (those that exist), then every segment left with no
     /// guest device.
@@ -101,7 +122,7 @@ pub struct NoNetwork;
 
 #[async_trait::async_trait]
 impl HostNetwork for NoNetwork {
-    async fn attach(&self, _device: &str, _vlan: VlanTag) -> Result<(), NetError> {
+    async fn attach(&self, _nic: &NicAttachment<'_>) -> Result<(), NetError> {
         Ok(())
     }
     async fn detach(&self, _devices: &[String]) -> Result<(), NetError> {
@@ -118,6 +139,8 @@ impl HostNetwork for NoNetwork {
 pub struct VxlanNetwork {
     underlay: String,
     netns: Option<String>,
+    /// The underlay's capacity for guest traffic, shaped (see `uplink`).
+    uplink_bps: Option<u64>,
     /// One change at a time: an attach and the pruning after a detach must
     /// not interleave, or a segment could go while a tap joins it.
     lock: tokio::sync::Mutex<()>,
@@ -127,6 +150,7 @@ pub struct VxlanNetwork {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Link {
     name: String,
+    ifindex: u32,
     kind: String,
     master: Option<String>,
     up: bool,
@@ -137,7 +161,13 @@ impl VxlanNetwork {
     pub fn new(underlay: impl Into<String>, netns: Option<String>) -> Result<Self, NetError> {
         let underlay = underlay.into();
         check_name(&underlay)?;
-        Ok(VxlanNetwork { underlay, netns, lock: tokio::sync::Mutex::new(()) })
+        Ok(VxlanNetwork { underlay, netns, uplink_bps: None, lock: tokio::sync::Mutex::new(()) })
+    }
+
+    /// Shapes the underlay to `rate_bps` (see [`uplink`]).
+    pub fn with_uplink(mut self, rate_bps: Option<u64>) -> Self {
+        self.uplink_bps = rate_bps;
+        self
     }
 
     pub fn underlay(&self) -> &str {
@@ -243,7 +273,16 @@ impl VxlanNetwork {
 
 #[async_trait::async_trait]
 impl HostNetwork for VxlanNetwork {
-    async fn attach(&self, device: &str, vlan: VlanTag) -> Result<(), NetError> {
+    async fn prepare(&self) -> Result<(), NetError> {
+        let _guard = self.lock.lock().await;
+        if !self.links().await?.contains_key(&self.underlay) {
+            return Err(NetError::NoUnderlay(self.underlay.clone()));
+        }
+        uplink::configure(self.netns.as_deref(), &self.underlay, self.uplink_bps).await
+    }
+
+    async fn attach(&self, nic: &NicAttachment<'_>) -> Result<(), NetError> {
+        let (device, vlan) = (nic.device, nic.vlan);
         check_name(device)?;
         let _guard = self.lock.lock().await;
         let links = self.links().await?;
@@ -268,7 +307,15 @@ impl HostNetwork for VxlanNetwork {
         if !tap.is_some_and(|l| l.up) {
             self.ip(&["link", "set", device, "up"]).await?;
         }
-        Ok(())
+        let ifindex = match tap {
+            Some(l) => l.ifindex,
+            None => self.links().await?.get(device).map_or(0, |l| l.ifindex),
+        };
+        let ns = self.netns.as_deref();
+        match nic.rate_bps {
+            Some(rate) => uplink::reserve(ns, &self.underlay, ifindex, nic.mac, rate).await,
+            None => uplink::release(ns, &self.underlay, ifindex).await,
+        }
     }
 
     async fn detach(&self, devices: &[String]) -> Result<(), NetError> {
@@ -276,7 +323,8 @@ impl HostNetwork for VxlanNetwork {
         let links = self.links().await?;
         for device in devices {
             check_name(device)?;
-            if links.contains_key(device) {
+            if let Some(l) = links.get(device) {
+                uplink::release(self.netns.as_deref(), &self.underlay, l.ifindex).await?;
                 self.ip(&["link", "del", device]).await?;
             }
         }
@@ -318,6 +366,7 @@ fn parse_links(value: &serde_json::Value) -> Vec<Link> {
     list.iter()
         .filter_map(|l| {
             let name = l.get("ifname")?.as_str()?.to_owned();
+            let ifindex = l.get("ifindex").and_then(|i| i.as_u64()).unwrap_or(0) as u32;
             let kind = l.pointer("/linkinfo/info_kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
             let master = l.get("master").and_then(|m| m.as_str()).map(str::to_owned);
             let up = l
@@ -325,7 +374,7 @@ fn parse_links(value: &serde_json::Value) -> Vec<Link> {
                 .and_then(|f| f.as_array())
                 .is_some_and(|flags| flags.iter().any(|f| f.as_str() == Some("UP")));
             let mtu = l.get("mtu").and_then(|m| m.as_u64()).unwrap_or(1500) as u32;
-            Some(Link { name, kind, master, up, mtu })
+            Some(Link { name, ifindex, kind, master, up, mtu })
         })
         .collect()
 }

@@ -64,6 +64,12 @@ pub struct HostCapacity {
     pub memory: ByteSize,
     pub allocated_vcpus: u32,
     pub allocated_memory: ByteSize,
+    /// The host's uplink (what its guests' traffic to other hosts shares),
+    /// bits per second; `None`: not managed.
+    pub uplink_bps: Option<u64>,
+    /// The sum of the NIC rate limits of its guests: bandwidth reserved on
+    /// the uplink.
+    pub allocated_nic_bps: u64,
 }
 
 impl HostCapacity {
@@ -96,11 +102,24 @@ impl HostCapacity {
                 policy.vcpu_overcommit
             ));
         }
+        if let Some(uplink) = self.uplink_bps
+            && self.allocated_nic_bps + req.nic_bps > uplink
+        {
+            return Some(format!(
+                "host {} has {} of its {} uplink reserved by NIC limits, {} more requested",
+                self.name,
+                Mbit(self.allocated_nic_bps),
+                Mbit(uplink),
+                Mbit(req.nic_bps)
+            ));
+        }
         None
     }
     /// Whether `req` could fit on this host if it were empty.
     fn could_ever_hold(&self, req: &Request, policy: &Policy) -> bool {
-        req.memory <= self.memory && u64::from(req.vcpus) <= self.vcpu_limit(policy)
+        req.memory <= self.memory
+            && u64::from(req.vcpus) <= self.vcpu_limit(policy)
+            && self.uplink_bps.is_none_or(|u| req.nic_bps <= u)
     }
 }
 
@@ -109,6 +128,28 @@ impl HostCapacity {
 pub struct Request {
     pub vcpus: u32,
     pub memory: ByteSize,
+    /// The sum of its NICs' rate limits, bits per second (NICs without a
+    /// limit reserve nothing: they share what is left, fairly).
+    pub nic_bps: u64,
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} vCPUs and {} memory", self.vcpus, self.memory)?;
+        if self.nic_bps > 0 {
+            write!(f, " and {} of uplink", Mbit(self.nic_bps))?;
+        }
+        Ok(())
+    }
+}
+
+/// Bits per second, printed in Mbit/s.
+struct Mbit(u64);
+
+impl std::fmt::Display for Mbit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} Mbit/s", self.0 as f64 / 1e6)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,14 +168,10 @@ impl Default for Policy {
 pub enum PlacementError {
     #[error("no host is registered")]
     NoHosts,
-    #[error(
-        "no host can ever hold {vcpus} vCPUs and {memory} memory (largest host: {largest_cores} cores, {largest_memory})"
-    )]
-    TooLarge { vcpus: u32, memory: ByteSize, largest_cores: u32, largest_memory: ByteSize },
-    #[error(
-        "no host has room for {vcpus} vCPUs and {memory} memory now ({hosts} hosts checked; most free memory: {most_free})"
-    )]
-    NoRoom { vcpus: u32, memory: ByteSize, hosts: usize, most_free: ByteSize },
+    #[error("no host can ever hold {request} (largest host: {largest_cores} cores, {largest_memory}{largest_uplink})")]
+    TooLarge { request: String, largest_cores: u32, largest_memory: ByteSize, largest_uplink: String },
+    #[error("no host has room for {request} now ({hosts} hosts checked; most free memory: {most_free})")]
+    NoRoom { request: String, hosts: usize, most_free: ByteSize },
     #[error("{reason}")]
     PinnedMisfit { host: HostId, reason: String },
     #[error("pinned host {0} is not known")]
@@ -160,11 +197,16 @@ pub fn place(
     }
     if !hosts.iter().any(|h| h.could_ever_hold(&req, policy)) {
         let largest = hosts.iter().max_by_key(|h| (h.memory, h.cores)).ok_or(PlacementError::NoHosts)?;
+        let uplinks: Option<Vec<u64>> = hosts.iter().map(|h| h.uplink_bps).collect();
+        let largest_uplink = match uplinks.and_then(|u| u.into_iter().max()) {
+            Some(u) if req.nic_bps > 0 => format!("; largest uplink {}", Mbit(u)),
+            _ => String::new(),
+        };
         return Err(PlacementError::TooLarge {
-            vcpus: req.vcpus,
-            memory: req.memory,
+            request: req.to_string(),
             largest_cores: largest.cores,
             largest_memory: largest.memory,
+            largest_uplink,
         });
     }
     hosts
@@ -175,8 +217,7 @@ pub fn place(
         })
         .map(|h| h.id)
         .ok_or_else(|| PlacementError::NoRoom {
-            vcpus: req.vcpus,
-            memory: req.memory,
+            request: req.to_string(),
             hosts: hosts.len(),
             most_free: ByteSize(
                 hosts.iter().filter(|h| h.schedulable).map(HostCapacity::free_memory).max().unwrap_or(0),
@@ -199,6 +240,8 @@ mod tests {
             memory: ByteSize::gib(mem_gib),
             allocated_vcpus: 0,
             allocated_memory: ByteSize(0),
+            uplink_bps: None,
+            allocated_nic_bps: 0,
         }
     }
 
@@ -210,17 +253,17 @@ mod tests {
     fn spreads_to_most_free_memory() {
         let mut hosts = vec![host(1, 4, 8), host(2, 4, 8)];
         hosts[0].allocated_memory = ByteSize::gib(2);
-        let req = Request { vcpus: 1, memory: ByteSize::gib(1) };
+        let req = Request { vcpus: 1, memory: ByteSize::gib(1), nic_bps: 0 };
         assert_eq!(place(&hosts, req, None, &Policy::default()), Ok(hosts[1].id));
     }
 
     #[test]
     fn refuses_what_no_host_can_hold_and_says_why() {
         let hosts = vec![host(1, 4, 8)];
-        let req = Request { vcpus: 1, memory: ByteSize::gib(9) };
+        let req = Request { vcpus: 1, memory: ByteSize::gib(9), nic_bps: 0 };
         let err = place(&hosts, req, None, &Policy::default()).expect_err("too large");
         assert!(matches!(err, PlacementError::TooLarge { .. }), "{err}");
-        let req = Request { vcpus: 17, memory: ByteSize::gib(1) };
+        let req = Request { vcpus: 17, memory: ByteSize::gib(1), nic_bps: 0 };
         assert!(matches!(place(&hosts, req, None, &Policy::default()), Err(PlacementError::TooLarge { .. })));
     }
 
@@ -229,10 +272,28 @@ mod tests {
         let mut hosts = vec![host(1, 4, 8), host(2, 4, 8)];
         hosts[0].schedulable = false;
         hosts[1].allocated_memory = ByteSize::gib(8);
-        let req = Request { vcpus: 1, memory: ByteSize::gib(1) };
+        let req = Request { vcpus: 1, memory: ByteSize::gib(1), nic_bps: 0 };
         assert!(matches!(place(&hosts, req, None, &Policy::default()), Err(PlacementError::NoRoom { .. })));
         let pinned = place(&hosts, req, Some(hosts[0].id), &Policy::default());
         assert!(matches!(pinned, Err(PlacementError::PinnedMisfit { .. })));
+    }
+
+    #[test]
+    fn nic_limits_reserve_the_uplink() {
+        let mut hosts = vec![host(1, 64, 64)];
+        hosts[0].uplink_bps = Some(1_000_000_000);
+        let req = Request { vcpus: 1, memory: ByteSize::mib(128), nic_bps: 100_000_000 };
+        // Ten 100 Mbit/s guests fit a 1 Gbit/s uplink, the eleventh does not.
+        for _ in 0..10 {
+            assert_eq!(place(&hosts, req, None, &Policy::default()), Ok(hosts[0].id));
+            hosts[0].allocated_nic_bps += req.nic_bps;
+        }
+        let err = place(&hosts, req, Some(hosts[0].id), &Policy::default()).expect_err("uplink full");
+        assert!(err.to_string().contains("1000 Mbit/s uplink reserved"), "{err}");
+        let unlimited = Request { nic_bps: 0, ..req };
+        assert!(place(&hosts, unlimited, None, &Policy::default()).is_ok(), "best-effort NICs reserve nothing");
+        let huge = Request { nic_bps: 2_000_000_000, ..req };
+        assert!(matches!(place(&hosts, huge, None, &Policy::default()), Err(PlacementError::TooLarge { .. })));
     }
 
     proptest! {
@@ -243,7 +304,7 @@ mod tests {
             let policy = Policy::default();
             let mut hosts: Vec<HostCapacity> = (1..=5).map(|n| host(n, 4, 8)).collect();
             for (vcpus, mib) in reqs {
-                let req = Request { vcpus, memory: ByteSize::mib(mib) };
+                let req = Request { vcpus, memory: ByteSize::mib(mib), nic_bps: 0 };
                 match place(&hosts, req, None, &policy) {
                     Ok(id) => {
                         let h = hosts.iter_mut().find(|h| h.id == id).expect("placed on a known host");

@@ -38,14 +38,12 @@ use std::path::{Path, PathBuf};
 use drove_model::GuestId;
 pub use drove_net::cmd::device_exists;
 use drove_net::cmd::{CmdError, run, run_json};
+pub use drove_net::tc_rate::burst_bytes;
 
 /// The handle of our root `tbf` qdiscs, so that we remove only our own.
 pub const ROOT_HANDLE: &str = "d7:";
 /// How long a packet may wait in a `tbf` before it is dropped.
 const LATENCY: &str = "50ms";
-/// The smallest bucket: several full-size frames, so that a low rate does
-/// not drop every frame that meets a nearly empty bucket.
-const MIN_BURST_BYTES: u64 = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TcError {
@@ -88,13 +86,6 @@ pub fn guest_ifbs(id: GuestId) -> Result<Vec<(usize, String)>, TcError> {
         .collect();
     ifbs.sort();
     Ok(ifbs)
-}
-
-/// The token bucket size for `rate_bps`: 10 ms worth of traffic, at least
-/// 32 KiB. A bucket much smaller than what the kernel can send
-/// per timer tick caps below the rate.
-pub fn burst_bytes(rate_bps: u64) -> u64 {
-    (rate_bps / 8 / 100).max(MIN_BURST_BYTES)
 }
 
 /// Caps both directions of the NIC on `tap` at `rate_bps` bits per second,
@@ -203,11 +194,5 @@ mod tests {
             assert_ne!(ifb, super::super::QemuHypervisor::tap_name(id, i));
         }
         assert_ne!(ifb_name(id, 1), ifb_name(GuestId::new_v4(), 1));
-    }
-
-    #[test]
-    fn bursts_are_ten_milliseconds_but_not_tiny() {
-        assert_eq!(burst_bytes(1_000_000), MIN_BURST_BYTES);
-        assert_eq!(burst_bytes(1_000_000_000), 1_250_000);
     }
 }
