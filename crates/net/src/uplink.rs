@@ -10,8 +10,8 @@
 //! ```
 //!
 //! A NIC's packets are recognised on the underlay after VXLAN
-//! encapsulation, by the inner source MAC (outer IPv4 20 + UDP 8 + VXLAN 8
-//! + inner destination MAC 6 = byte 42 of the IP packet), with a `u32`
+//! encapsulation, by the inner source MAC (at byte 42 of the IP packet:
+//! outer IPv4 20, UDP 8, VXLAN 8, inner destination MAC 6), with a `u32`
 //! filter whose priority is N. N is the NIC's tap ifindex: unique on the
 //! host while the tap exists, and found again from the tap alone. Placement
 //! keeps the reservations within the uplink (`drove-placement`), so every
