@@ -799,6 +799,8 @@ impl Manager {
                     last_error: None,
                     restart_policy: req.restart_policy.unwrap_or_default(),
                     restarts: 0,
+                    snapshots: Vec::new(),
+                    current_snapshot: None,
                 };
                 let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
                 let mut op = Self::new_op(OperationKind::CreateGuest, &guest, &ctx.principal, "");
