@@ -20,6 +20,7 @@ pub mod http;
 pub mod inventory;
 pub mod monitor;
 pub mod persist;
+pub mod snapshots;
 
 pub use core::{Manager, ManagerConfig};
 pub use http::{ApiDoc, router};
@@ -43,6 +44,15 @@ pub async fn serve(
         }
     }
     let _monitor = AbortOnDrop(tokio::spawn(monitor::run(manager.clone())));
+    // Snapshot drivers end with the server too (a restarted manager
+    // resumes their operations from the store).
+    struct AbortBackground(Arc<Manager>);
+    impl Drop for AbortBackground {
+        fn drop(&mut self) {
+            self.0.abort_background();
+        }
+    }
+    let _drivers = AbortBackground(manager.clone());
     let app = router(manager).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
