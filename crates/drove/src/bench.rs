@@ -30,6 +30,8 @@ pub enum BenchCommand {
     Boot(crate::bench_boot::BootBench),
     /// Place N guests with daily profiles on M hosts, plan a failover and a rebalancing round; print times.
     Placement(crate::sim::PlacementBench),
+    /// Snapshot and restore a running real QEMU guest; print times and the pause seen from outside the guest.
+    Storage(crate::bench_storage::StorageBench),
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +73,7 @@ pub async fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Api(a) => api(a).await,
         BenchCommand::Boot(a) => crate::bench_boot::run(a).await,
         BenchCommand::Placement(a) => crate::sim::bench_placement(a),
+        BenchCommand::Storage(a) => crate::bench_storage::run(a).await,
     }
 }
 

@@ -50,13 +50,32 @@ struct BootFigures {
     overhead_mib_per_guest: f64,
 }
 
-/// The lab this bench started; stopped and purged however the bench ends.
-struct BenchLab {
-    dir: PathBuf,
+/// The lab a bench started; stopped and purged however the bench ends.
+pub(crate) struct BenchLab {
+    pub(crate) dir: PathBuf,
     config: PathBuf,
 }
 
 impl BenchLab {
+    /// A one-host QEMU lab under `/tmp/drove-{name}-{pid}` (short: guests'
+    /// unix sockets live under it), started as a child `drove up` so that
+    /// the operator's client config is untouched; and a client for it.
+    pub(crate) fn start_qemu(name: &str, extra: &[&str]) -> Result<(BenchLab, Client)> {
+        let dir = PathBuf::from(format!("/tmp/drove-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let lab = BenchLab { config: dir.join("client.json"), dir: dir.clone() };
+        let d = dir.display().to_string();
+        let mut args = vec!["up", "--backend", "qemu", "--hosts", "1", "--detach", "--data-dir", &d];
+        args.extend_from_slice(extra);
+        let out = lab.drove(&args)?;
+        if !out.status.success() {
+            bail!("starting the bench lab failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let cfg: crate::config::ClientConfig = serde_json::from_slice(&std::fs::read(&lab.config)?)?;
+        let c = Client::new(&cfg.endpoint, &cfg.token);
+        Ok((lab, c))
+    }
+
     fn drove(&self, args: &[&str]) -> Result<std::process::Output> {
         std::process::Command::new(std::env::current_exe()?)
             .args(args)
@@ -114,7 +133,7 @@ fn qemu_pids(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-async fn wait_ready(c: &Client, name: &str, deadline: Instant) -> Result<()> {
+pub(crate) async fn wait_ready(c: &Client, name: &str, deadline: Instant) -> Result<()> {
     loop {
         if let Ok(log) = c.console_log(name, 1 << 20).await
             && log.text.contains("DROVE-READY")
@@ -136,29 +155,9 @@ pub async fn run(a: BootBench) -> Result<()> {
     if a.boots == 0 {
         bail!("--boots must be at least 1");
     }
-    // Short path: guests' unix sockets live under it.
-    let dir = PathBuf::from(format!("/tmp/drove-boot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let lab = BenchLab { config: dir.join("client.json"), dir: dir.clone() };
-    let d = dir.display().to_string();
     // Idle TCG guests: let placement put many on the one host.
-    let out = lab.drove(&[
-        "up",
-        "--backend",
-        "qemu",
-        "--hosts",
-        "1",
-        "--detach",
-        "--vcpu-overcommit",
-        "32",
-        "--data-dir",
-        &d,
-    ])?;
-    if !out.status.success() {
-        bail!("starting the bench lab failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    let cfg: crate::config::ClientConfig = serde_json::from_slice(&std::fs::read(&lab.config)?)?;
-    let c = Client::new(&cfg.endpoint, &cfg.token);
+    let (lab, c) = BenchLab::start_qemu("boot", &["--vcpu-overcommit", "32"])?;
+    let dir = lab.dir.clone();
 
     let mut times = Vec::new();
     for i in 0..a.boots {

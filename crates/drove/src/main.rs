@@ -10,6 +10,7 @@ use drove_model::ByteSize;
 
 mod bench;
 mod bench_boot;
+mod bench_storage;
 mod cli;
 mod config;
 mod console;
