@@ -11,8 +11,10 @@
 //!
 //! Agents pull their desired state with each heartbeat and push what they
 //! observe; [`core`] turns observations into guest and operation
-//! transitions. [`monitor`] marks silent hosts down and times out stuck
-//! operations. [`http`] serves the `/v1` API.
+//! transitions. [`snapshots`] takes, deletes and restores guests' snapshots
+//! through relayed calls, finishing or undoing them from what the host
+//! has. [`monitor`] marks silent hosts down, times out stuck operations and
+//! resumes undriven snapshot operations. [`http`] serves the `/v1` API.
 
 pub mod auth;
 pub mod core;

@@ -247,6 +247,7 @@ impl Manager {
         let me = self.clone();
         let task = tokio::spawn(async move {
             let mut fresh = fresh;
+            me.fail_without_snapshot(guest);
             while let Some((op, kind, snap)) = me.pending(guest) {
                 match me.attempt(guest, op, kind, &snap, fresh).await {
                     Attempt::Settled => break,
@@ -274,6 +275,22 @@ impl Manager {
         let g = inv.guests.get(&guest)?;
         let snap = g.snapshots.iter().find(|s| !s.state.is_settled())?;
         Some((op.id, op.kind, snap.clone()))
+    }
+
+    /// Fails a snapshot operation whose guest has no snapshot in progress
+    /// (a record changed by hand, or by an older manager): there is nothing
+    /// to finish or undo, and it must not stay running forever.
+    fn fail_without_snapshot(&self, guest: GuestId) {
+        let op = {
+            let inv = self.lock();
+            let Some(op) = inv.active_ops.get(&guest).and_then(|o| inv.ops.get(o)) else { return };
+            let busy = inv.guests.get(&guest).is_some_and(|g| g.snapshots.iter().any(|s| !s.state.is_settled()));
+            if !op.kind.is_snapshot() || op.state.is_final() || busy {
+                return;
+            }
+            op.id
+        };
+        self.settle(guest, op, Err("no snapshot of the guest is in progress".to_owned()), |_| {});
     }
 
     /// Relays one snapshot action; `None` when the answer is unknown (no
