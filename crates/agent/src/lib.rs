@@ -498,6 +498,7 @@ impl Agent {
                     Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
                 }
             }
+            AgentCallKind::Snapshot { call: snapshot } => self.snapshot(call.guest, snapshot).await,
             AgentCallKind::Interfaces => match self.hv.guest_interfaces(call.guest).await {
                 Ok(list) => CallOutcome::Interfaces {
                     interfaces: list
@@ -516,6 +517,36 @@ impl Agent {
 
 fn attachment<'a>(device: &'a str, nic: &'a NicSpec, limits: &ResourceLimits) -> NicAttachment<'a> {
     NicAttachment { device, vlan: nic.vlan, mac: &nic.mac, rate_bps: nic.effective_rate(limits) }
+}
+
+impl Agent {
+    /// Runs a relayed snapshot action on the hypervisor.
+    async fn snapshot(&self, guest: GuestId, call: drove_api::SnapshotCall) -> CallOutcome {
+        use drove_api::{HostSnapshot, SnapshotCall};
+        let host = |s: drove_hypervisor::SnapshotInfo| HostSnapshot {
+            name: s.name,
+            kind: s.kind,
+            created_unix: s.created_unix,
+            vm_state_size: s.vm_state_size,
+        };
+        let result = match call {
+            SnapshotCall::Create { name, kind } => self
+                .hv
+                .snapshot_create(guest, &name, kind)
+                .await
+                .map(|s| CallOutcome::Snapshots { snapshots: vec![host(s)] }),
+            SnapshotCall::List => self
+                .hv
+                .snapshot_list(guest)
+                .await
+                .map(|l| CallOutcome::Snapshots { snapshots: l.into_iter().map(host).collect() }),
+            SnapshotCall::Delete { name } => self.hv.snapshot_delete(guest, &name).await.map(|()| CallOutcome::Done),
+            SnapshotCall::Restore { name } => {
+                self.hv.snapshot_restore(guest, &name).await.map(|outcome| CallOutcome::Restored { outcome })
+            }
+        };
+        result.unwrap_or_else(|e| CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) })
+    }
 }
 
 /// The causes of an error, joined, for one-line messages.

@@ -6,8 +6,8 @@
 //! fails when the served document and the checked-in one differ.
 
 use drove_model::{
-    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, ResourceLimits, RestartPolicy, Vlan,
-    guest::LoadProfile,
+    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, ResourceLimits, RestartPolicy,
+    RestoreOutcome, Snapshot, SnapshotKind, Vlan, guest::LoadProfile,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -369,6 +369,54 @@ pub enum AgentCallKind {
     Interfaces,
     /// Add hardware to the running guest.
     Hotplug { change: HotplugChange },
+    /// Take, list, delete or restore a snapshot of the guest.
+    Snapshot { call: SnapshotCall },
+}
+
+/// A snapshot action relayed to the guest's host. Every action is safe to
+/// repeat: the manager repeats or undoes one whose answer it did not get.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum SnapshotCall {
+    /// Answered with `snapshots` holding the new one.
+    Create { name: String, kind: SnapshotKind },
+    /// Answered with `snapshots`: those complete on the host.
+    List,
+    /// Answered with `done`; deleting an absent snapshot is done too.
+    Delete { name: String },
+    /// Answered with `restored`.
+    Restore { name: String },
+}
+
+/// A snapshot as the host holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostSnapshot {
+    pub name: String,
+    pub kind: SnapshotKind,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+    pub vm_state_size: ByteSize,
+}
+
+/// Take a snapshot (`POST /v1/guests/{guest}/snapshots`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateSnapshotRequest {
+    /// Lowercase letters, digits and '-'; unique among the guest's snapshots.
+    pub name: String,
+    /// Include memory and device state (the guest must be running): a
+    /// restore then resumes it exactly where it was. Default: disks only.
+    #[serde(default)]
+    pub memory: bool,
+}
+
+/// A guest's snapshots (`GET /v1/guests/{guest}/snapshots`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    pub guest: GuestId,
+    /// The snapshot the guest's present state descends from.
+    pub current: Option<String>,
+    /// In the order they were taken; a tree by `parent`.
+    pub snapshots: Vec<Snapshot>,
 }
 
 /// An agent's answer to a call.
@@ -391,6 +439,12 @@ pub enum CallOutcome {
     },
     /// The call did what it asked.
     Done,
+    Snapshots {
+        snapshots: Vec<HostSnapshot>,
+    },
+    Restored {
+        outcome: RestoreOutcome,
+    },
     Error {
         message: String,
     },

@@ -236,6 +236,34 @@ impl Client {
         self.post(&format!("/v1/guests/{}/hotplug", seg(guest)), req).await
     }
 
+    pub async fn list_snapshots(&self, guest: &str) -> Result<drove_api::SnapshotList, ClientError> {
+        self.get(&format!("/v1/guests/{}/snapshots", seg(guest))).await
+    }
+
+    /// Take a snapshot (disks only, or with `memory`).
+    pub async fn create_snapshot(
+        &self,
+        guest: &str,
+        req: &drove_api::CreateSnapshotRequest,
+    ) -> Result<OperationAccepted, ClientError> {
+        self.post(&format!("/v1/guests/{}/snapshots", seg(guest)), req).await
+    }
+
+    pub async fn delete_snapshot(
+        &self,
+        guest: &str,
+        snapshot: &str,
+        force: bool,
+    ) -> Result<OperationAccepted, ClientError> {
+        let path = format!("/v1/guests/{}/snapshots/{}?force={force}", seg(guest), seg(snapshot));
+        self.call::<(), _>(Method::DELETE, &path, None, DEFAULT_TIMEOUT).await
+    }
+
+    pub async fn restore_snapshot(&self, guest: &str, snapshot: &str) -> Result<OperationAccepted, ClientError> {
+        self.post(&format!("/v1/guests/{}/snapshots/{}/restore", seg(guest), seg(snapshot)), &serde_json::json!({}))
+            .await
+    }
+
     /// The guest's network interfaces and addresses, as its agent sees them.
     pub async fn guest_interfaces(&self, guest: &str) -> Result<Vec<drove_api::GuestInterface>, ClientError> {
         self.get(&format!("/v1/guests/{}/interfaces", seg(guest))).await

@@ -32,6 +32,8 @@ pub enum BenchCommand {
     Placement(crate::sim::PlacementBench),
     /// Guest-to-guest latency and throughput on real QEMU guests: same host vs. across hosts, with and without a NIC rate limit.
     Net(crate::bench_net::NetBench),
+    /// Snapshot and restore a running real QEMU guest; print times and the pause seen from outside the guest.
+    Storage(crate::bench_storage::StorageBench),
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +76,7 @@ pub async fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Boot(a) => crate::bench_boot::run(a).await,
         BenchCommand::Net(a) => crate::bench_net::run(a).await,
         BenchCommand::Placement(a) => crate::sim::bench_placement(a),
+        BenchCommand::Storage(a) => crate::bench_storage::run(a).await,
     }
 }
 

@@ -134,7 +134,7 @@ fn qemu_pids(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-async fn wait_ready(c: &Client, name: &str, deadline: Instant) -> Result<()> {
+pub(crate) async fn wait_ready(c: &Client, name: &str, deadline: Instant) -> Result<()> {
     loop {
         if let Ok(log) = c.console_log(name, 1 << 20).await
             && log.text.contains("DROVE-READY")

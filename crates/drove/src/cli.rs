@@ -106,6 +106,9 @@ pub enum VmCommand {
         #[arg(long, default_value_t = 64 * 1024)]
         bytes: u64,
     },
+    /// Snapshots of a guest: take (disks, or disks and memory), list as a tree, delete, restore.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Attach to the guest's serial console; Ctrl-] leaves.
     #[command(
         after_help = "Press Ctrl-] to detach. With stdin not a terminal, input is sent as is and the console is left half a second after stdin ends."
@@ -114,6 +117,68 @@ pub enum VmCommand {
         /// Guest name or id.
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of a guest's disks (crash-consistent, the guest keeps running), or with --memory of its
+    /// disks and memory (a restore resumes it exactly where it was).
+    #[command(
+        after_help = "Examples:\n  drove vm snapshot create web-1 before-upgrade\n  drove vm snapshot create web-1 warm --memory"
+    )]
+    Create {
+        /// Guest name or id.
+        name: String,
+        /// Snapshot name: lowercase letters, digits and '-'.
+        snapshot: String,
+        /// Include memory and device state (the guest must be running).
+        #[arg(long)]
+        memory: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// List a guest's snapshots as a tree; `*` marks the one its present state descends from.
+    List {
+        /// Guest name or id.
+        name: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete a snapshot.
+    #[command(
+        after_help = "A snapshot with children is refused unless --force: its children then hang from its parent; they keep all their data."
+    )]
+    Delete {
+        /// Guest name or id.
+        name: String,
+        snapshot: String,
+        /// Delete it even though other snapshots were taken from it.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Roll a guest back to a snapshot.
+    #[command(
+        after_help = "A memory snapshot resumes a running guest live. A disk snapshot of a running guest stops it, rolls its disks back and starts it again. A stopped guest gets its disks back and stays stopped."
+    )]
+    Restore {
+        /// Guest name or id.
+        name: String,
+        snapshot: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Return once the request is accepted instead of waiting for it to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this many seconds (the operation carries on).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -527,6 +592,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             Ok(())
         }
         VmCommand::Console { name } => crate::console::attach(&c, &name).await,
+        VmCommand::Snapshot(cmd) => snapshot(&c, cmd).await,
         VmCommand::Hotplug { name, add_disk, add_nic, memory, vcpus } => {
             let req = drove_api::HotplugRequest { add_disk, add_nic, memory, vcpus };
             let g = c.hotplug(&name, &req).await?;
@@ -553,6 +619,71 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn snapshot(c: &Client, cmd: SnapshotCommand) -> Result<()> {
+    let (accepted, wait) = match cmd {
+        SnapshotCommand::List { name, out } => {
+            let list = c.list_snapshots(&name).await?;
+            return print(
+                out.format,
+                &list,
+                &["name", "kind", "state", "vm state", "created"],
+                snapshot_tree(&list).into_iter().map(|(depth, s)| snapshot_row(depth, s, &list.current)).collect(),
+            );
+        }
+        SnapshotCommand::Create { name, snapshot, memory, wait } => {
+            (c.create_snapshot(&name, &drove_api::CreateSnapshotRequest { name: snapshot, memory }).await?, wait)
+        }
+        SnapshotCommand::Delete { name, snapshot, force, wait } => {
+            (c.delete_snapshot(&name, &snapshot, force).await?, wait)
+        }
+        SnapshotCommand::Restore { name, snapshot, wait } => (c.restore_snapshot(&name, &snapshot).await?, wait),
+    };
+    let op = finish(c, &accepted, wait.no_wait, wait.timeout).await?;
+    if wait.no_wait {
+        println!("{} {}: operation {} accepted", op.kind, op.target_name, op.id);
+    } else {
+        println!("{}: {}", op.target_name, op.step);
+    }
+    Ok(())
+}
+
+/// The snapshots in tree order (each after its parent, children in the
+/// order taken), with their depth.
+fn snapshot_tree(list: &drove_api::SnapshotList) -> Vec<(usize, &drove_model::Snapshot)> {
+    fn walk<'a>(
+        all: &'a [drove_model::Snapshot],
+        parent: Option<&str>,
+        depth: usize,
+        out: &mut Vec<(usize, &'a drove_model::Snapshot)>,
+    ) {
+        for s in all.iter().filter(|s| s.parent.as_deref() == parent) {
+            out.push((depth, s));
+            walk(all, Some(&s.name), depth + 1, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&list.snapshots, None, 0, &mut out);
+    // A parent that is not in the list (should not happen): show them too.
+    for s in &list.snapshots {
+        if !out.iter().any(|(_, o)| o.name == s.name) {
+            out.push((0, s));
+        }
+    }
+    out
+}
+
+fn snapshot_row(depth: usize, s: &drove_model::Snapshot, current: &Option<String>) -> Vec<String> {
+    let mark = if current.as_deref() == Some(s.name.as_str()) { " *" } else { "" };
+    let indent = if depth == 0 { String::new() } else { format!("{}└─ ", "   ".repeat(depth - 1)) };
+    vec![
+        format!("{indent}{}{mark}", s.name),
+        s.kind.to_string(),
+        s.state.to_string(),
+        s.vm_state_size.map_or("-".to_owned(), |b| if b.bytes() == 0 { "-".to_owned() } else { b.to_string() }),
+        s.created_at.clone(),
+    ]
 }
 
 fn limits_summary(l: &drove_model::ResourceLimits) -> String {

@@ -11,6 +11,7 @@ use drove_model::ByteSize;
 mod bench;
 mod bench_boot;
 mod bench_net;
+mod bench_storage;
 mod cli;
 mod config;
 mod console;

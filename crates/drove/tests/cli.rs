@@ -302,6 +302,55 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
 }
 
 #[test]
+fn snapshots_through_the_cli_show_a_tree_and_refuse_clearly() {
+    let mut lab = Lab::new();
+    lab.up(&["--hosts", "1"]).ok();
+    lab.run(&["vm", "create", "web-1", "--disk", "1G"]).ok();
+
+    let out = lab.run(&["vm", "snapshot", "create", "web-1", "a"]).ok();
+    assert_eq!(out.stdout.trim(), "web-1: snapshot a taken", "{out}");
+    lab.run(&["vm", "snapshot", "create", "web-1", "b", "--memory"]).ok();
+    let out = lab.run(&["vm", "snapshot", "restore", "web-1", "a"]).ok();
+    assert!(out.stdout.contains("restored a: guest stopped, disks rolled back, guest started again"), "{out}");
+    lab.run(&["vm", "snapshot", "create", "web-1", "c"]).ok();
+
+    let out = lab.run(&["vm", "snapshot", "list", "web-1"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("KIND") && lines[0].contains("VM STATE"), "{out}");
+    assert!(lines[1].starts_with("a ") && lines[1].contains(" disk ") && lines[1].contains(" ready "), "{out}");
+    assert!(lines[2].starts_with("└─ b ") && lines[2].contains(" memory "), "{out}");
+    assert!(lines[3].starts_with("└─ c * ") && lines[3].contains(" disk "), "the current one is marked: {out}");
+    let list: drove_api::SnapshotList = lab.run(&["vm", "snapshot", "list", "web-1", "-o", "json"]).ok().json();
+    let parents: Vec<(String, Option<String>)> =
+        list.snapshots.iter().map(|s| (s.name.clone(), s.parent.clone())).collect();
+    assert_eq!(
+        parents,
+        [("a".into(), None), ("b".into(), Some("a".into())), ("c".into(), Some("a".into()))],
+        "{list:?}"
+    );
+
+    lab.run(&["vm", "stop", "web-1"]).ok();
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("a parent", &["vm", "snapshot", "delete", "web-1", "a"], &["children (b, c)", "--force"]),
+        ("a taken name", &["vm", "snapshot", "create", "web-1", "b"], &["already has a snapshot", "\"b\""]),
+        ("a bad name", &["vm", "snapshot", "create", "web-1", "No_Way"], &["snapshot name", "No_Way"]),
+        ("memory of a stopped guest", &["vm", "snapshot", "create", "web-1", "m", "--memory"], &["stopped", "memory"]),
+        ("an unknown snapshot", &["vm", "snapshot", "restore", "web-1", "zz"], &["zz", "does not exist"]),
+        ("an unknown guest", &["vm", "snapshot", "list", "web-9"], &["web-9", "does not exist"]),
+    ];
+    let problems: Vec<String> =
+        cases.iter().filter_map(|(what, args, mentions)| refusal_problems(what, &lab.run(args), mentions)).collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let after: drove_api::SnapshotList = lab.run(&["vm", "snapshot", "list", "web-1", "-o", "json"]).ok().json();
+    assert_eq!(after, list, "refusals changed nothing");
+
+    let out = lab.run(&["vm", "snapshot", "delete", "web-1", "a", "--force"]).ok();
+    assert!(out.stdout.contains("snapshot a deleted"), "{out}");
+    let out = lab.run(&["vm", "snapshot", "restore", "web-1", "b"]).ok();
+    assert!(out.stdout.contains("stays stopped"), "{out}");
+}
+
+#[test]
 fn help_teaches() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.json");

@@ -35,7 +35,11 @@
 //! or get one `#[tokio::test]` per property with [`conformance_tests!`](crate::conformance_tests).
 //!
 //! What the suite cannot check generically — crashes, which need a way to
-//! kill a guest's process — each backend tests on its own.
+//! kill a guest's process, and what a restored disk or memory holds, which
+//! needs a look inside the guest — each backend tests on its own.
+//!
+//! Snapshots need somewhere to live: the snapshot properties give the
+//! template's guest one small disk if it has none.
 
 use std::error::Error;
 use std::fmt;
@@ -44,7 +48,9 @@ use std::time::Duration;
 
 use drove_model::GuestId;
 
-use crate::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
+use crate::{
+    GuestConfig, GuestStatus, HvError, Hypervisor, RestoreOutcome, RuntimeState, SnapshotInfo, SnapshotKind, StopMode,
+};
 
 /// How patient the suite is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,10 +108,23 @@ pub enum Property {
     InvalidStateOpsAreRefused,
     /// Operations on an unknown guest give NotFound naming it.
     UnknownGuestsAreNotFound,
+    /// Disk snapshots of Stopped and Running guests are listed with their
+    /// kind, leave the guest as it was, refuse taken and invalid names, and
+    /// go with `snapshot_delete` (which is idempotent). Snapshot calls on
+    /// an unknown guest give NotFound.
+    SnapshotsAreCreatedListedAndDeleted,
+    /// A memory snapshot needs a guest with a process; it keeps a Running
+    /// guest running in the same incarnation.
+    MemorySnapshotsNeedAProcess,
+    /// `snapshot_restore` leaves the guest as its outcome says: a memory
+    /// snapshot resumes a Running guest live (same incarnation), a disk
+    /// snapshot reboots it, a Stopped guest stays Stopped; snapshots stay;
+    /// an unknown snapshot is SnapshotNotFound.
+    SnapshotRestoreRollsBack,
 }
 
 impl Property {
-    pub const ALL: [Property; 14] = [
+    pub const ALL: [Property; 17] = [
         Property::ResourcesAreReported,
         Property::CreateLeavesGuestStopped,
         Property::CreateIsIdempotent,
@@ -120,6 +139,9 @@ impl Property {
         Property::ListShowsAllGuests,
         Property::InvalidStateOpsAreRefused,
         Property::UnknownGuestsAreNotFound,
+        Property::SnapshotsAreCreatedListedAndDeleted,
+        Property::MemorySnapshotsNeedAProcess,
+        Property::SnapshotRestoreRollsBack,
     ];
 
     /// The snake-case name, as in test names.
@@ -139,6 +161,9 @@ impl Property {
             Property::ListShowsAllGuests => "list_shows_all_guests",
             Property::InvalidStateOpsAreRefused => "invalid_state_ops_are_refused",
             Property::UnknownGuestsAreNotFound => "unknown_guests_are_not_found",
+            Property::SnapshotsAreCreatedListedAndDeleted => "snapshots_are_created_listed_and_deleted",
+            Property::MemorySnapshotsNeedAProcess => "memory_snapshots_need_a_process",
+            Property::SnapshotRestoreRollsBack => "snapshot_restore_rolls_back",
         }
     }
 
@@ -196,6 +221,9 @@ impl Property {
             Property::ListShowsAllGuests => list_shows_all_guests(cx).await,
             Property::InvalidStateOpsAreRefused => invalid_state_ops_are_refused(cx).await,
             Property::UnknownGuestsAreNotFound => unknown_guests_are_not_found(cx).await,
+            Property::SnapshotsAreCreatedListedAndDeleted => snapshots_are_created_listed_and_deleted(cx).await,
+            Property::MemorySnapshotsNeedAProcess => memory_snapshots_need_a_process(cx).await,
+            Property::SnapshotRestoreRollsBack => snapshot_restore_rolls_back(cx).await,
         }
     }
 }
@@ -322,6 +350,9 @@ macro_rules! conformance_tests {
             list_shows_all_guests => ListShowsAllGuests,
             invalid_state_ops_are_refused => InvalidStateOpsAreRefused,
             unknown_guests_are_not_found => UnknownGuestsAreNotFound,
+            snapshots_are_created_listed_and_deleted => SnapshotsAreCreatedListedAndDeleted,
+            memory_snapshots_need_a_process => MemorySnapshotsNeedAProcess,
+            snapshot_restore_rolls_back => SnapshotRestoreRollsBack,
         );
     };
     (@module $module:ident ($hv:expr) ($template:expr) ($options:expr)
@@ -411,6 +442,30 @@ where
         let config = self.fresh().await?;
         self.create(&config).await?;
         Ok(config)
+    }
+
+    /// A fresh guest with at least one disk, created (Stopped).
+    async fn stopped_with_disk(&mut self) -> Result<GuestConfig, String> {
+        let mut config = self.fresh().await?;
+        if config.spec.disks.is_empty() {
+            config.spec.disks.push(drove_model::DiskSpec { size: drove_model::ByteSize::mib(16) });
+        }
+        self.create(&config).await?;
+        Ok(config)
+    }
+
+    async fn snapshot(&self, id: GuestId, name: &str, kind: SnapshotKind) -> Result<SnapshotInfo, String> {
+        self.ok(format!("snapshot_create({id}, {name:?}, {kind:?})"), self.hv.snapshot_create(id, name, kind)).await
+    }
+
+    async fn restore(&self, id: GuestId, name: &str) -> Result<RestoreOutcome, String> {
+        self.ok(format!("snapshot_restore({id}, {name:?})"), self.hv.snapshot_restore(id, name)).await
+    }
+
+    /// `snapshot_list(id)` as (name, kind) pairs.
+    async fn snapshots(&self, id: GuestId) -> Result<Vec<(String, SnapshotKind)>, String> {
+        let list = self.ok(format!("snapshot_list({id})"), self.hv.snapshot_list(id)).await?;
+        Ok(list.into_iter().map(|s| (s.name, s.kind)).collect())
     }
 
     /// A fresh guest, created and started.
@@ -851,5 +906,139 @@ where
     expect_not_found(&format!("resume({id})"), &r, id)?;
     let r = cx.call(format!("status({id})"), cx.hv.status(id)).await?;
     expect_not_found(&format!("status({id})"), &r, id)?;
+    Ok(())
+}
+
+fn expect_invalid_snapshot<T: fmt::Debug>(what: &str, result: &Result<T, HvError>, id: GuestId, name: &str) -> Check {
+    match result {
+        Err(HvError::InvalidSnapshot { id: got, name: n, .. }) if *got == id && n == name => Ok(()),
+        other => {
+            Err(format!("{what} should give InvalidSnapshot for guest {id} and {name:?}, but {}", describe(other)))
+        }
+    }
+}
+
+fn names(list: &[(&str, SnapshotKind)]) -> Vec<(String, SnapshotKind)> {
+    list.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect()
+}
+
+async fn snapshots_are_created_listed_and_deleted<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    use SnapshotKind::Disk;
+    let g = cx.stopped_with_disk().await?;
+    let id = g.id;
+    let listed = cx.snapshots(id).await?;
+    ensure!(listed.is_empty(), "a new guest {id} lists snapshots: {listed:?}");
+
+    let info = cx.snapshot(id, "cold", Disk).await?;
+    ensure!(info.name == "cold" && info.kind == Disk, "snapshot_create returned {info:?} for a disk snapshot \"cold\"");
+    cx.expect(id, RuntimeState::Stopped, g.generation, "a snapshot of a stopped guest").await?;
+
+    cx.start(id).await?;
+    let before = cx.expect(id, RuntimeState::Running, g.generation, "start").await?;
+    cx.snapshot(id, "warm", Disk).await?;
+    let after = cx.expect(id, RuntimeState::Running, g.generation, "a disk snapshot of a running guest").await?;
+    same_incarnation(&before, &after, "a disk snapshot")?;
+    let listed = cx.snapshots(id).await?;
+    ensure!(listed == names(&[("cold", Disk), ("warm", Disk)]), "snapshot_list({id}) gives {listed:?}");
+
+    // Refusals change nothing.
+    let r = cx.call(format!("snapshot_create({id}, \"warm\")"), cx.hv.snapshot_create(id, "warm", Disk)).await?;
+    expect_invalid_snapshot("a second snapshot named \"warm\"", &r, id, "warm")?;
+    for bad in ["", "Bad_Name", "-x"] {
+        let r = cx.call(format!("snapshot_create({id}, {bad:?})"), cx.hv.snapshot_create(id, bad, Disk)).await?;
+        expect_invalid_snapshot(&format!("a snapshot named {bad:?}"), &r, id, bad)?;
+    }
+    let listed = cx.snapshots(id).await?;
+    ensure!(listed == names(&[("cold", Disk), ("warm", Disk)]), "refused creates changed the list to {listed:?}");
+
+    cx.ok(format!("snapshot_delete({id}, \"cold\")"), cx.hv.snapshot_delete(id, "cold")).await?;
+    cx.ok(format!("snapshot_delete({id}, \"cold\") again"), cx.hv.snapshot_delete(id, "cold"))
+        .await
+        .map_err(|e| format!("deleting a deleted snapshot must succeed: {e}"))?;
+    let listed = cx.snapshots(id).await?;
+    ensure!(listed == names(&[("warm", Disk)]), "after deleting \"cold\", snapshot_list gives {listed:?}");
+    let after_delete = cx.expect(id, RuntimeState::Running, g.generation, "a snapshot delete").await?;
+    same_incarnation(&before, &after_delete, "a snapshot delete")?;
+    // The name is free again.
+    cx.snapshot(id, "cold", Disk).await?;
+
+    let unknown = cx.fresh().await?.id;
+    let r = cx.call(format!("snapshot_create({unknown})"), cx.hv.snapshot_create(unknown, "s", Disk)).await?;
+    expect_not_found(&format!("snapshot_create({unknown})"), &r, unknown)?;
+    let r = cx.call(format!("snapshot_list({unknown})"), cx.hv.snapshot_list(unknown)).await?;
+    expect_not_found(&format!("snapshot_list({unknown})"), &r, unknown)?;
+    let r = cx.call(format!("snapshot_delete({unknown})"), cx.hv.snapshot_delete(unknown, "s")).await?;
+    expect_not_found(&format!("snapshot_delete({unknown})"), &r, unknown)?;
+    let r = cx.call(format!("snapshot_restore({unknown})"), cx.hv.snapshot_restore(unknown, "s")).await?;
+    expect_not_found(&format!("snapshot_restore({unknown})"), &r, unknown)
+}
+
+async fn memory_snapshots_need_a_process<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    use SnapshotKind::Memory;
+    let g = cx.stopped_with_disk().await?;
+    let id = g.id;
+    let r = cx.call(format!("snapshot_create({id}, Memory)"), cx.hv.snapshot_create(id, "mem", Memory)).await?;
+    expect_invalid_state("a memory snapshot", &r, id, RuntimeState::Stopped)?;
+    let listed = cx.snapshots(id).await?;
+    ensure!(listed.is_empty(), "a refused memory snapshot left {listed:?}");
+
+    cx.start(id).await?;
+    let before = cx.expect(id, RuntimeState::Running, g.generation, "start").await?;
+    let info = cx.snapshot(id, "mem", Memory).await?;
+    ensure!(info.kind == Memory, "a memory snapshot was recorded as {info:?}");
+    let after = cx.expect(id, RuntimeState::Running, g.generation, "a memory snapshot").await?;
+    same_incarnation(&before, &after, "a memory snapshot")?;
+    let listed = cx.snapshots(id).await?;
+    ensure!(listed == names(&[("mem", Memory)]), "snapshot_list({id}) gives {listed:?}");
+    Ok(())
+}
+
+async fn snapshot_restore_rolls_back<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    use SnapshotKind::{Disk, Memory};
+    let g = cx.stopped_with_disk().await?;
+    let id = g.id;
+    cx.snapshot(id, "disk", Disk).await?;
+    cx.start(id).await?;
+    let first = cx.expect(id, RuntimeState::Running, g.generation, "start").await?;
+    cx.snapshot(id, "mem", Memory).await?;
+
+    let outcome = cx.restore(id, "mem").await?;
+    ensure!(outcome == RestoreOutcome::Live, "restoring a memory snapshot of a running guest gave {outcome:?}");
+    let live = cx.expect(id, RuntimeState::Running, g.generation, "a live restore").await?;
+    same_incarnation(&first, &live, "a live restore")?;
+
+    let outcome = cx.restore(id, "disk").await?;
+    ensure!(outcome == RestoreOutcome::Restarted, "restoring a disk snapshot of a running guest gave {outcome:?}");
+    cx.expect(id, RuntimeState::Running, g.generation, "a disk restore of a running guest").await?;
+
+    cx.stop(id, StopMode::Force).await?;
+    for name in ["disk", "mem"] {
+        let outcome = cx.restore(id, name).await?;
+        ensure!(outcome == RestoreOutcome::DisksOnly, "restoring {name:?} of a stopped guest gave {outcome:?}");
+        cx.expect(id, RuntimeState::Stopped, g.generation, "a restore of a stopped guest").await?;
+    }
+    let listed = cx.snapshots(id).await?;
+    ensure!(listed == names(&[("disk", Disk), ("mem", Memory)]), "restores changed the snapshots to {listed:?}");
+
+    let r = cx.call(format!("snapshot_restore({id}, \"nope\")"), cx.hv.snapshot_restore(id, "nope")).await?;
+    match &r {
+        Err(HvError::SnapshotNotFound { id: got, name }) if *got == id && name == "nope" => {}
+        other => {
+            return Err(format!("restoring an unknown snapshot should give SnapshotNotFound, but {}", describe(other)));
+        }
+    }
+    cx.expect(id, RuntimeState::Stopped, g.generation, "a refused restore").await?;
     Ok(())
 }

@@ -20,6 +20,15 @@
 //! (a disk, a NIC, vCPUs, memory; see [`Hotplug`]); it also defaults to
 //! [`HvError::Unsupported`].
 //!
+//! Snapshots ([`Hypervisor::snapshot_create`], `_list`, `_delete`,
+//! `_restore`) are named, point-in-time states of all of a guest's disks,
+//! optionally with its memory and device state ([`SnapshotKind`]). The
+//! backend is the source of truth for which snapshots exist: a snapshot is
+//! listed only once it is complete on every disk, and a delete or a create
+//! of the same name removes whatever an interrupted earlier attempt left.
+//! The backend keeps no tree: parents are the caller's bookkeeping. These
+//! methods default to [`HvError::Unsupported`] as well.
+//!
 //! Runtime states a backend reports:
 //!
 //! ```text
@@ -35,6 +44,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind};
+pub use drove_model::{RestoreOutcome, SnapshotKind};
 use serde::{Deserialize, Serialize};
 
 pub mod conformance;
@@ -102,6 +112,10 @@ pub enum HvError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("guest {id} has no snapshot named {name:?}")]
+    SnapshotNotFound { id: GuestId, name: String },
+    #[error("snapshot {name:?} of guest {id} cannot be made: {reason}")]
+    InvalidSnapshot { id: GuestId, name: String, reason: String },
     #[error("hypervisor host failure during {op}")]
     Host {
         op: &'static str,
@@ -197,6 +211,27 @@ impl Hotplug {
     }
 }
 
+/// A complete snapshot, as the backend holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub kind: SnapshotKind,
+    /// When it was taken, in seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The saved memory and device state (zero for [`SnapshotKind::Disk`]).
+    pub vm_state_size: ByteSize,
+}
+
+/// Checks a snapshot name: what [`drove_model::guest::validate_name`] allows
+/// (a DNS label), so that it is safe in QEMU tags and on command lines.
+pub fn check_snapshot_name(id: GuestId, name: &str) -> Result<(), HvError> {
+    drove_model::guest::validate_name(name).map_err(|reason| HvError::InvalidSnapshot {
+        id,
+        name: name.to_owned(),
+        reason: format!("the name {reason}"),
+    })
+}
+
 #[async_trait::async_trait]
 pub trait Hypervisor: Send + Sync + Debug + 'static {
     fn kind(&self) -> HypervisorKind;
@@ -275,6 +310,39 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     async fn hotplug(&self, id: GuestId, change: &Hotplug) -> Result<(), HvError> {
         let _ = (id, change);
         Err(HvError::Unsupported { op: "hotplug", backend: self.kind(), reason: "no hotplug support".into() })
+    }
+
+    /// Takes snapshot `name` of all the guest's disks at one instant, with
+    /// the memory state for [`SnapshotKind::Memory`]. The guest keeps its
+    /// state (a Running guest keeps running, same incarnation). Refused
+    /// without effect: an invalid or taken name (`InvalidSnapshot`), a
+    /// memory snapshot of a guest without a process (`InvalidState`), a
+    /// guest without disks (`Unsupported`). A failed create leaves no part
+    /// of the snapshot on any disk.
+    async fn snapshot_create(&self, id: GuestId, name: &str, kind: SnapshotKind) -> Result<SnapshotInfo, HvError> {
+        let _ = (id, name, kind);
+        Err(HvError::Unsupported { op: "snapshot_create", backend: self.kind(), reason: "no snapshots".into() })
+    }
+
+    /// The guest's complete snapshots, oldest first.
+    async fn snapshot_list(&self, id: GuestId) -> Result<Vec<SnapshotInfo>, HvError> {
+        let _ = id;
+        Err(HvError::Unsupported { op: "snapshot_list", backend: self.kind(), reason: "no snapshots".into() })
+    }
+
+    /// Removes snapshot `name` from every disk; the guest's current state is
+    /// untouched. Deleting a snapshot that does not exist succeeds (and
+    /// removes any part of it an interrupted create left).
+    async fn snapshot_delete(&self, id: GuestId, name: &str) -> Result<(), HvError> {
+        let _ = (id, name);
+        Err(HvError::Unsupported { op: "snapshot_delete", backend: self.kind(), reason: "no snapshots".into() })
+    }
+
+    /// Rolls the guest back to snapshot `name` (see [`RestoreOutcome`]).
+    /// The snapshot stays. An unknown name is `SnapshotNotFound`.
+    async fn snapshot_restore(&self, id: GuestId, name: &str) -> Result<RestoreOutcome, HvError> {
+        let _ = (id, name);
+        Err(HvError::Unsupported { op: "snapshot_restore", backend: self.kind(), reason: "no snapshots".into() })
     }
 }
 

@@ -43,6 +43,13 @@
 //! disks and NICs are appended, vCPUs and memory set; shrinking and
 //! changes to a guest that is not Running are refused as by QEMU.
 //!
+//! Snapshots are kept with the guest (and saved with the state file): a
+//! list of names, kinds and times, with the same rules as QEMU's internal
+//! snapshots — a memory snapshot needs a guest with a process, a guest
+//! without disks has nowhere to keep one, and a restore leaves the guest as
+//! [`crate::RestoreOutcome`] says (a disk restore of a running guest boots
+//! a new incarnation). There are no disk contents to roll back.
+//!
 //! The simulator does not enforce capacity: like QEMU it lets memory and
 //! vCPUs be overcommitted; keeping hosts within their means is the job of
 //! admission control and placement.
@@ -79,6 +86,9 @@ pub struct SimConfig {
     pub command_delay: Duration,
     /// Removing a guest's definition and disks.
     pub destroy_delay: Duration,
+    /// Taking, deleting or restoring a snapshot (a memory snapshot or a
+    /// restore that reboots takes this plus `boot_delay` where it boots).
+    pub snapshot_delay: Duration,
 }
 
 impl Default for SimConfig {
@@ -93,6 +103,7 @@ impl Default for SimConfig {
             stop_delay: Duration::from_millis(3),
             command_delay: Duration::from_millis(1),
             destroy_delay: Duration::from_millis(2),
+            snapshot_delay: Duration::from_millis(3),
         }
     }
 }
@@ -107,6 +118,7 @@ impl SimConfig {
             stop_delay: Duration::ZERO,
             command_delay: Duration::ZERO,
             destroy_delay: Duration::ZERO,
+            snapshot_delay: Duration::ZERO,
             ..Self::default()
         }
     }
@@ -124,10 +136,14 @@ pub enum SimOp {
     Destroy,
     Status,
     List,
+    SnapshotCreate,
+    SnapshotList,
+    SnapshotDelete,
+    SnapshotRestore,
 }
 
 impl SimOp {
-    pub const ALL: [SimOp; 9] = [
+    pub const ALL: [SimOp; 13] = [
         SimOp::Resources,
         SimOp::Create,
         SimOp::Start,
@@ -137,6 +153,10 @@ impl SimOp {
         SimOp::Destroy,
         SimOp::Status,
         SimOp::List,
+        SimOp::SnapshotCreate,
+        SimOp::SnapshotList,
+        SimOp::SnapshotDelete,
+        SimOp::SnapshotRestore,
     ];
 
     /// The trait method's name, as used in [`HvError`]'s `op`.
@@ -151,6 +171,10 @@ impl SimOp {
             SimOp::Destroy => "destroy",
             SimOp::Status => "status",
             SimOp::List => "list",
+            SimOp::SnapshotCreate => "snapshot_create",
+            SimOp::SnapshotList => "snapshot_list",
+            SimOp::SnapshotDelete => "snapshot_delete",
+            SimOp::SnapshotRestore => "snapshot_restore",
         }
     }
 
@@ -273,6 +297,9 @@ struct SimGuest {
     /// The guest OS ignores ACPI power-off requests.
     #[serde(default)]
     ignores_acpi: bool,
+    /// Its snapshots, oldest first.
+    #[serde(default)]
+    snapshots: Vec<crate::SnapshotInfo>,
 }
 
 impl SimGuest {
@@ -617,7 +644,13 @@ impl SimHypervisor {
             None => {
                 inner.guests.insert(
                     config.id,
-                    SimGuest { config: config.clone(), state: RuntimeState::Stopped, pid: None, ignores_acpi: false },
+                    SimGuest {
+                        config: config.clone(),
+                        state: RuntimeState::Stopped,
+                        pid: None,
+                        ignores_acpi: false,
+                        snapshots: Vec::new(),
+                    },
                 );
                 tracing::debug!(guest = %config.id, generation = config.generation, "sim: created guest");
                 true
@@ -805,6 +838,35 @@ impl Hypervisor for SimHypervisor {
         saved
     }
 
+    async fn snapshot_create(
+        &self,
+        id: GuestId,
+        name: &str,
+        kind: crate::SnapshotKind,
+    ) -> Result<crate::SnapshotInfo, HvError> {
+        let fault = self.begin(SimOp::SnapshotCreate, Some(id))?;
+        let result = self.create_snapshot(id, name, kind).await;
+        Self::finish(SimOp::SnapshotCreate, Some(id), fault, result)
+    }
+
+    async fn snapshot_list(&self, id: GuestId) -> Result<Vec<crate::SnapshotInfo>, HvError> {
+        let fault = self.begin(SimOp::SnapshotList, Some(id))?;
+        let result = self.lock().guests.get(&id).map(|g| g.snapshots.clone()).ok_or(HvError::NotFound { id });
+        Self::finish(SimOp::SnapshotList, Some(id), fault, result)
+    }
+
+    async fn snapshot_delete(&self, id: GuestId, name: &str) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::SnapshotDelete, Some(id))?;
+        let result = self.delete_snapshot(id, name).await;
+        Self::finish(SimOp::SnapshotDelete, Some(id), fault, result)
+    }
+
+    async fn snapshot_restore(&self, id: GuestId, name: &str) -> Result<crate::RestoreOutcome, HvError> {
+        let fault = self.begin(SimOp::SnapshotRestore, Some(id))?;
+        let result = self.restore_snapshot(id, name).await;
+        Self::finish(SimOp::SnapshotRestore, Some(id), fault, result)
+    }
+
     /// Runs one of [`SIM_COMMANDS`] in a Running guest, taking
     /// `command_delay`; see [`SimHypervisor::run_sim_command`].
     async fn exec(&self, id: GuestId, req: &crate::ExecRequest) -> Result<crate::ExecResult, HvError> {
@@ -840,6 +902,121 @@ impl Hypervisor for SimHypervisor {
 }
 
 impl SimHypervisor {
+    /// Checks a snapshot call against the guest as it is now: the guest
+    /// exists and has a disk, the name is valid. Returns the guest's state.
+    fn snapshot_guest(inner: &Inner, id: GuestId, name: &str) -> Result<RuntimeState, HvError> {
+        let guest = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
+        crate::check_snapshot_name(id, name)?;
+        if guest.config.spec.disks.is_empty() {
+            return Err(HvError::Unsupported {
+                op: "snapshot",
+                backend: HypervisorKind::Sim,
+                reason: "the guest has no disk to keep snapshots on".to_owned(),
+            });
+        }
+        Ok(guest.state)
+    }
+
+    async fn create_snapshot(
+        &self,
+        id: GuestId,
+        name: &str,
+        kind: crate::SnapshotKind,
+    ) -> Result<crate::SnapshotInfo, HvError> {
+        let check = |inner: &Inner| -> Result<(), HvError> {
+            let state = Self::snapshot_guest(inner, id, name)?;
+            if kind == crate::SnapshotKind::Memory && !matches!(state, RuntimeState::Running | RuntimeState::Paused) {
+                return Err(HvError::InvalidState { id, op: "snapshot_create", state });
+            }
+            if inner.guests.get(&id).is_some_and(|g| g.snapshots.iter().any(|s| s.name == name)) {
+                return Err(HvError::InvalidSnapshot {
+                    id,
+                    name: name.to_owned(),
+                    reason: "a snapshot of that name exists".to_owned(),
+                });
+            }
+            Ok(())
+        };
+        check(&self.lock())?;
+        wait(self.shared.config.snapshot_delay).await;
+        let mut inner = self.lock();
+        check(&inner)?;
+        let info = crate::SnapshotInfo {
+            name: name.to_owned(),
+            kind,
+            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            vm_state_size: match kind {
+                crate::SnapshotKind::Disk => ByteSize(0),
+                crate::SnapshotKind::Memory => {
+                    inner.guests.get(&id).map_or(ByteSize(0), |g| ByteSize(g.config.spec.memory.bytes() / 4))
+                }
+            },
+        };
+        if let Some(g) = inner.guests.get_mut(&id) {
+            g.snapshots.push(info.clone());
+        }
+        if let Err(e) = self.save(&inner, "snapshot_create") {
+            if let Some(g) = inner.guests.get_mut(&id) {
+                g.snapshots.retain(|s| s.name != name);
+            }
+            return Err(e);
+        }
+        Ok(info)
+    }
+
+    async fn delete_snapshot(&self, id: GuestId, name: &str) -> Result<(), HvError> {
+        Self::snapshot_guest(&self.lock(), id, name)?;
+        wait(self.shared.config.snapshot_delay).await;
+        let mut inner = self.lock();
+        Self::snapshot_guest(&inner, id, name)?;
+        let Some(g) = inner.guests.get_mut(&id) else { return Err(HvError::NotFound { id }) };
+        let before = g.snapshots.len();
+        g.snapshots.retain(|s| s.name != name);
+        if g.snapshots.len() != before {
+            self.save(&inner, "snapshot_delete")?;
+        }
+        Ok(())
+    }
+
+    async fn restore_snapshot(&self, id: GuestId, name: &str) -> Result<crate::RestoreOutcome, HvError> {
+        use crate::{RestoreOutcome, SnapshotKind};
+        let plan = |inner: &Inner| -> Result<RestoreOutcome, HvError> {
+            let state = Self::snapshot_guest(inner, id, name)?;
+            let snapshot = inner
+                .guests
+                .get(&id)
+                .and_then(|g| g.snapshots.iter().find(|s| s.name == name))
+                .ok_or_else(|| HvError::SnapshotNotFound { id, name: name.to_owned() })?;
+            Ok(match (state, snapshot.kind) {
+                (RuntimeState::Running | RuntimeState::Paused, SnapshotKind::Memory) => RestoreOutcome::Live,
+                (RuntimeState::Running | RuntimeState::Paused, SnapshotKind::Disk) => RestoreOutcome::Restarted,
+                (RuntimeState::Stopped | RuntimeState::Crashed, _) => RestoreOutcome::DisksOnly,
+            })
+        };
+        let outcome = plan(&self.lock())?;
+        let c = &self.shared.config;
+        let delay = match outcome {
+            RestoreOutcome::Restarted => c.snapshot_delay + c.command_delay + c.boot_delay,
+            RestoreOutcome::Live | RestoreOutcome::DisksOnly => c.snapshot_delay,
+        };
+        wait(delay).await;
+        let mut inner = self.lock();
+        // Judged again: the guest may have stopped or crashed meanwhile.
+        let outcome = plan(&inner)?;
+        let Inner { guests, next_pid, .. } = &mut *inner;
+        let Some(guest) = guests.get_mut(&id) else { return Err(HvError::NotFound { id }) };
+        match outcome {
+            RestoreOutcome::Live => {}
+            RestoreOutcome::Restarted => {
+                apply(guest, RuntimeState::Stopped, next_pid);
+                apply(guest, RuntimeState::Running, next_pid);
+            }
+            RestoreOutcome::DisksOnly => apply(guest, RuntimeState::Stopped, next_pid),
+        }
+        self.save(&inner, "snapshot_restore")?;
+        Ok(outcome)
+    }
+
     /// What a simulated guest's command does, or `None` for a command it
     /// does not have. `echo` prints its arguments joined by spaces and a
     /// newline (no options), `true` exits 0, `false` exits 1, `cat` copies

@@ -22,7 +22,7 @@ use drove_hypervisor::conformance::Options;
 use drove_hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor, ResolvedAccel, cgroup, tc};
 use drove_hypervisor::{
     ExecRequest, ExecResult, GuestConfig, GuestInterface, GuestStatus, HostResources, Hotplug, HvError, Hypervisor,
-    RuntimeState, StopMode,
+    RestoreOutcome, RuntimeState, SnapshotInfo, SnapshotKind, StopMode,
 };
 use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, HypervisorKind, NicSpec, Priority, VlanTag};
 use tokio::io::AsyncWriteExt;
@@ -1402,6 +1402,142 @@ mod resource_controls {
     }
 }
 
+// --- snapshots -------------------------------------------------------------------
+
+/// Runs `script` with `sh -c` in the guest, waiting for its agent as long
+/// as a boot takes; its stdout, trimmed. The command must succeed.
+async fn sh(hv: &QemuHypervisor, id: GuestId, script: &str) -> String {
+    let mut req = ExecRequest::new("sh", ["-c", script]);
+    req.timeout = GUEST_TIMEOUT;
+    let r = hv.exec(id, &req).await.unwrap_or_else(|e| panic!("{script:?}: {}", error_chain(&e)));
+    assert_eq!(r.exit_code, 0, "{script:?}: {}", String::from_utf8_lossy(&r.stderr));
+    String::from_utf8_lossy(&r.stdout).trim().to_owned()
+}
+
+/// The first 512-byte sector of the guest's disk as text, written raw
+/// (no file system in the test image): straight to the device and synced.
+const WRITE_MARKER: &str = "printf '%-511s\\n' \"$0\" | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && sync";
+const READ_MARKER: &str = "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '";
+
+async fn write_marker(hv: &QemuHypervisor, id: GuestId, marker: &str) {
+    let mut req = ExecRequest::new("sh", ["-c", WRITE_MARKER, marker]);
+    req.timeout = GUEST_TIMEOUT;
+    let r = hv.exec(id, &req).await.unwrap();
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(sh(hv, id, READ_MARKER).await, marker);
+}
+
+fn qemu_img_snapshots(path: &Path) -> String {
+    let out = std::process::Command::new("qemu-img").args(["snapshot", "-l", "-U"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn disk_snapshot_of_a_running_guest_rolls_its_disk_back_and_memory_snapshot_resumes_it_where_it_was() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = guest("snap-1", &[16, 8]);
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+
+    // Disk-only: taken while the guest runs, without pausing it.
+    write_marker(&hv, g.id, "marker-before").await;
+    let pid = status(&hv, g.id).await.pid;
+    hv.take_events(g.id).await;
+    let t0 = Instant::now();
+    let info = hv.snapshot_create(g.id, "before", SnapshotKind::Disk).await.unwrap();
+    eprintln!("disk-only snapshot of a running guest took {:?}", t0.elapsed());
+    assert_eq!((info.name.as_str(), info.kind), ("before", SnapshotKind::Disk));
+    let events: Vec<String> = hv.take_events(g.id).await.into_iter().map(|e| e.event).collect();
+    assert!(!events.iter().any(|e| e == "STOP"), "a disk-only snapshot stopped the guest: {events:?}");
+    assert_eq!(status(&hv, g.id).await.pid, pid, "same incarnation");
+    // Both disks carry it.
+    for i in 0..2 {
+        let listing = qemu_img_snapshots(&hv.guest_dir(g.id).join(format!("disk{i}.qcow2")));
+        assert!(listing.contains("before"), "disk{i}: {listing}");
+    }
+
+    write_marker(&hv, g.id, "marker-after").await;
+    let outcome = hv.snapshot_restore(g.id, "before").await.unwrap();
+    assert_eq!(outcome, RestoreOutcome::Restarted);
+    assert_eq!(status(&hv, g.id).await.state, RuntimeState::Running);
+    assert_ne!(status(&hv, g.id).await.pid, pid, "a disk restore boots a new incarnation");
+    assert_eq!(sh(&hv, g.id, READ_MARKER).await, "marker-before", "the disk is back as it was");
+
+    // With memory: a file in the guest's RAM (its root is an initramfs)
+    // and its processes come back exactly as they were: one started before
+    // the snapshot runs again, one started after it never was. (Its clock
+    // does not go back: under TCG the guest's clocksource follows the host.)
+    sh(&hv, g.id, "echo ram-before > /ram-marker").await;
+    let spawn = "sleep $0 </dev/null >/dev/null 2>&1 & echo $!";
+    let mut req = ExecRequest::new("sh", ["-c", spawn, "1001"]);
+    req.timeout = GUEST_TIMEOUT;
+    let before_pid = String::from_utf8_lossy(&hv.exec(g.id, &req).await.unwrap().stdout).trim().to_owned();
+    let pid = status(&hv, g.id).await.pid;
+    let t0 = Instant::now();
+    let info = hv.snapshot_create(g.id, "with-ram", SnapshotKind::Memory).await.unwrap();
+    eprintln!("memory snapshot of a running guest took {:?} ({} of VM state)", t0.elapsed(), info.vm_state_size);
+    assert_eq!(info.kind, SnapshotKind::Memory);
+    assert!(info.vm_state_size.bytes() > 0, "{info:?}");
+    sh(&hv, g.id, "echo ram-after > /ram-marker").await;
+    sh(&hv, g.id, &format!("kill {before_pid}")).await;
+    req.args[2] = "1002".to_owned();
+    let after_pid = String::from_utf8_lossy(&hv.exec(g.id, &req).await.unwrap().stdout).trim().to_owned();
+    write_marker(&hv, g.id, "marker-later").await;
+    let cmdline = |p: &str| format!("cat /proc/{p}/cmdline 2>/dev/null | tr '\\0' ' '; true");
+    assert_eq!(sh(&hv, g.id, &cmdline(&before_pid)).await, "", "killed before the restore");
+
+    let t0 = Instant::now();
+    assert_eq!(hv.snapshot_restore(g.id, "with-ram").await.unwrap(), RestoreOutcome::Live);
+    eprintln!("live restore of a memory snapshot took {:?}", t0.elapsed());
+    assert_eq!(status(&hv, g.id).await.pid, pid, "a live restore keeps the QEMU process");
+    assert_eq!(sh(&hv, g.id, "cat /ram-marker").await, "ram-before");
+    assert_eq!(sh(&hv, g.id, &cmdline(&before_pid)).await, "sleep 1001", "the process of before the snapshot runs");
+    // (Its pid may be taken again: the guest's pid counter went back too.)
+    let now = sh(&hv, g.id, &cmdline(&after_pid)).await;
+    assert_ne!(now, "sleep 1002", "the process of after the snapshot is gone");
+    // The disk went back with the memory.
+    assert_eq!(sh(&hv, g.id, READ_MARKER).await, "marker-before");
+
+    let names: Vec<(String, SnapshotKind)> =
+        hv.snapshot_list(g.id).await.unwrap().into_iter().map(|s| (s.name, s.kind)).collect();
+    assert_eq!(names, [("before".into(), SnapshotKind::Disk), ("with-ram".into(), SnapshotKind::Memory)]);
+
+    // Stopped: the disks roll back offline, and the guest stays stopped.
+    hv.stop(g.id, StopMode::Force).await.unwrap();
+    hv.snapshot_delete(g.id, "with-ram").await.unwrap();
+    assert_eq!(hv.snapshot_restore(g.id, "before").await.unwrap(), RestoreOutcome::DisksOnly);
+    assert_eq!(status(&hv, g.id).await.state, RuntimeState::Stopped);
+    let names: Vec<String> = hv.snapshot_list(g.id).await.unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["before"]);
+    hv.destroy(g.id).await.unwrap();
+    assert_no_qemu_for(&lab, g.id);
+}
+
+#[tokio::test]
+async fn a_partial_snapshot_left_by_a_crash_is_not_listed_and_is_cleaned_by_create_and_delete() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = guest("snap-2", &[16, 16]);
+    hv.create(&g).await.unwrap();
+    // As if a qemu-img sequence died after the first disk.
+    let disk0 = hv.guest_dir(g.id).join("disk0.qcow2");
+    let out = std::process::Command::new("qemu-img").args(["snapshot", "-c", "half"]).arg(&disk0).output().unwrap();
+    assert!(out.status.success());
+    assert!(hv.snapshot_list(g.id).await.unwrap().is_empty(), "a snapshot on one disk of two is not a snapshot");
+    let err = hv.snapshot_restore(g.id, "half").await.unwrap_err();
+    assert!(matches!(err, HvError::SnapshotNotFound { .. }), "{err:?}");
+    hv.snapshot_delete(g.id, "half").await.unwrap();
+    assert!(!qemu_img_snapshots(&disk0).contains("half"), "delete removes the part");
+
+    std::process::Command::new("qemu-img").args(["snapshot", "-c", "half"]).arg(&disk0).output().unwrap();
+    hv.snapshot_create(g.id, "half", SnapshotKind::Disk).await.unwrap();
+    assert_eq!(hv.snapshot_list(g.id).await.unwrap().len(), 1);
+    assert_eq!(qemu_img_snapshots(&disk0).matches("half").count(), 1, "one snapshot, not the part and another");
+    hv.destroy(g.id).await.unwrap();
+}
+
 // --- the conformance suite -------------------------------------------------------
 
 /// A QEMU backend that takes its lab along, so that each conformance test's
@@ -1462,6 +1598,18 @@ impl Hypervisor for LabHypervisor {
     }
     async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<GuestInterface>, HvError> {
         self.hv.guest_interfaces(id).await
+    }
+    async fn snapshot_create(&self, id: GuestId, name: &str, kind: SnapshotKind) -> Result<SnapshotInfo, HvError> {
+        self.hv.snapshot_create(id, name, kind).await
+    }
+    async fn snapshot_list(&self, id: GuestId) -> Result<Vec<SnapshotInfo>, HvError> {
+        self.hv.snapshot_list(id).await
+    }
+    async fn snapshot_delete(&self, id: GuestId, name: &str) -> Result<(), HvError> {
+        self.hv.snapshot_delete(id, name).await
+    }
+    async fn snapshot_restore(&self, id: GuestId, name: &str) -> Result<RestoreOutcome, HvError> {
+        self.hv.snapshot_restore(id, name).await
     }
 }
 

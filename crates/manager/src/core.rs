@@ -154,6 +154,10 @@ pub struct Manager {
     pub http_requests: std::sync::atomic::AtomicU64,
     calls: Mutex<Calls>,
     consoles: Mutex<HashMap<String, oneshot::Sender<Result<hyper::upgrade::OnUpgrade, String>>>>,
+    /// Guests whose snapshot operation a task of this process drives.
+    pub(crate) snapshot_drivers: Mutex<HashSet<GuestId>>,
+    /// Those tasks, aborted when the server stops (`crate::serve`).
+    pub(crate) background: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// Relayed calls to agents: queued per host until its next heartbeat
@@ -239,11 +243,13 @@ impl Manager {
             http_requests: Default::default(),
             calls: Mutex::new(Calls::default()),
             consoles: Mutex::new(HashMap::new()),
+            snapshot_drivers: Mutex::new(HashSet::new()),
+            background: Mutex::new(Vec::new()),
         };
         Ok((Arc::new(m), minted))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inventory> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inventory> {
         // A panic while holding the lock leaves memory possibly ahead of the
         // store; the persister is the authority on failure, so carry on.
         self.inv.lock().unwrap_or_else(|p| p.into_inner())
@@ -258,7 +264,7 @@ impl Manager {
         self.lock().tokens.get(&hash).map(|t| Principal { name: t.name.clone(), role: t.role })
     }
 
-    fn audit_op(inv: &mut Inventory, ctx: &Ctx, target: Option<String>, result: &str, status: u16) -> Op {
+    pub(crate) fn audit_op(inv: &mut Inventory, ctx: &Ctx, target: Option<String>, result: &str, status: u16) -> Op {
         let mut rec = AuditRecord {
             seq: inv.audit_seq,
             time: now_rfc3339(),
@@ -322,7 +328,7 @@ impl Manager {
         }
     }
 
-    fn notify_ops(&self) {
+    pub(crate) fn notify_ops(&self) {
         self.changes.send_modify(|n| *n += 1);
     }
 
@@ -343,7 +349,7 @@ impl Manager {
 
     /// Read from the inventory, answering only once everything the read
     /// saw is durable: a client never sees state a crash could take back.
-    async fn read<T>(&self, f: impl FnOnce(&Inventory) -> T) -> Result<T, ApiError> {
+    pub(crate) async fn read<T>(&self, f: impl FnOnce(&Inventory) -> T) -> Result<T, ApiError> {
         let (value, durable) = {
             let inv = self.lock();
             (f(&inv), self.persister.barrier())
@@ -764,7 +770,7 @@ impl Manager {
             .collect()
     }
 
-    fn new_op(kind: OperationKind, g: &Guest, principal: &Principal, step: &str) -> Operation {
+    pub(crate) fn new_op(kind: OperationKind, g: &Guest, principal: &Principal, step: &str) -> Operation {
         Operation {
             id: OperationId::new_v4(),
             kind,
@@ -816,6 +822,8 @@ impl Manager {
                     last_error: None,
                     restart_policy: req.restart_policy.unwrap_or_default(),
                     restarts: 0,
+                    snapshots: Vec::new(),
+                    current_snapshot: None,
                 };
                 let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
                 let mut op = Self::new_op(OperationKind::CreateGuest, &guest, &ctx.principal, "");
@@ -1275,6 +1283,8 @@ impl Manager {
         let budget = CALL_TIMEOUT
             + match &kind {
                 AgentCallKind::Exec { timeout_secs, .. } => Duration::from_secs(*timeout_secs),
+                // Writing or loading a large memory state takes its time.
+                AgentCallKind::Snapshot { .. } => Duration::from_secs(300),
                 _ => Duration::ZERO,
             };
         let (tx, rx) = oneshot::channel();
@@ -1371,7 +1381,10 @@ impl Manager {
                 .iter()
                 .filter(|(_, op)| {
                     inv.ops.get(op).is_some_and(|o| {
-                        o.state == OperationState::Running
+                        // Snapshot operations end by their driver, which
+                        // finishes or undoes them whatever it takes.
+                        !o.kind.is_snapshot()
+                            && o.state == OperationState::Running
                             && humantime::parse_rfc3339(&o.created_at)
                                 .ok()
                                 .and_then(|t| now.duration_since(t).ok())

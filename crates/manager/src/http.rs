@@ -19,9 +19,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
     AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest,
-    CreateVlanRequest, ErrorBody, ErrorResponse, ExecRequest, ExecResponse, GuestInterface, GuestView,
-    HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest,
-    OperationAccepted, RegisterRequest, RegisterResponse, StopGuestRequest, VlanView,
+    CreateSnapshotRequest, CreateVlanRequest, ErrorBody, ErrorResponse, ExecRequest, ExecResponse, GuestInterface,
+    GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest,
+    OperationAccepted, RegisterRequest, RegisterResponse, SnapshotList, StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
@@ -152,6 +152,9 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/guests/{guest}/exec", post(exec))
         .route("/v1/guests/{guest}/hotplug", post(hotplug))
         .route("/v1/guests/{guest}/interfaces", get(interfaces))
+        .route("/v1/guests/{guest}/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/v1/guests/{guest}/snapshots/{snapshot}", axum::routing::delete(delete_snapshot))
+        .route("/v1/guests/{guest}/snapshots/{snapshot}/restore", post(restore_snapshot))
         .route("/v1/guests/{guest}/console", get(console))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -439,6 +442,56 @@ async fn interfaces(State(m): State<Arc<Manager>>, Path(guest): Path<String>) ->
     }
 }
 
+#[utoipa::path(get, path = "/v1/guests/{guest}/snapshots", tag = "snapshots", params(("guest" = String, Path, description = "Guest name or id")),
+    responses((status = 200, body = SnapshotList), (status = 404, body = ErrorResponse)))]
+async fn list_snapshots(State(m): State<Arc<Manager>>, Path(guest): Path<String>) -> Res<Json<SnapshotList>> {
+    m.list_snapshots(&guest).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/guests/{guest}/snapshots", tag = "snapshots", params(("guest" = String, Path, description = "Guest name or id")),
+    request_body = CreateSnapshotRequest,
+    description = "Take a snapshot of all the guest's disks (crash-consistent, the guest is not paused) or, with `memory`, of its disks and memory (the guest must run).",
+    responses((status = 202, description = "Snapshot started", body = OperationAccepted), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
+        (status = 409, description = "Name taken, guest not in a state for it, or another operation in progress", body = ErrorResponse)))]
+async fn create_snapshot(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<CreateSnapshotRequest>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.create_snapshot(&ctx, &guest, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct DeleteSnapshotQuery {
+    /// Delete a snapshot that has children; they are re-parented to its parent.
+    force: Option<bool>,
+}
+
+#[utoipa::path(delete, path = "/v1/guests/{guest}/snapshots/{snapshot}", tag = "snapshots",
+    params(("guest" = String, Path, description = "Guest name or id"), ("snapshot" = String, Path, description = "Snapshot name"), DeleteSnapshotQuery),
+    responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse), (status = 409, description = "It has children (without force), or another operation is in progress", body = ErrorResponse)))]
+async fn delete_snapshot(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path((guest, snapshot)): Path<(String, String)>,
+    Query(q): Query<DeleteSnapshotQuery>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.delete_snapshot(&ctx, &guest, &snapshot, q.force.unwrap_or(false)).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[utoipa::path(post, path = "/v1/guests/{guest}/snapshots/{snapshot}/restore", tag = "snapshots",
+    params(("guest" = String, Path, description = "Guest name or id"), ("snapshot" = String, Path, description = "Snapshot name")),
+    description = "Roll the guest back to the snapshot: a memory snapshot resumes a running guest live; a disk snapshot of a running guest stops it, rolls the disks back and starts it; a stopped guest gets the disks back and stays stopped.",
+    responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
+async fn restore_snapshot(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path((guest, snapshot)): Path<(String, String)>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.restore_snapshot(&ctx, &guest, &snapshot).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
 /// The protocol name of console upgrades.
 pub const CONSOLE_PROTOCOL: &str = "drove-console";
 
@@ -574,10 +627,10 @@ impl utoipa::Modify for BearerAuth {
 
 #[derive(Debug, OpenApi)]
 #[openapi(
-    info(title = "drove", description = "drove manager API: hosts, guests, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, hotplug, interfaces, console, call_result, agent_console,
+    info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
+    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
-    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))
+    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))
 )]
 pub struct ApiDoc;

@@ -11,8 +11,10 @@
 //!
 //! Agents pull their desired state with each heartbeat and push what they
 //! observe; [`core`] turns observations into guest and operation
-//! transitions. [`monitor`] marks silent hosts down and times out stuck
-//! operations. [`http`] serves the `/v1` API.
+//! transitions. [`snapshots`] takes, deletes and restores guests' snapshots
+//! through relayed calls, finishing or undoing them from what the host
+//! has. [`monitor`] marks silent hosts down, times out stuck operations and
+//! resumes undriven snapshot operations. [`http`] serves the `/v1` API.
 
 pub mod auth;
 pub mod core;
@@ -20,6 +22,7 @@ pub mod http;
 pub mod inventory;
 pub mod monitor;
 pub mod persist;
+pub mod snapshots;
 
 pub use core::{Manager, ManagerConfig};
 pub use http::{ApiDoc, router};
@@ -43,6 +46,15 @@ pub async fn serve(
         }
     }
     let _monitor = AbortOnDrop(tokio::spawn(monitor::run(manager.clone())));
+    // Snapshot drivers end with the server too (a restarted manager
+    // resumes their operations from the store).
+    struct AbortBackground(Arc<Manager>);
+    impl Drop for AbortBackground {
+        fn drop(&mut self) {
+            self.0.abort_background();
+        }
+    }
+    let _drivers = AbortBackground(manager.clone());
     let app = router(manager).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -1,5 +1,6 @@
 //! The liveness and timeout reconciler: marks silent hosts down and fails
-//! (rolling back) operations that overran. Each pass is idempotent.
+//! (rolling back) operations that overran, and resumes snapshot operations
+//! nobody drives (after a restart). Each pass is idempotent.
 
 use std::sync::Arc;
 
@@ -15,5 +16,6 @@ pub async fn run(m: Arc<Manager>) {
         if let Err(e) = m.monitor_pass().await {
             tracing::error!(error = %e, "monitor pass failed");
         }
+        m.resume_snapshot_ops();
     }
 }

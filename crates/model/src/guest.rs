@@ -376,6 +376,13 @@ pub struct Guest {
     /// How many times its host restarted it after a crash.
     #[serde(default)]
     pub restarts: u32,
+    /// Its snapshots, in the order they were taken; a tree by `parent`.
+    #[serde(default)]
+    pub snapshots: Vec<crate::Snapshot>,
+    /// The snapshot its present state descends from (the last one taken or
+    /// restored), the parent of the next one.
+    #[serde(default)]
+    pub current_snapshot: Option<String>,
 }
 
 #[cfg(test)]

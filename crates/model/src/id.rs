@@ -118,6 +118,10 @@ id_kind!(
     HostMarker, HostId, "host"
 );
 id_kind!(
+    /// Identifies a snapshot of a guest (its name is unique per guest too).
+    SnapshotMarker, SnapshotId, "snapshot"
+);
+id_kind!(
     /// Identifies a long-running operation.
     OperationMarker, OperationId, "op"
 );

@@ -11,6 +11,7 @@ pub mod host;
 pub mod id;
 pub mod image;
 pub mod operation;
+pub mod snapshot;
 pub mod units;
 pub mod vlan;
 
@@ -19,8 +20,9 @@ pub use guest::{
     ResourceLimits, RestartPolicy,
 };
 pub use host::{HostInfo, HostState, HypervisorKind};
-pub use id::{GuestId, HostId, OperationId, TypedId};
+pub use id::{GuestId, HostId, OperationId, SnapshotId, TypedId};
 pub use operation::{Operation, OperationKind, OperationState};
+pub use snapshot::{RestoreOutcome, Snapshot, SnapshotKind, SnapshotState};
 pub use units::ByteSize;
 pub use uuid;
 pub use vlan::{NicAddress, Vlan, VlanTag};

@@ -20,6 +20,17 @@ pub enum OperationKind {
     StartGuest,
     StopGuest,
     DeleteGuest,
+    CreateSnapshot,
+    DeleteSnapshot,
+    RestoreSnapshot,
+}
+
+impl OperationKind {
+    /// Snapshot operations are driven by the manager itself (relayed calls
+    /// with reconciliation), not by agent reports.
+    pub fn is_snapshot(self) -> bool {
+        matches!(self, OperationKind::CreateSnapshot | OperationKind::DeleteSnapshot | OperationKind::RestoreSnapshot)
+    }
 }
 
 impl std::fmt::Display for OperationKind {
@@ -29,6 +40,9 @@ impl std::fmt::Display for OperationKind {
             OperationKind::StartGuest => "start-guest",
             OperationKind::StopGuest => "stop-guest",
             OperationKind::DeleteGuest => "delete-guest",
+            OperationKind::CreateSnapshot => "create-snapshot",
+            OperationKind::DeleteSnapshot => "delete-snapshot",
+            OperationKind::RestoreSnapshot => "restore-snapshot",
         })
     }
 }

@@ -59,6 +59,8 @@ pub enum QemuError {
     BaseImage { path: PathBuf, reason: String },
     #[error("QEMU reports the unexpected run state {status:?} after {after}")]
     UnexpectedRunState { status: String, after: &'static str },
+    #[error("the QEMU job {job} failed: {error}")]
+    Job { job: String, error: String },
     #[error("sending {signal} to the QEMU process {pid}")]
     Signal {
         pid: u32,

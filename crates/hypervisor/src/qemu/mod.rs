@@ -85,6 +85,12 @@
 //! the room it was started with; `hotplug.rs` explains how, what is
 //! refused, and how a failed change is undone.
 //!
+//! # Snapshots
+//!
+//! qcow2 internal snapshots in every disk, taken over QMP while QEMU runs
+//! and with `qemu-img` while it does not; `snapshot.rs` explains how, and
+//! how an interrupted snapshot is cleaned up.
+//!
 //! # The guest agent
 //!
 //! Every guest has a virtio-serial channel for a QEMU guest agent
@@ -102,6 +108,7 @@ mod limits;
 mod process;
 pub mod qga;
 pub mod qmp;
+mod snapshot;
 pub mod tc;
 
 use std::collections::HashMap;
@@ -1013,6 +1020,27 @@ impl Hypervisor for QemuHypervisor {
 
     async fn hotplug(&self, id: GuestId, change: &crate::Hotplug) -> Result<(), HvError> {
         self.hotplug_guest(id, change).await
+    }
+
+    async fn snapshot_create(
+        &self,
+        id: GuestId,
+        name: &str,
+        kind: crate::SnapshotKind,
+    ) -> Result<crate::SnapshotInfo, HvError> {
+        self.snapshot_create_guest(id, name, kind).await
+    }
+
+    async fn snapshot_list(&self, id: GuestId) -> Result<Vec<crate::SnapshotInfo>, HvError> {
+        self.snapshot_list_guest(id).await
+    }
+
+    async fn snapshot_delete(&self, id: GuestId, name: &str) -> Result<(), HvError> {
+        self.snapshot_delete_guest(id, name).await
+    }
+
+    async fn snapshot_restore(&self, id: GuestId, name: &str) -> Result<crate::RestoreOutcome, HvError> {
+        self.snapshot_restore_guest(id, name).await
     }
 }
 

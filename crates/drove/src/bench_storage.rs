@@ -1,0 +1,272 @@
+//! `drove bench storage`: snapshots of a running real QEMU guest through the
+//! whole stack (API, manager, agent, QMP).
+//!
+//! The pause a snapshot causes is measured from outside the guest: a loop
+//! in the guest prints a line on its serial console every few milliseconds,
+//! the bench reads the console's unix socket on the host and timestamps
+//! every chunk that arrives. The longest silence while an operation runs is
+//! its pause as the guest's output shows it; the longest silence over an
+//! idle stretch of the same run is the noise floor to compare it with (TCG
+//! on a busy machine does not tick evenly). Times are API request to
+//! operation finished, as an operator waits for them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use drove_api::{CreateGuestRequest, CreateSnapshotRequest, OperationAccepted};
+use drove_client::Client;
+use drove_model::{ByteSize, OperationState};
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+
+use crate::bench_boot::{BenchLab, wait_ready};
+use crate::{Format, OutputArgs};
+
+#[derive(Debug, Args)]
+pub struct StorageBench {
+    /// Snapshots of each kind (and restores) to time.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Memory of the guest (what a memory snapshot writes).
+    #[arg(long, value_parser = crate::parse_size, default_value = "256M")]
+    pub memory: ByteSize,
+    /// Size of each of its two disks.
+    #[arg(long, value_parser = crate::parse_size, default_value = "256M")]
+    pub disk: ByteSize,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// One kind of operation, over its rounds.
+#[derive(Debug, Serialize, Default)]
+struct Series {
+    /// API request to operation finished, seconds.
+    time_s: Vec<f64>,
+    /// Longest silence of the guest's console while it ran, milliseconds.
+    gap_ms: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct StorageFigures {
+    guest_memory_mib: u64,
+    disks: usize,
+    disk_mib: u64,
+    rounds: usize,
+    /// Longest console silence over an idle stretch: the noise floor.
+    idle_gap_ms: f64,
+    tick_interval_ms: f64,
+    disk_snapshot: Series,
+    memory_snapshot: Series,
+    memory_restore: Series,
+    /// Restoring a disk snapshot of the running guest (it reboots): until
+    /// the operation is done, and until its guest agent answers again.
+    disk_restore: Series,
+    disk_restore_until_agent_s: Vec<f64>,
+}
+
+/// Arrival times of console output.
+type Ticks = Arc<Mutex<Vec<Instant>>>;
+
+/// The longest silence between arrivals within [from, to], counting the
+/// stretch from the last arrival before `from` and to the first after `to`.
+fn longest_gap(ticks: &[Instant], from: Instant, to: Instant) -> f64 {
+    let start = ticks.iter().rposition(|t| *t <= from).unwrap_or(0);
+    let end = ticks.iter().position(|t| *t >= to).unwrap_or(ticks.len().saturating_sub(1));
+    ticks[start..=end.max(start)].windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).fold(0.0, f64::max)
+}
+
+async fn run_op(c: &Client, accepted: OperationAccepted) -> Result<drove_model::Operation> {
+    let op = c.wait_operation(accepted.operation.id, Duration::from_secs(300)).await?;
+    if op.state != OperationState::Succeeded {
+        bail!("{} {} ended {}: {}", op.kind, op.target_name, op.state, op.error.unwrap_or_default());
+    }
+    Ok(op)
+}
+
+/// Runs `f` and returns its time and the console's longest silence.
+async fn timed<F, Fut>(ticks: &Ticks, f: F) -> Result<(f64, f64)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let t0 = Instant::now();
+    f().await?;
+    let t1 = Instant::now();
+    // Let the next tick arrive, so a silence still running counts whole.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gap = longest_gap(&ticks.lock().unwrap_or_else(|p| p.into_inner()), t0, t1);
+    Ok(((t1 - t0).as_secs_f64(), gap))
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let mid = s.get(s.len() / 2).copied().unwrap_or(0.0);
+    (s.first().copied().unwrap_or(0.0), mid, s.last().copied().unwrap_or(0.0))
+}
+
+pub async fn run(a: StorageBench) -> Result<()> {
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let (lab, c) = BenchLab::start("storage", &["--hosts", "1"])?;
+    let name = "snap-bench";
+    let req = CreateGuestRequest { disks: vec![a.disk, a.disk], ..CreateGuestRequest::new(name, 1, a.memory) };
+    let accepted = c.create_guest(&req).await?;
+    let id = accepted.guest;
+    wait_ready(&c, name, Instant::now() + Duration::from_secs(180)).await?;
+
+    // The guest's console, read here on the host.
+    let socket = lab.dir.join("hosts/host-1/guests").join(id.to_string()).join("console.sock");
+    let mut console = tokio::net::UnixStream::connect(&socket)
+        .await
+        .with_context(|| format!("connecting to the guest's console {}", socket.display()))?;
+    let ticks: Ticks = Arc::default();
+    let reader = {
+        let ticks = ticks.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = console.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                if buf[..n].contains(&b'\n') {
+                    ticks.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+                }
+            }
+        })
+    };
+    let tick_us = 5000;
+    let ticker = format!(
+        "while :; do echo t; usleep {tick_us} 2>/dev/null || sleep 0.005; done >/dev/ttyS0 2>&1 </dev/null & echo started"
+    );
+    let exec =
+        drove_api::ExecRequest { command: vec!["sh".into(), "-c".into(), ticker], input: None, timeout_secs: None };
+    c.exec(name, &exec).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The noise floor.
+    let (_, idle_gap_ms) = timed(&ticks, || async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Ok(())
+    })
+    .await?;
+    let tick_count = ticks.lock().unwrap_or_else(|p| p.into_inner()).len();
+    if tick_count < 10 {
+        bail!("the guest's ticker printed {tick_count} lines; cannot measure pauses");
+    }
+
+    let mut disk_snapshot = Series::default();
+    let mut memory_snapshot = Series::default();
+    let mut memory_restore = Series::default();
+    let mut disk_restore = Series::default();
+    let mut disk_restore_until_agent_s = Vec::new();
+    for round in 0..a.rounds {
+        eprint!("\rround {}/{}   ", round + 1, a.rounds);
+        let (disk_snap, mem_snap) = (format!("disk-{round}"), format!("mem-{round}"));
+        let (t, gap) = timed(&ticks, || async {
+            run_op(
+                &c,
+                c.create_snapshot(name, &CreateSnapshotRequest { name: disk_snap.clone(), memory: false }).await?,
+            )
+            .await
+            .map(drop)
+        })
+        .await?;
+        disk_snapshot.time_s.push(t);
+        disk_snapshot.gap_ms.push(gap);
+
+        let (t, gap) = timed(&ticks, || async {
+            run_op(&c, c.create_snapshot(name, &CreateSnapshotRequest { name: mem_snap.clone(), memory: true }).await?)
+                .await
+                .map(drop)
+        })
+        .await?;
+        memory_snapshot.time_s.push(t);
+        memory_snapshot.gap_ms.push(gap);
+
+        let (t, gap) =
+            timed(&ticks, || async { run_op(&c, c.restore_snapshot(name, &mem_snap).await?).await.map(drop) }).await?;
+        memory_restore.time_s.push(t);
+        memory_restore.gap_ms.push(gap);
+    }
+    eprintln!();
+    // Last: it reboots the guest, which ends the ticker.
+    for round in 0..a.rounds {
+        eprint!("\rdisk restore {}/{}   ", round + 1, a.rounds);
+        let t0 = Instant::now();
+        let (t, _) =
+            timed(&ticks, || async { run_op(&c, c.restore_snapshot(name, "disk-0").await?).await.map(drop) }).await?;
+        disk_restore.time_s.push(t);
+        let probe = drove_api::ExecRequest { command: vec!["true".into()], input: None, timeout_secs: Some(120) };
+        c.exec(name, &probe).await?;
+        disk_restore_until_agent_s.push(t0.elapsed().as_secs_f64());
+    }
+    eprintln!();
+    reader.abort();
+
+    let f = StorageFigures {
+        guest_memory_mib: a.memory.as_mib(),
+        disks: 2,
+        disk_mib: a.disk.as_mib(),
+        rounds: a.rounds,
+        idle_gap_ms,
+        tick_interval_ms: f64::from(tick_us) / 1000.0,
+        disk_snapshot,
+        memory_snapshot,
+        memory_restore,
+        disk_restore,
+        disk_restore_until_agent_s,
+    };
+    match a.out.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&f)?),
+        Format::Table => {
+            println!(
+                "drove bench storage: a running QEMU guest ({} MiB, 2 x {} MiB qcow2 disks), {} rounds, through API, manager, agent and QMP",
+                f.guest_memory_mib, f.disk_mib, f.rounds
+            );
+            println!(
+                "  pause = longest silence of a {:.0} ms console ticker read on the host; idle noise floor {:.1} ms",
+                f.tick_interval_ms, f.idle_gap_ms
+            );
+            println!("  {:<28} {:>24} {:>28}", "", "time min/median/max", "pause min/median/max");
+            for (label, s) in [
+                ("disk-only snapshot", &f.disk_snapshot),
+                ("snapshot with memory", &f.memory_snapshot),
+                ("restore with memory (live)", &f.memory_restore),
+            ] {
+                let (t0, t1, t2) = stats(&s.time_s);
+                let (g0, g1, g2) = stats(&s.gap_ms);
+                println!(
+                    "  {label:<28} {:>6.0} {:>6.0} {:>6.0} ms   {:>6.1} {:>6.1} {:>6.1} ms",
+                    t0 * 1e3,
+                    t1 * 1e3,
+                    t2 * 1e3,
+                    g0,
+                    g1,
+                    g2
+                );
+            }
+            let (t0, t1, t2) = stats(&f.disk_restore.time_s);
+            println!(
+                "  {:<28} {:>6.0} {:>6.0} {:>6.0} ms   (reboots the guest)",
+                "restore of a disk snapshot",
+                t0 * 1e3,
+                t1 * 1e3,
+                t2 * 1e3
+            );
+            let (t0, t1, t2) = stats(&f.disk_restore_until_agent_s);
+            println!(
+                "  {:<28} {:>6.0} {:>6.0} {:>6.0} ms",
+                "  ... until its agent answers",
+                t0 * 1e3,
+                t1 * 1e3,
+                t2 * 1e3
+            );
+        }
+    }
+    drop(lab);
+    Ok(())
+}
