@@ -410,6 +410,16 @@ pub async fn down(a: DownArgs) -> Result<()> {
     // `up` recorded canonical paths on the daemons' command lines.
     let dir = dir.canonicalize().unwrap_or(dir);
     let Some(lab) = read_lab(&dir)? else {
+        // No record (an `up` that died before writing one, or a deleted
+        // lab.json): what it may have left is still found by name.
+        let strays = kill_strays(&dir);
+        let links = fabric::destroy(&lab_id(&dir).0);
+        if strays + links > 0 {
+            println!(
+                "no lab record in {}; removed {strays} stray QEMU processes and {links} namespaces/links",
+                dir.display()
+            );
+        }
         if a.purge && dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }

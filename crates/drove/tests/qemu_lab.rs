@@ -381,9 +381,30 @@ fn vlans_span_hosts_and_isolate_guests() {
     let links = Command::new("ip").args(["-n", &ns2, "-o", "link", "show"]).output().unwrap();
     let links = String::from_utf8_lossy(&links.stdout);
     assert!(!links.contains("dbr200") && links.contains("dbr100"), "{links}");
+
+    // Everything crashes at once and the lab's record is lost (as when
+    // `drove up` dies before writing it): `down` still finds every QEMU,
+    // namespace and link by name, and a second `down` is a no-op.
+    let record = lab.lab_file();
+    let pids = record["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a[1].as_u64().unwrap())
+        .chain(record["manager_pid"].as_u64());
+    for pid in pids {
+        Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    }
+    std::fs::remove_file(lab.dir.path().join("lab.json")).unwrap();
+    assert!(!qemus_of(lab.data()).is_empty(), "guests outlive their daemons");
     lab.ok(&["down", "--data-dir", lab.data()]);
+    lab.ok(&["down", "--data-dir", lab.data()]);
+    eventually("no QEMU after down", Duration::from_secs(30), || qemus_of(lab.data()).is_empty().then_some(()));
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&left.stdout).contains(&ns2), "down removes the namespaces");
+    let links = Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
+    let prefix = format!("dl{}", fabric["id"].as_str().unwrap());
+    assert!(!String::from_utf8_lossy(&links.stdout).contains(&prefix), "down removes the lab's switches and cables");
 }
 
 /// Downloads `/blob` from `server` inside `client`; Mbit/s, timed in the guest.

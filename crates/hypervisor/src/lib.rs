@@ -48,6 +48,7 @@ pub use drove_model::{RestoreOutcome, SnapshotKind};
 use serde::{Deserialize, Serialize};
 
 pub mod conformance;
+pub mod migration;
 pub mod qemu;
 pub mod sim;
 
@@ -343,6 +344,47 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     async fn snapshot_restore(&self, id: GuestId, name: &str) -> Result<RestoreOutcome, HvError> {
         let _ = (id, name);
         Err(HvError::Unsupported { op: "snapshot_restore", backend: self.kind(), reason: "no snapshots".into() })
+    }
+
+    /// Target side of a live migration: defines the guest (making its
+    /// disks empty when they will be mirrored), starts its QEMU waiting for
+    /// the stream on `req.listen:req.port`, and serves its disks over NBD
+    /// for a mirror. The NICs' host devices must exist. Idempotent for a
+    /// guest already waiting.
+    async fn migrate_incoming(&self, config: &GuestConfig, req: &migration::Incoming) -> Result<(), HvError> {
+        let _ = (config, req);
+        Err(HvError::Unsupported { op: "migrate_incoming", backend: self.kind(), reason: "no live migration".into() })
+    }
+
+    /// Source side: mirrors the disks (if asked), migrates the guest's
+    /// state to the waiting target, reporting progress, and returns once
+    /// the target has it all. The source is then paused for good: only
+    /// [`Hypervisor::migrate_cancel`] (the target never ran) or
+    /// [`Hypervisor::destroy`] (it did) may follow.
+    async fn migrate_out(
+        &self,
+        id: GuestId,
+        req: &migration::Outgoing,
+        progress: &(dyn Fn(migration::MigrationProgress) + Send + Sync),
+    ) -> Result<migration::MigrationStats, HvError> {
+        let _ = (id, req, progress);
+        Err(HvError::Unsupported { op: "migrate_out", backend: self.kind(), reason: "no live migration".into() })
+    }
+
+    /// Target side, after the source finished: waits (up to `timeout`)
+    /// until the guest runs here and stops serving its disks. Fails if the
+    /// incoming migration failed; the guest must then be destroyed here.
+    async fn migrate_finish(&self, id: GuestId, timeout: Duration) -> Result<migration::IncomingDone, HvError> {
+        let _ = (id, timeout);
+        Err(HvError::Unsupported { op: "migrate_finish", backend: self.kind(), reason: "no live migration".into() })
+    }
+
+    /// Source side: aborts an outgoing migration, or resumes a guest that
+    /// finished migrating but whose target never ran it. The guest runs
+    /// here afterwards. Succeeds on a guest that simply runs.
+    async fn migrate_cancel(&self, id: GuestId) -> Result<(), HvError> {
+        let _ = id;
+        Err(HvError::Unsupported { op: "migrate_cancel", backend: self.kind(), reason: "no live migration".into() })
     }
 }
 

@@ -72,26 +72,35 @@ struct Reaper {
 
 impl Reaper {
     fn pids(&self) -> Vec<u32> {
-        let needle = self.marker.as_os_str().as_encoded_bytes().to_vec();
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-            if cmdline.windows(needle.len()).any(|w| w == needle) && alive(pid) {
-                pids.push(pid);
-            }
-        }
-        pids
+        pids_mentioning(&self.marker)
     }
+}
+
+/// Live processes whose command line mentions `marker`.
+fn pids_mentioning(marker: &Path) -> Vec<u32> {
+    let needle = marker.as_os_str().as_encoded_bytes().to_vec();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if cmdline.windows(needle.len()).any(|w| w == needle) && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 impl Drop for Reaper {
     fn drop(&mut self) {
         let pids = self.pids();
         for &pid in &pids {
-            eprintln!("reaper: killing leftover QEMU {pid}");
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            eprintln!(
+                "reaper: killing leftover process {pid}: {}",
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            );
             sigkill(pid);
         }
         release_host_leftovers(&self.marker, &pids);
@@ -200,7 +209,7 @@ impl Console {
 
 fn assert_no_qemu_for(lab: &Lab, id: GuestId) {
     let marker = lab.state_dir().join("guests").join(id.to_string());
-    let left = Reaper { marker }.pids();
+    let left = pids_mentioning(&marker);
     assert!(left.is_empty(), "QEMU processes of guest {id} remain: {left:?}");
 }
 
@@ -1723,4 +1732,137 @@ async fn image_missing_or_non_qcow2_bases_are_refused_at_create_leaving_nothing(
         assert!(matches!(hv.status(g.id).await, Err(HvError::NotFound { .. })), "{path}");
     }
     assert!(hv.list().await.unwrap().is_empty());
+}
+
+// --- live migration --------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn migration_key() -> drove_hypervisor::migration::MigrationKey {
+    drove_hypervisor::migration::MigrationKey { identity: "drove-test".into(), key_hex: "0123456789abcdef".repeat(4) }
+}
+
+/// Two "hosts" (two backends over separate state directories) on loopback.
+fn two_hosts(lab: &Lab) -> (QemuHypervisor, QemuHypervisor) {
+    let mk = |name: &str| {
+        let mut c = QemuConfig::new(lab.state_dir().join(name), image_dir()).unwrap();
+        c.accel = Accel::Tcg;
+        c.cgroup_scope = Some(format!("test-{name}"));
+        QemuHypervisor::new(c).unwrap()
+    };
+    (mk("a"), mk("b"))
+}
+
+/// A running guest moves to another host with its disk mirrored over an
+/// encrypted NBD link and its RAM over an encrypted stream: a process in it
+/// keeps counting, its disk content arrives, the source is left paused and
+/// then removed, and exactly one QEMU remains.
+#[tokio::test]
+async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
+    use drove_hypervisor::migration::{DiskTransfer, Incoming, MigrationPhase, Outgoing};
+    let lab = Lab::new();
+    let (a, b) = two_hosts(&lab);
+    let g = guest("mig-1", &[64]);
+    a.create(&g).await.unwrap();
+    a.start(g.id).await.unwrap();
+    wait_for_serial(&a, g.id, "DROVE-READY", 1).await;
+    write_marker(&a, g.id, "marker-before-migration").await;
+    sh(&a, g.id, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; usleep 20000; done) >/dev/null 2>&1 &").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before: u64 = sh(&a, g.id, "cat /tmp/count").await.parse().unwrap();
+    let counter_pid = sh(&a, g.id, "pgrep -f 'usleep 20000' | head -1 || true").await;
+
+    let (port, nbd_port) = (free_port(), free_port());
+    let key = Some(migration_key());
+    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    b.migrate_incoming(&g, &Incoming { listen: lo, port, nbd_port, disks: DiskTransfer::Mirror, key: key.clone() })
+        .await
+        .unwrap();
+    assert_eq!(status(&b, g.id).await.state, RuntimeState::Paused, "the target waits, not runs");
+    let phases = std::sync::Mutex::new(Vec::new());
+    let out = Outgoing {
+        target: lo,
+        port,
+        nbd_port,
+        disks: DiskTransfer::Mirror,
+        key,
+        downtime_limit_ms: 50,
+        max_bandwidth: 0,
+    };
+    let stats = a
+        .migrate_out(g.id, &out, &|p| phases.lock().unwrap().push(p.phase))
+        .await
+        .unwrap_or_else(|e| panic!("migration failed: {}", error_chain(&e)));
+    let done = b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
+    let phases = phases.into_inner().unwrap();
+    assert!(phases.contains(&MigrationPhase::Disks) && phases.last() == Some(&MigrationPhase::Done), "{phases:?}");
+    let gap_ms = match (stats.stopped_at_us, done.resumed_at_us) {
+        (Some(stop), Some(resume)) => (resume.saturating_sub(stop)) as f64 / 1000.0,
+        other => panic!("no STOP/RESUME timestamps: {other:?}"),
+    };
+    eprintln!("migration: {stats:?}; paused {gap_ms:.1} ms from STOP on the source to RESUME on the target");
+    assert_eq!(status(&b, g.id).await.state, RuntimeState::Running);
+    assert_eq!(status(&a, g.id).await.state, RuntimeState::Paused, "the source stays paused");
+    a.destroy(g.id).await.unwrap();
+
+    // The same guest, on the other host: its process kept counting, its
+    // disk holds what was written before.
+    assert_eq!(sh(&b, g.id, READ_MARKER).await, "marker-before-migration");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after: u64 = sh(&b, g.id, "cat /tmp/count").await.parse().unwrap();
+    assert!(after > before, "the counter kept running: {before} -> {after}");
+    assert_eq!(sh(&b, g.id, "pgrep -f 'usleep 20000' | head -1 || true").await, counter_pid, "the same process");
+    let qemus = pids_mentioning(lab.state_dir());
+    assert_eq!(qemus.len(), 1, "exactly one QEMU for the guest: {qemus:?}");
+    b.destroy(g.id).await.unwrap();
+    let left = pids_mentioning(lab.state_dir());
+    assert!(left.is_empty(), "QEMUs left after destroy: {left:?}");
+}
+
+/// A cancelled migration leaves the guest running on its source, its disk
+/// untouched; the half-made target is destroyed.
+#[tokio::test]
+async fn a_cancelled_migration_leaves_the_guest_running_on_its_source() {
+    use drove_hypervisor::migration::{DiskTransfer, Incoming, Outgoing};
+    let lab = Lab::new();
+    let (a, b) = two_hosts(&lab);
+    let g = guest("mig-cancel", &[256]);
+    a.create(&g).await.unwrap();
+    a.start(g.id).await.unwrap();
+    wait_for_serial(&a, g.id, "DROVE-READY", 1).await;
+    write_marker(&a, g.id, "stays-here").await;
+    let (port, nbd_port) = (free_port(), free_port());
+    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    b.migrate_incoming(&g, &Incoming { listen: lo, port, nbd_port, disks: DiskTransfer::Mirror, key: None })
+        .await
+        .unwrap();
+    // Slow enough to be caught in the middle: 1 MiB/s for 256 MiB of RAM.
+    let out = Outgoing {
+        target: lo,
+        port,
+        nbd_port,
+        disks: DiskTransfer::Mirror,
+        key: None,
+        downtime_limit_ms: 50,
+        max_bandwidth: 1 << 20,
+    };
+    let a = std::sync::Arc::new(a);
+    let migrating = {
+        let a = a.clone();
+        let out = out.clone();
+        tokio::spawn(async move { a.migrate_out(g.id, &out, &|_| {}).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.migrate_cancel(g.id).await.unwrap();
+    let result = migrating.await.unwrap();
+    assert!(result.is_err(), "a cancelled migration reports failure: {result:?}");
+    b.destroy(g.id).await.unwrap();
+    assert_eq!(status(&*a, g.id).await.state, RuntimeState::Running);
+    assert_eq!(sh(&a, g.id, READ_MARKER).await, "stays-here");
+    // Cancelling again (nothing in flight) is harmless.
+    a.migrate_cancel(g.id).await.unwrap();
+    assert_eq!(status(&*a, g.id).await.state, RuntimeState::Running);
+    a.destroy(g.id).await.unwrap();
 }

@@ -155,7 +155,12 @@ impl Hierarchy {
 
     /// The cgroup of guest `id` in this layout (which may not exist).
     pub fn guest(&self, id: GuestId) -> GuestCgroup {
-        GuestCgroup { hierarchy: self.clone(), name: id.to_string() }
+        self.named(id.to_string())
+    }
+
+    /// The cgroup `drove/<name>` (see `GuestDir::cgroup_name`).
+    pub fn named(&self, name: String) -> GuestCgroup {
+        GuestCgroup { hierarchy: self.clone(), name }
     }
 }
 

@@ -76,6 +76,9 @@ pub struct Launch<'a> {
     pub extra_kernel_args: &'a [String],
     /// What the host offers guests: bounds the room left for hotplug.
     pub host: HostResources,
+    /// Wait for a migration stream instead of booting (`-incoming defer`:
+    /// the address comes later, over QMP, after the TLS set-up).
+    pub incoming: bool,
 }
 
 /// The most vCPUs a guest is started with room for, whatever its host.
@@ -254,6 +257,9 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
         );
     }
 
+    if l.incoming {
+        push(&mut args, "-incoming", "defer".to_owned());
+    }
     push(&mut args, "-pidfile", l.dir.pid_path().to_string_lossy().into_owned());
     args.push("-daemonize".to_owned());
     args.into_iter().map(OsString::from).collect()
@@ -308,6 +314,7 @@ mod tests {
         let image = BootImage { kernel: "/img/vmlinux".into(), initrd: "/img/initramfs.cpio.gz".into() };
         let taps = [None, Some("dvtap1".to_owned())];
         let args = args_of(&Launch {
+            incoming: false,
             config: &c,
             dir: &dir,
             image: &image,
@@ -345,6 +352,7 @@ mod tests {
         let dir = GuestDir::new(Path::new("/state"), c.id);
         let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
         let args = args_of(&Launch {
+            incoming: false,
             config: &c,
             dir: &dir,
             image: &image,
@@ -376,6 +384,7 @@ mod tests {
         let dir = GuestDir::new(Path::new("/s"), c.id);
         let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
         let joined = args_of(&Launch {
+            incoming: false,
             config: &c,
             dir: &dir,
             image: &image,
@@ -396,6 +405,7 @@ mod tests {
         let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
         let launch = |c: &GuestConfig| {
             args_of(&Launch {
+                incoming: false,
                 config: c,
                 dir: &dir,
                 image: &image,

@@ -53,11 +53,26 @@ struct Record {
 pub struct GuestDir {
     id: GuestId,
     root: PathBuf,
+    cgroup_scope: Option<String>,
 }
 
 impl GuestDir {
     pub fn new(guests_dir: &Path, id: GuestId) -> Self {
-        Self { id, root: guests_dir.join(id.to_string()) }
+        Self { id, root: guests_dir.join(id.to_string()), cgroup_scope: None }
+    }
+
+    /// See `QemuConfig::cgroup_scope`.
+    pub fn with_cgroup_scope(mut self, scope: Option<&str>) -> Self {
+        self.cgroup_scope = scope.map(str::to_owned);
+        self
+    }
+
+    /// The name of the guest's cgroup (under `drove/`).
+    pub fn cgroup_name(&self) -> String {
+        match &self.cgroup_scope {
+            Some(scope) => format!("{scope}.{}", self.id),
+            None => self.id.to_string(),
+        }
     }
 
     pub fn id(&self) -> GuestId {

@@ -43,6 +43,7 @@ use drove_model::GuestId;
 
 use super::cgroup::{self, CgroupError, GuestCgroup, Hierarchy, Removal};
 use super::error::QemuError;
+use super::guest_dir::GuestDir;
 use super::{QemuHypervisor, tc};
 use crate::GuestConfig;
 
@@ -65,14 +66,18 @@ pub(super) struct Applied {
 /// Creates the guest's cgroup and caps its NICs on `taps` (one entry per
 /// NIC of the spec, `None` for NICs left out). On failure nothing of it
 /// remains.
-pub(super) async fn before_launch(config: &GuestConfig, taps: &[Option<String>]) -> Result<Applied, QemuError> {
+pub(super) async fn before_launch(
+    config: &GuestConfig,
+    dir: &GuestDir,
+    taps: &[Option<String>],
+) -> Result<Applied, QemuError> {
     let id = config.id;
     let limits = &config.spec.limits;
     let needs = cgroup::first_cgroup_limit(limits);
     let required = needs.is_some();
     let cgroup = match Hierarchy::detect() {
         Ok(Some(hierarchy)) => {
-            let cgroup = hierarchy.guest(id);
+            let cgroup = hierarchy.named(dir.cgroup_name());
             match cgroup.create(limits) {
                 Ok(()) => Some(cgroup),
                 Err(e) if required => return Err(e.into()),
@@ -99,7 +104,7 @@ pub(super) async fn before_launch(config: &GuestConfig, taps: &[Option<String>])
     for (index, (tap, nic)) in taps.iter().zip(&config.spec.nics).enumerate() {
         let (Some(tap), Some(rate)) = (tap, nic.effective_rate(limits)) else { continue };
         if let Err(e) = tc::apply(tap, &tc::ifb_name(id, index), rate).await {
-            if let Err(release_err) = release(id).await {
+            if let Err(release_err) = release(dir).await {
                 tracing::error!(guest = %id, error = %release_err, "cannot undo a failed start's limits");
             }
             return Err(e.into());
@@ -131,19 +136,19 @@ impl Applied {
 /// Call only once its QEMU is gone: a cgroup that still holds tasks after
 /// [`CGROUP_EMPTY_TIMEOUT`] is an error. Both are attempted; the first
 /// failure is returned.
-pub(super) async fn release(id: GuestId) -> Result<(), QemuError> {
-    release_within(id, CGROUP_EMPTY_TIMEOUT).await
+pub(super) async fn release(dir: &GuestDir) -> Result<(), QemuError> {
+    release_within(dir, CGROUP_EMPTY_TIMEOUT).await
 }
 
-async fn release_within(id: GuestId, timeout: Duration) -> Result<(), QemuError> {
-    let cgroup = remove_cgroup(id, timeout).await;
-    let nics = clear_nics(id).await;
+async fn release_within(dir: &GuestDir, timeout: Duration) -> Result<(), QemuError> {
+    let cgroup = remove_cgroup(dir, timeout).await;
+    let nics = clear_nics(dir.id()).await;
     cgroup.and(nics)
 }
 
-async fn remove_cgroup(id: GuestId, timeout: Duration) -> Result<(), QemuError> {
+async fn remove_cgroup(dir: &GuestDir, timeout: Duration) -> Result<(), QemuError> {
     let Some(hierarchy) = Hierarchy::detect()? else { return Ok(()) };
-    let cgroup = hierarchy.guest(id);
+    let cgroup = hierarchy.named(dir.cgroup_name());
     let deadline = Instant::now() + timeout;
     loop {
         match cgroup.remove()? {
@@ -169,17 +174,17 @@ async fn clear_nics(id: GuestId) -> Result<(), QemuError> {
 
 /// [`release`] where a failure must not hide another outcome: logged, and
 /// tried again the next time the guest is seen without its QEMU.
-pub(super) async fn release_or_log(id: GuestId) {
-    if let Err(e) = release(id).await {
-        tracing::warn!(guest = %id, error = %e, "cannot release the guest's cgroup or NIC limits");
+pub(super) async fn release_or_log(dir: &GuestDir) {
+    if let Err(e) = release(dir).await {
+        tracing::warn!(guest = %dir.id(), error = %e, "cannot release the guest's cgroup or NIC limits");
     }
 }
 
 /// [`release_or_log`] for a guest whose QEMU is long gone, on the way of
 /// `status`: a cgroup still busy then is not waited for (something else
 /// joined it), so that `status` and `list` never stall on it.
-pub(super) async fn release_leftovers(id: GuestId) {
-    if let Err(e) = release_within(id, Duration::ZERO).await {
-        tracing::warn!(guest = %id, error = %e, "cannot release the guest's cgroup or NIC limits");
+pub(super) async fn release_leftovers(dir: &GuestDir) {
+    if let Err(e) = release_within(dir, Duration::ZERO).await {
+        tracing::warn!(guest = %dir.id(), error = %e, "cannot release the guest's cgroup or NIC limits");
     }
 }

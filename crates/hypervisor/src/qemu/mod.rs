@@ -105,6 +105,7 @@ mod error;
 mod guest_dir;
 mod hotplug;
 mod limits;
+mod migrate;
 mod process;
 pub mod qga;
 pub mod qmp;
@@ -166,6 +167,11 @@ pub struct QemuConfig {
     pub qemu_img: PathBuf,
     /// Appended to every guest's kernel command line.
     pub extra_kernel_args: Vec<String>,
+    /// Tells this backend's guest cgroups apart from another backend's on
+    /// the same machine (`drove/<scope>.<guest-id>`): several lab hosts
+    /// share one kernel, and a migrating guest has a QEMU on two of them.
+    /// `None` (one backend per machine): `drove/<guest-id>`.
+    pub cgroup_scope: Option<String>,
 }
 
 impl QemuConfig {
@@ -182,6 +188,7 @@ impl QemuConfig {
             qemu_binary: "qemu-system-x86_64".into(),
             qemu_img: "qemu-img".into(),
             extra_kernel_args: Vec::new(),
+            cgroup_scope: None,
         })
     }
 
@@ -244,6 +251,8 @@ struct GuestHandle {
     /// The guest agent connection, with the QEMU pid it belongs to; apart
     /// from `ops` so that a long `exec` does not hold up lifecycle calls.
     qga: AsyncMutex<Option<(u32, qga::QgaClient)>>,
+    /// Set by `migrate_cancel` to make a running `migrate_out` give up.
+    cancel_migration: std::sync::atomic::AtomicBool,
 }
 
 type Observed = (RuntimeState, Option<u32>);
@@ -397,7 +406,7 @@ impl QemuHypervisor {
     }
 
     fn dir(&self, id: GuestId) -> GuestDir {
-        GuestDir::new(&self.inner.guests_dir, id)
+        GuestDir::new(&self.inner.guests_dir, id).with_cgroup_scope(self.inner.config.cgroup_scope.as_deref())
     }
 
     fn guest(&self, id: GuestId) -> Arc<GuestHandle> {
@@ -439,14 +448,14 @@ impl QemuHypervisor {
         let Some(pid) = live_pid(dir) else {
             // Whatever ended it (a crash, a failed start, a dead agent)
             // left its cgroup and NIC limits: gone with it.
-            limits::release_leftovers(dir.id()).await;
+            limits::release_leftovers(dir).await;
             return Ok(down(slot));
         };
         let status = match slot.query_status(dir, pid).await {
             Ok(s) => s,
             // It may have died between the liveness check and the query.
             Err(_) if !process::is_alive(pid) => {
-                limits::release_leftovers(dir.id()).await;
+                limits::release_leftovers(dir).await;
                 return Ok(down(slot));
             }
             Err(e) => return Err(e),
@@ -482,7 +491,15 @@ impl QemuHypervisor {
         Ok(observed)
     }
 
-    async fn launch(&self, dir: &GuestDir, slot: &mut Slot, config: &GuestConfig) -> Result<(), QemuError> {
+    /// Boots the guest, or with `incoming` starts its QEMU waiting for a
+    /// migration stream (`-incoming defer`).
+    async fn launch(
+        &self,
+        dir: &GuestDir,
+        slot: &mut Slot,
+        config: &GuestConfig,
+        incoming: bool,
+    ) -> Result<(), QemuError> {
         let c = &self.inner.config;
         let image = c.boot_image();
         match &config.spec.image {
@@ -525,8 +542,18 @@ impl QemuHypervisor {
             config.id, config.generation
         ))?;
 
-        let launched = match limits::before_launch(config, &taps).await {
-            Ok(applied) => match self.spawn_and_connect(dir, slot, config, &image, accel, &taps).await {
+        let launch = cmdline::Launch {
+            config,
+            dir,
+            image: &image,
+            accel,
+            taps: &taps,
+            incoming,
+            extra_kernel_args: &self.inner.config.extra_kernel_args,
+            host: HostResources { cores: self.inner.config.cores, memory: self.inner.config.memory },
+        };
+        let launched = match limits::before_launch(config, dir, &taps).await {
+            Ok(applied) => match self.spawn_and_connect(slot, &launch).await {
                 // At once: the guest runs outside its cgroup until then.
                 Ok(()) => dir.read_pid().map_or(Ok(()), |pid| applied.attach(pid)),
                 Err(e) => Err(e),
@@ -542,7 +569,7 @@ impl QemuHypervisor {
                 tracing::error!(error = %kill_err, "cannot kill the QEMU of a failed start");
             }
             slot.qmp = None;
-            limits::release_or_log(config.id).await;
+            limits::release_or_log(dir).await;
             dir.clear_runtime_files()?;
             dir.write_intent(previous)?;
             return Err(e);
@@ -550,25 +577,10 @@ impl QemuHypervisor {
         Ok(())
     }
 
-    async fn spawn_and_connect(
-        &self,
-        dir: &GuestDir,
-        slot: &mut Slot,
-        config: &GuestConfig,
-        image: &BootImage,
-        accel: ResolvedAccel,
-        taps: &[Option<String>],
-    ) -> Result<(), QemuError> {
+    async fn spawn_and_connect(&self, slot: &mut Slot, launch: &cmdline::Launch<'_>) -> Result<(), QemuError> {
         let c = &self.inner.config;
-        let args = cmdline::qemu_args(&cmdline::Launch {
-            config,
-            dir,
-            image,
-            accel,
-            taps,
-            extra_kernel_args: &c.extra_kernel_args,
-            host: HostResources { cores: c.cores, memory: c.memory },
-        });
+        let (config, dir, accel, incoming) = (launch.config, launch.dir, launch.accel, launch.incoming);
+        let args = cmdline::qemu_args(launch);
         let program = c.qemu_binary.to_string_lossy().into_owned();
         tracing::debug!(guest = %config.id, ?args, "launching QEMU");
         let launcher = tokio::process::Command::new(&c.qemu_binary)
@@ -600,7 +612,8 @@ impl QemuHypervisor {
         // -daemonize returns once QEMU is initialised, so its QMP socket
         // listens already; the query confirms the guest executes.
         let status = slot.query_status(dir, pid).await?;
-        if status != "running" {
+        let expected = if incoming { "inmigrate" } else { "running" };
+        if status != expected {
             return Err(QemuError::UnexpectedRunState { status, after: "launch" });
         }
         tracing::info!(guest = %config.id, pid, ?accel, "guest started");
@@ -663,7 +676,7 @@ async fn terminate(dir: &GuestDir, slot: &mut Slot, pid: u32) -> Result<(), Qemu
         process::kill_and_wait(pid, KILL_TIMEOUT).await?;
     }
     dir.clear_runtime_files()?;
-    limits::release(dir.id()).await
+    limits::release(dir).await
 }
 
 impl Slot {
@@ -884,7 +897,7 @@ impl Hypervisor for QemuHypervisor {
             }
             (RuntimeState::Crashed | RuntimeState::Stopped, _) => {}
         }
-        self.launch(&dir, &mut slot, &config).await.map_err(backend("start", id))
+        self.launch(&dir, &mut slot, &config, false).await.map_err(backend("start", id))
     }
 
     async fn stop(&self, id: GuestId, mode: StopMode) -> Result<(), HvError> {
@@ -934,7 +947,7 @@ impl Hypervisor for QemuHypervisor {
         }
         // Also after a crash that nobody observed. Before the directory
         // goes, so that a failure leaves a guest to destroy again.
-        limits::release(id).await.map_err(backend("destroy", id))?;
+        limits::release(&dir).await.map_err(backend("destroy", id))?;
         match std::fs::remove_dir_all(dir.root()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1029,6 +1042,27 @@ impl Hypervisor for QemuHypervisor {
         kind: crate::SnapshotKind,
     ) -> Result<crate::SnapshotInfo, HvError> {
         self.snapshot_create_guest(id, name, kind).await
+    }
+
+    async fn migrate_incoming(&self, config: &GuestConfig, req: &crate::migration::Incoming) -> Result<(), HvError> {
+        self.incoming(config, req).await
+    }
+
+    async fn migrate_out(
+        &self,
+        id: GuestId,
+        req: &crate::migration::Outgoing,
+        progress: &(dyn Fn(crate::migration::MigrationProgress) + Send + Sync),
+    ) -> Result<crate::migration::MigrationStats, HvError> {
+        self.outgoing(id, req, progress).await
+    }
+
+    async fn migrate_finish(&self, id: GuestId, timeout: Duration) -> Result<crate::migration::IncomingDone, HvError> {
+        self.finish_incoming(id, timeout).await
+    }
+
+    async fn migrate_cancel(&self, id: GuestId) -> Result<(), HvError> {
+        self.cancel_outgoing(id).await
     }
 
     async fn snapshot_list(&self, id: GuestId) -> Result<Vec<crate::SnapshotInfo>, HvError> {

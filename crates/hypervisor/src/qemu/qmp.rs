@@ -73,6 +73,8 @@ pub enum QmpError {
 pub struct QmpEvent {
     pub event: String,
     pub data: Value,
+    /// When QEMU emitted it: microseconds since the Unix epoch (host clock).
+    pub timestamp_us: Option<u64>,
 }
 
 /// One negotiated QMP connection.
@@ -193,9 +195,12 @@ impl QmpClient {
                 if self.events.len() == EVENT_BACKLOG {
                     self.events.pop_front();
                 }
+                let ts = value.get("timestamp");
+                let part = |k: &str| ts.and_then(|t| t.get(k)).and_then(Value::as_u64);
                 self.events.push_back(QmpEvent {
                     event: event.to_owned(),
                     data: value.get("data").cloned().unwrap_or(Value::Null),
+                    timestamp_us: part("seconds").map(|s| s * 1_000_000 + part("microseconds").unwrap_or(0)),
                 });
                 continue;
             }

@@ -291,7 +291,7 @@ impl Snap<'_> {
                 terminate(self.dir, self.slot, pid).await.map_err(self.err())?;
                 self.revert_files(name).await?;
                 let config = self.config.clone();
-                self.hv.launch(self.dir, self.slot, &config).await.map_err(self.err())?;
+                self.hv.launch(self.dir, self.slot, &config, false).await.map_err(self.err())?;
                 Ok(RestoreOutcome::Restarted)
             }
             (pid, _, _) => {

@@ -1,0 +1,507 @@
+//! Live migration with QEMU: `-incoming defer` on the target, `migrate` on
+//! the source, disks mirrored over NBD when the hosts do not share them.
+//!
+//! ```text
+//!  target                                   source
+//!  ──────                                   ──────
+//!  create (empty disks), launch
+//!    -incoming defer      (inmigrate)
+//!  [tls-creds-psk endpoint=server]
+//!  [nbd-server-start, block-export-add
+//!    disk{i} writable]
+//!  migrate-incoming tcp:listen:port
+//!                                           [blockdev-add nbd → target's disk{i}
+//!                                            blockdev-mirror sync=full,
+//!                                              copy-mode=write-blocking
+//!                                            … until every job is ready]
+//!                                           migrate-set-capabilities
+//!                                             (pause-before-switchover with a mirror)
+//!                                           migrate tcp:target:port
+//!                                           … active: RAM rounds
+//!                                           pre-switchover (paused):
+//!                                             block-job-cancel each mirror (in
+//!                                             sync: write-blocking), migrate-continue
+//!  (RESUME event: the guest runs here)      completed: postmigrate, paused for good
+//!  migrate_finish: nbd-server-stop
+//! ```
+//!
+//! With `write-blocking`, once a mirror is ready every guest write reaches
+//! the target before it completes, so at switchover the target's disks hold
+//! exactly what the source's do; the jobs are cancelled (not completed:
+//! the source keeps its own disks) while the guest is paused. A failure
+//! before `completed` leaves the source running (QEMU resumes it itself;
+//! `migrate_cancel` makes sure), and the target is destroyed by the caller.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use drove_model::GuestId;
+use serde_json::{Value, json};
+
+use super::error::QemuError;
+use super::guest_dir::GuestDir;
+use super::{QemuHypervisor, Slot, backend, live_pid};
+use crate::migration::{
+    DiskTransfer, Incoming, IncomingDone, MigrationKey, MigrationPhase, MigrationProgress, MigrationStats, Outgoing,
+};
+use crate::{GuestConfig, HvError, RuntimeState};
+
+const TLS_SERVER: &str = "drove-mig-tls-server";
+const TLS_CLIENT: &str = "drove-mig-tls-client";
+const POLL: Duration = Duration::from_millis(20);
+
+fn nbd_node(i: usize) -> String {
+    format!("drove-mig-nbd{i}")
+}
+
+fn mirror_job(i: usize) -> String {
+    format!("drove-mig-mirror{i}")
+}
+
+/// Writes the PSK file QEMU's `tls-creds-psk` reads (`<dir>/keys.psk`:
+/// `identity:hexkey`), readable by us only; returns the directory.
+fn write_key(dir: &GuestDir, key: &MigrationKey) -> Result<PathBuf, QemuError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tls = dir.root().join("tls");
+    std::fs::create_dir_all(&tls).map_err(|e| QemuError::io("creating", &tls, e))?;
+    let path = tls.join("keys.psk");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| QemuError::io("writing", &path, e))?;
+    std::io::Write::write_all(&mut f, format!("{}:{}\n", key.identity, key.key_hex).as_bytes())
+        .map_err(|e| QemuError::io("writing", &path, e))?;
+    Ok(tls)
+}
+
+fn inet(host: std::net::IpAddr, port: u16) -> Value {
+    json!({ "type": "inet", "host": host.to_string(), "port": port.to_string() })
+}
+
+fn u(v: &Value, path: &str) -> u64 {
+    v.pointer(path).and_then(Value::as_u64).unwrap_or(0)
+}
+
+impl QemuHypervisor {
+    pub(super) async fn incoming(&self, config: &GuestConfig, req: &Incoming) -> Result<(), HvError> {
+        const OP: &str = "migrate_incoming";
+        let id = config.id;
+        if req.disks == DiskTransfer::Shared {
+            return Err(HvError::Unsupported {
+                op: OP,
+                backend: drove_model::HypervisorKind::Qemu,
+                reason: "disks on shared storage are not supported yet; mirror them".into(),
+            });
+        }
+        // Defines the guest and makes its (empty) disks, idempotently.
+        crate::Hypervisor::create(self, config).await?;
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
+        let dir = self.dir(id);
+        let config = self.record(&dir, id, OP)?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend(OP, id))?;
+        if let Some(pid) = pid {
+            let status = slot.query_status(&dir, pid).await.map_err(backend(OP, id))?;
+            if status == "inmigrate" {
+                return Ok(()); // waiting already
+            }
+            return Err(HvError::InvalidState { id, op: OP, state });
+        }
+        let tls = match &req.key {
+            Some(key) => Some(write_key(&dir, key).map_err(backend(OP, id))?),
+            None => None,
+        };
+        self.launch(&dir, &mut slot, &config, true).await.map_err(backend(OP, id))?;
+        let result = self.listen(&dir, &mut slot, &config, req, tls).await;
+        if result.is_err()
+            && let Some(pid) = live_pid(&dir)
+            && let Err(e) = super::terminate(&dir, &mut slot, pid).await
+        {
+            tracing::error!(guest = %id, error = %e, "cannot end the QEMU of a failed incoming migration");
+        }
+        result.map_err(backend(OP, id))
+    }
+
+    async fn listen(
+        &self,
+        dir: &GuestDir,
+        slot: &mut Slot,
+        config: &GuestConfig,
+        req: &Incoming,
+        tls: Option<PathBuf>,
+    ) -> Result<(), QemuError> {
+        let pid = dir.read_pid().ok_or_else(|| QemuError::PidFile { path: dir.pid_path(), content: String::new() })?;
+        let mut tls_creds = None;
+        if let Some(tls) = tls {
+            slot.execute(
+                dir,
+                pid,
+                "object-add",
+                Some(json!({ "qom-type": "tls-creds-psk", "id": TLS_SERVER, "endpoint": "server",
+                             "dir": tls.to_string_lossy() })),
+            )
+            .await?;
+            slot.execute(dir, pid, "migrate-set-parameters", Some(json!({ "tls-creds": TLS_SERVER }))).await?;
+            tls_creds = Some(TLS_SERVER);
+        }
+        if req.disks == DiskTransfer::Mirror && !config.spec.disks.is_empty() {
+            // nbd-server-start still takes the legacy (nested) address form.
+            let mut args = json!({ "addr": { "type": "inet", "data": { "host": req.listen.to_string(),
+                                                                       "port": req.nbd_port.to_string() } } });
+            if let Some(creds) = tls_creds {
+                args["tls-creds"] = json!(creds);
+            }
+            slot.execute(dir, pid, "nbd-server-start", Some(args)).await?;
+            for i in 0..config.spec.disks.len() {
+                slot.execute(
+                    dir,
+                    pid,
+                    "block-export-add",
+                    Some(json!({ "type": "nbd", "id": format!("drove-mig-export{i}"), "node-name": format!("disk{i}"),
+                                 "name": format!("disk{i}"), "writable": true })),
+                )
+                .await?;
+            }
+        }
+        slot.execute(
+            dir,
+            pid,
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [
+            { "capability": "events", "state": true } ] })),
+        )
+        .await?;
+        slot.execute(dir, pid, "migrate-incoming", Some(json!({ "uri": format!("tcp:{}:{}", req.listen, req.port) })))
+            .await?;
+        tracing::info!(guest = %config.id, listen = %req.listen, port = req.port, "waiting for the migration stream");
+        Ok(())
+    }
+
+    pub(super) async fn outgoing(
+        &self,
+        id: GuestId,
+        req: &Outgoing,
+        progress: &(dyn Fn(MigrationProgress) + Send + Sync),
+    ) -> Result<MigrationStats, HvError> {
+        const OP: &str = "migrate_out";
+        let guest = self.guest(id);
+        guest.cancel_migration.store(false, Ordering::SeqCst);
+        let mut slot = guest.change().await;
+        let dir = self.dir(id);
+        let config = self.record(&dir, id, OP)?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend(OP, id))?;
+        let Some(pid) = pid.filter(|_| matches!(state, RuntimeState::Running | RuntimeState::Paused)) else {
+            return Err(HvError::InvalidState { id, op: OP, state });
+        };
+        let mut run = Outbound { dir: &dir, slot: &mut slot, pid, disks: config.spec.disks.len(), mirrors: 0 };
+        let result = run.migrate(req, progress, &guest.cancel_migration).await;
+        if let Err(e) = &result {
+            tracing::warn!(guest = %id, error = %e, "migration failed; the guest stays here");
+            run.abort().await;
+        }
+        result.map_err(backend(OP, id))
+    }
+
+    pub(super) async fn finish_incoming(&self, id: GuestId, timeout: Duration) -> Result<IncomingDone, HvError> {
+        const OP: &str = "migrate_finish";
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
+        let dir = self.dir(id);
+        self.record(&dir, id, OP)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(pid) = live_pid(&dir) else {
+                return Err(backend(OP, id)(QemuError::UnexpectedRunState {
+                    status: "gone".into(),
+                    after: "the incoming migration",
+                }));
+            };
+            let status = slot.query_status(&dir, pid).await.map_err(backend(OP, id))?;
+            match status.as_str() {
+                "running" => break,
+                "inmigrate" if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+                _ => {
+                    return Err(backend(OP, id)(QemuError::UnexpectedRunState {
+                        status,
+                        after: "the incoming migration",
+                    }));
+                }
+            }
+        }
+        let pid = live_pid(&dir).unwrap_or_default();
+        // Serving the disks is over; nothing else may write them now.
+        if let Err(e) = slot.execute(&dir, pid, "nbd-server-stop", None).await {
+            tracing::debug!(guest = %id, error = %e, "no NBD server to stop");
+        }
+        let events = slot.qmp.as_mut().map(|(_, c)| c.take_events()).unwrap_or_default();
+        let resumed_at_us = events.iter().rev().find(|e| e.event == "RESUME").and_then(|e| e.timestamp_us);
+        let _ = std::fs::remove_dir_all(dir.root().join("tls"));
+        tracing::info!(guest = %id, "the migrated guest runs here");
+        Ok(IncomingDone { resumed_at_us })
+    }
+
+    pub(super) async fn cancel_outgoing(&self, id: GuestId) -> Result<(), HvError> {
+        const OP: &str = "migrate_cancel";
+        let guest = self.guest(id);
+        // Tells a running `outgoing` to give up; it holds the lock until it has.
+        guest.cancel_migration.store(true, Ordering::SeqCst);
+        let mut slot = guest.change().await;
+        guest.cancel_migration.store(false, Ordering::SeqCst);
+        let dir = self.dir(id);
+        self.record(&dir, id, OP)?;
+        let Some(pid) = live_pid(&dir) else {
+            return Err(HvError::InvalidState { id, op: OP, state: RuntimeState::Stopped });
+        };
+        let disks = self.record(&dir, id, OP)?.spec.disks.len();
+        let mut run = Outbound { dir: &dir, slot: &mut slot, pid, disks, mirrors: disks };
+        run.abort().await;
+        let status = run.slot.query_status(&dir, pid).await.map_err(backend(OP, id))?;
+        if status != "running" {
+            // postmigrate (its target never ran it) or paused by us.
+            run.slot.execute(&dir, pid, "cont", None).await.map_err(backend(OP, id))?;
+        }
+        Ok(())
+    }
+}
+
+/// The source side of one migration.
+struct Outbound<'a> {
+    dir: &'a GuestDir,
+    slot: &'a mut Slot,
+    pid: u32,
+    disks: usize,
+    /// How many mirror jobs (and NBD nodes) may exist.
+    mirrors: usize,
+}
+
+impl Outbound<'_> {
+    async fn qmp(&mut self, command: &str, args: Value) -> Result<Value, QemuError> {
+        let args = if args.is_null() { None } else { Some(args) };
+        self.slot.execute(self.dir, self.pid, command, args).await
+    }
+
+    async fn migrate(
+        &mut self,
+        req: &Outgoing,
+        progress: &(dyn Fn(MigrationProgress) + Send + Sync),
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<MigrationStats, QemuError> {
+        let started = Instant::now();
+        let cancelled = || cancel.load(Ordering::SeqCst);
+        let gave_up = || QemuError::UnexpectedRunState { status: "cancelled".into(), after: "a cancel request" };
+        let mut tls_creds = None;
+        if let Some(key) = &req.key {
+            let tls = write_key(self.dir, key)?;
+            let _ = self.qmp("object-del", json!({ "id": TLS_CLIENT })).await;
+            self.qmp(
+                "object-add",
+                json!({ "qom-type": "tls-creds-psk", "id": TLS_CLIENT, "endpoint": "client",
+                        "dir": tls.to_string_lossy(), "username": key.identity }),
+            )
+            .await?;
+            tls_creds = Some(TLS_CLIENT);
+        }
+        let mirror = req.disks == DiskTransfer::Mirror && self.disks > 0;
+        if mirror {
+            let top = self.top_nodes().await?;
+            self.mirrors = self.disks;
+            for (i, node) in top.iter().enumerate() {
+                let mut server = json!({ "driver": "nbd", "node-name": nbd_node(i), "server": inet(req.target, req.nbd_port),
+                                         "export": format!("disk{i}") });
+                if let Some(creds) = tls_creds {
+                    server["tls-creds"] = json!(creds);
+                }
+                self.qmp("blockdev-add", server).await?;
+                self.qmp(
+                    "blockdev-mirror",
+                    json!({ "job-id": mirror_job(i), "device": node, "target": nbd_node(i), "sync": "full",
+                            "copy-mode": "write-blocking", "auto-dismiss": true }),
+                )
+                .await?;
+            }
+            loop {
+                if cancelled() {
+                    return Err(gave_up());
+                }
+                let jobs = self.qmp("query-block-jobs", Value::Null).await?;
+                let jobs: Vec<&Value> = jobs.as_array().map(|a| a.iter().collect()).unwrap_or_default();
+                let ours: Vec<&&Value> = jobs
+                    .iter()
+                    .filter(|j| {
+                        j.get("device").and_then(Value::as_str).is_some_and(|d| d.starts_with("drove-mig-mirror"))
+                    })
+                    .collect();
+                if ours.len() < self.disks {
+                    return Err(QemuError::UnexpectedRunState {
+                        status: "mirror job ended".into(),
+                        after: "mirroring",
+                    });
+                }
+                let (done, len): (u64, u64) =
+                    ours.iter().fold((0, 0), |(d, l), j| (d + u(j, "/offset"), l + u(j, "/len")));
+                progress(MigrationProgress {
+                    phase: MigrationPhase::Disks,
+                    transferred: done,
+                    remaining: len.saturating_sub(done),
+                    dirty_rate: 0,
+                    expected_downtime_ms: 0,
+                });
+                if ours.iter().all(|j| j.get("ready").and_then(Value::as_bool) == Some(true)) {
+                    break;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        let caps = json!({ "capabilities": [
+            { "capability": "events", "state": true },
+            { "capability": "auto-converge", "state": true },
+            { "capability": "pause-before-switchover", "state": mirror },
+        ] });
+        self.qmp("migrate-set-capabilities", caps).await?;
+        let mut params = json!({ "downtime-limit": req.downtime_limit_ms,
+                                 "max-bandwidth": if req.max_bandwidth == 0 { u64::MAX >> 2 } else { req.max_bandwidth } });
+        if let Some(creds) = tls_creds {
+            params["tls-creds"] = json!(creds);
+        }
+        self.qmp("migrate-set-parameters", params).await?;
+        // Drop events from before: the STOP we want is this migration's.
+        if let Some((_, c)) = self.slot.qmp.as_mut() {
+            c.take_events();
+        }
+        self.qmp("migrate", json!({ "uri": format!("tcp:{}:{}", req.target, req.port) })).await?;
+        let info = loop {
+            if cancelled() {
+                return Err(gave_up());
+            }
+            let info = self.qmp("query-migrate", Value::Null).await?;
+            let status = info.get("status").and_then(Value::as_str).unwrap_or_default().to_owned();
+            match status.as_str() {
+                "completed" => break info,
+                "failed" | "cancelled" => {
+                    let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given").to_owned();
+                    return Err(QemuError::UnexpectedRunState { status: format!("{status}: {why}"), after: "migrate" });
+                }
+                "pre-switchover" => {
+                    progress(self.progress(&info, MigrationPhase::Switchover));
+                    self.cancel_mirrors().await?;
+                    self.qmp("migrate-continue", json!({ "state": "pre-switchover" })).await?;
+                }
+                _ => progress(self.progress(&info, MigrationPhase::Memory)),
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        self.remove_nbd_nodes().await;
+        let events = self.slot.qmp.as_mut().map(|(_, c)| c.take_events()).unwrap_or_default();
+        let stopped_at_us = events.iter().find(|e| e.event == "STOP").and_then(|e| e.timestamp_us);
+        let stats = MigrationStats {
+            total_ms: started.elapsed().as_millis() as u64,
+            qemu_downtime_ms: u(&info, "/downtime"),
+            transferred: u(&info, "/ram/transferred"),
+            stopped_at_us,
+        };
+        progress(MigrationProgress {
+            phase: MigrationPhase::Done,
+            transferred: stats.transferred,
+            remaining: 0,
+            dirty_rate: 0,
+            expected_downtime_ms: 0,
+        });
+        Ok(stats)
+    }
+
+    fn progress(&self, info: &Value, phase: MigrationPhase) -> MigrationProgress {
+        MigrationProgress {
+            phase,
+            transferred: u(info, "/ram/transferred"),
+            remaining: u(info, "/ram/remaining"),
+            dirty_rate: u(info, "/ram/dirty-pages-rate") * u(info, "/ram/page-size").max(4096),
+            expected_downtime_ms: u(info, "/expected-downtime"),
+        }
+    }
+
+    /// The node each disk's device reads from: the throttle node over the
+    /// image when the guest has disk limits, else the image node.
+    async fn top_nodes(&mut self) -> Result<Vec<String>, QemuError> {
+        let named = self.qmp("query-named-block-nodes", json!({ "flat": true })).await?;
+        let names: Vec<String> = named
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.get("node-name").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        Ok((0..self.disks)
+            .map(|i| {
+                let throttled = format!("throttled{i}");
+                if names.contains(&throttled) { throttled } else { format!("disk{i}") }
+            })
+            .collect())
+    }
+
+    /// Ends the mirror jobs without switching the source to the target
+    /// (the source keeps its disks) and waits until they are gone.
+    async fn cancel_mirrors(&mut self) -> Result<(), QemuError> {
+        for i in 0..self.mirrors {
+            if let Err(e) = self.qmp("block-job-cancel", json!({ "device": mirror_job(i) })).await {
+                tracing::debug!(job = %mirror_job(i), error = %e, "no mirror job to cancel");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let jobs = self.qmp("query-block-jobs", Value::Null).await?;
+            let left = jobs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|j| j.get("device").and_then(Value::as_str).is_some_and(|d| d.starts_with("drove-mig-mirror")))
+                .count();
+            if left == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(QemuError::Timeout {
+                    what: "ending the disk mirrors".into(),
+                    after: Duration::from_secs(30),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn remove_nbd_nodes(&mut self) {
+        for i in 0..self.mirrors {
+            let _ = self.qmp("blockdev-del", json!({ "node-name": nbd_node(i) })).await;
+        }
+        let _ = self.qmp("object-del", json!({ "id": TLS_CLIENT })).await;
+        let _ = std::fs::remove_dir_all(self.dir.root().join("tls"));
+    }
+
+    /// Undoes what a migration left on the source: the stream, the mirror
+    /// jobs and their NBD nodes. The guest keeps running here (QEMU resumes
+    /// it after a failed or cancelled migration).
+    async fn abort(&mut self) {
+        if let Ok(info) = self.qmp("query-migrate", Value::Null).await {
+            let status = info.get("status").and_then(Value::as_str).unwrap_or_default().to_owned();
+            if !matches!(status.as_str(), "completed" | "failed" | "cancelled" | "") {
+                let _ = self.qmp("migrate_cancel", Value::Null).await;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    let done = self.qmp("query-migrate", Value::Null).await.ok().is_some_and(|i| {
+                        matches!(i.get("status").and_then(Value::as_str), Some("cancelled" | "failed" | "completed"))
+                    });
+                    if done {
+                        break;
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        }
+        if let Err(e) = self.cancel_mirrors().await {
+            tracing::warn!(error = %e, "cannot end the disk mirrors of an aborted migration");
+        }
+        self.remove_nbd_nodes().await;
+    }
+}
