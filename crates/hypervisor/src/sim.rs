@@ -89,6 +89,8 @@ pub struct SimConfig {
     /// Taking, deleting or restoring a snapshot (a memory snapshot or a
     /// restore that reboots takes this plus `boot_delay` where it boots).
     pub snapshot_delay: Duration,
+    /// Sending a guest to another host (`migrate_out`).
+    pub migrate_delay: Duration,
 }
 
 impl Default for SimConfig {
@@ -104,6 +106,7 @@ impl Default for SimConfig {
             command_delay: Duration::from_millis(1),
             destroy_delay: Duration::from_millis(2),
             snapshot_delay: Duration::from_millis(3),
+            migrate_delay: Duration::from_millis(10),
         }
     }
 }
@@ -119,6 +122,7 @@ impl SimConfig {
             command_delay: Duration::ZERO,
             destroy_delay: Duration::ZERO,
             snapshot_delay: Duration::ZERO,
+            migrate_delay: Duration::ZERO,
             ..Self::default()
         }
     }
@@ -140,10 +144,14 @@ pub enum SimOp {
     SnapshotList,
     SnapshotDelete,
     SnapshotRestore,
+    MigrateIncoming,
+    MigrateOut,
+    MigrateFinish,
+    MigrateCancel,
 }
 
 impl SimOp {
-    pub const ALL: [SimOp; 13] = [
+    pub const ALL: [SimOp; 17] = [
         SimOp::Resources,
         SimOp::Create,
         SimOp::Start,
@@ -157,6 +165,10 @@ impl SimOp {
         SimOp::SnapshotList,
         SimOp::SnapshotDelete,
         SimOp::SnapshotRestore,
+        SimOp::MigrateIncoming,
+        SimOp::MigrateOut,
+        SimOp::MigrateFinish,
+        SimOp::MigrateCancel,
     ];
 
     /// The trait method's name, as used in [`HvError`]'s `op`.
@@ -175,6 +187,10 @@ impl SimOp {
             SimOp::SnapshotList => "snapshot_list",
             SimOp::SnapshotDelete => "snapshot_delete",
             SimOp::SnapshotRestore => "snapshot_restore",
+            SimOp::MigrateIncoming => "migrate_incoming",
+            SimOp::MigrateOut => "migrate_out",
+            SimOp::MigrateFinish => "migrate_finish",
+            SimOp::MigrateCancel => "migrate_cancel",
         }
     }
 
@@ -300,6 +316,24 @@ struct SimGuest {
     /// Its snapshots, oldest first.
     #[serde(default)]
     snapshots: Vec<crate::SnapshotInfo>,
+    /// Where it is in a live migration, if it is in one.
+    #[serde(default)]
+    migration: Option<SimMigration>,
+}
+
+/// A simulated guest's part in a live migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+enum SimMigration {
+    /// Defined here, waiting for the stream (paused).
+    Incoming,
+    /// Being sent away (still running).
+    Sending,
+    /// Sent: paused for good, unless the migration is cancelled.
+    Sent,
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 impl SimGuest {
@@ -650,6 +684,7 @@ impl SimHypervisor {
                         pid: None,
                         ignores_acpi: false,
                         snapshots: Vec::new(),
+                        migration: None,
                     },
                 );
                 tracing::debug!(guest = %config.id, generation = config.generation, "sim: created guest");
@@ -836,6 +871,140 @@ impl Hypervisor for SimHypervisor {
             }
         }
         saved
+    }
+
+    async fn migrate_incoming(&self, config: &GuestConfig, req: &crate::migration::Incoming) -> Result<(), HvError> {
+        let _ = req;
+        let fault = self.begin(SimOp::MigrateIncoming, Some(config.id))?;
+        let result = async {
+            let id = config.id;
+            {
+                let inner = self.lock();
+                if let Some(g) = inner.guests.get(&id) {
+                    return match g.migration {
+                        Some(SimMigration::Incoming) => Ok(()),
+                        _ => Err(HvError::InvalidState { id, op: "migrate_incoming", state: g.state }),
+                    };
+                }
+            }
+            self.create_guest(config).await?;
+            let mut inner = self.lock();
+            let Inner { guests, next_pid, .. } = &mut *inner;
+            let g = guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+            // A process that exists but does not run the guest yet.
+            apply(g, RuntimeState::Running, next_pid);
+            g.state = RuntimeState::Paused;
+            g.migration = Some(SimMigration::Incoming);
+            self.save(&inner, "migrate_incoming")
+        }
+        .await;
+        Self::finish(SimOp::MigrateIncoming, Some(config.id), fault, result)
+    }
+
+    async fn migrate_out(
+        &self,
+        id: GuestId,
+        req: &crate::migration::Outgoing,
+        progress: &(dyn Fn(crate::migration::MigrationProgress) + Send + Sync),
+    ) -> Result<crate::migration::MigrationStats, HvError> {
+        use crate::migration::{MigrationProgress, MigrationStats, TransferPhase};
+        let _ = req;
+        let fault = self.begin(SimOp::MigrateOut, Some(id))?;
+        let result = async {
+            let memory = {
+                let mut inner = self.lock();
+                let g = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+                if g.state != RuntimeState::Running || g.migration.is_some() {
+                    return Err(HvError::InvalidState { id, op: "migrate_out", state: g.state });
+                }
+                g.migration = Some(SimMigration::Sending);
+                g.config.spec.memory.bytes()
+            };
+            let started = std::time::Instant::now();
+            let report = |phase, transferred: u64| {
+                progress(MigrationProgress {
+                    phase,
+                    transferred,
+                    remaining: memory - transferred,
+                    dirty_rate: 0,
+                    expected_downtime_ms: 1,
+                })
+            };
+            report(TransferPhase::Memory, 0);
+            wait(self.shared.config.migrate_delay / 2).await;
+            report(TransferPhase::Memory, memory / 2);
+            wait(self.shared.config.migrate_delay / 2).await;
+            let mut inner = self.lock();
+            let g = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+            if g.migration != Some(SimMigration::Sending) {
+                return Err(HvError::InvalidState { id, op: "migrate_out (cancelled)", state: g.state });
+            }
+            g.migration = Some(SimMigration::Sent);
+            g.state = RuntimeState::Paused;
+            self.save(&inner, "migrate_out")?;
+            report(TransferPhase::Done, memory);
+            Ok(MigrationStats {
+                total_ms: started.elapsed().as_millis() as u64,
+                qemu_downtime_ms: 1,
+                transferred: memory,
+                stopped_at_us: Some(unix_us()),
+            })
+        }
+        .await;
+        Self::finish(SimOp::MigrateOut, Some(id), fault, result)
+    }
+
+    async fn migrate_finish(&self, id: GuestId, timeout: Duration) -> Result<crate::migration::IncomingDone, HvError> {
+        let _ = timeout;
+        let fault = self.begin(SimOp::MigrateFinish, Some(id))?;
+        let result = {
+            let mut inner = self.lock();
+            match inner.guests.get_mut(&id) {
+                None => Err(HvError::NotFound { id }),
+                Some(g) if g.migration == Some(SimMigration::Incoming) => {
+                    g.migration = None;
+                    g.state = RuntimeState::Running;
+                    self.save(&inner, "migrate_finish")
+                        .map(|()| crate::migration::IncomingDone { resumed_at_us: Some(unix_us()) })
+                }
+                // Finished already: the repeat of a call whose reply was lost.
+                Some(g) if g.migration.is_none() && g.state == RuntimeState::Running => {
+                    Ok(crate::migration::IncomingDone { resumed_at_us: None })
+                }
+                Some(g) => Err(HvError::InvalidState { id, op: "migrate_finish", state: g.state }),
+            }
+        };
+        Self::finish(SimOp::MigrateFinish, Some(id), fault, result)
+    }
+
+    async fn migrate_cancel(&self, id: GuestId) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::MigrateCancel, Some(id))?;
+        let result = {
+            let mut inner = self.lock();
+            match inner.guests.get_mut(&id) {
+                None => Err(HvError::NotFound { id }),
+                Some(g) => match g.migration {
+                    Some(SimMigration::Sending) => {
+                        g.migration = None;
+                        g.state = RuntimeState::Running;
+                        self.save(&inner, "migrate_cancel")
+                    }
+                    // The target may run it: only `resume` (by whoever knows
+                    // it does not) brings this copy back.
+                    Some(SimMigration::Sent) => Err(HvError::InvalidState {
+                        id,
+                        op: "migrate_cancel (the migration completed)",
+                        state: g.state,
+                    }),
+                    Some(SimMigration::Incoming) => {
+                        Err(HvError::InvalidState { id, op: "migrate_cancel", state: g.state })
+                    }
+                    None if g.state == RuntimeState::Running => Ok(()),
+                    None => Err(HvError::InvalidState { id, op: "migrate_cancel", state: g.state }),
+                },
+            }
+        };
+        Self::finish(SimOp::MigrateCancel, Some(id), fault, result)
     }
 
     async fn snapshot_create(
@@ -1073,6 +1242,11 @@ fn apply(guest: &mut SimGuest, to: RuntimeState, next_pid: &mut u32) {
         RuntimeState::Stopped | RuntimeState::Crashed => None,
     };
     guest.state = to;
+    // A sent guest resumed (its target never ran it) or ended is out of
+    // the migration.
+    if guest.migration == Some(SimMigration::Sent) && to != RuntimeState::Paused {
+        guest.migration = None;
+    }
     tracing::debug!(guest = %guest.config.id, ?from, ?to, pid = ?guest.pid, "sim: transition");
 }
 

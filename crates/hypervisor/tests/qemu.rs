@@ -1761,7 +1761,7 @@ fn two_hosts(lab: &Lab) -> (QemuHypervisor, QemuHypervisor) {
 /// then removed, and exactly one QEMU remains.
 #[tokio::test]
 async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
-    use drove_hypervisor::migration::{DiskTransfer, Incoming, MigrationPhase, Outgoing};
+    use drove_hypervisor::migration::{DiskTransfer, Incoming, Outgoing, TransferPhase};
     let lab = Lab::new();
     let (a, b) = two_hosts(&lab);
     let g = guest("mig-1", &[64]);
@@ -1797,7 +1797,7 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
         .unwrap_or_else(|e| panic!("migration failed: {}", error_chain(&e)));
     let done = b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
     let phases = phases.into_inner().unwrap();
-    assert!(phases.contains(&MigrationPhase::Disks) && phases.last() == Some(&MigrationPhase::Done), "{phases:?}");
+    assert!(phases.contains(&TransferPhase::Disks) && phases.last() == Some(&TransferPhase::Done), "{phases:?}");
     let gap_ms = match (stats.stopped_at_us, done.resumed_at_us) {
         (Some(stop), Some(resume)) => (resume.saturating_sub(stop)) as f64 / 1000.0,
         other => panic!("no STOP/RESUME timestamps: {other:?}"),

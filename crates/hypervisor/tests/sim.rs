@@ -540,3 +540,48 @@ async fn hotplug_updates_the_running_guests_definition_and_refuses_shrinking_and
     assert_eq!(spec.nics.last().unwrap().mac, "52:54:00:aa:bb:cc");
     assert_eq!((spec.vcpus, spec.memory), (vcpus + 1, ByteSize(memory.bytes() * 2)));
 }
+
+/// The simulated live migration follows the protocol the QEMU backend
+/// does: the target waits paused, the source ends paused, finishing runs
+/// the guest on the target; a cancel leaves it running on the source.
+#[tokio::test]
+async fn sim_migration_moves_a_guest_and_a_cancel_keeps_it_home() {
+    use drove_hypervisor::migration::{DiskTransfer, Incoming, Outgoing};
+    let (a, b) = (SimHypervisor::new(SimConfig::instant()), SimHypervisor::new(SimConfig::instant()));
+    let g = created(&a, 1).await;
+    a.start(g.id).await.unwrap();
+    let lo = "127.0.0.1".parse().unwrap();
+    let incoming = Incoming { listen: lo, port: 1, nbd_port: 2, disks: DiskTransfer::Mirror, key: None };
+    let outgoing = Outgoing {
+        target: lo,
+        port: 1,
+        nbd_port: 2,
+        disks: DiskTransfer::Mirror,
+        key: None,
+        downtime_limit_ms: 50,
+        max_bandwidth: 0,
+    };
+    b.migrate_incoming(&g, &incoming).await.unwrap();
+    b.migrate_incoming(&g, &incoming).await.unwrap(); // idempotent
+    assert_eq!(state_of(&b, g.id).await, RuntimeState::Paused);
+    let stats = a.migrate_out(g.id, &outgoing, &|_| {}).await.unwrap();
+    assert!(stats.stopped_at_us.is_some());
+    assert_eq!(state_of(&a, g.id).await, RuntimeState::Paused);
+    b.migrate_finish(g.id, Duration::from_secs(1)).await.unwrap();
+    b.migrate_finish(g.id, Duration::from_secs(1)).await.unwrap(); // a lost reply's repeat
+    assert_eq!(state_of(&b, g.id).await, RuntimeState::Running);
+    a.destroy(g.id).await.unwrap();
+
+    // Back, but the target never runs it: once sent, a cancel is refused
+    // (the target might run it); a resume, by whoever knows it does not,
+    // brings the source's copy back.
+    a.migrate_incoming(&g, &incoming).await.unwrap();
+    b.migrate_out(g.id, &outgoing, &|_| {}).await.unwrap();
+    assert!(matches!(b.migrate_cancel(g.id).await, Err(HvError::InvalidState { .. })));
+    assert_eq!(state_of(&b, g.id).await, RuntimeState::Paused);
+    a.destroy(g.id).await.unwrap();
+    b.resume(g.id).await.unwrap();
+    assert_eq!(state_of(&b, g.id).await, RuntimeState::Running);
+    b.migrate_cancel(g.id).await.unwrap(); // nothing in flight: harmless
+    assert!(matches!(b.migrate_finish(g.id, Duration::ZERO).await, Ok(_)), "a running guest counts as finished");
+}

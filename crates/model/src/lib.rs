@@ -10,6 +10,7 @@ pub mod guest;
 pub mod host;
 pub mod id;
 pub mod image;
+pub mod migration;
 pub mod operation;
 pub mod snapshot;
 pub mod units;

@@ -43,7 +43,7 @@ use super::error::QemuError;
 use super::guest_dir::GuestDir;
 use super::{QemuHypervisor, Slot, backend, live_pid};
 use crate::migration::{
-    DiskTransfer, Incoming, IncomingDone, MigrationKey, MigrationPhase, MigrationProgress, MigrationStats, Outgoing,
+    DiskTransfer, Incoming, IncomingDone, MigrationKey, MigrationProgress, MigrationStats, Outgoing, TransferPhase,
 };
 use crate::{GuestConfig, HvError, RuntimeState};
 
@@ -260,11 +260,18 @@ impl QemuHypervisor {
         let mut run = Outbound { dir: &dir, slot: &mut slot, pid, disks, mirrors: disks };
         run.abort().await;
         let status = run.slot.query_status(&dir, pid).await.map_err(backend(OP, id))?;
-        if status != "running" {
-            // postmigrate (its target never ran it) or paused by us.
-            run.slot.execute(&dir, pid, "cont", None).await.map_err(backend(OP, id))?;
+        match status.as_str() {
+            "running" => Ok(()),
+            // Sent: the target may run the guest already. Only whoever knows
+            // it does not may resume this copy (`resume`).
+            "postmigrate" => Err(HvError::InvalidState {
+                id,
+                op: "migrate_cancel (the migration completed)",
+                state: RuntimeState::Paused,
+            }),
+            // A pause for the final round that the abort ended.
+            _ => run.slot.execute(&dir, pid, "cont", None).await.map(|_| ()).map_err(backend(OP, id)),
         }
-        Ok(())
     }
 }
 
@@ -344,7 +351,7 @@ impl Outbound<'_> {
                 let (done, len): (u64, u64) =
                     ours.iter().fold((0, 0), |(d, l), j| (d + u(j, "/offset"), l + u(j, "/len")));
                 progress(MigrationProgress {
-                    phase: MigrationPhase::Disks,
+                    phase: TransferPhase::Disks,
                     transferred: done,
                     remaining: len.saturating_sub(done),
                     dirty_rate: 0,
@@ -386,11 +393,11 @@ impl Outbound<'_> {
                     return Err(QemuError::UnexpectedRunState { status: format!("{status}: {why}"), after: "migrate" });
                 }
                 "pre-switchover" => {
-                    progress(self.progress(&info, MigrationPhase::Switchover));
+                    progress(self.progress(&info, TransferPhase::Switchover));
                     self.cancel_mirrors().await?;
                     self.qmp("migrate-continue", json!({ "state": "pre-switchover" })).await?;
                 }
-                _ => progress(self.progress(&info, MigrationPhase::Memory)),
+                _ => progress(self.progress(&info, TransferPhase::Memory)),
             }
             tokio::time::sleep(POLL).await;
         };
@@ -404,7 +411,7 @@ impl Outbound<'_> {
             stopped_at_us,
         };
         progress(MigrationProgress {
-            phase: MigrationPhase::Done,
+            phase: TransferPhase::Done,
             transferred: stats.transferred,
             remaining: 0,
             dirty_rate: 0,
@@ -413,7 +420,7 @@ impl Outbound<'_> {
         Ok(stats)
     }
 
-    fn progress(&self, info: &Value, phase: MigrationPhase) -> MigrationProgress {
+    fn progress(&self, info: &Value, phase: TransferPhase) -> MigrationProgress {
         MigrationProgress {
             phase,
             transferred: u(info, "/ram/transferred"),
