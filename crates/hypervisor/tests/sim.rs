@@ -583,5 +583,5 @@ async fn sim_migration_moves_a_guest_and_a_cancel_keeps_it_home() {
     b.resume(g.id).await.unwrap();
     assert_eq!(state_of(&b, g.id).await, RuntimeState::Running);
     b.migrate_cancel(g.id).await.unwrap(); // nothing in flight: harmless
-    assert!(matches!(b.migrate_finish(g.id, Duration::ZERO).await, Ok(_)), "a running guest counts as finished");
+    assert!(b.migrate_finish(g.id, Duration::ZERO).await.is_ok(), "a running guest counts as finished");
 }
