@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use drove_api::{
     AgentCall, AgentCallKind, CallOutcome, CallResult, DesiredGuest, DesiredState, GuestFailure, HeartbeatRequest,
-    ObservedGuest, ObservedState, RegisterRequest,
+    MigrateCall, ObservedGuest, ObservedState, RegisterRequest,
 };
 use drove_client::{Client, ClientError};
 use drove_hypervisor::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
@@ -40,6 +40,9 @@ pub struct AgentConfig {
     pub network: Arc<dyn HostNetwork>,
     /// The uplink guests' NIC limits reserve, reported to the manager.
     pub uplink_bps: Option<u64>,
+    /// This host's migration network address: incoming migrations listen
+    /// there. Without one the host takes no migrations.
+    pub migration_address: Option<std::net::IpAddr>,
 }
 
 impl AgentConfig {
@@ -53,6 +56,7 @@ impl AgentConfig {
             restart_stable_after: Duration::from_secs(60),
             network: Arc::new(NoNetwork),
             uplink_bps: None,
+            migration_address: None,
         }
     }
 }
@@ -177,6 +181,7 @@ impl Agent {
             memory: res.memory,
             hypervisor: self.hv.kind(),
             uplink_bps: self.config.uplink_bps,
+            migration_address: self.config.migration_address,
         };
         let r = self
             .client
@@ -298,7 +303,9 @@ impl Agent {
         let mut actions = self.actions.lock().unwrap_or_else(|p| p.into_inner());
         actions.retain(|_, h| !h.is_finished());
         for d in resp.guests {
-            if actions.contains_key(&d.id) {
+            // Hands off while it is being migrated away: its steps come as
+            // calls, and resuming its paused copy could run it twice.
+            if d.migrating || actions.contains_key(&d.id) {
                 continue;
             }
             let observed = by_id.get(&d.id).copied();
@@ -499,6 +506,7 @@ impl Agent {
                 }
             }
             AgentCallKind::Snapshot { call: snapshot } => self.snapshot(call.guest, snapshot).await,
+            AgentCallKind::Migrate { call: step } => self.migrate(call.id, call.guest, step).await,
             AgentCallKind::Interfaces => match self.hv.guest_interfaces(call.guest).await {
                 Ok(list) => CallOutcome::Interfaces {
                     interfaces: list
@@ -520,6 +528,97 @@ fn attachment<'a>(device: &'a str, nic: &'a NicSpec, limits: &ResourceLimits) ->
 }
 
 impl Agent {
+    /// Runs one relayed step of a live migration.
+    async fn migrate(&self, call_id: u64, guest: GuestId, step: MigrateCall) -> CallOutcome {
+        let err = |e: &dyn std::error::Error| CallOutcome::Error { message: format!("{e}: {}", source_chain(e)) };
+        match step {
+            MigrateCall::Prepare { generation, spec, key } => {
+                let Some(listen) = self.config.migration_address else {
+                    return CallOutcome::Error {
+                        message: format!(
+                            "host {} has no migration address (drove agent --migration-address)",
+                            self.config.name
+                        ),
+                    };
+                };
+                if let Err(e) = self.attach_nics(guest, &spec).await {
+                    return err(&e);
+                }
+                let ports = (free_port(listen), free_port(listen));
+                let (Ok(port), Ok(nbd_port)) = ports else {
+                    return CallOutcome::Error { message: format!("no free port on migration address {listen}") };
+                };
+                let config = GuestConfig { id: guest, generation, spec: *spec };
+                let req = drove_hypervisor::migration::Incoming {
+                    listen,
+                    port,
+                    nbd_port,
+                    disks: drove_hypervisor::migration::DiskTransfer::Mirror,
+                    key,
+                };
+                match self.hv.migrate_incoming(&config, &req).await {
+                    Ok(()) => CallOutcome::Prepared { listen, port, nbd_port },
+                    Err(e) => err(&e),
+                }
+            }
+            MigrateCall::Send { outgoing } => {
+                // Progress goes to the manager as it comes, the latest only.
+                let (tx, mut rx) = tokio::sync::watch::channel(None);
+                let client = self.client.clone();
+                let forward = tokio::spawn(async move {
+                    while rx.changed().await.is_ok() {
+                        let Some(progress) = *rx.borrow_and_update() else { continue };
+                        let result = CallResult { id: call_id, outcome: CallOutcome::MigrationProgress { progress } };
+                        let _ = client.post_result(&result).await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                });
+                let report = |p| {
+                    let _ = tx.send(Some(p));
+                };
+                let result = self.hv.migrate_out(guest, &outgoing, &report).await;
+                drop(tx);
+                let _ = forward.await;
+                match result {
+                    Ok(stats) => CallOutcome::Sent { stats },
+                    Err(e) => err(&e),
+                }
+            }
+            MigrateCall::Finish => match self.hv.migrate_finish(guest, Duration::from_secs(60)).await {
+                Ok(done) => CallOutcome::Finished { done },
+                Err(e) => err(&e),
+            },
+            MigrateCall::Cancel => match self.hv.migrate_cancel(guest).await {
+                Ok(()) => CallOutcome::Done,
+                Err(e) => err(&e),
+            },
+            MigrateCall::Resume => match self.hv.resume(guest).await {
+                Ok(()) => CallOutcome::Done,
+                // Running already: a repeat.
+                Err(HvError::InvalidState { state: RuntimeState::Running, .. }) => CallOutcome::Done,
+                Err(e) => err(&e),
+            },
+            MigrateCall::Status => match self.hv.status(guest).await {
+                Ok(s) => CallOutcome::GuestState { state: Some(to_observed(&s).state) },
+                Err(HvError::NotFound { .. }) => CallOutcome::GuestState { state: None },
+                Err(e) => err(&e),
+            },
+            MigrateCall::Discard { nics } => {
+                let destroyed = match self.hv.destroy(guest).await {
+                    Ok(()) | Err(HvError::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = destroyed {
+                    return err(&e);
+                }
+                match self.config.network.detach(&self.nic_devices(guest, 0..nics as usize)).await {
+                    Ok(()) => CallOutcome::Done,
+                    Err(e) => err(&e),
+                }
+            }
+        }
+    }
+
     /// Runs a relayed snapshot action on the hypervisor.
     async fn snapshot(&self, guest: GuestId, call: drove_api::SnapshotCall) -> CallOutcome {
         use drove_api::{HostSnapshot, SnapshotCall};
@@ -549,6 +648,11 @@ impl Agent {
     }
 }
 
+/// A port free on `addr` now (the caller binds it soon after).
+fn free_port(addr: std::net::IpAddr) -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((addr, 0))?.local_addr()?.port())
+}
+
 /// The causes of an error, joined, for one-line messages.
 pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut parts = Vec::new();
@@ -574,6 +678,7 @@ mod tests {
             force_stop: false,
             restart_policy: RestartPolicy::Always,
             spec: guest.spec,
+            migrating: false,
         }
     }
 

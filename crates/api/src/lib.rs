@@ -5,6 +5,7 @@
 //! route annotations and checked in at `openapi/drove.json`; a manager test
 //! fails when the served document and the checked-in one differ.
 
+use drove_model::migration::{IncomingDone, MigrationKey, MigrationProgress, MigrationStats, Outgoing};
 use drove_model::{
     ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, ResourceLimits, RestartPolicy,
     RestoreOutcome, Snapshot, SnapshotKind, Vlan, guest::LoadProfile,
@@ -260,6 +261,10 @@ pub struct RegisterRequest {
     /// The uplink guests' traffic to other hosts shares, bits per second.
     #[serde(default)]
     pub uplink_bps: Option<u64>,
+    /// This host's address on the migration network.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub migration_address: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -336,6 +341,10 @@ pub struct DesiredGuest {
     /// Whether a stop should be forced.
     pub force_stop: bool,
     pub restart_policy: RestartPolicy,
+    /// Being migrated away: leave it alone (the migration's steps come as
+    /// calls).
+    #[serde(default)]
+    pub migrating: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -371,6 +380,33 @@ pub enum AgentCallKind {
     Hotplug { change: HotplugChange },
     /// Take, list, delete or restore a snapshot of the guest.
     Snapshot { call: SnapshotCall },
+    /// One step of a live migration, on its source or target host.
+    Migrate { call: MigrateCall },
+}
+
+/// A live migration step relayed to one of the two hosts (see
+/// `drove_model::migration`). Each is safe to repeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum MigrateCall {
+    /// Target: make the guest's NICs and disks and wait for the stream on
+    /// this host's migration address; answered with `prepared`.
+    Prepare { generation: u64, spec: Box<drove_model::GuestSpec>, key: Option<MigrationKey> },
+    /// Source: send the guest; `migration_progress` results on the way,
+    /// answered with `sent`.
+    Send { outgoing: Outgoing },
+    /// Target: wait until the guest runs here; answered with `finished`.
+    Finish,
+    /// Source: abort a send that has not completed; `done`, or an error
+    /// once it completed (the target may run the guest).
+    Cancel,
+    /// Source: run the guest again after a completed send whose target
+    /// does not run it; `done`.
+    Resume,
+    /// Either host: answered with `guest_state`.
+    Status,
+    /// Either host: remove this host's copy and its NICs' host side; `done`.
+    Discard { nics: u32 },
 }
 
 /// A snapshot action relayed to the guest's host. Every action is safe to
@@ -445,6 +481,27 @@ pub enum CallOutcome {
     Restored {
         outcome: RestoreOutcome,
     },
+    /// The target waits for the migration stream there.
+    Prepared {
+        #[schema(value_type = String)]
+        listen: std::net::IpAddr,
+        port: u16,
+        nbd_port: u16,
+    },
+    Sent {
+        stats: MigrationStats,
+    },
+    Finished {
+        done: IncomingDone,
+    },
+    /// Not an answer: how a `send` is going (the call stays open).
+    MigrationProgress {
+        progress: MigrationProgress,
+    },
+    /// The guest's state on the host, `None` if the host has no such guest.
+    GuestState {
+        state: Option<ObservedState>,
+    },
     Error {
         message: String,
     },
@@ -487,6 +544,21 @@ pub enum HotplugChange {
     SetVcpus {
         vcpus: u32,
     },
+}
+
+/// Move a running guest to another host (`POST /v1/guests/{guest}/migrate`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrateRequest {
+    /// The target host (name or id); by default placement chooses.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// The longest pause to aim for in the final round, milliseconds
+    /// (default 50).
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+    /// Bandwidth cap of the transfer, bytes per second (default: none).
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
 }
 
 /// A command to run inside a guest (`POST /v1/guests/{guest}/exec`).

@@ -241,6 +241,19 @@ impl Client {
     }
 
     /// Take a snapshot (disks only, or with `memory`).
+    pub async fn migrate_guest(
+        &self,
+        guest: &str,
+        req: &drove_api::MigrateRequest,
+    ) -> Result<OperationAccepted, ClientError> {
+        self.post(&format!("/v1/guests/{}/migrate", seg(guest)), req).await
+    }
+
+    /// Cancel an operation in flight (a migration before its commit).
+    pub async fn cancel_operation(&self, id: OperationId) -> Result<Operation, ClientError> {
+        self.post(&format!("/v1/operations/{id}/cancel"), &serde_json::json!({})).await
+    }
+
     pub async fn create_snapshot(
         &self,
         guest: &str,

@@ -77,6 +77,31 @@ pub enum VmCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Live-migrate a running guest to another host: its disks are mirrored
+    /// and its memory copied over the migration network (encrypted), then
+    /// it pauses for a moment and resumes there.
+    #[command(
+        after_help = "Examples:\n  drove vm migrate web-1\n  drove vm migrate web-1 --to host-3 --downtime-ms 100\nCancel one in flight with `drove op cancel ID`; `drove vm show` reports the measured pause."
+    )]
+    Migrate {
+        /// Guest name or id.
+        name: String,
+        /// Target host (name or id); placement chooses by default.
+        #[arg(long)]
+        to: Option<String>,
+        /// The longest pause to aim for in the final round, milliseconds.
+        #[arg(long, default_value_t = drove_manager::migrate::DEFAULT_DOWNTIME_MS)]
+        downtime_ms: u64,
+        /// Cap the transfer's bandwidth, e.g. 100mbit (default: none).
+        #[arg(long, value_parser = parse_rate)]
+        bandwidth: Option<u64>,
+        /// Return once accepted instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// Add hardware to a running guest: a disk, a NIC, memory or vCPUs (one per call).
     #[command(
         after_help = "Examples:\n  drove vm hotplug web-1 --add-disk 1G\n  drove vm hotplug web-1 --vcpus 2\nThe guest may need to bring new vCPUs and memory online itself."
@@ -347,6 +372,9 @@ pub enum OpCommand {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Cancel an operation in flight: a migration before it commits (the
+    /// guest keeps running where it was).
+    Cancel { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -567,6 +595,14 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("restart policy", format!("{:?}", g.guest.restart_policy).to_lowercase()),
                     ("limits", limits_summary(&s.limits)),
                     ("restarts", g.guest.restarts.to_string()),
+                    (
+                        "migration",
+                        match (&g.guest.migration, &g.guest.last_migration) {
+                            (Some(m), _) => format!("in progress ({:?}, operation {})", m.state, m.op).to_lowercase(),
+                            (None, Some(m)) => format!("last from {} to {}: {}", m.from, m.to, migration_summary(m)),
+                            (None, None) => "-".into(),
+                        },
+                    ),
                     ("generation", g.guest.generation.to_string()),
                     ("created", g.guest.created_at.clone()),
                     ("last error", opt(&g.guest.last_error)),
@@ -593,6 +629,25 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
         }
         VmCommand::Console { name } => crate::console::attach(&c, &name).await,
         VmCommand::Snapshot(cmd) => snapshot(&c, cmd).await,
+        VmCommand::Migrate { name, to, downtime_ms, bandwidth, no_wait, timeout } => {
+            let req = drove_api::MigrateRequest {
+                to,
+                downtime_limit_ms: Some(downtime_ms),
+                max_bandwidth: bandwidth.map(|bits| bits / 8),
+            };
+            let acc = c.migrate_guest(&name, &req).await?;
+            let op = finish(&c, &acc, no_wait, timeout).await?;
+            if no_wait {
+                println!("migrate {name}: operation {} accepted", op.id);
+                return Ok(());
+            }
+            let g = c.get_guest(&name).await?;
+            match &g.guest.last_migration {
+                Some(m) => println!("migrated {name} from {} to {}: {}", m.from, m.to, migration_summary(m)),
+                None => println!("migrated {name} to {}", g.host_name),
+            }
+            Ok(())
+        }
         VmCommand::Hotplug { name, add_disk, add_nic, memory, vcpus } => {
             let req = drove_api::HotplugRequest { add_disk, add_nic, memory, vcpus };
             let g = c.hotplug(&name, &req).await?;
@@ -709,6 +764,16 @@ fn limits_summary(l: &drove_model::ResourceLimits) -> String {
     if parts.is_empty() { "none".into() } else { parts.join(", ") }
 }
 
+fn migration_summary(m: &drove_model::migration::MigrationResult) -> String {
+    let pause = m.downtime_ms.map_or("unmeasured".to_owned(), |d| format!("{d:.1} ms"));
+    format!(
+        "paused {pause} (QEMU: {} ms), {:.2} s in all, {} transferred",
+        m.qemu_downtime_ms,
+        m.total_ms as f64 / 1000.0,
+        ByteSize(m.transferred)
+    )
+}
+
 fn report(a: &ActionArgs, op: Operation, done: &str) -> Result<()> {
     if a.no_wait {
         println!("{} {}: operation {} accepted", op.kind, a.name, op.id);
@@ -806,6 +871,15 @@ pub async fn op(cmd: OpCommand) -> Result<()> {
         OpCommand::Show { id, out } => {
             let op = c.get_operation(id.parse().with_context(|| format!("{id:?} is not an operation id"))?).await?;
             print_one(out.format, &op, HEADER.iter().copied().zip(op_row(&op)).collect())
+        }
+        OpCommand::Cancel { id } => {
+            let id = id.parse().with_context(|| format!("{id:?} is not an operation id"))?;
+            let op = c.cancel_operation(id).await?;
+            println!(
+                "cancel requested for {} {} ({}); `drove op wait {}` follows it",
+                op.kind, op.target_name, op.step, op.id
+            );
+            Ok(())
         }
         OpCommand::Wait { id, timeout } => {
             let id = id.parse().with_context(|| format!("{id:?} is not an operation id"))?;

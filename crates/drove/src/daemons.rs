@@ -111,6 +111,14 @@ pub struct AgentArgs {
     /// reserved by guests' NIC limits (placement keeps within it).
     #[arg(long, value_parser = crate::cli::parse_rate, requires = "underlay")]
     pub uplink_rate: Option<u64>,
+    /// This host's address on the migration network: incoming live
+    /// migrations listen there. Without it the host takes no migrations.
+    #[arg(long)]
+    pub migration_address: Option<std::net::IpAddr>,
+    /// Names this host's guest cgroups apart (drove/<scope>.<guest>) when
+    /// several agents share one kernel, as a lab's hosts do.
+    #[arg(long)]
+    pub cgroup_scope: Option<String>,
 }
 
 pub fn hypervisor(
@@ -118,6 +126,7 @@ pub fn hypervisor(
     data_dir: &std::path::Path,
     cores: u32,
     memory: ByteSize,
+    cgroup_scope: Option<&str>,
 ) -> Result<Arc<dyn Hypervisor>> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     Ok(match backend {
@@ -125,15 +134,16 @@ pub fn hypervisor(
             let cfg = SimConfig { cores, memory, ..SimConfig::default() };
             Arc::new(SimHypervisor::with_state_file(cfg, data_dir.join("sim-guests.json"))?)
         }
-        Backend::Qemu => crate::lab::qemu_hypervisor(data_dir)?,
+        Backend::Qemu => crate::lab::qemu_hypervisor(data_dir, cgroup_scope)?,
     })
 }
 
 pub async fn agent(a: AgentArgs) -> Result<()> {
     let token = std::fs::read_to_string(&a.token_file)
         .with_context(|| format!("reading agent token {}", a.token_file.display()))?;
-    let hv = hypervisor(a.backend, &a.data_dir, a.cores, a.memory)?;
+    let hv = hypervisor(a.backend, &a.data_dir, a.cores, a.memory, a.cgroup_scope.as_deref())?;
     let mut config = AgentConfig::new(&a.name);
+    config.migration_address = a.migration_address;
     if let Some(dev) = &a.underlay {
         config.network = Arc::new(drove_net::VxlanNetwork::new(dev.clone(), None)?.with_uplink(a.uplink_rate));
         config.uplink_bps = a.uplink_rate;

@@ -313,7 +313,14 @@ pub async fn up(a: UpArgs) -> Result<()> {
             }
             None => None,
         };
-        let mut extra: Vec<String> = Vec::new();
+        // One kernel under all the lab's hosts: their guests' cgroups must
+        // not meet (a migrating guest has a QEMU on two hosts).
+        let mut extra: Vec<String> = vec!["--cgroup-scope".into(), name.clone()];
+        if let Some(rec) = &lab.fabric {
+            extra.extend(["--migration-address".into(), rec.fabric().migration_ip(i).to_string()]);
+        } else {
+            extra.extend(["--migration-address".into(), "127.0.0.1".into()]);
+        }
         if ns.is_some() {
             extra.extend(["--underlay".into(), fabric::TRUNK_IF.into()]);
             if let Some(rate) = a.uplink_rate {
@@ -435,7 +442,7 @@ pub async fn down(a: DownArgs) -> Result<()> {
             if !hdir.exists() {
                 continue;
             }
-            let hv = qemu_hypervisor(&hdir)?;
+            let hv = qemu_hypervisor(&hdir, Some(name))?;
             for g in hv.list().await.unwrap_or_default() {
                 if let Err(e) = hv.stop(g.id, StopMode::Force).await {
                     eprintln!("warning: could not stop guest {} on {name}: {e}", g.id);
@@ -511,8 +518,9 @@ fn qemu_preflight(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn qemu_hypervisor(dir: &Path) -> Result<Arc<dyn Hypervisor>> {
-    let config = QemuConfig::new(dir, image_dir()?)?;
+pub fn qemu_hypervisor(dir: &Path, cgroup_scope: Option<&str>) -> Result<Arc<dyn Hypervisor>> {
+    let mut config = QemuConfig::new(dir, image_dir()?)?;
+    config.cgroup_scope = cgroup_scope.map(str::to_owned);
     Ok(Arc::new(QemuHypervisor::new(config)?))
 }
 

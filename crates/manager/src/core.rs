@@ -156,6 +156,7 @@ pub struct Manager {
     consoles: Mutex<HashMap<String, oneshot::Sender<Result<hyper::upgrade::OnUpgrade, String>>>>,
     /// Guests whose snapshot operation a task of this process drives.
     pub(crate) snapshot_drivers: Mutex<HashSet<GuestId>>,
+    pub(crate) migration_drivers: Mutex<crate::migrate::Drivers>,
     /// Those tasks, aborted when the server stops (`crate::serve`).
     pub(crate) background: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -171,11 +172,13 @@ struct Calls {
 
 #[derive(Debug)]
 enum Waiter {
-    Call(oneshot::Sender<CallOutcome>),
-    /// A console session: the agent's upgraded connection, or why it failed.
-    Console {
-        session: String,
+    Call {
+        tx: oneshot::Sender<CallOutcome>,
+        /// The operation whose progress the call's progress reports update.
+        progress_op: Option<OperationId>,
     },
+    /// A console session: the agent's upgraded connection, or why it failed.
+    Console { session: String },
 }
 
 /// How long an operator waits for a host to answer a relayed call.
@@ -244,6 +247,7 @@ impl Manager {
             calls: Mutex::new(Calls::default()),
             consoles: Mutex::new(HashMap::new()),
             snapshot_drivers: Mutex::new(HashSet::new()),
+            migration_drivers: Mutex::new(Default::default()),
             background: Mutex::new(Vec::new()),
         };
         Ok((Arc::new(m), minted))
@@ -750,7 +754,7 @@ impl Manager {
         Ok((spec, pinned))
     }
 
-    fn capacities(&self, inv: &Inventory) -> Vec<HostCapacity> {
+    pub(crate) fn capacities(&self, inv: &Inventory) -> Vec<HostCapacity> {
         inv.hosts
             .values()
             .map(|h| {
@@ -822,6 +826,8 @@ impl Manager {
                     last_error: None,
                     restart_policy: req.restart_policy.unwrap_or_default(),
                     restarts: 0,
+                    migration: None,
+                    last_migration: None,
                     snapshots: Vec::new(),
                     current_snapshot: None,
                 };
@@ -857,6 +863,14 @@ impl Manager {
                         if a.kind == OperationKind::DeleteGuest || a.state == OperationState::RollingBack =>
                     {
                         return Ok(OperationAccepted { operation: a, guest: g.id });
+                    }
+                    // Two hosts hold parts of it: the migration must end
+                    // (or be cancelled) before anything else happens to it.
+                    (GuestAction::Delete, Some(a)) if a.kind == OperationKind::MigrateGuest => {
+                        return Err(ApiError::conflict(format!(
+                            "guest {} is being migrated (operation {}); cancel it first (`drove op cancel {}`) or wait",
+                            g.spec.name, a.id, a.id
+                        )));
                     }
                     (GuestAction::Delete, Some(mut a)) => {
                         a.state = OperationState::Failed;
@@ -1125,6 +1139,7 @@ impl Manager {
                     info.memory = req.memory;
                     info.hypervisor = req.hypervisor;
                     info.uplink_bps = req.uplink_bps;
+                    info.migration_address = req.migration_address;
                     info.state = info.state.apply(HostEvent::HeartbeatBack).unwrap_or(info.state);
                     info
                 }
@@ -1137,6 +1152,7 @@ impl Manager {
                     state: HostState::Up,
                     registered_at: now_rfc3339(),
                     uplink_bps: req.uplink_bps,
+                    migration_address: req.migration_address,
                 },
             };
             let id = info.id;
@@ -1236,6 +1252,7 @@ impl Manager {
                 spec: g.spec.clone(),
                 force_stop: inv.force_stop.contains(&g.id),
                 restart_policy: g.restart_policy,
+                migrating: g.migration.as_ref().is_some_and(|m| !m.state.committed()),
             })
             .collect()
     }
@@ -1252,21 +1269,63 @@ impl Manager {
         key: &str,
         make: impl FnOnce(u64) -> (AgentCallKind, Waiter),
     ) -> Result<(u64, GuestId), ApiError> {
+        let (host, guest) = {
+            let inv = self.lock();
+            let g = inv.find_guest(key).ok_or_else(|| ApiError::not_found("guest", key))?;
+            (g.host, g.id)
+        };
+        Ok((self.queue_call_on(host, guest, make)?, guest))
+    }
+
+    /// Queue a call about `guest` for `host` (which need not be the guest's
+    /// host: a migration's target); returns the call id.
+    fn queue_call_on(
+        &self,
+        host: HostId,
+        guest: GuestId,
+        make: impl FnOnce(u64) -> (AgentCallKind, Waiter),
+    ) -> Result<u64, ApiError> {
         let inv = self.lock();
-        let g = inv.find_guest(key).ok_or_else(|| ApiError::not_found("guest", key))?;
-        let host = inv.hosts.get(&g.host).ok_or_else(|| ApiError::not_found("host", &g.host.to_string()))?;
-        if host.info.state == HostState::Down {
-            return Err(ApiError::unavailable(format!("host {} of guest {} is down", host.info.name, g.spec.name)));
+        let h = inv.hosts.get(&host).ok_or_else(|| ApiError::not_found("host", &host.to_string()))?;
+        if h.info.state == HostState::Down {
+            return Err(ApiError::unavailable(format!("host {} is down", h.info.name)));
         }
         let mut calls = self.calls_lock();
         calls.next_id += 1;
         let id = calls.next_id;
         let (kind, waiter) = make(id);
-        calls.queued.entry(g.host).or_default().push(AgentCall { id, guest: g.id, kind });
+        calls.queued.entry(host).or_default().push(AgentCall { id, guest, kind });
         calls.waiting.insert(id, waiter);
         drop(calls);
-        host.poke.notify_one();
-        Ok((id, g.id))
+        h.poke.notify_one();
+        Ok(id)
+    }
+
+    /// Relay a call about `guest` to `host` and wait up to `budget` for
+    /// the answer; progress reports on the way update operation
+    /// `progress_op`.
+    pub async fn relay_on(
+        &self,
+        host: HostId,
+        guest: GuestId,
+        kind: AgentCallKind,
+        budget: Duration,
+        progress_op: Option<OperationId>,
+    ) -> Result<CallOutcome, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.queue_call_on(host, guest, |_| (kind, Waiter::Call { tx, progress_op }))?;
+        match tokio::time::timeout(budget, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            _ => {
+                self.forget_call(id);
+                Err(ApiError {
+                    status: 504,
+                    code: "host_timeout",
+                    message: format!("host {host} did not answer about guest {guest} within {}s", budget.as_secs()),
+                    field: None,
+                })
+            }
+        }
     }
 
     fn forget_call(&self, id: u64) {
@@ -1288,7 +1347,7 @@ impl Manager {
                 _ => Duration::ZERO,
             };
         let (tx, rx) = oneshot::channel();
-        let (id, guest) = self.queue_call(key, |_| (kind, Waiter::Call(tx)))?;
+        let (id, guest) = self.queue_call(key, |_| (kind, Waiter::Call { tx, progress_op: None }))?;
         match tokio::time::timeout(budget, rx).await {
             Ok(Ok(outcome)) => Ok((guest, outcome)),
             _ => {
@@ -1337,9 +1396,20 @@ impl Manager {
 
     /// An agent answered a relayed call.
     pub fn complete_call(&self, result: CallResult) {
+        if let CallOutcome::MigrationProgress { progress } = &result.outcome {
+            // Not an answer: the call stays open.
+            let op = match self.calls_lock().waiting.get(&result.id) {
+                Some(Waiter::Call { progress_op, .. }) => *progress_op,
+                _ => None,
+            };
+            if let Some(op) = op {
+                self.report_migration_progress(op, progress);
+            }
+            return;
+        }
         let waiter = self.calls_lock().waiting.remove(&result.id);
         match (waiter, result.outcome) {
-            (Some(Waiter::Call(tx)), outcome) => {
+            (Some(Waiter::Call { tx, .. }), outcome) => {
                 let _ = tx.send(outcome);
             }
             (Some(Waiter::Console { session }), CallOutcome::Error { message }) => {
@@ -1383,7 +1453,7 @@ impl Manager {
                     inv.ops.get(op).is_some_and(|o| {
                         // Snapshot operations end by their driver, which
                         // finishes or undoes them whatever it takes.
-                        !o.kind.is_snapshot()
+                        !o.kind.is_driven()
                             && o.state == OperationState::Running
                             && humantime::parse_rfc3339(&o.created_at)
                                 .ok()
@@ -1573,6 +1643,11 @@ fn finish_delete(inv: &mut Inventory, id: GuestId, w: &mut Writes) {
 /// Move `id` along its lifecycle given what its host observes.
 fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w: &mut Writes) {
     let Some(mut g) = inv.guests.get(&id).cloned() else { return };
+    // Mid-migration its source's copy pauses and vanishes by design; the
+    // migration's driver decides what it means.
+    if g.migration.as_ref().is_some_and(|m| !m.state.committed()) {
+        return;
+    }
     let obs = observed.map(|o| o.state);
     let before = g.clone();
     // Loop: one report can carry a guest through several steps (an agent

@@ -21,7 +21,7 @@ use drove_api::{
     AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest,
     CreateSnapshotRequest, CreateVlanRequest, ErrorBody, ErrorResponse, ExecRequest, ExecResponse, GuestInterface,
     GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest,
-    OperationAccepted, RegisterRequest, RegisterResponse, SnapshotList, StopGuestRequest, VlanView,
+    MigrateRequest, OperationAccepted, RegisterRequest, RegisterResponse, SnapshotList, StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
@@ -142,6 +142,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/vlans/{vlan}", axum::routing::delete(delete_vlan))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
+        .route("/v1/operations/{id}/cancel", post(cancel_operation))
+        .route("/v1/guests/{guest}/migrate", post(migrate_guest))
         .route("/v1/audit", get(list_audit))
         .route("/v1/audit/verify", get(verify_audit))
         .route("/v1/agent/register", post(register))
@@ -462,6 +464,35 @@ async fn create_snapshot(
     m.create_snapshot(&ctx, &guest, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
+#[utoipa::path(post, path = "/v1/guests/{guest}/migrate", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    request_body = MigrateRequest,
+    description = "Live-migrate a running guest to another host (`to`, or one placement picks): its disks are mirrored and its memory copied over the migration network, encrypted, then it pauses for the final round and resumes on the target. The operation shows the progress; the guest's `last_migration` the measured pause.",
+    responses((status = 202, description = "Migration started", body = OperationAccepted), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
+        (status = 409, description = "Guest not running, busy, or no host can take it", body = ErrorResponse)))]
+async fn migrate_guest(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<MigrateRequest>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.migrate_guest(&ctx, &guest, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[utoipa::path(post, path = "/v1/operations/{id}/cancel", tag = "operations", params(("id" = String, Path, description = "Operation id")),
+    description = "Cancel an operation in flight. Only migrations can be cancelled, and only before their commit: the guest then keeps running on its source.",
+    responses((status = 202, description = "Cancel requested; wait for the operation to end", body = Operation), (status = 404, body = ErrorResponse),
+        (status = 409, description = "Not cancellable (kind, finished, past its commit)", body = ErrorResponse)))]
+async fn cancel_operation(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Res<(StatusCode, Json<Operation>)> {
+    let id: OperationId = id.parse().map_err(|_| ApiError::invalid("id", format!("{id:?} is not an operation id")))?;
+    m.cancel_migration(id).await?;
+    m.audit_event(&ctx, Some(format!("operation/{id}")), "cancel requested", 202).await;
+    Ok((StatusCode::ACCEPTED, Json(m.get_operation(id).await?)))
+}
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 struct DeleteSnapshotQuery {
     /// Delete a snapshot that has children; they are re-parented to its parent.
@@ -628,7 +659,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, call_result, agent_console,
+    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))

@@ -197,6 +197,13 @@ impl Inventory {
         a.memory += g.spec.memory.bytes();
         a.guests += 1;
         a.nic_bps += g.spec.nic_reservation();
+        // A migration holds its room on the target until it ends.
+        if let Some(m) = g.migration.as_ref().filter(|m| m.target != g.host) {
+            let t = self.allocated.entry(m.target).or_default();
+            t.vcpus += g.spec.vcpus;
+            t.memory += g.spec.memory.bytes();
+            t.nic_bps += g.spec.nic_reservation();
+        }
         for nic in &g.spec.nics {
             self.macs.insert(nic.mac.clone());
             if let Some(a) = nic.address {
@@ -216,6 +223,13 @@ impl Inventory {
             a.memory = a.memory.saturating_sub(g.spec.memory.bytes());
             a.guests = a.guests.saturating_sub(1);
             a.nic_bps = a.nic_bps.saturating_sub(g.spec.nic_reservation());
+        }
+        if let Some(m) = g.migration.as_ref().filter(|m| m.target != g.host)
+            && let Some(t) = self.allocated.get_mut(&m.target)
+        {
+            t.vcpus = t.vcpus.saturating_sub(g.spec.vcpus);
+            t.memory = t.memory.saturating_sub(g.spec.memory.bytes());
+            t.nic_bps = t.nic_bps.saturating_sub(g.spec.nic_reservation());
         }
         for nic in &g.spec.nics {
             self.macs.remove(&nic.mac);

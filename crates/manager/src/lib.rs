@@ -13,13 +13,16 @@
 //! observe; [`core`] turns observations into guest and operation
 //! transitions. [`snapshots`] takes, deletes and restores guests' snapshots
 //! through relayed calls, finishing or undoing them from what the host
-//! has. [`monitor`] marks silent hosts down, times out stuck operations and
-//! resumes undriven snapshot operations. [`http`] serves the `/v1` API.
+//! has. [`migrate`] live-migrates guests between hosts as a durable
+//! operation with one commit point. [`monitor`] marks silent hosts down,
+//! times out stuck operations and resumes undriven snapshot operations and
+//! migrations. [`http`] serves the `/v1` API.
 
 pub mod auth;
 pub mod core;
 pub mod http;
 pub mod inventory;
+pub mod migrate;
 pub mod monitor;
 pub mod persist;
 pub mod snapshots;

@@ -17,5 +17,6 @@ pub async fn run(m: Arc<Manager>) {
             tracing::error!(error = %e, "monitor pass failed");
         }
         m.resume_snapshot_ops();
+        m.resume_migrations();
     }
 }

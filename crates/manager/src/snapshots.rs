@@ -393,7 +393,8 @@ impl Manager {
             OperationKind::CreateGuest
             | OperationKind::StartGuest
             | OperationKind::StopGuest
-            | OperationKind::DeleteGuest => Attempt::Settled,
+            | OperationKind::DeleteGuest
+            | OperationKind::MigrateGuest => Attempt::Settled,
         }
     }
 

@@ -383,6 +383,12 @@ pub struct Guest {
     /// restored), the parent of the next one.
     #[serde(default)]
     pub current_snapshot: Option<String>,
+    /// The live migration in progress, if any.
+    #[serde(default)]
+    pub migration: Option<crate::migration::Migration>,
+    /// How its last live migration went.
+    #[serde(default)]
+    pub last_migration: Option<crate::migration::MigrationResult>,
 }
 
 #[cfg(test)]

@@ -134,6 +134,10 @@ pub struct HostInfo {
     /// NIC limits reserve; `None`: not managed.
     #[serde(default)]
     pub uplink_bps: Option<u64>,
+    /// Where live migrations to this host go (its migration network).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub migration_address: Option<std::net::IpAddr>,
 }
 
 #[cfg(test)]

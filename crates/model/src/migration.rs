@@ -236,6 +236,9 @@ pub struct Migration {
     /// Why it is rolling back.
     #[serde(default)]
     pub error: Option<String>,
+    /// What the source reported once it sent everything.
+    #[serde(default)]
+    pub stats: Option<MigrationStats>,
 }
 
 /// How the last migration of a guest went, kept on the guest.

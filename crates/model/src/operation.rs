@@ -23,6 +23,7 @@ pub enum OperationKind {
     CreateSnapshot,
     DeleteSnapshot,
     RestoreSnapshot,
+    MigrateGuest,
 }
 
 impl OperationKind {
@@ -30,6 +31,13 @@ impl OperationKind {
     /// with reconciliation), not by agent reports.
     pub fn is_snapshot(self) -> bool {
         matches!(self, OperationKind::CreateSnapshot | OperationKind::DeleteSnapshot | OperationKind::RestoreSnapshot)
+    }
+
+    /// Operations a manager task drives to the end itself (finishing or
+    /// undoing them whatever it takes), rather than agents' reports: no
+    /// timeout may cut them short.
+    pub fn is_driven(self) -> bool {
+        self.is_snapshot() || self == OperationKind::MigrateGuest
     }
 }
 
@@ -43,6 +51,7 @@ impl std::fmt::Display for OperationKind {
             OperationKind::CreateSnapshot => "create-snapshot",
             OperationKind::DeleteSnapshot => "delete-snapshot",
             OperationKind::RestoreSnapshot => "restore-snapshot",
+            OperationKind::MigrateGuest => "migrate",
         })
     }
 }

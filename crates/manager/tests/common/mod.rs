@@ -149,6 +149,7 @@ impl Dc {
         let mut ac = AgentConfig::new(name);
         ac.retry_after = Duration::from_millis(200);
         ac.restart_backoff = Duration::from_millis(500);
+        ac.migration_address = Some(std::net::Ipv4Addr::LOCALHOST.into());
         let agent = Agent::new(ac, Client::new(&self.endpoint, &self.agent_token), Arc::new(sim.clone()));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(agent.run(async {
