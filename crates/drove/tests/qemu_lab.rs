@@ -470,3 +470,68 @@ fn uplink_shares_hold_under_load() {
     assert!(free <= UPLINK * 1.15, "best effort under load: {free:.1} Mbit/s");
     assert!(lim + free <= UPLINK * 1.15, "both together: {lim:.1} + {free:.1} Mbit/s on a {UPLINK} uplink");
 }
+
+/// A running guest moves between two lab hosts with `drove vm migrate`,
+/// over the migration network, disks mirrored: it keeps its process, its
+/// disk and its address, a peer on another host keeps reaching it, exactly
+/// one QEMU runs it afterwards, and the measured pause is recorded.
+#[test]
+fn a_guest_migrates_live_between_lab_hosts() {
+    let lab = Lab::start(2);
+    lab.ok(&["vlan", "create", "100", "--name", "lan", "--subnet", "10.80.0.0/24"]);
+    lab.ok(&["vm", "create", "mover", "--memory", "128M", "--disk", "64M", "--nic", "lan", "--host", "host-1"]);
+    lab.ok(&["vm", "create", "peer", "--memory", "128M", "--nic", "lan", "--host", "host-2"]);
+    lab.booted("mover");
+    lab.booted("peer");
+    let id = lab.json(&["vm", "show", "mover"])["id"].as_str().unwrap().to_owned();
+    let ip = lab.json(&["vm", "show", "mover"])["spec"]["nics"][0]["address"]["ip"].as_str().unwrap().to_owned();
+    let (code, out) = lab.sh(
+        "mover",
+        "printf '%-511s\\n' moved-marker | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && \
+         (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; usleep 20000; done) >/dev/null 2>&1 & \
+         sleep 0.3; cat /tmp/count",
+    );
+    assert_eq!(code, 0, "{out}");
+    let before: u64 = out.trim().parse().unwrap();
+    let (_, counter_pid) = lab.sh("mover", "pgrep -f 'usleep 20000' | head -1");
+    let (code, out) = lab.sh("peer", &format!("ping -c 2 -W 2 {ip}"));
+    assert_eq!(code, 0, "{out}");
+
+    let out = lab.ok(&["vm", "migrate", "mover", "--to", "host-2"]);
+    assert!(out.contains("migrated mover from host-1 to host-2: paused"), "{out}");
+    let g = lab.json(&["vm", "show", "mover"]);
+    assert_eq!(g["host_name"], "host-2");
+    assert_eq!(g["state"], "running");
+    let pause = g["last_migration"]["downtime_ms"].as_f64().expect("a measured pause");
+    eprintln!("lab migration: {}", g["last_migration"]);
+    assert!(pause > 0.0 && pause < 5000.0, "pause {pause} ms");
+    // One QEMU for it, on host-2 (its pid file names host-2's directory).
+    let pids: Vec<u32> = qemus_of(lab.data())
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&id))
+        })
+        .collect();
+    assert_eq!(pids.len(), 1, "exactly one QEMU runs the guest: {pids:?}");
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap()).into_owned();
+    assert!(cmdline.contains("/hosts/host-2/"), "it runs on host-2");
+    assert!(!lab.guest_dir("host-1", &id).exists(), "the source's copy is gone");
+
+    // The same machine: its disk, its counting process, its address.
+    let (_, marker) = lab.sh("mover", "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
+    assert_eq!(marker.trim(), "moved-marker");
+    let (_, after) = lab.sh("mover", "sleep 0.2; cat /tmp/count");
+    assert!(after.trim().parse::<u64>().unwrap() > before, "the counter kept running");
+    let (_, pid_after) = lab.sh("mover", "pgrep -f 'usleep 20000' | head -1");
+    assert_eq!(pid_after, counter_pid, "the same process");
+    let (code, out) = lab.sh("peer", &format!("ping -c 2 -W 2 {ip}"));
+    assert_eq!(code, 0, "the peer still reaches it, now on its own host: {out}");
+
+    // And back, placement choosing (only host-1 can take it): across hosts
+    // again, the VLAN finds it at its new place.
+    lab.ok(&["vm", "migrate", "mover"]);
+    assert_eq!(lab.json(&["vm", "show", "mover"])["host_name"], "host-1");
+    let (code, out) = lab.sh("peer", &format!("ping -c 3 -W 2 {ip}"));
+    assert_eq!(code, 0, "{out}");
+    assert!(lab.ok(&["vm", "show", "mover"]).contains("last from host-2 to host-1: paused"));
+}
