@@ -17,6 +17,7 @@
 //! resumes undriven snapshot operations. [`http`] serves the `/v1` API.
 
 pub mod auth;
+pub mod clones;
 pub mod core;
 pub mod http;
 pub mod inventory;
