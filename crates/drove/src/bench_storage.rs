@@ -119,7 +119,10 @@ pub async fn run(a: StorageBench) -> Result<()> {
     if a.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    let (lab, c) = BenchLab::start("storage", &["--hosts", "1"])?;
+    // Twelve small guests on one host at the end (the guest, a template,
+    // ten clones): more vCPUs than the default overcommit allows a 2-core
+    // machine.
+    let (lab, c) = BenchLab::start("storage", &["--hosts", "1", "--vcpu-overcommit", "8"])?;
     let name = "snap-bench";
     let req = CreateGuestRequest { disks: vec![a.disk, a.disk], ..CreateGuestRequest::new(name, 1, a.memory) };
     let accepted = c.create_guest(&req).await?;
