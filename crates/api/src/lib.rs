@@ -150,6 +150,39 @@ pub struct GuestView {
     #[serde(flatten)]
     pub guest: Guest,
     pub host_name: String,
+    /// Guests that need this one: thin clones of a template (always), and
+    /// clones being copied from it (until they are made). Deleting it is
+    /// refused while there are any, unless forced.
+    #[serde(default)]
+    pub dependents: Vec<String>,
+}
+
+/// Clone a guest (`POST /v1/guests/{guest}/clone`): each clone gets the
+/// source's size and disks (copies, or thin overlays of a template), on the
+/// source's host, with a fresh identity: its own name, new MACs and new
+/// addresses on the same VLANs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CloneGuestRequest {
+    /// The clone's name; with `count` > 1, clones are named `NAME-1` ..
+    /// `NAME-K`.
+    pub name: String,
+    /// How many clones. Default 1, at most 64.
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Clone the disks as they were at this snapshot of the source (restore
+    /// as a copy) instead of as they are now.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Start each clone once made. Default true.
+    #[serde(default)]
+    pub start: Option<bool>,
+}
+
+/// Mark a stopped guest as a template, or a template as a plain guest again
+/// (`POST /v1/guests/{guest}/template`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SetTemplateRequest {
+    pub template: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]

@@ -272,6 +272,28 @@ impl Client {
         self.call::<(), _>(Method::DELETE, &path, None, DEFAULT_TIMEOUT).await
     }
 
+    /// Clone `guest` (see [`drove_api::CloneGuestRequest`]): one accepted
+    /// create operation per clone.
+    pub async fn clone_guest(
+        &self,
+        guest: &str,
+        req: &drove_api::CloneGuestRequest,
+    ) -> Result<Vec<OperationAccepted>, ClientError> {
+        self.post(&format!("/v1/guests/{}/clone", seg(guest)), req).await
+    }
+
+    /// Mark a stopped guest as a template (`on`), or make it a plain guest.
+    pub async fn set_template(&self, guest: &str, on: bool) -> Result<GuestView, ClientError> {
+        self.post(&format!("/v1/guests/{}/template", seg(guest)), &drove_api::SetTemplateRequest { template: on }).await
+    }
+
+    /// Delete a guest that others depend on (see
+    /// [`drove_api::GuestView::dependents`]) together with them.
+    pub async fn delete_guest_forced(&self, guest: &str) -> Result<OperationAccepted, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/guests/{}?force=true", seg(guest)), None, DEFAULT_TIMEOUT)
+            .await
+    }
+
     pub async fn restore_snapshot(&self, guest: &str, snapshot: &str) -> Result<OperationAccepted, ClientError> {
         self.post(&format!("/v1/guests/{}/snapshots/{}/restore", seg(guest), seg(snapshot)), &serde_json::json!({}))
             .await

@@ -63,7 +63,50 @@ pub enum VmCommand {
         force: bool,
     },
     /// Delete a guest and its disks.
-    Delete(ActionArgs),
+    Delete {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// Also delete the guests that depend on it (thin clones of a template, clones still being copied from
+        /// it), each by its own delete operation, before it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Clone a running or stopped guest or a template onto its host, with a fresh identity (name, MACs,
+    /// addresses on the same VLANs, applied by the clone at boot).
+    #[command(after_help = "Examples:
+  drove vm clone web-1 web-2
+  drove vm clone golden web --count 10      # web-1 .. web-10
+  drove vm clone web-1 web-old --snapshot before-upgrade   # restore a snapshot as a new guest
+Clones of a template are thin overlays on its disks; others get copies of the source's disks.")]
+    Clone {
+        /// The source: guest name or id.
+        source: String,
+        /// The clone's name (NAME-1 .. NAME-K with --count K).
+        name: String,
+        /// How many clones.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Clone the disks as they were at this snapshot of the source.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Leave the clones stopped.
+        #[arg(long)]
+        stopped: bool,
+        /// Return once accepted instead of waiting until the clones run.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (the operations carry on).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Mark a stopped guest as a template (read-only, never started; its clones are thin overlays), or a
+    /// template without clones as a plain guest.
+    Template {
+        /// Guest name or id.
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Run a command inside the guest (through its guest agent); exits with
     /// the command's exit code.
     #[command(after_help = "Example: drove vm exec web-1 -- ip -o addr")]
@@ -606,6 +649,9 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("generation", g.guest.generation.to_string()),
                     ("created", g.guest.created_at.clone()),
                     ("last error", opt(&g.guest.last_error)),
+                    ("template", if g.guest.template { "yes".into() } else { "no".into() }),
+                    ("cloned from", clone_summary(&c, s.clone_of.as_ref()).await),
+                    ("dependents", if g.dependents.is_empty() { "-".into() } else { g.dependents.join(", ") }),
                 ],
             )
         }
@@ -617,9 +663,36 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             let acc = c.stop_guest(&a.name, force).await?;
             report(&a, finish(&c, &acc, a.no_wait, a.timeout).await?, "stopped")
         }
-        VmCommand::Delete(a) => {
-            let acc = c.delete_guest(&a.name).await?;
+        VmCommand::Delete { action: a, force } => {
+            let acc = if force { c.delete_guest_forced(&a.name).await? } else { c.delete_guest(&a.name).await? };
             report(&a, finish(&c, &acc, a.no_wait, a.timeout).await?, "deleted")
+        }
+        VmCommand::Clone { source, name, count, snapshot, stopped, no_wait, timeout } => {
+            let req = drove_api::CloneGuestRequest { name, count: Some(count), snapshot, start: Some(!stopped) };
+            let accepted = c.clone_guest(&source, &req).await?;
+            // Each clone is its own create: wait for all, report each.
+            let mut failed = Vec::new();
+            for acc in &accepted {
+                let name = &acc.operation.target_name;
+                match finish(&c, acc, no_wait, timeout).await {
+                    Ok(op) if no_wait => println!("cloning {source} as {name} (operation {})", op.id),
+                    Ok(_) => println!("cloned {source} as {name}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        failed.push(name.clone());
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                bail!("{} of {} clones failed: {}", failed.len(), accepted.len(), failed.join(", "));
+            }
+            Ok(())
+        }
+        VmCommand::Template { name, state } => {
+            let g = c.set_template(&name, state == "on").await?;
+            let what = if g.guest.template { "a template" } else { "a plain guest" };
+            println!("{} is {what}", g.guest.spec.name);
+            Ok(())
         }
         VmCommand::Log { name, bytes } => {
             let log = c.console_log(&name, bytes).await?;
@@ -739,6 +812,21 @@ fn snapshot_row(depth: usize, s: &drove_model::Snapshot, current: &Option<String
         s.vm_state_size.map_or("-".to_owned(), |b| if b.bytes() == 0 { "-".to_owned() } else { b.to_string() }),
         s.created_at.clone(),
     ]
+}
+
+/// Where a clone's disks came from, for people.
+async fn clone_summary(c: &Client, from: Option<&drove_model::CloneSource>) -> String {
+    let Some(from) = from else { return "-".into() };
+    let source = match c.get_guest(&from.guest.to_string()).await {
+        Ok(g) => g.guest.spec.name,
+        Err(_) => format!("{} (deleted)", from.guest),
+    };
+    let at = from.snapshot.as_deref().map(|s| format!(" at snapshot {s}")).unwrap_or_default();
+    let how = match from.mode {
+        drove_model::CloneMode::Copy => "copies",
+        drove_model::CloneMode::Overlay => "thin overlays",
+    };
+    format!("{source}{at} ({how})")
 }
 
 fn limits_summary(l: &drove_model::ResourceLimits) -> String {

@@ -535,3 +535,64 @@ fn a_guest_migrates_live_between_lab_hosts() {
     assert_eq!(code, 0, "{out}");
     assert!(lab.ok(&["vm", "show", "mover"]).contains("last from host-2 to host-1: paused"));
 }
+
+/// Clones of a running guest carry its disk but not its identity: from
+/// inside, the clone sees the source's data, its own hostname, MAC and
+/// address (as `vm show` says), and both reach each other on their VLAN.
+/// A snapshot restored as a copy holds the disk as it was then.
+#[test]
+fn clones_get_the_sources_disk_and_a_fresh_identity() {
+    let lab = Lab::start(1);
+    lab.ok(&["vlan", "create", "100", "--name", "blue", "--subnet", "10.70.0.0/24"]);
+    lab.ok(&["vm", "create", "src", "--memory", "128M", "--disk", "64M", "--nic", "blue"]);
+    lab.booted("src");
+    let mark = |guest: &str, text: &str| {
+        let (code, out) =
+            lab.sh(guest, &format!("printf {text} | dd of=/dev/vda bs=512 count=1 conv=sync 2>/dev/null && sync"));
+        assert_eq!(code, 0, "{out}");
+    };
+    let marker = |guest: &str| lab.sh(guest, "dd if=/dev/vda bs=15 count=1 2>/dev/null").1;
+    mark("src", "drove-marker-42");
+    lab.ok(&["vm", "snapshot", "create", "src", "s1"]);
+    mark("src", "drove-marker-43");
+
+    let t0 = Instant::now();
+    lab.ok(&["vm", "clone", "src", "c1"]);
+    lab.booted("c1");
+    eprintln!("clone of a running guest to readiness: {:?}", t0.elapsed());
+    assert_eq!(marker("c1"), "drove-marker-43", "the clone has the source's disk as it was when cloned");
+    assert_eq!(lab.sh("c1", "hostname").1.trim(), "c1");
+
+    let nic = |g: &str| {
+        let n = lab.json(&["vm", "show", g])["spec"]["nics"][0].clone();
+        (n["mac"].as_str().unwrap().to_owned(), n["address"]["ip"].as_str().unwrap().to_owned())
+    };
+    let ((src_mac, src_ip), (c1_mac, c1_ip)) = (nic("src"), nic("c1"));
+    assert_ne!(src_mac, c1_mac);
+    assert_ne!(src_ip, c1_ip);
+    let (code, seen_mac) = lab.sh("c1", "cat /sys/class/net/eth0/address");
+    assert_eq!((code, seen_mac.trim()), (0, c1_mac.as_str()));
+    let (code, addrs) = lab.sh("c1", "ip -4 addr show eth0");
+    assert_eq!(code, 0, "{addrs}");
+    assert!(addrs.contains(&format!("inet {c1_ip}/24")) && !addrs.contains(&src_ip), "{addrs}");
+    // No clash: each reaches the other, and each address answers from one MAC.
+    let (code, out) = lab.sh("c1", &format!("ping -c 2 -W 2 {src_ip}"));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = lab.sh("src", &format!("ping -c 2 -W 2 {c1_ip} && ip neigh show {c1_ip}"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&c1_mac), "src sees c1's address at c1's MAC: {out}");
+    // The source goes on as it was.
+    assert_eq!(lab.sh("src", "hostname").1.trim(), "src");
+    assert_eq!(marker("src"), "drove-marker-43");
+
+    // Restore as a copy: a new guest with the disk of snapshot s1.
+    lab.ok(&["vm", "clone", "src", "old", "--snapshot", "s1"]);
+    lab.booted("old");
+    assert_eq!(marker("old"), "drove-marker-42");
+    assert_eq!(lab.sh("old", "hostname").1.trim(), "old");
+    assert_eq!(marker("src"), "drove-marker-43", "the original is untouched");
+    let show = lab.json(&["vm", "show", "src"]);
+    assert_eq!(show["dependents"], serde_json::json!([]), "copies do not hold their source once made");
+    lab.ok(&["vm", "delete", "src"]);
+    assert_eq!(marker("c1"), "drove-marker-43", "a copy outlives its source");
+}

@@ -121,10 +121,20 @@ pub enum Property {
     /// snapshot reboots it, a Stopped guest stays Stopped; snapshots stay;
     /// an unknown snapshot is SnapshotNotFound.
     SnapshotRestoreRollsBack,
+    /// A clone (`create` with `clone_of`) of a Stopped source, of a Running
+    /// one and of one of its snapshots is a Stopped guest with the source's
+    /// disks and no snapshots, that starts; the source keeps its state,
+    /// incarnation and snapshots, and outlives its clones.
+    ClonesCopyDisksAndLeaveTheSourceAlone,
+    /// A clone of an unknown source (`CloneSource`) or snapshot
+    /// (`SnapshotNotFound`), or an overlay on a Running source
+    /// (`CloneSource`), is refused and defines nothing; an overlay on a
+    /// Stopped source starts.
+    ClonesAreRefusedWithoutEffect,
 }
 
 impl Property {
-    pub const ALL: [Property; 17] = [
+    pub const ALL: [Property; 19] = [
         Property::ResourcesAreReported,
         Property::CreateLeavesGuestStopped,
         Property::CreateIsIdempotent,
@@ -142,6 +152,8 @@ impl Property {
         Property::SnapshotsAreCreatedListedAndDeleted,
         Property::MemorySnapshotsNeedAProcess,
         Property::SnapshotRestoreRollsBack,
+        Property::ClonesCopyDisksAndLeaveTheSourceAlone,
+        Property::ClonesAreRefusedWithoutEffect,
     ];
 
     /// The snake-case name, as in test names.
@@ -164,6 +176,8 @@ impl Property {
             Property::SnapshotsAreCreatedListedAndDeleted => "snapshots_are_created_listed_and_deleted",
             Property::MemorySnapshotsNeedAProcess => "memory_snapshots_need_a_process",
             Property::SnapshotRestoreRollsBack => "snapshot_restore_rolls_back",
+            Property::ClonesCopyDisksAndLeaveTheSourceAlone => "clones_copy_disks_and_leave_the_source_alone",
+            Property::ClonesAreRefusedWithoutEffect => "clones_are_refused_without_effect",
         }
     }
 
@@ -224,6 +238,8 @@ impl Property {
             Property::SnapshotsAreCreatedListedAndDeleted => snapshots_are_created_listed_and_deleted(cx).await,
             Property::MemorySnapshotsNeedAProcess => memory_snapshots_need_a_process(cx).await,
             Property::SnapshotRestoreRollsBack => snapshot_restore_rolls_back(cx).await,
+            Property::ClonesCopyDisksAndLeaveTheSourceAlone => clones_copy_disks_and_leave_the_source_alone(cx).await,
+            Property::ClonesAreRefusedWithoutEffect => clones_are_refused_without_effect(cx).await,
         }
     }
 }
@@ -353,6 +369,8 @@ macro_rules! conformance_tests {
             snapshots_are_created_listed_and_deleted => SnapshotsAreCreatedListedAndDeleted,
             memory_snapshots_need_a_process => MemorySnapshotsNeedAProcess,
             snapshot_restore_rolls_back => SnapshotRestoreRollsBack,
+            clones_copy_disks_and_leave_the_source_alone => ClonesCopyDisksAndLeaveTheSourceAlone,
+            clones_are_refused_without_effect => ClonesAreRefusedWithoutEffect,
         );
     };
     (@module $module:ident ($hv:expr) ($template:expr) ($options:expr)
@@ -451,6 +469,21 @@ where
             config.spec.disks.push(drove_model::DiskSpec { size: drove_model::ByteSize::mib(16) });
         }
         self.create(&config).await?;
+        Ok(config)
+    }
+
+    /// A fresh definition cloned from `source` (not created yet).
+    async fn clone_of(
+        &mut self,
+        source: &GuestConfig,
+        snapshot: Option<&str>,
+        mode: drove_model::CloneMode,
+    ) -> Result<GuestConfig, String> {
+        let mut config = self.fresh().await?;
+        config.spec.disks = source.spec.disks.clone();
+        config.spec.image = source.spec.image.clone();
+        config.spec.clone_of =
+            Some(drove_model::CloneSource { guest: source.id, snapshot: snapshot.map(Into::into), mode });
         Ok(config)
     }
 
@@ -1040,5 +1073,84 @@ where
         }
     }
     cx.expect(id, RuntimeState::Stopped, g.generation, "a refused restore").await?;
+    Ok(())
+}
+
+async fn clones_copy_disks_and_leave_the_source_alone<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    use drove_model::CloneMode::Copy;
+    let src = cx.stopped_with_disk().await?;
+    cx.snapshot(src.id, "base", SnapshotKind::Disk).await?;
+    let of_stopped = cx.clone_of(&src, None, Copy).await?;
+    cx.create(&of_stopped).await?;
+    cx.expect(of_stopped.id, RuntimeState::Stopped, of_stopped.generation, "a clone of a stopped guest").await?;
+    cx.expect(src.id, RuntimeState::Stopped, src.generation, "cloning it").await?;
+
+    cx.start(src.id).await?;
+    let before = cx.expect(src.id, RuntimeState::Running, src.generation, "start").await?;
+    let of_running = cx.clone_of(&src, None, Copy).await?;
+    cx.create(&of_running).await?;
+    let after = cx.expect(src.id, RuntimeState::Running, src.generation, "cloning it while it runs").await?;
+    same_incarnation(&before, &after, "a clone of a running guest")?;
+    let at_snapshot = cx.clone_of(&src, Some("base"), Copy).await?;
+    cx.create(&at_snapshot).await?;
+
+    let listed = cx.snapshots(src.id).await?;
+    ensure!(listed == names(&[("base", SnapshotKind::Disk)]), "cloning changed the source's snapshots to {listed:?}");
+    for clone in [&of_stopped, &of_running, &at_snapshot] {
+        let listed = cx.snapshots(clone.id).await?;
+        ensure!(listed.is_empty(), "clone {} carries snapshots: {listed:?}", clone.id);
+        // Its own disks: it runs beside its running source.
+        cx.start(clone.id).await?;
+        cx.expect(clone.id, RuntimeState::Running, clone.generation, "starting a clone").await?;
+        cx.destroy(clone.id).await?;
+    }
+    let last = cx.expect(src.id, RuntimeState::Running, src.generation, "its clones' destroy").await?;
+    same_incarnation(&before, &last, "its clones' lives")?;
+    Ok(())
+}
+
+async fn clones_are_refused_without_effect<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    use drove_model::CloneMode::{Copy, Overlay};
+    let src = cx.stopped_with_disk().await?;
+    let mut absent = src.clone();
+    absent.id = GuestId::new_v4();
+    let refused = |what: &str, r: &Result<(), HvError>, snapshot: bool| -> Check {
+        match r {
+            Err(HvError::SnapshotNotFound { .. }) if snapshot => Ok(()),
+            Err(HvError::CloneSource { .. }) if !snapshot => Ok(()),
+            other => Err(format!("{what} should be refused, but {}", describe(other))),
+        }
+    };
+    let cases = [
+        ("a clone of an unknown guest", cx.clone_of(&absent, None, Copy).await?, false),
+        ("a clone of an unknown snapshot", cx.clone_of(&src, Some("nope"), Copy).await?, true),
+    ];
+    for (what, clone, snapshot) in cases {
+        let r = cx.call(format!("create({what})"), cx.hv.create(&clone)).await?;
+        refused(what, &r, snapshot)?;
+        let seen = cx.call(format!("status of {what}"), cx.hv.status(clone.id)).await?;
+        expect_not_found(&format!("status of refused {what}"), &seen, clone.id)?;
+    }
+
+    let thin = cx.clone_of(&src, None, Overlay).await?;
+    cx.start(src.id).await?;
+    let r = cx.call("create(an overlay on a running guest)".into(), cx.hv.create(&thin)).await?;
+    refused("an overlay on a running guest", &r, false)?;
+    let seen = cx.call("status of a refused overlay".into(), cx.hv.status(thin.id)).await?;
+    expect_not_found("status of a refused overlay", &seen, thin.id)?;
+
+    cx.stop(src.id, StopMode::Force).await?;
+    cx.create(&thin).await?;
+    cx.start(thin.id).await?;
+    cx.expect(thin.id, RuntimeState::Running, thin.generation, "starting an overlay clone").await?;
+    cx.expect(src.id, RuntimeState::Stopped, src.generation, "its overlay clone's start").await?;
     Ok(())
 }

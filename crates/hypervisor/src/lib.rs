@@ -29,6 +29,16 @@
 //! The backend keeps no tree: parents are the caller's bookkeeping. These
 //! methods default to [`HvError::Unsupported`] as well.
 //!
+//! Clones: a guest whose spec has [`GuestSpec::clone_of`] gets its disks
+//! from another guest on the same host when it is created, instead of empty
+//! ones: copies of the source's disks at one instant (a Running source keeps
+//! running; the backend takes the copy from a consistent point), or of one
+//! of its snapshots (restore as a copy); or, for a template (a source that
+//! never runs again), thin copy-on-write overlays on its disks. The source
+//! is never changed, a clone carries none of its snapshots, and a failed or
+//! interrupted clone leaves no disk behind that a later `create` would take
+//! for finished.
+//!
 //! Runtime states a backend reports:
 //!
 //! ```text
@@ -117,6 +127,8 @@ pub enum HvError {
     SnapshotNotFound { id: GuestId, name: String },
     #[error("snapshot {name:?} of guest {id} cannot be made: {reason}")]
     InvalidSnapshot { id: GuestId, name: String, reason: String },
+    #[error("guest {id} cannot be cloned from guest {source_guest}: {reason}")]
+    CloneSource { id: GuestId, source_guest: GuestId, reason: String },
     #[error("hypervisor host failure during {op}")]
     Host {
         op: &'static str,
@@ -233,6 +245,50 @@ pub fn check_snapshot_name(id: GuestId, name: &str) -> Result<(), HvError> {
     })
 }
 
+pub use drove_model::snapshot::CLONE_SNAPSHOT_PREFIX;
+
+/// Checks a clone against its source as the backend found it: `source` is
+/// its definition (`None`: not on this host), `running` whether it has a
+/// process, `snapshots` its complete snapshots. The rules every backend
+/// applies (see [`Hypervisor::create`]).
+pub fn check_clone(
+    clone: &GuestConfig,
+    from: &drove_model::CloneSource,
+    source: Option<&GuestConfig>,
+    running: bool,
+    snapshots: &[String],
+) -> Result<(), HvError> {
+    let refuse = |reason: &str| HvError::CloneSource { id: clone.id, source_guest: from.guest, reason: reason.into() };
+    let Some(source) = source else { return Err(refuse("the source is not defined on this host")) };
+    if from.guest == clone.id {
+        return Err(refuse("a guest cannot be its own source"));
+    }
+    if source.spec.disks.len() != clone.spec.disks.len() {
+        return Err(refuse(&format!(
+            "the source has {} disks and the clone {}",
+            source.spec.disks.len(),
+            clone.spec.disks.len()
+        )));
+    }
+    if source.spec.image != clone.spec.image {
+        return Err(refuse("the clone must boot the same base image as its source"));
+    }
+    if let Some(name) = &from.snapshot
+        && !snapshots.iter().any(|s| s == name)
+    {
+        return Err(HvError::SnapshotNotFound { id: from.guest, name: name.clone() });
+    }
+    if from.mode == drove_model::CloneMode::Overlay {
+        if running {
+            return Err(refuse("an overlay's base must not change, and the source runs"));
+        }
+        if from.snapshot.is_some() {
+            return Err(refuse("an overlay cannot be made on a snapshot; clone it as a copy"));
+        }
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 pub trait Hypervisor: Send + Sync + Debug + 'static {
     fn kind(&self) -> HypervisorKind;
@@ -250,7 +306,12 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
 
     /// Define the guest and provision its disks, leaving it Stopped.
     /// Idempotent: an existing guest with this id is left as it is (its
-    /// generation is updated).
+    /// generation is updated). A clone (`spec.clone_of`, see the module
+    /// docs) is refused without effect when its source is not on this host
+    /// or has other disks (`CloneSource`), names an unknown snapshot
+    /// (`SnapshotNotFound`), or is asked for as an overlay of a source that
+    /// runs (`CloneSource`: two running guests never share a disk file for
+    /// writing, and a base must not change under its overlays).
     async fn create(&self, config: &GuestConfig) -> Result<(), HvError>;
 
     /// Boot a Stopped or Crashed guest; returns once it runs. Starting a

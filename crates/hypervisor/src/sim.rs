@@ -50,6 +50,10 @@
 //! [`crate::RestoreOutcome`] says (a disk restore of a running guest boots
 //! a new incarnation). There are no disk contents to roll back.
 //!
+//! A clone (`spec.clone_of`) is checked against its source by the same
+//! rules as QEMU's ([`crate::check_clone`]) and gets the source's disk
+//! sizes; there are no contents to copy, and it has no snapshots.
+//!
 //! The simulator does not enforce capacity: like QEMU it lets memory and
 //! vCPUs be overcommitted; keeping hosts within their means is the job of
 //! admission control and placement.
@@ -276,6 +280,7 @@ pub fn sample_guest(n: u32) -> GuestConfig {
             load_profile: None,
             limits: Default::default(),
             image: None,
+            clone_of: None,
         },
     }
 }
@@ -668,6 +673,14 @@ impl SimHypervisor {
                 }
                 return Ok(());
             }
+        }
+        if let Some(from) = &config.spec.clone_of {
+            let inner = self.lock();
+            let source = inner.guests.get(&from.guest);
+            let running = source.is_some_and(|g| g.pid.is_some());
+            let snapshots: Vec<String> =
+                source.map(|g| g.snapshots.iter().map(|s| s.name.clone()).collect()).unwrap_or_default();
+            crate::check_clone(config, from, source.map(|g| &g.config), running, &snapshots)?;
         }
         wait(self.shared.config.create_delay).await;
         let mut inner = self.lock();

@@ -163,6 +163,7 @@ fn guest(name: &str, disks: &[u64]) -> GuestConfig {
             load_profile: None,
             limits: Default::default(),
             image: None,
+            clone_of: None,
         },
     }
 }
@@ -1865,4 +1866,95 @@ async fn a_cancelled_migration_leaves_the_guest_running_on_its_source() {
     a.migrate_cancel(g.id).await.unwrap();
     assert_eq!(status(&*a, g.id).await.state, RuntimeState::Running);
     a.destroy(g.id).await.unwrap();
+}
+
+// --- clones -------------------------------------------------------------------------
+
+/// `qemu-io` on a disk file (read-only, shared: its guest may run).
+fn qemu_io(disk: &Path, cmd: &str) -> String {
+    let out = std::process::Command::new("qemu-io").args(["-U", "-r", "-c", cmd]).arg(disk).output().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Whether the first 64 KiB of `disk` hold byte `pattern`.
+fn holds(disk: &Path, pattern: u8) -> bool {
+    let out = qemu_io(disk, &format!("read -P {pattern:#x} 0 64k"));
+    out.contains("read 65536/65536") && !out.contains("Pattern verification failed")
+}
+
+fn qemu_img_info(disk: &Path) -> serde_json::Value {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "--force-share"])
+        .arg(disk)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn clones_hold_the_sources_data_from_one_instant_a_snapshot_or_a_template() {
+    use drove_model::{CloneMode, CloneSource};
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let src = guest("clone-src", &[16]);
+    hv.create(&src).await.unwrap();
+    let disk = |id: GuestId| hv.guest_dir(id).join("disk0.qcow2");
+    let write = |pattern: u8| {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-c", &format!("write -P {pattern:#x} 0 64k")])
+            .arg(disk(src.id))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    write(0xa1);
+    hv.snapshot_create(src.id, "first", SnapshotKind::Disk).await.unwrap();
+    write(0xa2);
+    let clone = |n: &str, snapshot: Option<&str>, mode| {
+        let mut c = guest(n, &[16]);
+        c.spec.clone_of = Some(CloneSource { guest: src.id, snapshot: snapshot.map(Into::into), mode });
+        c
+    };
+
+    // From the running source: its present data, and it keeps running.
+    hv.start(src.id).await.unwrap();
+    let pid = hv.status(src.id).await.unwrap().pid;
+    let now = clone("clone-now", None, CloneMode::Copy);
+    let t0 = Instant::now();
+    hv.create(&now).await.unwrap();
+    eprintln!("copy of a running 16 MiB disk: {:?}", t0.elapsed());
+    assert!(holds(&disk(now.id), 0xa2), "{}", qemu_io(&disk(now.id), "read -v 0 16"));
+    let at = clone("clone-at", Some("first"), CloneMode::Copy);
+    hv.create(&at).await.unwrap();
+    assert!(holds(&disk(at.id), 0xa1), "{}", qemu_io(&disk(at.id), "read -v 0 16"));
+    let s = hv.status(src.id).await.unwrap();
+    assert_eq!((s.state, s.pid), (RuntimeState::Running, pid));
+    // No transient snapshot is left in the source, none is carried over.
+    let names: Vec<String> = qemu_img_info(&disk(src.id))["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["first"]);
+    assert!(qemu_img_info(&disk(now.id)).get("snapshots").is_none());
+    // The copies are the clones' own: they run beside the source.
+    hv.start(now.id).await.unwrap();
+    hv.start(at.id).await.unwrap();
+
+    // A template (a source that does not run) gets thin overlays.
+    hv.stop(src.id, StopMode::Force).await.unwrap();
+    let thin = clone("clone-thin", None, CloneMode::Overlay);
+    let t0 = Instant::now();
+    hv.create(&thin).await.unwrap();
+    eprintln!("overlay clone: {:?}", t0.elapsed());
+    let info = qemu_img_info(&disk(thin.id));
+    assert_eq!(info["backing-filename"].as_str().map(PathBuf::from), Some(disk(src.id)), "{info}");
+    assert!(holds(&disk(thin.id), 0xa2));
+    hv.start(thin.id).await.unwrap();
+    // Its base is open read-only under a running overlay: it cannot start.
+    assert!(hv.start(src.id).await.is_err(), "the template started under its running overlay");
+    for g in [&now, &at, &thin, &src] {
+        hv.destroy(g.id).await.unwrap();
+    }
 }

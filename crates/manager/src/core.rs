@@ -404,9 +404,10 @@ impl Manager {
         Ok(view)
     }
 
-    fn guest_view(inv: &Inventory, g: &Guest) -> GuestView {
+    pub(crate) fn guest_view(inv: &Inventory, g: &Guest) -> GuestView {
         let host_name = inv.hosts.get(&g.host).map(|h| h.info.name.clone()).unwrap_or_default();
-        GuestView { guest: g.clone(), host_name }
+        let dependents = crate::clones::dependents(inv, g.id).iter().map(|d| d.spec.name.clone()).collect();
+        GuestView { guest: g.clone(), host_name, dependents }
     }
 
     pub async fn list_guests(&self) -> Result<Vec<GuestView>, ApiError> {
@@ -750,6 +751,7 @@ impl Manager {
             load_profile: req.load_profile.clone(),
             limits,
             image,
+            clone_of: None,
         };
         Ok((spec, pinned))
     }
@@ -791,62 +793,98 @@ impl Manager {
     }
 
     pub async fn create_guest(&self, ctx: &Ctx, req: CreateGuestRequest) -> Result<OperationAccepted, ApiError> {
-        let (accepted, pending) =
-            {
-                let mut inv = self.lock();
-                let (spec, pinned) = Self::validate_spec(&inv, &req)?;
-                if inv.guest_names.contains_key(&spec.name) {
-                    return Err(ApiError::conflict(format!("a guest named {:?} already exists", spec.name)));
-                }
-                let request = Request { vcpus: spec.vcpus, memory: spec.memory, nic_bps: spec.nic_reservation() };
-                let host = drove_placement::place(&self.capacities(&inv), request, pinned, &self.config.policy)
-                    .map_err(|e| match e {
-                        PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
-                        PlacementError::PinnedMisfit { .. } => {
-                            ApiError { field: Some("host".into()), ..ApiError::conflict(e.to_string()) }
-                        }
-                        PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
-                        PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(e.to_string()),
-                    })?;
-                if let Some(core) =
-                    spec.limits.cpu_pin.iter().find(|c| inv.hosts.get(&host).is_some_and(|h| **c >= h.info.cores))
-                {
-                    let name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
-                    return Err(ApiError::invalid("limits.cpu_pin", format!("host {name} has no core {core}")));
-                }
-                let intent = if req.start.unwrap_or(true) { PowerIntent::Running } else { PowerIntent::Stopped };
-                let guest = Guest {
-                    id: GuestId::new_v4(),
-                    spec,
-                    host,
-                    state: GuestState::Creating,
-                    intent,
-                    generation: 1,
-                    created_at: now_rfc3339(),
-                    last_error: None,
-                    restart_policy: req.restart_policy.unwrap_or_default(),
-                    restarts: 0,
-                    migration: None,
-                    last_migration: None,
-                    snapshots: Vec::new(),
-                    current_snapshot: None,
-                };
-                let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
-                let mut op = Self::new_op(OperationKind::CreateGuest, &guest, &ctx.principal, "");
-                op.step = format!("provisioning on host {host_name}");
-                op.progress = 10;
-                inv.index_guest(&guest);
-                inv.guests.insert(guest.id, guest.clone());
-                inv.poke(guest.host);
-                inv.active_ops.insert(guest.id, op.id);
-                inv.ops.insert(op.id, op.clone());
-                let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", guest.spec.name)), "ok", 202);
-                let pending =
-                    self.persister.enqueue(vec![put(guest_key(guest.id), &guest), put(op_key(op.id), &op), audit]);
-                (OperationAccepted { operation: op, guest: guest.id }, pending)
-            };
+        let (accepted, pending) = {
+            let mut inv = self.lock();
+            let (guest, op) = self.admit(&mut inv, &ctx.principal, &req, |_| Ok(()))?;
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", guest.spec.name)), "ok", 202);
+            let pending =
+                self.persister.enqueue(vec![put(guest_key(guest.id), &guest), put(op_key(op.id), &op), audit]);
+            (OperationAccepted { operation: op, guest: guest.id }, pending)
+        };
         pending.durable().await?;
         Ok(accepted)
+    }
+
+    /// Validates and places a new guest and records it, with its create
+    /// operation, in memory (the caller makes it durable, or takes it back
+    /// with [`Self::unadmit`]). `shape` may refine the validated spec (a
+    /// clone's source) before it is placed.
+    pub(crate) fn admit(
+        &self,
+        inv: &mut Inventory,
+        principal: &Principal,
+        req: &CreateGuestRequest,
+        shape: impl FnOnce(&mut GuestSpec) -> Result<(), ApiError>,
+    ) -> Result<(Guest, Operation), ApiError> {
+        let (mut spec, pinned) = Self::validate_spec(inv, req)?;
+        shape(&mut spec)?;
+        if inv.guest_names.contains_key(&spec.name) {
+            return Err(ApiError::conflict(format!("a guest named {:?} already exists", spec.name)));
+        }
+        let request = Request { vcpus: spec.vcpus, memory: spec.memory, nic_bps: spec.nic_reservation() };
+        let host = drove_placement::place(&self.capacities(inv), request, pinned, &self.config.policy).map_err(
+            |e| match e {
+                PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
+                PlacementError::PinnedMisfit { .. } => {
+                    ApiError { field: Some("host".into()), ..ApiError::conflict(e.to_string()) }
+                }
+                PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
+                PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(e.to_string()),
+            },
+        )?;
+        if let Some(core) =
+            spec.limits.cpu_pin.iter().find(|c| inv.hosts.get(&host).is_some_and(|h| **c >= h.info.cores))
+        {
+            let name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
+            return Err(ApiError::invalid("limits.cpu_pin", format!("host {name} has no core {core}")));
+        }
+        let intent = if req.start.unwrap_or(true) { PowerIntent::Running } else { PowerIntent::Stopped };
+        let guest = Guest {
+            id: GuestId::new_v4(),
+            spec,
+            host,
+            state: GuestState::Creating,
+            intent,
+            generation: 1,
+            created_at: now_rfc3339(),
+            last_error: None,
+            restart_policy: req.restart_policy.unwrap_or_default(),
+            restarts: 0,
+            snapshots: Vec::new(),
+            current_snapshot: None,
+            template: false,
+            migration: None,
+            last_migration: None,
+        };
+        let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
+        let mut op = Self::new_op(OperationKind::CreateGuest, &guest, principal, "");
+        op.step = match &guest.spec.clone_of {
+            None => format!("provisioning on host {host_name}"),
+            Some(from) => {
+                let source = inv.guests.get(&from.guest).map(|g| g.spec.name.as_str()).unwrap_or("?");
+                let at = from.snapshot.as_deref().map(|s| format!(" at snapshot {s}")).unwrap_or_default();
+                let how = match from.mode {
+                    drove_model::CloneMode::Copy => "copying",
+                    drove_model::CloneMode::Overlay => "overlaying",
+                };
+                format!("cloning {source}{at} ({how} its disks) on host {host_name}")
+            }
+        };
+        op.progress = 10;
+        inv.index_guest(&guest);
+        inv.guests.insert(guest.id, guest.clone());
+        inv.poke(guest.host);
+        inv.active_ops.insert(guest.id, op.id);
+        inv.ops.insert(op.id, op.clone());
+        Ok((guest, op))
+    }
+
+    /// Takes back what [`Self::admit`] recorded (nothing of it was written).
+    pub(crate) fn unadmit(inv: &mut Inventory, guest: &Guest, op: &Operation) {
+        inv.unindex_guest(guest);
+        inv.guests.remove(&guest.id);
+        inv.active_ops.remove(&guest.id);
+        inv.ops.remove(&op.id);
     }
 
     /// Start, stop or delete: common shape of a guest power request.
@@ -854,6 +892,19 @@ impl Manager {
         let (accepted, pending) = {
             let mut inv = self.lock();
             let mut g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            if action == GuestAction::Delete {
+                // Before anything changes, in memory too.
+                let deps: Vec<&str> =
+                    crate::clones::dependents(&inv, g.id).iter().map(|d| d.spec.name.as_str()).collect();
+                if !deps.is_empty() {
+                    return Err(ApiError::conflict(format!(
+                        "guest {} has dependents ({}): their disks are made from its; delete them first, or use \
+                         --force to delete it together with them",
+                        g.spec.name,
+                        deps.join(", ")
+                    )));
+                }
+            }
             let mut writes = Vec::new();
             if let Some(op_id) = inv.active_ops.get(&g.id).copied() {
                 let active = inv.ops.get(&op_id).cloned();
@@ -891,6 +942,13 @@ impl Manager {
             }
             let before = g.state;
             let (kind, done) = match action {
+                GuestAction::Start if g.template => {
+                    return Err(ApiError::conflict(format!(
+                        "guest {} is a template and never runs (its clones' disks are overlays on its own); \
+                         clone it, or make it a plain guest first (drove vm template {} off)",
+                        g.spec.name, g.spec.name
+                    )));
+                }
                 GuestAction::Start => {
                     g.intent = PowerIntent::Running;
                     match g.state {

@@ -18,10 +18,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
-    AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, ConsoleLog, CreateGuestRequest,
-    CreateSnapshotRequest, CreateVlanRequest, ErrorBody, ErrorResponse, ExecRequest, ExecResponse, GuestInterface,
-    GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest,
-    MigrateRequest, OperationAccepted, RegisterRequest, RegisterResponse, SnapshotList, StopGuestRequest, VlanView,
+    AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, CloneGuestRequest, ConsoleLog,
+    CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, ErrorBody, ErrorResponse, ExecRequest, ExecResponse,
+    GuestInterface, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest,
+    MaintenanceRequest, MigrateRequest, OperationAccepted, RegisterRequest, RegisterResponse, SetTemplateRequest,
+    SnapshotList, StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
@@ -136,6 +137,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/guests/{guest}", get(get_guest).delete(delete_guest))
         .route("/v1/guests/{guest}/start", post(start_guest))
         .route("/v1/guests/{guest}/stop", post(stop_guest))
+        .route("/v1/guests/{guest}/clone", post(clone_guest))
+        .route("/v1/guests/{guest}/template", post(set_template))
         .route("/v1/vlans", get(list_vlans).post(create_vlan))
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/{image}", axum::routing::delete(delete_image))
@@ -250,14 +253,50 @@ async fn stop_guest(
     m.guest_action(&ctx, &guest, GuestAction::Stop { force: req.force }).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
-#[utoipa::path(delete, path = "/v1/guests/{guest}", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
-    responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse)))]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct DeleteGuestQuery {
+    /// Delete a guest others depend on (its thin clones, clones being
+    /// copied from it) together with them, each by its own delete operation.
+    force: Option<bool>,
+}
+
+#[utoipa::path(delete, path = "/v1/guests/{guest}", tag = "guests", params(("guest" = String, Path, description = "Guest name or id"), DeleteGuestQuery),
+    responses((status = 202, body = OperationAccepted), (status = 404, body = ErrorResponse),
+        (status = 409, description = "Other guests depend on it (without force)", body = ErrorResponse)))]
 async fn delete_guest(
     State(m): State<Arc<Manager>>,
     ctx: Ctx,
     Path(guest): Path<String>,
+    Query(q): Query<DeleteGuestQuery>,
 ) -> Res<(StatusCode, Json<OperationAccepted>)> {
-    m.guest_action(&ctx, &guest, GuestAction::Delete).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+    m.delete_guest(&ctx, &guest, q.force.unwrap_or(false)).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[utoipa::path(post, path = "/v1/guests/{guest}/clone", tag = "guests", params(("guest" = String, Path, description = "Guest name or id of the source")),
+    request_body = CloneGuestRequest,
+    description = "Clone a running or stopped guest or a template, on its host: copies of its disks (from one instant, or at a snapshot: restore as a copy), or thin overlays on a template's; each clone gets a fresh identity (name, MACs, addresses) and is created by its own create operation.",
+    responses((status = 202, description = "One create operation per clone", body = [OperationAccepted]), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
+        (status = 409, description = "Name taken, source not clonable now, or no room on its host", body = ErrorResponse)))]
+async fn clone_guest(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<CloneGuestRequest>,
+) -> Res<(StatusCode, Json<Vec<OperationAccepted>>)> {
+    m.clone_guest(&ctx, &guest, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
+#[utoipa::path(post, path = "/v1/guests/{guest}/template", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    request_body = SetTemplateRequest,
+    description = "Mark a stopped guest as a template (read-only, never started; clones of it are thin overlays), or a template without clones as a plain guest.",
+    responses((status = 200, body = GuestView), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse)))]
+async fn set_template(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<SetTemplateRequest>,
+) -> Res<Json<GuestView>> {
+    m.set_template(&ctx, &guest, req.template).await.map(Json)
 }
 
 #[utoipa::path(get, path = "/v1/vlans", tag = "vlans", responses((status = 200, body = [VlanView])))]
@@ -659,7 +698,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))

@@ -19,6 +19,7 @@
 //! migrations. [`http`] serves the `/v1` API.
 
 pub mod auth;
+pub mod clones;
 pub mod core;
 pub mod http;
 pub mod inventory;

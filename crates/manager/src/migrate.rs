@@ -284,6 +284,10 @@ impl Manager {
                 else {
                     return Ok(());
                 };
+                // The target gets empty disks that the mirror fills: not a
+                // clone of anything there (a template's overlay arrives as
+                // a standalone disk).
+                let spec = drove_model::GuestSpec { clone_of: None, ..spec };
                 let prepare = MigrateCall::Prepare { generation, spec: Box::new(spec), key: Some(key) };
                 match call(m.target, prepare, PREPARE_BUDGET).await {
                     Ok(CallOutcome::Prepared { listen, port, nbd_port }) => {
@@ -511,6 +515,8 @@ impl Manager {
         self.transition(guest, m, MigrationEvent::Finished, &step, 95, move |_, g| {
             g.last_migration = Some(result);
             g.last_error = None;
+            // Its disks arrived whole: it depends on no template any more.
+            g.spec.clone_of = None;
         })
         .await;
     }

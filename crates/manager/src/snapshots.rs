@@ -31,7 +31,7 @@ use drove_api::{
     AgentCallKind, CallOutcome, CreateSnapshotRequest, HostSnapshot, OperationAccepted, SnapshotCall, SnapshotList,
 };
 use drove_model::guest::validate_name;
-use drove_model::snapshot::{SnapshotEvent, children};
+use drove_model::snapshot::{CLONE_SNAPSHOT_PREFIX, SnapshotEvent, children};
 use drove_model::{
     GuestId, GuestState, OperationId, OperationKind, OperationState, RestoreOutcome, Snapshot, SnapshotId,
     SnapshotKind, SnapshotState,
@@ -75,7 +75,13 @@ impl Manager {
     ) -> Result<OperationAccepted, ApiError> {
         validate_name(&req.name).map_err(|r| ApiError::invalid("name", format!("snapshot name {:?} {r}", req.name)))?;
         let kind = if req.memory { SnapshotKind::Memory } else { SnapshotKind::Disk };
-        self.start(ctx, key, OperationKind::CreateSnapshot, |g| {
+        if req.name.starts_with(CLONE_SNAPSHOT_PREFIX) {
+            return Err(ApiError::invalid(
+                "name",
+                format!("snapshot names starting with {:?} are drove's own", CLONE_SNAPSHOT_PREFIX),
+            ));
+        }
+        self.start(ctx, key, OperationKind::CreateSnapshot, |_, g| {
             if g.snapshots.iter().any(|s| s.name == req.name) {
                 return Err(ApiError::conflict(format!(
                     "guest {} already has a snapshot named {:?}",
@@ -125,7 +131,15 @@ impl Manager {
         name: &str,
         force: bool,
     ) -> Result<OperationAccepted, ApiError> {
-        self.start(ctx, key, OperationKind::DeleteSnapshot, |g| {
+        self.start(ctx, key, OperationKind::DeleteSnapshot, |inv, g| {
+            let users = crate::clones::snapshot_users(inv, g.id, name);
+            if !users.is_empty() {
+                return Err(ApiError::conflict(format!(
+                    "snapshot {name} of guest {} is being copied into clones ({}); delete it once they are made",
+                    g.spec.name,
+                    users.join(", ")
+                )));
+            }
             let kids = children(&g.snapshots, name).join(", ");
             let snap = find(g, name)?;
             if !kids.is_empty() && !force {
@@ -148,7 +162,7 @@ impl Manager {
         key: &str,
         name: &str,
     ) -> Result<OperationAccepted, ApiError> {
-        self.start(ctx, key, OperationKind::RestoreSnapshot, |g| {
+        self.start(ctx, key, OperationKind::RestoreSnapshot, |_, g| {
             let guest = g.spec.name.clone();
             let state = g.state;
             let snap = find(g, name)?;
@@ -171,7 +185,7 @@ impl Manager {
         ctx: &Ctx,
         key: &str,
         kind: OperationKind,
-        change: impl FnOnce(&mut drove_model::Guest) -> Result<String, ApiError>,
+        change: impl FnOnce(&crate::inventory::Inventory, &mut drove_model::Guest) -> Result<String, ApiError>,
     ) -> Result<OperationAccepted, ApiError> {
         let (accepted, pending) = {
             let mut inv = self.lock();
@@ -185,7 +199,13 @@ impl Manager {
             if matches!(g.state, GuestState::Creating | GuestState::Deleting | GuestState::Deleted) {
                 return Err(ApiError::conflict(format!("guest {} is {}", g.spec.name, g.state)));
             }
-            let step = change(&mut g)?;
+            if g.template {
+                return Err(ApiError::conflict(format!(
+                    "guest {} is a template: its disks and snapshots never change (clones may be overlays on them)",
+                    g.spec.name
+                )));
+            }
+            let step = change(&inv, &mut g)?;
             let mut op = Self::new_op(kind, &g, &ctx.principal, &step);
             op.progress = 10;
             // Claimed under the inventory lock: the monitor never starts a

@@ -187,6 +187,43 @@ pub struct GuestSpec {
     /// Without it, the guest boots the backend's own kernel and initramfs.
     #[serde(default)]
     pub image: Option<String>,
+    /// Where its disks come from when its host provisions it: another guest
+    /// on the same host (a clone). Without it, its disks start empty (or as
+    /// overlays of `image`).
+    #[serde(default)]
+    pub clone_of: Option<CloneSource>,
+}
+
+/// The disks a clone is provisioned from (see [`GuestSpec::clone_of`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CloneSource {
+    /// The guest whose disks are cloned; on the clone's host.
+    pub guest: GuestId,
+    /// Its snapshot to clone from (restore as a copy); `None`: its present
+    /// disks (at one instant, if it runs).
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    pub mode: CloneMode,
+}
+
+/// How a clone's disks relate to its source's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneMode {
+    /// Independent copies: once provisioned, the clone needs nothing of its
+    /// source (a boot image both use stays the shared read-only base).
+    Copy,
+    /// Thin copy-on-write overlays on the source's disks, which must stay
+    /// unchanged for the clone's lifetime: only for templates.
+    Overlay,
+}
+
+impl CloneSource {
+    /// Whether the clone depends on its source now: an overlay always, a
+    /// copy while it is being made.
+    pub fn binds(&self, clone_state: GuestState) -> bool {
+        self.mode == CloneMode::Overlay || clone_state == GuestState::Creating
+    }
 }
 
 /// What a guest's host does when the guest dies without being asked to.
@@ -389,6 +426,10 @@ pub struct Guest {
     /// How its last live migration went.
     #[serde(default)]
     pub last_migration: Option<crate::migration::MigrationResult>,
+    /// A template: read-only, never started; clones of it are thin overlays
+    /// on its disks.
+    #[serde(default)]
+    pub template: bool,
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ByteSize, SnapshotId};
 
+/// The prefix of the transient snapshots a host takes of a running guest to
+/// clone it from one instant: never listed, never a user's snapshot name.
+pub const CLONE_SNAPSHOT_PREFIX: &str = "drove-clone-";
+
 /// What a snapshot holds besides the disks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

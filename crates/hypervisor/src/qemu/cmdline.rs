@@ -297,6 +297,7 @@ mod tests {
                 load_profile: None,
                 limits: Default::default(),
                 image: None,
+                clone_of: None,
             },
         }
     }

@@ -85,6 +85,12 @@
 //! the room it was started with; `hotplug.rs` explains how, what is
 //! refused, and how a failed change is undone.
 //!
+//! # Clones
+//!
+//! A guest whose spec names a source (`clone_of`) gets its disks from that
+//! guest: copies at one instant, or thin overlays on a template's disks;
+//! `clone.rs` explains how.
+//!
 //! # Snapshots
 //!
 //! qcow2 internal snapshots in every disk, taken over QMP while QEMU runs
@@ -100,6 +106,7 @@
 
 mod accel;
 pub mod cgroup;
+mod clone;
 mod cmdline;
 mod error;
 mod guest_dir;
@@ -861,10 +868,22 @@ impl Hypervisor for QemuHypervisor {
         let created_dir = !dir.root().exists();
         std::fs::create_dir_all(dir.root())
             .map_err(|e| backend("create", id)(QemuError::io("creating", dir.root(), e)))?;
+        if let Some(from) = config.spec.clone_of.clone() {
+            // Disks an interrupted clone left are of another instant: a
+            // clone's disks are made together or not at all.
+            for i in 0..config.spec.disks.len() {
+                let _ = std::fs::remove_file(dir.disk_path(i));
+            }
+            if let Err(e) = self.clone_disks(&dir, &config, &from).await {
+                // No record was written: nothing here is a guest.
+                let _ = std::fs::remove_dir_all(dir.root());
+                return Err(e);
+            }
+        }
         for (i, disk) in config.spec.disks.iter().enumerate() {
             let path = dir.disk_path(i);
             if path.exists() {
-                continue; // left by an earlier, interrupted create
+                continue; // left by an earlier, interrupted create, or cloned
             }
             let backing = base.as_ref().filter(|_| i == 0).map(|(p, s)| (p.as_path(), *s));
             if let Err(e) = create_qcow2(qemu_img, &path, disk.size, backing).await {

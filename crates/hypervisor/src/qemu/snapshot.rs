@@ -47,8 +47,8 @@ const JOB_POLL: Duration = Duration::from_millis(5);
 
 /// One internal snapshot as one disk holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct DiskSnapshot {
-    name: String,
+pub(super) struct DiskSnapshot {
+    pub(super) name: String,
     vm_state_size: u64,
     date_sec: u64,
 }
@@ -72,7 +72,7 @@ fn parse_snapshots(image: &Value) -> Vec<DiskSnapshot> {
 }
 
 /// The snapshots every disk has, in disk 0's order (creation order).
-fn complete(per_disk: &[Vec<DiskSnapshot>]) -> Vec<SnapshotInfo> {
+pub(super) fn complete(per_disk: &[Vec<DiskSnapshot>]) -> Vec<SnapshotInfo> {
     let Some((first, rest)) = per_disk.split_first() else { return Vec::new() };
     first
         .iter()
@@ -91,7 +91,7 @@ fn node(i: usize) -> String {
 }
 
 /// Runs `qemu-img ARGS`; its stdout, or the failure with its stderr.
-async fn qemu_img(program: &Path, args: &[&str], file: &Path) -> Result<Vec<u8>, QemuError> {
+pub(super) async fn qemu_img(program: &Path, args: &[&str], file: &Path) -> Result<Vec<u8>, QemuError> {
     let name = || program.to_string_lossy().into_owned();
     let output = tokio::process::Command::new(program)
         .args(args)
@@ -112,12 +112,12 @@ async fn qemu_img(program: &Path, args: &[&str], file: &Path) -> Result<Vec<u8>,
 }
 
 /// One snapshot call on a guest whose lock is held.
-struct Snap<'a> {
-    hv: &'a QemuHypervisor,
-    dir: &'a GuestDir,
-    slot: &'a mut Slot,
-    config: GuestConfig,
-    op: &'static str,
+pub(super) struct Snap<'a> {
+    pub(super) hv: &'a QemuHypervisor,
+    pub(super) dir: &'a GuestDir,
+    pub(super) slot: &'a mut Slot,
+    pub(super) config: GuestConfig,
+    pub(super) op: &'static str,
 }
 
 impl Snap<'_> {
@@ -129,7 +129,7 @@ impl Snap<'_> {
         self.config.spec.disks.len()
     }
 
-    fn err(&self) -> impl FnOnce(QemuError) -> HvError + use<> {
+    pub(super) fn err(&self) -> impl FnOnce(QemuError) -> HvError + use<> {
         backend(self.op, self.config.id)
     }
 
@@ -139,7 +139,7 @@ impl Snap<'_> {
 
     /// Each disk's internal snapshots: from QEMU while it runs (it holds
     /// the images open), from the files otherwise.
-    async fn per_disk(&mut self, pid: Option<u32>) -> Result<Vec<Vec<DiskSnapshot>>, QemuError> {
+    pub(super) async fn per_disk(&mut self, pid: Option<u32>) -> Result<Vec<Vec<DiskSnapshot>>, QemuError> {
         let mut out = Vec::with_capacity(self.disks());
         match pid {
             Some(pid) => {
@@ -169,7 +169,7 @@ impl Snap<'_> {
     }
 
     /// Removes `name` from every disk that has it (complete or partial).
-    async fn remove(&mut self, pid: Option<u32>, name: &str) -> Result<(), QemuError> {
+    pub(super) async fn remove(&mut self, pid: Option<u32>, name: &str) -> Result<(), QemuError> {
         let per_disk = self.per_disk(pid).await?;
         for (i, snaps) in per_disk.iter().enumerate() {
             if !snaps.iter().any(|s| s.name == name) {
@@ -223,7 +223,7 @@ impl Snap<'_> {
         }
     }
 
-    async fn create(
+    pub(super) async fn create(
         &mut self,
         state: RuntimeState,
         pid: Option<u32>,
@@ -366,7 +366,10 @@ impl QemuHypervisor {
     pub(super) async fn snapshot_list_guest(&self, id: GuestId) -> Result<Vec<SnapshotInfo>, HvError> {
         let op = "snapshot_list";
         match self
-            .with_snap(id, None, op, async |snap, _, pid| Ok(complete(&snap.per_disk(pid).await.map_err(snap.err())?)))
+            .with_snap(id, None, op, async |snap, _, pid| {
+                let all = complete(&snap.per_disk(pid).await.map_err(snap.err())?);
+                Ok(all.into_iter().filter(|s| !s.name.starts_with(crate::CLONE_SNAPSHOT_PREFIX)).collect())
+            })
             .await
         {
             // Nowhere to keep snapshots: none.

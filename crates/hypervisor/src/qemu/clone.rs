@@ -1,0 +1,153 @@
+//! Clones: a new guest's disks made from another guest's on this host
+//! ([`crate::Hypervisor::create`] of a spec with `clone_of`).
+//!
+//! | source                      | how each disk is made                                                      |
+//! |-----------------------------|----------------------------------------------------------------------------|
+//! | template (`Overlay`)        | `qemu-img create -b <source disk>`: a thin overlay; the source never runs   |
+//! | stopped (`Copy`)            | `qemu-img convert` of the source's file                                      |
+//! | running (`Copy`)            | a transient internal snapshot of all its disks in one QMP `transaction` (no vCPU pause), `qemu-img convert -U -l snapshot.name=...` of each, the snapshot deleted |
+//! | at snapshot `N` (`Copy`)    | `qemu-img convert -l snapshot.name=N` (`-U` if the source runs)              |
+//!
+//! A copy of a disk that is an overlay of a boot image keeps that image as
+//! its backing file (`-B`): only what the source changed is copied. A
+//! running source's snapshot tables and the data its internal snapshot
+//! references do not change while it exists (qcow2 copies on write what a
+//! snapshot shares), which is what makes the shared read (`-U`) safe. The
+//! source's lock is held throughout, so no lifecycle call or snapshot
+//! operation of the source interleaves.
+//!
+//! Every disk is written under a temporary name and renamed into place, and
+//! the clone's record is written last (`create`), so an interrupted clone
+//! has no record; the next `create` removes its leftovers and starts again
+//! from a new instant, and a `destroy` removes them. Transient snapshots an
+//! interrupted clone left in its source are removed by the next clone of
+//! that source and are never listed.
+
+use std::path::Path;
+
+use drove_model::{CloneMode, CloneSource, GuestId, SnapshotKind};
+
+use super::guest_dir::GuestDir;
+use super::snapshot::{Snap, complete, qemu_img};
+use super::{QemuError, QemuHypervisor, backend, create_qcow2};
+use crate::{CLONE_SNAPSHOT_PREFIX, GuestConfig, HvError, RuntimeState, check_clone};
+
+/// The transient snapshot a clone takes of its running source.
+fn transient_name(clone: GuestId) -> String {
+    format!("{CLONE_SNAPSHOT_PREFIX}{}", &clone.as_uuid().simple().to_string()[..12])
+}
+
+/// `qemu-img convert` of `from` (at `snapshot`) to a new qcow2 file `to`,
+/// written beside and renamed into place.
+async fn convert_qcow2(
+    qemu_img_path: &Path,
+    from: &Path,
+    to: &Path,
+    snapshot: Option<&str>,
+    shared: bool,
+    backing: Option<&Path>,
+) -> Result<(), QemuError> {
+    let tmp = to.with_extension("qcow2.tmp");
+    let mut args: Vec<String> = vec!["convert".into(), "-q".into(), "-O".into(), "qcow2".into()];
+    if shared {
+        args.push("-U".into());
+    }
+    if let Some(name) = snapshot {
+        args.extend(["-l".into(), format!("snapshot.name={name}")]);
+    }
+    if let Some(base) = backing {
+        args.extend(["-B".into(), base.display().to_string(), "-F".into(), "qcow2".into()]);
+    }
+    args.push(from.display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if let Err(e) = qemu_img(qemu_img_path, &args, &tmp).await {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, to).map_err(|e| QemuError::io("renaming into place", to, e))
+}
+
+impl QemuHypervisor {
+    /// Makes the disks of clone `config` in `dir` from `from`, under the
+    /// source's lock; checks first, so a refusal makes nothing.
+    pub(super) async fn clone_disks(
+        &self,
+        dir: &GuestDir,
+        config: &GuestConfig,
+        from: &CloneSource,
+    ) -> Result<(), HvError> {
+        let (op, id) = ("create", config.id);
+        let source = self.guest(from.guest);
+        let mut slot = source.change().await;
+        let sdir = self.dir(from.guest);
+        let sconfig = sdir.read_record().map_err(backend(op, id))?;
+        let mut pid = None;
+        let mut names = Vec::new();
+        let mut transient_left = Vec::new();
+        if let Some(sc) = &sconfig {
+            pid = self.observe(&sdir, &mut slot).await.map_err(backend(op, id))?.1;
+            if !sc.spec.disks.is_empty() {
+                let mut snap = Snap { hv: self, dir: &sdir, slot: &mut slot, config: sc.clone(), op };
+                let per_disk = snap.per_disk(pid).await.map_err(backend(op, id))?;
+                names = complete(&per_disk).into_iter().map(|s| s.name).collect();
+                transient_left = per_disk
+                    .iter()
+                    .flatten()
+                    .map(|s| s.name.clone())
+                    .filter(|n| n.starts_with(CLONE_SNAPSHOT_PREFIX))
+                    .collect();
+            }
+        }
+        let visible: Vec<String> = names.into_iter().filter(|n| !n.starts_with(CLONE_SNAPSHOT_PREFIX)).collect();
+        check_clone(config, from, sconfig.as_ref(), pid.is_some(), &visible)?;
+        let Some(sconfig) = sconfig else { return Err(HvError::NotFound { id: from.guest }) };
+        let qemu_img_path = &self.inner.config.qemu_img;
+        let t0 = std::time::Instant::now();
+        if from.mode == CloneMode::Overlay {
+            for (i, disk) in config.spec.disks.iter().enumerate() {
+                let base_size = sconfig.spec.disks[i].size;
+                create_qcow2(qemu_img_path, &dir.disk_path(i), disk.size, Some((&sdir.disk_path(i), base_size)))
+                    .await
+                    .map_err(backend(op, id))?;
+            }
+            tracing::info!(guest = %id, source = %from.guest, took = ?t0.elapsed(), "cloned as overlays");
+            return Ok(());
+        }
+        let mut snap = Snap { hv: self, dir: &sdir, slot: &mut slot, config: sconfig.clone(), op };
+        transient_left.sort();
+        transient_left.dedup();
+        for name in &transient_left {
+            snap.remove(pid, name).await.map_err(backend(op, id))?;
+        }
+        let transient = (from.snapshot.is_none() && pid.is_some()).then(|| transient_name(id));
+        if let Some(name) = &transient {
+            snap.create(RuntimeState::Running, pid, name, SnapshotKind::Disk).await?;
+        }
+        let at = from.snapshot.clone().or_else(|| transient.clone());
+        let mut result = Ok(());
+        for i in 0..config.spec.disks.len() {
+            let backing = sconfig.spec.image.as_deref().filter(|_| i == 0).map(Path::new);
+            result = convert_qcow2(
+                qemu_img_path,
+                &sdir.disk_path(i),
+                &dir.disk_path(i),
+                at.as_deref(),
+                pid.is_some(),
+                backing,
+            )
+            .await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Some(name) = &transient
+            && let Err(e) = snap.remove(pid, name).await
+        {
+            // The next clone of this source removes it; it is never listed.
+            tracing::warn!(guest = %id, source = %from.guest, error = %e, "cannot remove a clone's transient snapshot");
+        }
+        result.map_err(backend(op, id))?;
+        tracing::info!(guest = %id, source = %from.guest, snapshot = ?from.snapshot, took = ?t0.elapsed(), "cloned as copies");
+        Ok(())
+    }
+}

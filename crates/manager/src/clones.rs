@@ -1,0 +1,246 @@
+//! Clones and templates.
+//!
+//! A clone is a new guest whose disks its host makes from another guest's
+//! (`GuestSpec::clone_of`), placed on the source's host (disks are
+//! host-local). It is created by the create operation itself, so it is as
+//! durable and undoable as any create:
+//!
+//! ```text
+//!  request ──► validate the source; for each clone: a fresh identity (name,
+//!              MACs, addresses from its VLANs' IPAM), placement pinned to the
+//!              source's host, the guest record (Creating) and its create
+//!              operation — all clones in one store transaction (audited)
+//!          ──► the host's agent creates it: copies of the source's disks
+//!              (from one instant of a running source, or at a snapshot) or
+//!              thin overlays on a template's, then boots it
+//!          ──► failure or timeout: the create rolls back — the host destroys
+//!              whatever it made, the record goes once it confirms; a
+//!              manager restart resumes from the store
+//! ```
+//!
+//! A template is a stopped guest marked read-only: it never starts, its
+//! snapshots are neither taken nor restored, and clones of it are thin
+//! overlays on its disks. A guest others depend on ([`dependents`]: overlay
+//! clones always, copies while they are made) is deleted only by force,
+//! together with them; a snapshot a clone is being copied from is not
+//! deleted at all until the copy is made.
+
+use std::sync::Arc;
+
+use drove_api::{CloneGuestRequest, CreateGuestRequest, GuestView, NicRequest, OperationAccepted};
+use drove_model::guest::validate_name;
+use drove_model::{CloneMode, CloneSource, Guest, GuestId, GuestState, PowerIntent, SnapshotState};
+
+use crate::core::{ApiError, Ctx, GuestAction, Manager};
+use crate::inventory::{Inventory, guest_key, op_key, put};
+
+/// The most clones one request makes.
+pub const MAX_CLONES: u32 = 64;
+
+/// The guests that need `id`'s disks now, except those being deleted.
+pub fn dependents(inv: &Inventory, id: GuestId) -> Vec<&Guest> {
+    let mut v: Vec<&Guest> = inv
+        .guests
+        .values()
+        .filter(|g| !matches!(g.state, GuestState::Deleting | GuestState::Deleted))
+        .filter(|g| g.spec.clone_of.as_ref().is_some_and(|c| c.guest == id && c.binds(g.state)))
+        .collect();
+    v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    v
+}
+
+/// The clones being copied from snapshot `name` of `id`.
+pub fn snapshot_users<'a>(inv: &'a Inventory, id: GuestId, name: &str) -> Vec<&'a str> {
+    dependents(inv, id)
+        .into_iter()
+        .filter(|g| g.spec.clone_of.as_ref().and_then(|c| c.snapshot.as_deref()) == Some(name))
+        .map(|g| g.spec.name.as_str())
+        .collect()
+}
+
+/// `id`'s dependents and theirs, the deepest first.
+fn dependents_deep(inv: &Inventory, id: GuestId) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in dependents(inv, id) {
+        out.extend(dependents_deep(inv, d.id));
+        out.push(d.spec.name.clone());
+    }
+    out
+}
+
+impl Manager {
+    /// Clone guest `key` `req.count` times.
+    pub async fn clone_guest(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        key: &str,
+        req: CloneGuestRequest,
+    ) -> Result<Vec<OperationAccepted>, ApiError> {
+        let count = req.count.unwrap_or(1);
+        if !(1..=MAX_CLONES).contains(&count) {
+            return Err(ApiError::invalid("count", format!("count must be 1..={MAX_CLONES}, got {count}")));
+        }
+        let names: Vec<String> = if count == 1 {
+            vec![req.name.clone()]
+        } else {
+            (1..=count).map(|i| format!("{}-{i}", req.name)).collect()
+        };
+        for n in &names {
+            validate_name(n).map_err(|r| ApiError::invalid("name", format!("guest name {n:?} {r}")))?;
+        }
+        let (accepted, pending) = {
+            let mut inv = self.lock();
+            let src = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            let source = check_source(&inv, &src, req.snapshot.as_deref())?;
+            let mut made: Vec<(Guest, drove_model::Operation)> = Vec::new();
+            let cursors = inv.address_cursor.clone();
+            for name in &names {
+                let create = clone_request(&src, name, req.start);
+                let from = source.clone();
+                let image = src.spec.image.clone();
+                match self.admit(&mut inv, &ctx.principal, &create, move |spec| {
+                    spec.image = image;
+                    spec.clone_of = Some(from);
+                    Ok(())
+                }) {
+                    Ok(pair) => made.push(pair),
+                    Err(e) => {
+                        // All or none.
+                        for (g, op) in made.iter().rev() {
+                            Self::unadmit(&mut inv, g, op);
+                        }
+                        inv.address_cursor = cursors;
+                        return Err(e);
+                    }
+                }
+            }
+            let mut writes = Vec::new();
+            for (g, op) in &made {
+                writes.push(put(guest_key(g.id), g));
+                writes.push(put(op_key(op.id), op));
+            }
+            writes.push(Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", src.spec.name)), "ok", 202));
+            let accepted: Vec<OperationAccepted> =
+                made.into_iter().map(|(g, op)| OperationAccepted { operation: op, guest: g.id }).collect();
+            (accepted, self.persister().enqueue(writes))
+        };
+        self.notify_ops();
+        pending.durable().await?;
+        Ok(accepted)
+    }
+
+    /// Mark stopped guest `key` as a template (`on`), or a template as a
+    /// plain guest again (refused while thin clones depend on it).
+    pub async fn set_template(&self, ctx: &Ctx, key: &str, on: bool) -> Result<GuestView, ApiError> {
+        let (view, pending) = {
+            let mut inv = self.lock();
+            let mut g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
+                return Err(ApiError::conflict(format!(
+                    "guest {} has operation {} ({}) in progress; wait for it",
+                    g.spec.name, op.id, op.kind
+                )));
+            }
+            if on && !(g.state == GuestState::Stopped && g.intent == PowerIntent::Stopped) {
+                return Err(ApiError::conflict(format!(
+                    "guest {} is {}; only a stopped guest can become a template (stop it first)",
+                    g.spec.name, g.state
+                )));
+            }
+            if !on {
+                let thin: Vec<&str> = dependents(&inv, g.id)
+                    .into_iter()
+                    .filter(|d| d.spec.clone_of.as_ref().is_some_and(|c| c.mode == CloneMode::Overlay))
+                    .map(|d| d.spec.name.as_str())
+                    .collect();
+                if !thin.is_empty() {
+                    return Err(ApiError::conflict(format!(
+                        "template {} is the base of clones ({}); it stays a template while they exist",
+                        g.spec.name,
+                        thin.join(", ")
+                    )));
+                }
+            }
+            g.template = on;
+            inv.guests.insert(g.id, g.clone());
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 200);
+            let view = Self::guest_view(&inv, &g);
+            (view, self.persister().enqueue(vec![put(guest_key(g.id), &g), audit]))
+        };
+        pending.durable().await?;
+        Ok(view)
+    }
+
+    /// Delete guest `key`; `force` deletes the guests that depend on it
+    /// first (their own dependents before them), each its own operation.
+    pub async fn delete_guest(&self, ctx: &Ctx, key: &str, force: bool) -> Result<OperationAccepted, ApiError> {
+        if force {
+            let deps = {
+                let inv = self.lock();
+                let g = inv.find_guest(key).ok_or_else(|| ApiError::not_found("guest", key))?;
+                dependents_deep(&inv, g.id)
+            };
+            for d in deps {
+                tracing::info!(guest = key, dependent = %d, "forced delete: deleting a dependent first");
+                self.guest_action(ctx, &d, GuestAction::Delete).await?;
+            }
+        }
+        self.guest_action(ctx, key, GuestAction::Delete).await
+    }
+}
+
+/// Checks that `src` can be cloned (at `snapshot`) now; the clones' source.
+fn check_source(inv: &Inventory, src: &Guest, snapshot: Option<&str>) -> Result<CloneSource, ApiError> {
+    let name = &src.spec.name;
+    if let Some(op) = inv.active_ops.get(&src.id).and_then(|o| inv.ops.get(o)) {
+        return Err(ApiError::conflict(format!(
+            "guest {name} has operation {} ({}) in progress; wait for it",
+            op.id, op.kind
+        )));
+    }
+    if !matches!(src.state, GuestState::Running | GuestState::Stopped) {
+        return Err(ApiError::conflict(format!(
+            "guest {name} is {}; a running or stopped guest, or a template, can be cloned",
+            src.state
+        )));
+    }
+    if src.spec.disks.is_empty() {
+        return Err(ApiError::conflict(format!("guest {name} has no disks to clone")));
+    }
+    if let Some(snap) = snapshot {
+        let s = src
+            .snapshots
+            .iter()
+            .find(|s| s.name == snap)
+            .ok_or_else(|| ApiError::not_found(&format!("snapshot of guest {name}"), snap))?;
+        if s.state != SnapshotState::Ready {
+            return Err(ApiError::conflict(format!("snapshot {snap} of guest {name} is {}", s.state)));
+        }
+    }
+    // A template's disks never change again: thin overlays on them. A
+    // snapshot cannot be a backing file: a copy.
+    let mode = if src.template && snapshot.is_none() { CloneMode::Overlay } else { CloneMode::Copy };
+    Ok(CloneSource { guest: src.id, snapshot: snapshot.map(Into::into), mode })
+}
+
+/// The create request of one clone of `src`: its size, disks, NICs on the
+/// same VLANs (with new MACs and addresses, none asked for), limits and
+/// policies, pinned to its host.
+fn clone_request(src: &Guest, name: &str, start: Option<bool>) -> CreateGuestRequest {
+    CreateGuestRequest {
+        disks: src.spec.disks.iter().map(|d| d.size).collect(),
+        nics: src
+            .spec
+            .nics
+            .iter()
+            .map(|n| NicRequest { rate_bps: n.rate_bps, ..NicRequest::on(n.vlan.to_string()) })
+            .collect(),
+        host: Some(src.host.to_string()),
+        priority: Some(src.spec.priority.0),
+        start,
+        load_profile: src.spec.load_profile.clone(),
+        restart_policy: Some(src.restart_policy),
+        limits: Some(src.spec.limits.clone()),
+        ..CreateGuestRequest::new(name, src.spec.vcpus, src.spec.memory)
+    }
+}
