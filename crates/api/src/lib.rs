@@ -579,6 +579,15 @@ pub enum HotplugChange {
     },
 }
 
+/// Drain a host (`POST /v1/hosts/{host}/drain`): maintenance on, then every
+/// guest live-migrated away.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DrainRequest {
+    /// Migrations at a time (default 2).
+    #[serde(default)]
+    pub parallel: Option<u32>,
+}
+
 /// Move a running guest to another host (`POST /v1/guests/{guest}/migrate`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MigrateRequest {

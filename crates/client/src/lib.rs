@@ -128,6 +128,11 @@ impl Client {
         self.post(&format!("/v1/hosts/{}/maintenance", seg(host)), &drove_api::MaintenanceRequest { enabled }).await
     }
 
+    /// Start draining `host` (or get the drain under way).
+    pub async fn drain_host(&self, host: &str, parallel: Option<u32>) -> Result<Operation, ClientError> {
+        self.post(&format!("/v1/hosts/{}/drain", seg(host)), &drove_api::DrainRequest { parallel }).await
+    }
+
     pub async fn list_guests(&self) -> Result<Vec<GuestView>, ClientError> {
         self.get("/v1/guests").await
     }

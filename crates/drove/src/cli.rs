@@ -36,6 +36,30 @@ pub enum HostCommand {
         #[arg(value_parser = ["on", "off"])]
         mode: String,
     },
+    /// Empty a host for maintenance: it takes no new guests and all its
+    /// guests are live-migrated away, a few at a time, spread over the
+    /// other hosts by free capacity.
+    #[command(
+        after_help = "Example: drove host drain host-2 --parallel 3\nBring it back with `drove host activate host-2`."
+    )]
+    Drain {
+        /// Host name or id.
+        host: String,
+        /// Migrations at a time.
+        #[arg(long, default_value_t = drove_manager::drain::DEFAULT_PARALLEL)]
+        parallel: u32,
+        /// Return once started instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 7200)]
+        timeout: u64,
+    },
+    /// Take a host out of maintenance: it takes guests again.
+    Activate {
+        /// Host name or id.
+        host: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -479,6 +503,22 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
                 ])
                 .collect();
             print_one(out.format, &h, fields)
+        }
+        HostCommand::Drain { host, parallel, no_wait, timeout } => {
+            let op = c.drain_host(&host, Some(parallel)).await?;
+            let accepted = OperationAccepted { guest: drove_model::GuestId::from_uuid(op.target), operation: op };
+            let op = finish(&c, &accepted, no_wait, timeout).await?;
+            if no_wait {
+                println!("draining {host}: operation {} accepted", op.id);
+            } else {
+                println!("{host}: {}", op.step);
+            }
+            Ok(())
+        }
+        HostCommand::Activate { host } => {
+            let h = c.set_maintenance(&host, false).await?;
+            println!("host {} is {}", h.info.name, h.info.state);
+            Ok(())
         }
         HostCommand::Maintenance { host, mode } => {
             let h = c.set_maintenance(&host, mode == "on").await?;

@@ -19,10 +19,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
     AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, CloneGuestRequest, ConsoleLog,
-    CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, ErrorBody, ErrorResponse, ExecRequest, ExecResponse,
-    GuestInterface, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest,
-    MaintenanceRequest, MigrateRequest, OperationAccepted, RegisterRequest, RegisterResponse, SetTemplateRequest,
-    SnapshotList, StopGuestRequest, VlanView,
+    CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DrainRequest, ErrorBody, ErrorResponse, ExecRequest,
+    ExecResponse, GuestInterface, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest,
+    ImportImageRequest, MaintenanceRequest, MigrateRequest, OperationAccepted, RegisterRequest, RegisterResponse,
+    SetTemplateRequest, SnapshotList, StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
@@ -133,6 +133,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{host}", get(get_host))
         .route("/v1/hosts/{host}/maintenance", post(set_maintenance))
+        .route("/v1/hosts/{host}/drain", post(drain_host))
         .route("/v1/guests", get(list_guests).post(create_guest))
         .route("/v1/guests/{guest}", get(get_guest).delete(delete_guest))
         .route("/v1/guests/{guest}/start", post(start_guest))
@@ -503,6 +504,19 @@ async fn create_snapshot(
     m.create_snapshot(&ctx, &guest, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{host}/drain", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
+    request_body = DrainRequest,
+    description = "Put the host into maintenance and live-migrate all its guests away, `parallel` at a time, each to the host placement picks (so they spread by free capacity). Guests that cannot move are named with the reason and fail the drain. Returns the drain operation (the one under way if there is one).",
+    responses((status = 202, description = "Drain started", body = Operation), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse)))]
+async fn drain_host(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(host): Path<String>,
+    Body(req): Body<DrainRequest>,
+) -> Res<(StatusCode, Json<Operation>)> {
+    m.drain_host(&ctx, &host, req.parallel).await.map(|op| (StatusCode::ACCEPTED, Json(op)))
+}
+
 #[utoipa::path(post, path = "/v1/guests/{guest}/migrate", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     request_body = MigrateRequest,
     description = "Live-migrate a running guest to another host (`to`, or one placement picks): its disks are mirrored and its memory copied over the migration network, encrypted, then it pauses for the final round and resumes on the target. The operation shows the progress; the guest's `last_migration` the measured pause.",
@@ -698,7 +712,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, get_host, set_maintenance, drain_host, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))

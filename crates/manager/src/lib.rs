@@ -14,13 +14,15 @@
 //! transitions. [`snapshots`] takes, deletes and restores guests' snapshots
 //! through relayed calls, finishing or undoing them from what the host
 //! has. [`migrate`] live-migrates guests between hosts as a durable
-//! operation with one commit point. [`monitor`] marks silent hosts down,
+//! operation with one commit point; [`drain`] empties a host that way.
+//! [`monitor`] marks silent hosts down,
 //! times out stuck operations and resumes undriven snapshot operations and
 //! migrations. [`http`] serves the `/v1` API.
 
 pub mod auth;
 pub mod clones;
 pub mod core;
+pub mod drain;
 pub mod http;
 pub mod inventory;
 pub mod migrate;

@@ -65,6 +65,8 @@ pub struct Drivers {
     cancelled: std::collections::HashSet<OperationId>,
     /// The stats of a completed send, until the commit records them.
     sent: HashMap<GuestId, MigrationStats>,
+    /// Drain operations a task of this manager drives.
+    pub(crate) draining: std::collections::HashSet<OperationId>,
 }
 
 impl Manager {

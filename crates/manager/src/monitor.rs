@@ -18,5 +18,6 @@ pub async fn run(m: Arc<Manager>) {
         }
         m.resume_snapshot_ops();
         m.resume_migrations();
+        m.resume_drains();
     }
 }

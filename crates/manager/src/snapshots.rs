@@ -414,7 +414,8 @@ impl Manager {
             | OperationKind::StartGuest
             | OperationKind::StopGuest
             | OperationKind::DeleteGuest
-            | OperationKind::MigrateGuest => Attempt::Settled,
+            | OperationKind::MigrateGuest
+            | OperationKind::DrainHost => Attempt::Settled,
         }
     }
 

@@ -202,3 +202,54 @@ async fn a_manager_restart_mid_migration_leaves_exactly_one_copy() {
     settled_on(&dc, id, host).await;
     dc.shutdown().await;
 }
+
+/// Draining a host moves all its guests away, spread over the others by
+/// free room (six onto two hosts: three each), a few at a time; a guest
+/// that cannot move fails the drain by name; activating brings the host
+/// back.
+#[tokio::test]
+async fn a_drain_spreads_the_guests_and_names_what_cannot_move() {
+    let dc = Dc::start(3).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(running_guest(&dc, &format!("d-{i}"), "host-1").await);
+    }
+    let op = dc.admin.drain_host("host-1", Some(2)).await.unwrap();
+    // Asking again hands back the drain under way.
+    assert_eq!(dc.admin.drain_host("host-1", None).await.unwrap().id, op.id);
+    let done = dc.wait_op(&op).await;
+    assert_eq!(done.state, OperationState::Succeeded, "{done:?}");
+    assert!(done.step.contains("moved 6"), "{}", done.step);
+    let guests = dc.admin.list_guests().await.unwrap();
+    let on = |h: &str| guests.iter().filter(|g| g.host_name == h).count();
+    assert_eq!((on("host-1"), on("host-2"), on("host-3")), (0, 3, 3), "spread by free room");
+    for id in &ids {
+        assert_eq!(copies(&dc, *id).await.len(), 1, "one copy of each");
+    }
+    let h1 = dc.admin.get_host("host-1").await.unwrap();
+    assert_eq!(h1.info.state, drove_model::HostState::Maintenance);
+    let err = dc
+        .admin
+        .create_guest(&CreateGuestRequest {
+            host: Some("host-1".into()),
+            ..CreateGuestRequest::new("no", 1, ByteSize::mib(64))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(409), "a host in maintenance takes no guests: {err}");
+
+    // Back in service; a stopped guest on it cannot move live.
+    dc.admin.set_maintenance("host-1", false).await.unwrap();
+    let stay = running_guest(&dc, "stays", "host-1").await;
+    let mover = running_guest(&dc, "goes", "host-1").await;
+    let stop = dc.admin.stop_guest("stays", false).await.unwrap();
+    dc.wait_succeeded(&stop.operation).await;
+    let op = dc.admin.drain_host("host-1", None).await.unwrap();
+    let done = dc.wait_op(&op).await;
+    assert_eq!(done.state, OperationState::Failed);
+    let error = done.error.unwrap_or_default();
+    assert!(error.contains("moved 1") && error.contains("stays (stopped"), "{error}");
+    assert_eq!(copies(&dc, stay).await, vec![(0, RuntimeState::Stopped)]);
+    assert_ne!(copies(&dc, mover).await[0].0, 0);
+    dc.shutdown().await;
+}

@@ -24,6 +24,8 @@ pub enum OperationKind {
     DeleteSnapshot,
     RestoreSnapshot,
     MigrateGuest,
+    /// Live-migrate every guest off a host (the target is the host's id).
+    DrainHost,
 }
 
 impl OperationKind {
@@ -37,7 +39,7 @@ impl OperationKind {
     /// undoing them whatever it takes), rather than agents' reports: no
     /// timeout may cut them short.
     pub fn is_driven(self) -> bool {
-        self.is_snapshot() || self == OperationKind::MigrateGuest
+        self.is_snapshot() || matches!(self, OperationKind::MigrateGuest | OperationKind::DrainHost)
     }
 }
 
@@ -52,6 +54,7 @@ impl std::fmt::Display for OperationKind {
             OperationKind::DeleteSnapshot => "delete-snapshot",
             OperationKind::RestoreSnapshot => "restore-snapshot",
             OperationKind::MigrateGuest => "migrate",
+            OperationKind::DrainHost => "drain",
         })
     }
 }
