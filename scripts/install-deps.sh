@@ -18,6 +18,7 @@ declare -A wanted=(
     [cpio]=cpio
     [socat]=socat
     [ip]=iproute2
+    [nsenter]=util-linux
     [xz]=xz-utils
     [zstd]=zstd
     [gzip]=gzip
@@ -67,5 +68,5 @@ if [ -z "$qemu_ver" ] || [ "$qemu_ver" = "(none)" ]; then
 fi
 apt-get install -y -q --no-install-recommends --allow-downgrades \
     qemu-system-x86 "qemu-utils=$qemu_ver" busybox-static cpio socat iproute2 xz-utils zstd gzip \
-    dosfstools syslinux syslinux-common mtools
+    dosfstools syslinux syslinux-common mtools util-linux
 echo "install-deps: done"

@@ -590,6 +590,7 @@ impl Agent {
             },
             MigrateCall::Cancel => match self.hv.migrate_cancel(guest).await {
                 Ok(()) => CallOutcome::Done,
+                Err(HvError::MigrationCompleted { .. }) => CallOutcome::MigrationCompleted,
                 Err(e) => err(&e),
             },
             MigrateCall::Resume => match self.hv.resume(guest).await {

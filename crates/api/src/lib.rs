@@ -531,6 +531,9 @@ pub enum CallOutcome {
     MigrationProgress {
         progress: MigrationProgress,
     },
+    /// A cancel came too late: the migration completed, the source's copy
+    /// stays paused (its target may run the guest).
+    MigrationCompleted,
     /// The guest's state on the host, `None` if the host has no such guest.
     GuestState {
         state: Option<ObservedState>,

@@ -34,6 +34,8 @@ pub enum BenchCommand {
     Net(crate::bench_net::NetBench),
     /// Snapshot and restore a running real QEMU guest; print times and the pause seen from outside the guest.
     Storage(crate::bench_storage::StorageBench),
+    /// Live-migrate real QEMU guests (idle and busy) between lab hosts; print the measured pause and total time, and a drain's spread.
+    Migrate(crate::bench_migrate::MigrateBench),
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +77,7 @@ pub async fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Api(a) => api(a).await,
         BenchCommand::Boot(a) => crate::bench_boot::run(a).await,
         BenchCommand::Net(a) => crate::bench_net::run(a).await,
+        BenchCommand::Migrate(a) => crate::bench_migrate::run(a).await,
         BenchCommand::Placement(a) => crate::sim::bench_placement(a),
         BenchCommand::Storage(a) => crate::bench_storage::run(a).await,
     }

@@ -182,10 +182,12 @@ fn spawn(dir: &Path, log: &str, netns: Option<&str>, args: &[String]) -> Result<
         .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("locating the drove binary")?;
     let mut cmd = match netns {
-        // `ip netns exec` execs the program: the pid stays the daemon's.
+        // Only the network namespace: `ip netns exec` would also remount
+        // /sys, hiding the cgroup mounts the guests' limits need. nsenter
+        // execs the program: the pid stays the daemon's.
         Some(ns) => {
-            let mut c = std::process::Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(exe);
+            let mut c = std::process::Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(exe);
             c
         }
         None => std::process::Command::new(exe),
@@ -533,7 +535,8 @@ pub enum LabCommand {
         /// `agent`: SIGKILL its agent only (guests keep running);
         /// `kill`: a power loss (agent and guests SIGKILLed, links down);
         /// `partition`: cut its management and migration links (guests
-        /// keep running; needs --net netns).
+        /// keep running; needs --net netns); `migration-link`: cut only its
+        /// migration link.
         #[arg(long, value_enum, default_value_t = FailMode::Agent)]
         mode: FailMode,
         #[arg(long)]
@@ -552,6 +555,7 @@ pub enum FailMode {
     Agent,
     Kill,
     Partition,
+    MigrationLink,
 }
 
 pub async fn lab(cmd: LabCommand) -> Result<()> {
@@ -571,8 +575,8 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
     let agent_pid = lab.agents.iter().find(|(n, _)| n == host).map(|(_, p)| *p).filter(|p| is_drove(*p, &dir));
     match cmd {
         LabCommand::Fail { mode, .. } => {
-            if mode == FailMode::Partition && fabric.is_none() {
-                bail!("--mode partition needs a lab started with --net netns");
+            if matches!(mode, FailMode::Partition | FailMode::MigrationLink) && fabric.is_none() {
+                bail!("--mode {mode:?} needs a lab started with --net netns");
             }
             if matches!(mode, FailMode::Agent | FailMode::Kill)
                 && let Some(pid) = agent_pid
@@ -587,6 +591,7 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
                     FailMode::Agent => &[],
                     FailMode::Kill => &[LinkRole::Management, LinkRole::Migration, LinkRole::Trunk],
                     FailMode::Partition => &[LinkRole::Management, LinkRole::Migration],
+                    FailMode::MigrationLink => &[LinkRole::Migration],
                 };
                 for role in roles {
                     f.set_link(launch.index, *role, false).await?;
@@ -598,6 +603,7 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
                     FailMode::Agent => "agent killed; guests keep running",
                     FailMode::Kill => "agent and guests killed, links down",
                     FailMode::Partition => "management and migration links cut; guests keep running",
+                    FailMode::MigrationLink => "migration link cut",
                 }
             );
         }

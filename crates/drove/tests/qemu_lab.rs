@@ -596,3 +596,95 @@ fn clones_get_the_sources_disk_and_a_fresh_identity() {
     lab.ok(&["vm", "delete", "src"]);
     assert_eq!(marker("c1"), "drove-marker-43", "a copy outlives its source");
 }
+
+/// QEMU processes running guest `id` on lab host `host`.
+fn qemus_on(lab: &Lab, host: &str, id: &str) -> Vec<u32> {
+    let dir = format!("{}/hosts/{host}/guests/{id}/", lab.data());
+    qemus_of(lab.data())
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&dir))
+        })
+        .collect()
+}
+
+/// Starts a slow migration of `guest` to host-2 and waits until it copies
+/// memory; returns the operation id.
+fn start_slow_migration(lab: &Lab, guest: &str) -> String {
+    let out = lab.ok(&["vm", "migrate", guest, "--to", "host-2", "--bandwidth", "16mbit", "--no-wait"]);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "operation").unwrap_or_else(|| panic!("{out}"));
+    let op = words[at + 1].to_owned();
+    eventually("the memory copy", Duration::from_secs(120), || {
+        lab.ok(&["op", "show", &op]).contains("copying memory").then_some(())
+    });
+    op
+}
+
+/// Waits for a migration to end; its final state.
+fn wait_final(lab: &Lab, op: &str) -> String {
+    eventually("the migration to end", Duration::from_secs(180), || {
+        let o = lab.json(&["op", "show", op]);
+        matches!(o["state"].as_str(), Some("succeeded" | "failed")).then(|| o["state"].as_str().unwrap().to_owned())
+    })
+}
+
+/// Faults in the middle of a live migration — the migration link cut, the
+/// target's QEMU killed, the source's agent killed — each end with exactly
+/// one running copy of the guest, on the host the manager records, its
+/// disk intact.
+#[test]
+fn migration_faults_leave_exactly_one_copy() {
+    let lab = Lab::start(2);
+    lab.ok(&["vm", "create", "victim", "--memory", "256M", "--disk", "64M", "--host", "host-1"]);
+    lab.booted("victim");
+    let id = lab.json(&["vm", "show", "victim"])["id"].as_str().unwrap().to_owned();
+    let (code, out) = lab.sh(
+        "victim",
+        "printf '%-511s\\n' intact | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && \
+         (while true; do dd if=/dev/urandom of=/tmp/noise bs=1M count=32 2>/dev/null; done) >/dev/null 2>&1 &",
+    );
+    assert_eq!(code, 0, "{out}");
+    let one_copy = |expected_host: &str| {
+        eventually("one running copy", Duration::from_secs(60), || {
+            let g = lab.json(&["vm", "show", "victim"]);
+            let host = g["host_name"].as_str().unwrap().to_owned();
+            let other = if host == "host-1" { "host-2" } else { "host-1" };
+            (g["state"] == "running"
+                && g["migration"].is_null()
+                && qemus_on(&lab, &host, &id).len() == 1
+                && qemus_on(&lab, other, &id).is_empty())
+            .then_some(host)
+        });
+        assert_eq!(lab.json(&["vm", "show", "victim"])["host_name"], expected_host);
+        let (_, marker) = lab.sh("victim", "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
+        assert_eq!(marker.trim(), "intact");
+    };
+
+    // The migration link goes down: the stalled transfer is given up, the
+    // guest stays on its source.
+    let op = start_slow_migration(&lab, "victim");
+    lab.ok(&["lab", "fail", "host-2", "--mode", "migration-link", "--data-dir", lab.data()]);
+    assert_eq!(wait_final(&lab, &op), "failed");
+    lab.ok(&["lab", "heal", "host-2", "--data-dir", lab.data()]);
+    one_copy("host-1");
+
+    // The target's QEMU dies mid-transfer.
+    let op = start_slow_migration(&lab, "victim");
+    let target = qemus_on(&lab, "host-2", &id);
+    assert_eq!(target.len(), 1, "a waiting target QEMU");
+    Command::new("kill").args(["-KILL", &target[0].to_string()]).status().unwrap();
+    assert_eq!(wait_final(&lab, &op), "failed");
+    one_copy("host-1");
+
+    // The source's agent dies mid-transfer (its QEMU carries on alone) and
+    // comes back: the manager reconciles from both hosts, whichever way
+    // the transfer went.
+    let op = start_slow_migration(&lab, "victim");
+    lab.ok(&["lab", "fail", "host-1", "--mode", "agent", "--data-dir", lab.data()]);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.ok(&["lab", "heal", "host-1", "--data-dir", lab.data()]);
+    let end = wait_final(&lab, &op);
+    let host = if end == "succeeded" { "host-2" } else { "host-1" };
+    one_copy(host);
+}

@@ -123,6 +123,8 @@ pub enum HvError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("the migration of guest {id} completed: its target may run it, so this copy stays paused")]
+    MigrationCompleted { id: GuestId },
     #[error("guest {id} has no snapshot named {name:?}")]
     SnapshotNotFound { id: GuestId, name: String },
     #[error("snapshot {name:?} of guest {id} cannot be made: {reason}")]

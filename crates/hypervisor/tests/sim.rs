@@ -577,7 +577,7 @@ async fn sim_migration_moves_a_guest_and_a_cancel_keeps_it_home() {
     // brings the source's copy back.
     a.migrate_incoming(&g, &incoming).await.unwrap();
     b.migrate_out(g.id, &outgoing, &|_| {}).await.unwrap();
-    assert!(matches!(b.migrate_cancel(g.id).await, Err(HvError::InvalidState { .. })));
+    assert!(matches!(b.migrate_cancel(g.id).await, Err(HvError::MigrationCompleted { .. })));
     assert_eq!(state_of(&b, g.id).await, RuntimeState::Paused);
     a.destroy(g.id).await.unwrap();
     b.resume(g.id).await.unwrap();

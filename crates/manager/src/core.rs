@@ -167,7 +167,8 @@ pub struct Manager {
 struct Calls {
     next_id: u64,
     queued: HashMap<HostId, Vec<AgentCall>>,
-    waiting: HashMap<u64, Waiter>,
+    /// Calls sent (or queued) and not answered yet, with their host.
+    waiting: HashMap<u64, (HostId, Waiter)>,
 }
 
 #[derive(Debug)]
@@ -1227,6 +1228,9 @@ impl Manager {
             (id, self.persister.enqueue(writes))
         };
         pending.durable().await?;
+        // A registration of a known host is a new agent: the calls the old
+        // one had are lost with it.
+        self.fail_calls_to(id, "the host's agent restarted before answering");
         Ok(RegisterResponse { host_id: id, heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64 })
     }
 
@@ -1353,7 +1357,7 @@ impl Manager {
         let id = calls.next_id;
         let (kind, waiter) = make(id);
         calls.queued.entry(host).or_default().push(AgentCall { id, guest, kind });
-        calls.waiting.insert(id, waiter);
+        calls.waiting.insert(id, (host, waiter));
         drop(calls);
         h.poke.notify_one();
         Ok(id)
@@ -1382,6 +1386,24 @@ impl Manager {
                     message: format!("host {host} did not answer about guest {guest} within {}s", budget.as_secs()),
                     field: None,
                 })
+            }
+        }
+    }
+
+    /// Answers every call to `host` that is still open with an error: its
+    /// agent restarted (or the host went down), so no answer will come.
+    /// Whoever waits (a migration's driver) reconciles instead of waiting
+    /// out its budget.
+    pub(crate) fn fail_calls_to(&self, host: HostId, why: &str) {
+        let failed: Vec<Waiter> = {
+            let mut calls = self.calls_lock();
+            let ids: Vec<u64> = calls.waiting.iter().filter(|(_, (h, _))| *h == host).map(|(id, _)| *id).collect();
+            calls.queued.remove(&host);
+            ids.iter().filter_map(|id| calls.waiting.remove(id)).map(|(_, w)| w).collect()
+        };
+        for w in failed {
+            if let Waiter::Call { tx, .. } = w {
+                let _ = tx.send(CallOutcome::Error { message: why.to_owned() });
             }
         }
     }
@@ -1448,7 +1470,7 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner())
             .remove(session)
             .ok_or_else(|| ApiError::not_found("console session", session))?;
-        self.calls_lock().waiting.retain(|_, w| !matches!(w, Waiter::Console { session: s } if s == session));
+        self.calls_lock().waiting.retain(|_, (_, w)| !matches!(w, Waiter::Console { session: s } if s == session));
         tx.send(Ok(conn)).map_err(|_| ApiError::conflict("the operator left the console session"))
     }
 
@@ -1457,7 +1479,7 @@ impl Manager {
         if let CallOutcome::MigrationProgress { progress } = &result.outcome {
             // Not an answer: the call stays open.
             let op = match self.calls_lock().waiting.get(&result.id) {
-                Some(Waiter::Call { progress_op, .. }) => *progress_op,
+                Some((_, Waiter::Call { progress_op, .. })) => *progress_op,
                 _ => None,
             };
             if let Some(op) = op {
@@ -1465,7 +1487,7 @@ impl Manager {
             }
             return;
         }
-        let waiter = self.calls_lock().waiting.remove(&result.id);
+        let waiter = self.calls_lock().waiting.remove(&result.id).map(|(_, w)| w);
         match (waiter, result.outcome) {
             (Some(Waiter::Call { tx, .. }), outcome) => {
                 let _ = tx.send(outcome);
@@ -1483,12 +1505,13 @@ impl Manager {
 
     /// One pass of the liveness and timeout checks; returns what it changed.
     pub async fn monitor_pass(&self) -> Result<usize, ApiError> {
-        let (pending, changes) = {
+        let (pending, changes, went_down) = {
             let mut inv = self.lock();
             let inv = &mut *inv;
             let mut w = Writes::default();
             let timeout = self.config.host_timeout;
             let grace_over = self.started.elapsed() > timeout;
+            let mut went_down = Vec::new();
             for h in inv.hosts.values_mut() {
                 let silent = match h.last_seen {
                     Some(t) => t.elapsed() > timeout,
@@ -1500,6 +1523,7 @@ impl Manager {
                         tracing::warn!(host = %h.info.name, "host missed its heartbeats; marking it down");
                         h.info.state = next;
                         w.ops.push(put(host_key(h.info.id), &h.info));
+                        went_down.push(h.info.id);
                     }
                 }
             }
@@ -1529,8 +1553,11 @@ impl Manager {
                 }
             }
             let n = w.ops.len();
-            (self.persister.enqueue(w.ops), n)
+            (self.persister.enqueue(w.ops), n, went_down)
         };
+        for host in went_down {
+            self.fail_calls_to(host, "the host went down before answering");
+        }
         if changes > 0 {
             self.notify_ops();
         }

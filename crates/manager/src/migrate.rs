@@ -449,7 +449,7 @@ impl Manager {
                 };
                 self.abort(guest, m, &why).await
             }
-            Ok(_) => {
+            Ok(CallOutcome::MigrationCompleted) => {
                 // The send completed: the target takes over in a moment, or
                 // it failed to and the rollback resumes the source.
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -458,7 +458,9 @@ impl Manager {
                     _ => self.abort(guest, m, "the transfer completed but the target does not run the guest").await,
                 }
             }
-            Err(_) => Err(()),
+            // No clear answer (the source is down, or its agent restarted
+            // just now): ask again.
+            _ => Err(()),
         }
     }
 

@@ -45,7 +45,18 @@ pub async fn run_json(program: &'static str, args: &[impl AsRef<str>]) -> Result
     })
 }
 
+/// The network devices of this process's network namespace.
+///
+/// From `/proc/self/net/dev`, which always shows the namespace of the
+/// reader; `/sys/class/net` shows that of whoever mounted sysfs, which is
+/// not ours when a lab host's agent joined its namespace without a mount
+/// namespace of its own (it needs the host's cgroup mounts).
+pub fn devices() -> std::io::Result<Vec<String>> {
+    let text = std::fs::read_to_string("/proc/self/net/dev")?;
+    Ok(text.lines().skip(2).filter_map(|l| l.split_once(':').map(|(name, _)| name.trim().to_owned())).collect())
+}
+
 /// Whether the network device `name` exists in this process's namespace.
 pub fn device_exists(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
+    devices().is_ok_and(|d| d.iter().any(|n| n == name))
 }

@@ -179,9 +179,7 @@ pub fn destroy(id: &str) -> usize {
     // a crash between the two `ip link add` halves may leave one), then the
     // switches.
     let link_prefix = format!("dl{id}");
-    let mut links: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
-        .unwrap_or_default();
+    let mut links: Vec<String> = cmd::devices().unwrap_or_default();
     links.retain(|l| l.starts_with(&link_prefix));
     links.sort_by_key(|l| l.len() == link_prefix.len() + 1);
     for l in links {

@@ -220,7 +220,7 @@ impl Plug<'_> {
         let id = self.id();
         let i = self.config.spec.nics.len();
         let tap = QemuHypervisor::tap_name(id, i);
-        if !std::path::Path::new("/sys/class/net").join(&tap).exists() {
+        if !drove_net::cmd::device_exists(&tap) {
             return Err(refuse(format!(
                 "no tap {tap} exists on this host for NIC {i} of the guest; the network layer must create it \
                  before the NIC can be added"

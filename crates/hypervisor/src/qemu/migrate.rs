@@ -50,6 +50,9 @@ use crate::{GuestConfig, HvError, RuntimeState};
 const TLS_SERVER: &str = "drove-mig-tls-server";
 const TLS_CLIENT: &str = "drove-mig-tls-client";
 const POLL: Duration = Duration::from_millis(20);
+/// A transfer that moves no byte for this long is given up: a cut link
+/// stalls TCP for minutes before anything fails by itself.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn nbd_node(i: usize) -> String {
     format!("drove-mig-nbd{i}")
@@ -193,16 +196,23 @@ impl QemuHypervisor {
         let mut slot = guest.change().await;
         let dir = self.dir(id);
         let config = self.record(&dir, id, OP)?;
-        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend(OP, id))?;
+        // Remembered: `status` and `list` answer from it for the length of
+        // the transfer instead of waiting for it.
+        let (state, pid) = self.observe_and_remember(&guest, &dir, &mut slot).await.map_err(backend(OP, id))?;
         let Some(pid) = pid.filter(|_| matches!(state, RuntimeState::Running | RuntimeState::Paused)) else {
             return Err(HvError::InvalidState { id, op: OP, state });
         };
+        let outgoing = outgoing_path(&dir);
+        let line = format!("{} {} {}\n", req.target, req.port, req.nbd_port);
+        std::fs::write(&outgoing, line).map_err(|e| backend(OP, id)(QemuError::io("writing", &outgoing, e)))?;
         let mut run = Outbound { dir: &dir, slot: &mut slot, pid, disks: config.spec.disks.len(), mirrors: 0 };
         let result = run.migrate(req, progress, &guest.cancel_migration).await;
         if let Err(e) = &result {
             tracing::warn!(guest = %id, error = %e, "migration failed; the guest stays here");
+            sever(req.target, [req.port, req.nbd_port]).await;
             run.abort().await;
         }
+        let _ = std::fs::remove_file(&outgoing);
         result.map_err(backend(OP, id))
     }
 
@@ -212,6 +222,7 @@ impl QemuHypervisor {
         let mut slot = guest.change().await;
         let dir = self.dir(id);
         self.record(&dir, id, OP)?;
+        self.observe_and_remember(&guest, &dir, &mut slot).await.map_err(backend(OP, id))?;
         let deadline = Instant::now() + timeout;
         loop {
             let Some(pid) = live_pid(&dir) else {
@@ -253,12 +264,18 @@ impl QemuHypervisor {
         guest.cancel_migration.store(false, Ordering::SeqCst);
         let dir = self.dir(id);
         self.record(&dir, id, OP)?;
+        // Readers answer from this while the abort takes its time.
+        self.observe_and_remember(&guest, &dir, &mut slot).await.map_err(backend(OP, id))?;
         let Some(pid) = live_pid(&dir) else {
             return Err(HvError::InvalidState { id, op: OP, state: RuntimeState::Stopped });
         };
         let disks = self.record(&dir, id, OP)?.spec.disks.len();
+        if let Some((target, port, nbd_port)) = read_outgoing(&dir) {
+            sever(target, [port, nbd_port]).await;
+        }
         let mut run = Outbound { dir: &dir, slot: &mut slot, pid, disks, mirrors: disks };
         run.abort().await;
+        let _ = std::fs::remove_file(outgoing_path(&dir));
         let status = run.slot.query_status(&dir, pid).await.map_err(backend(OP, id))?;
         match status.as_str() {
             "running" => Ok(()),
@@ -272,6 +289,59 @@ impl QemuHypervisor {
             // A pause for the final round that the abort ended.
             _ => run.slot.execute(&dir, pid, "cont", None).await.map(|_| ()).map_err(backend(OP, id)),
         }
+    }
+}
+
+/// Where a migration of this guest is being sent: `<guest dir>/outgoing`
+/// holds "ADDRESS PORT NBD_PORT" while one may be in flight, so that a
+/// cancel (also from a restarted agent) can sever its connections.
+fn outgoing_path(dir: &GuestDir) -> PathBuf {
+    dir.root().join("outgoing")
+}
+
+fn read_outgoing(dir: &GuestDir) -> Option<(std::net::IpAddr, u16, u16)> {
+    let text = std::fs::read_to_string(outgoing_path(dir)).ok()?;
+    let mut parts = text.split_whitespace();
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Destroys this host's TCP connections to the target's migration and NBD
+/// ports (`ss -K`). Aborting a transfer over a dead link otherwise waits
+/// for TCP to give up (many minutes), with QEMU's main loop stuck draining
+/// the NBD requests in flight. Best effort: a kernel without socket
+/// destruction only makes the abort slow.
+async fn sever(target: std::net::IpAddr, ports: [u16; 2]) {
+    for port in ports {
+        let dst = target.to_string();
+        let port = port.to_string();
+        if let Err(e) = drove_net::cmd::run("ss", &["-K", "dst", &dst, "dport", "=", &port]).await {
+            tracing::debug!(%target, port, error = %e, "cannot destroy the connections of an aborted migration");
+        }
+    }
+}
+
+/// Notices a transfer that stopped moving.
+struct Stall {
+    last: u64,
+    since: Instant,
+}
+
+impl Stall {
+    fn new() -> Self {
+        Stall { last: 0, since: Instant::now() }
+    }
+
+    fn check(&mut self, progress: u64, what: &str) -> Result<(), QemuError> {
+        if progress != self.last {
+            self.last = progress;
+            self.since = Instant::now();
+        } else if self.since.elapsed() > STALL_TIMEOUT {
+            return Err(QemuError::UnexpectedRunState {
+                status: format!("no progress {what} for {}s (is the migration link down?)", STALL_TIMEOUT.as_secs()),
+                after: "migrate",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -330,6 +400,7 @@ impl Outbound<'_> {
                 )
                 .await?;
             }
+            let mut stall = Stall::new();
             loop {
                 if cancelled() {
                     return Err(gave_up());
@@ -350,6 +421,7 @@ impl Outbound<'_> {
                 }
                 let (done, len): (u64, u64) =
                     ours.iter().fold((0, 0), |(d, l), j| (d + u(j, "/offset"), l + u(j, "/len")));
+                stall.check(done, "mirroring the disks")?;
                 progress(MigrationProgress {
                     phase: TransferPhase::Disks,
                     transferred: done,
@@ -380,11 +452,15 @@ impl Outbound<'_> {
             c.take_events();
         }
         self.qmp("migrate", json!({ "uri": format!("tcp:{}:{}", req.target, req.port) })).await?;
+        let mut stall = Stall::new();
         let info = loop {
             if cancelled() {
                 return Err(gave_up());
             }
             let info = self.qmp("query-migrate", Value::Null).await?;
+            if info.get("status").and_then(Value::as_str) == Some("active") {
+                stall.check(u(&info, "/ram/transferred"), "copying memory")?;
+            }
             let status = info.get("status").and_then(Value::as_str).unwrap_or_default().to_owned();
             match status.as_str() {
                 "completed" => break info,
@@ -394,7 +470,7 @@ impl Outbound<'_> {
                 }
                 "pre-switchover" => {
                     progress(self.progress(&info, TransferPhase::Switchover));
-                    self.cancel_mirrors().await?;
+                    self.cancel_mirrors(false).await?;
                     self.qmp("migrate-continue", json!({ "state": "pre-switchover" })).await?;
                 }
                 _ => progress(self.progress(&info, TransferPhase::Memory)),
@@ -449,10 +525,13 @@ impl Outbound<'_> {
     }
 
     /// Ends the mirror jobs without switching the source to the target
-    /// (the source keeps its disks) and waits until they are gone.
-    async fn cancel_mirrors(&mut self) -> Result<(), QemuError> {
+    /// (the source keeps its disks) and waits until they are gone. `force`
+    /// abandons them at once, requests in flight to the target included
+    /// (a dead link would hold them for minutes); without it a ready mirror
+    /// first brings the target in sync.
+    async fn cancel_mirrors(&mut self, force: bool) -> Result<(), QemuError> {
         for i in 0..self.mirrors {
-            if let Err(e) = self.qmp("block-job-cancel", json!({ "device": mirror_job(i) })).await {
+            if let Err(e) = self.qmp("block-job-cancel", json!({ "device": mirror_job(i), "force": force })).await {
                 tracing::debug!(job = %mirror_job(i), error = %e, "no mirror job to cancel");
             }
         }
@@ -506,7 +585,7 @@ impl Outbound<'_> {
                 }
             }
         }
-        if let Err(e) = self.cancel_mirrors().await {
+        if let Err(e) = self.cancel_mirrors(true).await {
             tracing::warn!(error = %e, "cannot end the disk mirrors of an aborted migration");
         }
         self.remove_nbd_nodes().await;

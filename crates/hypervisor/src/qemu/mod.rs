@@ -529,7 +529,7 @@ impl QemuHypervisor {
         let taps: Vec<Option<String>> = (0..config.spec.nics.len())
             .map(|i| {
                 let name = Self::tap_name(config.id, i);
-                if Path::new("/sys/class/net").join(&name).exists() {
+                if drove_net::cmd::device_exists(&name) {
                     Some(name)
                 } else {
                     tracing::warn!(guest = %config.id, nic = i, tap = %name, "no such tap; NIC left out");

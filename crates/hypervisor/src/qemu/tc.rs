@@ -24,7 +24,7 @@
 //!
 //! The IFB `di<10 hex digits of the guest id><NIC index>` is created first
 //! and removed last, so its existence says that limits may be set on that
-//! NIC's tap. Removal looks for IFBs in `/sys/class/net` (no process
+//! NIC's tap. Removal looks for IFBs in `/proc/self/net/dev` (no process
 //! started), which keeps it cheap for guests without NIC limits, and works
 //! from the guest id alone, without its record. The tap's root qdisc is
 //! removed only when it is ours (handle `d7:`); its ingress qdisc belongs
@@ -33,7 +33,7 @@
 //! A tap deleted by the network layer takes its qdiscs along; the IFB is
 //! ours to delete.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use drove_model::GuestId;
 pub use drove_net::cmd::device_exists;
@@ -74,12 +74,14 @@ fn ifb_prefix(id: GuestId) -> String {
 /// The guest's IFBs that exist, with their NIC index.
 pub fn guest_ifbs(id: GuestId) -> Result<Vec<(usize, String)>, TcError> {
     let prefix = ifb_prefix(id);
-    let net = Path::new("/sys/class/net");
-    let entries =
-        std::fs::read_dir(net).map_err(|source| TcError::Io { action: "reading", path: net.into(), source })?;
-    let mut ifbs: Vec<(usize, String)> = entries
-        .filter_map(|entry| {
-            let name = entry.ok()?.file_name().into_string().ok()?;
+    let devices = drove_net::cmd::devices().map_err(|source| TcError::Io {
+        action: "reading",
+        path: "/proc/self/net/dev".into(),
+        source,
+    })?;
+    let mut ifbs: Vec<(usize, String)> = devices
+        .into_iter()
+        .filter_map(|name| {
             let index = name.strip_prefix(&prefix)?.parse().ok()?;
             Some((index, name))
         })
