@@ -489,11 +489,13 @@ fn a_guest_migrates_live_between_lab_hosts() {
         "mover",
         "printf '%-511s\\n' moved-marker | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && \
          (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; usleep 20000; done) >/dev/null 2>&1 & \
-         sleep 0.3; cat /tmp/count",
+         echo $! > /tmp/counter.pid; sleep 0.3; cat /tmp/count",
     );
     assert_eq!(code, 0, "{out}");
     let before: u64 = out.trim().parse().unwrap();
-    let (_, counter_pid) = lab.sh("mover", "pgrep -f 'usleep 20000' | head -1");
+    let (_, counter_pid) = lab.sh("mover", "cat /tmp/counter.pid");
+    let counter_pid = counter_pid.trim().to_owned();
+    assert!(counter_pid.parse::<u32>().is_ok(), "{counter_pid:?}");
     let (code, out) = lab.sh("peer", &format!("ping -c 2 -W 2 {ip}"));
     assert_eq!(code, 0, "{out}");
 
@@ -522,8 +524,8 @@ fn a_guest_migrates_live_between_lab_hosts() {
     assert_eq!(marker.trim(), "moved-marker");
     let (_, after) = lab.sh("mover", "sleep 0.2; cat /tmp/count");
     assert!(after.trim().parse::<u64>().unwrap() > before, "the counter kept running");
-    let (_, pid_after) = lab.sh("mover", "pgrep -f 'usleep 20000' | head -1");
-    assert_eq!(pid_after, counter_pid, "the same process");
+    let (code, out) = lab.sh("mover", &format!("kill -0 {counter_pid} && echo alive"));
+    assert_eq!((code, out.trim()), (0, "alive"), "the same process runs on");
     let (code, out) = lab.sh("peer", &format!("ping -c 2 -W 2 {ip}"));
     assert_eq!(code, 0, "the peer still reaches it, now on its own host: {out}");
 

@@ -1770,10 +1770,17 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
     a.start(g.id).await.unwrap();
     wait_for_serial(&a, g.id, "DROVE-READY", 1).await;
     write_marker(&a, g.id, "marker-before-migration").await;
-    sh(&a, g.id, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; usleep 20000; done) >/dev/null 2>&1 &").await;
+    sh(
+        &a,
+        g.id,
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; usleep 20000; done) >/dev/null 2>&1 & \
+         echo $! > /tmp/counter.pid",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before: u64 = sh(&a, g.id, "cat /tmp/count").await.parse().unwrap();
-    let counter_pid = sh(&a, g.id, "pgrep -f 'usleep 20000' | head -1 || true").await;
+    let counter_pid = sh(&a, g.id, "cat /tmp/counter.pid").await;
+    assert!(counter_pid.parse::<u32>().is_ok(), "{counter_pid:?}");
 
     let (port, nbd_port) = (free_port(), free_port());
     let key = Some(migration_key());
@@ -1814,7 +1821,8 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after: u64 = sh(&b, g.id, "cat /tmp/count").await.parse().unwrap();
     assert!(after > before, "the counter kept running: {before} -> {after}");
-    assert_eq!(sh(&b, g.id, "pgrep -f 'usleep 20000' | head -1 || true").await, counter_pid, "the same process");
+    let alive = format!("kill -0 {counter_pid} && echo alive");
+    assert_eq!(sh(&b, g.id, &alive).await, "alive", "the same process runs on");
     let qemus = pids_mentioning(lab.state_dir());
     assert_eq!(qemus.len(), 1, "exactly one QEMU for the guest: {qemus:?}");
     b.destroy(g.id).await.unwrap();

@@ -665,6 +665,19 @@ impl QemuHypervisor {
 }
 
 /// The pid in the guest's pid file, if it is a live QEMU of this guest.
+/// Has a guest that runs again where it was (a migration rolled back after
+/// its target briefly ran it) tell the network it is here: switches and
+/// VXLAN peers may have learned its MACs at the other host.
+async fn announce(dir: &GuestDir, slot: &mut Slot, pid: u32) {
+    if dir.read_record().ok().flatten().is_none_or(|c| c.spec.nics.is_empty()) {
+        return;
+    }
+    let rounds = serde_json::json!({ "initial": 50, "max": 550, "rounds": 5, "step": 100 });
+    if let Err(e) = slot.execute(dir, pid, "announce-self", Some(rounds)).await {
+        tracing::debug!(guest = %dir.id(), error = %e, "cannot announce the guest's NICs");
+    }
+}
+
 fn live_pid(dir: &GuestDir) -> Option<u32> {
     dir.read_pid().filter(|&pid| process::is_guest_process(pid, &dir.qmp_path()))
 }
@@ -1118,6 +1131,9 @@ impl QemuHypervisor {
         let status = slot.query_status(&dir, pid).await.map_err(backend(op, id))?;
         if status != expect {
             return Err(backend(op, id)(QemuError::UnexpectedRunState { status, after: op }));
+        }
+        if command == "cont" {
+            announce(&dir, &mut slot, pid).await;
         }
         Ok(())
     }

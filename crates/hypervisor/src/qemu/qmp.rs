@@ -86,6 +86,9 @@ pub struct QmpClient {
     next_id: u64,
     timeout: Duration,
     events: VecDeque<QmpEvent>,
+    /// When each kind of event was last seen (microseconds since the
+    /// epoch), however many others came since.
+    last_seen: std::collections::HashMap<String, u64>,
 }
 
 impl QmpClient {
@@ -103,6 +106,7 @@ impl QmpClient {
             next_id: 1,
             timeout,
             events: VecDeque::new(),
+            last_seen: std::collections::HashMap::new(),
         };
         let greeting = tokio::time::timeout(timeout, client.read_message("the greeting"))
             .await
@@ -135,6 +139,12 @@ impl QmpClient {
     }
 
     /// Events received so far (oldest first), removing them from the client.
+    /// When event `name` was last seen on this connection (microseconds
+    /// since the epoch, QEMU's clock).
+    pub fn last_seen(&self, name: &str) -> Option<u64> {
+        self.last_seen.get(name).copied()
+    }
+
     pub fn take_events(&mut self) -> Vec<QmpEvent> {
         self.events.drain(..).collect()
     }
@@ -197,10 +207,14 @@ impl QmpClient {
                 }
                 let ts = value.get("timestamp");
                 let part = |k: &str| ts.and_then(|t| t.get(k)).and_then(Value::as_u64);
+                let timestamp_us = part("seconds").map(|s| s * 1_000_000 + part("microseconds").unwrap_or(0));
+                if let Some(at) = timestamp_us {
+                    self.last_seen.insert(event.to_owned(), at);
+                }
                 self.events.push_back(QmpEvent {
                     event: event.to_owned(),
                     data: value.get("data").cloned().unwrap_or(Value::Null),
-                    timestamp_us: part("seconds").map(|s| s * 1_000_000 + part("microseconds").unwrap_or(0)),
+                    timestamp_us,
                 });
                 continue;
             }
