@@ -1004,11 +1004,7 @@ impl Hypervisor for SimHypervisor {
                     }
                     // The target may run it: only `resume` (by whoever knows
                     // it does not) brings this copy back.
-                    Some(SimMigration::Sent) => Err(HvError::InvalidState {
-                        id,
-                        op: "migrate_cancel (the migration completed)",
-                        state: g.state,
-                    }),
+                    Some(SimMigration::Sent) => Err(HvError::MigrationCompleted { id }),
                     Some(SimMigration::Incoming) => {
                         Err(HvError::InvalidState { id, op: "migrate_cancel", state: g.state })
                     }

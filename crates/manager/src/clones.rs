@@ -135,12 +135,7 @@ impl Manager {
         let (view, pending) = {
             let mut inv = self.lock();
             let mut g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
-            if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
-                return Err(ApiError::conflict(format!(
-                    "guest {} has operation {} ({}) in progress; wait for it",
-                    g.spec.name, op.id, op.kind
-                )));
-            }
+            Self::ensure_idle(&inv, &g)?;
             if on && !(g.state == GuestState::Stopped && g.intent == PowerIntent::Stopped) {
                 return Err(ApiError::conflict(format!(
                     "guest {} is {}; only a stopped guest can become a template (stop it first)",

@@ -333,6 +333,42 @@ impl Manager {
         }
     }
 
+    /// Refuses to start an operation on a guest that has one in progress.
+    pub(crate) fn ensure_idle(inv: &Inventory, g: &Guest) -> Result<(), ApiError> {
+        match inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
+            Some(op) => Err(ApiError::conflict(format!(
+                "guest {} has operation {} ({}) in progress; wait for it",
+                g.spec.name, op.id, op.kind
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a new operation `op` on guest `g` (changed as it begins):
+    /// the guest, the operation and the audit record of the request, in one
+    /// store transaction.
+    pub(crate) fn record_guest_op(
+        &self,
+        inv: &mut Inventory,
+        ctx: &Ctx,
+        g: &Guest,
+        op: &Operation,
+    ) -> crate::persist::Pending {
+        inv.active_ops.insert(g.id, op.id);
+        inv.ops.insert(op.id, op.clone());
+        inv.guests.insert(g.id, g.clone());
+        let audit = Self::audit_op(inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 202);
+        self.persister.enqueue(vec![put(guest_key(g.id), g), put(op_key(op.id), op), audit])
+    }
+
+    /// Runs a driver task of this manager, aborted when the server stops.
+    pub(crate) fn spawn_background(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let task = tokio::spawn(task);
+        let mut tasks = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
+    }
+
     pub(crate) fn notify_ops(&self) {
         self.changes.send_modify(|n| *n += 1);
     }
@@ -1383,28 +1419,29 @@ impl Manager {
                 Err(ApiError {
                     status: 504,
                     code: "host_timeout",
-                    message: format!("host {host} did not answer about guest {guest} within {}s", budget.as_secs()),
+                    message: format!(
+                        "host {host} did not answer about guest {guest} (within {}s, or its agent restarted)",
+                        budget.as_secs()
+                    ),
                     field: None,
                 })
             }
         }
     }
 
-    /// Answers every call to `host` that is still open with an error: its
-    /// agent restarted (or the host went down), so no answer will come.
-    /// Whoever waits (a migration's driver) reconciles instead of waiting
-    /// out its budget.
+    /// Ends the wait of every call to `host` that is still open: its agent
+    /// restarted (or the host went down), so no answer will come. Each
+    /// waiter sees "no answer" at once — not an answer, which a host might
+    /// have given — and reconciles instead of waiting out its budget.
     pub(crate) fn fail_calls_to(&self, host: HostId, why: &str) {
-        let failed: Vec<Waiter> = {
+        let dropped = {
             let mut calls = self.calls_lock();
             let ids: Vec<u64> = calls.waiting.iter().filter(|(_, (h, _))| *h == host).map(|(id, _)| *id).collect();
             calls.queued.remove(&host);
-            ids.iter().filter_map(|id| calls.waiting.remove(id)).map(|(_, w)| w).collect()
+            ids.iter().filter_map(|id| calls.waiting.remove(id)).count()
         };
-        for w in failed {
-            if let Waiter::Call { tx, .. } = w {
-                let _ = tx.send(CallOutcome::Error { message: why.to_owned() });
-            }
+        if dropped > 0 {
+            tracing::warn!(%host, calls = dropped, reason = why, "calls to the host will get no answer");
         }
     }
 

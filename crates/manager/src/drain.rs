@@ -105,13 +105,10 @@ impl Manager {
     fn spawn_drain(self: &Arc<Self>, host: HostId, op: OperationId, ctx: Ctx, parallel: u32) {
         self.migration_drivers.lock().unwrap_or_else(|p| p.into_inner()).draining.insert(op);
         let me = self.clone();
-        let task = tokio::spawn(async move {
+        self.spawn_background(async move {
             me.drain(host, op, &ctx, parallel).await;
             me.migration_drivers.lock().unwrap_or_else(|p| p.into_inner()).draining.remove(&op);
         });
-        let mut tasks = self.background.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task.abort_handle());
     }
 
     async fn drain(self: &Arc<Self>, host: HostId, op: OperationId, ctx: &Ctx, parallel: u32) {

@@ -93,12 +93,7 @@ impl Manager {
         let (accepted, pending) = {
             let mut inv = self.lock();
             let mut g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
-            if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
-                return Err(ApiError::conflict(format!(
-                    "guest {} has operation {} ({}) in progress; wait for it",
-                    g.spec.name, op.id, op.kind
-                )));
-            }
+            Self::ensure_idle(&inv, &g)?;
             if g.state != GuestState::Running {
                 return Err(ApiError::conflict(format!(
                     "guest {} is {}; only a running guest is live-migrated (start it, or stop it and start it \
@@ -166,12 +161,8 @@ impl Manager {
                 d.driving.insert(g.id);
                 d.keys.insert(g.id, MigrationKey { identity: format!("drove-{}", g.id), key_hex: key_bytes });
             }
-            inv.active_ops.insert(g.id, op.id);
-            inv.ops.insert(op.id, op.clone());
-            inv.guests.insert(g.id, g.clone());
-            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 202);
-            let writes = vec![put(guest_key(g.id), &g), put(op_key(op.id), &op), audit];
-            (OperationAccepted { operation: op, guest: g.id }, self.persister().enqueue(writes))
+            let pending = self.record_guest_op(&mut inv, ctx, &g, &op);
+            (OperationAccepted { operation: op, guest: g.id }, pending)
         };
         self.notify_ops();
         if let Err(e) = pending.durable().await {
@@ -243,7 +234,7 @@ impl Manager {
     /// with the hosts before anything is repeated.
     fn spawn_migration_driver(self: &Arc<Self>, guest: GuestId, fresh: bool) {
         let me = self.clone();
-        let task = tokio::spawn(async move {
+        self.spawn_background(async move {
             let mut fresh = fresh;
             while let Some(m) = me.migration_of(guest) {
                 let answered = me.step(guest, &m, fresh).await.is_ok();
@@ -259,9 +250,6 @@ impl Manager {
             d.keys.remove(&guest);
             d.sent.remove(&guest);
         });
-        let mut tasks = self.background.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task.abort_handle());
     }
 
     fn migration_of(&self, guest: GuestId) -> Option<Migration> {
@@ -407,7 +395,7 @@ impl Manager {
                             Ok(CallOutcome::Done) => {}
                             // Completed: the target's copy is gone, so this
                             // one may run again.
-                            Ok(CallOutcome::Error { .. }) => {
+                            Ok(CallOutcome::MigrationCompleted) => {
                                 match call(m.source, MigrateCall::Resume, QUICK_BUDGET).await {
                                     Ok(CallOutcome::Done) => {}
                                     _ => return Err(()),

@@ -190,12 +190,7 @@ impl Manager {
         let (accepted, pending) = {
             let mut inv = self.lock();
             let mut g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
-            if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
-                return Err(ApiError::conflict(format!(
-                    "guest {} has operation {} ({}) in progress; wait for it",
-                    g.spec.name, op.id, op.kind
-                )));
-            }
+            Self::ensure_idle(&inv, &g)?;
             if matches!(g.state, GuestState::Creating | GuestState::Deleting | GuestState::Deleted) {
                 return Err(ApiError::conflict(format!("guest {} is {}", g.spec.name, g.state)));
             }
@@ -211,12 +206,8 @@ impl Manager {
             // Claimed under the inventory lock: the monitor never starts a
             // second, reconciling driver for an operation just begun.
             self.claim(g.id);
-            inv.active_ops.insert(g.id, op.id);
-            inv.ops.insert(op.id, op.clone());
-            inv.guests.insert(g.id, g.clone());
-            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 202);
-            let writes = vec![put(guest_key(g.id), &g), put(op_key(op.id), &op), audit];
-            (OperationAccepted { operation: op, guest: g.id }, self.persister().enqueue(writes))
+            let pending = self.record_guest_op(&mut inv, ctx, &g, &op);
+            (OperationAccepted { operation: op, guest: g.id }, pending)
         };
         self.notify_ops();
         if let Err(e) = pending.durable().await {
@@ -265,7 +256,7 @@ impl Manager {
     /// Drives the snapshot operation of a claimed `guest` until it is final.
     fn spawn_driver(self: &Arc<Self>, guest: GuestId, fresh: bool) {
         let me = self.clone();
-        let task = tokio::spawn(async move {
+        self.spawn_background(async move {
             let mut fresh = fresh;
             me.fail_without_snapshot(guest);
             while let Some((op, kind, snap)) = me.pending(guest) {
@@ -279,9 +270,6 @@ impl Manager {
             }
             me.release(guest);
         });
-        let mut tasks = self.background.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task.abort_handle());
     }
 
     /// The guest's snapshot operation in progress and the snapshot it works

@@ -292,11 +292,7 @@ impl QemuHypervisor {
             "running" => Ok(()),
             // Sent: the target may run the guest already. Only whoever knows
             // it does not may resume this copy (`resume`).
-            "postmigrate" => Err(HvError::InvalidState {
-                id,
-                op: "migrate_cancel (the migration completed)",
-                state: RuntimeState::Paused,
-            }),
+            "postmigrate" => Err(HvError::MigrationCompleted { id }),
             // A pause for the final round that the abort ended.
             _ => {
                 run.slot.execute(&dir, pid, "cont", None).await.map_err(backend(OP, id))?;
