@@ -212,10 +212,11 @@ fi
 
 # What the guest needs: virtio over PCI (pc/q35) and MMIO (microvm), disks,
 # NICs, the virtio console, the ACPI power button with evdev so that acpid
-# sees the button, and pvpanic (ISA, found through ACPI) so QEMU learns of a
-# kernel panic.
+# sees the button, pvpanic (ISA, found through ACPI) so QEMU learns of a
+# kernel panic, and virtio-rng: under TCG the kernel's own entropy takes
+# minutes to seed its generator, and /dev/urandom blocks until it has.
 wanted_modules="virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
-virtio_mmio virtio_blk virtio_net virtio_console button evdev pvpanic_mmio"
+virtio_mmio virtio_blk virtio_net virtio_console button evdev pvpanic_mmio virtio_rng"
 
 # The package ships no modules.dep (depmod runs at install time), so read
 # each module's own `depends=` from its .modinfo section. Modules load in

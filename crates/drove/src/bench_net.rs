@@ -154,8 +154,12 @@ pub async fn run(a: NetBench) -> Result<()> {
     sh(
         &c,
         SERVER,
-        &format!("mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1k count={kib} 2>/dev/null && httpd -p 8080 -h /tmp/www"),
-        120,
+        &format!(
+            "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=64k count={} 2>/dev/null && \
+             httpd -p 8080 -h /tmp/www",
+            kib / 64
+        ),
+        600,
     )
     .await?;
 

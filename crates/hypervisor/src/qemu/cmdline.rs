@@ -199,6 +199,9 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-display", "none".to_owned());
     push(&mut args, "-action", "panic=pause".to_owned());
     push(&mut args, "-device", "pvpanic".to_owned());
+    // Entropy from the host: a TCG guest's own takes minutes to seed its
+    // generator (getrandom and /dev/urandom wait for it).
+    push(&mut args, "-device", "virtio-rng-pci".to_owned());
 
     let bios_boot = spec.image.is_some();
     if !bios_boot {
