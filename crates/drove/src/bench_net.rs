@@ -156,7 +156,7 @@ pub async fn run(a: NetBench) -> Result<()> {
         SERVER,
         &format!(
             "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=64k count={} 2>/dev/null && \
-             httpd -p 8080 -h /tmp/www",
+             httpd -p 8080 -h /tmp/www </dev/null >/dev/null 2>&1",
             kib / 64
         ),
         600,

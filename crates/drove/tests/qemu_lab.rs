@@ -316,7 +316,7 @@ fn vlans_span_hosts_and_isolate_guests() {
     let (code, sum) = lab.sh(
         "b1",
         "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1k count=1024 2>/dev/null && \
-         httpd -p 8080 -h /tmp/www && sha256sum < /tmp/www/blob",
+         httpd -p 8080 -h /tmp/www </dev/null >/dev/null 2>&1 && sha256sum < /tmp/www/blob",
     );
     assert_eq!(code, 0, "{sum}");
     let (code, got) = lab.sh("a1", &format!("wget -q -O - http://{b1}:8080/blob | sha256sum"));
@@ -452,7 +452,7 @@ fn uplink_shares_hold_under_load() {
     for g in ["s-lim", "s-free"] {
         let (code, out) = lab.sh(
             g,
-            &format!("mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1k count={} 2>/dev/null && httpd -p 8080 -h /tmp/www", BYTES >> 10),
+            &format!("mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/blob bs=1k count={} 2>/dev/null && httpd -p 8080 -h /tmp/www </dev/null >/dev/null 2>&1", BYTES >> 10),
         );
         assert_eq!(code, 0, "{out}");
     }
