@@ -95,6 +95,22 @@ pub struct Allocation {
     pub nic_bps: u64,
 }
 
+impl Allocation {
+    /// Reserves what a guest of `spec` takes.
+    fn hold(&mut self, spec: &drove_model::GuestSpec) {
+        self.vcpus += spec.vcpus;
+        self.memory += spec.memory.bytes();
+        self.nic_bps += spec.nic_reservation();
+    }
+
+    /// Gives back what [`Allocation::hold`] reserved.
+    fn release(&mut self, spec: &drove_model::GuestSpec) {
+        self.vcpus = self.vcpus.saturating_sub(spec.vcpus);
+        self.memory = self.memory.saturating_sub(spec.memory.bytes());
+        self.nic_bps = self.nic_bps.saturating_sub(spec.nic_reservation());
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Inventory {
     pub hosts: HashMap<HostId, HostEntry>,
@@ -193,16 +209,11 @@ impl Inventory {
         self.guest_names.insert(g.spec.name.clone(), g.id);
         self.by_host.entry(g.host).or_default().insert(g.id);
         let a = self.allocated.entry(g.host).or_default();
-        a.vcpus += g.spec.vcpus;
-        a.memory += g.spec.memory.bytes();
+        a.hold(&g.spec);
         a.guests += 1;
-        a.nic_bps += g.spec.nic_reservation();
         // A migration holds its room on the target until it ends.
         if let Some(m) = g.migration.as_ref().filter(|m| m.target != g.host) {
-            let t = self.allocated.entry(m.target).or_default();
-            t.vcpus += g.spec.vcpus;
-            t.memory += g.spec.memory.bytes();
-            t.nic_bps += g.spec.nic_reservation();
+            self.allocated.entry(m.target).or_default().hold(&g.spec);
         }
         for nic in &g.spec.nics {
             self.macs.insert(nic.mac.clone());
@@ -219,17 +230,13 @@ impl Inventory {
             set.remove(&g.id);
         }
         if let Some(a) = self.allocated.get_mut(&g.host) {
-            a.vcpus = a.vcpus.saturating_sub(g.spec.vcpus);
-            a.memory = a.memory.saturating_sub(g.spec.memory.bytes());
+            a.release(&g.spec);
             a.guests = a.guests.saturating_sub(1);
-            a.nic_bps = a.nic_bps.saturating_sub(g.spec.nic_reservation());
         }
         if let Some(m) = g.migration.as_ref().filter(|m| m.target != g.host)
             && let Some(t) = self.allocated.get_mut(&m.target)
         {
-            t.vcpus = t.vcpus.saturating_sub(g.spec.vcpus);
-            t.memory = t.memory.saturating_sub(g.spec.memory.bytes());
-            t.nic_bps = t.nic_bps.saturating_sub(g.spec.nic_reservation());
+            t.release(&g.spec);
         }
         for nic in &g.spec.nics {
             self.macs.remove(&nic.mac);

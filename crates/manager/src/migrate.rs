@@ -35,7 +35,7 @@ use std::time::Duration;
 use drove_api::{AgentCallKind, CallOutcome, MigrateCall, MigrateRequest, ObservedState, OperationAccepted};
 use drove_model::migration::{
     DiskTransfer, Migration, MigrationEvent, MigrationKey, MigrationProgress, MigrationResult, MigrationState,
-    MigrationStats, Outgoing, TransferPhase,
+    Outgoing, TransferPhase,
 };
 use drove_model::operation::OperationEvent;
 use drove_model::{GuestId, GuestState, HostId, OperationId, OperationKind, OperationState};
@@ -63,8 +63,9 @@ pub struct Drivers {
     keys: HashMap<GuestId, MigrationKey>,
     /// Operations the operator asked to cancel.
     cancelled: std::collections::HashSet<OperationId>,
-    /// The stats of a completed send, until the commit records them.
-    sent: HashMap<GuestId, MigrationStats>,
+    /// Why a send failed, for the rollback's reason (kept across the
+    /// reconciliation's retries).
+    send_errors: HashMap<GuestId, String>,
     /// Drain operations a task of this manager drives.
     pub(crate) draining: std::collections::HashSet<OperationId>,
 }
@@ -248,7 +249,7 @@ impl Manager {
             let mut d = me.drivers();
             d.driving.remove(&guest);
             d.keys.remove(&guest);
-            d.sent.remove(&guest);
+            d.send_errors.remove(&guest);
         });
     }
 
@@ -315,7 +316,6 @@ impl Manager {
                 let budget = Duration::from_secs(6 * 3600);
                 match call(m.source, MigrateCall::Send { outgoing }, budget).await {
                     Ok(CallOutcome::Sent { stats }) => {
-                        self.drivers().sent.insert(guest, stats);
                         self.transition(
                             guest,
                             m,
@@ -332,7 +332,7 @@ impl Manager {
                     Ok(other) => {
                         tracing::warn!(%guest, answer = ?other, "the send failed; reconciling");
                         if let CallOutcome::Error { message } = &other {
-                            self.note_error(guest, message);
+                            self.drivers().send_errors.insert(guest, message.clone());
                         }
                         self.reconcile_send(guest, m).await
                     }
@@ -429,11 +429,8 @@ impl Manager {
                 let why = if self.drivers().cancelled.contains(&m.op) {
                     "cancelled by the operator".to_owned()
                 } else {
-                    self.lock()
-                        .guests
-                        .get(&guest)
-                        .and_then(|g| g.last_error.clone())
-                        .unwrap_or_else(|| "the transfer failed".into())
+                    let error = self.drivers().send_errors.get(&guest).cloned();
+                    error.map_or_else(|| "the transfer failed".into(), |e| format!("migration: {e}"))
                 };
                 self.abort(guest, m, &why).await
             }
@@ -467,12 +464,6 @@ impl Manager {
         }
     }
 
-    fn note_error(&self, guest: GuestId, message: &str) {
-        if let Some(g) = self.lock().guests.get_mut(&guest) {
-            g.last_error = Some(format!("migration: {message}"));
-        }
-    }
-
     /// Before the commit: roll back, recording why.
     async fn abort(&self, guest: GuestId, m: &Migration, why: &str) -> Result<(), ()> {
         tracing::warn!(%guest, reason = why, "migration rolls back");
@@ -483,7 +474,9 @@ impl Manager {
 
     /// The target runs the guest: it is the target's now.
     async fn commit(&self, guest: GuestId, m: &Migration, resumed_at_us: Option<u64>) {
-        let stats = m.stats.or_else(|| self.drivers().sent.get(&guest).copied());
+        // Recorded with the `sent` step; absent when the send's answer was
+        // lost and the target was found running instead.
+        let stats = m.stats;
         let (from, to) = {
             let inv = self.lock();
             let name = |h: HostId| inv.hosts.get(&h).map(|e| e.info.name.clone()).unwrap_or_else(|| h.to_string());
