@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::bench::percentile;
 use crate::bench_boot::BenchLab;
+use crate::bench_net::wait_booted;
 use crate::{Format, OutputArgs};
 
 #[derive(Debug, Args)]
@@ -62,18 +63,6 @@ struct DrainFigures {
     guests: usize,
     seconds: f64,
     spread: Vec<(String, usize)>,
-}
-
-async fn wait_booted(c: &Client, guest: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let req = ExecRequest { command: vec!["true".into()], input: None, timeout_secs: Some(10) };
-    while c.exec(guest, &req).await.map(|r| r.exit_code).ok() != Some(0) {
-        if Instant::now() > deadline {
-            bail!("guest {guest} did not answer within 180 s");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    Ok(())
 }
 
 async fn create(c: &Client, name: &str, memory: ByteSize, host: &str) -> Result<()> {

@@ -66,7 +66,8 @@ async fn sh(c: &Client, guest: &str, script: &str, timeout_secs: u64) -> Result<
     Ok(r.stdout)
 }
 
-async fn wait_booted(c: &Client, guest: &str) -> Result<()> {
+/// Waits until the guest's agent runs a command (it has booted).
+pub(crate) async fn wait_booted(c: &Client, guest: &str) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     while sh(c, guest, "true", 10).await.is_err() {
         if std::time::Instant::now() > deadline {

@@ -384,6 +384,9 @@ impl Outbound<'_> {
         cancel: &std::sync::atomic::AtomicBool,
     ) -> Result<MigrationStats, QemuError> {
         let started = Instant::now();
+        // QMP stamps events with the wall clock.
+        let started_us =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         let cancelled = || cancel.load(Ordering::SeqCst);
         let gave_up = || QemuError::UnexpectedRunState { status: "cancelled".into(), after: "a cancel request" };
         let mut tls_creds = None;
@@ -522,11 +525,6 @@ impl Outbound<'_> {
             tokio::time::sleep(if mirror && near_end { FAST_POLL } else { POLL }).await;
         };
         self.remove_nbd_nodes().await;
-        let started_us = u64::try_from(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros(),
-        )
-        .unwrap_or(0)
-        .saturating_sub(started.elapsed().as_micros() as u64);
         // This migration's pause: a STOP seen since it began.
         let stopped_at_us = self.slot.qmp.as_ref().and_then(|(_, c)| c.last_seen("STOP")).filter(|t| *t >= started_us);
         let stats = MigrationStats {
