@@ -544,7 +544,7 @@ impl Agent {
                 if let Err(e) = self.attach_nics(guest, &spec).await {
                     return err(&e);
                 }
-                let ports = (free_port(listen), free_port(listen));
+                let ports = (drove_net::cmd::free_port(listen), drove_net::cmd::free_port(listen));
                 let (Ok(port), Ok(nbd_port)) = ports else {
                     return CallOutcome::Error { message: format!("no free port on migration address {listen}") };
                 };
@@ -647,11 +647,6 @@ impl Agent {
         };
         result.unwrap_or_else(|e| CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) })
     }
-}
-
-/// A port free on `addr` now (the caller binds it soon after).
-fn free_port(addr: std::net::IpAddr) -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind((addr, 0))?.local_addr()?.port())
 }
 
 /// The causes of an error, joined, for one-line messages.

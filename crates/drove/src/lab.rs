@@ -165,11 +165,6 @@ fn signal(pid: u32, sig: &str) {
         std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(Stdio::null()).status();
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
 fn spawn(dir: &Path, log: &str, netns: Option<&str>, args: &[String]) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let logs = dir.join("logs");
@@ -243,10 +238,6 @@ pub async fn up(a: UpArgs) -> Result<()> {
     if netns && a.hosts > fabric::MAX_HOSTS {
         bail!("--net netns supports at most {} hosts, got {}", fabric::MAX_HOSTS, a.hosts);
     }
-    let port = match a.port {
-        Some(p) => p,
-        None => free_port()?,
-    };
     let backend = match a.backend {
         Backend::Qemu => "qemu",
         Backend::Sim => "sim",
@@ -262,6 +253,10 @@ pub async fn up(a: UpArgs) -> Result<()> {
         f.manager_ip()
     } else {
         std::net::Ipv4Addr::LOCALHOST
+    };
+    let port = match a.port {
+        Some(p) => p,
+        None => drove_net::cmd::free_port(listen.into()).context("finding a free port for the manager")?,
     };
     let endpoint = format!("http://{listen}:{port}");
     lab.endpoint = endpoint.clone();

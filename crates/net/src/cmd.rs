@@ -60,3 +60,8 @@ pub fn devices() -> std::io::Result<Vec<String>> {
 pub fn device_exists(name: &str) -> bool {
     devices().is_ok_and(|d| d.iter().any(|n| n == name))
 }
+
+/// A TCP port free on `addr` now (the caller binds it soon after).
+pub fn free_port(addr: std::net::IpAddr) -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((addr, 0))?.local_addr()?.port())
+}
