@@ -7,6 +7,22 @@
 //! delays heartbeats or other guests. Every action is idempotent, so after
 //! an agent or manager restart the same loop simply carries on. A deleted
 //! guest is reported back as destroyed only after the hypervisor removed it.
+//!
+//! Each answered heartbeat renews the host's lease with the manager. An
+//! agent whose lease ran out and that cannot reach any of its isolation
+//! addresses is cut off: the manager will restart its guests elsewhere, so
+//! it fences itself — hard-stops every guest and starts none until it has
+//! the lease again (see docs/adr/0011-ha-leases-and-fencing.md):
+//!
+//! ```text
+//!   ┌────────┐ lease ran out and isolated ┌────────┐
+//!   │ Leased │ ─────────────────────────► │ Fenced │  kills any guest it runs
+//!   └────────┘ ◄───────────────────────── └────────┘
+//!        ▲        heartbeat answered          │
+//!        │   (lease ran out, not isolated:    │
+//!        └──  the manager is down; guests ◄───┘
+//!             keep running, none start)
+//! ```
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -43,6 +59,10 @@ pub struct AgentConfig {
     /// This host's migration network address: incoming migrations listen
     /// there. Without one the host takes no migrations.
     pub migration_address: Option<std::net::IpAddr>,
+    /// Addresses whose reachability tells a cut-off host from a dead
+    /// manager (a TCP connect that is answered, even refused, counts).
+    /// Empty: the manager's own address.
+    pub isolation_addresses: Vec<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -57,7 +77,27 @@ impl AgentConfig {
             network: Arc::new(NoNetwork),
             uplink_bps: None,
             migration_address: None,
+            isolation_addresses: Vec::new(),
         }
+    }
+}
+
+/// The host's lease, as far as this agent knows.
+#[derive(Debug, Default)]
+struct Lease {
+    /// What the manager grants per answered heartbeat; `None` until it said
+    /// (no fencing before the first registration).
+    duration: Option<Duration>,
+    /// Until when the last answered heartbeat holds it, counted from when
+    /// that heartbeat was sent (the manager counts from when it got it: a
+    /// little later, so the agent's view runs out first).
+    valid_until: Option<Instant>,
+    fenced: bool,
+}
+
+impl Lease {
+    fn expired(&self, now: Instant) -> bool {
+        self.duration.is_some() && self.valid_until.is_some_and(|t| now >= t)
     }
 }
 
@@ -114,6 +154,7 @@ pub struct Agent {
     reports: Arc<Mutex<Reports>>,
     wake: Arc<Notify>,
     actions: Mutex<HashMap<GuestId, JoinHandle<()>>>,
+    lease: Mutex<Lease>,
 }
 
 fn to_observed(s: &GuestStatus) -> ObservedGuest {
@@ -170,7 +211,118 @@ impl Agent {
             reports: Default::default(),
             wake: Arc::new(Notify::new()),
             actions: Mutex::new(HashMap::new()),
+            lease: Mutex::new(Lease::default()),
         })
+    }
+
+    fn lock_lease(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the agent has fenced itself (its guests are stopped and none
+    /// starts until the manager answers again).
+    pub fn fenced(&self) -> bool {
+        self.lock_lease().fenced
+    }
+
+    /// The manager answered a heartbeat sent at `sent`.
+    fn renewed(&self, sent: Instant, lease: Option<Duration>) {
+        let mut l = self.lock_lease();
+        if lease.is_some() {
+            l.duration = lease;
+        }
+        if let Some(d) = l.duration {
+            l.valid_until = Some(sent + d);
+        }
+        if l.fenced && !l.expired(Instant::now()) {
+            l.fenced = false;
+            tracing::warn!(host = %self.config.name, "lease regained; guests may start again");
+        }
+    }
+
+    /// Whether any isolation address answers.
+    async fn reachable(&self) -> bool {
+        let mut addrs = self.config.isolation_addresses.clone();
+        if addrs.is_empty()
+            && let Some(a) = manager_address(self.client.endpoint()).await
+        {
+            addrs.push(a);
+        }
+        for a in addrs {
+            let attempt = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(a)).await;
+            match attempt {
+                Ok(Ok(_)) => return true,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// The fencing watchdog: runs apart from the heartbeat loop, whose
+    /// requests may hang for as long as a cut link lets them.
+    async fn watch_lease(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        loop {
+            tick.tick().await;
+            let (expired, fenced) = {
+                let l = self.lock_lease();
+                (l.expired(Instant::now()), l.fenced)
+            };
+            if !expired {
+                warned = false;
+                continue;
+            }
+            if !fenced {
+                if self.reachable().await {
+                    if !warned {
+                        tracing::warn!(
+                            host = %self.config.name,
+                            "lease ran out but the network answers: the manager is down; guests keep running"
+                        );
+                        warned = true;
+                    }
+                    continue;
+                }
+                let mut l = self.lock_lease();
+                if !l.expired(Instant::now()) {
+                    continue; // renewed meanwhile
+                }
+                l.fenced = true;
+                drop(l);
+                tracing::error!(
+                    host = %self.config.name,
+                    "lease ran out and this host is cut off: fencing (hard-stopping every guest)"
+                );
+                for (_, h) in self.actions.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+                    h.abort();
+                }
+            }
+            // Fenced: nothing runs here, whatever an aborted action left.
+            self.stop_all().await;
+        }
+    }
+
+    async fn stop_all(&self) {
+        let Ok(list) = self.hv.list().await else { return };
+        for g in list.iter().filter(|g| matches!(g.state, RuntimeState::Running | RuntimeState::Paused)) {
+            match self.hv.stop(g.id, StopMode::Force).await {
+                Ok(()) => tracing::warn!(guest = %g.id, "fenced: guest hard-stopped"),
+                Err(e) => tracing::error!(guest = %g.id, error = %e, "fenced: cannot stop guest"),
+            }
+        }
+    }
+
+    /// Drops this host's copy of a guest that belongs elsewhere: forgotten
+    /// when its disks are on shared storage, destroyed when they are this
+    /// host's own (a migration's copy that lost).
+    async fn discard(&self, id: GuestId) -> Result<(), HvError> {
+        match self.hv.forget(id).await {
+            Err(HvError::Unsupported { .. }) => self.hv.destroy(id).await,
+            other => other,
+        }
     }
 
     async fn register(&self) -> Result<(HostId, Duration), AgentError> {
@@ -188,6 +340,9 @@ impl Agent {
             .register(&req)
             .await
             .map_err(|source| AgentError::Register { name: self.config.name.clone(), source })?;
+        if let Some(ms) = r.lease_ms {
+            self.lock_lease().duration = Some(Duration::from_millis(ms));
+        }
         Ok((r.host_id, Duration::from_millis(r.heartbeat_interval_ms.max(10))))
     }
 
@@ -200,6 +355,7 @@ impl Agent {
         if let Err(e) = self.config.network.prepare().await {
             tracing::error!(error = %e, cause = %source_chain(&e), "cannot set up the host network; guests' NICs may fail");
         }
+        let watchdog = tokio::spawn(self.clone().watch_lease());
         let mut backoff = Duration::from_millis(200);
         let mut registration: Option<(HostId, Duration)> = None;
         loop {
@@ -238,6 +394,7 @@ impl Agent {
                 _ = self.wake.notified() => {}
             }
         }
+        watchdog.abort();
         tracing::info!(host = %self.config.name, "agent stopping; guests keep running");
     }
 
@@ -278,6 +435,7 @@ impl Agent {
             !actions.is_empty()
         };
         let req = HeartbeatRequest { wait_ms: (!busy).then_some(interval.as_millis() as u64), ..req };
+        let sent = Instant::now();
         let resp = self.client.heartbeat(&req).await;
         let resp = match resp {
             Ok(r) => r,
@@ -294,6 +452,25 @@ impl Agent {
             for id in &destroyed {
                 r.destroyed.remove(id);
             }
+        }
+        self.renewed(sent, resp.lease_ms.map(Duration::from_millis));
+        if self.fenced() {
+            // Answered too late to hold the lease: still fenced.
+            return Ok(false);
+        }
+        for id in resp.forget {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let devices = me.nic_devices(id, 0..drove_model::guest::MAX_NICS);
+                let result = match me.discard(id).await {
+                    Ok(()) => me.config.network.detach(&devices).await.map_err(ActError::from),
+                    Err(e) => Err(e.into()),
+                };
+                match result {
+                    Ok(()) => tracing::info!(guest = %id, "forgot a guest that now runs on another host"),
+                    Err(e) => tracing::warn!(guest = %id, error = %e, "cannot forget a guest that moved away"),
+                }
+            });
         }
         for call in resp.calls {
             let me = self.clone();
@@ -548,12 +725,13 @@ impl Agent {
                 let (Ok(port), Ok(nbd_port)) = ports else {
                     return CallOutcome::Error { message: format!("no free port on migration address {listen}") };
                 };
+                let disks = drove_hypervisor::migration::DiskTransfer::for_storage(spec.storage);
                 let config = GuestConfig { id: guest, generation, spec: *spec };
                 let req = drove_hypervisor::migration::Incoming {
                     listen,
                     port,
                     nbd_port,
-                    disks: drove_hypervisor::migration::DiskTransfer::Mirror,
+                    disks,
                     key,
                 };
                 match self.hv.migrate_incoming(&config, &req).await {
@@ -605,7 +783,7 @@ impl Agent {
                 Err(e) => err(&e),
             },
             MigrateCall::Discard { nics } => {
-                let destroyed = match self.hv.destroy(guest).await {
+                let destroyed = match self.discard(guest).await {
                     Ok(()) | Err(HvError::NotFound { .. }) => Ok(()),
                     Err(e) => Err(e),
                 };
@@ -647,6 +825,19 @@ impl Agent {
         };
         result.unwrap_or_else(|e| CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) })
     }
+}
+
+/// The manager's socket address, from its endpoint URL
+/// (`http://host:port`).
+async fn manager_address(endpoint: &str) -> Option<std::net::SocketAddr> {
+    let rest = endpoint.split("://").nth(1).unwrap_or(endpoint);
+    let authority = rest.split('/').next()?;
+    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    tokio::net::lookup_host(with_port).await.ok()?.next()
 }
 
 /// The causes of an error, joined, for one-line messages.

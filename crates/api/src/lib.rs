@@ -55,6 +55,80 @@ pub struct HostView {
     pub orphans: u32,
 }
 
+/// What would happen to a host's guests if it failed now
+/// (`GET /v1/hosts/{host}/failover-plan`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FailoverPlanView {
+    pub host: String,
+    /// Guests that restart on survivors, highest priority first.
+    pub restarts: Vec<PlannedRestart>,
+    /// Guests that would not restart anywhere, and why.
+    pub stranded: Vec<StrandedGuest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlannedRestart {
+    pub guest: String,
+    pub to: String,
+    /// Boots in this wave (0 first): a survivor boots a few at a time.
+    pub wave: usize,
+    pub priority: u8,
+    /// Started there (`false`: moved stopped, as it is now or by its
+    /// restart policy).
+    pub start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StrandedGuest {
+    pub guest: String,
+    pub reason: String,
+}
+
+/// The high-availability settings (`GET`/`PUT /v1/settings/ha`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HaSettings {
+    /// Host failures the cluster keeps room to restart every guest after.
+    pub tolerate_failures: u32,
+    /// What a create or start that would eat into that reserve gets.
+    pub admission: Admission,
+}
+
+impl Default for HaSettings {
+    fn default() -> Self {
+        HaSettings { tolerate_failures: 0, admission: Admission::Refuse }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Admission {
+    /// Refused with the reason.
+    Refuse,
+    /// Accepted, with the reason logged and in the answer's warnings.
+    Warn,
+}
+
+impl std::str::FromStr for Admission {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "refuse" => Ok(Self::Refuse),
+            "warn" => Ok(Self::Warn),
+            other => Err(format!("unknown admission mode {other:?} (expected refuse or warn)")),
+        }
+    }
+}
+
+/// The HA reserve now: whether every guest could restart after the
+/// tolerated failures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HaStatus {
+    #[serde(flatten)]
+    pub settings: HaSettings,
+    /// `None`: the reserve holds; otherwise what would not restart.
+    pub shortfall: Option<String>,
+}
+
 /// Put a host into maintenance (no new guests) or take it out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MaintenanceRequest {
@@ -104,7 +178,8 @@ pub struct CreateGuestRequest {
     pub start: Option<bool>,
     #[serde(default)]
     pub load_profile: Option<LoadProfile>,
-    /// What to do when it crashes. Default: always restart (with backoff).
+    /// What to do when it stops unasked. Default: restart after a crash or
+    /// a host failure (`on_failure`).
     #[serde(default)]
     pub restart_policy: Option<RestartPolicy>,
     /// CPU, disk and NIC controls. Default: none.
@@ -114,6 +189,10 @@ pub struct CreateGuestRequest {
     /// overlay of it). Default: the built-in test image.
     #[serde(default)]
     pub image: Option<String>,
+    /// Where its disks live: `local` (default) or `shared` (the pool every
+    /// host sees: the guest restarts elsewhere if its host dies).
+    #[serde(default)]
+    pub storage: Option<drove_model::guest::Storage>,
 }
 
 /// Import a qcow2 file into the image pool (`POST /v1/images`).
@@ -140,6 +219,7 @@ impl CreateGuestRequest {
             restart_policy: None,
             limits: None,
             image: None,
+            storage: None,
         }
     }
 }
@@ -305,6 +385,12 @@ pub struct RegisterResponse {
     pub host_id: HostId,
     /// How often the agent should send heartbeats.
     pub heartbeat_interval_ms: u64,
+    /// How long each answered heartbeat keeps the host's lease, counted
+    /// by the agent from when it sent the heartbeat. An agent that cannot
+    /// renew in time fences itself: it hard-stops its guests and starts
+    /// none until it has the lease again.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
 }
 
 /// What an agent sees of one guest.
@@ -386,6 +472,15 @@ pub struct HeartbeatResponse {
     /// Requests the manager relays to this host (console, log, exec).
     #[serde(default)]
     pub calls: Vec<AgentCall>,
+    /// Guests this host still has that now live on another host (restarted
+    /// there after this host failed): drop what the host holds of them —
+    /// never their disks on shared storage.
+    #[serde(default)]
+    pub forget: Vec<GuestId>,
+    /// How long this answer keeps the host's lease (see
+    /// [`RegisterResponse::lease_ms`]).
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
 }
 
 /// A request relayed from the manager to an agent. Calls are not durable:

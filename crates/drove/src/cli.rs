@@ -311,9 +311,16 @@ pub struct CreateArgs {
     /// Create it stopped.
     #[arg(long)]
     pub stopped: bool,
-    /// When it crashes: `always` restart it (with backoff) or `never`.
-    #[arg(long, default_value = "always")]
+    /// When it stops unasked: `on-failure` restarts it after a crash (with
+    /// backoff) or when its host dies; `always` also when its OS powered it
+    /// off; `never` leaves it off.
+    #[arg(long, default_value = "on-failure")]
     pub restart: drove_model::RestartPolicy,
+    /// Where its disks live: `local` (its host's disks) or `shared` (the
+    /// pool every host sees: it restarts on another host if its host dies,
+    /// and migrates without copying disks).
+    #[arg(long, default_value = "local")]
+    pub storage: drove_model::guest::Storage,
     /// Cap CPU at this percent of one host core (50 = half a core).
     #[arg(long)]
     pub cpu_cap: Option<u32>,
@@ -610,6 +617,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 start: Some(!a.stopped),
                 load_profile: None,
                 restart_policy: Some(a.restart),
+                storage: Some(a.storage),
                 limits: Some(drove_model::ResourceLimits {
                     cpu_cap_percent: a.cpu_cap,
                     cpu_shares: a.cpu_shares,
@@ -675,7 +683,8 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("nics", s.nics.iter().map(nic_detail).collect::<Vec<_>>().join(", ")),
                     ("addresses", addresses),
                     ("priority", s.priority.0.to_string()),
-                    ("restart policy", format!("{:?}", g.guest.restart_policy).to_lowercase()),
+                    ("restart policy", g.guest.restart_policy.to_string()),
+                    ("storage", g.guest.spec.storage.to_string()),
                     ("limits", limits_summary(&s.limits)),
                     ("restarts", g.guest.restarts.to_string()),
                     (

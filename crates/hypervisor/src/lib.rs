@@ -327,9 +327,16 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
 
     async fn resume(&self, id: GuestId) -> Result<(), HvError>;
 
-    /// Stop the guest if needed and remove its definition and disks.
-    /// Destroying an unknown guest succeeds.
+    /// Stop the guest if needed and remove its definition and disks, on
+    /// shared storage too. Destroying an unknown guest succeeds.
     async fn destroy(&self, id: GuestId) -> Result<(), HvError>;
+
+    /// Drop this host's copy of a guest on shared storage that lives on
+    /// another host now (restarted there after this host failed, or
+    /// migrated): hard-stop it if it runs, remove its definition, keep its
+    /// disks. A guest with disks on this host is refused (`Unsupported`):
+    /// forgetting it would lose them. Forgetting an unknown guest succeeds.
+    async fn forget(&self, id: GuestId) -> Result<(), HvError>;
 
     async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError>;
 

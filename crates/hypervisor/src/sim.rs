@@ -281,6 +281,7 @@ pub fn sample_guest(n: u32) -> GuestConfig {
             limits: Default::default(),
             image: None,
             clone_of: None,
+            storage: Default::default(),
         },
     }
 }
@@ -795,6 +796,25 @@ impl Hypervisor for SimHypervisor {
     async fn destroy(&self, id: GuestId) -> Result<(), HvError> {
         let fault = self.begin(SimOp::Destroy, Some(id))?;
         let result = self.destroy_guest(id).await;
+        Self::finish(SimOp::Destroy, Some(id), fault, result)
+    }
+
+    async fn forget(&self, id: GuestId) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::Destroy, Some(id))?;
+        let local = self
+            .lock()
+            .guests
+            .get(&id)
+            .is_some_and(|g| g.config.spec.storage != drove_model::guest::Storage::Shared);
+        let result = if local {
+            Err(HvError::Unsupported {
+                op: "forget",
+                backend: HypervisorKind::Sim,
+                reason: format!("guest {id} has its disks on this host: forgetting it would lose them"),
+            })
+        } else {
+            self.destroy_guest(id).await
+        };
         Self::finish(SimOp::Destroy, Some(id), fault, result)
     }
 

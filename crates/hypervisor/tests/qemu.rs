@@ -164,6 +164,7 @@ fn guest(name: &str, disks: &[u64]) -> GuestConfig {
             limits: Default::default(),
             image: None,
             clone_of: None,
+            storage: Default::default(),
         },
     }
 }
@@ -1596,6 +1597,9 @@ impl Hypervisor for LabHypervisor {
     }
     async fn destroy(&self, id: GuestId) -> Result<(), HvError> {
         self.hv.destroy(id).await
+    }
+    async fn forget(&self, id: GuestId) -> Result<(), HvError> {
+        self.hv.forget(id).await
     }
     async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError> {
         self.hv.status(id).await

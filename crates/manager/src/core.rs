@@ -58,8 +58,16 @@ pub struct ManagerConfig {
     /// Where token files live.
     pub data_dir: PathBuf,
     pub heartbeat_interval: Duration,
-    /// A host not heard from for this long is marked down.
+    /// The lease each answered heartbeat gives a host: a host not heard
+    /// from for this long is down, and its agent, if it is only cut off,
+    /// fences itself (stops its guests).
     pub host_timeout: Duration,
+    /// Waited after a host's lease ran out before its guests restart
+    /// elsewhere: time for a cut-off agent to notice and stop them.
+    pub fencing_margin: Duration,
+    /// Failover restarts booting at once per surviving host, and in all.
+    pub failover_per_host: usize,
+    pub failover_total: usize,
     /// An operation not finished after this long fails (and rolls back).
     pub op_timeout: Duration,
     pub policy: Policy,
@@ -70,7 +78,10 @@ impl ManagerConfig {
         ManagerConfig {
             data_dir,
             heartbeat_interval: Duration::from_secs(1),
-            host_timeout: Duration::from_secs(10),
+            host_timeout: Duration::from_secs(6),
+            fencing_margin: Duration::from_secs(2),
+            failover_per_host: 2,
+            failover_total: 16,
             op_timeout: Duration::from_secs(600),
             policy: Policy::default(),
         }
@@ -717,8 +728,11 @@ impl Manager {
                 ));
             }
         }
-        if req.nics.len() > 8 {
-            return Err(ApiError::invalid("nics", format!("at most 8 NICs, got {}", req.nics.len())));
+        if req.nics.len() > drove_model::guest::MAX_NICS {
+            return Err(ApiError::invalid(
+                "nics",
+                format!("at most {} NICs, got {}", drove_model::guest::MAX_NICS, req.nics.len()),
+            ));
         }
         let mut nics: Vec<NicSpec> = Vec::with_capacity(req.nics.len());
         let mut taken: HashSet<String> = HashSet::new();
@@ -789,6 +803,7 @@ impl Manager {
             limits,
             image,
             clone_of: None,
+            storage: req.storage.unwrap_or_default(),
         };
         Ok((spec, pinned))
     }
@@ -892,7 +907,11 @@ impl Manager {
             template: false,
             migration: None,
             last_migration: None,
+            last_failover: None,
         };
+        if guest.intent == PowerIntent::Running {
+            self.ha_admit(inv, &guest, true)?;
+        }
         let host_name = inv.hosts.get(&host).map(|h| h.info.name.clone()).unwrap_or_default();
         let mut op = Self::new_op(OperationKind::CreateGuest, &guest, principal, "");
         op.step = match &guest.spec.clone_of {
@@ -987,7 +1006,10 @@ impl Manager {
                     )));
                 }
                 GuestAction::Start => {
-                    g.intent = PowerIntent::Running;
+                    if g.intent != PowerIntent::Running {
+                        g.intent = PowerIntent::Running;
+                        self.ha_admit(&inv, &g, false)?;
+                    }
                     match g.state {
                         GuestState::Running | GuestState::Starting => (OperationKind::StartGuest, true),
                         GuestState::Stopped | GuestState::Crashed | GuestState::Failed => {
@@ -1107,8 +1129,12 @@ impl Manager {
                     .find_vlan(&nic.vlan)
                     .ok_or_else(|| ApiError::invalid("add_nic.vlan", format!("VLAN {:?} does not exist", nic.vlan)))?
                     .clone();
-                if g.spec.nics.len() >= 8 {
-                    return Err(ApiError::conflict(format!("guest {} already has 8 NICs", g.spec.name)));
+                if g.spec.nics.len() >= drove_model::guest::MAX_NICS {
+                    return Err(ApiError::conflict(format!(
+                        "guest {} already has {} NICs",
+                        g.spec.name,
+                        drove_model::guest::MAX_NICS
+                    )));
                 }
                 let rate_bps = Self::check_nic_rate("add_nic.rate_bps", nic.rate_bps)?;
                 let address = inv.assign_address(&vlan, nic.ip, &[]).map_err(|e| ipam_error("add_nic", e))?;
@@ -1267,16 +1293,21 @@ impl Manager {
         // A registration of a known host is a new agent: the calls the old
         // one had are lost with it.
         self.fail_calls_to(id, "the host's agent restarted before answering");
-        Ok(RegisterResponse { host_id: id, heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64 })
+        Ok(RegisterResponse {
+            host_id: id,
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            lease_ms: Some(self.config.host_timeout.as_millis() as u64),
+        })
     }
 
     pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, ApiError> {
-        let (pending, notify, poke) = {
+        let (pending, notify, poke, forget) = {
             let mut inv = self.lock();
             let inv = &mut *inv;
             let host =
                 inv.hosts.get_mut(&req.host_id).ok_or_else(|| ApiError::not_found("host", &req.host_id.to_string()))?;
             host.last_seen = Some(Instant::now());
+            host.failed_at = None;
             let poke = host.poke.clone();
             let mut w = Writes::default();
             let next = host.info.state.apply(HostEvent::HeartbeatBack).unwrap_or(host.info.state);
@@ -1287,6 +1318,23 @@ impl Manager {
             }
             let mine = inv.by_host.get(&req.host_id).cloned().unwrap_or_default();
             host.orphans = req.guests.iter().filter(|o| !mine.contains(&o.id)).count() as u32;
+            // Guests this host still has that were restarted elsewhere.
+            let forget: Vec<GuestId> = req
+                .guests
+                .iter()
+                .filter(|o| !mine.contains(&o.id))
+                .filter(|o| {
+                    inv.guests.get(&o.id).is_some_and(|g| {
+                        g.host != req.host_id
+                            && g.migration.is_none()
+                            && g.spec.storage == drove_model::guest::Storage::Shared
+                    })
+                })
+                .map(|o| o.id)
+                .collect();
+            if let Some(h) = inv.hosts.get_mut(&req.host_id) {
+                h.orphans -= forget.len() as u32;
+            }
             for id in &req.destroyed {
                 if mine.contains(id) {
                     finish_delete(inv, *id, &mut w);
@@ -1315,7 +1363,7 @@ impl Manager {
             for id in &mine {
                 advance(inv, *id, observed.get(id).copied(), &mut w);
             }
-            (self.persister.enqueue(w.ops), w.ops_changed, poke)
+            (self.persister.enqueue(w.ops), w.ops_changed, poke, forget)
         };
         if notify {
             self.notify_ops();
@@ -1335,7 +1383,12 @@ impl Manager {
             (Self::desired_for(&inv, req.host_id), self.persister.barrier())
         };
         durable.durable().await?;
-        Ok(HeartbeatResponse { guests, calls })
+        Ok(HeartbeatResponse {
+            guests,
+            calls,
+            forget,
+            lease_ms: Some(self.config.host_timeout.as_millis() as u64),
+        })
     }
 
     /// What `host` should run, as its agent is told.
@@ -1589,6 +1642,7 @@ impl Manager {
                     inv.poke(g.host);
                 }
             }
+            self.failover_pass(inv, &mut w);
             let n = w.ops.len();
             (self.persister.enqueue(w.ops), n, went_down)
         };
@@ -1635,9 +1689,9 @@ pub enum GuestAction {
 
 /// Store writes collected while handling one request.
 #[derive(Debug, Default)]
-struct Writes {
-    ops: Vec<Op>,
-    ops_changed: bool,
+pub(crate) struct Writes {
+    pub(crate) ops: Vec<Op>,
+    pub(crate) ops_changed: bool,
 }
 
 fn desired_state(g: &Guest) -> DesiredState {
@@ -1649,7 +1703,7 @@ fn desired_state(g: &Guest) -> DesiredState {
     }
 }
 
-fn apply(g: &mut Guest, e: GuestEvent) -> bool {
+pub(crate) fn apply(g: &mut Guest, e: GuestEvent) -> bool {
     match g.state.apply(e) {
         Ok(next) => {
             tracing::debug!(guest = %g.spec.name, from = %g.state, to = %next, event = ?e, "guest transition");
@@ -1676,7 +1730,13 @@ fn progress_op(inv: &mut Inventory, guest: GuestId, step: &str, progress: u8, w:
     }
 }
 
-fn finish_op(inv: &mut Inventory, guest: GuestId, event: OperationEvent, error: Option<String>, w: &mut Writes) {
+pub(crate) fn finish_op(
+    inv: &mut Inventory,
+    guest: GuestId,
+    event: OperationEvent,
+    error: Option<String>,
+    w: &mut Writes,
+) {
     let Some(op_id) = inv.active_ops.get(&guest).copied() else { return };
     let Some(op) = inv.ops.get_mut(&op_id) else { return };
     match op.state.apply(event) {
@@ -1789,6 +1849,9 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
             (GuestState::Starting, Some(ObservedState::Running)) => {
                 apply(&mut g, GuestEvent::Started);
                 g.last_error = None;
+                if let Some(f) = g.last_failover.as_mut().filter(|f| f.running_ms.is_none()) {
+                    f.running_ms = Some(crate::now_ms());
+                }
                 if matches!(
                     active_kind(inv, id),
                     Some((OperationKind::CreateGuest | OperationKind::StartGuest, OperationState::Running))
@@ -1801,9 +1864,15 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
                 return;
             }
             (GuestState::Running, Some(ObservedState::Stopped)) => {
-                // The guest OS powered itself off: respect that.
                 apply(&mut g, GuestEvent::Stopped);
-                g.intent = PowerIntent::Stopped;
+                if g.restart_policy == RestartPolicy::Always {
+                    // Its policy wants it up whatever stopped it.
+                    apply(&mut g, GuestEvent::Start);
+                    g.last_error = Some("powered itself off; started again (restart policy always)".into());
+                } else {
+                    // The guest OS powered itself off: respect that.
+                    g.intent = PowerIntent::Stopped;
+                }
                 g.generation += 1;
             }
             (GuestState::Running, Some(ObservedState::Crashed) | None) => {
@@ -1811,7 +1880,7 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
                 g.last_error = Some(if obs.is_none() { "vanished from its host".into() } else { "crashed".into() });
             }
             (GuestState::Crashed, _) if g.intent == PowerIntent::Running => match g.restart_policy {
-                RestartPolicy::Always => {
+                RestartPolicy::Always | RestartPolicy::OnFailure => {
                     apply(&mut g, GuestEvent::Start);
                     g.generation += 1;
                 }

@@ -36,6 +36,9 @@ pub fn audit_key(seq: u64) -> String {
 pub fn image_key(name: &str) -> String {
     format!("images/{name}")
 }
+/// The HA settings' one record.
+pub const HA_SETTINGS_KEY: &str = "settings/ha";
+
 pub fn token_key(hash: &str) -> String {
     format!("tokens/{hash}")
 }
@@ -77,11 +80,14 @@ pub struct HostEntry {
     pub orphans: u32,
     /// Wakes this host's long-polling heartbeat when its desired state changes.
     pub poke: std::sync::Arc<tokio::sync::Notify>,
+    /// When this process began restarting the host's guests elsewhere
+    /// (Unix milliseconds); cleared when the host is heard from again.
+    pub failed_at: Option<u64>,
 }
 
 impl HostEntry {
     pub fn new(info: HostInfo) -> Self {
-        HostEntry { info, last_seen: None, orphans: 0, poke: Default::default() }
+        HostEntry { info, last_seen: None, orphans: 0, poke: Default::default(), failed_at: None }
     }
 }
 
@@ -135,6 +141,7 @@ pub struct Inventory {
     pub force_stop: HashSet<GuestId>,
     /// Resources held on each host by the guests placed there.
     pub allocated: HashMap<HostId, Allocation>,
+    pub ha: drove_api::HaSettings,
     /// Next audit sequence number.
     pub audit_seq: u64,
     /// Hash of the last audit record: the next one links to it.
@@ -189,6 +196,12 @@ impl Inventory {
         }
         for (_, t) in load_all::<TokenRecord>(store, "tokens/").await? {
             inv.tokens.insert(t.hash.clone(), t);
+        }
+        if let Some(kv) =
+            store.get(HA_SETTINGS_KEY).await.map_err(|source| LoadError::Store { prefix: HA_SETTINGS_KEY, source })?
+        {
+            inv.ha = serde_json::from_slice(&kv.value)
+                .map_err(|source| LoadError::Decode { key: kv.key.clone(), source })?;
         }
         let (audit, _) = store.list("audit/").await.map_err(|source| LoadError::Store { prefix: "audit/", source })?;
         inv.audit_seq =

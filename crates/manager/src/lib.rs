@@ -23,6 +23,7 @@ pub mod auth;
 pub mod clones;
 pub mod core;
 pub mod drain;
+pub mod failover;
 pub mod http;
 pub mod inventory;
 pub mod migrate;

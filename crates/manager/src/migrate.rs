@@ -275,9 +275,9 @@ impl Manager {
                 else {
                     return Ok(());
                 };
-                // The target gets empty disks that the mirror fills: not a
-                // clone of anything there (a template's overlay arrives as
-                // a standalone disk).
+                // The target gets empty disks that the mirror fills (or
+                // links the shared ones): not a clone of anything there (a
+                // template's overlay arrives as a standalone disk).
                 let spec = drove_model::GuestSpec { clone_of: None, ..spec };
                 let prepare = MigrateCall::Prepare { generation, spec: Box::new(spec), key: Some(key) };
                 match call(m.target, prepare, PREPARE_BUDGET).await {
@@ -302,11 +302,12 @@ impl Manager {
                 let (true, Some(key), Some(target)) = (fresh && !cancelled, key, m.listen) else {
                     return self.reconcile_send(guest, m).await;
                 };
+                let storage = self.lock().guests.get(&guest).map(|g| g.spec.storage).unwrap_or_default();
                 let outgoing = Outgoing {
                     target,
                     port: m.port,
                     nbd_port: m.nbd_port,
-                    disks: DiskTransfer::Mirror,
+                    disks: DiskTransfer::for_storage(storage),
                     key: Some(key),
                     downtime_limit_ms: m.downtime_limit_ms,
                     max_bandwidth: m.max_bandwidth,

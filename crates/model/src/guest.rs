@@ -170,6 +170,9 @@ impl ResourceLimits {
     }
 }
 
+/// The most NICs a guest has.
+pub const MAX_NICS: usize = 8;
+
 /// What a guest is made of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuestSpec {
@@ -192,6 +195,49 @@ pub struct GuestSpec {
     /// overlays of `image`).
     #[serde(default)]
     pub clone_of: Option<CloneSource>,
+    /// Where its disks live.
+    #[serde(default)]
+    pub storage: Storage,
+}
+
+/// Where a guest's disks live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// On its host's own disks: a live migration mirrors them to the
+    /// target, and if the host dies the guest waits for it to come back.
+    #[default]
+    Local,
+    /// On the pool every host sees (NFS or a SAN in production, a shared
+    /// directory in the lab): a migration copies no disk, and if its host
+    /// dies the guest restarts on a survivor.
+    Shared,
+}
+
+impl Storage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Storage::Local => "local",
+            Storage::Shared => "shared",
+        }
+    }
+}
+
+impl std::fmt::Display for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Storage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(Self::Local),
+            "shared" => Ok(Self::Shared),
+            other => Err(format!("unknown storage {other:?} (expected local or shared)")),
+        }
+    }
 }
 
 /// The disks a clone is provisioned from (see [`GuestSpec::clone_of`]).
@@ -226,15 +272,42 @@ impl CloneSource {
     }
 }
 
-/// What a guest's host does when the guest dies without being asked to.
+/// What happens when a guest stops without being asked to: it crashed,
+/// its host died, or its own OS powered it off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RestartPolicy {
-    /// Restart it, with exponential backoff between crashes.
-    #[default]
+    /// Restart it after a crash or a host failure (with exponential backoff
+    /// between crashes), and also when its OS powered itself off.
     Always,
-    /// Leave it crashed (and stopped) for the operator.
+    /// Restart it after a crash or a host failure; a guest whose OS powered
+    /// itself off stays off.
+    #[default]
+    OnFailure,
+    /// Leave it crashed (and stopped) for the operator, also after a host
+    /// failure.
     Never,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+
+    /// Whether a guest that died with its host, or crashed, comes back.
+    pub fn restarts_after_failure(self) -> bool {
+        self != RestartPolicy::Never
+    }
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl std::str::FromStr for RestartPolicy {
@@ -242,8 +315,9 @@ impl std::str::FromStr for RestartPolicy {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "always" => Ok(Self::Always),
+            "on-failure" | "on_failure" => Ok(Self::OnFailure),
             "never" => Ok(Self::Never),
-            other => Err(format!("unknown restart policy {other:?} (expected always or never)")),
+            other => Err(format!("unknown restart policy {other:?} (expected always, on-failure or never)")),
         }
     }
 }
@@ -430,6 +504,26 @@ pub struct Guest {
     /// on its disks.
     #[serde(default)]
     pub template: bool,
+    /// Its last restart on another host after its host failed.
+    #[serde(default)]
+    pub last_failover: Option<FailoverRecord>,
+}
+
+/// A guest's restart on a survivor after its host failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FailoverRecord {
+    /// The failed host's name.
+    pub from: String,
+    /// The survivor's name.
+    pub to: String,
+    /// When it was assigned to the survivor (Unix milliseconds).
+    pub at_ms: u64,
+    /// Milliseconds from the host's last heartbeat to the reassignment:
+    /// the lease running out plus the fencing margin.
+    pub detect_ms: u64,
+    /// When the survivor reported it running again (Unix milliseconds);
+    /// `None` while it boots, or when it was moved stopped.
+    pub running_ms: Option<u64>,
 }
 
 #[cfg(test)]

@@ -72,6 +72,16 @@ pub enum DiskTransfer {
     Mirror,
 }
 
+impl DiskTransfer {
+    /// How the disks of a guest on `storage` travel.
+    pub fn for_storage(storage: crate::guest::Storage) -> Self {
+        match storage {
+            crate::guest::Storage::Local => DiskTransfer::Mirror,
+            crate::guest::Storage::Shared => DiskTransfer::Shared,
+        }
+    }
+}
+
 /// What the target prepares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Incoming {

@@ -225,6 +225,113 @@ pub fn place(
         })
 }
 
+/// A guest of a failed host, to restart elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evacuee<G> {
+    pub guest: G,
+    pub request: Request,
+    /// Higher restarts first.
+    pub priority: u8,
+}
+
+/// Where the guests of a failed host restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartPlan<G> {
+    /// In restart order: highest priority first. `wave` counts the guests
+    /// placed on the same host before this one, divided by the per-host
+    /// limit: wave 0 boots at once, wave 1 when a host's wave 0 is up, ...
+    pub restarts: Vec<(G, HostId, usize)>,
+    /// Guests no survivor can hold, with the reason.
+    pub unplaced: Vec<(G, String)>,
+}
+
+/// Plan the restart of a failed host's guests on the `hosts` that survive
+/// (pass only those): highest priority first (then larger first, as in
+/// first-fit-decreasing), each onto the host that already got the fewest of
+/// them — so no two land together while another host could take one — and
+/// among those the one with the most free memory. `taken` counts guests
+/// each host already got in this failover (earlier passes); `per_host`
+/// sets the waves.
+pub fn plan_restarts<G: Clone>(
+    hosts: &[HostCapacity],
+    evacuees: &[Evacuee<G>],
+    taken: &std::collections::HashMap<HostId, usize>,
+    per_host: usize,
+    policy: &Policy,
+) -> RestartPlan<G> {
+    let mut hosts = hosts.to_vec();
+    let mut count: Vec<usize> = hosts.iter().map(|h| taken.get(&h.id).copied().unwrap_or(0)).collect();
+    let mut order: Vec<&Evacuee<G>> = evacuees.iter().collect();
+    order.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(b.request.memory.cmp(&a.request.memory))
+            .then(b.request.vcpus.cmp(&a.request.vcpus))
+    });
+    let mut plan = RestartPlan { restarts: Vec::new(), unplaced: Vec::new() };
+    for e in order {
+        let best = hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.misfit(&e.request, policy).is_none())
+            .min_by(|(i, a), (j, b)| {
+                count[*i].cmp(&count[*j]).then(b.free_memory().cmp(&a.free_memory())).then(a.id.cmp(&b.id))
+            })
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                let h = &mut hosts[i];
+                h.allocated_vcpus += e.request.vcpus;
+                h.allocated_memory = ByteSize(h.allocated_memory.bytes() + e.request.memory.bytes());
+                h.allocated_nic_bps += e.request.nic_bps;
+                plan.restarts.push((e.guest.clone(), h.id, count[i] / per_host.max(1)));
+                count[i] += 1;
+            }
+            None => {
+                let reason = match place(&hosts, e.request, None, policy) {
+                    Err(err) => err.to_string(),
+                    Ok(_) => "no surviving host fits it".to_owned(),
+                };
+                plan.unplaced.push((e.guest.clone(), reason));
+            }
+        }
+    }
+    plan
+}
+
+/// Whether the cluster keeps room to restart every guest after any
+/// `failures` hosts fail: the hosts holding the most memory are assumed
+/// lost (the worst case for memory, which is never overcommitted), and
+/// their `restartable` guests must fit on the rest. `Err` says which guest
+/// would not fit and why.
+pub fn check_reserve<G: Clone + std::fmt::Display>(
+    hosts: &[HostCapacity],
+    restartable: &std::collections::HashMap<HostId, Vec<Evacuee<G>>>,
+    failures: usize,
+    policy: &Policy,
+) -> Result<(), String> {
+    if failures == 0 {
+        return Ok(());
+    }
+    let mut by_load: Vec<&HostCapacity> = hosts.iter().collect();
+    by_load.sort_by(|a, b| b.allocated_memory.cmp(&a.allocated_memory).then(a.id.cmp(&b.id)));
+    if by_load.len() <= failures {
+        return Err(format!("{} hosts cannot tolerate {failures} host failures", by_load.len()));
+    }
+    let (lost, rest) = by_load.split_at(failures);
+    let survivors: Vec<HostCapacity> = rest.iter().map(|h| (*h).clone()).collect();
+    let evacuees: Vec<Evacuee<G>> =
+        lost.iter().flat_map(|h| restartable.get(&h.id).cloned().unwrap_or_default()).collect();
+    let plan = plan_restarts(&survivors, &evacuees, &Default::default(), 1, policy);
+    match plan.unplaced.first() {
+        None => Ok(()),
+        Some((g, why)) => {
+            let names: Vec<&str> = lost.iter().map(|h| h.name.as_str()).collect();
+            Err(format!("if {} failed, guest {g} could not restart: {why}", names.join(" and ")))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -294,6 +401,82 @@ mod tests {
         assert!(place(&hosts, unlimited, None, &Policy::default()).is_ok(), "best-effort NICs reserve nothing");
         let huge = Request { nic_bps: 2_000_000_000, ..req };
         assert!(matches!(place(&hosts, huge, None, &Policy::default()), Err(PlacementError::TooLarge { .. })));
+    }
+
+    fn evacuee(n: u32, mib: u64, priority: u8) -> Evacuee<u32> {
+        Evacuee { guest: n, request: Request { vcpus: 1, memory: ByteSize::mib(mib), nic_bps: 0 }, priority }
+    }
+
+    #[test]
+    fn restarts_spread_one_per_host_before_doubling_up() {
+        let hosts: Vec<HostCapacity> = (1..=3).map(|n| host(n, 8, 8)).collect();
+        let guests: Vec<Evacuee<u32>> = (0..6).map(|n| evacuee(n, 512, 50)).collect();
+        let plan = plan_restarts(&hosts, &guests, &Default::default(), 1, &Policy::default());
+        assert!(plan.unplaced.is_empty());
+        for h in &hosts {
+            assert_eq!(plan.restarts.iter().filter(|r| r.1 == h.id).count(), 2, "{plan:?}");
+        }
+        // One per host per wave.
+        assert_eq!(plan.restarts.iter().filter(|r| r.2 == 0).count(), 3);
+    }
+
+    #[test]
+    fn restarts_go_highest_priority_first_and_say_what_does_not_fit() {
+        let hosts = vec![host(1, 8, 1)];
+        let guests = vec![evacuee(1, 600, 10), evacuee(2, 600, 90)];
+        let plan = plan_restarts(&hosts, &guests, &Default::default(), 2, &Policy::default());
+        assert_eq!(plan.restarts, vec![(2, hosts[0].id, 0)]);
+        assert_eq!(plan.unplaced.len(), 1);
+        assert_eq!(plan.unplaced[0].0, 1);
+        assert!(plan.unplaced[0].1.contains("memory"), "{}", plan.unplaced[0].1);
+    }
+
+    #[test]
+    fn reserve_check_assumes_the_fullest_hosts_fail() {
+        let mut hosts: Vec<HostCapacity> = (1..=3).map(|n| host(n, 8, 4)).collect();
+        hosts[0].allocated_memory = ByteSize::gib(3);
+        hosts[1].allocated_memory = ByteSize::gib(2);
+        let mut on: std::collections::HashMap<HostId, Vec<Evacuee<u32>>> = Default::default();
+        on.insert(hosts[0].id, (0..3).map(|n| evacuee(n, 1024, 50)).collect());
+        on.insert(hosts[1].id, (3..5).map(|n| evacuee(n, 1024, 50)).collect());
+        // Losing h1 (3 GiB): 2 GiB free on h2 and 4 GiB on h3 hold it.
+        assert_eq!(check_reserve(&hosts, &on, 1, &Policy::default()), Ok(()));
+        // Losing h1 and h2 (5 GiB): h3 has 4 GiB.
+        let err = check_reserve(&hosts, &on, 2, &Policy::default()).expect_err("too little reserve");
+        assert!(err.contains("h1 and h2"), "{err}");
+        assert!(check_reserve(&hosts, &on, 3, &Policy::default()).is_err());
+    }
+
+    proptest! {
+        /// A restart plan never overcommits a survivor and places a guest
+        /// on a host that already got one only when every host that fits
+        /// it got as many.
+        #[test]
+        fn restart_plans_never_overcommit(
+            sizes in prop::collection::vec((1u32..4, 64u64..2048, 0u8..100), 1..40),
+            hosts_n in 1u8..6,
+        ) {
+            let policy = Policy::default();
+            let hosts: Vec<HostCapacity> = (1..=hosts_n).map(|n| host(n, 4, 4)).collect();
+            let guests: Vec<Evacuee<usize>> = sizes.iter().enumerate().map(|(i, &(vcpus, mib, priority))| Evacuee {
+                guest: i,
+                request: Request { vcpus, memory: ByteSize::mib(mib), nic_bps: 0 },
+                priority,
+            }).collect();
+            let plan = plan_restarts(&hosts, &guests, &Default::default(), 2, &policy);
+            prop_assert_eq!(plan.restarts.len() + plan.unplaced.len(), guests.len());
+            let mut held = hosts.clone();
+            for (g, h, _) in &plan.restarts {
+                let host = held.iter_mut().find(|x| x.id == *h).expect("a known host");
+                let req = guests[*g].request;
+                prop_assert!(host.misfit(&req, &policy).is_none());
+                host.allocated_vcpus += req.vcpus;
+                host.allocated_memory = ByteSize(host.allocated_memory.bytes() + req.memory.bytes());
+            }
+            // Priorities come in order.
+            let prios: Vec<u8> = plan.restarts.iter().map(|(g, _, _)| guests[*g].priority).collect();
+            prop_assert!(prios.windows(2).all(|w| w[0] >= w[1]));
+        }
     }
 
     proptest! {

@@ -301,6 +301,7 @@ mod tests {
                 limits: Default::default(),
                 image: None,
                 clone_of: None,
+                storage: Default::default(),
             },
         }
     }

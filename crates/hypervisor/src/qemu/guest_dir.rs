@@ -7,6 +7,9 @@
 //!   intent         "running" or "stopped": what we last asked for, so a
 //!                  QEMU that is gone can be told crashed from stopped
 //!   disk<N>.qcow2  the virtual disks, created by `create`
+//!   shared         for a guest on shared storage: a symlink to its
+//!                  directory on the shared pool, `<shared_dir>/<guest-id>/`,
+//!                  which holds its disks instead (`shared/disk<N>.qcow2`)
 //!   qemu.pid       written by QEMU (-pidfile) once it runs
 //!   qmp.sock       the QMP socket
 //!   console.sock   the serial console, for an interactive client
@@ -103,8 +106,39 @@ impl GuestDir {
     pub fn serial_log_path(&self) -> PathBuf {
         self.root.join("serial.log")
     }
+    /// Where disk `index` is: through the `shared` link for a guest on
+    /// shared storage. The link counts even when it dangles (the pool is
+    /// not mounted), so a missing pool fails loudly instead of a fresh
+    /// local disk appearing in its place.
     pub fn disk_path(&self, index: usize) -> PathBuf {
-        self.root.join(format!("disk{index}.qcow2"))
+        let name = format!("disk{index}.qcow2");
+        if self.is_shared() { self.shared_link().join(name) } else { self.root.join(name) }
+    }
+
+    pub fn shared_link(&self) -> PathBuf {
+        self.root.join("shared")
+    }
+
+    /// Whether the guest's disks live on shared storage.
+    pub fn is_shared(&self) -> bool {
+        std::fs::symlink_metadata(self.shared_link()).is_ok()
+    }
+
+    /// Links the guest's directory on the shared pool (made if missing),
+    /// idempotently.
+    pub fn link_shared(&self, pool: &Path) -> Result<(), QemuError> {
+        let target = pool.join(self.id.to_string());
+        std::fs::create_dir_all(&target).map_err(|e| QemuError::io("creating", &target, e))?;
+        let link = self.shared_link();
+        match std::fs::read_link(&link) {
+            Ok(existing) if existing == target => Ok(()),
+            Ok(existing) => Err(QemuError::io(
+                "linking",
+                &link,
+                io::Error::other(format!("already links to {}, not {}", existing.display(), target.display())),
+            )),
+            Err(_) => std::os::unix::fs::symlink(&target, &link).map_err(|e| QemuError::io("linking", &link, e)),
+        }
     }
 
     /// Refuses a directory whose sockets the kernel could not bind.
@@ -234,6 +268,7 @@ mod tests {
                 limits: Default::default(),
                 image: None,
                 clone_of: None,
+                storage: Default::default(),
             },
         }
     }

@@ -4,7 +4,8 @@
 //! ```text
 //!  target                                   source
 //!  ──────                                   ──────
-//!  create (empty disks), launch
+//!  create (empty disks, or links to the
+//!    shared ones), launch
 //!    -incoming defer      (inmigrate)
 //!  [tls-creds-psk endpoint=server]
 //!  [nbd-server-start, block-export-add
@@ -101,14 +102,20 @@ impl QemuHypervisor {
     pub(super) async fn incoming(&self, config: &GuestConfig, req: &Incoming) -> Result<(), HvError> {
         const OP: &str = "migrate_incoming";
         let id = config.id;
-        if req.disks == DiskTransfer::Shared {
+        let shared = config.spec.storage == drove_model::guest::Storage::Shared;
+        if shared != (req.disks == DiskTransfer::Shared) {
             return Err(HvError::Unsupported {
                 op: OP,
                 backend: drove_model::HypervisorKind::Qemu,
-                reason: "disks on shared storage are not supported yet; mirror them".into(),
+                reason: format!(
+                    "guest {id} has its disks on {} storage: they must be {}",
+                    config.spec.storage,
+                    if shared { "shared, not mirrored" } else { "mirrored" }
+                ),
             });
         }
-        // Defines the guest and makes its (empty) disks, idempotently.
+        // Defines the guest and makes its (empty) disks, idempotently; a
+        // guest on shared storage links the disks its source runs on.
         crate::Hypervisor::create(self, config).await?;
         let guest = self.guest(id);
         let mut slot = guest.change().await;

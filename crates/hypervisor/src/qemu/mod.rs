@@ -126,6 +126,7 @@ use std::process::Stdio;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use drove_model::guest::Storage;
 use drove_model::{ByteSize, GuestId, HypervisorKind};
 use tokio::sync::{Mutex as AsyncMutex, OnceCell};
 
@@ -179,6 +180,11 @@ pub struct QemuConfig {
     /// share one kernel, and a migrating guest has a QEMU on two of them.
     /// `None` (one backend per machine): `drove/<guest-id>`.
     pub cgroup_scope: Option<String>,
+    /// The shared storage pool: a directory every host sees (NFS or a SAN
+    /// in production), holding `<guest-id>/disk<N>.qcow2` of guests whose
+    /// spec asks for shared storage. `None`: this host has no shared pool
+    /// and refuses such guests.
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -196,6 +202,7 @@ impl QemuConfig {
             qemu_img: "qemu-img".into(),
             extra_kernel_args: Vec::new(),
             cgroup_scope: None,
+            shared_dir: None,
         })
     }
 
@@ -423,7 +430,40 @@ impl QemuHypervisor {
 
     /// Forgets a destroyed guest's handle unless another call is waiting on
     /// it (that call will find the guest gone and say NotFound).
-    fn forget_guest(&self, id: GuestId, guest: &Arc<GuestHandle>) {
+    /// Ends the guest's QEMU and removes what this host holds of it; its
+    /// disks on the shared pool too only with `shared_disks`.
+    async fn remove(&self, id: GuestId, op: &'static str, shared_disks: bool) -> Result<(), HvError> {
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
+        let dir = self.dir(id);
+        // Works from the pid file alone, so that even a guest whose record
+        // is unreadable can be removed.
+        if let Some(pid) = live_pid(&dir) {
+            dir.write_intent(Intent::Stopped).map_err(backend(op, id))?;
+            terminate(&dir, &mut slot, pid).await.map_err(backend(op, id))?;
+        }
+        // Also after a crash that nobody observed. Before the directory
+        // goes, so that a failure leaves a guest to remove again.
+        limits::release(&dir).await.map_err(backend(op, id))?;
+        if shared_disks && let Ok(pool_dir) = std::fs::read_link(dir.shared_link()) {
+            match std::fs::remove_dir_all(&pool_dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(backend(op, id)(QemuError::io("removing", &pool_dir, e))),
+            }
+        }
+        // remove_dir_all does not follow the `shared` link.
+        match std::fs::remove_dir_all(dir.root()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(backend(op, id)(QemuError::io("removing", dir.root(), e))),
+        }
+        drop(slot);
+        self.drop_handle(id, &guest);
+        Ok(())
+    }
+
+    fn drop_handle(&self, id: GuestId, guest: &Arc<GuestHandle>) {
         let mut guests = self.inner.guests.lock().unwrap_or_else(PoisonError::into_inner);
         // Ours and the map's: nobody else holds it, and nobody can take it
         // while we hold the map lock.
@@ -863,6 +903,14 @@ impl Hypervisor for QemuHypervisor {
             return Ok(());
         }
         let qemu_img = &self.inner.config.qemu_img;
+        let shared = match config.spec.storage {
+            Storage::Local => None,
+            Storage::Shared => Some(self.inner.config.shared_dir.clone().ok_or_else(|| HvError::Unsupported {
+                op: "create",
+                backend: HypervisorKind::Qemu,
+                reason: format!("guest {id} asks for shared storage and this host has no shared pool"),
+            })?),
+        };
         // Before anything is made: a bad base leaves nothing behind.
         let mut config = config.clone();
         let base = match config.spec.image.clone() {
@@ -881,6 +929,16 @@ impl Hypervisor for QemuHypervisor {
         let created_dir = !dir.root().exists();
         std::fs::create_dir_all(dir.root())
             .map_err(|e| backend("create", id)(QemuError::io("creating", dir.root(), e)))?;
+        if let Some(pool) = &shared {
+            // Its disks may exist already: it ran on another host before
+            // (a failover or a migration), and they are kept as they are.
+            if let Err(e) = dir.link_shared(pool) {
+                if created_dir {
+                    let _ = std::fs::remove_dir_all(dir.root());
+                }
+                return Err(backend("create", id)(e));
+            }
+        }
         if let Some(from) = config.spec.clone_of.clone() {
             // Disks an interrupted clone left are of another instant: a
             // clone's disks are made together or not at all.
@@ -968,26 +1026,18 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn destroy(&self, id: GuestId) -> Result<(), HvError> {
-        let guest = self.guest(id);
-        let mut slot = guest.change().await;
-        let dir = self.dir(id);
-        // Works from the pid file alone, so that even a guest whose record
-        // is unreadable can be destroyed.
-        if let Some(pid) = live_pid(&dir) {
-            dir.write_intent(Intent::Stopped).map_err(backend("destroy", id))?;
-            terminate(&dir, &mut slot, pid).await.map_err(backend("destroy", id))?;
+        self.remove(id, "destroy", true).await
+    }
+
+    async fn forget(&self, id: GuestId) -> Result<(), HvError> {
+        if !self.dir(id).is_shared() && self.dir(id).root().exists() {
+            return Err(HvError::Unsupported {
+                op: "forget",
+                backend: HypervisorKind::Qemu,
+                reason: format!("guest {id} has its disks on this host: forgetting it would lose them"),
+            });
         }
-        // Also after a crash that nobody observed. Before the directory
-        // goes, so that a failure leaves a guest to destroy again.
-        limits::release(&dir).await.map_err(backend("destroy", id))?;
-        match std::fs::remove_dir_all(dir.root()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(backend("destroy", id)(QemuError::io("removing", dir.root(), e))),
-        }
-        drop(slot);
-        self.forget_guest(id, &guest);
-        Ok(())
+        self.remove(id, "forget", false).await
     }
 
     async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError> {
