@@ -6,12 +6,13 @@
 //! take a guest at all ([`Misfit`] says why not): the host accepts guests
 //! (powered on, schedulable), its capacity holds the guest in *every* time
 //! slot and every dimension (within the [`Limits`], which carry HA reserve
-//! and packing targets), a vCPU is not faster than the host's cores, no
-//! other member of the guest's anti-affinity group runs there, and no guest
-//! of another security tier does. Among the hosts that pass, a
-//! [`Strategy`] scores: most-packed (consolidate; prefers hosts where the
-//! guest raises the per-slot peak least, so complementary profiles share)
-//! or least-loaded (spread).
+//! and packing targets; a host already past a limit anywhere takes no
+//! guest, not even one that adds nothing there), a vCPU is not faster than
+//! the host's cores, no other member of the guest's anti-affinity group
+//! runs there, and no guest of another security tier does. Among the hosts
+//! that pass, a [`Strategy`] scores: most-packed (consolidate; prefers
+//! hosts where the guest raises the per-slot peak least, so complementary
+//! profiles share) or least-loaded (spread).
 //!
 //! Guests' data sits in one shared table and assignments in plain vectors,
 //! so cloning a cluster to try a plan is cheap and no plan touches the
@@ -723,17 +724,18 @@ impl Cluster {
         let hl = &self.load[hi * slots * DIMS..(hi + 1) * slots * DIMS];
         let held = self.held[hi];
         let extra = |d: usize| if d == MEM { held } else { 0 };
-        let (st, gpeak, garg) = (&self.stats[hi], &self.guests.peak[gi], &self.guests.argpeak[gi]);
+        let (st, garg) = (&self.stats[hi], &self.guests.argpeak[gi]);
         for d in 0..DIMS {
-            if gpeak[d] == 0 {
-                continue;
-            }
             // The likeliest slots to overflow: the host's peak and the
             // guest's peak. A hit there spares the pass over all slots.
+            // The host's peak counts even where the guest adds nothing: a
+            // host already past a limit (load observed above a target, or
+            // memory held for guests leaving it) would still be past it
+            // after the move, and a plan promises that every host it fills
+            // ends within the limits.
             for slot in [st.argpeak[d] as usize, garg[d] as usize] {
-                let add = u64::from(gd[slot * DIMS + d]);
-                let needed = hl[slot * DIMS + d] + extra(d) + add;
-                if add > 0 && needed > lim[d] {
+                let needed = hl[slot * DIMS + d] + extra(d) + u64::from(gd[slot * DIMS + d]);
+                if needed > lim[d] {
                     return Err(Misfit::Capacity { dim: Dim::ALL[d], slot, needed, limit: lim[d] });
                 }
             }
@@ -748,7 +750,7 @@ impl Cluster {
                 let b = hl[s * DIMS + d] + extra(d);
                 let add = u64::from(gd[s * DIMS + d]);
                 let a = b + add;
-                if a > lim[d] && add > 0 {
+                if a > lim[d] {
                     return Err(Misfit::Capacity { dim: Dim::ALL[d], slot: s, needed: a, limit: lim[d] });
                 }
                 before[d] = before[d].max(b);

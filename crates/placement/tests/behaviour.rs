@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 use drove_placement::{
-    BalanceParams, Cluster, ConsolidateParams, FailoverParams, Group, GuestIx, GuestSpec, HostIx, HostSpec, Limits,
-    Misfit, Mobility, MoveReason, PowerModel, PowerState, Profile, Resources, Strategy, Tier, cluster_headroom,
+    BalanceParams, Cluster, ConsolidateParams, Dim, FailoverParams, Group, GuestIx, GuestSpec, HostIx, HostSpec,
+    Limits, Misfit, Mobility, MoveReason, PowerModel, PowerState, Profile, Resources, Strategy, Tier, cluster_headroom,
     consolidate, failover, place_all, rebalance, what_if_add, what_if_lose,
 };
 
@@ -178,6 +178,41 @@ fn rebalancing_relieves_a_hot_host_with_the_cheapest_move_and_says_why() {
     assert!(plan.moves.is_empty());
     assert_eq!(plan.unresolved.len(), 1);
     assert!(plan.unresolved[0].1.contains("budget"), "{:?}", plan.unresolved);
+}
+
+#[test]
+fn a_host_past_its_target_in_one_dimension_receives_no_guest_even_one_that_leaves_it_alone() {
+    // "backup" keeps host "busy-disk" at 75 % of its disk bandwidth in the
+    // night slot: past the 70 % target, below the hot limit. The guest that
+    // relieves "hot" needs no disk at all, yet "busy-disk" may not take it:
+    // a receiver ends within the target everywhere, or receives nothing.
+    let backup = GuestSpec {
+        demand: Profile::from_slots(vec![Resources::new(0, 512, 0, 3000), Resources::new(0, 512, 0, 0)]).unwrap(),
+        ..guest("backup", &[0, 0], 512)
+    };
+    let (mut c, hs, gs) = build(
+        vec![host("hot", 1000, 8192), host("busy-disk", 1000, 8192), host("idle", 1000, 8192)],
+        vec![guest("web", &[500, 500], 512), guest("app", &[500, 500], 512), backup],
+    );
+    c.assign(gs[0], hs[0]);
+    c.assign(gs[1], hs[0]);
+    c.assign(gs[2], hs[1]);
+    let params = BalanceParams {
+        hot: Limits::uniform(1.0).with_cpu(0.9, 0.0),
+        target: Limits::uniform(0.7),
+        strategy: Strategy::MostPacked,
+        max_moves: 4,
+        imbalance: None,
+        allow_wake: false,
+    };
+    let plan = rebalance(&c, &params);
+    assert_eq!(plan.moves.len(), 1, "{plan:?}");
+    assert_eq!((plan.moves[0].from, plan.moves[0].to), (hs[0], hs[2]), "{plan:?}");
+    assert!(plan.unresolved.is_empty(), "{plan:?}");
+    match c.check(gs[0], hs[1], &params.target) {
+        Err(Misfit::Capacity { dim: Dim::Disk, slot: 0, needed: 3000, limit: 2800 }) => {}
+        other => panic!("busy-disk is past its disk target already: {other:?}"),
+    }
 }
 
 #[test]
