@@ -727,13 +727,7 @@ impl Agent {
                 };
                 let disks = drove_hypervisor::migration::DiskTransfer::for_storage(spec.storage);
                 let config = GuestConfig { id: guest, generation, spec: *spec };
-                let req = drove_hypervisor::migration::Incoming {
-                    listen,
-                    port,
-                    nbd_port,
-                    disks,
-                    key,
-                };
+                let req = drove_hypervisor::migration::Incoming { listen, port, nbd_port, disks, key };
                 match self.hv.migrate_incoming(&config, &req).await {
                     Ok(()) => CallOutcome::Prepared { listen, port, nbd_port },
                     Err(e) => err(&e),

@@ -128,6 +128,19 @@ impl Client {
         self.post(&format!("/v1/hosts/{}/maintenance", seg(host)), &drove_api::MaintenanceRequest { enabled }).await
     }
 
+    /// What would happen to `host`'s guests if it failed now.
+    pub async fn failover_plan(&self, host: &str) -> Result<drove_api::FailoverPlanView, ClientError> {
+        self.get(&format!("/v1/hosts/{}/failover-plan", seg(host))).await
+    }
+
+    pub async fn ha(&self) -> Result<drove_api::HaStatus, ClientError> {
+        self.get("/v1/settings/ha").await
+    }
+
+    pub async fn set_ha(&self, settings: &drove_api::HaSettings) -> Result<drove_api::HaStatus, ClientError> {
+        self.call(Method::PUT, "/v1/settings/ha", Some(settings), DEFAULT_TIMEOUT).await
+    }
+
     /// Start draining `host` (or get the drain under way).
     pub async fn drain_host(&self, host: &str, parallel: Option<u32>) -> Result<Operation, ClientError> {
         self.post(&format!("/v1/hosts/{}/drain", seg(host)), &drove_api::DrainRequest { parallel }).await

@@ -19,8 +19,33 @@ pub fn client() -> Result<Client> {
 
 #[derive(Debug, Subcommand)]
 pub enum HostCommand {
-    /// List hosts with their state and allocation.
+    /// List hosts with their state and allocation (and the HA reserve).
     List(OutputArgs),
+    /// Show or set high availability: how many host failures the cluster
+    /// keeps room to restart every guest after, and what a create or start
+    /// that eats into that reserve gets.
+    #[command(after_help = "\
+Guests on shared storage restart on the surviving hosts when their host fails
+(its lease runs out, then the fencing margin passes). With --tolerate N, a
+create or start that would leave too little room to restart every such guest
+after any N hosts fail (the fullest ones, by memory) is refused, or with
+--admission warn only logged.
+
+Examples:
+  drove host ha
+  drove host ha --tolerate 1
+  drove host ha --tolerate 2 --admission warn
+  drove plan failover host-1      (what would happen if host-1 failed now)")]
+    Ha {
+        /// Host failures to keep room for (0 turns admission control off).
+        #[arg(long)]
+        tolerate: Option<u32>,
+        /// `refuse` or `warn`.
+        #[arg(long)]
+        admission: Option<drove_api::Admission>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Show one host.
     Show {
         /// Host name or id.
@@ -486,7 +511,38 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
     match cmd {
         HostCommand::List(out) => {
             let hosts = c.list_hosts().await?;
-            print(out.format, &hosts, &HEADER, hosts.iter().map(row).collect())
+            print(out.format, &hosts, &HEADER, hosts.iter().map(row).collect())?;
+            if out.format == crate::Format::Table {
+                let ha = c.ha().await?;
+                if ha.settings.tolerate_failures > 0 {
+                    let n = ha.settings.tolerate_failures;
+                    match ha.shortfall {
+                        None => println!("HA reserve: holds for {n} host failure(s)"),
+                        Some(why) => println!("HA reserve: SHORT for {n} host failure(s): {why}"),
+                    }
+                }
+            }
+            Ok(())
+        }
+        HostCommand::Ha { tolerate, admission, out } => {
+            let mut status = c.ha().await?;
+            if tolerate.is_some() || admission.is_some() {
+                let settings = drove_api::HaSettings {
+                    tolerate_failures: tolerate.unwrap_or(status.settings.tolerate_failures),
+                    admission: admission.unwrap_or(status.settings.admission),
+                };
+                status = c.set_ha(&settings).await?;
+            }
+            let admission = match status.settings.admission {
+                drove_api::Admission::Refuse => "refuse",
+                drove_api::Admission::Warn => "warn",
+            };
+            let fields = vec![
+                ("tolerate failures", status.settings.tolerate_failures.to_string()),
+                ("admission", admission.to_owned()),
+                ("reserve", status.shortfall.clone().map_or("holds".to_owned(), |w| format!("SHORT: {w}"))),
+            ];
+            print_one(out.format, &status, fields)
         }
         HostCommand::Show { host, out } => {
             let h = c.get_host(&host).await?;

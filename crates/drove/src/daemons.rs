@@ -28,9 +28,21 @@ pub struct ManagerArgs {
     /// How often agents should send heartbeats, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u64,
-    /// Mark a host down after this many seconds without a heartbeat.
-    #[arg(long, default_value_t = 10)]
+    /// The lease each heartbeat gives a host, in seconds: a host not heard
+    /// from for this long is down, and an agent cut off for this long
+    /// stops its guests (fences itself).
+    #[arg(long, default_value_t = 6)]
     pub host_timeout: u64,
+    /// Wait this long (ms) after a host's lease ran out before restarting
+    /// its guests elsewhere: time for a cut-off host to stop them.
+    #[arg(long, default_value_t = 2000)]
+    pub fencing_margin_ms: u64,
+    /// Failover restarts booting at once on one surviving host.
+    #[arg(long, default_value_t = 2)]
+    pub failover_per_host: usize,
+    /// Failover restarts booting at once in the whole cluster.
+    #[arg(long, default_value_t = 16)]
+    pub failover_total: usize,
     /// Fail (and roll back) operations that take longer than this many seconds.
     #[arg(long, default_value_t = 600)]
     pub op_timeout: u64,
@@ -61,6 +73,12 @@ pub async fn manager(a: ManagerArgs) -> Result<()> {
     let mut config = ManagerConfig::new(a.data_dir.clone());
     config.heartbeat_interval = Duration::from_millis(a.heartbeat_ms.max(10));
     config.host_timeout = Duration::from_secs(a.host_timeout.max(1));
+    config.fencing_margin = Duration::from_millis(a.fencing_margin_ms);
+    if a.failover_per_host == 0 || a.failover_total == 0 {
+        anyhow::bail!("--failover-per-host and --failover-total must be at least 1");
+    }
+    config.failover_per_host = a.failover_per_host;
+    config.failover_total = a.failover_total;
     config.op_timeout = Duration::from_secs(a.op_timeout.max(1));
     if !(a.vcpu_overcommit.is_finite() && a.vcpu_overcommit > 0.0) {
         anyhow::bail!("--vcpu-overcommit must be a positive number, got {}", a.vcpu_overcommit);
@@ -119,6 +137,18 @@ pub struct AgentArgs {
     /// several agents share one kernel, as a lab's hosts do.
     #[arg(long)]
     pub cgroup_scope: Option<String>,
+    /// The shared storage pool: a directory every host mounts at the same
+    /// path (NFS or a SAN in production). Guests created with `--storage
+    /// shared` keep their disks there and restart on another host when
+    /// this one fails. Without it, the host takes no such guests.
+    #[arg(long)]
+    pub shared_dir: Option<PathBuf>,
+    /// An address (IP:PORT) whose answer tells that this host is on the
+    /// network when the manager does not answer (repeatable; default: the
+    /// manager's). A host that lost its lease and reaches none of them is
+    /// cut off and stops its guests: the manager restarts them elsewhere.
+    #[arg(long = "isolation-address")]
+    pub isolation_addresses: Vec<std::net::SocketAddr>,
 }
 
 pub fn hypervisor(
@@ -127,6 +157,7 @@ pub fn hypervisor(
     cores: u32,
     memory: ByteSize,
     cgroup_scope: Option<&str>,
+    shared_dir: Option<&std::path::Path>,
 ) -> Result<Arc<dyn Hypervisor>> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     Ok(match backend {
@@ -134,16 +165,20 @@ pub fn hypervisor(
             let cfg = SimConfig { cores, memory, ..SimConfig::default() };
             Arc::new(SimHypervisor::with_state_file(cfg, data_dir.join("sim-guests.json"))?)
         }
-        Backend::Qemu => crate::lab::qemu_hypervisor(data_dir, cgroup_scope)?,
+        Backend::Qemu => crate::lab::qemu_hypervisor(data_dir, cgroup_scope, shared_dir)?,
     })
 }
 
 pub async fn agent(a: AgentArgs) -> Result<()> {
     let token = std::fs::read_to_string(&a.token_file)
         .with_context(|| format!("reading agent token {}", a.token_file.display()))?;
-    let hv = hypervisor(a.backend, &a.data_dir, a.cores, a.memory, a.cgroup_scope.as_deref())?;
+    if let Some(dir) = &a.shared_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the shared pool {}", dir.display()))?;
+    }
+    let hv = hypervisor(a.backend, &a.data_dir, a.cores, a.memory, a.cgroup_scope.as_deref(), a.shared_dir.as_deref())?;
     let mut config = AgentConfig::new(&a.name);
     config.migration_address = a.migration_address;
+    config.isolation_addresses = a.isolation_addresses.clone();
     if let Some(dev) = &a.underlay {
         config.network = Arc::new(drove_net::VxlanNetwork::new(dev.clone(), None)?.with_uplink(a.uplink_rate));
         config.uplink_bps = a.uplink_rate;

@@ -312,7 +312,13 @@ pub async fn up(a: UpArgs) -> Result<()> {
         };
         // One kernel under all the lab's hosts: their guests' cgroups must
         // not meet (a migrating guest has a QEMU on two hosts).
-        let mut extra: Vec<String> = vec!["--cgroup-scope".into(), name.clone()];
+        // Every lab host mounts the same shared pool, as NFS would.
+        let mut extra: Vec<String> = vec![
+            "--cgroup-scope".into(),
+            name.clone(),
+            "--shared-dir".into(),
+            dir.join("shared").display().to_string(),
+        ];
         if let Some(rec) = &lab.fabric {
             extra.extend(["--migration-address".into(), rec.fabric().migration_ip(i).to_string()]);
         } else {
@@ -439,7 +445,7 @@ pub async fn down(a: DownArgs) -> Result<()> {
             if !hdir.exists() {
                 continue;
             }
-            let hv = qemu_hypervisor(&hdir, Some(name))?;
+            let hv = qemu_hypervisor(&hdir, Some(name), Some(&dir.join("shared")))?;
             for g in hv.list().await.unwrap_or_default() {
                 if let Err(e) = hv.stop(g.id, StopMode::Force).await {
                     eprintln!("warning: could not stop guest {} on {name}: {e}", g.id);
@@ -515,9 +521,10 @@ fn qemu_preflight(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn qemu_hypervisor(dir: &Path, cgroup_scope: Option<&str>) -> Result<Arc<dyn Hypervisor>> {
+pub fn qemu_hypervisor(dir: &Path, cgroup_scope: Option<&str>, shared: Option<&Path>) -> Result<Arc<dyn Hypervisor>> {
     let mut config = QemuConfig::new(dir, image_dir()?)?;
     config.cgroup_scope = cgroup_scope.map(str::to_owned);
+    config.shared_dir = shared.map(Path::to_path_buf);
     Ok(Arc::new(QemuHypervisor::new(config)?))
 }
 

@@ -112,7 +112,26 @@ pub enum PlanCommand {
     /// Recommend hosts to put into standby and estimate the watts saved (nothing is executed).
     #[command(after_help = POWER_HELP)]
     Power(PowerArgs),
+    /// If HOST failed now: where each of its guests would restart, in which wave, and which would not.
+    #[command(after_help = FAILOVER_HELP)]
+    Failover {
+        /// The host (name or id).
+        host: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
+
+const FAILOVER_HELP: &str = "\
+The manager's own plan, computed as its failover would now: guests on shared
+storage restart on the surviving hosts, highest priority first, each on the
+host that got the fewest of them (then the most free memory), a few at a time
+per host (wave 0 boots first). Guests with disks on HOST itself wait for it to
+come back; guests with restart policy `never` move but stay stopped.
+
+Examples:
+  drove plan failover host-1
+  drove plan failover host-1 -o json";
 
 #[derive(Debug, Args)]
 pub struct CapacityArgs {
@@ -184,6 +203,21 @@ fn parse_share(s: &str) -> Result<f64, String> {
 
 pub async fn run(cmd: PlanCommand) -> Result<()> {
     let c = crate::cli::client()?;
+    if let PlanCommand::Failover { host, out } = &cmd {
+        let plan = c.failover_plan(host).await?;
+        let mut rows: Vec<Vec<String>> = plan
+            .restarts
+            .iter()
+            .map(|r| {
+                let what = if r.start { "restart" } else { "move, stopped" };
+                vec![r.guest.clone(), r.priority.to_string(), r.to.clone(), r.wave.to_string(), what.to_owned()]
+            })
+            .collect();
+        rows.extend(
+            plan.stranded.iter().map(|s| vec![s.guest.clone(), "-".into(), "-".into(), "-".into(), s.reason.clone()]),
+        );
+        return print(out.format, &plan, &["guest", "priority", "to", "wave", "action"], rows);
+    }
     let hosts = c.list_hosts().await.context("cannot list hosts")?;
     let guests = c.list_guests().await.context("cannot list guests")?;
     match cmd {
@@ -204,6 +238,7 @@ pub async fn run(cmd: PlanCommand) -> Result<()> {
             let m = Model::build(&hosts, &guests, power)?;
             plan_power(&m, &a)
         }
+        PlanCommand::Failover { .. } => Ok(()), // answered above
     }
 }
 

@@ -801,11 +801,8 @@ impl Hypervisor for SimHypervisor {
 
     async fn forget(&self, id: GuestId) -> Result<(), HvError> {
         let fault = self.begin(SimOp::Destroy, Some(id))?;
-        let local = self
-            .lock()
-            .guests
-            .get(&id)
-            .is_some_and(|g| g.config.spec.storage != drove_model::guest::Storage::Shared);
+        let local =
+            self.lock().guests.get(&id).is_some_and(|g| g.config.spec.storage != drove_model::guest::Storage::Shared);
         let result = if local {
             Err(HvError::Unsupported {
                 op: "forget",

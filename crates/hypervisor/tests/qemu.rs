@@ -1970,3 +1970,76 @@ async fn clones_hold_the_sources_data_from_one_instant_a_snapshot_or_a_template(
         hv.destroy(g.id).await.unwrap();
     }
 }
+
+// --- shared storage ----------------------------------------------------------------
+
+/// Two hosts' backends over one shared pool, as a lab's hosts (or NFS
+/// clients) see it.
+fn shared_pair(lab: &Lab) -> (QemuHypervisor, QemuHypervisor, PathBuf) {
+    let pool = lab.state_dir().join("pool");
+    let host = |name: &str| {
+        let mut c = lab.config(Accel::Tcg);
+        c.state_dir = lab.state_dir().join(name);
+        c.shared_dir = Some(pool.clone());
+        c.cgroup_scope = Some(format!("{name}-{}", std::process::id()));
+        QemuHypervisor::new(c).unwrap()
+    };
+    (host("a"), host("b"), pool)
+}
+
+#[tokio::test]
+async fn a_guest_on_shared_storage_restarts_on_another_host_with_its_disk_and_never_runs_twice() {
+    let lab = Lab::new();
+    let (a, b, pool) = shared_pair(&lab);
+    let mut g = guest("shared-1", &[16]);
+    g.spec.storage = drove_model::guest::Storage::Shared;
+    a.create(&g).await.unwrap();
+    let disk = pool.join(g.id.to_string()).join("disk0.qcow2");
+    assert!(disk.is_file(), "the disk lives on the pool");
+    a.start(g.id).await.unwrap();
+    wait_for_serial(&a, g.id, "DROVE-READY", 1).await;
+    write_marker(&a, g.id, "written-on-a").await;
+
+    // The second line behind fencing: while it runs on a, b cannot run it
+    // (QEMU's lock on the shared disk), and a's copy is untouched.
+    b.create(&g).await.unwrap();
+    let err = b.start(g.id).await.expect_err("the disk is locked by the running copy");
+    let chain = format!("{err}: {}", std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default());
+    assert!(chain.contains("lock"), "{chain}");
+    assert_eq!(status(&a, g.id).await.state, RuntimeState::Running);
+
+    // a fences (hard stop) and forgets it: the disk stays on the pool.
+    a.stop(g.id, StopMode::Force).await.unwrap();
+    a.forget(g.id).await.unwrap();
+    assert!(matches!(a.status(g.id).await, Err(HvError::NotFound { .. })));
+    assert!(disk.is_file(), "forget kept the shared disk");
+
+    // b runs it, with what a wrote.
+    b.start(g.id).await.unwrap();
+    wait_for_serial(&b, g.id, "DROVE-READY", 1).await;
+    assert_eq!(sh(&b, g.id, READ_MARKER).await, "written-on-a");
+
+    // A guest with local disks is never forgotten (its disks would go).
+    let local = guest("local-1", &[8]);
+    a.create(&local).await.unwrap();
+    let err = a.forget(local.id).await.expect_err("local disks are not forgotten");
+    assert!(matches!(err, HvError::Unsupported { .. }), "{err:?}");
+    assert_eq!(status(&a, local.id).await.state, RuntimeState::Stopped);
+    a.destroy(local.id).await.unwrap();
+
+    // Destroying it deletes it for good, pool and all.
+    b.destroy(g.id).await.unwrap();
+    assert!(!pool.join(g.id.to_string()).exists(), "destroy removed the shared disks");
+    assert!(pids_mentioning(lab.state_dir()).is_empty());
+}
+
+#[tokio::test]
+async fn a_guest_on_shared_storage_is_refused_by_a_host_without_a_pool_and_nothing_is_left() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let mut g = guest("shared-2", &[8]);
+    g.spec.storage = drove_model::guest::Storage::Shared;
+    let err = hv.create(&g).await.expect_err("no pool here");
+    assert!(err.to_string().contains("no shared pool"), "{err}");
+    assert!(!lab.state_dir().join("guests").join(g.id.to_string()).exists());
+}

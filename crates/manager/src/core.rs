@@ -157,7 +157,7 @@ pub const AGENT_TOKEN_FILE: &str = "agent.token";
 pub struct Manager {
     pub config: ManagerConfig,
     inv: Mutex<Inventory>,
-    persister: Persister,
+    pub(crate) persister: Persister,
     store: Arc<dyn Store>,
     /// Bumped whenever an operation changes; waiters watch it.
     changes: watch::Sender<u64>,
@@ -1383,12 +1383,7 @@ impl Manager {
             (Self::desired_for(&inv, req.host_id), self.persister.barrier())
         };
         durable.durable().await?;
-        Ok(HeartbeatResponse {
-            guests,
-            calls,
-            forget,
-            lease_ms: Some(self.config.host_timeout.as_millis() as u64),
-        })
+        Ok(HeartbeatResponse { guests, calls, forget, lease_ms: Some(self.config.host_timeout.as_millis() as u64) })
     }
 
     /// What `host` should run, as its agent is told.

@@ -238,7 +238,15 @@ impl Manager {
 
     /// Moves guest `id` of failed host `from` to `to`: the one write that
     /// decides where it runs.
-    fn reassign(&self, inv: &mut Inventory, id: GuestId, from: &str, to: HostId, silent_ms: u64, w: &mut Writes) -> bool {
+    fn reassign(
+        &self,
+        inv: &mut Inventory,
+        id: GuestId,
+        from: &str,
+        to: HostId,
+        silent_ms: u64,
+        w: &mut Writes,
+    ) -> bool {
         let Some(mut g) = inv.guests.get(&id).cloned() else { return false };
         let to_name = inv.hosts.get(&to).map(|h| h.info.name.clone()).unwrap_or_else(|| to.to_string());
         // Whatever it was doing there ended with the host.
@@ -266,8 +274,13 @@ impl Manager {
         } else {
             format!("host {from} failed; moved to {to_name}, stopped")
         });
-        g.last_failover =
-            Some(FailoverRecord { from: from.to_owned(), to: to_name.clone(), at_ms: crate::now_ms(), detect_ms: silent_ms, running_ms: None });
+        g.last_failover = Some(FailoverRecord {
+            from: from.to_owned(),
+            to: to_name.clone(),
+            at_ms: crate::now_ms(),
+            detect_ms: silent_ms,
+            running_ms: None,
+        });
         tracing::warn!(guest = %g.spec.name, %from, to = %to_name, start, "failover: guest reassigned");
         w.ops.push(put(guest_key(id), &g));
         inv.index_guest(&g);
@@ -283,8 +296,7 @@ impl Manager {
         let (id, name) = (entry.info.id, entry.info.name.clone());
         let mut stranded = Vec::new();
         let mut movable = Vec::new();
-        let mine: Vec<&Guest> =
-            inv.by_host.get(&id).into_iter().flatten().filter_map(|g| inv.guests.get(g)).collect();
+        let mine: Vec<&Guest> = inv.by_host.get(&id).into_iter().flatten().filter_map(|g| inv.guests.get(g)).collect();
         for g in &mine {
             match immovable(g) {
                 None => movable.push(evacuee(g)),
@@ -293,7 +305,8 @@ impl Manager {
         }
         let survivors: Vec<HostCapacity> =
             self.capacities(&inv).into_iter().filter(|c| c.schedulable && c.id != id).collect();
-        let plan = plan_restarts(&survivors, &movable, &HashMap::new(), self.config.failover_per_host, &self.config.policy);
+        let plan =
+            plan_restarts(&survivors, &movable, &HashMap::new(), self.config.failover_per_host, &self.config.policy);
         let host_name = |h: HostId| inv.hosts.get(&h).map(|e| e.info.name.clone()).unwrap_or_else(|| h.to_string());
         let restarts = plan
             .restarts
@@ -315,5 +328,45 @@ impl Manager {
             }
         }
         Ok(FailoverPlanView { host: name, restarts, stranded })
+    }
+}
+
+impl Manager {
+    /// The HA settings and whether the reserve holds now.
+    pub fn ha_status(&self) -> drove_api::HaStatus {
+        let inv = self.lock();
+        drove_api::HaStatus { settings: inv.ha, shortfall: self.reserve_shortfall(&inv, None) }
+    }
+
+    /// Changes the HA settings. Taking effect for the next create or start:
+    /// what runs already is not stopped, but the status says whether the
+    /// reserve holds.
+    pub async fn set_ha(
+        &self,
+        ctx: &crate::core::Ctx,
+        settings: drove_api::HaSettings,
+    ) -> Result<drove_api::HaStatus, ApiError> {
+        let (status, pending) = {
+            let mut inv = self.lock();
+            if settings.tolerate_failures as usize >= inv.hosts.len().max(1) {
+                return Err(ApiError::invalid(
+                    "tolerate_failures",
+                    format!(
+                        "cannot tolerate {} host failures with {} hosts",
+                        settings.tolerate_failures,
+                        inv.hosts.len()
+                    ),
+                ));
+            }
+            inv.ha = settings;
+            let status = drove_api::HaStatus { settings, shortfall: self.reserve_shortfall(&inv, None) };
+            let writes = vec![
+                put(crate::inventory::HA_SETTINGS_KEY.to_owned(), &settings),
+                Self::audit_op(&mut inv, ctx, Some("settings/ha".into()), "ok", 200),
+            ];
+            (status, self.persister.enqueue(writes))
+        };
+        pending.durable().await?;
+        Ok(status)
     }
 }

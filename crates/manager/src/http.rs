@@ -20,9 +20,9 @@ use axum::{Json, Router};
 use drove_api::{
     AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, CloneGuestRequest, ConsoleLog,
     CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DrainRequest, ErrorBody, ErrorResponse, ExecRequest,
-    ExecResponse, GuestInterface, GuestView, HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest,
-    ImportImageRequest, MaintenanceRequest, MigrateRequest, OperationAccepted, RegisterRequest, RegisterResponse,
-    SetTemplateRequest, SnapshotList, StopGuestRequest, VlanView,
+    ExecResponse, FailoverPlanView, GuestInterface, GuestView, HaSettings, HaStatus, HeartbeatRequest,
+    HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest, MigrateRequest,
+    OperationAccepted, RegisterRequest, RegisterResponse, SetTemplateRequest, SnapshotList, StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
@@ -134,6 +134,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/hosts/{host}", get(get_host))
         .route("/v1/hosts/{host}/maintenance", post(set_maintenance))
         .route("/v1/hosts/{host}/drain", post(drain_host))
+        .route("/v1/hosts/{host}/failover-plan", get(failover_plan))
+        .route("/v1/settings/ha", get(get_ha).put(set_ha))
         .route("/v1/guests", get(list_guests).post(create_guest))
         .route("/v1/guests/{guest}", get(get_guest).delete(delete_guest))
         .route("/v1/guests/{guest}/start", post(start_guest))
@@ -517,6 +519,27 @@ async fn drain_host(
     m.drain_host(&ctx, &host, req.parallel).await.map(|op| (StatusCode::ACCEPTED, Json(op)))
 }
 
+#[utoipa::path(get, path = "/v1/hosts/{host}/failover-plan", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
+    description = "What would happen if the host failed now: where each of its guests on shared storage would restart (highest priority first, spread over the survivors, in waves), and which guests would not restart, with the reason.",
+    responses((status = 200, body = FailoverPlanView), (status = 404, body = ErrorResponse)))]
+async fn failover_plan(State(m): State<Arc<Manager>>, Path(host): Path<String>) -> Res<Json<FailoverPlanView>> {
+    m.failover_plan(&host).map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/settings/ha", tag = "settings",
+    description = "The high-availability settings and whether the reserve holds: could every guest that restarts after a failure restart after `tolerate_failures` hosts fail?",
+    responses((status = 200, body = HaStatus)))]
+async fn get_ha(State(m): State<Arc<Manager>>) -> Res<Json<HaStatus>> {
+    Ok(Json(m.ha_status()))
+}
+
+#[utoipa::path(put, path = "/v1/settings/ha", tag = "settings", request_body = HaSettings,
+    description = "Set how many host failures the cluster keeps room for, and whether a create or start that eats into that reserve is refused or only warned about.",
+    responses((status = 200, body = HaStatus), (status = 400, body = ErrorResponse)))]
+async fn set_ha(State(m): State<Arc<Manager>>, ctx: Ctx, Body(req): Body<HaSettings>) -> Res<Json<HaStatus>> {
+    m.set_ha(&ctx, req).await.map(Json)
+}
+
 #[utoipa::path(post, path = "/v1/guests/{guest}/migrate", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     request_body = MigrateRequest,
     description = "Live-migrate a running guest to another host (`to`, or one placement picks): its disks are mirrored and its memory copied over the migration network, encrypted, then it pauses for the final round and resumes on the target. The operation shows the progress; the guest's `last_migration` the measured pause.",
@@ -712,9 +735,9 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, drain_host, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
-    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "agent"), (name = "meta"))
+    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "settings"), (name = "agent"), (name = "meta"))
 )]
 pub struct ApiDoc;
