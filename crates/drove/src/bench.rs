@@ -36,6 +36,8 @@ pub enum BenchCommand {
     Storage(crate::bench_storage::StorageBench),
     /// Live-migrate real QEMU guests (idle and busy) between lab hosts; print the measured pause and total time, and a drain's spread.
     Migrate(crate::bench_migrate::MigrateBench),
+    /// Kill a lab host with real QEMU guests on shared storage; print each phase until they all answer on the survivors, and the failover planner's time at scale.
+    Failover(crate::bench_failover::FailoverBench),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +80,7 @@ pub async fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Boot(a) => crate::bench_boot::run(a).await,
         BenchCommand::Net(a) => crate::bench_net::run(a).await,
         BenchCommand::Migrate(a) => crate::bench_migrate::run(a).await,
+        BenchCommand::Failover(a) => crate::bench_failover::run(a).await,
         BenchCommand::Placement(a) => crate::sim::bench_placement(a),
         BenchCommand::Storage(a) => crate::bench_storage::run(a).await,
     }

@@ -77,6 +77,27 @@ impl BenchLab {
         Ok((lab, c))
     }
 
+    /// `drove lab fail HOST --mode MODE` on this lab.
+    pub fn fail(&self, host: &str, mode: &str) -> Result<()> {
+        self.lab_cmd(&["lab", "fail", host, "--mode", mode])
+    }
+
+    /// `drove lab heal HOST` on this lab.
+    pub fn heal(&self, host: &str) -> Result<()> {
+        self.lab_cmd(&["lab", "heal", host])
+    }
+
+    fn lab_cmd(&self, args: &[&str]) -> Result<()> {
+        let d = self.dir.display().to_string();
+        let mut all = args.to_vec();
+        all.extend(["--data-dir", &d]);
+        let out = self.drove(&all)?;
+        if !out.status.success() {
+            bail!("drove {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
     fn drove(&self, args: &[&str]) -> Result<std::process::Output> {
         std::process::Command::new(std::env::current_exe()?)
             .args(args)

@@ -3,8 +3,9 @@
 //! the pause each one measured (source STOP to target RESUME, host clocks)
 //! and its total time; then a drain of six guests onto two hosts.
 //!
-//! Disks are mirrored (the lab's hosts keep their disks locally); shared
-//! storage is not offered yet and is reported as such.
+//! Each scenario runs twice: with the guest's disks on shared storage (the
+//! pool every lab host sees: only memory travels) and on its host's own
+//! disks (mirrored to the target over NBD while memory is copied).
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use clap::Args;
 use drove_api::{CreateGuestRequest, ExecRequest, MigrateRequest};
 use drove_client::Client;
 use drove_model::ByteSize;
+use drove_model::guest::Storage;
 use serde::Serialize;
 
 use crate::bench::percentile;
@@ -54,7 +56,6 @@ struct Scenario {
 #[derive(Debug, Serialize)]
 struct Figures {
     scenarios: Vec<Scenario>,
-    shared_storage: &'static str,
     drain: Option<DrainFigures>,
 }
 
@@ -65,10 +66,11 @@ struct DrainFigures {
     spread: Vec<(String, usize)>,
 }
 
-async fn create(c: &Client, name: &str, memory: ByteSize, host: &str) -> Result<()> {
+async fn create(c: &Client, name: &str, memory: ByteSize, host: &str, storage: Storage) -> Result<()> {
     let req = CreateGuestRequest {
         host: Some(host.into()),
         disks: vec![ByteSize::mib(64)],
+        storage: Some(storage),
         ..CreateGuestRequest::new(name, 1, memory)
     };
     let acc = c.create_guest(&req).await.with_context(|| format!("creating {name}"))?;
@@ -77,7 +79,7 @@ async fn create(c: &Client, name: &str, memory: ByteSize, host: &str) -> Result<
 }
 
 /// Migrates `guest` back and forth between host-1 and host-2 `runs` times.
-async fn scenario(c: &Client, name: &str, guest: &str, runs: usize) -> Result<Scenario> {
+async fn scenario(c: &Client, name: &str, guest: &str, runs: usize, storage: Storage) -> Result<Scenario> {
     let (mut down, mut qemu, mut total, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut failed = 0;
     for run in 0..runs {
@@ -103,7 +105,10 @@ async fn scenario(c: &Client, name: &str, guest: &str, runs: usize) -> Result<Sc
     }
     Ok(Scenario {
         name: name.to_owned(),
-        storage: "mirrored (NBD)",
+        storage: match storage {
+            Storage::Shared => "shared",
+            Storage::Local => "local, mirrored (NBD)",
+        },
         runs,
         failed,
         downtime_p50_ms: percentile(&down, 0.5),
@@ -121,12 +126,13 @@ pub async fn run(a: MigrateBench) -> Result<()> {
     }
     let (lab, c) = BenchLab::start("migrate", &["--hosts", "3", "--net", "netns", "--vcpu-overcommit", "16"])?;
     let mut scenarios = Vec::new();
-    create(&c, "idle", ByteSize::mib(256), "host-1").await?;
-    scenarios.push(scenario(&c, "idle guest, 256 MiB", "idle", a.runs).await?);
-    let del = c.delete_guest("idle").await?;
-    c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
+    for storage in [Storage::Shared, Storage::Local] {
+        create(&c, "idle", ByteSize::mib(256), "host-1", storage).await?;
+        scenarios.push(scenario(&c, "idle guest, 256 MiB", "idle", a.runs, storage).await?);
+        let del = c.delete_guest("idle").await?;
+        c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
+    }
 
-    create(&c, "busy", a.busy_memory, "host-1").await?;
     let dirty = ExecRequest {
         command: vec![
             "sh".into(),
@@ -140,18 +146,21 @@ pub async fn run(a: MigrateBench) -> Result<()> {
         input: None,
         timeout_secs: Some(30),
     };
-    c.exec("busy", &dirty).await?;
-    let label = format!("busy guest, {}, rewriting 16 MiB 5x/s", a.busy_memory);
-    scenarios.push(scenario(&c, &label, "busy", a.runs).await?);
-    let del = c.delete_guest("busy").await?;
-    c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
+    for storage in [Storage::Shared, Storage::Local] {
+        create(&c, "busy", a.busy_memory, "host-1", storage).await?;
+        c.exec("busy", &dirty).await?;
+        let label = format!("busy guest, {}, rewriting 16 MiB 5x/s", a.busy_memory);
+        scenarios.push(scenario(&c, &label, "busy", a.runs, storage).await?);
+        let del = c.delete_guest("busy").await?;
+        c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
+    }
 
     let drain = if a.no_drain {
         None
     } else {
         for i in 0..6 {
             eprint!("\rdrain: booting guest {}/6   ", i + 1);
-            create(&c, &format!("d{i}"), ByteSize::mib(128), "host-1").await?;
+            create(&c, &format!("d{i}"), ByteSize::mib(128), "host-1", Storage::Local).await?;
         }
         eprintln!();
         let t0 = Instant::now();
@@ -168,12 +177,12 @@ pub async fn run(a: MigrateBench) -> Result<()> {
             .collect();
         Some(DrainFigures { guests: 6, seconds, spread })
     };
-    let f = Figures { scenarios, shared_storage: "not offered yet (disks are host-local; mirrored)", drain };
+    let f = Figures { scenarios, drain };
     match a.out.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&f)?),
         Format::Table => {
             println!(
-                "drove bench migrate: real QEMU guests (TCG) between namespace hosts, TLS, disks mirrored over NBD"
+                "drove bench migrate: real QEMU guests (TCG) between namespace hosts, TLS; disks shared or mirrored over NBD"
             );
             let rows = f
                 .scenarios
@@ -196,7 +205,6 @@ pub async fn run(a: MigrateBench) -> Result<()> {
                 &["scenario", "disks", "runs", "pause p50/p99 ms", "qemu pause ms", "total p50/p99 s", "MiB sent"],
                 rows,
             )?;
-            println!("shared storage: {}", f.shared_storage);
             if let Some(d) = &f.drain {
                 let spread: Vec<String> = d.spread.iter().map(|(h, n)| format!("{h}: {n}")).collect();
                 println!("drain of {} guests from host-1: {:.1} s, now {}", d.guests, d.seconds, spread.join(", "));

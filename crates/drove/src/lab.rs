@@ -536,9 +536,9 @@ pub enum LabCommand {
         host: String,
         /// `agent`: SIGKILL its agent only (guests keep running);
         /// `kill`: a power loss (agent and guests SIGKILLed, links down);
-        /// `partition`: cut its management and migration links (guests
-        /// keep running; needs --net netns); `migration-link`: cut only its
-        /// migration link.
+        /// `partition`: cut its management and migration links (needs --net
+        /// netns; its guests run until the agent's lease runs out, then it
+        /// fences them); `migration-link`: cut only its migration link.
         #[arg(long, value_enum, default_value_t = FailMode::Agent)]
         mode: FailMode,
         #[arg(long)]
@@ -604,7 +604,9 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
                 match mode {
                     FailMode::Agent => "agent killed; guests keep running",
                     FailMode::Kill => "agent and guests killed, links down",
-                    FailMode::Partition => "management and migration links cut; guests keep running",
+                    FailMode::Partition => {
+                        "management and migration links cut; its agent fences its guests when its lease runs out"
+                    }
                     FailMode::MigrationLink => "migration link cut",
                 }
             );

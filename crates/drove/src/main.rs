@@ -10,6 +10,7 @@ use drove_model::ByteSize;
 
 mod bench;
 mod bench_boot;
+mod bench_failover;
 mod bench_migrate;
 mod bench_net;
 mod bench_storage;

@@ -690,3 +690,138 @@ fn migration_faults_leave_exactly_one_copy() {
     let host = if end == "succeeded" { "host-2" } else { "host-1" };
     one_copy(host);
 }
+
+/// Samples every lab host's QEMU processes in the background and records
+/// any moment one guest runs on two hosts.
+struct TwoCopiesWatcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl TwoCopiesWatcher {
+    fn start(data: &str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let data = data.to_owned();
+        let thread = std::thread::spawn(move || {
+            let (mut samples, mut seen) = (0, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                // guest id -> hosts with a QEMU for it
+                let mut hosts: std::collections::HashMap<String, Vec<String>> = Default::default();
+                for pid in qemus_of(&data) {
+                    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+                    let cmd = String::from_utf8_lossy(&cmd).into_owned();
+                    let Some(rest) = cmd.split(&format!("{data}/hosts/")).nth(1) else { continue };
+                    let parts: Vec<&str> = rest.splitn(4, '/').collect();
+                    if parts.len() >= 3 && parts[1] == "guests" {
+                        hosts.entry(parts[2].to_owned()).or_default().push(parts[0].to_owned());
+                    }
+                }
+                for (id, on) in hosts {
+                    let mut distinct = on.clone();
+                    distinct.sort();
+                    distinct.dedup();
+                    if distinct.len() > 1 {
+                        seen.push(format!("guest {id} on {distinct:?}"));
+                    }
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            (samples, seen)
+        });
+        TwoCopiesWatcher { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (samples, seen) = self.thread.take().unwrap().join().unwrap();
+        assert!(samples > 20, "the watcher barely looked ({samples} samples)");
+        assert!(seen.is_empty(), "a guest ran on two hosts at once: {seen:?}");
+    }
+}
+
+/// Lab hosts fail for real: a power loss (agent and QEMUs SIGKILLed) and
+/// a cut management link (the host's agent fences its guests). Each time
+/// the guests on shared storage come up on the survivors, spread, their
+/// disks intact, and at no moment does a guest run on two hosts; a healed
+/// host rejoins without the guests that moved.
+#[test]
+fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
+    let lab = Lab::start_with(3, &["--net", "netns"]);
+    let names = ["ha-0", "ha-1", "ha-2", "ha-3"];
+    for (i, n) in names.iter().enumerate() {
+        lab.ok(&[
+            "vm", "create", n, "--memory", "128M", "--disk", "16M", "--storage", "shared", "--host", "host-1",
+            "--priority", &(10 * i).to_string(), "--no-wait",
+        ]);
+    }
+    for n in names {
+        lab.booted(n);
+    }
+    let (code, out) =
+        lab.sh("ha-0", "printf '%-511s\\n' kept | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && sync");
+    assert_eq!(code, 0, "{out}");
+    let plan = lab.json(&["plan", "failover", "host-1"]);
+    assert_eq!(plan["restarts"].as_array().unwrap().len(), 4, "{plan}");
+    assert_eq!(plan["restarts"][0]["guest"], "ha-3", "highest priority first: {plan}");
+
+    let watcher = TwoCopiesWatcher::start(lab.data());
+    let on = |host: &str| -> Vec<String> {
+        let all = lab.json(&["vm", "list"]);
+        all.as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["host_name"] == host)
+            .map(|g| g["spec"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all_answer_off = |failed: &str| {
+        eventually(&format!("every guest answers off {failed}"), Duration::from_secs(120), || {
+            let moved = names.iter().all(|n| {
+                let g = lab.json(&["vm", "show", n]);
+                g["host_name"] != failed && g["state"] == "running"
+            });
+            (moved && names.iter().all(|n| lab.sh(n, "true").0 == 0)).then_some(())
+        });
+    };
+
+    // A power loss.
+    let t0 = Instant::now();
+    lab.ok(&["lab", "fail", "host-1", "--mode", "kill", "--data-dir", lab.data()]);
+    all_answer_off("host-1");
+    eprintln!("power loss: all 4 guests answered on the survivors after {:?}", t0.elapsed());
+    let (two, three) = (on("host-2"), on("host-3"));
+    assert_eq!((two.len(), three.len()), (2, 2), "spread: host-2 {two:?}, host-3 {three:?}");
+    let (_, marker) = lab.sh("ha-0", "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
+    assert_eq!(marker.trim(), "kept", "the disk came along");
+    let g = lab.json(&["vm", "show", "ha-0"]);
+    assert_eq!(g["last_failover"]["from"], "host-1", "{g}");
+
+    // host-1 comes back empty.
+    lab.ok(&["lab", "heal", "host-1", "--data-dir", lab.data()]);
+    eventually("host-1 up again", Duration::from_secs(60), || {
+        (lab.json(&["host", "show", "host-1"])["state"] == "up").then_some(())
+    });
+
+    // A cut management link: host-2's agent cannot renew its lease, finds
+    // itself isolated and stops its guests; only then do they restart.
+    let victims = on("host-2");
+    let t0 = Instant::now();
+    lab.ok(&["lab", "fail", "host-2", "--mode", "partition", "--data-dir", lab.data()]);
+    all_answer_off("host-2");
+    eprintln!("partition: host-2's guests answered elsewhere after {:?}", t0.elapsed());
+    for v in &victims {
+        let id = lab.json(&["vm", "show", v])["id"].as_str().unwrap().to_owned();
+        assert!(qemus_on(&lab, "host-2", &id).is_empty(), "{v} still runs on the cut-off host");
+    }
+    // Healed, it forgets them: no definition of theirs is left there.
+    lab.ok(&["lab", "heal", "host-2", "--data-dir", lab.data()]);
+    eventually("host-2 forgot the moved guests", Duration::from_secs(60), || {
+        let left = std::fs::read_dir(lab.dir.path().join("hosts/host-2/guests")).map(|d| d.count()).unwrap_or(0);
+        (left == 0 && lab.json(&["host", "show", "host-2"])["state"] == "up").then_some(())
+    });
+    let (_, marker) = lab.sh("ha-0", "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
+    assert_eq!(marker.trim(), "kept");
+    watcher.finish();
+}
