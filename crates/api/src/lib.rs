@@ -193,6 +193,9 @@ pub struct CreateGuestRequest {
     /// host sees: the guest restarts elsewhere if its host dies).
     #[serde(default)]
     pub storage: Option<drove_model::guest::Storage>,
+    /// Its anti-affinity group: guests of one group never share a host.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
 }
 
 /// Import a qcow2 file into the image pool (`POST /v1/images`).
@@ -220,6 +223,7 @@ impl CreateGuestRequest {
             limits: None,
             image: None,
             storage: None,
+            anti_affinity: None,
         }
     }
 }

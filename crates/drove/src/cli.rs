@@ -346,6 +346,11 @@ pub struct CreateArgs {
     /// and migrates without copying disks).
     #[arg(long, default_value = "local")]
     pub storage: drove_model::guest::Storage,
+    /// Its anti-affinity group: guests of one group never share a host
+    /// (placement, migration and failover keep them apart), e.g. the
+    /// replicas of one database.
+    #[arg(long, value_name = "GROUP")]
+    pub anti_affinity: Option<String>,
     /// Cap CPU at this percent of one host core (50 = half a core).
     #[arg(long)]
     pub cpu_cap: Option<u32>,
@@ -674,6 +679,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 load_profile: None,
                 restart_policy: Some(a.restart),
                 storage: Some(a.storage),
+                anti_affinity: a.anti_affinity.clone(),
                 limits: Some(drove_model::ResourceLimits {
                     cpu_cap_percent: a.cpu_cap,
                     cpu_shares: a.cpu_shares,
@@ -741,6 +747,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("priority", s.priority.0.to_string()),
                     ("restart policy", g.guest.restart_policy.to_string()),
                     ("storage", g.guest.spec.storage.to_string()),
+                    ("anti-affinity", g.guest.spec.anti_affinity.clone().unwrap_or_else(|| "-".into())),
                     ("limits", limits_summary(&s.limits)),
                     ("restarts", g.guest.restarts.to_string()),
                     (

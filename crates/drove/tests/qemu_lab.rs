@@ -752,8 +752,20 @@ fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
     let names = ["ha-0", "ha-1", "ha-2", "ha-3"];
     for (i, n) in names.iter().enumerate() {
         lab.ok(&[
-            "vm", "create", n, "--memory", "128M", "--disk", "16M", "--storage", "shared", "--host", "host-1",
-            "--priority", &(10 * i).to_string(), "--no-wait",
+            "vm",
+            "create",
+            n,
+            "--memory",
+            "128M",
+            "--disk",
+            "16M",
+            "--storage",
+            "shared",
+            "--host",
+            "host-1",
+            "--priority",
+            &(10 * i).to_string(),
+            "--no-wait",
         ]);
     }
     for n in names {

@@ -282,6 +282,7 @@ pub fn sample_guest(n: u32) -> GuestConfig {
             image: None,
             clone_of: None,
             storage: Default::default(),
+            anti_affinity: None,
         },
     }
 }

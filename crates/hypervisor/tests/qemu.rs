@@ -165,6 +165,7 @@ fn guest(name: &str, disks: &[u64]) -> GuestConfig {
             image: None,
             clone_of: None,
             storage: Default::default(),
+            anti_affinity: None,
         },
     }
 }

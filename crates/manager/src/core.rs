@@ -804,6 +804,14 @@ impl Manager {
             image,
             clone_of: None,
             storage: req.storage.unwrap_or_default(),
+            anti_affinity: match &req.anti_affinity {
+                None => None,
+                Some(g) => {
+                    validate_name(g)
+                        .map_err(|e| ApiError::invalid("anti_affinity", format!("anti-affinity group {e}")))?;
+                    Some(g.clone())
+                }
+            },
         };
         Ok((spec, pinned))
     }
@@ -874,16 +882,16 @@ impl Manager {
             return Err(ApiError::conflict(format!("a guest named {:?} already exists", spec.name)));
         }
         let request = Request { vcpus: spec.vcpus, memory: spec.memory, nic_bps: spec.nic_reservation() };
-        let host = drove_placement::place(&self.capacities(inv), request, pinned, &self.config.policy).map_err(
-            |e| match e {
-                PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
-                PlacementError::PinnedMisfit { .. } => {
-                    ApiError { field: Some("host".into()), ..ApiError::conflict(e.to_string()) }
-                }
-                PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
-                PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(e.to_string()),
-            },
-        )?;
+        let mut capacities = self.capacities(inv);
+        let apart = keep_apart(inv, spec.anti_affinity.as_deref(), None, &mut capacities, pinned, "host")?;
+        let host = drove_placement::place(&capacities, request, pinned, &self.config.policy).map_err(|e| match e {
+            PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
+            PlacementError::PinnedMisfit { .. } => {
+                ApiError { field: Some("host".into()), ..ApiError::conflict(e.to_string()) }
+            }
+            PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
+            PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(format!("{e}{apart}")),
+        })?;
         if let Some(core) =
             spec.limits.cpu_pin.iter().find(|c| inv.hosts.get(&host).is_some_and(|h| **c >= h.info.cores))
         {
@@ -1680,6 +1688,40 @@ pub enum GuestAction {
     Start,
     Stop { force: bool },
     Delete,
+}
+
+/// Takes the hosts running another member of anti-affinity `group` (other
+/// than `except`) out of `capacities`. A `pinned` host among them is refused
+/// naming the member; otherwise returns a note for a placement refusal.
+pub(crate) fn keep_apart(
+    inv: &Inventory,
+    group: Option<&str>,
+    except: Option<GuestId>,
+    capacities: &mut [HostCapacity],
+    pinned: Option<HostId>,
+    field: &str,
+) -> Result<String, ApiError> {
+    let Some(group) = group else { return Ok(String::new()) };
+    let members = inv.group_members(group, except);
+    let name = |h: HostId| inv.hosts.get(&h).map_or_else(|| h.to_string(), |e| e.info.name.clone());
+    if let Some((h, member)) = members.iter().find(|(h, _)| Some(*h) == pinned) {
+        return Err(ApiError {
+            field: Some(field.into()),
+            ..ApiError::conflict(format!(
+                "host {} runs guest {member} of anti-affinity group {group}: its members never share a host",
+                name(*h)
+            ))
+        });
+    }
+    for c in capacities.iter_mut().filter(|c| members.iter().any(|(h, _)| *h == c.id)) {
+        c.schedulable = false;
+    }
+    Ok(if members.is_empty() {
+        String::new()
+    } else {
+        let hosts: Vec<String> = members.iter().map(|(h, _)| name(*h)).collect();
+        format!(" ({} run guests of anti-affinity group {group})", hosts.join(", "))
+    })
 }
 
 /// Store writes collected while handling one request.

@@ -69,6 +69,7 @@ fn evacuee(g: &Guest) -> Evacuee<GuestId> {
         guest: g.id,
         request: Request { vcpus: g.spec.vcpus, memory: g.spec.memory, nic_bps: g.spec.nic_reservation() },
         priority: g.spec.priority.0,
+        group: g.spec.anti_affinity.clone(),
     }
 }
 
@@ -151,7 +152,10 @@ impl Manager {
                         *taken.entry(g.host).or_default() += 1;
                     }
                 }
-                let plan = plan_restarts(&survivors, &evacuees, &taken, per_host, &self.config.policy);
+                // The failed host's own members do not hold the others back.
+                let mut groups = inv.host_groups();
+                groups.remove(&host);
+                let plan = plan_restarts(&survivors, &evacuees, &taken, &groups, per_host, &self.config.policy);
                 for (id, target, _) in plan.restarts {
                     let busy = booting.get(&target).copied().unwrap_or(0);
                     if start && (busy >= per_host || total >= self.config.failover_total.max(1)) {
@@ -194,7 +198,7 @@ impl Manager {
         let mut restartable: HashMap<HostId, Vec<Evacuee<String>>> = HashMap::new();
         let named = |g: &Guest| {
             let e = evacuee(g);
-            Evacuee { guest: g.spec.name.clone(), request: e.request, priority: e.priority }
+            Evacuee { guest: g.spec.name.clone(), request: e.request, priority: e.priority, group: e.group }
         };
         for g in inv.guests.values() {
             if restarts(g) && immovable(g).is_none() && extra.is_none_or(|(x, _)| x.id != g.id) {
@@ -212,7 +216,7 @@ impl Manager {
                 restartable.entry(g.host).or_default().push(named(g));
             }
         }
-        drove_placement::check_reserve(&hosts, &restartable, failures, &self.config.policy).err()
+        drove_placement::check_reserve(&hosts, &restartable, &inv.host_groups(), failures, &self.config.policy).err()
     }
 
     /// Admission control: `Err` when `g` (created now when `new`, else
@@ -305,8 +309,16 @@ impl Manager {
         }
         let survivors: Vec<HostCapacity> =
             self.capacities(&inv).into_iter().filter(|c| c.schedulable && c.id != id).collect();
-        let plan =
-            plan_restarts(&survivors, &movable, &HashMap::new(), self.config.failover_per_host, &self.config.policy);
+        let mut groups = inv.host_groups();
+        groups.remove(&id);
+        let plan = plan_restarts(
+            &survivors,
+            &movable,
+            &HashMap::new(),
+            &groups,
+            self.config.failover_per_host,
+            &self.config.policy,
+        );
         let host_name = |h: HostId| inv.hosts.get(&h).map(|e| e.info.name.clone()).unwrap_or_else(|| h.to_string());
         let restarts = plan
             .restarts

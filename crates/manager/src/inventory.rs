@@ -259,6 +259,38 @@ impl Inventory {
         }
     }
 
+    /// The anti-affinity groups each host holds members of (a migrating
+    /// member counts on its target too).
+    pub fn host_groups(&self) -> drove_placement::HostGroups {
+        let mut groups = drove_placement::HostGroups::default();
+        for g in self.guests.values() {
+            if let Some(group) = &g.spec.anti_affinity {
+                groups.entry(g.host).or_default().insert(group.clone());
+                if let Some(m) = &g.migration {
+                    groups.entry(m.target).or_default().insert(group.clone());
+                }
+            }
+        }
+        groups
+    }
+
+    /// Hosts that run a member of `group` other than `except`, each with
+    /// one member's name.
+    pub fn group_members(&self, group: &str, except: Option<GuestId>) -> Vec<(HostId, String)> {
+        let mut out: Vec<(HostId, String)> = Vec::new();
+        for g in self.guests.values() {
+            if g.spec.anti_affinity.as_deref() != Some(group) || Some(g.id) == except {
+                continue;
+            }
+            for h in std::iter::once(g.host).chain(g.migration.as_ref().map(|m| m.target)) {
+                if !out.iter().any(|(x, _)| *x == h) {
+                    out.push((h, g.spec.name.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// An address for a new NIC on `vlan`: `wanted` if it is free, else the
     /// next free one; `pending` holds addresses of the same request not yet
     /// indexed. `None` on a VLAN without a subnet (unless an address was

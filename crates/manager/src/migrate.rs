@@ -125,9 +125,19 @@ impl Manager {
                 }
             };
             let request = Request { vcpus: g.spec.vcpus, memory: g.spec.memory, nic_bps: g.spec.nic_reservation() };
-            let target = drove_placement::place(&capacities, request, pinned, &self.config.policy).map_err(|e| {
-                ApiError { field: Some("to".into()), ..ApiError::conflict(format!("no host can take the guest: {e}")) }
-            })?;
+            let apart = crate::core::keep_apart(
+                &inv,
+                g.spec.anti_affinity.as_deref(),
+                Some(g.id),
+                &mut capacities,
+                pinned,
+                "to",
+            )?;
+            let target =
+                drove_placement::place(&capacities, request, pinned, &self.config.policy).map_err(|e| ApiError {
+                    field: Some("to".into()),
+                    ..ApiError::conflict(format!("no host can take the guest: {e}{apart}"))
+                })?;
             let target_entry =
                 inv.hosts.get(&target).ok_or_else(|| ApiError::not_found("host", &target.to_string()))?;
             if target_entry.info.migration_address.is_none() {

@@ -206,3 +206,48 @@ async fn admission_control_keeps_room_to_restart_every_guest_after_the_tolerated
     assert!(status.shortfall.is_some(), "{status:?}");
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn anti_affinity_keeps_a_group_apart_in_placement_migration_and_failover() {
+    let mut dc = ha_dc(3, 2).await;
+    let member = |name: &str, host: Option<&str>| {
+        let mut r = shared(name, host.unwrap_or("host-1"), 50);
+        r.host = host.map(str::to_owned);
+        r.anti_affinity = Some("db".into());
+        r
+    };
+    for i in 0..3 {
+        let acc = dc.admin.create_guest(&member(&format!("db-{i}"), None)).await.unwrap();
+        dc.wait_succeeded(&acc.operation).await;
+    }
+    let hosts: HashSet<String> = dc.admin.list_guests().await.unwrap().into_iter().map(|g| g.host_name).collect();
+    assert_eq!(hosts.len(), 3, "one member per host: {hosts:?}");
+    // A fourth has nowhere to go; pinning it next to a member is refused.
+    let err = dc.admin.create_guest(&member("db-3", None)).await.unwrap_err().to_string();
+    assert!(err.contains("anti-affinity group db"), "{err}");
+    let err = dc.admin.create_guest(&member("db-3", Some("host-2"))).await.unwrap_err().to_string();
+    assert!(err.contains("runs guest db-") && err.contains("never share a host"), "{err}");
+    // Nor does a migration put two together.
+    let req = drove_api::MigrateRequest { to: Some("host-3".into()), ..Default::default() };
+    let on1 = dc.admin.list_guests().await.unwrap().into_iter().find(|g| g.host_name == "host-1").unwrap();
+    let err = dc.admin.migrate_guest(&on1.guest.spec.name, &req).await.unwrap_err().to_string();
+    assert!(err.contains("anti-affinity group db"), "{err}");
+    // host-1 dies: its member cannot join the others, and says why; an
+    // unrelated guest of host-1 restarts.
+    let other = dc.admin.create_guest(&shared("cache", "host-1", 50)).await.unwrap();
+    dc.wait_succeeded(&other.operation).await;
+    let plan = dc.admin.failover_plan("host-1").await.unwrap();
+    assert_eq!(plan.restarts.len(), 1, "{plan:?}");
+    assert!(plan.stranded[0].reason.contains("anti-affinity group db"), "{plan:?}");
+    dc.agents[0].stop().await;
+    dc.agents[0].sim.crash_all().unwrap();
+    dc.eventually("cache restarted elsewhere", || async {
+        let g = dc.admin.get_guest("cache").await.ok()?;
+        (g.host_name != "host-1" && g.guest.state == GuestState::Running).then_some(())
+    })
+    .await;
+    let g = dc.admin.get_guest(&on1.guest.spec.name).await.unwrap();
+    assert_eq!(g.host_name, "host-1");
+    assert!(g.guest.last_error.unwrap().contains("anti-affinity group db"));
+    dc.shutdown().await;
+}

@@ -198,6 +198,11 @@ pub struct GuestSpec {
     /// Where its disks live.
     #[serde(default)]
     pub storage: Storage,
+    /// Guests of one anti-affinity group never share a host (placement,
+    /// migration and failover all keep them apart): replicas of one service
+    /// survive the loss of any one host.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
 }
 
 /// Where a guest's disks live.

@@ -232,7 +232,12 @@ pub struct Evacuee<G> {
     pub request: Request,
     /// Higher restarts first.
     pub priority: u8,
+    /// Its anti-affinity group: never onto a host with another member.
+    pub group: Option<String>,
 }
+
+/// The anti-affinity groups each host holds members of.
+pub type HostGroups = std::collections::HashMap<HostId, std::collections::HashSet<String>>;
 
 /// Where the guests of a failed host restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,17 +254,23 @@ pub struct RestartPlan<G> {
 /// (pass only those): highest priority first (then larger first, as in
 /// first-fit-decreasing), each onto the host that already got the fewest of
 /// them — so no two land together while another host could take one — and
-/// among those the one with the most free memory. `taken` counts guests
-/// each host already got in this failover (earlier passes); `per_host`
-/// sets the waves.
+/// among those the one with the most free memory, never onto a host with a
+/// member of its anti-affinity group (`groups`). `taken` counts guests each
+/// host already got in this failover (earlier passes); `per_host` sets the
+/// waves.
 pub fn plan_restarts<G: Clone>(
     hosts: &[HostCapacity],
     evacuees: &[Evacuee<G>],
     taken: &std::collections::HashMap<HostId, usize>,
+    groups: &HostGroups,
     per_host: usize,
     policy: &Policy,
 ) -> RestartPlan<G> {
     let mut hosts = hosts.to_vec();
+    let mut groups = groups.clone();
+    let apart = |groups: &HostGroups, e: &Evacuee<G>, h: &HostCapacity| {
+        e.group.as_ref().is_none_or(|g| !groups.get(&h.id).is_some_and(|on| on.contains(g)))
+    };
     let mut count: Vec<usize> = hosts.iter().map(|h| taken.get(&h.id).copied().unwrap_or(0)).collect();
     let mut order: Vec<&Evacuee<G>> = evacuees.iter().collect();
     order.sort_by(|a, b| {
@@ -273,7 +284,7 @@ pub fn plan_restarts<G: Clone>(
         let best = hosts
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.misfit(&e.request, policy).is_none())
+            .filter(|(_, h)| h.misfit(&e.request, policy).is_none() && apart(&groups, e, h))
             .min_by(|(i, a), (j, b)| {
                 count[*i].cmp(&count[*j]).then(b.free_memory().cmp(&a.free_memory())).then(a.id.cmp(&b.id))
             })
@@ -284,13 +295,19 @@ pub fn plan_restarts<G: Clone>(
                 h.allocated_vcpus += e.request.vcpus;
                 h.allocated_memory = ByteSize(h.allocated_memory.bytes() + e.request.memory.bytes());
                 h.allocated_nic_bps += e.request.nic_bps;
+                if let Some(g) = &e.group {
+                    groups.entry(h.id).or_default().insert(g.clone());
+                }
                 plan.restarts.push((e.guest.clone(), h.id, count[i] / per_host.max(1)));
                 count[i] += 1;
             }
             None => {
                 let reason = match place(&hosts, e.request, None, policy) {
                     Err(err) => err.to_string(),
-                    Ok(_) => "no surviving host fits it".to_owned(),
+                    Ok(_) => match &e.group {
+                        Some(g) => format!("every survivor with room runs a guest of its anti-affinity group {g}"),
+                        None => "no surviving host fits it".to_owned(),
+                    },
                 };
                 plan.unplaced.push((e.guest.clone(), reason));
             }
@@ -307,6 +324,7 @@ pub fn plan_restarts<G: Clone>(
 pub fn check_reserve<G: Clone + std::fmt::Display>(
     hosts: &[HostCapacity],
     restartable: &std::collections::HashMap<HostId, Vec<Evacuee<G>>>,
+    groups: &HostGroups,
     failures: usize,
     policy: &Policy,
 ) -> Result<(), String> {
@@ -322,7 +340,7 @@ pub fn check_reserve<G: Clone + std::fmt::Display>(
     let survivors: Vec<HostCapacity> = rest.iter().map(|h| (*h).clone()).collect();
     let evacuees: Vec<Evacuee<G>> =
         lost.iter().flat_map(|h| restartable.get(&h.id).cloned().unwrap_or_default()).collect();
-    let plan = plan_restarts(&survivors, &evacuees, &Default::default(), 1, policy);
+    let plan = plan_restarts(&survivors, &evacuees, &Default::default(), groups, 1, policy);
     match plan.unplaced.first() {
         None => Ok(()),
         Some((g, why)) => {
@@ -404,14 +422,41 @@ mod tests {
     }
 
     fn evacuee(n: u32, mib: u64, priority: u8) -> Evacuee<u32> {
-        Evacuee { guest: n, request: Request { vcpus: 1, memory: ByteSize::mib(mib), nic_bps: 0 }, priority }
+        Evacuee {
+            guest: n,
+            request: Request { vcpus: 1, memory: ByteSize::mib(mib), nic_bps: 0 },
+            priority,
+            group: None,
+        }
+    }
+
+    #[test]
+    fn restarts_keep_an_anti_affinity_group_apart() {
+        let hosts: Vec<HostCapacity> = (1..=3).map(|n| host(n, 8, 8)).collect();
+        let mut groups = HostGroups::default();
+        groups.entry(hosts[0].id).or_default().insert("db".into());
+        let member = |n| Evacuee { group: Some("db".to_owned()), ..evacuee(n, 512, 50) };
+        let plan = plan_restarts(
+            &hosts,
+            &[member(1), member(2), member(3)],
+            &Default::default(),
+            &groups,
+            2,
+            &Policy::default(),
+        );
+        let on: Vec<HostId> = plan.restarts.iter().map(|r| r.1).collect();
+        assert_eq!(on.len(), 2, "{plan:?}");
+        assert!(!on.contains(&hosts[0].id), "onto a host with a member: {plan:?}");
+        assert_ne!(on[0], on[1]);
+        assert_eq!(plan.unplaced.len(), 1);
+        assert!(plan.unplaced[0].1.contains("anti-affinity group db"), "{}", plan.unplaced[0].1);
     }
 
     #[test]
     fn restarts_spread_one_per_host_before_doubling_up() {
         let hosts: Vec<HostCapacity> = (1..=3).map(|n| host(n, 8, 8)).collect();
         let guests: Vec<Evacuee<u32>> = (0..6).map(|n| evacuee(n, 512, 50)).collect();
-        let plan = plan_restarts(&hosts, &guests, &Default::default(), 1, &Policy::default());
+        let plan = plan_restarts(&hosts, &guests, &Default::default(), &Default::default(), 1, &Policy::default());
         assert!(plan.unplaced.is_empty());
         for h in &hosts {
             assert_eq!(plan.restarts.iter().filter(|r| r.1 == h.id).count(), 2, "{plan:?}");
@@ -424,7 +469,7 @@ mod tests {
     fn restarts_go_highest_priority_first_and_say_what_does_not_fit() {
         let hosts = vec![host(1, 8, 1)];
         let guests = vec![evacuee(1, 600, 10), evacuee(2, 600, 90)];
-        let plan = plan_restarts(&hosts, &guests, &Default::default(), 2, &Policy::default());
+        let plan = plan_restarts(&hosts, &guests, &Default::default(), &Default::default(), 2, &Policy::default());
         assert_eq!(plan.restarts, vec![(2, hosts[0].id, 0)]);
         assert_eq!(plan.unplaced.len(), 1);
         assert_eq!(plan.unplaced[0].0, 1);
@@ -440,11 +485,12 @@ mod tests {
         on.insert(hosts[0].id, (0..3).map(|n| evacuee(n, 1024, 50)).collect());
         on.insert(hosts[1].id, (3..5).map(|n| evacuee(n, 1024, 50)).collect());
         // Losing h1 (3 GiB): 2 GiB free on h2 and 4 GiB on h3 hold it.
-        assert_eq!(check_reserve(&hosts, &on, 1, &Policy::default()), Ok(()));
+        assert_eq!(check_reserve(&hosts, &on, &Default::default(), 1, &Policy::default()), Ok(()));
         // Losing h1 and h2 (5 GiB): h3 has 4 GiB.
-        let err = check_reserve(&hosts, &on, 2, &Policy::default()).expect_err("too little reserve");
+        let err =
+            check_reserve(&hosts, &on, &Default::default(), 2, &Policy::default()).expect_err("too little reserve");
         assert!(err.contains("h1 and h2"), "{err}");
-        assert!(check_reserve(&hosts, &on, 3, &Policy::default()).is_err());
+        assert!(check_reserve(&hosts, &on, &Default::default(), 3, &Policy::default()).is_err());
     }
 
     proptest! {
@@ -462,8 +508,9 @@ mod tests {
                 guest: i,
                 request: Request { vcpus, memory: ByteSize::mib(mib), nic_bps: 0 },
                 priority,
+                group: None,
             }).collect();
-            let plan = plan_restarts(&hosts, &guests, &Default::default(), 2, &policy);
+            let plan = plan_restarts(&hosts, &guests, &Default::default(), &Default::default(), 2, &policy);
             prop_assert_eq!(plan.restarts.len() + plan.unplaced.len(), guests.len());
             let mut held = hosts.clone();
             for (g, h, _) in &plan.restarts {

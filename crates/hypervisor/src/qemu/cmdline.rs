@@ -302,6 +302,7 @@ mod tests {
                 image: None,
                 clone_of: None,
                 storage: Default::default(),
+                anti_affinity: None,
             },
         }
     }
