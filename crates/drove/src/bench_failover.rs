@@ -219,7 +219,7 @@ pub async fn run(a: FailoverBench) -> Result<()> {
             if !f.runs.is_empty() {
                 println!(
                     "drove bench failover: power loss of a lab host with {} real QEMU guests (TCG) on shared storage; \
-                     seconds from the kill (defaults: lease 6 s, fencing margin 2 s)",
+                     seconds from the kill (defaults: lease 5 s, fencing margin 1.5 s)",
                     a.guests
                 );
                 let rows = f

@@ -31,11 +31,11 @@ pub struct ManagerArgs {
     /// The lease each heartbeat gives a host, in seconds: a host not heard
     /// from for this long is down, and an agent cut off for this long
     /// stops its guests (fences itself).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 5)]
     pub host_timeout: u64,
     /// Wait this long (ms) after a host's lease ran out before restarting
     /// its guests elsewhere: time for a cut-off host to stop them.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 1500)]
     pub fencing_margin_ms: u64,
     /// Failover restarts booting at once on one surviving host.
     #[arg(long, default_value_t = 2)]

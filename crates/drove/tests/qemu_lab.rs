@@ -691,11 +691,39 @@ fn migration_faults_leave_exactly_one_copy() {
     one_copy(host);
 }
 
+/// Whether QEMU process `pid` holds the write permission on a disk of the
+/// lab's shared pool, and for which guest: QEMU marks each permission it
+/// holds with an OFD lock on byte 100 + the permission's bit (write: 101),
+/// which `/proc/PID/fdinfo` lists. A QEMU that only starts, or that fails
+/// on the lock because another runs the guest, holds none.
+fn writers(pid: u32, pool: &str) -> Vec<String> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for fd in fds.flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+        let target = target.to_string_lossy().into_owned();
+        let Some(rest) = target.strip_prefix(pool) else { continue };
+        let Some(guest) = rest.trim_start_matches('/').split('/').next() else { continue };
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
+            .unwrap_or_default();
+        let writes = info.lines().filter(|l| l.starts_with("lock:")).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (Some(start), Some(end)) = (f.get(f.len().wrapping_sub(2)), f.last()) else { return false };
+            matches!((start.parse::<u64>(), end.parse::<u64>()), (Ok(a), Ok(b)) if a <= 101 && 101 <= b)
+        });
+        if writes {
+            out.push(guest.to_owned());
+        }
+    }
+    out
+}
+
 /// Samples every lab host's QEMU processes in the background and records
-/// any moment one guest runs on two hosts.
+/// any moment one guest runs on two hosts: two hosts' QEMUs holding write
+/// access to its shared disk.
 struct TwoCopiesWatcher {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>, usize)>>,
 }
 
 impl TwoCopiesWatcher {
@@ -704,19 +732,20 @@ impl TwoCopiesWatcher {
         let flag = stop.clone();
         let data = data.to_owned();
         let thread = std::thread::spawn(move || {
-            let (mut samples, mut seen) = (0, Vec::new());
+            let (mut samples, mut seen, mut most) = (0, Vec::new(), 0);
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                // guest id -> hosts with a QEMU for it
+                // guest id -> hosts whose QEMU writes its disk
                 let mut hosts: std::collections::HashMap<String, Vec<String>> = Default::default();
                 for pid in qemus_of(&data) {
                     let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
                     let cmd = String::from_utf8_lossy(&cmd).into_owned();
                     let Some(rest) = cmd.split(&format!("{data}/hosts/")).nth(1) else { continue };
-                    let parts: Vec<&str> = rest.splitn(4, '/').collect();
-                    if parts.len() >= 3 && parts[1] == "guests" {
-                        hosts.entry(parts[2].to_owned()).or_default().push(parts[0].to_owned());
+                    let host = rest.split('/').next().unwrap_or_default().to_owned();
+                    for guest in writers(pid, &format!("{data}/shared")) {
+                        hosts.entry(guest).or_default().push(host.clone());
                     }
                 }
+                most = most.max(hosts.len());
                 for (id, on) in hosts {
                     let mut distinct = on.clone();
                     distinct.sort();
@@ -728,15 +757,18 @@ impl TwoCopiesWatcher {
                 samples += 1;
                 std::thread::sleep(Duration::from_millis(25));
             }
-            (samples, seen)
+            (samples, seen, most)
         });
         TwoCopiesWatcher { stop, thread: Some(thread) }
     }
 
-    fn finish(mut self) {
+    /// Stops watching; fails if a guest ran twice, or if the watcher never
+    /// saw `expect_running` guests running at once (it would be blind).
+    fn finish(mut self, expect_running: usize) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let (samples, seen) = self.thread.take().unwrap().join().unwrap();
+        let (samples, seen, most) = self.thread.take().unwrap().join().unwrap();
         assert!(samples > 20, "the watcher barely looked ({samples} samples)");
+        assert!(most >= expect_running, "the watcher saw at most {most} guests running: it is blind");
         assert!(seen.is_empty(), "a guest ran on two hosts at once: {seen:?}");
     }
 }
@@ -835,5 +867,37 @@ fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
     });
     let (_, marker) = lab.sh("ha-0", "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
     assert_eq!(marker.trim(), "kept");
-    watcher.finish();
+
+    // Only the agent dies (a hung agent, not a dead host): the guests run
+    // on, the restarts elsewhere cannot start (the running copies hold
+    // their disks' locks), and the agent, back, keeps them — never stopped.
+    let kept = on("host-3");
+    assert!(!kept.is_empty());
+    let pids = |host: &str| -> Vec<Vec<u32>> {
+        kept.iter().map(|v| qemus_on(&lab, host, lab.json(&["vm", "show", v])["id"].as_str().unwrap())).collect()
+    };
+    let before = pids("host-3");
+    lab.ok(&["lab", "fail", "host-3", "--mode", "agent", "--data-dir", lab.data()]);
+    eventually("the restarts elsewhere fail on the disk locks", Duration::from_secs(60), || {
+        kept.iter()
+            .all(|v| {
+                let g = lab.json(&["vm", "show", v]);
+                g["host_name"] != "host-3" && g["state"] == "failed"
+            })
+            .then_some(())
+    });
+    lab.ok(&["lab", "heal", "host-3", "--data-dir", lab.data()]);
+    eventually("host-3 keeps its guests", Duration::from_secs(60), || {
+        kept.iter()
+            .all(|v| {
+                let g = lab.json(&["vm", "show", v]);
+                g["host_name"] == "host-3" && g["state"] == "running"
+            })
+            .then_some(())
+    });
+    assert_eq!(pids("host-3"), before, "the guests on host-3 were restarted");
+    for v in &kept {
+        assert_eq!(lab.sh(v, "true").0, 0);
+    }
+    watcher.finish(names.len());
 }

@@ -65,6 +65,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use drove_model::guest::Storage;
 use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind, Priority};
 use serde::{Deserialize, Serialize};
 
@@ -299,6 +300,20 @@ struct Shared {
     config: SimConfig,
     state_file: Option<PathBuf>,
     inner: Mutex<Inner>,
+    /// The shared storage pool this host sees, if it joined one.
+    pool: Mutex<Option<SimPool>>,
+}
+
+/// A simulated shared storage pool: the hosts that joined it see each
+/// other's guests on shared storage, and, like QEMU's lock on a shared
+/// disk, a guest that runs on one of them cannot start on another.
+#[derive(Clone, Default)]
+pub struct SimPool(Arc<Mutex<Vec<std::sync::Weak<Shared>>>>);
+
+impl fmt::Debug for SimPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SimPool({} hosts)", self.0.lock().map(|v| v.len()).unwrap_or(0))
+    }
 }
 
 #[derive(Default)]
@@ -479,7 +494,40 @@ impl SimHypervisor {
         next_pid: u32,
     ) -> Self {
         let inner = Inner { guests, next_pid, ..Inner::default() };
-        Self { shared: Arc::new(Shared { config, state_file, inner: Mutex::new(inner) }) }
+        Self { shared: Arc::new(Shared { config, state_file, inner: Mutex::new(inner), pool: Mutex::new(None) }) }
+    }
+
+    /// Joins the shared storage `pool` (see [`SimPool`]).
+    pub fn join_pool(&self, pool: &SimPool) {
+        pool.0.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::downgrade(&self.shared));
+        *self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner) = Some(pool.clone());
+    }
+
+    /// Refuses to start a guest on shared storage that runs on another
+    /// host of the pool, as QEMU's disk lock would.
+    fn check_disk_lock(&self, id: GuestId) -> Result<(), HvError> {
+        let shared = self.lock().guests.get(&id).is_some_and(|g| g.config.spec.storage == Storage::Shared);
+        let pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let (true, Some(pool)) = (shared, pool) else { return Ok(()) };
+        let others: Vec<Arc<Shared>> =
+            pool.0.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(std::sync::Weak::upgrade).collect();
+        for other in others.iter().filter(|o| !Arc::ptr_eq(o, &self.shared)) {
+            let runs = other
+                .inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .guests
+                .get(&id)
+                .is_some_and(|g| matches!(g.state, RuntimeState::Running | RuntimeState::Paused));
+            if runs {
+                return Err(HvError::Backend {
+                    op: "start",
+                    id,
+                    source: format!("Failed to get \"write\" lock: guest {id} runs on another host of the pool").into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &SimConfig {
@@ -772,7 +820,10 @@ impl Hypervisor for SimHypervisor {
 
     async fn start(&self, id: GuestId) -> Result<(), HvError> {
         let fault = self.begin(SimOp::Start, Some(id))?;
-        let result = self.drive(Action::Start, id, None).await;
+        let result = match self.check_disk_lock(id) {
+            Ok(()) => self.drive(Action::Start, id, None).await,
+            Err(e) => Err(e),
+        };
         Self::finish(SimOp::Start, Some(id), fault, result)
     }
 
@@ -802,8 +853,7 @@ impl Hypervisor for SimHypervisor {
 
     async fn forget(&self, id: GuestId) -> Result<(), HvError> {
         let fault = self.begin(SimOp::Destroy, Some(id))?;
-        let local =
-            self.lock().guests.get(&id).is_some_and(|g| g.config.spec.storage != drove_model::guest::Storage::Shared);
+        let local = self.lock().guests.get(&id).is_some_and(|g| g.config.spec.storage != Storage::Shared);
         let result = if local {
             Err(HvError::Unsupported {
                 op: "forget",

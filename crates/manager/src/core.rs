@@ -78,8 +78,8 @@ impl ManagerConfig {
         ManagerConfig {
             data_dir,
             heartbeat_interval: Duration::from_secs(1),
-            host_timeout: Duration::from_secs(6),
-            fencing_margin: Duration::from_secs(2),
+            host_timeout: Duration::from_secs(5),
+            fencing_margin: Duration::from_millis(1500),
             failover_per_host: 2,
             failover_total: 16,
             op_timeout: Duration::from_secs(600),
@@ -1324,24 +1324,16 @@ impl Manager {
                 host.info.state = next;
                 w.ops.push(put(host_key(host.info.id), &host.info));
             }
+            // Guests on shared storage this host still has though they were
+            // restarted elsewhere: forgotten here — or, if this copy still
+            // runs and the restarted one never came up (a host thought
+            // dead that was only slow: its copy held the disk's lock),
+            // taken back.
+            let forget = crate::failover::reclaim(inv, req.host_id, &req.guests, &mut w);
             let mine = inv.by_host.get(&req.host_id).cloned().unwrap_or_default();
-            host.orphans = req.guests.iter().filter(|o| !mine.contains(&o.id)).count() as u32;
-            // Guests this host still has that were restarted elsewhere.
-            let forget: Vec<GuestId> = req
-                .guests
-                .iter()
-                .filter(|o| !mine.contains(&o.id))
-                .filter(|o| {
-                    inv.guests.get(&o.id).is_some_and(|g| {
-                        g.host != req.host_id
-                            && g.migration.is_none()
-                            && g.spec.storage == drove_model::guest::Storage::Shared
-                    })
-                })
-                .map(|o| o.id)
-                .collect();
             if let Some(h) = inv.hosts.get_mut(&req.host_id) {
-                h.orphans -= forget.len() as u32;
+                h.orphans =
+                    req.guests.iter().filter(|o| !mine.contains(&o.id) && !forget.contains(&o.id)).count() as u32;
             }
             for id in &req.destroyed {
                 if mine.contains(id) {

@@ -382,3 +382,48 @@ impl Manager {
         Ok(status)
     }
 }
+
+/// What `host` reports of guests on shared storage assigned elsewhere (not
+/// migrating): each is to be forgotten there, except one that still runs
+/// there while its restart elsewhere never came up — that one is assigned
+/// back to `host`, where it runs. Returns the guests to forget.
+pub(crate) fn reclaim(
+    inv: &mut Inventory,
+    host: HostId,
+    observed: &[drove_api::ObservedGuest],
+    w: &mut Writes,
+) -> Vec<GuestId> {
+    let mut forget = Vec::new();
+    for o in observed {
+        let Some(g) = inv.guests.get(&o.id) else { continue };
+        if g.host == host || g.migration.is_some() || g.spec.storage != Storage::Shared {
+            continue;
+        }
+        let runs_here = o.state == drove_api::ObservedState::Running;
+        let up_there = matches!(g.state, GuestState::Running | GuestState::Stopping);
+        if !runs_here || up_there {
+            forget.push(o.id);
+            continue;
+        }
+        let mut g = g.clone();
+        let from = inv.hosts.get(&g.host).map_or_else(|| g.host.to_string(), |h| h.info.name.clone());
+        let here = inv.hosts.get(&host).map_or_else(|| host.to_string(), |h| h.info.name.clone());
+        let prev = g.host;
+        inv.unindex_guest(&g);
+        if g.state != GuestState::Starting {
+            apply(&mut g, GuestEvent::Start);
+        }
+        apply(&mut g, GuestEvent::Started);
+        g.intent = PowerIntent::Running;
+        g.host = host;
+        g.generation += 1;
+        g.last_error = Some(format!("{here} came back with it running; its restart on {from} never came up"));
+        tracing::warn!(guest = %g.spec.name, %here, %from, "a guest thought lost runs on its old host: taken back");
+        w.ops.push(put(guest_key(g.id), &g));
+        inv.index_guest(&g);
+        inv.guests.insert(g.id, g);
+        // Its other host learns to forget its copy.
+        inv.poke(prev);
+    }
+    forget
+}

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use crate::core::Manager;
 
 pub async fn run(m: Arc<Manager>) {
+    // Fine enough that a failover starts within a quarter second of its
+    // host's lease and margin running out.
     let period =
-        (m.config.host_timeout / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1));
+        (m.config.host_timeout / 8).clamp(std::time::Duration::from_millis(50), std::time::Duration::from_millis(250));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

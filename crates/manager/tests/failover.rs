@@ -251,3 +251,41 @@ async fn anti_affinity_keeps_a_group_apart_in_placement_migration_and_failover()
     assert!(g.guest.last_error.unwrap().contains("anti-affinity group db"));
     dc.shutdown().await;
 }
+
+/// A host that only went silent (its agent hung; its guests run on): the
+/// failover's restarts cannot start (the running copy holds the disk's
+/// lock), and when the host is heard from again it keeps its guests, which
+/// never stopped, and the survivors forget their stillborn copies.
+#[tokio::test]
+async fn a_host_thought_dead_but_only_silent_keeps_its_running_guests() {
+    let mut dc = ha_dc(3, 2).await;
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let acc = dc.admin.create_guest(&shared(&format!("s-{i}"), "host-1", 50)).await.unwrap();
+        dc.wait_succeeded(&acc.operation).await;
+        ids.push(acc.guest);
+    }
+    let pids: Vec<_> = dc.agents[0].sim.guests().iter().map(|g| g.pid).collect();
+    let watcher = Watcher::start(dc.agents.iter().map(|a| (a.name.clone(), a.sim.clone())).collect());
+    dc.agents[0].stop().await;
+    dc.eventually("the restarts elsewhere failed on the disk lock", || async {
+        let all = dc.admin.list_guests().await.ok()?;
+        all.iter().all(|g| g.host_name != "host-1" && g.guest.state == GuestState::Failed).then_some(())
+    })
+    .await;
+    dc.restart_agent(0).await;
+    dc.eventually("host-1 has its guests back, the others forgot them", || async {
+        let all = dc.admin.list_guests().await.ok()?;
+        let back = all.iter().all(|g| g.host_name == "host-1" && g.guest.state == GuestState::Running);
+        let forgotten = dc.agents[1..].iter().all(|a| a.sim.guests().is_empty());
+        (back && forgotten).then_some(())
+    })
+    .await;
+    // They never stopped.
+    let now: Vec<_> = dc.agents[0].sim.guests().iter().map(|g| g.pid).collect();
+    assert_eq!(now, pids);
+    let g = dc.admin.get_guest("s-0").await.unwrap();
+    assert!(g.guest.last_error.unwrap().contains("came back with it running"));
+    watcher.finish().await;
+    dc.shutdown().await;
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use drove_agent::{Agent, AgentConfig};
 use drove_client::Client;
-use drove_hypervisor::sim::{SimConfig, SimHypervisor};
+use drove_hypervisor::sim::{SimConfig, SimHypervisor, SimPool};
 use drove_manager::{Manager, ManagerConfig};
 use drove_model::{Operation, OperationState};
 use drove_store::embedded::EmbeddedStore;
@@ -25,6 +25,8 @@ pub struct Dc {
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     pub agents: Vec<TestAgent>,
     pub config: ManagerConfig,
+    /// The shared storage every host sees (guests on it cannot run twice).
+    pub pool: SimPool,
 }
 
 pub struct TestAgent {
@@ -69,6 +71,7 @@ impl Dc {
             server: None,
             agents: Vec::new(),
             config,
+            pool: SimPool::default(),
         };
         dc.serve(None).await;
         for i in 1..=hosts {
@@ -140,6 +143,7 @@ impl Dc {
     pub async fn add_agent(&mut self, name: &str, cfg: SimConfig) -> usize {
         let state = self.dir.path().join(format!("{name}.json"));
         let sim = SimHypervisor::with_state_file(cfg, state).unwrap();
+        sim.join_pool(&self.pool);
         let agent = self.start_agent(name, &sim);
         self.agents.push(agent);
         self.agents.len() - 1
@@ -163,6 +167,7 @@ impl Dc {
         self.agents[i].stop().await;
         let state = self.agents[i].sim.state_file().unwrap().to_owned();
         let sim = SimHypervisor::with_state_file(self.agents[i].sim.config().clone(), state).unwrap();
+        sim.join_pool(&self.pool);
         let name = self.agents[i].name.clone();
         self.agents[i] = self.start_agent(&name, &sim);
     }
