@@ -42,6 +42,9 @@ pub struct FailoverBench {
 
 #[derive(Debug, Serialize)]
 struct Run {
+    /// The same guests' first boot, for comparison: created on host-1 until
+    /// all answer (as many boots at once on the same shared cores).
+    cold_boot_s: f64,
     down_s: f64,
     reassigned_s: f64,
     running_s: f64,
@@ -123,12 +126,14 @@ async fn create(c: &Client, name: &str) -> Result<()> {
 
 async fn one_run(lab: &BenchLab, c: &Client, n: usize, run: usize) -> Result<Run> {
     let names: Vec<String> = (0..n).map(|i| format!("f{run}-{i}")).collect();
+    let boot = Instant::now();
     for name in &names {
         create(c, name).await?;
     }
     for name in &names {
         wait_booted(c, name).await?;
     }
+    let cold_boot_s = boot.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let t0_ms = drove_manager::now_ms();
     lab.fail("host-1", "kill")?;
@@ -179,6 +184,7 @@ async fn one_run(lab: &BenchLab, c: &Client, n: usize, run: usize) -> Result<Run
         c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
     }
     Ok(Run {
+        cold_boot_s,
         down_s: down.unwrap_or(f64::NAN),
         reassigned_s: reassigned,
         running_s: running,
@@ -233,6 +239,7 @@ pub async fn run(a: FailoverBench) -> Result<()> {
                             format!("{:.1}", r.reassigned_s),
                             format!("{:.1}", r.running_s),
                             format!("{:.1}", r.answering_s),
+                            format!("{:.1}", r.cold_boot_s),
                             r.spread.iter().map(|(h, n)| format!("{h}:{n}")).collect::<Vec<_>>().join(" "),
                         ]
                     })
@@ -240,7 +247,7 @@ pub async fn run(a: FailoverBench) -> Result<()> {
                 crate::output::print(
                     Format::Table,
                     &f.runs,
-                    &["run", "host down", "reassigned", "running", "all answer", "spread"],
+                    &["run", "host down", "reassigned", "running", "all answer", "cold boot", "spread"],
                     rows,
                 )?;
                 println!("all answering: p50 {:.1} s, max {:.1} s", f.answering_p50_s, f.answering_max_s);

@@ -873,6 +873,31 @@ fn backend(op: &'static str, id: GuestId) -> impl FnOnce(QemuError) -> HvError {
     move |e| HvError::Backend { op, id, source: Box::new(e) }
 }
 
+impl QemuHypervisor {
+    /// The guest's status; a guest busy with an operation is as last seen,
+    /// or — never seen yet — waited for (`wait`) or taken as stopped.
+    async fn status_inner(&self, id: GuestId, wait: bool) -> Result<GuestStatus, HvError> {
+        let guest = self.guest(id);
+        let dir = self.dir(id);
+        let config = self.record(&dir, id, "status")?;
+        let (state, pid) = match guest.ops.try_lock() {
+            Ok(mut slot) => self.observe_and_remember(&guest, &dir, &mut slot).await,
+            Err(_) => match guest.seen() {
+                // Busy with an operation: as far as anyone knows, the guest
+                // is still as last seen.
+                Some(seen) => Ok(seen),
+                None if !wait => Ok((RuntimeState::Stopped, None)),
+                None => {
+                    let mut slot = guest.ops.lock().await;
+                    self.observe_and_remember(&guest, &dir, &mut slot).await
+                }
+            },
+        }
+        .map_err(backend("status", id))?;
+        Ok(GuestStatus { id, state, generation: config.generation, pid })
+    }
+}
+
 #[async_trait::async_trait]
 impl Hypervisor for QemuHypervisor {
     fn kind(&self) -> HypervisorKind {
@@ -884,6 +909,10 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn resources(&self) -> Result<HostResources, HvError> {
+        // An agent asks first thing: the KVM probe (a boot of the test
+        // kernel, seconds on a busy machine) runs now rather than delaying
+        // the first guest this host starts — a failover's restarts above all.
+        self.accel().await;
         let c = &self.inner.config;
         Ok(HostResources { cores: c.cores, memory: c.memory })
     }
@@ -1041,25 +1070,12 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn status(&self, id: GuestId) -> Result<GuestStatus, HvError> {
-        let guest = self.guest(id);
-        let dir = self.dir(id);
-        let config = self.record(&dir, id, "status")?;
-        let (state, pid) = match guest.ops.try_lock() {
-            Ok(mut slot) => self.observe_and_remember(&guest, &dir, &mut slot).await,
-            Err(_) => match guest.seen() {
-                // Busy with an operation: as far as anyone knows, the guest
-                // is still as last seen.
-                Some(seen) => Ok(seen),
-                None => {
-                    let mut slot = guest.ops.lock().await;
-                    self.observe_and_remember(&guest, &dir, &mut slot).await
-                }
-            },
-        }
-        .map_err(backend("status", id))?;
-        Ok(GuestStatus { id, state, generation: config.generation, pid })
+        self.status_inner(id, true).await
     }
 
+    /// Never waits for a guest's operation (a heartbeat must not wait for
+    /// a boot): a busy guest is listed as last seen, or, never seen yet
+    /// (being created or started for the first time), as stopped.
     async fn list(&self) -> Result<Vec<GuestStatus>, HvError> {
         let guests_dir = &self.inner.guests_dir;
         let entries = std::fs::read_dir(guests_dir)
@@ -1073,7 +1089,7 @@ impl Hypervisor for QemuHypervisor {
         ids.sort();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            match self.status(id).await {
+            match self.status_inner(id, false).await {
                 Ok(status) => out.push(status),
                 // A directory without a record: an interrupted create or a
                 // concurrent destroy. Not a guest.
