@@ -2044,3 +2044,38 @@ async fn a_guest_on_shared_storage_is_refused_by_a_host_without_a_pool_and_nothi
     assert!(err.to_string().contains("no shared pool"), "{err}");
     assert!(!lab.state_dir().join("guests").join(g.id.to_string()).exists());
 }
+
+/// A heartbeat's `list` neither waits for a guest's first boot nor
+/// misreports a running guest that is busy with a long operation.
+#[tokio::test]
+async fn list_answers_during_a_first_start_and_sees_a_busy_running_guest_running() {
+    let lab = Lab::new();
+    let hv = std::sync::Arc::new(lab.hv());
+    let g = guest("list-1", &[16]);
+    hv.create(&g).await.unwrap();
+    let starting = {
+        let hv = hv.clone();
+        tokio::spawn(async move { hv.start(g.id).await })
+    };
+    // Whatever moment list lands on, it answers at once, and never says
+    // the guest crashed.
+    let t0 = Instant::now();
+    let listed = hv.list().await.unwrap();
+    assert!(t0.elapsed() < Duration::from_millis(1500), "list waited {:?} for a start", t0.elapsed());
+    let state = listed.iter().find(|s| s.id == g.id).unwrap().state;
+    assert!(matches!(state, RuntimeState::Stopped | RuntimeState::Running), "{state:?}");
+    starting.await.unwrap().unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+
+    // A memory snapshot holds the guest for a while; list sees it as it is.
+    let snap = {
+        let hv = hv.clone();
+        tokio::spawn(async move { hv.snapshot_create(g.id, "busy", SnapshotKind::Memory).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let listed = hv.list().await.unwrap();
+    let state = listed.iter().find(|s| s.id == g.id).unwrap().state;
+    assert!(matches!(state, RuntimeState::Running | RuntimeState::Paused), "a busy running guest listed {state:?}");
+    snap.await.unwrap().unwrap();
+    hv.destroy(g.id).await.unwrap();
+}

@@ -874,8 +874,11 @@ fn backend(op: &'static str, id: GuestId) -> impl FnOnce(QemuError) -> HvError {
 }
 
 impl QemuHypervisor {
-    /// The guest's status; a guest busy with an operation is as last seen,
-    /// or — never seen yet — waited for (`wait`) or taken as stopped.
+    /// The guest's status; a guest busy with an operation is as last seen
+    /// by this process, else waited for — unless `wait` is false and it has
+    /// no QEMU yet (its first start is under way): that is stopped, and
+    /// truly so. (Not seen yet is not new: a handle nobody holds is dropped,
+    /// its memory of the guest with it.)
     async fn status_inner(&self, id: GuestId, wait: bool) -> Result<GuestStatus, HvError> {
         let guest = self.guest(id);
         let dir = self.dir(id);
@@ -886,7 +889,7 @@ impl QemuHypervisor {
                 // Busy with an operation: as far as anyone knows, the guest
                 // is still as last seen.
                 Some(seen) => Ok(seen),
-                None if !wait => Ok((RuntimeState::Stopped, None)),
+                None if !wait && live_pid(&dir).is_none() => Ok((RuntimeState::Stopped, None)),
                 None => {
                     let mut slot = guest.ops.lock().await;
                     self.observe_and_remember(&guest, &dir, &mut slot).await
@@ -1073,9 +1076,8 @@ impl Hypervisor for QemuHypervisor {
         self.status_inner(id, true).await
     }
 
-    /// Never waits for a guest's operation (a heartbeat must not wait for
-    /// a boot): a busy guest is listed as last seen, or, never seen yet
-    /// (being created or started for the first time), as stopped.
+    /// Does not wait for a guest's first start (a heartbeat must not wait
+    /// for a boot): see `status_inner`.
     async fn list(&self) -> Result<Vec<GuestStatus>, HvError> {
         let guests_dir = &self.inner.guests_dir;
         let entries = std::fs::read_dir(guests_dir)
