@@ -298,7 +298,10 @@ done
 
 # The guest agent waits for its virtio-serial port itself (virtio_console adds
 # ports a moment after it loads), so it can start now, in the background.
+# The OOM killer spares it: a guest out of memory must still answer the host
+# (a killed agent leaves every command in flight unanswered).
 drove-guest-agent </dev/null &
+echo -1000 > /proc/$!/oom_score_adj
 
 name=
 for arg in $(cat /proc/cmdline); do

@@ -108,8 +108,15 @@ impl BenchLab {
 }
 
 impl Drop for BenchLab {
+    /// Stops the lab; `DROVE_BENCH_KEEP=1` keeps its directory (logs, guest
+    /// state) for a look at what happened.
     fn drop(&mut self) {
         let dir = self.dir.display().to_string();
+        if std::env::var_os("DROVE_BENCH_KEEP").is_some() {
+            let _ = self.drove(&["down", "--data-dir", &dir]);
+            eprintln!("bench lab kept in {dir} (DROVE_BENCH_KEEP)");
+            return;
+        }
         let _ = self.drove(&["down", "--purge", "--data-dir", &dir]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -135,10 +135,13 @@ pub async fn run(a: NetBench) -> Result<()> {
         ("net-cross-lim", "host-2", "across hosts", limited),
     ];
     for (name, host, _, nic) in &plan {
+        // The server keeps the blob in RAM (its /tmp is a tmpfs): room for
+        // it beside the 128 MiB a client needs.
+        let memory = ByteSize::mib(if *name == SERVER { 128 + a.size.as_mib() * 2 + 64 } else { 128 });
         let req = CreateGuestRequest {
             host: Some((*host).to_owned()),
             nics: vec![nic.clone()],
-            ..CreateGuestRequest::new(name, 1, ByteSize::mib(128))
+            ..CreateGuestRequest::new(name, 1, memory)
         };
         c.create_guest(&req).await.with_context(|| format!("creating {name}"))?;
     }

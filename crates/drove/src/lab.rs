@@ -92,6 +92,9 @@ struct LabFile {
     /// How each agent was started, so `drove lab heal` can start it again.
     #[serde(default)]
     launches: std::collections::BTreeMap<String, Launch>,
+    /// How the manager was started, for `drove lab heal manager`.
+    #[serde(default)]
+    manager_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -261,20 +264,16 @@ pub async fn up(a: UpArgs) -> Result<()> {
     let endpoint = format!("http://{listen}:{port}");
     lab.endpoint = endpoint.clone();
     let mdir = dir.join("manager");
-    let mut manager = spawn(
-        &dir,
-        "manager.log",
-        None,
-        &[
-            "manager".into(),
-            "--data-dir".into(),
-            mdir.display().to_string(),
-            "--listen".into(),
-            format!("{listen}:{port}"),
-            "--vcpu-overcommit".into(),
-            a.vcpu_overcommit.to_string(),
-        ],
-    )?;
+    lab.manager_args = vec![
+        "manager".into(),
+        "--data-dir".into(),
+        mdir.display().to_string(),
+        "--listen".into(),
+        format!("{listen}:{port}"),
+        "--vcpu-overcommit".into(),
+        a.vcpu_overcommit.to_string(),
+    ];
+    let mut manager = spawn(&dir, "manager.log", None, &lab.manager_args)?;
     lab.manager_pid = Some(manager.id());
     write_lab(&dir, &lab)?;
 
@@ -532,7 +531,7 @@ pub fn qemu_hypervisor(dir: &Path, cgroup_scope: Option<&str>, shared: Option<&P
 pub enum LabCommand {
     /// Make a lab host fail, as a test or a drill would.
     Fail {
-        /// The host, e.g. host-2.
+        /// The host, e.g. host-2, or `manager` (killed whatever the mode).
         host: String,
         /// `agent`: SIGKILL its agent only (guests keep running);
         /// `kill`: a power loss (agent and guests SIGKILLed, links down);
@@ -544,8 +543,10 @@ pub enum LabCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Undo `fail`: links up, and the agent started again if it is not running.
+    /// Undo `fail`: links up, and the agent (or the manager) started again
+    /// if it is not running.
     Heal {
+        /// The host, e.g. host-2, or `manager`.
         host: String,
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -560,6 +561,34 @@ pub enum FailMode {
     MigrationLink,
 }
 
+/// `drove lab fail manager` (SIGKILL, as a crash would) and `drove lab
+/// heal manager` (started again on the same store and address).
+fn manager_fault(dir: &Path, lab: &mut LabFile, fail: bool) -> Result<()> {
+    let pid = lab.manager_pid.filter(|p| is_drove(*p, dir));
+    if fail {
+        match pid {
+            Some(pid) => {
+                signal(pid, "KILL");
+                println!("manager killed (pid {pid}); hosts and guests carry on");
+            }
+            None => println!("the manager was not running"),
+        }
+        return Ok(());
+    }
+    if let Some(pid) = pid {
+        println!("the manager runs already (pid {pid})");
+        return Ok(());
+    }
+    if lab.manager_args.is_empty() {
+        bail!("this lab predates `drove lab heal manager`; restart it with `drove down` and `drove up`");
+    }
+    let child = spawn(dir, "manager.log", None, &lab.manager_args)?;
+    lab.manager_pid = Some(child.id());
+    write_lab(dir, lab)?;
+    println!("manager started again (pid {})", child.id());
+    Ok(())
+}
+
 pub async fn lab(cmd: LabCommand) -> Result<()> {
     let (host, data_dir) = match &cmd {
         LabCommand::Fail { host, data_dir, .. } | LabCommand::Heal { host, data_dir } => (host, data_dir),
@@ -567,9 +596,12 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
     let dir = data_dir.clone().unwrap_or_else(default_data_dir);
     let dir = dir.canonicalize().unwrap_or(dir);
     let mut lab = read_lab(&dir)?.with_context(|| format!("no lab is running in {}", dir.display()))?;
+    if host == "manager" {
+        return manager_fault(&dir, &mut lab, matches!(cmd, LabCommand::Fail { .. }));
+    }
     let launch = lab.launches.get(host).cloned().with_context(|| {
         format!(
-            "the lab has no host {host:?}; its hosts are {}",
+            "the lab has no host {host:?}; its hosts are {} (or `manager`)",
             lab.launches.keys().cloned().collect::<Vec<_>>().join(", ")
         )
     })?;

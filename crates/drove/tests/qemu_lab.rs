@@ -901,3 +901,71 @@ fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
     }
     watcher.finish(names.len());
 }
+
+/// Two hosts fail at once in a cluster that keeps room for two failures,
+/// and the manager is killed while their guests' restarts are under way:
+/// after its restart every guest runs on the survivors, once, disks intact.
+#[test]
+fn two_hosts_fail_at_once_and_the_manager_dies_mid_failover() {
+    let lab = Lab::start_with(4, &["--net", "netns"]);
+    lab.ok(&["host", "ha", "--tolerate", "2"]);
+    let names = ["tw-1", "tw-2", "tw-3", "tw-4"];
+    for (i, n) in names.iter().enumerate() {
+        let host = if i < 2 { "host-1" } else { "host-2" };
+        lab.ok(&[
+            "vm",
+            "create",
+            n,
+            "--memory",
+            "128M",
+            "--disk",
+            "16M",
+            "--storage",
+            "shared",
+            "--host",
+            host,
+            "--no-wait",
+        ]);
+    }
+    for n in names {
+        lab.booted(n);
+        let (code, out) = lab.sh(
+            n,
+            &format!("printf '%-511s\\n' disk-of-{n} | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && sync"),
+        );
+        assert_eq!(code, 0, "{out}");
+    }
+    assert!(lab.ok(&["host", "list"]).contains("HA reserve: holds for 2 host failure(s)"));
+    let watcher = TwoCopiesWatcher::start(lab.data());
+    lab.ok(&["lab", "fail", "host-1", "--mode", "kill", "--data-dir", lab.data()]);
+    lab.ok(&["lab", "fail", "host-2", "--mode", "kill", "--data-dir", lab.data()]);
+    eventually("the failover began", Duration::from_secs(60), || {
+        let all = lab.json(&["vm", "list"]);
+        all.as_array().unwrap().iter().any(|g| !g["last_failover"].is_null()).then_some(())
+    });
+    lab.ok(&["lab", "fail", "manager", "--data-dir", lab.data()]);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.ok(&["lab", "heal", "manager", "--data-dir", lab.data()]);
+    eventually("every guest answers on a survivor", Duration::from_secs(180), || {
+        names
+            .iter()
+            .all(|n| {
+                let g = lab.json(&["vm", "show", n]);
+                matches!(g["host_name"].as_str(), Some("host-3" | "host-4"))
+                    && g["state"] == "running"
+                    && lab.sh(n, "true").0 == 0
+            })
+            .then_some(())
+    });
+    let all = lab.json(&["vm", "list"]);
+    assert_eq!(all.as_array().unwrap().len(), 4, "a guest was lost or added");
+    for host in ["host-3", "host-4"] {
+        let n = all.as_array().unwrap().iter().filter(|g| g["host_name"] == host).count();
+        assert_eq!(n, 2, "spread over the survivors: {all}");
+    }
+    for n in names {
+        let (_, marker) = lab.sh(n, "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
+        assert_eq!(marker.trim(), format!("disk-of-{n}"));
+    }
+    watcher.finish(names.len());
+}
