@@ -563,7 +563,7 @@ pub enum FailMode {
 
 /// `drove lab fail manager` (SIGKILL, as a crash would) and `drove lab
 /// heal manager` (started again on the same store and address).
-fn manager_fault(dir: &Path, lab: &mut LabFile, fail: bool) -> Result<()> {
+async fn manager_fault(dir: &Path, lab: &mut LabFile, fail: bool) -> Result<()> {
     let pid = lab.manager_pid.filter(|p| is_drove(*p, dir));
     if fail {
         match pid {
@@ -582,9 +582,21 @@ fn manager_fault(dir: &Path, lab: &mut LabFile, fail: bool) -> Result<()> {
     if lab.manager_args.is_empty() {
         bail!("this lab predates `drove lab heal manager`; restart it with `drove down` and `drove up`");
     }
-    let child = spawn(dir, "manager.log", None, &lab.manager_args)?;
+    let mut child = spawn(dir, "manager.log", None, &lab.manager_args)?;
     lab.manager_pid = Some(child.id());
     write_lab(dir, lab)?;
+    // Back when it answers again (it reopens the store first).
+    let addr = lab.endpoint.trim_start_matches("http://").to_owned();
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(&addr).await.is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the manager exited ({status}); its log says:\n{}", tail(&dir.join("logs/manager.log"), 15));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the manager did not answer within 30s; see {}", dir.join("logs/manager.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     println!("manager started again (pid {})", child.id());
     Ok(())
 }
@@ -597,7 +609,7 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
     let dir = dir.canonicalize().unwrap_or(dir);
     let mut lab = read_lab(&dir)?.with_context(|| format!("no lab is running in {}", dir.display()))?;
     if host == "manager" {
-        return manager_fault(&dir, &mut lab, matches!(cmd, LabCommand::Fail { .. }));
+        return manager_fault(&dir, &mut lab, matches!(cmd, LabCommand::Fail { .. })).await;
     }
     let launch = lab.launches.get(host).cloned().with_context(|| {
         format!(
