@@ -137,28 +137,43 @@ async fn one_run(lab: &BenchLab, c: &Client, n: usize, run: usize) -> Result<Run
     let t0 = Instant::now();
     let t0_ms = drove_manager::now_ms();
     lab.fail("host-1", "kill")?;
-    let (mut down, mut answered) = (None, vec![None; n]);
-    while answered.iter().any(Option::is_none) {
-        if t0.elapsed() > Duration::from_secs(180) {
-            bail!("the guests did not all answer on the survivors within 180 s");
-        }
-        if down.is_none() && c.get_host("host-1").await?.info.state == HostState::Down {
-            down = Some(t0.elapsed().as_secs_f64());
-        }
-        for (i, name) in names.iter().enumerate() {
-            if answered[i].is_some() {
-                continue;
+    // Each guest watched on its own, so one slow answer does not delay
+    // noticing another's.
+    let watch = |name: String| {
+        let c = c.clone();
+        async move {
+            loop {
+                if t0.elapsed() > Duration::from_secs(180) {
+                    bail!("guest {name} did not answer on a survivor within 180 s");
+                }
+                let g = c.get_guest(&name).await?;
+                if g.host_name != "host-1" && g.guest.state == drove_model::GuestState::Running {
+                    let req =
+                        drove_api::ExecRequest { command: vec!["true".into()], input: None, timeout_secs: Some(2) };
+                    if c.exec(&name, &req).await.is_ok_and(|r| r.exit_code == 0) {
+                        return Ok(t0.elapsed().as_secs_f64());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let g = c.get_guest(name).await?;
-            if g.host_name == "host-1" || g.guest.state != drove_model::GuestState::Running {
-                continue;
-            }
-            let req = drove_api::ExecRequest { command: vec!["true".into()], input: None, timeout_secs: Some(5) };
-            if c.exec(name, &req).await.is_ok_and(|r| r.exit_code == 0) {
-                answered[i] = Some(t0.elapsed().as_secs_f64());
-            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let down_watch = async {
+        loop {
+            if t0.elapsed() > Duration::from_secs(180) {
+                return None;
+            }
+            if c.get_host("host-1").await.is_ok_and(|h| h.info.state == HostState::Down) {
+                return Some(t0.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let tasks: Vec<_> = names.iter().cloned().map(|n| tokio::spawn(watch(n))).collect();
+    let down = down_watch.await;
+    let mut answered = Vec::with_capacity(n);
+    for t in tasks {
+        answered.push(t.await.context("a watcher task failed")??);
     }
     let guests = c.list_guests().await?;
     let mine: Vec<_> = guests.iter().filter(|g| names.contains(&g.guest.spec.name)).collect();
@@ -188,7 +203,7 @@ async fn one_run(lab: &BenchLab, c: &Client, n: usize, run: usize) -> Result<Run
         down_s: down.unwrap_or(f64::NAN),
         reassigned_s: reassigned,
         running_s: running,
-        answering_s: answered.iter().flatten().copied().fold(0.0, f64::max),
+        answering_s: answered.iter().copied().fold(0.0, f64::max),
         spread,
     })
 }
