@@ -101,6 +101,10 @@ impl Lease {
     }
 }
 
+/// How long a readiness probe waits for a started guest's OS (a guest
+/// without a guest agent never answers).
+const READY_PATIENCE: Duration = Duration::from_secs(180);
+
 /// Why an action on a guest failed.
 #[derive(Debug, thiserror::Error)]
 enum ActError {
@@ -155,12 +159,16 @@ pub struct Agent {
     wake: Arc<Notify>,
     actions: Mutex<HashMap<GuestId, JoinHandle<()>>>,
     lease: Mutex<Lease>,
+    /// Guests whose OS is up, with the VMM pid it was seen up in (a new
+    /// process boots again); and those being probed.
+    ready: Mutex<(HashMap<GuestId, Option<u32>>, HashSet<GuestId>)>,
 }
 
 fn to_observed(s: &GuestStatus) -> ObservedGuest {
     ObservedGuest {
         id: s.id,
         generation: s.generation,
+        ready: false,
         state: match s.state {
             RuntimeState::Stopped => ObservedState::Stopped,
             RuntimeState::Running => ObservedState::Running,
@@ -212,7 +220,36 @@ impl Agent {
             wake: Arc::new(Notify::new()),
             actions: Mutex::new(HashMap::new()),
             lease: Mutex::new(Lease::default()),
+            ready: Mutex::new(Default::default()),
         })
+    }
+
+    /// Whether the guest's OS is known up in its current process; starts a
+    /// probe (one per guest) for a running guest not known up yet.
+    fn ready(self: &Arc<Self>, s: &GuestStatus) -> bool {
+        if s.state != RuntimeState::Running {
+            return false;
+        }
+        let mut r = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        if r.0.get(&s.id) == Some(&s.pid) {
+            return true;
+        }
+        if r.1.insert(s.id) {
+            let (me, id, pid) = (self.clone(), s.id, s.pid);
+            tokio::spawn(async move {
+                let deadline = Instant::now() + READY_PATIENCE;
+                while Instant::now() < deadline {
+                    if me.hv.guest_ready(id).await.unwrap_or(false) {
+                        me.ready.lock().unwrap_or_else(|p| p.into_inner()).0.insert(id, pid);
+                        me.wake.notify_one();
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                me.ready.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&id);
+            });
+        }
+        false
     }
 
     fn lock_lease(&self) -> std::sync::MutexGuard<'_, Lease> {
@@ -419,7 +456,7 @@ impl Agent {
         };
         let req = HeartbeatRequest {
             host_id,
-            guests: statuses.iter().map(to_observed).collect(),
+            guests: statuses.iter().map(|s| ObservedGuest { ready: self.ready(s), ..to_observed(s) }).collect(),
             failures: failures.clone(),
             restarted: restarted.clone(),
             destroyed: destroyed.clone(),

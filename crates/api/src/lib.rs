@@ -413,6 +413,9 @@ pub struct ObservedGuest {
     pub state: ObservedState,
     /// Generation of the definition the hypervisor holds.
     pub generation: u64,
+    /// Running and its OS up (its guest agent answered since it started).
+    #[serde(default)]
+    pub ready: bool,
 }
 
 /// An action the agent tried and failed, for the generation it was at.

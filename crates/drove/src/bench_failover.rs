@@ -48,6 +48,8 @@ struct Run {
     down_s: f64,
     reassigned_s: f64,
     running_s: f64,
+    /// Their guest agents answered their hosts' readiness probes.
+    ready_s: f64,
     answering_s: f64,
     spread: Vec<(String, usize)>,
 }
@@ -181,6 +183,7 @@ async fn one_run(lab: &BenchLab, c: &Client, n: usize, run: usize) -> Result<Run
     let reassigned =
         mine.iter().filter_map(|g| g.guest.last_failover.as_ref()).map(|f| since(f.at_ms)).fold(0.0, f64::max);
     let running = mine.iter().filter_map(|g| g.guest.last_failover.as_ref()?.running_ms).map(since).fold(0.0, f64::max);
+    let ready = mine.iter().filter_map(|g| g.guest.last_failover.as_ref()?.ready_ms).map(since).fold(0.0, f64::max);
     let spread = ["host-2", "host-3"]
         .iter()
         .map(|h| (h.to_string(), mine.iter().filter(|g| g.host_name == *h).count()))
@@ -203,6 +206,7 @@ async fn one_run(lab: &BenchLab, c: &Client, n: usize, run: usize) -> Result<Run
         down_s: down.unwrap_or(f64::NAN),
         reassigned_s: reassigned,
         running_s: running,
+        ready_s: ready,
         answering_s: answered.iter().copied().fold(0.0, f64::max),
         spread,
     })
@@ -253,6 +257,7 @@ pub async fn run(a: FailoverBench) -> Result<()> {
                             format!("{:.1}", r.down_s),
                             format!("{:.1}", r.reassigned_s),
                             format!("{:.1}", r.running_s),
+                            format!("{:.1}", r.ready_s),
                             format!("{:.1}", r.answering_s),
                             format!("{:.1}", r.cold_boot_s),
                             r.spread.iter().map(|(h, n)| format!("{h}:{n}")).collect::<Vec<_>>().join(" "),
@@ -262,7 +267,7 @@ pub async fn run(a: FailoverBench) -> Result<()> {
                 crate::output::print(
                     Format::Table,
                     &f.runs,
-                    &["run", "host down", "reassigned", "running", "all answer", "cold boot", "spread"],
+                    &["run", "host down", "reassigned", "qemu up", "os up", "all answer", "cold boot", "spread"],
                     rows,
                 )?;
                 println!("all answering: p50 {:.1} s, max {:.1} s", f.answering_p50_s, f.answering_max_s);

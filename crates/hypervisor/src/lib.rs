@@ -366,6 +366,13 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
         Err(HvError::Unsupported { op: "exec", backend: self.kind(), reason: "no guest agent".into() })
     }
 
+    /// Whether the guest's OS is up: its guest agent answers. `false` while
+    /// it boots (and for a guest that is not running). A backend without
+    /// guest agents counts a running guest as up.
+    async fn guest_ready(&self, id: GuestId) -> Result<bool, HvError> {
+        Ok(self.status(id).await?.state == RuntimeState::Running)
+    }
+
     /// The network interfaces of a Running guest, with their addresses, as
     /// its guest agent reports them.
     async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<GuestInterface>, HvError> {

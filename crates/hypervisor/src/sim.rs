@@ -96,6 +96,10 @@ pub struct SimConfig {
     pub snapshot_delay: Duration,
     /// Sending a guest to another host (`migrate_out`).
     pub migrate_delay: Duration,
+    /// From when a guest's process runs until its OS is up
+    /// ([`Hypervisor::guest_ready`]), counted from the first time anyone
+    /// asks.
+    pub os_boot_delay: Duration,
 }
 
 impl Default for SimConfig {
@@ -112,6 +116,7 @@ impl Default for SimConfig {
             destroy_delay: Duration::from_millis(2),
             snapshot_delay: Duration::from_millis(3),
             migrate_delay: Duration::from_millis(10),
+            os_boot_delay: Duration::ZERO,
         }
     }
 }
@@ -324,6 +329,8 @@ struct Inner {
     next_pid: u32,
     calls: [u64; SimOp::ALL.len()],
     faults: [VecDeque<Fault>; SimOp::ALL.len()],
+    /// When each guest process was first asked whether its OS is up.
+    asked_ready: HashMap<u32, std::time::Instant>,
 }
 
 /// One guest as the simulator holds it (and saves it).
@@ -849,6 +856,14 @@ impl Hypervisor for SimHypervisor {
         let fault = self.begin(SimOp::Destroy, Some(id))?;
         let result = self.destroy_guest(id).await;
         Self::finish(SimOp::Destroy, Some(id), fault, result)
+    }
+
+    async fn guest_ready(&self, id: GuestId) -> Result<bool, HvError> {
+        let mut inner = self.lock();
+        let g = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
+        let (RuntimeState::Running, Some(pid)) = (g.state, g.pid) else { return Ok(false) };
+        let since = *inner.asked_ready.entry(pid).or_insert_with(std::time::Instant::now);
+        Ok(since.elapsed() >= self.shared.config.os_boot_delay)
     }
 
     async fn forget(&self, id: GuestId) -> Result<(), HvError> {

@@ -1933,6 +1933,12 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
             break;
         }
     }
+    if g.state == GuestState::Running
+        && observed.is_some_and(|o| o.ready)
+        && let Some(f) = g.last_failover.as_mut().filter(|f| f.ready_ms.is_none())
+    {
+        f.ready_ms = Some(crate::now_ms());
+    }
     if g != before {
         w.ops.push(put(guest_key(id), &g));
         inv.guests.insert(id, g);

@@ -17,7 +17,9 @@
 //! guests still assigned to a failed host and reassigns the next few
 //! (highest priority first, spread by [`drove_placement::plan_restarts`]),
 //! as long as survivors have fewer than `failover_per_host` (and the
-//! cluster fewer than `failover_total`) failover boots in flight. A
+//! cluster fewer than `failover_total`) failover boots in flight — a boot
+//! lasts until the guest's OS is up (its guest agent answers), so the
+//! throttle spreads a boot storm, not just QEMU launches. A
 //! reassignment is one durable write of the guest record — its new host,
 //! a new generation and a [`FailoverRecord`] — so a manager that dies
 //! mid-failover simply carries on after its restart, and a guest is never
@@ -36,6 +38,9 @@ use drove_placement::{Evacuee, HostCapacity, Request, plan_restarts};
 
 use crate::core::{ApiError, Manager, Writes, apply, finish_op};
 use crate::inventory::{Inventory, guest_key, put};
+
+/// How long a failover restart counts against the boot throttle at most.
+const BOOT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Why a guest of a failed host cannot restart elsewhere, if it cannot.
 fn immovable(g: &Guest) -> Option<String> {
@@ -96,9 +101,15 @@ impl Manager {
         let now = crate::now_ms();
         let per_host = self.config.failover_per_host.max(1);
         // Failover boots in flight, per survivor and in all.
+        // A restart boots until its OS is up (its guest agent answers), or
+        // for BOOT_PATIENCE at most: a guest without an agent never says.
         let mut booting: HashMap<HostId, usize> = HashMap::new();
         for g in inv.guests.values() {
-            if g.state == GuestState::Starting && g.last_failover.as_ref().is_some_and(|f| f.running_ms.is_none()) {
+            let boots = matches!(g.state, GuestState::Starting | GuestState::Running)
+                && g.last_failover.as_ref().is_some_and(|f| {
+                    f.ready_ms.is_none() && now.saturating_sub(f.at_ms) < BOOT_PATIENCE.as_millis() as u64
+                });
+            if boots {
                 *booting.entry(g.host).or_default() += 1;
             }
         }
@@ -284,6 +295,7 @@ impl Manager {
             at_ms: crate::now_ms(),
             detect_ms: silent_ms,
             running_ms: None,
+            ready_ms: None,
         });
         tracing::warn!(guest = %g.spec.name, %from, to = %to_name, start, "failover: guest reassigned");
         w.ops.push(put(guest_key(id), &g));

@@ -289,3 +289,47 @@ async fn a_host_thought_dead_but_only_silent_keeps_its_running_guests() {
     watcher.finish().await;
     dc.shutdown().await;
 }
+
+/// The boot throttle lasts until a restarted guest's OS is up (its guest
+/// agent answers), not only until its process runs: a survivor boots
+/// `failover_per_host` guests at a time.
+#[tokio::test]
+async fn failover_boots_wait_for_the_guests_os_before_the_next_wave() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = fast_config(dir.path());
+    config.host_timeout = Duration::from_millis(1500);
+    config.fencing_margin = Duration::from_millis(300);
+    config.failover_per_host = 1;
+    let mut dc = Dc::start_with(dir, config, 0).await;
+    let os_boot = Duration::from_millis(1200);
+    for i in 1..=3 {
+        let cfg = drove_hypervisor::sim::SimConfig { os_boot_delay: os_boot, ..Default::default() };
+        dc.add_agent(&format!("host-{i}"), cfg).await;
+    }
+    dc.wait_hosts_up(3).await;
+    for i in 0..4 {
+        let acc = dc.admin.create_guest(&shared(&format!("w-{i}"), "host-1", 50)).await.unwrap();
+        dc.wait_succeeded(&acc.operation).await;
+    }
+    dc.agents[0].stop().await;
+    dc.agents[0].sim.crash_all().unwrap();
+    let all = dc
+        .eventually("all four up on the survivors", || async {
+            let all = dc.admin.list_guests().await.ok()?;
+            all.iter().all(|g| g.guest.last_failover.as_ref().is_some_and(|f| f.ready_ms.is_some())).then_some(all)
+        })
+        .await;
+    let mut at: Vec<u64> = all.iter().map(|g| g.guest.last_failover.as_ref().unwrap().at_ms).collect();
+    at.sort();
+    // Two survivors, one boot each at a time: two waves.
+    assert!(at[1] - at[0] < 500, "the first wave starts together: {at:?}");
+    assert!(
+        at[2] - at[0] >= os_boot.as_millis() as u64 - 100,
+        "the second wave came before the first one's OS was up: {at:?}"
+    );
+    for g in &all {
+        let f = g.guest.last_failover.as_ref().unwrap();
+        assert!(f.ready_ms.unwrap() >= f.running_ms.unwrap(), "{f:?}");
+    }
+    dc.shutdown().await;
+}

@@ -529,6 +529,9 @@ pub struct FailoverRecord {
     /// When the survivor reported it running again (Unix milliseconds);
     /// `None` while it boots, or when it was moved stopped.
     pub running_ms: Option<u64>,
+    /// When its OS was up there (its guest agent answered; Unix ms).
+    #[serde(default)]
+    pub ready_ms: Option<u64>,
 }
 
 #[cfg(test)]

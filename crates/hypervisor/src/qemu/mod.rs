@@ -1131,6 +1131,10 @@ impl Hypervisor for QemuHypervisor {
         self.agent_interfaces(id).await
     }
 
+    async fn guest_ready(&self, id: GuestId) -> Result<bool, HvError> {
+        self.agent_ping(id).await
+    }
+
     async fn hotplug(&self, id: GuestId, change: &crate::Hotplug) -> Result<(), HvError> {
         self.hotplug_guest(id, change).await
     }

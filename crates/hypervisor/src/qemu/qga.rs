@@ -78,6 +78,8 @@ pub const MAX_REPLY: usize = 64 << 20;
 /// What `guest_interfaces` allows the agent to answer in, handshake
 /// included. Generous: a guest under TCG on a busy host is slow.
 const INTERFACES_TIMEOUT: Duration = Duration::from_secs(10);
+/// A readiness probe's patience: a booting guest's agent is not there yet.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// The first and the longest wait between two `guest-exec-status` polls.
 const EXEC_POLL_FIRST: Duration = Duration::from_millis(5);
 const EXEC_POLL_MAX: Duration = Duration::from_millis(200);
@@ -423,6 +425,18 @@ impl QemuHypervisor {
         };
         let reply = self.agent_call(id, pid, "guest-network-get-interfaces", None, budget).await.map_err(fail)?;
         interfaces(&reply).map_err(fail)
+    }
+
+    /// [`Hypervisor::guest_ready`](crate::Hypervisor::guest_ready) for QEMU
+    /// guests: the guest agent answers a ping.
+    pub(super) async fn agent_ping(&self, id: drove_model::GuestId) -> Result<bool, HvError> {
+        let budget = Budget { deadline: Instant::now() + PING_TIMEOUT, allowed: PING_TIMEOUT };
+        let pid = match self.running_pid(id, "guest_ready").await {
+            Ok(pid) => pid,
+            Err(HvError::InvalidState { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        Ok(self.agent_call(id, pid, "guest-ping", None, budget).await.is_ok())
     }
 
     /// The QEMU pid of a Running guest; any other state is InvalidState,
