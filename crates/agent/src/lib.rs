@@ -159,9 +159,17 @@ pub struct Agent {
     wake: Arc<Notify>,
     actions: Mutex<HashMap<GuestId, JoinHandle<()>>>,
     lease: Mutex<Lease>,
+    ready: Mutex<Readiness>,
+}
+
+/// What the agent knows of its guests' OSes.
+#[derive(Debug, Default)]
+struct Readiness {
     /// Guests whose OS is up, with the VMM pid it was seen up in (a new
-    /// process boots again); and those being probed.
-    ready: Mutex<(HashMap<GuestId, Option<u32>>, HashSet<GuestId>)>,
+    /// process boots again).
+    up: HashMap<GuestId, Option<u32>>,
+    /// Guests being probed.
+    probing: HashSet<GuestId>,
 }
 
 fn to_observed(s: &GuestStatus) -> ObservedGuest {
@@ -231,22 +239,22 @@ impl Agent {
             return false;
         }
         let mut r = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        if r.0.get(&s.id) == Some(&s.pid) {
+        if r.up.get(&s.id) == Some(&s.pid) {
             return true;
         }
-        if r.1.insert(s.id) {
+        if r.probing.insert(s.id) {
             let (me, id, pid) = (self.clone(), s.id, s.pid);
             tokio::spawn(async move {
                 let deadline = Instant::now() + READY_PATIENCE;
                 while Instant::now() < deadline {
                     if me.hv.guest_ready(id).await.unwrap_or(false) {
-                        me.ready.lock().unwrap_or_else(|p| p.into_inner()).0.insert(id, pid);
+                        me.ready.lock().unwrap_or_else(|p| p.into_inner()).up.insert(id, pid);
                         me.wake.notify_one();
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                me.ready.lock().unwrap_or_else(|p| p.into_inner()).1.remove(&id);
+                me.ready.lock().unwrap_or_else(|p| p.into_inner()).probing.remove(&id);
             });
         }
         false
