@@ -462,6 +462,10 @@ impl Agent {
                 r.destroyed.iter().copied().collect::<Vec<_>>(),
             )
         };
+        {
+            let present: HashSet<GuestId> = statuses.iter().map(|s| s.id).collect();
+            self.ready.lock().unwrap_or_else(|p| p.into_inner()).up.retain(|id, _| present.contains(id));
+        }
         let req = HeartbeatRequest {
             host_id,
             guests: statuses.iter().map(|s| ObservedGuest { ready: self.ready(s), ..to_observed(s) }).collect(),
