@@ -77,6 +77,41 @@ impl Lab {
         (out.status.code().unwrap_or(-1), text)
     }
 
+    /// `drove vm create NAME` with a small disk on the shared pool, on
+    /// `host`, not waiting; `extra` arguments appended.
+    fn create_shared(&self, name: &str, host: &str, extra: &[&str]) {
+        let mut args = vec![
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "128M",
+            "--disk",
+            "16M",
+            "--storage",
+            "shared",
+            "--host",
+            host,
+            "--no-wait",
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+    }
+
+    /// Writes `text` as the first sector of the guest's disk, synced.
+    fn write_marker(&self, guest: &str, text: &str) {
+        let (code, out) = self.sh(
+            guest,
+            &format!("printf '%-511s\\n' {text} | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && sync"),
+        );
+        assert_eq!(code, 0, "{out}");
+    }
+
+    /// What [`Lab::write_marker`] wrote.
+    fn read_marker(&self, guest: &str) -> String {
+        self.sh(guest, "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '").1.trim().to_owned()
+    }
+
     /// Waits until the guest's agent answers (it has booted).
     fn booted(&self, guest: &str) {
         eventually(&format!("{guest} answers"), Duration::from_secs(120), || {
@@ -783,29 +818,12 @@ fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
     let lab = Lab::start_with(3, &["--net", "netns"]);
     let names = ["ha-0", "ha-1", "ha-2", "ha-3"];
     for (i, n) in names.iter().enumerate() {
-        lab.ok(&[
-            "vm",
-            "create",
-            n,
-            "--memory",
-            "128M",
-            "--disk",
-            "16M",
-            "--storage",
-            "shared",
-            "--host",
-            "host-1",
-            "--priority",
-            &(10 * i).to_string(),
-            "--no-wait",
-        ]);
+        lab.create_shared(n, "host-1", &["--priority", &(10 * i).to_string()]);
     }
     for n in names {
         lab.booted(n);
     }
-    let (code, out) =
-        lab.sh("ha-0", "printf '%-511s\\n' kept | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && sync");
-    assert_eq!(code, 0, "{out}");
+    lab.write_marker("ha-0", "kept");
     let plan = lab.json(&["plan", "failover", "host-1"]);
     assert_eq!(plan["restarts"].as_array().unwrap().len(), 4, "{plan}");
     assert_eq!(plan["restarts"][0]["guest"], "ha-3", "highest priority first: {plan}");
@@ -837,8 +855,7 @@ fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
     eprintln!("power loss: all 4 guests answered on the survivors after {:?}", t0.elapsed());
     let (two, three) = (on("host-2"), on("host-3"));
     assert_eq!((two.len(), three.len()), (2, 2), "spread: host-2 {two:?}, host-3 {three:?}");
-    let (_, marker) = lab.sh("ha-0", "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
-    assert_eq!(marker.trim(), "kept", "the disk came along");
+    assert_eq!(lab.read_marker("ha-0"), "kept", "the disk came along");
     let g = lab.json(&["vm", "show", "ha-0"]);
     assert_eq!(g["last_failover"]["from"], "host-1", "{g}");
 
@@ -865,8 +882,7 @@ fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
         let left = std::fs::read_dir(lab.dir.path().join("hosts/host-2/guests")).map(|d| d.count()).unwrap_or(0);
         (left == 0 && lab.json(&["host", "show", "host-2"])["state"] == "up").then_some(())
     });
-    let (_, marker) = lab.sh("ha-0", "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
-    assert_eq!(marker.trim(), "kept");
+    assert_eq!(lab.read_marker("ha-0"), "kept");
 
     // Only the agent dies (a hung agent, not a dead host): the guests run
     // on, the restarts elsewhere cannot start (the running copies hold
@@ -911,29 +927,11 @@ fn two_hosts_fail_at_once_and_the_manager_dies_mid_failover() {
     lab.ok(&["host", "ha", "--tolerate", "2"]);
     let names = ["tw-1", "tw-2", "tw-3", "tw-4"];
     for (i, n) in names.iter().enumerate() {
-        let host = if i < 2 { "host-1" } else { "host-2" };
-        lab.ok(&[
-            "vm",
-            "create",
-            n,
-            "--memory",
-            "128M",
-            "--disk",
-            "16M",
-            "--storage",
-            "shared",
-            "--host",
-            host,
-            "--no-wait",
-        ]);
+        lab.create_shared(n, if i < 2 { "host-1" } else { "host-2" }, &[]);
     }
     for n in names {
         lab.booted(n);
-        let (code, out) = lab.sh(
-            n,
-            &format!("printf '%-511s\\n' disk-of-{n} | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && sync"),
-        );
-        assert_eq!(code, 0, "{out}");
+        lab.write_marker(n, &format!("disk-of-{n}"));
     }
     assert!(lab.ok(&["host", "list"]).contains("HA reserve: holds for 2 host failure(s)"));
     let watcher = TwoCopiesWatcher::start(lab.data());
@@ -964,8 +962,7 @@ fn two_hosts_fail_at_once_and_the_manager_dies_mid_failover() {
         assert_eq!(n, 2, "spread over the survivors: {all}");
     }
     for n in names {
-        let (_, marker) = lab.sh(n, "dd if=/dev/vda bs=512 count=1 2>/dev/null | tr -d ' '");
-        assert_eq!(marker.trim(), format!("disk-of-{n}"));
+        assert_eq!(lab.read_marker(n), format!("disk-of-{n}"));
     }
     watcher.finish(names.len());
 }
