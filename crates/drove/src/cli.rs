@@ -758,6 +758,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                             (None, None) => "-".into(),
                         },
                     ),
+                    ("last failover", failover_summary(g.guest.last_failover.as_ref())),
                     ("generation", g.guest.generation.to_string()),
                     ("created", g.guest.created_at.clone()),
                     ("last error", opt(&g.guest.last_error)),
@@ -1140,4 +1141,19 @@ pub async fn audit(cmd: AuditCommand) -> Result<()> {
             )
         }
     }
+}
+
+/// One line on a guest's last restart after its host failed.
+fn failover_summary(f: Option<&drove_model::guest::FailoverRecord>) -> String {
+    let Some(f) = f else { return "-".into() };
+    let after =
+        |ms: Option<u64>| ms.map_or("-".to_owned(), |t| format!("{:.1} s", t.saturating_sub(f.at_ms) as f64 / 1000.0));
+    format!(
+        "from {} to {}: reassigned {:.1} s after its host's last heartbeat; running {} and up {} after that",
+        f.from,
+        f.to,
+        f.detect_ms as f64 / 1000.0,
+        after(f.running_ms),
+        after(f.ready_ms)
+    )
 }
