@@ -1315,7 +1315,6 @@ impl Manager {
             let host =
                 inv.hosts.get_mut(&req.host_id).ok_or_else(|| ApiError::not_found("host", &req.host_id.to_string()))?;
             host.last_seen = Some(Instant::now());
-            host.failed_at = None;
             let poke = host.poke.clone();
             let mut w = Writes::default();
             let next = host.info.state.apply(HostEvent::HeartbeatBack).unwrap_or(host.info.state);

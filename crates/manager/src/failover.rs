@@ -91,8 +91,10 @@ impl Manager {
         let mut failed: Vec<(String, HostId, u64)> = inv
             .hosts
             .values()
-            .filter(|h| self.silent_for(h) > dead_after)
-            .map(|h| (h.info.name.clone(), h.info.id, self.silent_for(h).as_millis() as u64))
+            .filter_map(|h| {
+                let silent = self.silent_for(h);
+                (silent > dead_after).then(|| (h.info.name.clone(), h.info.id, silent.as_millis() as u64))
+            })
             .collect();
         if failed.is_empty() {
             return;
@@ -115,7 +117,9 @@ impl Manager {
         }
         let mut total: usize = booting.values().sum();
         for (name, host, silent_ms) in failed {
-            let started_at = inv.hosts.get_mut(&host).map_or(now, |h| *h.failed_at.get_or_insert(now));
+            // This failover's restarts all came after the host's last
+            // heartbeat (or this manager's start); earlier ones did not.
+            let silent_since = now.saturating_sub(silent_ms);
             let mine: Vec<GuestId> = inv.by_host.get(&host).map(|s| s.iter().copied().collect()).unwrap_or_default();
             // Guests that restart first: ones moved stopped must not take
             // the room of ones that run.
@@ -159,7 +163,7 @@ impl Manager {
                 // What each survivor already got from this host in this failover.
                 let mut taken: HashMap<HostId, usize> = HashMap::new();
                 for g in inv.guests.values() {
-                    if g.last_failover.as_ref().is_some_and(|f| f.from == name && f.at_ms >= started_at) {
+                    if g.last_failover.as_ref().is_some_and(|f| f.from == name && f.at_ms >= silent_since) {
                         *taken.entry(g.host).or_default() += 1;
                     }
                 }

@@ -80,14 +80,11 @@ pub struct HostEntry {
     pub orphans: u32,
     /// Wakes this host's long-polling heartbeat when its desired state changes.
     pub poke: std::sync::Arc<tokio::sync::Notify>,
-    /// When this process began restarting the host's guests elsewhere
-    /// (Unix milliseconds); cleared when the host is heard from again.
-    pub failed_at: Option<u64>,
 }
 
 impl HostEntry {
     pub fn new(info: HostInfo) -> Self {
-        HostEntry { info, last_seen: None, orphans: 0, poke: Default::default(), failed_at: None }
+        HostEntry { info, last_seen: None, orphans: 0, poke: Default::default() }
     }
 }
 
