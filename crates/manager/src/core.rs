@@ -881,7 +881,7 @@ impl Manager {
         if inv.guest_names.contains_key(&spec.name) {
             return Err(ApiError::conflict(format!("a guest named {:?} already exists", spec.name)));
         }
-        let request = Request { vcpus: spec.vcpus, memory: spec.memory, nic_bps: spec.nic_reservation() };
+        let request = Request::of(&spec);
         let mut capacities = self.capacities(inv);
         let apart = keep_apart(inv, spec.anti_affinity.as_deref(), None, &mut capacities, pinned, "host")?;
         let host = drove_placement::place(&capacities, request, pinned, &self.config.policy).map_err(|e| match e {

@@ -69,10 +69,11 @@ fn restarts(g: &Guest) -> bool {
     g.intent == PowerIntent::Running && g.restart_policy.restarts_after_failure()
 }
 
-fn evacuee(g: &Guest) -> Evacuee<GuestId> {
+/// `g` as the planner sees it, known by `key`.
+fn evacuee<K>(g: &Guest, key: K) -> Evacuee<K> {
     Evacuee {
-        guest: g.id,
-        request: Request { vcpus: g.spec.vcpus, memory: g.spec.memory, nic_bps: g.spec.nic_reservation() },
+        guest: key,
+        request: Request::of(&g.spec),
         priority: g.spec.priority.0,
         group: g.spec.anti_affinity.clone(),
     }
@@ -128,8 +129,8 @@ impl Manager {
             for id in mine {
                 let Some(g) = inv.guests.get(&id) else { continue };
                 match immovable(g) {
-                    None if restarts(g) => movable.push(evacuee(g)),
-                    None => stopped.push(evacuee(g)),
+                    None if restarts(g) => movable.push(evacuee(g, g.id)),
+                    None => stopped.push(evacuee(g, g.id)),
                     Some(why) => {
                         // Said once; a running guest is not running now.
                         let msg = format!("host {name} failed; {why}");
@@ -211,10 +212,7 @@ impl Manager {
             .filter(|c| inv.hosts.get(&c.id).is_some_and(|h| h.info.state != drove_model::HostState::Down))
             .collect();
         let mut restartable: HashMap<HostId, Vec<Evacuee<String>>> = HashMap::new();
-        let named = |g: &Guest| {
-            let e = evacuee(g);
-            Evacuee { guest: g.spec.name.clone(), request: e.request, priority: e.priority, group: e.group }
-        };
+        let named = |g: &Guest| evacuee(g, g.spec.name.clone());
         for g in inv.guests.values() {
             if restarts(g) && immovable(g).is_none() && extra.is_none_or(|(x, _)| x.id != g.id) {
                 restartable.entry(g.host).or_default().push(named(g));
@@ -222,9 +220,7 @@ impl Manager {
         }
         if let Some((g, new)) = extra {
             if new && let Some(h) = hosts.iter_mut().find(|h| h.id == g.host) {
-                h.allocated_vcpus += g.spec.vcpus;
-                h.allocated_memory = drove_model::ByteSize(h.allocated_memory.bytes() + g.spec.memory.bytes());
-                h.allocated_nic_bps += g.spec.nic_reservation();
+                h.hold(&Request::of(&g.spec));
             }
             // It restarts after a failure if it runs on shared storage.
             if g.spec.storage == Storage::Shared && g.restart_policy.restarts_after_failure() {
@@ -319,7 +315,7 @@ impl Manager {
         let mine: Vec<&Guest> = inv.by_host.get(&id).into_iter().flatten().filter_map(|g| inv.guests.get(g)).collect();
         for g in &mine {
             match immovable(g) {
-                None => movable.push(evacuee(g)),
+                None => movable.push(evacuee(g, g.id)),
                 Some(reason) => stranded.push(StrandedGuest { guest: g.spec.name.clone(), reason }),
             }
         }

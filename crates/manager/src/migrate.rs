@@ -124,7 +124,7 @@ impl Manager {
                     Some(h.info.id)
                 }
             };
-            let request = Request { vcpus: g.spec.vcpus, memory: g.spec.memory, nic_bps: g.spec.nic_reservation() };
+            let request = Request::of(&g.spec);
             let apart = crate::core::keep_apart(
                 &inv,
                 g.spec.anti_affinity.as_deref(),

@@ -73,6 +73,13 @@ pub struct HostCapacity {
 }
 
 impl HostCapacity {
+    /// Counts `req` as placed here.
+    pub fn hold(&mut self, req: &Request) {
+        self.allocated_vcpus += req.vcpus;
+        self.allocated_memory = ByteSize(self.allocated_memory.bytes() + req.memory.bytes());
+        self.allocated_nic_bps += req.nic_bps;
+    }
+
     fn free_memory(&self) -> u64 {
         self.memory.bytes().saturating_sub(self.allocated_memory.bytes())
     }
@@ -131,6 +138,13 @@ pub struct Request {
     /// The sum of its NICs' rate limits, bits per second (NICs without a
     /// limit reserve nothing: they share what is left, fairly).
     pub nic_bps: u64,
+}
+
+impl Request {
+    /// What a guest of `spec` asks for.
+    pub fn of(spec: &drove_model::GuestSpec) -> Self {
+        Request { vcpus: spec.vcpus, memory: spec.memory, nic_bps: spec.nic_reservation() }
+    }
 }
 
 impl std::fmt::Display for Request {
@@ -292,9 +306,7 @@ pub fn plan_restarts<G: Clone>(
         match best {
             Some(i) => {
                 let h = &mut hosts[i];
-                h.allocated_vcpus += e.request.vcpus;
-                h.allocated_memory = ByteSize(h.allocated_memory.bytes() + e.request.memory.bytes());
-                h.allocated_nic_bps += e.request.nic_bps;
+                h.hold(&e.request);
                 if let Some(g) = &e.group {
                     groups.entry(h.id).or_default().insert(g.clone());
                 }
@@ -517,8 +529,7 @@ mod tests {
                 let host = held.iter_mut().find(|x| x.id == *h).expect("a known host");
                 let req = guests[*g].request;
                 prop_assert!(host.misfit(&req, &policy).is_none());
-                host.allocated_vcpus += req.vcpus;
-                host.allocated_memory = ByteSize(host.allocated_memory.bytes() + req.memory.bytes());
+                host.hold(&req);
             }
             // Priorities come in order.
             let prios: Vec<u8> = plan.restarts.iter().map(|(g, _, _)| guests[*g].priority).collect();
@@ -538,8 +549,7 @@ mod tests {
                 match place(&hosts, req, None, &policy) {
                     Ok(id) => {
                         let h = hosts.iter_mut().find(|h| h.id == id).expect("placed on a known host");
-                        h.allocated_vcpus += vcpus;
-                        h.allocated_memory = ByteSize(h.allocated_memory.bytes() + req.memory.bytes());
+                        h.hold(&req);
                         prop_assert!(h.allocated_memory <= h.memory);
                         prop_assert!(f64::from(h.allocated_vcpus) <= f64::from(h.cores) * policy.vcpu_overcommit);
                     }
