@@ -110,7 +110,7 @@ const READY_PATIENCE: Duration = Duration::from_secs(180);
 enum ActError {
     #[error(transparent)]
     Hypervisor(#[from] HvError),
-    #[error("setting up the host side of its NICs")]
+    #[error("changing the host side of its NICs (taps, VLAN segments)")]
     Network(#[from] NetError),
 }
 
@@ -360,14 +360,17 @@ impl Agent {
         }
     }
 
-    /// Drops this host's copy of a guest that belongs elsewhere: forgotten
-    /// when its disks are on shared storage, destroyed when they are this
-    /// host's own (a migration's copy that lost).
-    async fn discard(&self, id: GuestId) -> Result<(), HvError> {
+    /// Drops this host's copy of a guest that belongs elsewhere, and the
+    /// host side of its first `nics` NICs: forgotten when its disks are on
+    /// shared storage, destroyed when they are this host's own (a
+    /// migration's copy that lost). A copy already gone is fine.
+    async fn discard(&self, id: GuestId, nics: usize) -> Result<(), ActError> {
         match self.hv.forget(id).await {
             Err(HvError::Unsupported { .. }) => self.hv.destroy(id).await,
             other => other,
         }
+        .or_else(|e| if matches!(e, HvError::NotFound { .. }) { Ok(()) } else { Err(e) })?;
+        Ok(self.config.network.detach(&self.nic_devices(id, 0..nics)).await?)
     }
 
     async fn register(&self) -> Result<(HostId, Duration), AgentError> {
@@ -510,12 +513,8 @@ impl Agent {
         for id in resp.forget {
             let me = self.clone();
             tokio::spawn(async move {
-                let devices = me.nic_devices(id, 0..drove_model::guest::MAX_NICS);
-                let result = match me.discard(id).await {
-                    Ok(()) => me.config.network.detach(&devices).await.map_err(ActError::from),
-                    Err(e) => Err(e.into()),
-                };
-                match result {
+                // Its NIC count is the manager's to know: all that may exist.
+                match me.discard(id, drove_model::guest::MAX_NICS).await {
                     Ok(()) => tracing::info!(guest = %id, "forgot a guest that now runs on another host"),
                     Err(e) => tracing::warn!(guest = %id, error = %e, "cannot forget a guest that moved away"),
                 }
@@ -825,19 +824,10 @@ impl Agent {
                 Err(HvError::NotFound { .. }) => CallOutcome::GuestState { state: None },
                 Err(e) => err(&e),
             },
-            MigrateCall::Discard { nics } => {
-                let destroyed = match self.discard(guest).await {
-                    Ok(()) | Err(HvError::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = destroyed {
-                    return err(&e);
-                }
-                match self.config.network.detach(&self.nic_devices(guest, 0..nics as usize)).await {
-                    Ok(()) => CallOutcome::Done,
-                    Err(e) => err(&e),
-                }
-            }
+            MigrateCall::Discard { nics } => match self.discard(guest, nics as usize).await {
+                Ok(()) => CallOutcome::Done,
+                Err(e) => err(&e),
+            },
         }
     }
 
