@@ -14,9 +14,9 @@ use std::time::Duration;
 use common::{Dc, fast_config};
 use drove_api::{Admission, CreateGuestRequest, HaSettings};
 use drove_hypervisor::RuntimeState;
-use drove_hypervisor::sim::SimHypervisor;
+use drove_hypervisor::sim::{SimConfig, SimHypervisor};
 use drove_model::guest::Storage;
-use drove_model::{ByteSize, GuestState};
+use drove_model::{ByteSize, GuestId, GuestState};
 
 fn shared(name: &str, host: &str, priority: u8) -> CreateGuestRequest {
     let mut r = CreateGuestRequest::new(name, 1, ByteSize::mib(256));
@@ -27,12 +27,39 @@ fn shared(name: &str, host: &str, priority: u8) -> CreateGuestRequest {
 }
 
 async fn ha_dc(hosts: usize, per_host: usize) -> Dc {
+    ha_dc_with(hosts, per_host, SimConfig::default()).await
+}
+
+/// A data centre with short leases whose `hosts` sim hosts run `sim`.
+async fn ha_dc_with(hosts: usize, per_host: usize, sim: SimConfig) -> Dc {
     let dir = tempfile::tempdir().unwrap();
     let mut config = fast_config(dir.path());
     config.host_timeout = Duration::from_millis(1500);
     config.fencing_margin = Duration::from_millis(300);
     config.failover_per_host = per_host;
-    Dc::start_with(dir, config, hosts).await
+    let mut dc = Dc::start_with(dir, config, 0).await;
+    for i in 1..=hosts {
+        dc.add_agent(&format!("host-{i}"), sim.clone()).await;
+    }
+    dc.wait_hosts_up(hosts).await;
+    dc
+}
+
+/// `n` running guests `{prefix}-{i}` on shared storage on host-1; their ids.
+async fn shared_on_host_1(dc: &Dc, prefix: &str, n: usize) -> Vec<GuestId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let acc = dc.admin.create_guest(&shared(&format!("{prefix}-{i}"), "host-1", 50)).await.unwrap();
+        dc.wait_succeeded(&acc.operation).await;
+        ids.push(acc.guest);
+    }
+    ids
+}
+
+/// Host `i` loses power: its agent and every guest die.
+async fn power_loss(dc: &mut Dc, i: usize) {
+    dc.agents[i].stop().await;
+    dc.agents[i].sim.crash_all().unwrap();
 }
 
 /// Samples every host's hypervisor until stopped; fails on any moment a
@@ -94,8 +121,7 @@ async fn a_dead_hosts_guests_restart_spread_over_the_survivors_highest_priority_
 
     let watcher = Watcher::start(dc.agents.iter().map(|a| (a.name.clone(), a.sim.clone())).collect());
     // Power loss: the agent and every guest of host-1 die.
-    dc.agents[0].stop().await;
-    dc.agents[0].sim.crash_all().unwrap();
+    power_loss(&mut dc, 0).await;
 
     let guests = dc
         .eventually("the shared guests run on survivors", || async {
@@ -145,15 +171,9 @@ async fn a_dead_hosts_guests_restart_spread_over_the_survivors_highest_priority_
 #[tokio::test]
 async fn a_manager_killed_mid_failover_finishes_it_after_restart_with_nothing_lost_or_doubled() {
     let mut dc = ha_dc(3, 1).await;
-    let mut ids = HashSet::new();
-    for i in 0..4 {
-        let acc = dc.admin.create_guest(&shared(&format!("app-{i}"), "host-1", 50)).await.unwrap();
-        dc.wait_succeeded(&acc.operation).await;
-        ids.insert(acc.guest);
-    }
+    let ids: HashSet<GuestId> = shared_on_host_1(&dc, "app", 4).await.into_iter().collect();
     let watcher = Watcher::start(dc.agents.iter().map(|a| (a.name.clone(), a.sim.clone())).collect());
-    dc.agents[0].stop().await;
-    dc.agents[0].sim.crash_all().unwrap();
+    power_loss(&mut dc, 0).await;
     // One boot per survivor at a time: the failover takes several passes.
     dc.eventually("the failover began", || async {
         let all = dc.admin.list_guests().await.ok()?;
@@ -239,8 +259,7 @@ async fn anti_affinity_keeps_a_group_apart_in_placement_migration_and_failover()
     let plan = dc.admin.failover_plan("host-1").await.unwrap();
     assert_eq!(plan.restarts.len(), 1, "{plan:?}");
     assert!(plan.stranded[0].reason.contains("anti-affinity group db"), "{plan:?}");
-    dc.agents[0].stop().await;
-    dc.agents[0].sim.crash_all().unwrap();
+    power_loss(&mut dc, 0).await;
     dc.eventually("cache restarted elsewhere", || async {
         let g = dc.admin.get_guest("cache").await.ok()?;
         (g.host_name != "host-1" && g.guest.state == GuestState::Running).then_some(())
@@ -259,12 +278,7 @@ async fn anti_affinity_keeps_a_group_apart_in_placement_migration_and_failover()
 #[tokio::test]
 async fn a_host_thought_dead_but_only_silent_keeps_its_running_guests() {
     let mut dc = ha_dc(3, 2).await;
-    let mut ids = Vec::new();
-    for i in 0..2 {
-        let acc = dc.admin.create_guest(&shared(&format!("s-{i}"), "host-1", 50)).await.unwrap();
-        dc.wait_succeeded(&acc.operation).await;
-        ids.push(acc.guest);
-    }
+    shared_on_host_1(&dc, "s", 2).await;
     let pids: Vec<_> = dc.agents[0].sim.guests().iter().map(|g| g.pid).collect();
     let watcher = Watcher::start(dc.agents.iter().map(|a| (a.name.clone(), a.sim.clone())).collect());
     dc.agents[0].stop().await;
@@ -295,24 +309,10 @@ async fn a_host_thought_dead_but_only_silent_keeps_its_running_guests() {
 /// `failover_per_host` guests at a time.
 #[tokio::test]
 async fn failover_boots_wait_for_the_guests_os_before_the_next_wave() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = fast_config(dir.path());
-    config.host_timeout = Duration::from_millis(1500);
-    config.fencing_margin = Duration::from_millis(300);
-    config.failover_per_host = 1;
-    let mut dc = Dc::start_with(dir, config, 0).await;
     let os_boot = Duration::from_millis(1200);
-    for i in 1..=3 {
-        let cfg = drove_hypervisor::sim::SimConfig { os_boot_delay: os_boot, ..Default::default() };
-        dc.add_agent(&format!("host-{i}"), cfg).await;
-    }
-    dc.wait_hosts_up(3).await;
-    for i in 0..4 {
-        let acc = dc.admin.create_guest(&shared(&format!("w-{i}"), "host-1", 50)).await.unwrap();
-        dc.wait_succeeded(&acc.operation).await;
-    }
-    dc.agents[0].stop().await;
-    dc.agents[0].sim.crash_all().unwrap();
+    let mut dc = ha_dc_with(3, 1, SimConfig { os_boot_delay: os_boot, ..Default::default() }).await;
+    shared_on_host_1(&dc, "w", 4).await;
+    power_loss(&mut dc, 0).await;
     let all = dc
         .eventually("all four up on the survivors", || async {
             let all = dc.admin.list_guests().await.ok()?;
