@@ -428,8 +428,6 @@ impl QemuHypervisor {
         guests.entry(id).or_default().clone()
     }
 
-    /// Forgets a destroyed guest's handle unless another call is waiting on
-    /// it (that call will find the guest gone and say NotFound).
     /// Ends the guest's QEMU and removes what this host holds of it; its
     /// disks on the shared pool too only with `shared_disks`.
     async fn remove(&self, id: GuestId, op: &'static str, shared_disks: bool) -> Result<(), HvError> {
@@ -445,24 +443,24 @@ impl QemuHypervisor {
         // Also after a crash that nobody observed. Before the directory
         // goes, so that a failure leaves a guest to remove again.
         limits::release(&dir).await.map_err(backend(op, id))?;
-        if shared_disks && let Ok(pool_dir) = std::fs::read_link(dir.shared_link()) {
-            match std::fs::remove_dir_all(&pool_dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(backend(op, id)(QemuError::io("removing", &pool_dir, e))),
+        let remove_tree = |path: &Path| match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(backend(op, id)(QemuError::io("removing", path, e)))
             }
+            _ => Ok(()),
+        };
+        if shared_disks && let Ok(pool_dir) = std::fs::read_link(dir.shared_link()) {
+            remove_tree(&pool_dir)?;
         }
         // remove_dir_all does not follow the `shared` link.
-        match std::fs::remove_dir_all(dir.root()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(backend(op, id)(QemuError::io("removing", dir.root(), e))),
-        }
+        remove_tree(dir.root())?;
         drop(slot);
         self.drop_handle(id, &guest);
         Ok(())
     }
 
+    /// Forgets a removed guest's handle unless another call is waiting on
+    /// it (that call will find the guest gone and say NotFound).
     fn drop_handle(&self, id: GuestId, guest: &Arc<GuestHandle>) {
         let mut guests = self.inner.guests.lock().unwrap_or_else(PoisonError::into_inner);
         // Ours and the map's: nobody else holds it, and nobody can take it
@@ -1062,7 +1060,8 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn forget(&self, id: GuestId) -> Result<(), HvError> {
-        if !self.dir(id).is_shared() && self.dir(id).root().exists() {
+        let dir = self.dir(id);
+        if !dir.is_shared() && dir.root().exists() {
             return Err(HvError::Unsupported {
                 op: "forget",
                 backend: HypervisorKind::Qemu,
