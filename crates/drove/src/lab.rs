@@ -312,12 +312,8 @@ pub async fn up(a: UpArgs) -> Result<()> {
         // One kernel under all the lab's hosts: their guests' cgroups must
         // not meet (a migrating guest has a QEMU on two hosts).
         // Every lab host mounts the same shared pool, as NFS would.
-        let mut extra: Vec<String> = vec![
-            "--cgroup-scope".into(),
-            name.clone(),
-            "--shared-dir".into(),
-            dir.join("shared").display().to_string(),
-        ];
+        let mut extra: Vec<String> =
+            vec!["--cgroup-scope".into(), name.clone(), "--shared-dir".into(), shared_dir(&dir).display().to_string()];
         if let Some(rec) = &lab.fabric {
             extra.extend(["--migration-address".into(), rec.fabric().migration_ip(i).to_string()]);
         } else {
@@ -444,7 +440,7 @@ pub async fn down(a: DownArgs) -> Result<()> {
             if !hdir.exists() {
                 continue;
             }
-            let hv = qemu_hypervisor(&hdir, Some(name), Some(&dir.join("shared")))?;
+            let hv = qemu_hypervisor(&hdir, Some(name), Some(&shared_dir(&dir)))?;
             for g in hv.list().await.unwrap_or_default() {
                 if let Err(e) = hv.stop(g.id, StopMode::Force).await {
                     eprintln!("warning: could not stop guest {} on {name}: {e}", g.id);
@@ -518,6 +514,11 @@ fn qemu_preflight(dir: &Path) -> Result<()> {
         bail!("data dir {} is too long for the guests' unix sockets; choose a shorter --data-dir", dir.display());
     }
     Ok(())
+}
+
+/// The lab's shared storage pool, which every lab host mounts.
+fn shared_dir(lab_dir: &Path) -> PathBuf {
+    lab_dir.join("shared")
 }
 
 pub fn qemu_hypervisor(dir: &Path, cgroup_scope: Option<&str>, shared: Option<&Path>) -> Result<Arc<dyn Hypervisor>> {
