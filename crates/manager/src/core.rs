@@ -47,7 +47,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::auth::{self, Principal, Role, TokenRecord};
 use crate::inventory::{
-    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, image_key, op_key, put, token_key,
+    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, image_key, lease_key, op_key, put, token_key,
     vlan_key,
 };
 use crate::now_rfc3339;
@@ -1294,6 +1294,7 @@ impl Manager {
             if changed {
                 writes.push(put(host_key(id), &info));
             }
+            writes.push(self.renew_lease(id));
             writes.push(Self::audit_op(&mut inv, ctx, Some(format!("host/{}", info.name)), "ok", 200));
             (id, self.persister.enqueue(writes))
         };
@@ -1317,6 +1318,7 @@ impl Manager {
             host.last_seen = Some(Instant::now());
             let poke = host.poke.clone();
             let mut w = Writes::default();
+            w.ops.push(self.renew_lease(req.host_id));
             let next = host.info.state.apply(HostEvent::HeartbeatBack).unwrap_or(host.info.state);
             if next != host.info.state {
                 tracing::info!(host = %host.info.name, "host is back up");
@@ -1383,6 +1385,19 @@ impl Manager {
         };
         durable.durable().await?;
         Ok(HeartbeatResponse { guests, calls, forget, lease_ms: Some(self.config.host_timeout.as_millis() as u64) })
+    }
+
+    /// The write that renews `host`'s lease from now. It is part of the
+    /// heartbeat's (or registration's) batch, which is durable before the
+    /// answer — and with it the lease — reaches the agent.
+    fn renew_lease(&self, host: HostId) -> drove_store::Op {
+        let now = crate::now_ms();
+        let lease = drove_model::Lease {
+            host,
+            renewed_at_ms: now,
+            expires_at_ms: now + self.config.host_timeout.as_millis() as u64,
+        };
+        put(lease_key(host), &lease)
     }
 
     /// What `host` should run, as its agent is told.

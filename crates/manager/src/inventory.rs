@@ -1,6 +1,6 @@
 //! The in-memory mirror of the store, and the key layout.
 //!
-//! Keys: `hosts/<id>`, `guests/<id>`, `vlans/<tag, 4 digits>`, `ops/<id>`,
+//! Keys: `hosts/<id>`, `leases/<host id>`, `guests/<id>`, `vlans/<tag, 4 digits>`, `ops/<id>`,
 //! `audit/<seq, 20 digits>`, `tokens/<sha256 of token>`, `meta/schema`.
 //! Values are JSON. The schema version in `meta/schema` guards against a
 //! newer store being opened by an older manager.
@@ -35,6 +35,9 @@ pub fn audit_key(seq: u64) -> String {
 }
 pub fn image_key(name: &str) -> String {
     format!("images/{name}")
+}
+pub fn lease_key(id: HostId) -> String {
+    format!("leases/{id}")
 }
 /// The HA settings' one record.
 pub const HA_SETTINGS_KEY: &str = "settings/ha";
@@ -85,6 +88,25 @@ pub struct HostEntry {
 impl HostEntry {
     pub fn new(info: HostInfo) -> Self {
         HostEntry { info, last_seen: None, orphans: 0, poke: Default::default() }
+    }
+
+    /// Takes up, in a manager that just started, the lease the store holds
+    /// for this host (`now_ms` being the wall clock now).
+    ///
+    /// A host the previous manager had declared down lost its lease under
+    /// that manager's eyes: nobody has renewed it since, so its failover
+    /// carries on at once. Every other host gets a full lease from this
+    /// start, as if it had just been heard from: while no manager ran, an
+    /// agent that still reached its isolation addresses kept its guests
+    /// running, rightly, and must have a chance to renew (ADR 0011).
+    pub fn resume_lease(&mut self, lease: &drove_model::Lease, now_ms: u64) {
+        if self.info.state != drove_model::HostState::Down {
+            return;
+        }
+        // A wall clock that went back makes `ago` 0: a full lease, the
+        // safe side.
+        let ago = std::time::Duration::from_millis(now_ms.saturating_sub(lease.renewed_at_ms));
+        self.last_seen = Instant::now().checked_sub(ago);
     }
 }
 
@@ -174,6 +196,11 @@ impl Inventory {
         for (_, info) in load_all::<HostInfo>(store, "hosts/").await? {
             inv.host_names.insert(info.name.clone(), info.id);
             inv.hosts.insert(info.id, HostEntry::new(info));
+        }
+        for (_, lease) in load_all::<drove_model::Lease>(store, "leases/").await? {
+            if let Some(h) = inv.hosts.get_mut(&lease.host) {
+                h.resume_lease(&lease, crate::now_ms());
+            }
         }
         for (_, g) in load_all::<Guest>(store, "guests/").await? {
             inv.index_guest(&g);
@@ -335,5 +362,56 @@ impl Inventory {
             return VlanTag::new(tag).ok().and_then(|t| self.vlans.get(&t));
         }
         self.vlans.values().find(|v| v.name == key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use drove_model::{ByteSize, HostInfo, HostState, HypervisorKind, Lease};
+
+    use super::HostEntry;
+
+    fn host(state: HostState) -> HostEntry {
+        HostEntry::new(HostInfo {
+            id: drove_model::HostId::new_v4(),
+            name: "h".into(),
+            cores: 2,
+            memory: ByteSize::gib(1),
+            hypervisor: HypervisorKind::Sim,
+            state,
+            registered_at: String::new(),
+            uplink_bps: None,
+            migration_address: None,
+        })
+    }
+
+    fn lease(h: &HostEntry, renewed_at_ms: u64) -> Lease {
+        Lease { host: h.info.id, renewed_at_ms, expires_at_ms: renewed_at_ms + 5000 }
+    }
+
+    #[test]
+    fn a_host_down_under_the_old_manager_stays_silent_since_its_last_renewal() {
+        let mut h = host(HostState::Down);
+        h.resume_lease(&lease(&h, 100_000), 130_000);
+        let silent = h.last_seen.expect("back-dated").elapsed();
+        assert!(silent >= Duration::from_secs(30) && silent < Duration::from_secs(31), "{silent:?}");
+    }
+
+    #[test]
+    fn a_host_up_at_the_restart_gets_a_full_lease_from_the_start() {
+        for state in [HostState::Up, HostState::Maintenance] {
+            let mut h = host(state);
+            h.resume_lease(&lease(&h, 100_000), 130_000);
+            assert_eq!(h.last_seen, None, "{state}: not a fresh lease");
+        }
+    }
+
+    #[test]
+    fn a_clock_that_went_back_errs_on_the_side_of_a_full_lease() {
+        let mut h = host(HostState::Down);
+        h.resume_lease(&lease(&h, 200_000), 130_000);
+        assert!(h.last_seen.expect("set").elapsed() < Duration::from_secs(1));
     }
 }

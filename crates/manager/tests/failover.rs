@@ -170,17 +170,21 @@ async fn a_dead_hosts_guests_restart_spread_over_the_survivors_highest_priority_
 
 #[tokio::test]
 async fn a_manager_killed_mid_failover_finishes_it_after_restart_with_nothing_lost_or_doubled() {
-    let mut dc = ha_dc(3, 1).await;
+    // Each guest's OS takes a while to come up, so the failover runs in
+    // waves (one boot per survivor at a time) and the manager dies between
+    // them.
+    let os_boot = Duration::from_millis(600);
+    let mut dc = ha_dc_with(3, 1, SimConfig { os_boot_delay: os_boot, ..Default::default() }).await;
     let ids: HashSet<GuestId> = shared_on_host_1(&dc, "app", 4).await.into_iter().collect();
     let watcher = Watcher::start(dc.agents.iter().map(|a| (a.name.clone(), a.sim.clone())).collect());
     power_loss(&mut dc, 0).await;
-    // One boot per survivor at a time: the failover takes several passes.
     dc.eventually("the failover began", || async {
         let all = dc.admin.list_guests().await.ok()?;
         all.iter().any(|g| g.host_name != "host-1").then_some(())
     })
     .await;
     dc.restart_manager().await;
+    let restarted_at = drove_manager::now_ms();
     let all = dc
         .eventually("every guest runs on a survivor", || async {
             let all = dc.admin.list_guests().await.ok()?;
@@ -188,6 +192,23 @@ async fn a_manager_killed_mid_failover_finishes_it_after_restart_with_nothing_lo
         })
         .await;
     assert_eq!(all.iter().map(|g| g.guest.id).collect::<HashSet<_>>(), ids, "a guest was lost or added");
+    // The host's lease ran out under the old manager, and the store says
+    // so: the new one carries on with the next wave as soon as the first
+    // is up, instead of granting the dead host a new lease (1.5 s) first.
+    let after: Vec<u64> = all
+        .iter()
+        .map(|g| g.guest.last_failover.as_ref().unwrap().at_ms)
+        .filter(|&at| at >= restarted_at)
+        .collect();
+    assert!(!after.is_empty(), "the whole failover happened before the restart; the test proves nothing");
+    let lease = dc.config.host_timeout.as_millis() as u64;
+    for at in &after {
+        assert!(
+            at - restarted_at < os_boot.as_millis() as u64 + lease / 2,
+            "the restarted manager waited {} ms to carry on (the dead host got a new lease?)",
+            at - restarted_at
+        );
+    }
     let running: usize =
         dc.agents[1..].iter().map(|a| a.sim.guests().iter().filter(|g| g.state == RuntimeState::Running).count()).sum();
     assert_eq!(running, 4);

@@ -67,6 +67,22 @@ impl std::fmt::Display for HostState {
     }
 }
 
+/// A host's lease on life as the manager's store holds it
+/// (`leases/<host id>`).
+///
+/// Every heartbeat the manager answers renews it, durably, before the
+/// answer goes out: the agent only ever holds a lease the store knows of.
+/// The agent counts its copy from when it sent the heartbeat, so its copy
+/// always runs out first. Times are the manager's wall clock, in
+/// milliseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub host: HostId,
+    /// When the heartbeat that renewed it arrived.
+    pub renewed_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
 /// What can happen to a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostEvent {

@@ -20,7 +20,7 @@ pub use guest::{
     CloneMode, CloneSource, DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition, NicSpec,
     PowerIntent, Priority, ResourceLimits, RestartPolicy,
 };
-pub use host::{HostInfo, HostState, HypervisorKind};
+pub use host::{HostInfo, HostState, HypervisorKind, Lease};
 pub use id::{GuestId, HostId, OperationId, SnapshotId, TypedId};
 pub use operation::{Operation, OperationKind, OperationState};
 pub use snapshot::{RestoreOutcome, Snapshot, SnapshotKind, SnapshotState};
