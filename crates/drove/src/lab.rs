@@ -59,6 +59,10 @@ pub struct UpArgs {
     /// shaped, and reserved by guests' NIC limits.
     #[arg(long, value_parser = crate::cli::parse_rate)]
     pub uplink_rate: Option<u64>,
+    /// An argument for the lab's manager, after the lab's own (repeatable;
+    /// see `drove manager --help`), e.g. `--manager-arg=--failover-per-host=1`.
+    #[arg(long = "manager-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub manager_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -273,6 +277,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         "--vcpu-overcommit".into(),
         a.vcpu_overcommit.to_string(),
     ];
+    lab.manager_args.extend(a.manager_args.iter().cloned());
     let mut manager = spawn(&dir, "manager.log", None, &lab.manager_args)?;
     lab.manager_pid = Some(manager.id());
     write_lab(&dir, &lab)?;

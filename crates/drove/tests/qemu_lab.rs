@@ -815,7 +815,8 @@ impl TwoCopiesWatcher {
 /// host rejoins without the guests that moved.
 #[test]
 fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
-    let lab = Lab::start_with(3, &["--net", "netns"]);
+    // One failover boot per survivor at a time: two waves.
+    let lab = Lab::start_with(3, &["--net", "netns", "--manager-arg=--failover-per-host=1"]);
     let names = ["ha-0", "ha-1", "ha-2", "ha-3"];
     for (i, n) in names.iter().enumerate() {
         lab.create_shared(n, "host-1", &["--priority", &(10 * i).to_string()]);
@@ -858,6 +859,22 @@ fn guests_of_a_failed_host_restart_on_the_survivors_and_never_run_twice() {
     assert_eq!(lab.read_marker("ha-0"), "kept", "the disk came along");
     let g = lab.json(&["vm", "show", "ha-0"]);
     assert_eq!(g["last_failover"]["from"], "host-1", "{g}");
+    // Waves: each survivor booted the higher-priority guest first, and
+    // started the second only once the first one's OS was up.
+    for (host, guests) in [("host-2", &two), ("host-3", &three)] {
+        let mut f: Vec<(u64, u64, i64)> = guests
+            .iter()
+            .map(|n| {
+                let g = lab.json(&["vm", "show", n]);
+                let f = &g["last_failover"];
+                let ms = |k: &str| f[k].as_u64().unwrap_or_else(|| panic!("{n}: no {k} in {f}"));
+                (ms("at_ms"), ms("ready_ms"), g["spec"]["priority"].as_i64().unwrap())
+            })
+            .collect();
+        f.sort();
+        assert!(f[1].0 >= f[0].1, "{host} booted its second guest before the first was up: {f:?}");
+        assert!(f[0].2 > f[1].2, "{host} booted the lower priority first: {f:?}");
+    }
 
     // host-1 comes back empty.
     lab.ok(&["lab", "heal", "host-1", "--data-dir", lab.data()]);

@@ -47,8 +47,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::auth::{self, Principal, Role, TokenRecord};
 use crate::inventory::{
-    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, image_key, lease_key, op_key, put, token_key,
-    vlan_key,
+    HostEntry, Inventory, LoadError, audit_key, delete, guest_key, host_key, image_key, lease_key, op_key, put,
+    token_key, vlan_key,
 };
 use crate::now_rfc3339;
 use crate::persist::{PersistError, Persister};

@@ -195,11 +195,8 @@ async fn a_manager_killed_mid_failover_finishes_it_after_restart_with_nothing_lo
     // The host's lease ran out under the old manager, and the store says
     // so: the new one carries on with the next wave as soon as the first
     // is up, instead of granting the dead host a new lease (1.5 s) first.
-    let after: Vec<u64> = all
-        .iter()
-        .map(|g| g.guest.last_failover.as_ref().unwrap().at_ms)
-        .filter(|&at| at >= restarted_at)
-        .collect();
+    let after: Vec<u64> =
+        all.iter().map(|g| g.guest.last_failover.as_ref().unwrap().at_ms).filter(|&at| at >= restarted_at).collect();
     assert!(!after.is_empty(), "the whole failover happened before the restart; the test proves nothing");
     let lease = dc.config.host_timeout.as_millis() as u64;
     for at in &after {
