@@ -142,7 +142,7 @@ use crate::{GuestConfig, GuestStatus, HostResources, HvError, Hypervisor, Runtim
 /// The kernel file in an image directory made by `scripts/build-image.sh`.
 pub const IMAGE_KERNEL: &str = "vmlinux";
 /// The initramfs file in an image directory.
-pub const IMAGE_INITRD: &str = "initramfs.cpio.gz";
+pub const IMAGE_INITRD: &str = "initramfs.cpio";
 
 /// Bounds one QMP exchange (they take well under a millisecond).
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,7 +163,7 @@ pub struct QemuConfig {
     /// Holds `guests/<id>/` per guest and the KVM probe cache. Must be on
     /// a path short enough for unix sockets (about 50 bytes at most).
     pub state_dir: PathBuf,
-    /// The boot image: `vmlinux` and `initramfs.cpio.gz`, as made by
+    /// The boot image: `vmlinux` and `initramfs.cpio`, as made by
     /// `scripts/build-image.sh`.
     pub image_dir: PathBuf,
     /// Cores offered to guests.
