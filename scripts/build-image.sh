@@ -40,6 +40,10 @@
 #   drove.ip=mac-XX-XX-XX-XX-XX-XX:ADDR/PREFIX[:GATEWAY]
 #                                 the same, naming the NIC by its MAC ('-' for
 #                                 ':' so the field separator stays unique)
+# The same words can come from a config drive (a FAT disk whose virtio serial
+# is "cidata"; its file `drove` holds them on one line): the QEMU backend
+# attaches one to guests that boot their own image through the BIOS, whose
+# kernel command line it cannot set. Words there win.
 # It reports on the serial console (ttyS0) what it sees, for tests that
 # assert from inside the guest ("drove: disk vda 64M", "drove: nic eth0 MAC",
 # "drove: ip eth0 10.0.0.5/24", "drove: up after 2.1s"), then prints the
@@ -252,6 +256,17 @@ for m in $wanted_modules; do
     visit "$m"
 done
 echo "build-image: modules ${load_order[*]}"
+boot_order=("${load_order[@]}")
+
+# Loaded only when the guest has a config drive (a FAT disk): the test image
+# booted through the BIOS, standing in for a user's image, reads its
+# identity there. Direct kernel boots do not pay for them.
+load_order=()
+for m in vfat nls_cp437 nls_ascii; do
+    visit "$m"
+done
+cidata_order=("${load_order[@]}")
+echo "build-image: config drive modules ${cidata_order[*]}"
 
 # --- the initramfs -------------------------------------------------------------
 
@@ -262,11 +277,12 @@ cp "$busybox_bin" "$root/bin/busybox"
 for applet in $("$busybox_bin" --list-full); do
     [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
 done
-for m in "${load_order[@]}"; do
+for m in "${boot_order[@]}" "${cidata_order[@]}"; do
     cp "${modpath[$m]}" "$root/lib/modules/$m.ko"
 done
 cp "$agent_bin" "$root/usr/bin/drove-guest-agent"
-printf '%s\n' "${load_order[@]}" >"$root/lib/modules/load-order"
+printf '%s\n' "${boot_order[@]}" >"$root/lib/modules/load-order"
+printf '%s\n' "${cidata_order[@]}" >"$root/lib/modules/cidata-order"
 echo "$kver" >"$root/etc/drove-kernel"
 
 # busybox acpid runs /etc/acpi/PWRF/00000080 for the power button.
@@ -304,8 +320,28 @@ done
 drove-guest-agent </dev/null &
 echo -1000 > /proc/$!/oom_score_adj
 
+# drove.* words come from the kernel command line and, for an image booted
+# through the BIOS, from the config drive drove attaches (a FAT disk with
+# virtio serial "cidata", cloud-init's NoCloud layout): its file `drove`
+# holds more words, which win over the command line's.
+words=$(cat /proc/cmdline)
+for d in /sys/block/vd*; do
+    [ "$(cat "$d/serial" 2>/dev/null)" = cidata ] || continue
+    for m in $(cat /lib/modules/cidata-order); do
+        insmod "/lib/modules/$m.ko" 2>/dev/null || log "module $m did not load"
+    done
+    mkdir -p /run/cidata
+    if mount -t vfat -o ro "/dev/${d##*/}" /run/cidata; then
+        words="$words $(cat /run/cidata/drove 2>/dev/null)"
+        umount /run/cidata
+        log "config drive ${d##*/} read"
+    else
+        log "config drive ${d##*/} did not mount"
+    fi
+done
+
 name=
-for arg in $(cat /proc/cmdline); do
+for arg in $words; do
     case $arg in
         drove.name=*) name=${arg#drove.name=} ;;
     esac
@@ -347,7 +383,7 @@ configure_ip() {
     fi
     log "ip $iface $addr${gw:+ via $gw}"
 }
-for arg in $(cat /proc/cmdline); do
+for arg in $words; do
     case $arg in
         drove.ip=*) configure_ip "${arg#drove.ip=}" ;;
     esac

@@ -24,7 +24,7 @@ use drove_hypervisor::{
     ExecRequest, ExecResult, GuestConfig, GuestInterface, GuestStatus, HostResources, Hotplug, HvError, Hypervisor,
     RestoreOutcome, RuntimeState, SnapshotInfo, SnapshotKind, StopMode,
 };
-use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, HypervisorKind, NicSpec, Priority, VlanTag};
+use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, HypervisorKind, NicAddress, NicSpec, Priority, VlanTag};
 use tokio::io::AsyncWriteExt;
 
 /// Waits for anything the guest itself must do (boot, power off).
@@ -1667,6 +1667,13 @@ async fn image_guest_boots_its_own_qcow2_through_the_bios_and_leaves_the_base_al
     // No disks in the spec: disk 0 is made anyway, as the boot disk.
     let mut g = guest("image-1", &[]);
     g.spec.image = Some(base.to_string_lossy().into_owned());
+    // Its identity cannot go on a kernel command line: it comes from the
+    // config drive (the disk's own boot line says drove.name=drove-disk).
+    g.spec.nics = vec![NicSpec {
+        address: Some(NicAddress { ip: "10.251.0.7".parse().unwrap(), prefix: 24, gateway: None }),
+        ..NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:12:34:77")
+    }];
+    let _tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
     hv.create(&g).await.unwrap();
     let disk0 = hv.guest_dir(g.id).join("disk0.qcow2");
     let info = std::process::Command::new("qemu-img")
@@ -1688,6 +1695,19 @@ async fn image_guest_boots_its_own_qcow2_through_the_bios_and_leaves_the_base_al
     assert!(args.iter().any(|a| a.contains("disk0.qcow2")), "{args:?}");
     let log = wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
     assert!(log.contains("drove: disk vda"), "{log}");
+    assert!(log.contains("drove: config drive vdb read"), "{log}");
+    assert!(log.contains("drove: ip eth0 10.251.0.7/24"), "{log}");
+    let out = exec(&hv, g.id, "hostname", &[]).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "image-1", "the config drive's name wins");
+
+    // The drive is the same bytes when written again (each start, and the
+    // target of a migration, writes its own while the guest may have it
+    // mounted).
+    let drive = hv.guest_dir(g.id).join("config-drive.img");
+    let first = std::fs::read(&drive).unwrap();
+    hv.stop(g.id, StopMode::Force).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    assert!(std::fs::read(&drive).unwrap() == first, "the config drive changed between two starts");
 
     hv.stop(g.id, StopMode::Force).await.unwrap();
     hv.destroy(g.id).await.unwrap();

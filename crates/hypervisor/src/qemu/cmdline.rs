@@ -146,24 +146,13 @@ pub const QBOOT: &str = "qboot.rom";
 /// The guest's kernel command line. See `scripts/build-image.sh` for the
 /// `drove.*` parameters the test image understands.
 pub fn kernel_cmdline(config: &GuestConfig, extra: &[String]) -> String {
-    let name: String =
-        config.spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
     // quiet: every printk line on an emulated UART costs boot time under TCG.
     // panic=-1: reboot at once; with pvpanic QEMU pauses first (see above).
     // The rest skips probes that cost ~0.4 s under TCG and mean nothing to
     // a guest with no PS/2 devices and one UART: i8042 probing, TSC
     // calibration checks, three unused 8250 ports, crypto self-tests.
-    let mut line = format!("console=ttyS0 quiet panic=-1 {FAST_BOOT_ARGS} drove.name={name} drove.id={}", config.id);
-    // Addresses by MAC: the guest's interface names depend on PCI order.
-    for nic in &config.spec.nics {
-        if let Some(a) = &nic.address {
-            line.push_str(&format!(" drove.ip=mac-{}:{a}", nic.mac.replace(':', "-")));
-            if let Some(gw) = a.gateway {
-                line.push_str(&format!(":{gw}"));
-            }
-        }
-    }
-    for arg in extra {
+    let mut line = format!("console=ttyS0 quiet panic=-1 {FAST_BOOT_ARGS}");
+    for arg in super::config_drive::identity_words(config).iter().chain(extra) {
         line.push(' ');
         line.push_str(arg);
     }
@@ -281,6 +270,22 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
             format!("virtio-net-pci,netdev=net{i},id=nic{i},mac={}", nic.mac.replace(',', ",,")),
         );
     }
+    if bios_boot {
+        // Read-only: both ends of a migration open their own copy.
+        push(
+            &mut args,
+            "-blockdev",
+            format!(
+                "driver=raw,node-name=cidata,read-only=on,file.driver=file,file.filename={}",
+                opt_value(&l.dir.config_drive_path())
+            ),
+        );
+        push(
+            &mut args,
+            "-device",
+            format!("virtio-blk-pci,drive=cidata,id=cidata,serial={}", super::config_drive::SERIAL),
+        );
+    }
 
     if l.incoming {
         push(&mut args, "-incoming", "defer".to_owned());
@@ -291,14 +296,14 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use drove_model::{ByteSize, DiskSpec, GuestId, GuestSpec, NicAddress, NicSpec, Priority, VlanTag};
 
     use super::*;
 
-    fn config() -> GuestConfig {
+    pub(crate) fn config() -> GuestConfig {
         GuestConfig {
             id: GuestId::new_v4(),
             generation: 1,

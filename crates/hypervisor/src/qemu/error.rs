@@ -53,6 +53,12 @@ pub enum QemuError {
          use a shorter state_dir"
     )]
     SocketPathTooLong { path: PathBuf, len: usize, max: usize },
+    #[error("writing the config drive: {what}")]
+    ConfigDrive {
+        what: String,
+        #[source]
+        source: drove_net::cmd::CmdError,
+    },
     #[error("the guest image file {path} is missing; build it with scripts/build-image.sh")]
     ImageMissing { path: PathBuf },
     #[error("the base image {path} cannot be used: {reason}")]

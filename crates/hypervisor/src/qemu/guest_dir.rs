@@ -106,6 +106,10 @@ impl GuestDir {
     pub fn serial_log_path(&self) -> PathBuf {
         self.root.join("serial.log")
     }
+    /// The config drive of a guest booting its own image (see `config_drive`).
+    pub fn config_drive_path(&self) -> PathBuf {
+        self.root.join(super::config_drive::FILE)
+    }
     /// Where disk `index` is: through the `shared` link for a guest on
     /// shared storage. The link counts even when it dangles (the pool is
     /// not mounted), so a missing pool fails loudly instead of a fresh

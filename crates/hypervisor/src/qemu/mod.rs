@@ -108,6 +108,7 @@ mod accel;
 pub mod cgroup;
 mod clone;
 mod cmdline;
+mod config_drive;
 mod error;
 mod guest_dir;
 mod hotplug;
@@ -577,6 +578,9 @@ impl QemuHypervisor {
             .collect();
 
         dir.clear_runtime_files()?;
+        if config.spec.image.is_some() {
+            config_drive::write(dir, config).await?;
+        }
         let previous = dir.read_intent()?;
         // Before the process exists: if we die right after launching it, the
         // next agent must see a guest meant to run.
