@@ -133,6 +133,7 @@ async fn build(staging: &Path, img: &Path, config: &GuestConfig) -> Result<(), Q
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn config() -> GuestConfig {
