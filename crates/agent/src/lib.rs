@@ -724,6 +724,7 @@ impl Agent {
                     C::AddDisk { size } => plug(H::AddDisk { size }).await,
                     C::SetMemory { memory } => plug(H::SetMemory { memory }).await,
                     C::SetVcpus { vcpus } => plug(H::SetVcpus { vcpus }).await,
+                    C::GrowDisk { index, size } => plug(H::GrowDisk { index, size }).await,
                 };
                 match result {
                     Ok(()) => CallOutcome::Done,

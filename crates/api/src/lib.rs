@@ -661,6 +661,17 @@ pub struct HotplugRequest {
     /// Grow vCPUs to this total.
     #[serde(default)]
     pub vcpus: Option<u32>,
+    /// Grow one disk (online; the guest sees the new size).
+    #[serde(default)]
+    pub grow_disk: Option<GrowDisk>,
+}
+
+/// Disk `index` (0 is the first) to `size` bytes, a whole number of MiB,
+/// larger than now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GrowDisk {
+    pub index: u32,
+    pub size: ByteSize,
 }
 
 /// One hardware change, as relayed to the guest's host.
@@ -681,6 +692,10 @@ pub enum HotplugChange {
     },
     SetVcpus {
         vcpus: u32,
+    },
+    GrowDisk {
+        index: u32,
+        size: ByteSize,
     },
 }
 

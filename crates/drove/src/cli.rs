@@ -194,11 +194,12 @@ Clones of a template are thin overlays on its disks; others get copies of the so
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
-    /// Add hardware to a running guest: a disk, a NIC, memory or vCPUs (one per call).
+    /// Change a running guest's hardware: add a disk or a NIC, grow memory,
+    /// vCPUs or a disk (one change per call).
     #[command(
-        after_help = "Examples:\n  drove vm hotplug web-1 --add-disk 1G\n  drove vm hotplug web-1 --vcpus 2\nThe guest may need to bring new vCPUs and memory online itself."
+        after_help = "Examples:\n  drove vm hotplug web-1 --add-disk 1G\n  drove vm hotplug web-1 --vcpus 2\n  drove vm hotplug web-1 --grow-disk 0=20G\nThe guest may need to bring new vCPUs and memory online itself, and to grow its\nfilesystem into a grown disk."
     )]
-    #[command(group(clap::ArgGroup::new("change").required(true).args(["add_disk", "add_nic", "memory", "vcpus"])))]
+    #[command(group(clap::ArgGroup::new("change").required(true).args(["add_disk", "add_nic", "memory", "vcpus", "grow_disk"])))]
     Hotplug {
         /// Guest name or id.
         name: String,
@@ -214,6 +215,9 @@ Clones of a template are thin overlays on its disks; others get copies of the so
         /// Grow vCPUs to this total.
         #[arg(long)]
         vcpus: Option<u32>,
+        /// Grow a disk: INDEX=SIZE, e.g. 0=20G (disk 0 is the first).
+        #[arg(long, value_parser = parse_grow_disk)]
+        grow_disk: Option<drove_api::GrowDisk>,
     },
     /// Show the guest's serial console history.
     Log {
@@ -616,6 +620,13 @@ pub fn parse_nic(s: &str) -> Result<NicRequest, String> {
     Ok(nic)
 }
 
+/// `INDEX=SIZE`, as `--grow-disk` takes it.
+pub fn parse_grow_disk(s: &str) -> Result<drove_api::GrowDisk, String> {
+    let (index, size) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected INDEX=SIZE, e.g. 0=20G"))?;
+    let index = index.trim().parse().map_err(|_| format!("{index:?}: a disk index is a number, 0 for the first"))?;
+    Ok(drove_api::GrowDisk { index, size: crate::parse_size(size)? })
+}
+
 /// A bandwidth: a number of bits per second with an optional unit (bit,
 /// kbit, mbit, gbit; decimal, as `tc` counts), e.g. 100mbit.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
@@ -834,8 +845,8 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             }
             Ok(())
         }
-        VmCommand::Hotplug { name, add_disk, add_nic, memory, vcpus } => {
-            let req = drove_api::HotplugRequest { add_disk, add_nic, memory, vcpus };
+        VmCommand::Hotplug { name, add_disk, add_nic, memory, vcpus, grow_disk } => {
+            let req = drove_api::HotplugRequest { add_disk, add_nic, memory, vcpus, grow_disk };
             let g = c.hotplug(&name, &req).await?;
             let s = &g.guest.spec;
             println!(

@@ -212,6 +212,9 @@ pub enum Hotplug {
     SetMemory { memory: ByteSize },
     /// Grow the guest's vCPUs to `vcpus` in total.
     SetVcpus { vcpus: u32 },
+    /// Grow disk `index` to `size` (online resize; the guest sees a
+    /// capacity change). Shrinking would cut off data: refused.
+    GrowDisk { index: u32, size: ByteSize },
 }
 
 impl Hotplug {
@@ -222,6 +225,7 @@ impl Hotplug {
             Hotplug::AddNic { nic } => format!("adding a NIC with MAC {} on VLAN {}", nic.mac, nic.vlan),
             Hotplug::SetMemory { memory } => format!("setting memory to {memory}"),
             Hotplug::SetVcpus { vcpus } => format!("setting vCPUs to {vcpus}"),
+            Hotplug::GrowDisk { index, size } => format!("growing disk {index} to {size}"),
         }
     }
 }

@@ -958,6 +958,13 @@ impl Hypervisor for SimHypervisor {
                 )));
             }
             crate::Hotplug::SetMemory { memory } => spec.memory = *memory,
+            crate::Hotplug::GrowDisk { index, size } => match spec.disks.get_mut(*index as usize) {
+                None => return Err(refuse(format!("the guest has no disk {index}"))),
+                Some(d) if *size <= d.size => {
+                    return Err(refuse(format!("disk {index} is {}; it can only grow, not to {size}", d.size)));
+                }
+                Some(d) => d.size = *size,
+            },
         }
         let saved = self.save(&inner, "hotplug");
         if saved.is_err() {

@@ -667,6 +667,10 @@ async fn hotplug_disk_vcpu_and_memory_are_seen_by_the_guest_and_kept_across_a_re
     assert!(hv.guest_dir(g.id).join("disk1.qcow2").is_file());
     assert_eq!(block_nodes(&hv, g.id).await.iter().filter(|n| n.starts_with("disk")).count(), 2);
 
+    // Disk 0 grown online from 16 MiB to 48 MiB: vda of 98304 sectors.
+    hv.hotplug(g.id, &Hotplug::GrowDisk { index: 0, size: ByteSize::mib(48) }).await.unwrap();
+    wait_for_guest_output(&hv, g.id, "cat /sys/block/vda/size", "98304").await;
+
     // A second vCPU: present at once, used once the guest onlines it (the
     // test image has no udev rule doing so).
     hv.hotplug(g.id, &Hotplug::SetVcpus { vcpus: 2 }).await.unwrap();
@@ -691,6 +695,8 @@ async fn hotplug_disk_vcpu_and_memory_are_seen_by_the_guest_and_kept_across_a_re
         (Hotplug::SetVcpus { vcpus: 3 }, "room for 2 vCPUs"),
         (Hotplug::SetMemory { memory: ByteSize::mib(400) }, "steps of 128M"),
         (Hotplug::SetMemory { memory: ByteSize::gib(2) }, "room for 1G of memory"),
+        (Hotplug::GrowDisk { index: 0, size: ByteSize::mib(32) }, "can only grow"),
+        (Hotplug::GrowDisk { index: 7, size: ByteSize::gib(1) }, "has no disk 7"),
     ] {
         let err = hv.hotplug(g.id, &change).await.unwrap_err();
         assert!(matches!(err, HvError::Unsupported { op: "hotplug", .. }), "{change:?}: {err:?}");
@@ -699,12 +705,14 @@ async fn hotplug_disk_vcpu_and_memory_are_seen_by_the_guest_and_kept_across_a_re
     let spec = record_spec(&hv, g.id);
     assert_eq!((spec["vcpus"].as_u64(), spec["disks"].as_array().unwrap().len()), (Some(2), 2), "{spec}");
     assert_eq!(spec["memory"].as_u64(), Some(384 << 20), "{spec}");
+    assert_eq!(spec["disks"][0]["size"].as_u64(), Some(48 << 20), "{spec}");
 
     // The record keeps the new hardware: a restart boots with all of it.
     hv.stop(g.id, GRACEFUL).await.unwrap();
     hv.start(g.id).await.unwrap();
     wait_for_serial(&hv, g.id, "DROVE-READY", 2).await;
     wait_for_guest_output(&hv, g.id, "cat /sys/block/vdb/size", "131072").await;
+    wait_for_guest_output(&hv, g.id, "cat /sys/block/vda/size", "98304").await;
     wait_for_guest_output(&hv, g.id, "nproc", "2").await;
     let mem_after = guest_mem_total_kib(&hv, g.id).await;
     assert!(mem_after > mem_before + 100 * 1024, "{mem_before} KiB before, {mem_after} KiB after the restart");

@@ -1095,9 +1095,15 @@ impl Manager {
     /// VLAN), applied by its host, recorded only once the host did it; a
     /// refused change leaves the guest exactly as it was.
     pub async fn hotplug(&self, ctx: &Ctx, key: &str, req: HotplugRequest) -> Result<GuestView, ApiError> {
-        let asked = [req.add_disk.is_some(), req.add_nic.is_some(), req.memory.is_some(), req.vcpus.is_some()];
+        let asked = [
+            req.add_disk.is_some(),
+            req.add_nic.is_some(),
+            req.memory.is_some(),
+            req.vcpus.is_some(),
+            req.grow_disk.is_some(),
+        ];
         if asked.iter().filter(|a| **a).count() != 1 {
-            return Err(ApiError::invalid("body", "name exactly one of add_disk, add_nic, memory, vcpus"));
+            return Err(ApiError::invalid("body", "name exactly one of add_disk, add_nic, memory, vcpus, grow_disk"));
         }
         let (id, change, new_nic) = {
             let mut inv = self.lock();
@@ -1192,6 +1198,28 @@ impl Manager {
                     )));
                 }
                 HotplugChange::SetMemory { memory }
+            } else if let Some(grow) = req.grow_disk {
+                let Some(disk) = g.spec.disks.get(grow.index as usize) else {
+                    return Err(ApiError::invalid(
+                        "grow_disk.index",
+                        format!(
+                            "guest {} has {} disk(s); there is no disk {}",
+                            g.spec.name,
+                            g.spec.disks.len(),
+                            grow.index
+                        ),
+                    ));
+                };
+                if grow.size <= disk.size || !grow.size.bytes().is_multiple_of(MIB) {
+                    return Err(ApiError::invalid(
+                        "grow_disk.size",
+                        format!(
+                            "disk {} of guest {} can only grow, in whole MiB, from {} (asked {})",
+                            grow.index, g.spec.name, disk.size, grow.size
+                        ),
+                    ));
+                }
+                HotplugChange::GrowDisk { index: grow.index, size: grow.size }
             } else {
                 let vcpus = req.vcpus.unwrap_or_default();
                 if vcpus <= g.spec.vcpus || vcpus > 255 {
@@ -1237,6 +1265,11 @@ impl Manager {
                 HotplugChange::AddNic { .. } => g.spec.nics.extend(new_nic),
                 HotplugChange::SetMemory { memory } => g.spec.memory = memory,
                 HotplugChange::SetVcpus { vcpus } => g.spec.vcpus = vcpus,
+                HotplugChange::GrowDisk { index, size } => {
+                    if let Some(d) = g.spec.disks.get_mut(index as usize) {
+                        d.size = size;
+                    }
+                }
             }
             g.generation += 1;
             inv.index_guest(&g);

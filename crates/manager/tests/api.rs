@@ -536,9 +536,17 @@ async fn hardware_is_hot_added_to_running_guests_and_refusals_change_nothing() {
         .await
         .unwrap();
     assert_eq!(g.guest.spec.nics.len(), 1);
+    let grow = drove_api::GrowDisk { index: 1, size: ByteSize::gib(3) };
+    let g = dc
+        .admin
+        .hotplug("grow", &drove_api::HotplugRequest { grow_disk: Some(grow), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(g.guest.spec.disks[1].size, ByteSize::gib(3));
     // The host holds the same hardware, and the allocation follows.
     let on_host = dc.agents[0].sim.guest_config(acc.guest).unwrap();
     assert_eq!((on_host.spec.disks.len(), on_host.spec.memory, on_host.spec.nics.len()), (2, ByteSize::mib(512), 1));
+    assert_eq!(on_host.spec.disks[1].size, ByteSize::gib(3));
     assert_eq!(on_host.spec.nics[0].mac, g.guest.spec.nics[0].mac);
     assert_eq!(dc.admin.get_host("host-1").await.unwrap().allocated_memory, ByteSize::mib(512));
     // Refusals: shrink, two changes at once, more than the host has, a stopped guest.
@@ -548,6 +556,20 @@ async fn hardware_is_hot_added_to_running_guests_and_refusals_change_nothing() {
         (drove_api::HotplugRequest { vcpus: Some(2), memory: Some(ByteSize::gib(1)), ..Default::default() }, 400),
         (drove_api::HotplugRequest { memory: Some(ByteSize::gib(64)), ..Default::default() }, 409),
         (drove_api::HotplugRequest { add_nic: Some(NicRequest::on("nope")), ..Default::default() }, 400),
+        (
+            drove_api::HotplugRequest {
+                grow_disk: Some(drove_api::GrowDisk { index: 1, size: ByteSize::gib(1) }),
+                ..Default::default()
+            },
+            400,
+        ),
+        (
+            drove_api::HotplugRequest {
+                grow_disk: Some(drove_api::GrowDisk { index: 5, size: ByteSize::gib(9) }),
+                ..Default::default()
+            },
+            400,
+        ),
     ] {
         let err = dc.admin.hotplug("grow", &req).await.unwrap_err();
         assert_eq!(err.status(), Some(status), "{req:?}: {err}");

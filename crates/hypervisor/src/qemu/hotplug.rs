@@ -6,6 +6,7 @@
 //! | `AddNic`    | [tc on the tap] `netdev_add tap`, `device_add virtio-net-pci`    | the tap, made by the network layer |
 //! | `SetVcpus`  | `device_add` of free slots from `query-hotpluggable-cpus`        | `-smp N,maxcpus=M`       |
 //! | `SetMemory` | `object-add memory-backend-ram`, `device_add pc-dimm`            | `-m S,slots=K,maxmem=X`  |
+//! | `GrowDisk`  | `block_resize` of the image node (the guest gets a capacity-change notice) | room on the pool |
 //!
 //! Devices get the ids and node names the command line gives the same
 //! hardware (`disk{i}`, `vdisk{i}`, `nic{i}`, ...), so a hot-added disk or
@@ -95,6 +96,7 @@ impl QemuHypervisor {
             Hotplug::AddNic { nic } => plug.add_nic(nic).await,
             Hotplug::SetVcpus { vcpus } => plug.set_vcpus(*vcpus).await,
             Hotplug::SetMemory { memory } => plug.set_memory(*memory).await,
+            Hotplug::GrowDisk { index, size } => plug.grow_disk(*index as usize, *size).await,
         };
         match result {
             Ok(()) => {
@@ -206,6 +208,35 @@ impl Plug<'_> {
             json!({ "driver": "virtio-blk-pci", "drive": drive, "id": format!("vdisk{i}"), "serial": format!("disk{i}") }),
         )
         .await?;
+        Ok(())
+    }
+
+    async fn grow_disk(&mut self, index: usize, size: ByteSize) -> Result<(), HvError> {
+        let node = format!("disk{index}");
+        if index >= self.config.spec.disks.len() {
+            return Err(refuse(format!("the guest has no disk {index}")));
+        }
+        // What the image is now, from QEMU: a disk on a user's image may
+        // have started larger than its spec said.
+        let nodes = self.query("query-named-block-nodes").await?;
+        let current = nodes
+            .as_array()
+            .and_then(|all| all.iter().find(|n| n["node-name"] == node.as_str()))
+            .and_then(|n| n["image"]["virtual-size"].as_u64())
+            .ok_or_else(|| refuse(format!("QEMU does not report the size of node {node}")))?;
+        if size.bytes() <= current {
+            return Err(refuse(format!(
+                "disk {index} is {}; it can only grow (shrinking cuts off data), not to {size}",
+                ByteSize(current)
+            )));
+        }
+        if !size.bytes().is_multiple_of(512) {
+            return Err(refuse(format!("a disk size is whole 512-byte sectors, not {} bytes", size.bytes())));
+        }
+        let mut changed = self.config.clone();
+        changed.spec.disks[index].size = size;
+        self.commit_record(changed)?;
+        self.qmp("block_resize", json!({ "node-name": node, "size": size.bytes() })).await?;
         Ok(())
     }
 
