@@ -1626,6 +1626,9 @@ impl Hypervisor for LabHypervisor {
     async fn snapshot_restore(&self, id: GuestId, name: &str) -> Result<RestoreOutcome, HvError> {
         self.hv.snapshot_restore(id, name).await
     }
+    async fn set_limits(&self, id: GuestId, limits: &drove_model::ResourceLimits) -> Result<(), HvError> {
+        self.hv.set_limits(id, limits).await
+    }
 }
 
 fn conformance_guest(n: u32) -> GuestConfig {

@@ -561,7 +561,8 @@ impl Outbound<'_> {
     }
 
     /// The node each disk's device reads from: the throttle node over the
-    /// image when the guest has disk limits, else the image node.
+    /// image, or the image node of a QEMU started before every disk had
+    /// one (see cmdline.rs).
     async fn top_nodes(&mut self) -> Result<Vec<String>, QemuError> {
         let named = self.qmp("query-named-block-nodes", json!({ "flat": true })).await?;
         let names: Vec<String> = named
