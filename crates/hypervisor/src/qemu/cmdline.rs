@@ -174,6 +174,25 @@ pub fn throttle_group(i: usize, limits: &ResourceLimits) -> String {
     object
 }
 
+/// The node each of `disks` disks' device reads from, the root node that
+/// QEMU's snapshot commands and mirrors work on, from the answer to
+/// `query-named-block-nodes`: the throttle node over the image, or the
+/// image node of a QEMU started before every disk had one.
+pub fn root_nodes(named: &serde_json::Value, disks: usize) -> Vec<String> {
+    let names: Vec<&str> = named
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.get("node-name").and_then(serde_json::Value::as_str))
+        .collect();
+    (0..disks)
+        .map(|i| {
+            let throttled = format!("throttled{i}");
+            if names.contains(&throttled.as_str()) { throttled } else { format!("disk{i}") }
+        })
+        .collect()
+}
+
 /// The `limits` property of a running throttle group for the guest's disk
 /// limits: every limit we set, 0 for none (QEMU keeps a limit left out).
 pub fn throttle_limits_object(limits: &ResourceLimits) -> serde_json::Value {

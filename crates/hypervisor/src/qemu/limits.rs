@@ -60,7 +60,7 @@
 use std::time::{Duration, Instant};
 
 use drove_model::{GuestId, GuestSpec, HypervisorKind, ResourceLimits};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::cgroup::{self, CgroupError, GuestCgroup, Hierarchy, Removal};
 use super::error::QemuError;
@@ -314,10 +314,8 @@ async fn plan(
             .execute(dir, pid, "query-named-block-nodes", Some(json!({ "flat": true })))
             .await
             .map_err(backend(SET_LIMITS, id))?;
-        let names: Vec<&str> =
-            nodes.as_array().into_iter().flatten().filter_map(|n| n.get("node-name").and_then(Value::as_str)).collect();
-        for index in 0..new.disks.len() {
-            if !names.contains(&format!("throttled{index}").as_str()) {
+        for (index, root) in cmdline::root_nodes(&nodes, new.disks.len()).iter().enumerate() {
+            if *root != format!("throttled{index}") {
                 return Err(refuse(format!(
                     "disk {index} runs without a throttle node (its QEMU was started by an older drove); its disk \
                      limits can change at its next start"
