@@ -731,6 +731,12 @@ impl Agent {
                     Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
                 }
             }
+            // The host side of the NICs (the uplink reservation) follows the
+            // new rates at the convergence the generation change brings.
+            AgentCallKind::SetLimits { limits } => match self.hv.set_limits(call.guest, &limits).await {
+                Ok(()) => CallOutcome::Done,
+                Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
+            },
             AgentCallKind::Snapshot { call: snapshot } => self.snapshot(call.guest, snapshot).await,
             AgentCallKind::Migrate { call: step } => self.migrate(call.id, call.guest, step).await,
             AgentCallKind::Interfaces => match self.hv.guest_interfaces(call.guest).await {

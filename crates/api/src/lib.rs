@@ -513,6 +513,9 @@ pub enum AgentCallKind {
     Interfaces,
     /// Add hardware to the running guest.
     Hotplug { change: HotplugChange },
+    /// Give the guest these resource limits: at once if it runs, and in its
+    /// definition for later starts.
+    SetLimits { limits: ResourceLimits },
     /// Take, list, delete or restore a snapshot of the guest.
     Snapshot { call: SnapshotCall },
     /// One step of a live migration, on its source or target host.
@@ -699,6 +702,68 @@ pub enum HotplugChange {
     },
 }
 
+/// New resource limits for a guest (`POST /v1/guests/{guest}/limits`), as
+/// a JSON merge patch of its `limits`: a field left out keeps its value,
+/// `null` removes that limit, a value sets it. A running guest gets them at
+/// once, without a restart; a stopped one at its next start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SetLimitsRequest {
+    /// CPU cap in percent of one host core (1..=100 x vCPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patch")]
+    #[schema(value_type = Option<u32>)]
+    pub cpu_cap_percent: Option<Option<u32>>,
+    /// Relative CPU weight (2..=262144; 1024 is the default weight).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patch")]
+    #[schema(value_type = Option<u32>)]
+    pub cpu_shares: Option<Option<u32>>,
+    /// Disk throughput cap per disk, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patch")]
+    #[schema(value_type = Option<u64>)]
+    pub disk_bps: Option<Option<u64>>,
+    /// Disk operations cap per disk, per second.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patch")]
+    #[schema(value_type = Option<u64>)]
+    pub disk_iops: Option<Option<u64>>,
+    /// Bandwidth cap of each NIC without a rate of its own, bits per
+    /// second, each direction (at least 8000).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patch")]
+    #[schema(value_type = Option<u64>)]
+    pub nic_rate_bps: Option<Option<u64>>,
+}
+
+/// A merge-patch field: present (a value or `null`) is `Some`, absent is
+/// `None` (through `#[serde(default)]`).
+fn patch<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+impl SetLimitsRequest {
+    /// Whether it names no field at all.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// `limits` with this request's changes made.
+    pub fn apply_to(&self, limits: &ResourceLimits) -> ResourceLimits {
+        fn set<T: Copy>(slot: &mut Option<T>, patch: Option<Option<T>>) {
+            if let Some(value) = patch {
+                *slot = value;
+            }
+        }
+        let mut out = limits.clone();
+        set(&mut out.cpu_cap_percent, self.cpu_cap_percent);
+        set(&mut out.cpu_shares, self.cpu_shares);
+        set(&mut out.disk_bps, self.disk_bps);
+        set(&mut out.disk_iops, self.disk_iops);
+        set(&mut out.nic_rate_bps, self.nic_rate_bps);
+        out
+    }
+}
+
 /// Drain a host (`POST /v1/hosts/{host}/drain`): maintenance on, then every
 /// guest live-migrated away.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -759,4 +824,40 @@ pub struct GuestInterface {
 pub struct ConsoleLog {
     pub guest: GuestId,
     pub text: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_limits_request_keeps_left_out_fields_clears_nulls_and_sets_values() {
+        let req: SetLimitsRequest = serde_json::from_str(r#"{"cpu_cap_percent": 30, "disk_bps": null}"#).unwrap();
+        assert_eq!(
+            req,
+            SetLimitsRequest { cpu_cap_percent: Some(Some(30)), disk_bps: Some(None), ..Default::default() }
+        );
+        let before = ResourceLimits {
+            cpu_cap_percent: Some(80),
+            cpu_shares: Some(512),
+            cpu_pin: vec![1],
+            disk_bps: Some(1 << 20),
+            disk_iops: Some(100),
+            nic_rate_bps: None,
+        };
+        let after = req.apply_to(&before);
+        assert_eq!(
+            after,
+            ResourceLimits { cpu_cap_percent: Some(30), disk_bps: None, ..before.clone() },
+            "only the named fields change"
+        );
+        // What the client sends reads back the same: null stays null, and
+        // fields left out stay out.
+        let text = serde_json::to_string(&req).unwrap();
+        assert_eq!(text, r#"{"cpu_cap_percent":30,"disk_bps":null}"#);
+        assert_eq!(serde_json::from_str::<SetLimitsRequest>(&text).unwrap(), req);
+        assert!(serde_json::from_str::<SetLimitsRequest>("{}").unwrap().is_empty());
+    }
 }

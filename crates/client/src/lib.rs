@@ -254,6 +254,11 @@ impl Client {
         self.post(&format!("/v1/guests/{}/hotplug", seg(guest)), req).await
     }
 
+    /// Changes the guest's resource limits: only the fields `req` names.
+    pub async fn set_limits(&self, guest: &str, req: &drove_api::SetLimitsRequest) -> Result<GuestView, ClientError> {
+        self.post(&format!("/v1/guests/{}/limits", seg(guest)), req).await
+    }
+
     pub async fn list_snapshots(&self, guest: &str) -> Result<drove_api::SnapshotList, ClientError> {
         self.get(&format!("/v1/guests/{}/snapshots", seg(guest))).await
     }

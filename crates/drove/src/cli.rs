@@ -219,6 +219,34 @@ Clones of a template are thin overlays on its disks; others get copies of the so
         #[arg(long, value_parser = parse_grow_disk)]
         grow_disk: Option<drove_api::GrowDisk>,
     },
+    /// Change a guest's resource limits; only the limits named change, and
+    /// `none` removes one. A running guest gets them at once, without a
+    /// restart; a stopped one at its next start.
+    #[command(
+        after_help = "Examples:\n  drove vm limits web-1 --cpu-cap 30\n  drove vm limits web-1 --disk-bps 10M --disk-iops none\n  drove vm limits web-1 --nic-rate 100mbit\nThe values are those of `drove vm create`; a NIC with a rate of its own (--nic VLAN,rate=...) keeps it."
+    )]
+    #[command(group(clap::ArgGroup::new("limit").required(true).multiple(true).args(["cpu_cap", "cpu_shares", "disk_bps", "disk_iops", "nic_rate"])))]
+    Limits {
+        /// Guest name or id.
+        name: String,
+        /// Cap CPU at this percent of one host core (50 = half a core), or none.
+        #[arg(long, value_name = "PCT|none", value_parser = clearable(|s| s.parse::<u32>().map_err(|e| e.to_string())))]
+        cpu_cap: Option<Clearable<u32>>,
+        /// Relative CPU weight (cgroup shares; 1024 is the default), or none.
+        #[arg(long, value_name = "N|none", value_parser = clearable(|s| s.parse::<u32>().map_err(|e| e.to_string())))]
+        cpu_shares: Option<Clearable<u32>>,
+        /// Cap each disk at this many bytes per second, e.g. 10M, or none.
+        #[arg(long, value_name = "SIZE|none", value_parser = clearable(|s| parse_size(s).map(ByteSize::bytes)))]
+        disk_bps: Option<Clearable<u64>>,
+        /// Cap each disk at this many operations per second, or none.
+        #[arg(long, value_name = "N|none", value_parser = clearable(|s| s.parse::<u64>().map_err(|e| e.to_string())))]
+        disk_iops: Option<Clearable<u64>>,
+        /// Cap each NIC (without a rate of its own) at this rate, e.g. 100mbit, or none.
+        #[arg(long, value_name = "RATE|none", value_parser = clearable(parse_rate))]
+        nic_rate: Option<Clearable<u64>>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Show the guest's serial console history.
     Log {
         /// Guest name or id.
@@ -600,6 +628,18 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
     }
 }
 
+/// A limit as `drove vm limits` takes it: a value, or `none` to remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clearable<T>(pub Option<T>);
+
+/// A parser of [`Clearable`] values that reads anything but `none` with
+/// `parse`.
+pub fn clearable<T: Clone + Send + Sync + 'static>(
+    parse: impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static,
+) -> impl Fn(&str) -> Result<Clearable<T>, String> + Clone + Send + Sync + 'static {
+    move |s| if s.eq_ignore_ascii_case("none") { Ok(Clearable(None)) } else { parse(s).map(|v| Clearable(Some(v))) }
+}
+
 /// `VLAN[,rate=RATE][,ip=ADDRESS]`, as `--nic` takes it.
 pub fn parse_nic(s: &str) -> Result<NicRequest, String> {
     let mut parts = s.split(',');
@@ -858,6 +898,38 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 s.nics.len()
             );
             Ok(())
+        }
+        VmCommand::Limits { name, cpu_cap, cpu_shares, disk_bps, disk_iops, nic_rate, out } => {
+            let req = drove_api::SetLimitsRequest {
+                cpu_cap_percent: cpu_cap.map(|c| c.0),
+                cpu_shares: cpu_shares.map(|c| c.0),
+                disk_bps: disk_bps.map(|c| c.0),
+                disk_iops: disk_iops.map(|c| c.0),
+                nic_rate_bps: nic_rate.map(|c| c.0),
+            };
+            let g = c.set_limits(&name, &req).await?;
+            let (s, l) = (&g.guest.spec, &g.guest.spec.limits);
+            let show = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+            let applied = match g.guest.state {
+                drove_model::GuestState::Running => "now (live)",
+                _ => "at its next start",
+            };
+            print_one(
+                out.format,
+                &g,
+                vec![
+                    ("name", s.name.clone()),
+                    ("state", g.guest.state.to_string()),
+                    ("host", g.host_name.clone()),
+                    ("cpu cap", show(l.cpu_cap_percent.map(|c| format!("{c}%")))),
+                    ("cpu shares", show(l.cpu_shares.map(|v| v.to_string()))),
+                    ("cpu pin", if l.cpu_pin.is_empty() { "none".into() } else { format!("{:?}", l.cpu_pin) }),
+                    ("disk bps", show(l.disk_bps.map(|b| format!("{}/s", ByteSize(b))))),
+                    ("disk iops", show(l.disk_iops.map(|v| v.to_string()))),
+                    ("nic rate", show(l.nic_rate_bps.map(|r| format!("{}mbit", r as f64 / 1e6)))),
+                    ("applied", applied.into()),
+                ],
+            )
         }
         VmCommand::Exec { name, timeout, command } => {
             let r =

@@ -351,6 +351,46 @@ fn snapshots_through_the_cli_show_a_tree_and_refuse_clearly() {
 }
 
 #[test]
+fn vm_limits_change_only_the_named_limits_and_none_removes_one() {
+    let mut lab = Lab::new();
+    lab.up(&["--hosts", "1"]).ok();
+    lab.run(&["vm", "create", "tuned", "--vcpus", "2", "--disk", "1G", "--cpu-cap", "50", "--disk-bps", "10M"]).ok();
+
+    let g: GuestView =
+        lab.run(&["vm", "limits", "tuned", "--cpu-cap", "150", "--disk-iops", "100", "-o", "json"]).ok().json();
+    let l = &g.guest.spec.limits;
+    assert_eq!((l.cpu_cap_percent, l.disk_iops, l.disk_bps), (Some(150), Some(100), Some(10 << 20)), "{l:?}");
+
+    let out = lab.run(&["vm", "limits", "tuned", "--disk-bps", "none", "--nic-rate", "100mbit"]).ok();
+    let rows = table(&out);
+    for want in [
+        &["disk", "bps:", "none"][..],
+        &["nic", "rate:", "100mbit"],
+        &["cpu", "cap:", "150%"],
+        &["applied:", "now", "(live)"],
+    ] {
+        assert!(rows.iter().any(|r| r == want), "no row {want:?} in:\n{out}");
+    }
+    let shown: GuestView = lab.run(&["vm", "show", "tuned", "-o", "json"]).ok().json();
+    let l = &shown.guest.spec.limits;
+    assert_eq!((l.disk_bps, l.nic_rate_bps, l.cpu_cap_percent), (None, Some(100_000_000), Some(150)), "{l:?}");
+
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("no limit named", &["vm", "limits", "tuned"], &["--cpu-cap"]),
+        ("a cap of zero", &["vm", "limits", "tuned", "--cpu-cap", "0"], &["cpu cap", "got 0"]),
+        ("a cap above the vCPUs", &["vm", "limits", "tuned", "--cpu-cap", "300"], &["200%"]),
+        ("a cap that is not a number", &["vm", "limits", "tuned", "--cpu-cap", "lots"], &["--cpu-cap", "lots"]),
+        ("an unknown guest", &["vm", "limits", "nobody", "--cpu-cap", "10"], &["nobody"]),
+    ];
+    let problems: Vec<String> =
+        cases.iter().filter_map(|(what, args, mentions)| refusal_problems(what, &lab.run(args), mentions)).collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let after: GuestView = lab.run(&["vm", "show", "tuned", "-o", "json"]).ok().json();
+    assert_eq!(after.guest.spec.limits, shown.guest.spec.limits, "a refusal changed the limits");
+    lab.down().ok();
+}
+
+#[test]
 fn help_teaches() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.json");

@@ -153,6 +153,23 @@ fn ready_count(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default().matches("DROVE-READY").count()
 }
 
+/// The CFS quota of the cgroup v1 `cpu` hierarchy QEMU `pid` runs in.
+fn cpu_quota(pid: u32) -> String {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cgroups
+        .lines()
+        .find_map(|l| {
+            let (controllers, path) = l.split_once(':')?.1.split_once(':')?;
+            controllers.split(',').any(|c| c == "cpu").then(|| path.to_owned())
+        })
+        .unwrap_or_else(|| panic!("QEMU {pid} is in no cpu cgroup: {cgroups}"));
+    let mount = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"]
+        .into_iter()
+        .find(|m| Path::new(m).join("cpu.cfs_quota_us").exists())
+        .expect("a cgroup v1 cpu hierarchy (this platform's layout)");
+    std::fs::read_to_string(format!("{mount}{path}/cpu.cfs_quota_us")).unwrap().trim().to_owned()
+}
+
 fn qemus_of(dir: &str) -> Vec<u32> {
     let out = Command::new("pgrep").args(["-f", &format!("qemu-system.*{dir}")]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -245,6 +262,14 @@ fn real_guests_live_through_the_whole_stack() {
     assert!(!out.status.success(), "shrinking must be refused");
     assert!(String::from_utf8_lossy(&out.stderr).contains("only grow"), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // Limits changed through the API reach the running QEMU's cgroup, and
+    // stay for its later incarnations (checked after the crash below).
+    assert_eq!(cpu_quota(pid), "-1", "no cap before one is set");
+    lab.ok(&["vm", "limits", "web-1", "--cpu-cap", "40", "--disk-bps", "8M"]);
+    assert_eq!(cpu_quota(pid), "40000");
+    assert_eq!(qemu_pid(&gdir), Some(pid), "a limits change restarts nothing");
+    assert_eq!(lab.json(&["vm", "show", "web-1"])["spec"]["limits"]["cpu_cap_percent"], 40);
+
     // Its console history, through manager and agent.
     assert!(lab.ok(&["vm", "log", "web-1"]).contains("DROVE-READY"));
     // The interactive console reaches the guest's shell: a command typed in
@@ -263,6 +288,9 @@ fn real_guests_live_through_the_whole_stack() {
     });
     assert_eq!(shown["state"], "running");
     assert!(lab.ok(&["vm", "show", "web-1"]).contains("restarts:"));
+    assert_eq!(cpu_quota(pid), "40000", "the restarted QEMU has the cap set while its predecessor ran");
+    lab.ok(&["vm", "limits", "web-1", "--cpu-cap", "none"]);
+    assert_eq!(cpu_quota(pid), "-1");
 
     // An agent killed under a running guest: QEMU outlives it, the new agent
     // re-adopts it, nothing restarts, nothing is duplicated.

@@ -131,10 +131,16 @@ pub enum Property {
     /// (`CloneSource`), is refused and defines nothing; an overlay on a
     /// Stopped source starts.
     ClonesAreRefusedWithoutEffect,
+    /// `set_limits` succeeds on a Stopped guest (which then starts) and on
+    /// a Running one, keeping its state, generation and incarnation, also
+    /// when it removes every limit; invalid values and a pin change of a
+    /// Running guest are InvalidLimits naming the field; an unknown guest
+    /// is NotFound.
+    LimitsChangeInAnyStateAndRefusalsNameTheField,
 }
 
 impl Property {
-    pub const ALL: [Property; 19] = [
+    pub const ALL: [Property; 20] = [
         Property::ResourcesAreReported,
         Property::CreateLeavesGuestStopped,
         Property::CreateIsIdempotent,
@@ -154,6 +160,7 @@ impl Property {
         Property::SnapshotRestoreRollsBack,
         Property::ClonesCopyDisksAndLeaveTheSourceAlone,
         Property::ClonesAreRefusedWithoutEffect,
+        Property::LimitsChangeInAnyStateAndRefusalsNameTheField,
     ];
 
     /// The snake-case name, as in test names.
@@ -178,6 +185,9 @@ impl Property {
             Property::SnapshotRestoreRollsBack => "snapshot_restore_rolls_back",
             Property::ClonesCopyDisksAndLeaveTheSourceAlone => "clones_copy_disks_and_leave_the_source_alone",
             Property::ClonesAreRefusedWithoutEffect => "clones_are_refused_without_effect",
+            Property::LimitsChangeInAnyStateAndRefusalsNameTheField => {
+                "limits_change_in_any_state_and_refusals_name_the_field"
+            }
         }
     }
 
@@ -240,6 +250,9 @@ impl Property {
             Property::SnapshotRestoreRollsBack => snapshot_restore_rolls_back(cx).await,
             Property::ClonesCopyDisksAndLeaveTheSourceAlone => clones_copy_disks_and_leave_the_source_alone(cx).await,
             Property::ClonesAreRefusedWithoutEffect => clones_are_refused_without_effect(cx).await,
+            Property::LimitsChangeInAnyStateAndRefusalsNameTheField => {
+                limits_change_in_any_state_and_refusals_name_the_field(cx).await
+            }
         }
     }
 }
@@ -371,6 +384,7 @@ macro_rules! conformance_tests {
             snapshot_restore_rolls_back => SnapshotRestoreRollsBack,
             clones_copy_disks_and_leave_the_source_alone => ClonesCopyDisksAndLeaveTheSourceAlone,
             clones_are_refused_without_effect => ClonesAreRefusedWithoutEffect,
+            limits_change_in_any_state_and_refusals_name_the_field => LimitsChangeInAnyStateAndRefusalsNameTheField,
         );
     };
     (@module $module:ident ($hv:expr) ($template:expr) ($options:expr)
@@ -1153,4 +1167,53 @@ where
     cx.expect(thin.id, RuntimeState::Running, thin.generation, "starting an overlay clone").await?;
     cx.expect(src.id, RuntimeState::Stopped, src.generation, "its overlay clone's start").await?;
     Ok(())
+}
+
+async fn limits_change_in_any_state_and_refusals_name_the_field<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    use drove_model::ResourceLimits;
+    let g = cx.stopped().await?;
+    let id = g.id;
+    let capped = ResourceLimits {
+        cpu_cap_percent: Some(50),
+        cpu_shares: Some(512),
+        disk_bps: Some(8 << 20),
+        disk_iops: Some(500),
+        nic_rate_bps: Some(50_000_000),
+        ..g.spec.limits.clone()
+    };
+    cx.ok(format!("set_limits({id}) of a Stopped guest"), cx.hv.set_limits(id, &capped)).await?;
+    cx.expect(id, RuntimeState::Stopped, g.generation, "set_limits").await?;
+    cx.start(id).await?;
+    let before = cx.expect(id, RuntimeState::Running, g.generation, "a start with new limits").await?;
+
+    let loose = ResourceLimits { cpu_cap_percent: Some(80), cpu_shares: None, disk_bps: None, ..capped.clone() };
+    let none = ResourceLimits { cpu_pin: g.spec.limits.cpu_pin.clone(), ..ResourceLimits::default() };
+    for (limits, what) in [(&loose, "changing and removing some limits"), (&none, "removing every limit")] {
+        cx.ok(format!("set_limits({id}) of a Running guest, {what}"), cx.hv.set_limits(id, limits)).await?;
+        let after = cx.expect(id, RuntimeState::Running, g.generation, what).await?;
+        same_incarnation(&before, &after, what)?;
+    }
+
+    let zero_cap = ResourceLimits { cpu_cap_percent: Some(0), ..none.clone() };
+    let mut pins = none.cpu_pin.clone();
+    pins.push(pins.iter().max().map_or(0, |p| p + 1));
+    let repinned = ResourceLimits { cpu_pin: pins, ..none.clone() };
+    for (limits, field) in [(&zero_cap, "cpu_cap_percent"), (&repinned, "cpu_pin")] {
+        let r = cx.call(format!("set_limits({id}) changing {field}"), cx.hv.set_limits(id, limits)).await?;
+        ensure!(
+            matches!(&r, Err(HvError::InvalidLimits { id: got, field: f, .. }) if *got == id && *f == field),
+            "set_limits({id}) with a bad {field} should be InvalidLimits naming it, got {}",
+            describe(&r)
+        );
+        let after = cx.expect(id, RuntimeState::Running, g.generation, "a refused set_limits").await?;
+        same_incarnation(&before, &after, "a refused set_limits")?;
+    }
+
+    let unknown = GuestId::new_v4();
+    let r = cx.call(format!("set_limits({unknown})"), cx.hv.set_limits(unknown, &none)).await?;
+    expect_not_found("set_limits", &r, unknown)
 }

@@ -17,8 +17,9 @@
 //! one need not implement them.
 //!
 //! Hardware can be added to a running guest with [`Hypervisor::hotplug`]
-//! (a disk, a NIC, vCPUs, memory; see [`Hotplug`]); it also defaults to
-//! [`HvError::Unsupported`].
+//! (a disk, a NIC, vCPUs, memory; see [`Hotplug`]), and its resource limits
+//! changed in any state with [`Hypervisor::set_limits`] (live while it has
+//! a process); both also default to [`HvError::Unsupported`].
 //!
 //! Snapshots ([`Hypervisor::snapshot_create`], `_list`, `_delete`,
 //! `_restore`) are named, point-in-time states of all of a guest's disks,
@@ -53,7 +54,7 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
-use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind};
+use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind, ResourceLimits};
 pub use drove_model::{RestoreOutcome, SnapshotKind};
 use serde::{Deserialize, Serialize};
 
@@ -129,6 +130,8 @@ pub enum HvError {
     SnapshotNotFound { id: GuestId, name: String },
     #[error("snapshot {name:?} of guest {id} cannot be made: {reason}")]
     InvalidSnapshot { id: GuestId, name: String, reason: String },
+    #[error("the limits asked for guest {id} are refused: {field}: {reason}")]
+    InvalidLimits { id: GuestId, field: &'static str, reason: String },
     #[error("guest {id} cannot be cloned from guest {source_guest}: {reason}")]
     CloneSource { id: GuestId, source_guest: GuestId, reason: String },
     #[error("hypervisor host failure during {op}")]
@@ -252,6 +255,24 @@ pub fn check_snapshot_name(id: GuestId, name: &str) -> Result<(), HvError> {
 }
 
 pub use drove_model::snapshot::CLONE_SNAPSHOT_PREFIX;
+
+/// Checks new `limits` for a guest defined as `spec`, with a process
+/// (`live`) or without: the rules every backend applies (see
+/// [`Hypervisor::set_limits`]).
+pub fn check_limits(id: GuestId, spec: &GuestSpec, limits: &ResourceLimits, live: bool) -> Result<(), HvError> {
+    limits.validate(spec.vcpus).map_err(|(field, reason)| HvError::InvalidLimits { id, field, reason })?;
+    if live && limits.cpu_pin != spec.limits.cpu_pin {
+        return Err(HvError::InvalidLimits {
+            id,
+            field: "cpu_pin",
+            reason: format!(
+                "the pinning of a guest with a process cannot change (it has {:?}, {:?} asked); stop it first",
+                spec.limits.cpu_pin, limits.cpu_pin
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// Checks a clone against its source as the backend found it: `source` is
 /// its definition (`None`: not on this host), `running` whether it has a
@@ -392,6 +413,22 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     async fn hotplug(&self, id: GuestId, change: &Hotplug) -> Result<(), HvError> {
         let _ = (id, change);
         Err(HvError::Unsupported { op: "hotplug", backend: self.kind(), reason: "no hotplug support".into() })
+    }
+
+    /// Replaces the guest's resource limits with `limits` and records them
+    /// in its definition, in any state. A guest with a process (Running,
+    /// Paused) gets them at once, without a restart: CPU cap and shares,
+    /// disk throttles, NIC rates (a NIC with a rate of its own keeps it); a
+    /// limit that is `None` now is removed. One without (Stopped, Crashed)
+    /// gets them at its next start. Refused without effect
+    /// (`InvalidLimits`): values [`ResourceLimits::validate`] rejects for
+    /// the guest's vCPUs, and a pin change while it has a process. Never
+    /// half-applied: when one part cannot be changed, the parts changed
+    /// already go back to the old limits, the definition keeps the old
+    /// ones, and the error names the part.
+    async fn set_limits(&self, id: GuestId, limits: &ResourceLimits) -> Result<(), HvError> {
+        let _ = (id, limits);
+        Err(HvError::Unsupported { op: "set_limits", backend: self.kind(), reason: "no resource limits".into() })
     }
 
     /// Takes snapshot `name` of all the guest's disks at one instant, with

@@ -43,6 +43,10 @@
 //! disks and NICs are appended, vCPUs and memory set; shrinking and
 //! changes to a guest that is not Running are refused as by QEMU.
 //!
+//! [`Hypervisor::set_limits`] replaces the limits in the guest's definition
+//! after `command_delay`, in any state, by the rules of
+//! [`crate::check_limits`]; [`SimHypervisor::guest_config`] shows them.
+//!
 //! Snapshots are kept with the guest (and saved with the state file): a
 //! list of names, kinds and times, with the same rules as QEMU's internal
 //! snapshots — a memory snapshot needs a guest with a process, a guest
@@ -971,6 +975,30 @@ impl Hypervisor for SimHypervisor {
             // Never half-applied: not in memory if not on disk.
             if let Some(guest) = inner.guests.get_mut(&id) {
                 guest.config.spec = before;
+            }
+        }
+        saved
+    }
+
+    /// Replaces the limits in the guest's definition after `command_delay`
+    /// (a QMP round trip) and saves it; checked again after the delay, as
+    /// the guest may have started or stopped meanwhile.
+    async fn set_limits(&self, id: GuestId, limits: &drove_model::ResourceLimits) -> Result<(), HvError> {
+        let check = |guest: &SimGuest| crate::check_limits(id, &guest.config.spec, limits, guest.pid.is_some());
+        {
+            let inner = self.lock();
+            check(inner.guests.get(&id).ok_or(HvError::NotFound { id })?)?;
+        }
+        wait(self.shared.config.command_delay).await;
+        let mut inner = self.lock();
+        let guest = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+        check(guest)?;
+        let before = std::mem::replace(&mut guest.config.spec.limits, limits.clone());
+        let saved = self.save(&inner, "set_limits");
+        if saved.is_err() {
+            // Never half-applied: not in memory if not on disk.
+            if let Some(guest) = inner.guests.get_mut(&id) {
+                guest.config.spec.limits = before;
             }
         }
         saved

@@ -1332,6 +1332,250 @@ mod resource_controls {
         assert_no_host_leftovers(&lab, g.id, &[&tap]).await;
     }
 
+    /// The guest's CPU use over `window`, as a share of one core, with the
+    /// CFS periods in it and how many of them its quota cut short.
+    async fn cpu_window(cg: &cgroup::GuestCgroup, window: Duration) -> (f64, u64, u64) {
+        let (t0, s0) = (Instant::now(), cg.cpu_stat().unwrap());
+        tokio::time::sleep(window).await;
+        let (t1, s1) = (Instant::now(), cg.cpu_stat().unwrap());
+        let share = (s1.usage - s0.usage).as_secs_f64() / (t1 - t0).as_secs_f64();
+        (share, s1.periods - s0.periods, s1.throttled_periods - s0.throttled_periods)
+    }
+
+    /// The cap as the cgroup holds it: `cfs_quota_us` (v1) or `cpu.max`'s
+    /// quota (v2); "-1" and "max" both mean none.
+    fn quota(cg: &cgroup::GuestCgroup) -> String {
+        let cpu = cg.controller_dir("cpu").unwrap();
+        if cpu.join("cpu.cfs_quota_us").exists() {
+            read(cpu.join("cpu.cfs_quota_us"))
+        } else {
+            read(cpu.join("cpu.max")).split_whitespace().next().unwrap_or_default().to_owned()
+        }
+    }
+
+    /// A guest started without a cap gets one of 30 % live, measured from
+    /// its cgroup's CPU time while it spins, and loses it again.
+    #[tokio::test]
+    async fn a_cpu_cap_set_on_a_running_guest_holds_it_to_the_cap_and_goes_when_cleared() {
+        let lab = Lab::new();
+        let hv = lab.hv();
+        let g = limited("live-cap-1", &[], ResourceLimits::default());
+        hv.create(&g).await.unwrap();
+        hv.start(g.id).await.unwrap();
+        let pid = status(&hv, g.id).await.pid.unwrap();
+        let cg = cgroup_of(g.id);
+        assert!(quota(&cg) == "-1" || quota(&cg) == "max", "a cap before any was set: {}", quota(&cg));
+        wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+        let mut console = Console::open(&hv, g.id).await;
+        console.type_line("while :; do :; done & echo spin-$((6*7))").await;
+        wait_for_serial(&hv, g.id, "spin-42", 1).await;
+        drop(console);
+
+        let capped = ResourceLimits { cpu_cap_percent: Some(30), ..Default::default() };
+        hv.set_limits(g.id, &capped).await.unwrap();
+        assert_eq!(quota(&cg), "30000");
+        assert_eq!(record_spec(&hv, g.id)["limits"]["cpu_cap_percent"], 30);
+        assert_eq!(status(&hv, g.id).await.pid, Some(pid), "no restart");
+
+        // As in the start-time cap test: the cap bounds every window; the
+        // lower bound comes from the first window in which the cap was what
+        // held the guest back (the host's other load may hold it more).
+        const WINDOW: Duration = Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut seen = Vec::new();
+        loop {
+            let (share, periods, throttled) = cpu_window(&cg, WINDOW).await;
+            eprintln!(
+                "live cap 30%: used {:.1}% of a core; throttled in {throttled} of {periods} periods",
+                share * 100.0
+            );
+            seen.push((share, throttled, periods));
+            assert!(share <= 0.40, "the guest used {:.1}% of a core, over its 30% cap (+10)", share * 100.0);
+            if throttled > 0 && share >= 0.20 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "in no {WINDOW:?} window did the capped guest get 20% of a core or more: (share, throttled, \
+                 periods) = {seen:?}"
+            );
+        }
+
+        // Cleared: no quota, so no period is cut short, and the spinning
+        // guest gets more than the old cap wherever the host lets it.
+        hv.set_limits(g.id, &ResourceLimits::default()).await.unwrap();
+        assert!(quota(&cg) == "-1" || quota(&cg) == "max", "the cap stayed: {}", quota(&cg));
+        assert_eq!(record_spec(&hv, g.id)["limits"]["cpu_cap_percent"], serde_json::Value::Null);
+        let mut seen = Vec::new();
+        loop {
+            let (share, periods, throttled) = cpu_window(&cg, WINDOW).await;
+            eprintln!(
+                "cap cleared: used {:.1}% of a core; throttled in {throttled} of {periods} periods",
+                share * 100.0
+            );
+            seen.push((share, throttled));
+            assert_eq!(throttled, 0, "a period was throttled after the cap was removed: {seen:?}");
+            if share >= 0.45 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the uncapped guest never got 45% of a core: {seen:?}");
+        }
+        hv.destroy(g.id).await.unwrap();
+        assert_no_host_leftovers(&lab, g.id, &[]).await;
+    }
+
+    /// The throttle group's limits as QEMU holds them: (bps-total,
+    /// iops-total), 0 for none.
+    async fn throttle_of(hv: &QemuHypervisor, id: GuestId, disk: usize) -> (u64, u64) {
+        let args = serde_json::json!({ "path": format!("/objects/throttle{disk}"), "property": "limits" });
+        let limits = hv.qmp_execute(id, "qom-get", Some(args)).await.unwrap();
+        let get = |key: &str| limits[key].as_u64().unwrap_or_else(|| panic!("no {key} in {limits}"));
+        (get("bps-total"), get("iops-total"))
+    }
+
+    /// Bytes per second of direct 64 KiB writes of `mib` MiB to the guest's
+    /// disk, timed in the guest.
+    async fn write_rate(hv: &QemuHypervisor, id: GuestId, mib: u64) -> f64 {
+        let script = format!(
+            "t() {{ cut -d' ' -f1 /proc/uptime; }}; a=$(t); \
+             dd if=/dev/zero of=/dev/vda bs=65536 count={} oflag=direct 2>/dev/null || exit 1; echo $a $(t)",
+            mib * 16
+        );
+        let t: Vec<f64> = sh(hv, id, &script).await.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        (mib << 20) as f64 / (t[1] - t[0])
+    }
+
+    /// A guest started without disk limits gets them live, as QEMU's
+    /// throttle group shows and the guest's writes feel, and loses them.
+    #[tokio::test]
+    async fn disk_limits_set_on_a_running_guest_throttle_its_writes_and_go_when_cleared() {
+        const BPS: u64 = 2 << 20;
+        let lab = Lab::new();
+        let hv = lab.hv();
+        let g = limited("live-disk-1", &[64], ResourceLimits::default());
+        hv.create(&g).await.unwrap();
+        hv.start(g.id).await.unwrap();
+        wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+        assert_eq!(throttle_of(&hv, g.id, 0).await, (0, 0));
+        let free = write_rate(&hv, g.id, 8).await;
+        eprintln!("unthrottled: {:.2} MiB/s", free / f64::from(1 << 20));
+
+        hv.set_limits(g.id, &ResourceLimits { disk_bps: Some(BPS), disk_iops: Some(1000), ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(throttle_of(&hv, g.id, 0).await, (BPS, 1000));
+        // 8 MiB at 2 MiB/s: about 4 s, bound by the byte rate (32 writes/s
+        // of the 1000 allowed).
+        let bps = write_rate(&hv, g.id, 8).await;
+        eprintln!("live disk limit {BPS} B/s: {bps:.0} B/s ({:+.1}%)", (bps / BPS as f64 - 1.0) * 100.0);
+        assert!((bps / BPS as f64 - 1.0).abs() <= 0.10, "{bps:.0} B/s is not within 10% of {BPS}");
+
+        // One limit removed, the other kept.
+        hv.set_limits(g.id, &ResourceLimits { disk_iops: Some(1000), ..Default::default() }).await.unwrap();
+        assert_eq!(throttle_of(&hv, g.id, 0).await, (0, 1000));
+        let spec = record_spec(&hv, g.id);
+        assert_eq!(
+            (spec["limits"]["disk_bps"].clone(), spec["limits"]["disk_iops"].clone()),
+            (serde_json::Value::Null, 1000.into())
+        );
+        let after = write_rate(&hv, g.id, 8).await;
+        eprintln!("limit removed: {:.2} MiB/s", after / f64::from(1 << 20));
+        assert!(after > BPS as f64 * 1.3 || after > free * 0.7, "{after:.0} B/s: still throttled (free: {free:.0})");
+        hv.destroy(g.id).await.unwrap();
+        assert_no_host_leftovers(&lab, g.id, &[]).await;
+    }
+
+    fn root_tbf(qdiscs: &[tc::Qdisc]) -> Option<(String, Option<u64>)> {
+        qdiscs.iter().find(|q| q.root && q.handle == tc::ROOT_HANDLE).map(|q| (q.kind.clone(), q.rate_bytes))
+    }
+
+    fn ifindex(dev: &str) -> String {
+        read(PathBuf::from(format!("/sys/class/net/{dev}/ifindex")))
+    }
+
+    /// A NIC rate set, changed (in place: the same IFB) and removed on a
+    /// running guest, on its tap and its IFB.
+    #[tokio::test]
+    async fn a_nic_rate_set_on_a_running_guest_is_changed_in_place_and_removed() {
+        let lab = Lab::new();
+        let hv = lab.hv();
+        let (g, tap) = with_nic(limited("live-nic-1", &[], ResourceLimits::default()));
+        let ifb = tc::ifb_name(g.id, 0);
+        hv.create(&g).await.unwrap();
+        hv.start(g.id).await.unwrap();
+        assert_eq!(root_tbf(&tc::qdiscs(&tap.0).await.unwrap()), None);
+
+        hv.set_limits(g.id, &ResourceLimits { nic_rate_bps: Some(10_000_000), ..Default::default() }).await.unwrap();
+        let want = Some(("tbf".to_owned(), Some(10_000_000 / 8)));
+        assert_eq!(root_tbf(&tc::qdiscs(&tap.0).await.unwrap()), want);
+        assert_eq!(root_tbf(&tc::qdiscs(&ifb).await.unwrap()), want);
+        let ifb_index = ifindex(&ifb);
+
+        hv.set_limits(g.id, &ResourceLimits { nic_rate_bps: Some(20_000_000), ..Default::default() }).await.unwrap();
+        let on_tap = tc::qdiscs(&tap.0).await.unwrap();
+        let want = Some(("tbf".to_owned(), Some(20_000_000 / 8)));
+        assert_eq!(root_tbf(&on_tap), want, "{on_tap:?}");
+        assert!(on_tap.iter().any(|q| q.kind == "ingress"), "{on_tap:?}");
+        assert_eq!(root_tbf(&tc::qdiscs(&ifb).await.unwrap()), want);
+        assert_eq!(ifindex(&ifb), ifb_index, "the IFB was made anew instead of changed");
+
+        hv.set_limits(g.id, &ResourceLimits::default()).await.unwrap();
+        assert!(tc::guest_ifbs(g.id).unwrap().is_empty());
+        let left: Vec<tc::Qdisc> = tc::qdiscs(&tap.0)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|q| q.handle == tc::ROOT_HANDLE || q.kind == "ingress")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        hv.destroy(g.id).await.unwrap();
+        assert_no_host_leftovers(&lab, g.id, &[&tap]).await;
+    }
+
+    /// The NIC part fails (the tap has a root qdisc that is not ours, so
+    /// ours cannot be added) after the CPU and disk parts were changed:
+    /// those go back, the record keeps the old limits, the error names
+    /// the NIC.
+    #[tokio::test]
+    async fn a_limit_change_that_fails_on_one_part_puts_the_others_back() {
+        let lab = Lab::new();
+        let hv = lab.hv();
+        let old = ResourceLimits { cpu_cap_percent: Some(80), disk_bps: Some(4 << 20), ..Default::default() };
+        let (g, tap) = with_nic(limited("live-fail-1", &[16], old.clone()));
+        hv.create(&g).await.unwrap();
+        hv.start(g.id).await.unwrap();
+        let pid = status(&hv, g.id).await.pid.unwrap();
+        let cg = cgroup_of(g.id);
+        let out = std::process::Command::new("tc")
+            .args(["qdisc", "add", "dev", &tap.0, "root", "handle", "1:", "pfifo"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let spec = record_spec(&hv, g.id);
+
+        let new = ResourceLimits {
+            cpu_cap_percent: Some(30),
+            disk_bps: Some(1 << 20),
+            nic_rate_bps: Some(10_000_000),
+            ..Default::default()
+        };
+        let err = hv.set_limits(g.id, &new).await.unwrap_err();
+        let chain = error_chain(&err);
+        eprintln!("set_limits failed as expected: {chain}");
+        assert!(matches!(err, HvError::Backend { op: "set_limits", .. }), "{err:?}");
+        assert!(chain.contains(&format!("the rate of NIC 0 on tap {}", tap.0)), "{chain}");
+        assert_eq!(quota(&cg), "80000", "the CPU cap was not put back");
+        assert_eq!(throttle_of(&hv, g.id, 0).await, (4 << 20, 0), "the disk limit was not put back");
+        assert_eq!(record_spec(&hv, g.id), spec);
+        assert!(tc::guest_ifbs(g.id).unwrap().is_empty(), "a half-made NIC limit remains");
+        assert_eq!(
+            status(&hv, g.id).await,
+            GuestStatus { id: g.id, state: RuntimeState::Running, generation: 1, pid: Some(pid) }
+        );
+        hv.destroy(g.id).await.unwrap();
+        assert_no_qemu_for(&lab, g.id);
+    }
+
     fn all_limits() -> ResourceLimits {
         ResourceLimits {
             cpu_cap_percent: Some(80),
@@ -1633,6 +1877,9 @@ impl Hypervisor for LabHypervisor {
     }
     async fn snapshot_restore(&self, id: GuestId, name: &str) -> Result<RestoreOutcome, HvError> {
         self.hv.snapshot_restore(id, name).await
+    }
+    async fn set_limits(&self, id: GuestId, limits: &drove_model::ResourceLimits) -> Result<(), HvError> {
+        self.hv.set_limits(id, limits).await
     }
 }
 

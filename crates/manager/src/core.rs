@@ -30,7 +30,7 @@ use drove_api::{
     AgentCall, AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, CreateGuestRequest,
     CreateVlanRequest, DesiredGuest, DesiredState, GuestView, HeartbeatRequest, HeartbeatResponse, HostView,
     HotplugChange, HotplugRequest, ImportImageRequest, ObservedGuest, ObservedState, OperationAccepted,
-    RegisterRequest, RegisterResponse, VlanView,
+    RegisterRequest, RegisterResponse, SetLimitsRequest, VlanView,
 };
 use drove_model::guest::validate_name;
 use drove_model::host::HostEvent;
@@ -1271,6 +1271,103 @@ impl Manager {
                     }
                 }
             }
+            g.generation += 1;
+            inv.index_guest(&g);
+            inv.guests.insert(id, g.clone());
+            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 200);
+            (Self::guest_view(&inv, &g), self.persister.enqueue(vec![put(guest_key(id), &g), audit]))
+        };
+        pending.durable().await?;
+        Ok(view)
+    }
+
+    /// Change a guest's resource limits: checked here (values, the host's
+    /// uplink), applied by its host (live if the guest runs, in its
+    /// definition otherwise), recorded only once the host did it; a refused
+    /// change leaves the guest exactly as it was. The host's uplink
+    /// reservation follows at its next convergence (the generation moves).
+    pub async fn set_limits(&self, ctx: &Ctx, key: &str, req: SetLimitsRequest) -> Result<GuestView, ApiError> {
+        if req.is_empty() {
+            return Err(ApiError::invalid(
+                "body",
+                "name at least one of cpu_cap_percent, cpu_shares, disk_bps, disk_iops, nic_rate_bps",
+            ));
+        }
+        let (id, limits) = {
+            let mut inv = self.lock();
+            let g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            let limits = req.apply_to(&g.spec.limits);
+            limits.validate(g.spec.vcpus).map_err(|(field, msg)| ApiError::invalid(field, msg))?;
+            if req.nic_rate_bps.is_some() {
+                Self::check_nic_rate("nic_rate_bps", limits.nic_rate_bps)?;
+            }
+            // Only where its host holds its definition: a guest being made,
+            // moved or removed has its limits changed once that is done.
+            if !matches!(g.state, GuestState::Running | GuestState::Stopped | GuestState::Crashed) {
+                return Err(ApiError::conflict(format!(
+                    "guest {} is {}; its limits can change once it is running or stopped",
+                    g.spec.name, g.state
+                )));
+            }
+            if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
+                return Err(ApiError::conflict(format!(
+                    "guest {} has operation {} ({}) in progress",
+                    g.spec.name, op.id, op.kind
+                )));
+            }
+            if inv.limits_changing.contains(&g.id) {
+                return Err(ApiError::conflict(format!(
+                    "the limits of guest {} are being changed; try again when that is done",
+                    g.spec.name
+                )));
+            }
+            let host = inv
+                .hosts
+                .get(&g.host)
+                .map(|h| h.info.clone())
+                .ok_or_else(|| ApiError::not_found("host", &g.host.to_string()))?;
+            let reserved = g.spec.nic_reservation();
+            let wanted = GuestSpec { limits: limits.clone(), ..g.spec.clone() }.nic_reservation();
+            let alloc = inv.allocated.get(&g.host).copied().unwrap_or_default();
+            if let Some(uplink) = host.uplink_bps
+                && wanted > reserved
+                && alloc.nic_bps.saturating_sub(reserved) + wanted > uplink
+            {
+                return Err(ApiError {
+                    field: Some("nic_rate_bps".into()),
+                    ..ApiError::conflict(format!(
+                        "host {} has {} of its {uplink} bit/s uplink reserved by NIC limits; guest {}'s NICs would \
+                         reserve {wanted} bit/s instead of {reserved}, which does not fit",
+                        host.name, alloc.nic_bps, g.spec.name
+                    ))
+                });
+            }
+            if limits == g.spec.limits {
+                return Ok(Self::guest_view(&inv, &g));
+            }
+            inv.limits_changing.insert(g.id);
+            (g.id, limits)
+        };
+        // Also when the caller goes away mid-call (the future is dropped).
+        struct Changing<'a>(&'a Manager, GuestId);
+        impl Drop for Changing<'_> {
+            fn drop(&mut self) {
+                self.0.lock().limits_changing.remove(&self.1);
+            }
+        }
+        let _changing = Changing(self, id);
+        let outcome = self.relay(&id.to_string(), AgentCallKind::SetLimits { limits: limits.clone() }).await;
+        match outcome {
+            Ok((_, CallOutcome::Done)) => {}
+            Ok((_, CallOutcome::Error { message })) => return Err(ApiError::conflict(message)),
+            Ok((_, other)) => return Err(ApiError::unavailable(format!("the host answered with {other:?}"))),
+            Err(e) => return Err(e),
+        }
+        let (view, pending) = {
+            let mut inv = self.lock();
+            let mut g = inv.guests.get(&id).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            inv.unindex_guest(&g);
+            g.spec.limits = limits;
             g.generation += 1;
             inv.index_guest(&g);
             inv.guests.insert(id, g.clone());

@@ -22,7 +22,8 @@ use drove_api::{
     CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DrainRequest, ErrorBody, ErrorResponse, ExecRequest,
     ExecResponse, FailoverPlanView, GuestInterface, GuestView, HaSettings, HaStatus, HeartbeatRequest,
     HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest, MigrateRequest,
-    OperationAccepted, RegisterRequest, RegisterResponse, SetTemplateRequest, SnapshotList, StopGuestRequest, VlanView,
+    OperationAccepted, RegisterRequest, RegisterResponse, SetLimitsRequest, SetTemplateRequest, SnapshotList,
+    StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
@@ -159,6 +160,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/guests/{guest}/log", get(console_log))
         .route("/v1/guests/{guest}/exec", post(exec))
         .route("/v1/guests/{guest}/hotplug", post(hotplug))
+        .route("/v1/guests/{guest}/limits", post(set_limits))
         .route("/v1/guests/{guest}/interfaces", get(interfaces))
         .route("/v1/guests/{guest}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/guests/{guest}/snapshots/{snapshot}", axum::routing::delete(delete_snapshot))
@@ -477,6 +479,23 @@ async fn hotplug(
     m.hotplug(&ctx, &guest, req).await.map(Json)
 }
 
+#[utoipa::path(post, path = "/v1/guests/{guest}/limits", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    description = "Change the guest's resource limits (a merge patch of `limits`: a field left out keeps its value, `null` removes the limit). \
+        A running guest gets them at once, without a restart; a stopped or crashed one at its next start. Stored only once its host applied them; \
+        if the host cannot apply one, the others are put back and nothing changes.",
+    request_body = SetLimitsRequest,
+    responses((status = 200, description = "Changed; the guest as it is now", body = GuestView), (status = 400, body = ErrorResponse),
+        (status = 409, description = "Busy, in a state without a host definition, no room on the uplink, or the host refused (with the reason)", body = ErrorResponse),
+        (status = 504, body = ErrorResponse)))]
+async fn set_limits(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<SetLimitsRequest>,
+) -> Res<Json<GuestView>> {
+    m.set_limits(&ctx, &guest, req).await.map(Json)
+}
+
 #[utoipa::path(get, path = "/v1/guests/{guest}/interfaces", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     responses((status = 200, body = [GuestInterface]), (status = 409, body = ErrorResponse), (status = 504, body = ErrorResponse)))]
 async fn interfaces(State(m): State<Arc<Manager>>, Path(guest): Path<String>) -> Res<Json<Vec<GuestInterface>>> {
@@ -735,7 +754,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "settings"), (name = "agent"), (name = "meta"))

@@ -40,6 +40,11 @@
 //!   are siblings below `drove`.
 //! * `cpu_pin`: `cpuset.cpus` of the guest; all QEMU threads run there.
 //!
+//! A running guest's cap and shares can change ([`GuestCgroup::set_cpu`]):
+//! the same files rewritten, and a limit removed is written back to the
+//! kernel's default (v1 quota `-1` and 1024 shares, v2 `max` and weight
+//! 100), which is what a cgroup without it has.
+//!
 //! The `drove` directories stay: other guests come and go below them
 //! concurrently, and an empty directory costs nothing. On v1 the cpuset
 //! `drove` directory gets the host's cores and memory nodes once, because a
@@ -88,6 +93,8 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error("the cgroup {path} does not exist: the guest runs without one")]
+    Missing { path: PathBuf },
     #[error("the cgroup {path} still holds processes")]
     Busy { path: PathBuf },
     #[error("{path} has no {key} (contents: {content:?})")]
@@ -335,21 +342,7 @@ impl GuestCgroup {
         }
         let parent = root.join(PARENT);
         std::fs::create_dir_all(&parent).map_err(|e| CgroupError::io("creating", &parent, e))?;
-        // Controllers reach a cgroup only through its ancestors'
-        // subtree_control. Only those a limit needs are enabled: accounting
-        // (cpu.stat's usage) works without any.
-        let offered = read_trimmed(&root.join("cgroup.controllers"))?;
-        for (controller, limit) in &needed {
-            if !offered.split_whitespace().any(|c| c == *controller) {
-                return Err(CgroupError::NoController { controller, limit });
-            }
-            for dir in [root, &parent] {
-                let file = dir.join("cgroup.subtree_control");
-                if !read_trimmed(&file)?.split_whitespace().any(|c| c == *controller) {
-                    write(&file, &format!("+{controller}"))?;
-                }
-            }
-        }
+        enable_v2_controllers(root, &needed)?;
         let dir = make_dirs(root, &self.name)?;
         if let Some(cap) = limits.cpu_cap_percent {
             write(&dir.join("cpu.max"), &format!("{} {CFS_PERIOD_US}", quota_us(cap)))?;
@@ -361,6 +354,59 @@ impl GuestCgroup {
             write_cpus(&dir, &parent, "cpuset.cpus.effective", &limits.cpu_pin)?;
         }
         Ok(())
+    }
+
+    /// Rewrites the CPU cap and shares of the existing cgroup to those of
+    /// `limits` (the rest of `limits` is not looked at), for a guest whose
+    /// QEMU runs in it. A limit that is `None` goes back to the kernel's
+    /// default. Each file is written once: what was written before a
+    /// failure stays, and the caller puts the old limits back the same way.
+    pub fn set_cpu(&self, limits: &ResourceLimits) -> Result<(), CgroupError> {
+        let limit = cpu_limit_name(limits);
+        match &self.hierarchy {
+            Hierarchy::V1 { cpu, .. } => {
+                let Some(mount) = cpu else {
+                    return match limit {
+                        Some(limit) => Err(CgroupError::NoController { controller: "cpu", limit }),
+                        None => Ok(()),
+                    };
+                };
+                let dir = self.existing_dir(mount)?;
+                match limits.cpu_cap_percent {
+                    Some(cap) => {
+                        write(&dir.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                        write(&dir.join("cpu.cfs_quota_us"), &quota_us(cap).to_string())?;
+                    }
+                    None => write(&dir.join("cpu.cfs_quota_us"), "-1")?,
+                }
+                let shares = limits.cpu_shares.map_or(DEFAULT_SHARES, u64::from);
+                write(&dir.join("cpu.shares"), &shares.to_string())
+            }
+            Hierarchy::V2 { root } => {
+                let dir = self.existing_dir(root)?;
+                if let Some(limit) = limit {
+                    enable_v2_controllers(root, &[("cpu", limit)])?;
+                } else if !dir.join("cpu.max").exists() {
+                    // The cpu controller never reached the guest: nothing
+                    // of it limits the guest, so there is nothing to remove.
+                    return Ok(());
+                }
+                let max = match limits.cpu_cap_percent {
+                    Some(cap) => format!("{} {CFS_PERIOD_US}", quota_us(cap)),
+                    None => format!("max {CFS_PERIOD_US}"),
+                };
+                write(&dir.join("cpu.max"), &max)?;
+                let weight = limits.cpu_shares.map_or(DEFAULT_WEIGHT, shares_to_weight);
+                write(&dir.join("cpu.weight"), &weight.to_string())
+            }
+        }
+    }
+
+    /// The guest's directory in the hierarchy mounted at `mount`, which
+    /// must exist.
+    fn existing_dir(&self, mount: &Path) -> Result<PathBuf, CgroupError> {
+        let dir = self.dir_in(mount);
+        if dir.is_dir() { Ok(dir) } else { Err(CgroupError::Missing { path: dir }) }
     }
 
     /// A directory left by an earlier QEMU of this guest (an agent that died
@@ -470,6 +516,27 @@ fn cpu_limit_name(limits: &ResourceLimits) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// Enables `needed` (controller, the limit that needs it) for the guests
+/// below `root`'s `drove` directory. Controllers reach a cgroup only
+/// through its ancestors' subtree_control; only those a limit needs are
+/// enabled: accounting (cpu.stat's usage) works without any.
+fn enable_v2_controllers(root: &Path, needed: &[(&'static str, &'static str)]) -> Result<(), CgroupError> {
+    let parent = root.join(PARENT);
+    let offered = read_trimmed(&root.join("cgroup.controllers"))?;
+    for &(controller, limit) in needed {
+        if !offered.split_whitespace().any(|c| c == controller) {
+            return Err(CgroupError::NoController { controller, limit });
+        }
+        for dir in [root, &parent] {
+            let file = dir.join("cgroup.subtree_control");
+            if !read_trimmed(&file)?.split_whitespace().any(|c| c == controller) {
+                write(&file, &format!("+{controller}"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The CFS quota of a cap in percent of one core.
@@ -698,6 +765,52 @@ mod tests {
                 throttled: Duration::from_millis(200)
             }
         );
+    }
+
+    /// A running guest's cap and shares rewritten, and removed back to
+    /// the kernel's defaults, in both layouts.
+    #[test]
+    fn set_cpu_rewrites_and_removes_cap_and_shares() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cpu, cpuacct) = (tmp.path().join("cpu"), tmp.path().join("cpuacct"));
+        let v1 = Hierarchy::V1 { cpu: Some(cpu.clone()), cpuacct: Some(cpuacct), cpuset: None };
+        let id = GuestId::new_v4();
+        let cg = v1.guest(id);
+        let capped = ResourceLimits { cpu_cap_percent: Some(30), cpu_shares: Some(512), ..Default::default() };
+        // No cgroup, nothing to rewrite: said so, with the path.
+        let err = cg.set_cpu(&capped).unwrap_err();
+        assert!(matches!(&err, CgroupError::Missing { path } if path.ends_with(id.to_string())), "{err}");
+        cg.create(&ResourceLimits::default()).unwrap();
+        let dir = cpu.join(PARENT).join(id.to_string());
+        cg.set_cpu(&capped).unwrap();
+        assert_eq!(read(dir.join("cpu.cfs_quota_us")), "30000");
+        assert_eq!(read(dir.join("cpu.cfs_period_us")), "100000");
+        assert_eq!(read(dir.join("cpu.shares")), "512");
+        cg.set_cpu(&ResourceLimits::default()).unwrap();
+        assert_eq!(read(dir.join("cpu.cfs_quota_us")), "-1");
+        assert_eq!(read(dir.join("cpu.shares")), "1024");
+
+        // v2, for a guest started without CPU limits: the cpu controller
+        // is enabled on the way.
+        let root = tmp.path().join("unified");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("cgroup.controllers"), "cpuset cpu io\n").unwrap();
+        std::fs::write(root.join("cgroup.subtree_control"), "").unwrap();
+        std::fs::create_dir(root.join(PARENT)).unwrap();
+        std::fs::write(root.join(PARENT).join("cgroup.subtree_control"), "").unwrap();
+        let cg = Hierarchy::V2 { root: root.clone() }.guest(id);
+        cg.create(&ResourceLimits::default()).unwrap();
+        let dir = root.join(PARENT).join(id.to_string());
+        // The controller never reached it: nothing to remove.
+        cg.set_cpu(&ResourceLimits::default()).unwrap();
+        assert!(!dir.join("cpu.max").exists());
+        cg.set_cpu(&capped).unwrap();
+        assert_eq!(read(root.join(PARENT).join("cgroup.subtree_control")), "+cpu");
+        assert_eq!(read(dir.join("cpu.max")), "30000 100000");
+        assert_eq!(read(dir.join("cpu.weight")), "50");
+        cg.set_cpu(&ResourceLimits::default()).unwrap();
+        assert_eq!(read(dir.join("cpu.max")), "max 100000");
+        assert_eq!(read(dir.join("cpu.weight")), "100");
     }
 
     #[test]

@@ -25,8 +25,11 @@
 //!   whether an agent answers is the guest's business.
 //! * Disk limits (`disk_bps`, `disk_iops`): QEMU's own I/O throttling, a
 //!   `throttle-group` object per disk and a `throttle` block node between
-//!   the device and the qcow2 node. Guests without disk limits keep the
-//!   plain layout: no throttle node to pass through.
+//!   the device and the qcow2 node. Every disk gets them, limits or not (a
+//!   group without limits lets everything through): QEMU 7.2 cannot put a
+//!   filter node under a device that is in use, so only a node present
+//!   from the start lets a running guest's disk limits be set, changed or
+//!   removed (`qom-set` of the group's `limits`, `limits.rs`).
 //! * Room for hotplug (`hotplug.rs`): `-smp N,maxcpus=M` and
 //!   `-m SIZE,slots=S,maxmem=X`, with the ceilings of [`hotplug_ceilings`].
 //!   Without them QEMU cannot add a vCPU or a DIMM to a running guest at
@@ -109,7 +112,8 @@ fn spec_ceilings(spec: &GuestSpec, host: HostResources) -> (u32, ByteSize) {
 
 /// The throttle-group properties for the guest's disk limits, as
 /// (property, value) pairs; empty without limits. Shared by the command
-/// line and disk hotplug so both throttle alike.
+/// line and disk hotplug so both throttle alike. (A running group takes
+/// its limits as one `limits` object instead: [`throttle_limits_object`].)
 pub fn throttle_props(limits: &ResourceLimits) -> Vec<(&'static str, u64)> {
     let mut props = Vec::new();
     if let Some(bps) = limits.disk_bps {
@@ -164,13 +168,44 @@ pub fn opt_value(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
-/// The throttle-group properties for the guest's disk limits, or `None`
-/// without any. One group per disk: the limits are per disk (a group shared
-/// by all disks would split one budget among them). Totals count reads and
-/// writes together; QEMU's default burst (a tenth of the rate) applies.
-pub fn throttle_limits(limits: &ResourceLimits) -> Option<String> {
-    let props: Vec<String> = throttle_props(limits).into_iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if props.is_empty() { None } else { Some(props.join(",")) }
+/// The throttle-group object of disk `i` for the guest's disk limits. One
+/// group per disk: the limits are per disk (a group shared by all disks
+/// would split one budget among them). Totals count reads and writes
+/// together; QEMU's default burst (a tenth of the rate) applies.
+pub fn throttle_group(i: usize, limits: &ResourceLimits) -> String {
+    let mut object = format!("throttle-group,id=throttle{i}");
+    for (key, value) in throttle_props(limits) {
+        object.push_str(&format!(",{key}={value}"));
+    }
+    object
+}
+
+/// The node each of `disks` disks' device reads from, the root node that
+/// QEMU's snapshot commands and mirrors work on, from the answer to
+/// `query-named-block-nodes`: the throttle node over the image, or the
+/// image node of a QEMU started before every disk had one.
+pub fn root_nodes(named: &serde_json::Value, disks: usize) -> Vec<String> {
+    let names: Vec<&str> = named
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.get("node-name").and_then(serde_json::Value::as_str))
+        .collect();
+    (0..disks)
+        .map(|i| {
+            let throttled = format!("throttled{i}");
+            if names.contains(&throttled.as_str()) { throttled } else { format!("disk{i}") }
+        })
+        .collect()
+}
+
+/// The `limits` property of a running throttle group for the guest's disk
+/// limits: every limit we set, 0 for none (QEMU keeps a limit left out).
+pub fn throttle_limits_object(limits: &ResourceLimits) -> serde_json::Value {
+    serde_json::json!({
+        "bps-total": limits.disk_bps.unwrap_or(0),
+        "iops-total": limits.disk_iops.unwrap_or(0),
+    })
 }
 
 /// The arguments after the program name.
@@ -237,7 +272,6 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-chardev", format!("socket,id=qga0,path={},server=on,wait=off", opt_value(&l.dir.qga_path())));
     push(&mut args, "-device", format!("virtserialport,bus=vser0.0,chardev=qga0,name={}", super::qga::PORT_NAME));
 
-    let throttle = throttle_limits(&spec.limits);
     for i in 0..spec.disks.len() {
         push(
             &mut args,
@@ -246,20 +280,14 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
         );
         // The device sits on a throttle node over the qcow2 node, so node
         // `disk{i}` stays the image for anything that works on it.
-        let drive = match &throttle {
-            Some(limits) => {
-                push(&mut args, "-object", format!("throttle-group,id=throttle{i},{limits}"));
-                push(
-                    &mut args,
-                    "-blockdev",
-                    format!("driver=throttle,node-name=throttled{i},throttle-group=throttle{i},file=disk{i}"),
-                );
-                format!("throttled{i}")
-            }
-            None => format!("disk{i}"),
-        };
+        push(&mut args, "-object", throttle_group(i, &spec.limits));
+        push(
+            &mut args,
+            "-blockdev",
+            format!("driver=throttle,node-name=throttled{i},throttle-group=throttle{i},file=disk{i}"),
+        );
         let boot = if bios_boot && i == 0 { ",bootindex=0" } else { "" };
-        push(&mut args, "-device", format!("virtio-blk-pci,drive={drive},id=vdisk{i},serial=disk{i}{boot}"));
+        push(&mut args, "-device", format!("virtio-blk-pci,drive=throttled{i},id=vdisk{i},serial=disk{i}{boot}"));
     }
     for (i, (nic, tap)) in spec.nics.iter().zip(l.taps).enumerate() {
         let Some(tap) = tap else { continue };
@@ -401,8 +429,11 @@ pub(crate) mod tests {
         for direct in ["-kernel", "-initrd", "-append", "-bios"] {
             assert!(!args.iter().any(|a| a == direct), "{args:?}");
         }
-        assert!(args.contains(&"virtio-blk-pci,drive=disk0,id=vdisk0,serial=disk0,bootindex=0".to_owned()), "{args:?}");
-        assert!(args.contains(&"virtio-blk-pci,drive=disk1,id=vdisk1,serial=disk1".to_owned()), "{args:?}");
+        assert!(
+            args.contains(&"virtio-blk-pci,drive=throttled0,id=vdisk0,serial=disk0,bootindex=0".to_owned()),
+            "{args:?}"
+        );
+        assert!(args.contains(&"virtio-blk-pci,drive=throttled1,id=vdisk1,serial=disk1".to_owned()), "{args:?}");
     }
 
     #[test]
@@ -436,7 +467,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn disk_limits_put_each_disk_behind_its_own_throttle_group() {
+    fn every_disk_sits_behind_its_own_throttle_group() {
         let mut c = config();
         let dir = GuestDir::new(Path::new("/s"), c.id);
         let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
@@ -453,9 +484,10 @@ pub(crate) mod tests {
             })
             .join(" ")
         };
+        // Without limits too, so that limits can be set while it runs.
         let plain = launch(&c);
-        assert!(!plain.contains("throttle"), "{plain}");
-        assert!(plain.contains("virtio-blk-pci,drive=disk1,"), "{plain}");
+        assert!(plain.contains("-object throttle-group,id=throttle1 "), "{plain}");
+        assert!(plain.contains("virtio-blk-pci,drive=throttled1,"), "{plain}");
 
         c.spec.limits.disk_bps = Some(2_097_152);
         c.spec.limits.disk_iops = Some(100);

@@ -80,6 +80,12 @@ pub enum QemuError {
     PidFile { path: PathBuf, content: String },
     #[error("reading host {what} from {path}")]
     HostInfo { what: &'static str, path: PathBuf },
+    #[error("changing {what} of the running guest")]
+    Limit {
+        what: String,
+        #[source]
+        source: Box<QemuError>,
+    },
     #[error(transparent)]
     Cgroup(#[from] super::cgroup::CgroupError),
     #[error(transparent)]

@@ -2,7 +2,7 @@
 //!
 //! | change      | QMP, in order                                                    | room needed              |
 //! |-------------|------------------------------------------------------------------|--------------------------|
-//! | `AddDisk`   | (`qemu-img create`) `blockdev-add` qcow2, [`object-add` throttle-group, `blockdev-add` throttle], `device_add virtio-blk-pci` | a free PCI slot |
+//! | `AddDisk`   | (`qemu-img create`) `blockdev-add` qcow2, `object-add` throttle-group, `blockdev-add` throttle, `device_add virtio-blk-pci` | a free PCI slot |
 //! | `AddNic`    | [tc on the tap] `netdev_add tap`, `device_add virtio-net-pci`    | the tap, made by the network layer |
 //! | `SetVcpus`  | `device_add` of free slots from `query-hotpluggable-cpus`        | `-smp N,maxcpus=M`       |
 //! | `SetMemory` | `object-add memory-backend-ram`, `device_add pc-dimm`            | `-m S,slots=K,maxmem=X`  |
@@ -178,27 +178,21 @@ impl Plug<'_> {
         .await?;
         self.undo.push(Undo::BlockdevDel(node.clone()));
         // The same layout as the command line's (see cmdline.rs): the
-        // device on a throttle node over the image when there are limits.
-        let props = cmdline::throttle_props(&self.config.spec.limits);
-        let drive = if props.is_empty() {
-            node
-        } else {
-            let group = format!("throttle{i}");
-            let mut args = json!({ "qom-type": "throttle-group", "id": group });
-            for (key, value) in props {
-                args[key] = json!(value);
-            }
-            self.qmp("object-add", args).await?;
-            self.undo.push(Undo::ObjectDel(group.clone()));
-            let throttled = format!("throttled{i}");
-            self.qmp(
-                "blockdev-add",
-                json!({ "driver": "throttle", "node-name": throttled, "throttle-group": group, "file": node }),
-            )
-            .await?;
-            self.undo.push(Undo::BlockdevDel(throttled.clone()));
-            throttled
-        };
+        // device on a throttle node over the image, limits or not.
+        let group = format!("throttle{i}");
+        let mut args = json!({ "qom-type": "throttle-group", "id": group });
+        for (key, value) in cmdline::throttle_props(&self.config.spec.limits) {
+            args[key] = json!(value);
+        }
+        self.qmp("object-add", args).await?;
+        self.undo.push(Undo::ObjectDel(group.clone()));
+        let drive = format!("throttled{i}");
+        self.qmp(
+            "blockdev-add",
+            json!({ "driver": "throttle", "node-name": drive, "throttle-group": group, "file": node }),
+        )
+        .await?;
+        self.undo.push(Undo::BlockdevDel(drive.clone()));
 
         let mut changed = self.config.clone();
         changed.spec.disks.push(DiskSpec { size });

@@ -42,7 +42,7 @@ use serde_json::{Value, json};
 
 use super::error::QemuError;
 use super::guest_dir::GuestDir;
-use super::{QemuHypervisor, Slot, backend, live_pid};
+use super::{QemuHypervisor, Slot, backend, cmdline, live_pid};
 use crate::migration::{
     DiskTransfer, Incoming, IncomingDone, MigrationKey, MigrationProgress, MigrationStats, Outgoing, TransferPhase,
 };
@@ -560,22 +560,10 @@ impl Outbound<'_> {
         }
     }
 
-    /// The node each disk's device reads from: the throttle node over the
-    /// image when the guest has disk limits, else the image node.
+    /// The node each disk's device reads from ([`cmdline::root_nodes`]).
     async fn top_nodes(&mut self) -> Result<Vec<String>, QemuError> {
         let named = self.qmp("query-named-block-nodes", json!({ "flat": true })).await?;
-        let names: Vec<String> = named
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| n.get("node-name").and_then(Value::as_str).map(str::to_owned))
-            .collect();
-        Ok((0..self.disks)
-            .map(|i| {
-                let throttled = format!("throttled{i}");
-                if names.contains(&throttled) { throttled } else { format!("disk{i}") }
-            })
-            .collect())
+        Ok(cmdline::root_nodes(&named, self.disks))
     }
 
     /// Ends the mirror jobs without switching the source to the target

@@ -58,8 +58,8 @@
 //! Each QEMU runs in a cgroup of its guest (CPU accounting, caps, shares,
 //! pinning: `cgroup.rs`), with its NICs' taps capped by `tc` (`tc.rs`) and
 //! its disks throttled by QEMU itself (`cmdline.rs`). `limits.rs` sets them
-//! up around a start and removes them whenever the guest is found without
-//! its QEMU, whoever ended it.
+//! up around a start, changes them on a running guest, and removes them
+//! whenever the guest is found without its QEMU, whoever ended it.
 //!
 //! # The guest image
 //!
@@ -1140,6 +1140,10 @@ impl Hypervisor for QemuHypervisor {
 
     async fn hotplug(&self, id: GuestId, change: &crate::Hotplug) -> Result<(), HvError> {
         self.hotplug_guest(id, change).await
+    }
+
+    async fn set_limits(&self, id: GuestId, limits: &drove_model::ResourceLimits) -> Result<(), HvError> {
+        self.set_guest_limits(id, limits).await
     }
 
     async fn snapshot_create(

@@ -37,7 +37,7 @@ use drove_model::{ByteSize, GuestId, HypervisorKind};
 use serde_json::{Value, json};
 
 use super::guest_dir::{GuestDir, Intent};
-use super::{QemuError, QemuHypervisor, Slot, backend, terminate};
+use super::{QemuError, QemuHypervisor, Slot, backend, cmdline, terminate};
 use crate::{GuestConfig, HvError, RestoreOutcome, RuntimeState, SnapshotInfo, SnapshotKind, check_snapshot_name};
 
 /// How long a snapshot job (writing or loading the VM state) may take.
@@ -86,6 +86,7 @@ pub(super) fn complete(per_disk: &[Vec<DiskSnapshot>]) -> Vec<SnapshotInfo> {
         .collect()
 }
 
+/// The image node of disk `i`, which holds its snapshot table.
 fn node(i: usize) -> String {
     format!("disk{i}")
 }
@@ -168,6 +169,20 @@ impl Snap<'_> {
         Ok(out)
     }
 
+    /// The root node of each disk: QEMU's internal-snapshot commands
+    /// (`blockdev-snapshot-internal-sync`, `-delete-internal-sync`) refuse
+    /// a node with a parent, and every disk's image node sits under its
+    /// throttle node ([`cmdline::root_nodes`]); the filter passes them
+    /// through to the image.
+    async fn roots(&mut self, pid: u32) -> Result<Vec<String>, QemuError> {
+        let named = self.slot.execute(self.dir, pid, "query-named-block-nodes", None).await?;
+        Ok(cmdline::root_nodes(&named, self.disks()))
+    }
+
+    async fn root(&mut self, pid: u32, i: usize) -> Result<String, QemuError> {
+        Ok(self.roots(pid).await?.swap_remove(i))
+    }
+
     /// Removes `name` from every disk that has it (complete or partial).
     pub(super) async fn remove(&mut self, pid: Option<u32>, name: &str) -> Result<(), QemuError> {
         let per_disk = self.per_disk(pid).await?;
@@ -177,7 +192,7 @@ impl Snap<'_> {
             }
             match pid {
                 Some(pid) => {
-                    let args = json!({ "device": node(i), "name": name });
+                    let args = json!({ "device": self.root(pid, i).await?, "name": name });
                     self.slot.execute(self.dir, pid, "blockdev-snapshot-delete-internal-sync", Some(args)).await?;
                 }
                 None => {
@@ -191,6 +206,10 @@ impl Snap<'_> {
     /// Runs a snapshot job (`snapshot-save` / `snapshot-load`) to its end.
     async fn job(&mut self, pid: u32, command: &str, name: &str) -> Result<(), QemuError> {
         let job_id = format!("drove-{command}");
+        // The image nodes, not the roots: the jobs take any node, and
+        // `snapshot-load` on a filter closes and reopens it around the
+        // revert, after which the throttle node left the guest's disk
+        // requests hanging (QEMU 7.2, measured).
         let devices: Vec<String> = (0..self.disks()).map(node).collect();
         let args = json!({ "job-id": job_id, "tag": name, "vmstate": node(0), "devices": devices });
         // A job of an earlier call that died half-way would block the id.
@@ -245,12 +264,19 @@ impl Snap<'_> {
         // Parts of an interrupted earlier attempt.
         self.remove(pid, name).await.map_err(self.err())?;
         let made = match (pid, kind) {
-            (Some(pid), SnapshotKind::Disk) => {
-                let actions: Vec<Value> = (0..self.disks())
-                    .map(|i| json!({ "type": "blockdev-snapshot-internal-sync", "data": { "device": node(i), "name": name } }))
-                    .collect();
-                self.slot.execute(self.dir, pid, "transaction", Some(json!({ "actions": actions }))).await.map(|_| ())
-            }
+            (Some(pid), SnapshotKind::Disk) => match self.roots(pid).await {
+                Ok(roots) => {
+                    let actions: Vec<Value> = roots
+                        .iter()
+                        .map(|root| json!({ "type": "blockdev-snapshot-internal-sync", "data": { "device": root, "name": name } }))
+                        .collect();
+                    self.slot
+                        .execute(self.dir, pid, "transaction", Some(json!({ "actions": actions })))
+                        .await
+                        .map(|_| ())
+                }
+                Err(e) => Err(e),
+            },
             (Some(pid), SnapshotKind::Memory) => self.job(pid, "snapshot-save", name).await,
             (None, _) => {
                 let mut result = Ok(());

@@ -32,6 +32,12 @@
 //!
 //! A tap deleted by the network layer takes its qdiscs along; the IFB is
 //! ours to delete.
+//!
+//! A running guest's rate changes with [`set`]: where both shapers are in
+//! place, `tc qdisc change` gives them the new rate where they are, so the
+//! NIC is never unshaped on the way and no queued packet is dropped;
+//! otherwise (no limit before, or a half-removed one) the limit is made
+//! afresh, and a rate of `None` removes it.
 
 use std::path::PathBuf;
 
@@ -128,6 +134,50 @@ async fn apply_fresh(tap: &str, ifb: &str, rate_bps: u64) -> Result<(), TcError>
     )
     .await?;
     Ok(())
+}
+
+/// Makes the NIC on `tap` capped at `rate_bps` (`None`: not capped),
+/// whatever limit it had. Idempotent, so that putting an old rate back is
+/// the same call.
+pub async fn set(tap: &str, ifb: &str, rate_bps: Option<u64>) -> Result<(), TcError> {
+    let Some(rate_bps) = rate_bps else { return clear(tap, ifb).await };
+    if !shaped(tap, ifb).await? {
+        return apply(tap, ifb, rate_bps).await;
+    }
+    let (rate, burst) = (format!("{rate_bps}bit"), burst_bytes(rate_bps).to_string());
+    for dev in [ifb, tap] {
+        run(
+            "tc",
+            &[
+                "qdisc",
+                "change",
+                "dev",
+                dev,
+                "root",
+                "handle",
+                ROOT_HANDLE,
+                "tbf",
+                "rate",
+                &rate,
+                "burst",
+                &burst,
+                "latency",
+                LATENCY,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether all of [`apply`]'s shaping is in place on `tap` and `ifb`.
+async fn shaped(tap: &str, ifb: &str) -> Result<bool, TcError> {
+    if !device_exists(tap) || !device_exists(ifb) {
+        return Ok(false);
+    }
+    let ours = |q: &Qdisc| q.root && q.handle == ROOT_HANDLE && q.kind == "tbf";
+    let on_tap = qdiscs(tap).await?;
+    Ok(on_tap.iter().any(ours) && on_tap.iter().any(|q| q.kind == "ingress") && qdiscs(ifb).await?.iter().any(ours))
 }
 
 /// Removes the limits [`apply`] set on `tap` and its IFB: the tap's root
