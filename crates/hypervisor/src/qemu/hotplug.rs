@@ -227,10 +227,14 @@ impl Plug<'_> {
         if !size.bytes().is_multiple_of(512) {
             return Err(refuse(format!("a disk size is whole 512-byte sectors, not {} bytes", size.bytes())));
         }
+        // The node the device reads from: only a resize there reaches the
+        // guest (a filter over the image passes the new length through,
+        // but the device hears only of its own node's resize).
+        let root = cmdline::root_nodes(&nodes, index + 1).pop().unwrap_or(node);
         let mut changed = self.config.clone();
         changed.spec.disks[index].size = size;
         self.commit_record(changed)?;
-        self.qmp("block_resize", json!({ "node-name": node, "size": size.bytes() })).await?;
+        self.qmp("block_resize", json!({ "node-name": root, "size": size.bytes() })).await?;
         Ok(())
     }
 
