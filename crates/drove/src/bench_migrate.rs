@@ -34,6 +34,9 @@ pub struct MigrateBench {
     /// Skip the drain of six guests.
     #[arg(long)]
     pub no_drain: bool,
+    /// Skip the busy guest's scenarios (idle guests only).
+    #[arg(long)]
+    pub no_busy: bool,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -146,7 +149,8 @@ pub async fn run(a: MigrateBench) -> Result<()> {
         input: None,
         timeout_secs: Some(30),
     };
-    for storage in [Storage::Shared, Storage::Local] {
+    let busy: &[Storage] = if a.no_busy { &[] } else { &[Storage::Shared, Storage::Local] };
+    for &storage in busy {
         create(&c, "busy", a.busy_memory, "host-1", storage).await?;
         c.exec("busy", &dirty).await?;
         let label = format!("busy guest, {}, rewriting 16 MiB 5x/s", a.busy_memory);

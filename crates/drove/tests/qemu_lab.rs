@@ -676,7 +676,12 @@ fn qemus_on(lab: &Lab, host: &str, id: &str) -> Vec<u32> {
 /// Starts a slow migration of `guest` to host-2 and waits until it copies
 /// memory; returns the operation id.
 fn start_slow_migration(lab: &Lab, guest: &str) -> String {
-    let out = lab.ok(&["vm", "migrate", guest, "--to", "host-2", "--bandwidth", "16mbit", "--no-wait"]);
+    start_slow_migration_to(lab, guest, "host-2")
+}
+
+/// [`start_slow_migration`] to `host`.
+fn start_slow_migration_to(lab: &Lab, guest: &str, host: &str) -> String {
+    let out = lab.ok(&["vm", "migrate", guest, "--to", host, "--bandwidth", "16mbit", "--no-wait"]);
     let words: Vec<&str> = out.split_whitespace().collect();
     let at = words.iter().position(|w| *w == "operation").unwrap_or_else(|| panic!("{out}"));
     let op = words[at + 1].to_owned();
@@ -752,6 +757,28 @@ fn migration_faults_leave_exactly_one_copy() {
     let end = wait_final(&lab, &op);
     let host = if end == "succeeded" { "host-2" } else { "host-1" };
     one_copy(host);
+
+    // The target's agent dies mid-transfer and comes back.
+    let source = host;
+    let target = if source == "host-1" { "host-2" } else { "host-1" };
+    let op = start_slow_migration_to(&lab, "victim", target);
+    lab.ok(&["lab", "fail", target, "--mode", "agent", "--data-dir", lab.data()]);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.ok(&["lab", "heal", target, "--data-dir", lab.data()]);
+    let end = wait_final(&lab, &op);
+    let host = if end == "succeeded" { target } else { source };
+    one_copy(host);
+
+    // The manager dies mid-transfer (SIGKILL) and restarts: it resumes the
+    // durable migration from its last step, whichever way that goes.
+    let source = host;
+    let target = if source == "host-1" { "host-2" } else { "host-1" };
+    let op = start_slow_migration_to(&lab, "victim", target);
+    lab.ok(&["lab", "fail", "manager", "--data-dir", lab.data()]);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.ok(&["lab", "heal", "manager", "--data-dir", lab.data()]);
+    let end = wait_final(&lab, &op);
+    one_copy(if end == "succeeded" { target } else { source });
 }
 
 /// Whether QEMU process `pid` holds the write permission on a disk of the
