@@ -293,6 +293,7 @@ pub fn sample_guest(n: u32) -> GuestConfig {
             clone_of: None,
             storage: Default::default(),
             anti_affinity: None,
+            hot_added: None,
         },
     }
 }
@@ -954,14 +955,14 @@ impl Hypervisor for SimHypervisor {
                     spec.vcpus
                 )));
             }
-            crate::Hotplug::SetVcpus { vcpus } => spec.vcpus = *vcpus,
+            crate::Hotplug::SetVcpus { vcpus } => spec.add_vcpus(*vcpus),
             crate::Hotplug::SetMemory { memory } if *memory < spec.memory => {
                 return Err(refuse(format!(
                     "memory can only be added while running, not removed: the guest has {}, {memory} asked",
                     spec.memory
                 )));
             }
-            crate::Hotplug::SetMemory { memory } => spec.memory = *memory,
+            crate::Hotplug::SetMemory { memory } => spec.add_memory(*memory),
             crate::Hotplug::GrowDisk { index, size } => match spec.disks.get_mut(*index as usize) {
                 None => return Err(refuse(format!("the guest has no disk {index}"))),
                 Some(d) if *size <= d.size => {

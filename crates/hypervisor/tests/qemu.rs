@@ -166,6 +166,7 @@ fn guest(name: &str, disks: &[u64]) -> GuestConfig {
             clone_of: None,
             storage: Default::default(),
             anti_affinity: None,
+            hot_added: None,
         },
     }
 }
@@ -2108,6 +2109,56 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
     b.destroy(g.id).await.unwrap();
     let left = pids_mentioning(lab.state_dir());
     assert!(left.is_empty(), "QEMUs left after destroy: {left:?}");
+}
+
+/// A guest that got hardware while running (a vCPU, memory, a disk)
+/// migrates with it: the target is built from the record the source keeps,
+/// and the guest on the target still sees all of it.
+#[tokio::test]
+async fn a_guest_with_hot_added_hardware_migrates_with_it() {
+    use drove_hypervisor::migration::{DiskTransfer, Incoming, Outgoing};
+    let lab = Lab::new();
+    let (a, b) = two_hosts(&lab);
+    let g = guest("mig-hot", &[16]);
+    a.create(&g).await.unwrap();
+    a.start(g.id).await.unwrap();
+    wait_for_serial(&a, g.id, "DROVE-READY", 1).await;
+    a.hotplug(g.id, &Hotplug::SetVcpus { vcpus: 2 }).await.unwrap();
+    a.hotplug(g.id, &Hotplug::SetMemory { memory: ByteSize::mib(384) }).await.unwrap();
+    a.hotplug(g.id, &Hotplug::AddDisk { size: ByteSize::mib(32) }).await.unwrap();
+    let online = "test -e /sys/devices/system/cpu/cpu1/online && echo 1 > /sys/devices/system/cpu/cpu1/online; \
+                  for s in /sys/devices/system/memory/memory*/state; do grep -q offline $s && echo online > $s; done; \
+                  echo $(nproc) $(cat /sys/block/vdb/size)";
+    wait_for_guest_output(&a, g.id, online, "2 65536").await;
+    let mem_before = guest_mem_total_kib(&a, g.id).await;
+
+    // The manager builds the target from the guest's stored spec, which
+    // the hotplugs updated like the source's record.
+    let mut moved = g.clone();
+    moved.spec = serde_json::from_value(record_spec(&a, g.id)).unwrap();
+    assert_eq!((moved.spec.vcpus, moved.spec.memory, moved.spec.disks.len()), (2, ByteSize::mib(384), 2));
+    let (port, nbd_port) = (free_port(), free_port());
+    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let key = Some(migration_key());
+    b.migrate_incoming(&moved, &Incoming { listen: lo, port, nbd_port, disks: DiskTransfer::Mirror, key: key.clone() })
+        .await
+        .unwrap();
+    let out = Outgoing {
+        target: lo,
+        port,
+        nbd_port,
+        disks: DiskTransfer::Mirror,
+        key,
+        downtime_limit_ms: 300,
+        max_bandwidth: 0,
+    };
+    a.migrate_out(g.id, &out, &|_| {}).await.unwrap_or_else(|e| panic!("migration failed: {}", error_chain(&e)));
+    b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
+    a.destroy(g.id).await.unwrap();
+    assert_eq!(sh(&b, g.id, "echo $(nproc) $(cat /sys/block/vdb/size)").await, "2 65536");
+    assert_eq!(guest_mem_total_kib(&b, g.id).await, mem_before);
+    b.destroy(g.id).await.unwrap();
+    assert!(pids_mentioning(lab.state_dir()).is_empty());
 }
 
 /// A cancelled migration leaves the guest running on its source, its disk

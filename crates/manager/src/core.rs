@@ -812,6 +812,7 @@ impl Manager {
                     Some(g.clone())
                 }
             },
+            hot_added: None,
         };
         Ok((spec, pinned))
     }
@@ -1263,8 +1264,8 @@ impl Manager {
             match change {
                 HotplugChange::AddDisk { size } => g.spec.disks.push(DiskSpec { size }),
                 HotplugChange::AddNic { .. } => g.spec.nics.extend(new_nic),
-                HotplugChange::SetMemory { memory } => g.spec.memory = memory,
-                HotplugChange::SetVcpus { vcpus } => g.spec.vcpus = vcpus,
+                HotplugChange::SetMemory { memory } => g.spec.add_memory(memory),
+                HotplugChange::SetVcpus { vcpus } => g.spec.add_vcpus(vcpus),
                 HotplugChange::GrowDisk { index, size } => {
                     if let Some(d) = g.spec.disks.get_mut(index as usize) {
                         d.size = size;

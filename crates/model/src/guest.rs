@@ -203,6 +203,59 @@ pub struct GuestSpec {
     /// survive the loss of any one host.
     #[serde(default)]
     pub anti_affinity: Option<String>,
+    /// vCPUs and memory added while it ran, and what it had before: its
+    /// hardware layout from then on (every later boot and every migration
+    /// target reproduce it device for device, which a live migration
+    /// needs). `None`: all of `vcpus` and `memory` are boot hardware.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_added: Option<HotAdded>,
+}
+
+/// vCPUs and memory a guest got while running (see [`GuestSpec::hot_added`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HotAdded {
+    /// vCPUs it booted with; the rest of `vcpus` are hot-added CPU devices.
+    pub base_vcpus: u32,
+    /// Memory it booted with; the rest of `memory` is in `dimms`.
+    pub base_memory: ByteSize,
+    /// Each memory module added, in order.
+    #[serde(default)]
+    pub dimms: Vec<ByteSize>,
+}
+
+impl GuestSpec {
+    /// vCPUs of the boot layout.
+    pub fn base_vcpus(&self) -> u32 {
+        self.hot_added.as_ref().map_or(self.vcpus, |h| h.base_vcpus)
+    }
+
+    /// Memory of the boot layout.
+    pub fn base_memory(&self) -> ByteSize {
+        self.hot_added.as_ref().map_or(self.memory, |h| h.base_memory)
+    }
+
+    /// Records vCPUs grown to `vcpus` while running.
+    pub fn add_vcpus(&mut self, vcpus: u32) {
+        if vcpus > self.vcpus {
+            self.hot_added_mut();
+            self.vcpus = vcpus;
+        }
+    }
+
+    /// Records memory grown to `memory` while running: one module of the
+    /// difference.
+    pub fn add_memory(&mut self, memory: ByteSize) {
+        if memory > self.memory {
+            let more = ByteSize(memory.bytes() - self.memory.bytes());
+            self.hot_added_mut().dimms.push(more);
+            self.memory = memory;
+        }
+    }
+
+    fn hot_added_mut(&mut self) -> &mut HotAdded {
+        let (vcpus, memory) = (self.vcpus, self.memory);
+        self.hot_added.get_or_insert_with(|| HotAdded { base_vcpus: vcpus, base_memory: memory, dimms: Vec::new() })
+    }
 }
 
 /// Where a guest's disks live.

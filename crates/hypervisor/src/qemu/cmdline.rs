@@ -88,6 +88,53 @@ pub struct Launch<'a> {
 pub const MAX_HOTPLUG_VCPUS: u32 = 16;
 /// DIMM slots for memory hotplug: each SetMemory uses one.
 pub const MEMORY_SLOTS: u32 = 8;
+
+/// Most disks a guest can have: each has its own PCI slot ([`disk_slot`]).
+pub const MAX_DISKS: usize = 16;
+
+/// The PCI slot of disk `i` on the `pc` machine's root bus, `None` past
+/// [`MAX_DISKS`].
+///
+/// Every PCI device sits at a fixed slot, whether it came with the boot
+/// or was hot-added: a migration target (built from the guest's definition)
+/// must have each device exactly where the source has it, and QEMU would
+/// otherwise number boot devices in command-line order and hot-added ones
+/// by the first free slot. Slots 0 and 1 are the host and ISA bridges;
+/// 2: virtio-rng, 3: virtio-serial, 4–19: disks, 20–27: NICs,
+/// 28: the config drive.
+pub fn disk_slot(i: usize) -> Option<String> {
+    (i < MAX_DISKS).then(|| format!("{:#04x}", 0x04 + i))
+}
+
+/// The PCI slot of NIC `i` (see [`disk_slot`]).
+pub fn nic_slot(i: usize) -> Option<String> {
+    (i < drove_model::guest::MAX_NICS).then(|| format!("{:#04x}", 0x14 + i))
+}
+
+const RNG_SLOT: &str = "0x02";
+const SERIAL_SLOT: &str = "0x03";
+const CONFIG_DRIVE_SLOT: &str = "0x1c";
+
+/// The QOM type of a vCPU device for `accel` (its `-cpu` model).
+pub fn cpu_device_type(accel: ResolvedAccel) -> &'static str {
+    match accel {
+        ResolvedAccel::Tcg => "qemu64-x86_64-cpu",
+        ResolvedAccel::Kvm => "host-x86_64-cpu",
+    }
+}
+
+/// The id of the vCPU device at `socket` (one core and thread per socket,
+/// QEMU's default topology for `-smp N,maxcpus=M`): the same whether it
+/// was hot-added or is on a command line.
+pub fn cpu_device_id(socket: u64, core: u64, thread: u64) -> String {
+    format!("cpu-{socket}-{core}-{thread}")
+}
+
+/// The ids of the memory backend and DIMM of a module that starts at
+/// `at_mib` in the guest's memory: unique, as memory only grows.
+pub fn dimm_ids(at_mib: u64) -> (String, String) {
+    (format!("mem-at-{at_mib}m"), format!("dimm-at-{at_mib}m"))
+}
 /// How much a guest's memory may grow while running, as a multiple of the
 /// memory it boots with.
 pub const MEMORY_GROWTH_FACTOR: u64 = 4;
@@ -105,9 +152,10 @@ pub fn hotplug_ceilings(vcpus: u32, memory: ByteSize, host: HostResources) -> (u
     (max_vcpus, ByteSize::mib(max_mib))
 }
 
-/// [`hotplug_ceilings`] of a spec.
+/// [`hotplug_ceilings`] of a spec: of its boot layout, which hot-added
+/// hardware does not change.
 fn spec_ceilings(spec: &GuestSpec, host: HostResources) -> (u32, ByteSize) {
-    hotplug_ceilings(spec.vcpus, spec.memory, host)
+    hotplug_ceilings(spec.base_vcpus(), spec.base_memory(), host)
 }
 
 /// The throttle-group properties for the guest's disk limits, as
@@ -155,7 +203,10 @@ pub fn kernel_cmdline(config: &GuestConfig, extra: &[String]) -> String {
     // The rest skips probes that cost ~0.4 s under TCG and mean nothing to
     // a guest with no PS/2 devices and one UART: i8042 probing, TSC
     // calibration checks, three unused 8250 ports, crypto self-tests.
-    let mut line = format!("console=ttyS0 quiet panic=-1 {FAST_BOOT_ARGS}");
+    // memhp_default_state=online: memory modules present at boot (added
+    // while it ran before, see `GuestSpec::hot_added`) are usable at once;
+    // the test image has no udev rule to online them.
+    let mut line = format!("console=ttyS0 quiet panic=-1 memhp_default_state=online {FAST_BOOT_ARGS}");
     for arg in super::config_drive::identity_words(config).iter().chain(extra) {
         line.push(' ');
         line.push_str(arg);
@@ -230,19 +281,40 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
         }
     }
     let (max_vcpus, max_memory) = spec_ceilings(spec, l.host);
-    push(&mut args, "-smp", format!("{},maxcpus={max_vcpus}", spec.vcpus.max(1)));
-    push(
-        &mut args,
-        "-m",
-        format!("{}M,slots={MEMORY_SLOTS},maxmem={}M", spec.memory.as_mib().max(1), max_memory.as_mib()),
-    );
+    // The boot layout, then what was hot-added, as devices in the same
+    // places and with the same ids as the hotplug gave them.
+    let base_vcpus = spec.base_vcpus().max(1);
+    let base_mib = spec.base_memory().as_mib().max(1);
+    // The topology spelled out (QEMU's default for `-smp N,maxcpus=M`
+    // changed between versions): one core per socket, so vCPU `i` is
+    // socket `i` whether it booted or was hot-added.
+    push(&mut args, "-smp", format!("{base_vcpus},maxcpus={max_vcpus},sockets={max_vcpus},cores=1,threads=1"));
+    push(&mut args, "-m", format!("{base_mib}M,slots={MEMORY_SLOTS},maxmem={}M", max_memory.as_mib()));
+    for socket in u64::from(base_vcpus)..u64::from(spec.vcpus.max(base_vcpus)) {
+        push(
+            &mut args,
+            "-device",
+            format!(
+                "{},id={},socket-id={socket},die-id=0,core-id=0,thread-id=0",
+                cpu_device_type(l.accel),
+                cpu_device_id(socket, 0, 0)
+            ),
+        );
+    }
+    let mut at = base_mib;
+    for dimm in spec.hot_added.iter().flat_map(|h| &h.dimms) {
+        let (backing, id) = dimm_ids(at);
+        push(&mut args, "-object", format!("memory-backend-ram,id={backing},size={}", dimm.bytes()));
+        push(&mut args, "-device", format!("pc-dimm,id={id},memdev={backing}"));
+        at += dimm.as_mib();
+    }
     args.extend(["-nodefaults", "-no-user-config", "-no-shutdown"].map(str::to_owned));
     push(&mut args, "-display", "none".to_owned());
     push(&mut args, "-action", "panic=pause".to_owned());
     push(&mut args, "-device", "pvpanic".to_owned());
     // Entropy from the host: a TCG guest's own takes minutes to seed its
     // generator (getrandom and /dev/urandom wait for it).
-    push(&mut args, "-device", "virtio-rng-pci".to_owned());
+    push(&mut args, "-device", format!("virtio-rng-pci,addr={RNG_SLOT}"));
 
     let bios_boot = spec.image.is_some();
     if !bios_boot {
@@ -268,7 +340,7 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-serial", "chardev:serial0".to_owned());
     push(&mut args, "-chardev", format!("socket,id=qmp,path={},server=on,wait=off", opt_value(&l.dir.qmp_path())));
     push(&mut args, "-mon", "chardev=qmp,mode=control".to_owned());
-    push(&mut args, "-device", "virtio-serial-pci,id=vser0".to_owned());
+    push(&mut args, "-device", format!("virtio-serial-pci,id=vser0,addr={SERIAL_SLOT}"));
     push(&mut args, "-chardev", format!("socket,id=qga0,path={},server=on,wait=off", opt_value(&l.dir.qga_path())));
     push(&mut args, "-device", format!("virtserialport,bus=vser0.0,chardev=qga0,name={}", super::qga::PORT_NAME));
 
@@ -287,7 +359,8 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
             format!("driver=throttle,node-name=throttled{i},throttle-group=throttle{i},file=disk{i}"),
         );
         let boot = if bios_boot && i == 0 { ",bootindex=0" } else { "" };
-        push(&mut args, "-device", format!("virtio-blk-pci,drive=throttled{i},id=vdisk{i},serial=disk{i}{boot}"));
+        let slot = disk_slot(i).map(|s| format!(",addr={s}")).unwrap_or_default();
+        push(&mut args, "-device", format!("virtio-blk-pci,drive=throttled{i},id=vdisk{i},serial=disk{i}{slot}{boot}"));
     }
     for (i, (nic, tap)) in spec.nics.iter().zip(l.taps).enumerate() {
         let Some(tap) = tap else { continue };
@@ -295,7 +368,11 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
         push(
             &mut args,
             "-device",
-            format!("virtio-net-pci,netdev=net{i},id=nic{i},mac={}", nic.mac.replace(',', ",,")),
+            format!(
+                "virtio-net-pci,netdev=net{i},id=nic{i},mac={}{}",
+                nic.mac.replace(',', ",,"),
+                nic_slot(i).map(|s| format!(",addr={s}")).unwrap_or_default()
+            ),
         );
     }
     if bios_boot {
@@ -311,7 +388,10 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
         push(
             &mut args,
             "-device",
-            format!("virtio-blk-pci,drive=cidata,id=cidata,serial={}", super::config_drive::SERIAL),
+            format!(
+                "virtio-blk-pci,drive=cidata,id=cidata,serial={},addr={CONFIG_DRIVE_SLOT}",
+                super::config_drive::SERIAL
+            ),
         );
     }
 
@@ -358,6 +438,7 @@ pub(crate) mod tests {
                 clone_of: None,
                 storage: Default::default(),
                 anti_affinity: None,
+                hot_added: None,
             },
         }
     }
@@ -386,7 +467,10 @@ pub(crate) mod tests {
         });
         let joined = args.join(" ");
         assert!(joined.contains("-accel tcg"), "{joined}");
-        assert!(joined.contains("-smp 2,maxcpus=4 -m 512M,slots=8,maxmem=2048M"), "{joined}");
+        assert!(
+            joined.contains("-smp 2,maxcpus=4,sockets=4,cores=1,threads=1 -m 512M,slots=8,maxmem=2048M"),
+            "{joined}"
+        );
         assert!(joined.contains(&format!("file.filename=/state/with,,comma/{}/disk1.qcow2", c.id)));
         assert_eq!(args.iter().filter(|a| a.starts_with("virtio-blk-pci")).count(), 2);
         // Only the NIC with a tap is attached, with its own MAC.
@@ -430,10 +514,45 @@ pub(crate) mod tests {
             assert!(!args.iter().any(|a| a == direct), "{args:?}");
         }
         assert!(
-            args.contains(&"virtio-blk-pci,drive=throttled0,id=vdisk0,serial=disk0,bootindex=0".to_owned()),
+            args.contains(&"virtio-blk-pci,drive=throttled0,id=vdisk0,serial=disk0,addr=0x04,bootindex=0".to_owned()),
             "{args:?}"
         );
-        assert!(args.contains(&"virtio-blk-pci,drive=throttled1,id=vdisk1,serial=disk1".to_owned()), "{args:?}");
+        assert!(
+            args.contains(&"virtio-blk-pci,drive=throttled1,id=vdisk1,serial=disk1,addr=0x05".to_owned()),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn hot_added_hardware_is_on_the_command_line_where_the_hotplug_put_it() {
+        let mut c = config();
+        c.spec.vcpus = 1;
+        c.spec.memory = ByteSize::mib(256);
+        c.spec.add_vcpus(2);
+        c.spec.add_memory(ByteSize::mib(384));
+        c.spec.add_memory(ByteSize::mib(640));
+        let dir = GuestDir::new(Path::new("/state"), c.id);
+        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
+        let launch = Launch {
+            incoming: true,
+            config: &c,
+            dir: &dir,
+            image: &image,
+            accel: ResolvedAccel::Tcg,
+            taps: &[],
+            extra_kernel_args: &[],
+            host: HOST,
+        };
+        let joined = args_of(&launch).join(" ");
+        // The boot layout's ceilings, not the grown totals'.
+        assert!(
+            joined.contains("-smp 1,maxcpus=2,sockets=2,cores=1,threads=1 -m 256M,slots=8,maxmem=1024M"),
+            "{joined}"
+        );
+        assert!(joined.contains("-device qemu64-x86_64-cpu,id=cpu-1-0-0,socket-id=1,"), "{joined}");
+        assert_eq!(joined.matches("qemu64-x86_64-cpu").count(), 1, "{joined}");
+        assert!(joined.contains("-object memory-backend-ram,id=mem-at-256m,size=134217728 -device pc-dimm,id=dimm-at-256m,memdev=mem-at-256m"), "{joined}");
+        assert!(joined.contains("-object memory-backend-ram,id=mem-at-384m,size=268435456 -device pc-dimm,id=dimm-at-384m,memdev=mem-at-384m"), "{joined}");
     }
 
     #[test]

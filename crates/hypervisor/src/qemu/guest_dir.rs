@@ -274,6 +274,7 @@ mod tests {
                 clone_of: None,
                 storage: Default::default(),
                 anti_affinity: None,
+                hot_added: None,
             },
         }
     }

@@ -165,6 +165,9 @@ impl Plug<'_> {
             return Err(refuse("a disk needs a size above zero"));
         }
         let i = self.config.spec.disks.len();
+        let Some(slot) = cmdline::disk_slot(i) else {
+            return Err(refuse(format!("the guest has {i} disks, the most it can have")));
+        };
         let path = self.dir.disk_path(i);
         let qemu_img = self.hv.inner.config.qemu_img.clone();
         super::create_qcow2(&qemu_img, &path, size, None).await.map_err(backend(OP, self.id()))?;
@@ -199,7 +202,8 @@ impl Plug<'_> {
         self.commit_record(changed)?;
         self.qmp(
             "device_add",
-            json!({ "driver": "virtio-blk-pci", "drive": drive, "id": format!("vdisk{i}"), "serial": format!("disk{i}") }),
+            json!({ "driver": "virtio-blk-pci", "drive": drive, "id": format!("vdisk{i}"), "serial": format!("disk{i}"),
+                    "addr": slot }),
         )
         .await?;
         Ok(())
@@ -243,6 +247,9 @@ impl Plug<'_> {
         if !is_mac(mac) {
             return Err(refuse(format!("{mac:?} is not a MAC address (six hex pairs separated by colons)")));
         }
+        let Some(slot) = cmdline::nic_slot(self.config.spec.nics.len()) else {
+            return Err(refuse(format!("the guest has {} NICs, the most it can have", self.config.spec.nics.len())));
+        };
         if self.config.spec.nics.iter().any(|n| n.mac.eq_ignore_ascii_case(mac)) {
             return Err(refuse(format!("the guest already has a NIC with MAC {mac}")));
         }
@@ -273,7 +280,7 @@ impl Plug<'_> {
         self.commit_record(changed)?;
         self.qmp(
             "device_add",
-            json!({ "driver": "virtio-net-pci", "netdev": netdev, "id": format!("nic{i}"), "mac": nic.mac }),
+            json!({ "driver": "virtio-net-pci", "netdev": netdev, "id": format!("nic{i}"), "mac": nic.mac, "addr": slot }),
         )
         .await?;
         Ok(())
@@ -313,7 +320,7 @@ impl Plug<'_> {
             .map(|s| {
                 let mut args = s["props"].clone();
                 let p = |k: &str| args.get(k).and_then(Value::as_u64).unwrap_or(0);
-                let dev = format!("cpu-{}-{}-{}", p("socket-id"), p("core-id"), p("thread-id"));
+                let dev = cmdline::cpu_device_id(p("socket-id"), p("core-id"), p("thread-id"));
                 args["driver"] = s["type"].clone();
                 args["id"] = json!(dev);
                 args
@@ -321,7 +328,7 @@ impl Plug<'_> {
             .collect();
 
         let mut changed = self.config.clone();
-        changed.spec.vcpus = vcpus;
+        changed.spec.add_vcpus(vcpus);
         self.commit_record(changed)?;
         for args in adds {
             let dev = args["id"].as_str().unwrap_or_default().to_owned();
@@ -367,13 +374,13 @@ impl Plug<'_> {
         // Named by where the DIMM starts in the guest's memory: unique, as
         // memory only grows while the guest runs.
         let at = (base.bytes() + plugged) / ByteSize::mib(1).bytes();
-        let (backing, dimm) = (format!("mem-at-{at}m"), format!("dimm-at-{at}m"));
+        let (backing, dimm) = cmdline::dimm_ids(at);
         self.qmp("object-add", json!({ "qom-type": "memory-backend-ram", "id": backing, "size": delta.bytes() }))
             .await?;
         self.undo.push(Undo::ObjectDel(backing.clone()));
 
         let mut changed = self.config.clone();
-        changed.spec.memory = memory;
+        changed.spec.add_memory(memory);
         self.commit_record(changed)?;
         self.qmp("device_add", json!({ "driver": "pc-dimm", "id": dimm, "memdev": backing })).await?;
         Ok(())
