@@ -476,6 +476,16 @@ impl Agent {
             restarted: restarted.clone(),
             destroyed: destroyed.clone(),
             wait_ms: None,
+            pools: match self.hv.pools().await {
+                Ok(pools) => pools
+                    .into_iter()
+                    .map(|p| drove_api::PoolReport { name: p.name, capacity: p.capacity, free: p.free })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "measuring the storage pools failed; reporting none");
+                    Vec::new()
+                }
+            },
         };
         // Long-poll only when nothing is in flight here: then only the
         // manager can have news. While actions run, answer at once and let

@@ -446,6 +446,37 @@ pub struct HeartbeatRequest {
     /// state changes, or after at most this many milliseconds.
     #[serde(default)]
     pub wait_ms: Option<u64>,
+    /// The storage pools the host keeps disks in, and their space.
+    #[serde(default)]
+    pub pools: Vec<PoolReport>,
+}
+
+/// One storage pool as a host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolReport {
+    /// `local` or `shared`.
+    pub name: String,
+    pub capacity: ByteSize,
+    pub free: ByteSize,
+}
+
+/// A storage pool (`GET /v1/pools`): the shared one all hosts see, and each
+/// host's local one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolView {
+    /// `shared`, or `local@HOST`.
+    pub name: String,
+    pub kind: drove_model::guest::Storage,
+    /// The hosts that report it.
+    pub hosts: Vec<String>,
+    /// Size of its filesystem (as last reported).
+    pub capacity: ByteSize,
+    /// Free there now: thin disks take only what they hold.
+    pub free: ByteSize,
+    /// What its guests' disks may grow to in all (their sizes).
+    pub provisioned: ByteSize,
+    /// Guests with their disks on it.
+    pub guests: u32,
 }
 
 /// What the manager wants of one guest on this host.

@@ -120,6 +120,10 @@ impl Client {
         self.get("/v1/hosts").await
     }
 
+    pub async fn list_pools(&self) -> Result<Vec<drove_api::PoolView>, ClientError> {
+        self.get("/v1/pools").await
+    }
+
     pub async fn get_host(&self, host: &str) -> Result<HostView, ClientError> {
         self.get(&format!("/v1/hosts/{}", seg(host))).await
     }

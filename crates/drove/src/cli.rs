@@ -442,6 +442,38 @@ pub enum VlanCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// The shared pool and each host's local pool: capacity, free space,
+    /// and what their guests' (thin) disks are provisioned to.
+    #[command(after_help = "Guests choose a pool at creation: drove vm create NAME --storage shared|local")]
+    List(OutputArgs),
+}
+
+pub async fn pool(cmd: PoolCommand) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        PoolCommand::List(out) => {
+            let pools = c.list_pools().await?;
+            const HEADER: [&str; 7] = ["name", "hosts", "capacity", "free", "used", "provisioned", "guests"];
+            let row = |p: &drove_api::PoolView| {
+                let used = p.capacity.bytes().saturating_sub(p.free.bytes());
+                let pct = if p.capacity.bytes() == 0 { 0.0 } else { 100.0 * used as f64 / p.capacity.bytes() as f64 };
+                vec![
+                    p.name.clone(),
+                    p.hosts.join(","),
+                    p.capacity.to_string(),
+                    p.free.to_string(),
+                    format!("{pct:.0}%"),
+                    p.provisioned.to_string(),
+                    p.guests.to_string(),
+                ]
+            };
+            print(out.format, &pools, &HEADER, pools.iter().map(row).collect())
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Copy a qcow2 image into the image pool under a name.
     #[command(

@@ -80,6 +80,9 @@ enum Command {
     /// Disk images guests can boot from.
     #[command(subcommand)]
     Image(cli::ImageCommand),
+    /// Storage pools guests' disks live on: their space and use.
+    #[command(subcommand)]
+    Pool(cli::PoolCommand),
     /// Long-running operations.
     #[command(subcommand, name = "op")]
     Operation(cli::OpCommand),
@@ -172,6 +175,7 @@ fn main() -> ExitCode {
             Command::Vm(c) => cli::vm(c).await,
             Command::Vlan(c) => cli::vlan(c).await,
             Command::Image(c) => cli::image(c).await,
+            Command::Pool(c) => cli::pool(c).await,
             Command::Operation(c) => cli::op(c).await,
             Command::Audit(c) => cli::audit(c).await,
             Command::Bench(c) => bench::run(c).await,

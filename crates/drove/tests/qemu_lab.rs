@@ -258,6 +258,18 @@ fn real_guests_live_through_the_whole_stack() {
     });
     assert_eq!(sectors, "65536");
     assert_eq!(lab.json(&["vm", "show", "web-1"])["spec"]["disks"].as_array().unwrap().len(), 2);
+    // The grown disk 1 is what the guest sees, and what its pool counts.
+    lab.ok(&["vm", "hotplug", "web-1", "--grow-disk", "1=48M"]);
+    eventually("the guest sees the grown disk", Duration::from_secs(60), || {
+        let out = lab.drove(&["vm", "exec", "web-1", "--", "cat", "/sys/block/vdb/size"]);
+        (String::from_utf8_lossy(&out.stdout).trim() == "98304").then_some(())
+    });
+    let pools = lab.json(&["pool", "list"]);
+    let local = pools.as_array().unwrap().iter().find(|p| p["name"] == format!("local@{host}")).expect("its pool");
+    assert_eq!(local["provisioned"], (64 + 48) << 20, "{pools}");
+    assert_eq!(local["guests"], 1, "{pools}");
+    let (capacity, free) = (local["capacity"].as_u64().unwrap(), local["free"].as_u64().unwrap());
+    assert!(capacity > 0 && free > 0 && free <= capacity, "{pools}");
     let out = lab.drove(&["vm", "hotplug", "web-1", "--memory", "64M"]);
     assert!(!out.status.success(), "shrinking must be refused");
     assert!(String::from_utf8_lossy(&out.stderr).contains("only grow"), "{}", String::from_utf8_lossy(&out.stderr));

@@ -109,6 +109,18 @@ pub struct HostResources {
     pub memory: ByteSize,
 }
 
+/// Space on a storage pool the host keeps guests' disks in
+/// ([`Hypervisor::pools`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSpace {
+    /// `local` (the host's own) or `shared` (the pool every host sees).
+    pub name: String,
+    /// Size of the filesystem holding it.
+    pub capacity: ByteSize,
+    /// What is still free there (thin disks grow into it).
+    pub free: ByteSize,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {
     #[error("guest {id} is not defined on this host")]
@@ -330,6 +342,11 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
 
     /// Cores and memory this host offers to guests.
     async fn resources(&self) -> Result<HostResources, HvError>;
+
+    /// The storage pools this host keeps disks in, and their space.
+    async fn pools(&self) -> Result<Vec<PoolSpace>, HvError> {
+        Ok(Vec::new())
+    }
 
     /// Define the guest and provision its disks, leaving it Stopped.
     /// Idempotent: an existing guest with this id is left as it is (its

@@ -73,7 +73,7 @@ use drove_model::guest::Storage;
 use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind, Priority};
 use serde::{Deserialize, Serialize};
 
-use crate::{GuestConfig, GuestStatus, HostResources, HvError, Hypervisor, RuntimeState, StopMode};
+use crate::{GuestConfig, GuestStatus, HostResources, HvError, Hypervisor, PoolSpace, RuntimeState, StopMode};
 
 /// Host size and how long the simulated operations take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +104,9 @@ pub struct SimConfig {
     /// ([`Hypervisor::guest_ready`]), counted from the first time anyone
     /// asks.
     pub os_boot_delay: Duration,
+    /// Size of the host's local pool (and of the shared pool, when it
+    /// joined one); free space is this less the disks defined there.
+    pub pool_capacity: ByteSize,
 }
 
 impl Default for SimConfig {
@@ -121,6 +124,7 @@ impl Default for SimConfig {
             snapshot_delay: Duration::from_millis(3),
             migrate_delay: Duration::from_millis(10),
             os_boot_delay: Duration::ZERO,
+            pool_capacity: ByteSize::gib(1024),
         }
     }
 }
@@ -822,6 +826,44 @@ impl Hypervisor for SimHypervisor {
         let c = &self.shared.config;
         let result = Ok(HostResources { cores: c.cores, memory: c.memory });
         Self::finish(SimOp::Resources, None, fault, result)
+    }
+
+    async fn pools(&self) -> Result<Vec<PoolSpace>, HvError> {
+        let capacity = self.shared.config.pool_capacity;
+        // Disks count fully (thick): the simulator has no thin growth.
+        // A guest on shared storage is defined on each host that ran it:
+        // counted once, by id.
+        let disks = |host: &Shared, storage: Storage| -> HashMap<GuestId, u64> {
+            let inner = host.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            inner
+                .guests
+                .iter()
+                .filter(|(_, g)| g.config.spec.storage == storage)
+                .map(|(id, g)| (*id, g.config.spec.disks.iter().map(|d| d.size.bytes()).sum()))
+                .collect()
+        };
+        let space = |name: &str, used: u64| PoolSpace {
+            name: name.into(),
+            capacity,
+            free: ByteSize(capacity.bytes().saturating_sub(used)),
+        };
+        let mut pools = vec![space("local", disks(&self.shared, Storage::Local).values().sum())];
+        let pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(pool) = pool {
+            let members: Vec<Arc<Shared>> = pool
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .collect();
+            let mut all = HashMap::new();
+            for m in &members {
+                all.extend(disks(m, Storage::Shared));
+            }
+            pools.push(space("shared", all.values().sum()));
+        }
+        Ok(pools)
     }
 
     async fn create(&self, config: &GuestConfig) -> Result<(), HvError> {

@@ -416,6 +416,67 @@ impl Manager {
         Ok(v)
     }
 
+    /// The storage pools: the shared one (as the host heard from last saw
+    /// it) and each host's local one, with what their guests' disks take.
+    pub async fn list_pools(&self) -> Result<Vec<drove_api::PoolView>, ApiError> {
+        self.read(|inv| {
+            use drove_model::guest::Storage;
+            let mut pools: Vec<drove_api::PoolView> = Vec::new();
+            let mut hosts: Vec<&HostEntry> = inv.hosts.values().collect();
+            hosts.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+            let disks = |g: &drove_model::Guest| g.spec.disks.iter().map(|d| d.size.bytes()).sum::<u64>();
+            let mut shared: Option<(drove_api::PoolView, Option<Instant>)> = None;
+            for h in &hosts {
+                for p in &h.pools {
+                    if p.name == "shared" {
+                        let view = shared.get_or_insert_with(|| {
+                            let mine: Vec<&drove_model::Guest> =
+                                inv.guests.values().filter(|g| g.spec.storage == Storage::Shared).collect();
+                            let pool = drove_api::PoolView {
+                                name: "shared".into(),
+                                kind: Storage::Shared,
+                                hosts: Vec::new(),
+                                capacity: p.capacity,
+                                free: p.free,
+                                provisioned: ByteSize(mine.iter().map(|g| disks(g)).sum()),
+                                guests: mine.len() as u32,
+                            };
+                            (pool, h.last_seen)
+                        });
+                        view.0.hosts.push(h.info.name.clone());
+                        // The freshest report of the one pool.
+                        if h.last_seen > view.1 {
+                            (view.0.capacity, view.0.free, view.1) = (p.capacity, p.free, h.last_seen);
+                        }
+                    } else {
+                        let mine: Vec<&drove_model::Guest> = inv
+                            .by_host
+                            .get(&h.info.id)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|id| inv.guests.get(id))
+                            .filter(|g| g.spec.storage == Storage::Local)
+                            .collect();
+                        pools.push(drove_api::PoolView {
+                            name: format!("{}@{}", p.name, h.info.name),
+                            kind: Storage::Local,
+                            hosts: vec![h.info.name.clone()],
+                            capacity: p.capacity,
+                            free: p.free,
+                            provisioned: ByteSize(mine.iter().map(|g| disks(g)).sum()),
+                            guests: mine.len() as u32,
+                        });
+                    }
+                }
+            }
+            if let Some((view, _)) = shared {
+                pools.insert(0, view);
+            }
+            pools
+        })
+        .await
+    }
+
     pub async fn get_host(&self, key: &str) -> Result<HostView, ApiError> {
         self.read(|inv| inv.find_host(key).map(|h| Self::host_view(inv, h)))
             .await?
@@ -1447,6 +1508,7 @@ impl Manager {
             let host =
                 inv.hosts.get_mut(&req.host_id).ok_or_else(|| ApiError::not_found("host", &req.host_id.to_string()))?;
             host.last_seen = Some(Instant::now());
+            host.pools = req.pools.clone();
             let poke = host.poke.clone();
             let mut w = Writes::default();
             w.ops.push(self.renew_lease(req.host_id));

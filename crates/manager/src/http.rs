@@ -22,7 +22,7 @@ use drove_api::{
     CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DrainRequest, ErrorBody, ErrorResponse, ExecRequest,
     ExecResponse, FailoverPlanView, GuestInterface, GuestView, HaSettings, HaStatus, HeartbeatRequest,
     HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest, MigrateRequest,
-    OperationAccepted, RegisterRequest, RegisterResponse, SetLimitsRequest, SetTemplateRequest, SnapshotList,
+    OperationAccepted, PoolView, RegisterRequest, RegisterResponse, SetLimitsRequest, SetTemplateRequest, SnapshotList,
     StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
@@ -132,6 +132,7 @@ pub fn router(m: Arc<Manager>) -> Router {
     Router::new()
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/hosts", get(list_hosts))
+        .route("/v1/pools", get(list_pools))
         .route("/v1/hosts/{host}", get(get_host))
         .route("/v1/hosts/{host}/maintenance", post(set_maintenance))
         .route("/v1/hosts/{host}/drain", post(drain_host))
@@ -192,6 +193,13 @@ async fn openapi() -> Response {
     responses((status = 200, body = [HostView]), (status = 401, body = ErrorResponse)))]
 async fn list_hosts(State(m): State<Arc<Manager>>) -> Res<Json<Vec<HostView>>> {
     m.list_hosts().await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/pools", tag = "storage",
+    description = "The storage pools: the shared one every host sees and each host's local one, with their space as the hosts last reported it and what their guests' disks are provisioned to.",
+    responses((status = 200, body = [PoolView]), (status = 401, body = ErrorResponse)))]
+async fn list_pools(State(m): State<Arc<Manager>>) -> Res<Json<Vec<PoolView>>> {
+    m.list_pools().await.map(Json)
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{host}", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
@@ -754,7 +762,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, list_pools, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "settings"), (name = "agent"), (name = "meta"))

@@ -81,13 +81,16 @@ pub struct HostEntry {
     pub last_seen: Option<Instant>,
     /// Guests the agent reports that the manager has no record of.
     pub orphans: u32,
+    /// The storage pools its last heartbeat reported (not stored: the next
+    /// heartbeat says again).
+    pub pools: Vec<drove_api::PoolReport>,
     /// Wakes this host's long-polling heartbeat when its desired state changes.
     pub poke: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl HostEntry {
     pub fn new(info: HostInfo) -> Self {
-        HostEntry { info, last_seen: None, orphans: 0, poke: Default::default() }
+        HostEntry { info, last_seen: None, orphans: 0, pools: Vec::new(), poke: Default::default() }
     }
 
     /// Takes up, in a manager that just started, the lease the store holds

@@ -547,6 +547,25 @@ async fn hardware_is_hot_added_to_running_guests_and_refusals_change_nothing() {
     let on_host = dc.agents[0].sim.guest_config(acc.guest).unwrap();
     assert_eq!((on_host.spec.disks.len(), on_host.spec.memory, on_host.spec.nics.len()), (2, ByteSize::mib(512), 1));
     assert_eq!(on_host.spec.disks[1].size, ByteSize::gib(3));
+    // Its host's pool counts the grown disk (the simulator's disks are
+    // thick: free space shrinks by their size).
+    let pools = dc
+        .eventually("the pools reported", || async {
+            let pools = dc.admin.list_pools().await.ok()?;
+            // The host's next heartbeat measures the grown disk.
+            let used = |p: &drove_api::PoolView| p.capacity.bytes() - p.free.bytes();
+            pools
+                .iter()
+                .any(|p| {
+                    p.name == "local@host-1" && p.provisioned == ByteSize::gib(4) && used(p) == ByteSize::gib(4).bytes()
+                })
+                .then_some(pools)
+        })
+        .await;
+    let local = pools.iter().find(|p| p.name == "local@host-1").unwrap();
+    assert_eq!(local.guests, 1, "{pools:?}");
+    let shared = pools.iter().find(|p| p.name == "shared").expect("the shared pool");
+    assert_eq!((shared.hosts.clone(), shared.guests), (vec!["host-1".to_owned()], 0), "{pools:?}");
     assert_eq!(on_host.spec.nics[0].mac, g.guest.spec.nics[0].mac);
     assert_eq!(dc.admin.get_host("host-1").await.unwrap().allocated_memory, ByteSize::mib(512));
     // Refusals: shrink, two changes at once, more than the host has, a stopped guest.

@@ -922,6 +922,27 @@ impl Hypervisor for QemuHypervisor {
         Ok(HostResources { cores: c.cores, memory: c.memory })
     }
 
+    async fn pools(&self) -> Result<Vec<crate::PoolSpace>, HvError> {
+        let c = &self.inner.config;
+        let mut pools = Vec::new();
+        // The local pool is the filesystem of the state directory (each
+        // guest's own disks live in its directory there).
+        let dirs = [("local", Some(&c.state_dir)), ("shared", c.shared_dir.as_ref())];
+        for (name, dir) in dirs {
+            let Some(dir) = dir else { continue };
+            let fs = rustix::fs::statvfs(dir.as_path()).map_err(|e| HvError::Host {
+                op: "pools",
+                source: Box::new(QemuError::io("measuring the pool at", dir, e.into())),
+            })?;
+            pools.push(crate::PoolSpace {
+                name: name.into(),
+                capacity: ByteSize(fs.f_blocks.saturating_mul(fs.f_frsize)),
+                free: ByteSize(fs.f_bavail.saturating_mul(fs.f_frsize)),
+            });
+        }
+        Ok(pools)
+    }
+
     async fn create(&self, config: &GuestConfig) -> Result<(), HvError> {
         let id = config.id;
         let guest = self.guest(id);
