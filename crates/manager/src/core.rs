@@ -1176,12 +1176,7 @@ impl Manager {
                     g.spec.name, g.state
                 )));
             }
-            if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
-                return Err(ApiError::conflict(format!(
-                    "guest {} has operation {} ({}) in progress",
-                    g.spec.name, op.id, op.kind
-                )));
-            }
+            Self::ensure_idle(&inv, &g)?;
             let host = inv
                 .hosts
                 .get(&g.host)
@@ -1371,12 +1366,7 @@ impl Manager {
                     g.spec.name, g.state
                 )));
             }
-            if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
-                return Err(ApiError::conflict(format!(
-                    "guest {} has operation {} ({}) in progress",
-                    g.spec.name, op.id, op.kind
-                )));
-            }
+            Self::ensure_idle(&inv, &g)?;
             if inv.limits_changing.contains(&g.id) {
                 return Err(ApiError::conflict(format!(
                     "the limits of guest {} are being changed; try again when that is done",

@@ -253,6 +253,16 @@ impl QemuHypervisor {
                 "running" => break,
                 "inmigrate" if Instant::now() < deadline => tokio::time::sleep(POLL).await,
                 _ => {
+                    // The guest's last words say why (a panic message):
+                    // this copy is about to be destroyed with its log.
+                    let console = crate::tail_file(&dir.serial_log_path(), 8192).await.unwrap_or_default();
+                    let console = String::from_utf8_lossy(&console);
+                    let lines: Vec<&str> = console.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                    let from = |n: usize| lines[lines.len().saturating_sub(n)..].join(" | ");
+                    tracing::warn!(guest = %id, %status, console = %from(60), "incoming migration failed");
+                    let last: Vec<&str> = lines[lines.len().saturating_sub(3)..].to_vec();
+                    let status =
+                        if last.is_empty() { status } else { format!("{status}; its console: {}", last.join(" | ")) };
                     return Err(backend(OP, id)(QemuError::UnexpectedRunState {
                         status,
                         after: "the incoming migration",
