@@ -520,7 +520,7 @@ fn uplink_shares_hold_under_load() {
     assert!(lab.ok(&["host", "show", "host-1"]).contains("40 Mbit/s, 20 Mbit/s reserved"));
     let ip = |g: &str| lab.json(&["vm", "show", g])["spec"]["nics"][0]["address"]["ip"].as_str().unwrap().to_owned();
     let (lim_ip, free_ip) = (ip("s-lim"), ip("s-free"));
-    const BYTES: u64 = 6 << 20;
+    const BYTES: u64 = 12 << 20;
     for g in ["s-lim", "s-free", "c-1", "c-2"] {
         lab.booted(g);
     }
@@ -533,7 +533,11 @@ fn uplink_shares_hold_under_load() {
     }
     // Alone, a best-effort guest gets the whole uplink, and no more.
     let alone = download_mbit(&lab, "c-2", &free_ip, BYTES);
-    assert!((UPLINK * 0.85..=UPLINK * 1.15).contains(&alone), "best effort alone: {alone:.1} Mbit/s, uplink {UPLINK}");
+    // The uplink shapes whole frames on the underlay while wget counts
+    // payload: TCP/IP/Ethernet and VXLAN headers take ~8 % (goodput tops
+    // out near 92 % of the rate), and TCP's ramp-up a little more. 6 MiB
+    // transfers read 33–36 Mbit/s here; 12 MiB ones 35.
+    assert!((UPLINK * 0.8..=UPLINK * 1.15).contains(&alone), "best effort alone: {alone:.1} Mbit/s, uplink {UPLINK}");
     // Competing: the limited NIC keeps its share, the uplink its cap.
     let (lim, free) = std::thread::scope(|s| {
         let lim = s.spawn(|| download_mbit(&lab, "c-1", &lim_ip, BYTES));
