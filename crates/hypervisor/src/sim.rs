@@ -997,14 +997,14 @@ impl Hypervisor for SimHypervisor {
                     spec.vcpus
                 )));
             }
-            crate::Hotplug::SetVcpus { vcpus } => spec.add_vcpus(*vcpus),
+            crate::Hotplug::SetVcpus { vcpus } => spec.grow_vcpus_to(*vcpus),
             crate::Hotplug::SetMemory { memory } if *memory < spec.memory => {
                 return Err(refuse(format!(
                     "memory can only be added while running, not removed: the guest has {}, {memory} asked",
                     spec.memory
                 )));
             }
-            crate::Hotplug::SetMemory { memory } => spec.add_memory(*memory),
+            crate::Hotplug::SetMemory { memory } => spec.grow_memory_to(*memory),
             crate::Hotplug::GrowDisk { index, size } => match spec.disks.get_mut(*index as usize) {
                 None => return Err(refuse(format!("the guest has no disk {index}"))),
                 Some(d) if *size <= d.size => {

@@ -2026,6 +2026,28 @@ fn migration_key() -> drove_hypervisor::migration::MigrationKey {
     drove_hypervisor::migration::MigrationKey { identity: "drove-test".into(), key_hex: "0123456789abcdef".repeat(4) }
 }
 
+/// A migration over loopback with mirrored disks, on fresh ports: what the
+/// target listens for and what the source sends (50 ms pause allowed, no
+/// bandwidth cap).
+fn loopback_migration(
+    key: Option<drove_hypervisor::migration::MigrationKey>,
+) -> (drove_hypervisor::migration::Incoming, drove_hypervisor::migration::Outgoing) {
+    use drove_hypervisor::migration::{DiskTransfer, Incoming, Outgoing};
+    let (port, nbd_port) = (free_port(), free_port());
+    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let incoming = Incoming { listen: lo, port, nbd_port, disks: DiskTransfer::Mirror, key: key.clone() };
+    let outgoing = Outgoing {
+        target: lo,
+        port,
+        nbd_port,
+        disks: DiskTransfer::Mirror,
+        key,
+        downtime_limit_ms: 50,
+        max_bandwidth: 0,
+    };
+    (incoming, outgoing)
+}
+
 /// Two "hosts" (two backends over separate state directories) on loopback.
 fn two_hosts(lab: &Lab) -> (QemuHypervisor, QemuHypervisor) {
     let mk = |name: &str| {
@@ -2043,7 +2065,7 @@ fn two_hosts(lab: &Lab) -> (QemuHypervisor, QemuHypervisor) {
 /// then removed, and exactly one QEMU remains.
 #[tokio::test]
 async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
-    use drove_hypervisor::migration::{DiskTransfer, Incoming, Outgoing, TransferPhase};
+    use drove_hypervisor::migration::TransferPhase;
     let lab = Lab::new();
     let (a, b) = two_hosts(&lab);
     let g = guest("mig-1", &[64]);
@@ -2063,23 +2085,10 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
     let counter_pid = sh(&a, g.id, "cat /tmp/counter.pid").await;
     assert!(counter_pid.parse::<u32>().is_ok(), "{counter_pid:?}");
 
-    let (port, nbd_port) = (free_port(), free_port());
-    let key = Some(migration_key());
-    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-    b.migrate_incoming(&g, &Incoming { listen: lo, port, nbd_port, disks: DiskTransfer::Mirror, key: key.clone() })
-        .await
-        .unwrap();
+    let (incoming, out) = loopback_migration(Some(migration_key()));
+    b.migrate_incoming(&g, &incoming).await.unwrap();
     assert_eq!(status(&b, g.id).await.state, RuntimeState::Paused, "the target waits, not runs");
     let phases = std::sync::Mutex::new(Vec::new());
-    let out = Outgoing {
-        target: lo,
-        port,
-        nbd_port,
-        disks: DiskTransfer::Mirror,
-        key,
-        downtime_limit_ms: 50,
-        max_bandwidth: 0,
-    };
     let stats = a
         .migrate_out(g.id, &out, &|p| phases.lock().unwrap().push(p.phase))
         .await
@@ -2116,7 +2125,7 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
 /// and the guest on the target still sees all of it.
 #[tokio::test]
 async fn a_guest_with_hot_added_hardware_migrates_with_it() {
-    use drove_hypervisor::migration::{DiskTransfer, Incoming, Outgoing};
+    use drove_hypervisor::migration::Outgoing;
     let lab = Lab::new();
     let (a, b) = two_hosts(&lab);
     let g = guest("mig-hot", &[16]);
@@ -2137,21 +2146,9 @@ async fn a_guest_with_hot_added_hardware_migrates_with_it() {
     let mut moved = g.clone();
     moved.spec = serde_json::from_value(record_spec(&a, g.id)).unwrap();
     assert_eq!((moved.spec.vcpus, moved.spec.memory, moved.spec.disks.len()), (2, ByteSize::mib(384), 2));
-    let (port, nbd_port) = (free_port(), free_port());
-    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-    let key = Some(migration_key());
-    b.migrate_incoming(&moved, &Incoming { listen: lo, port, nbd_port, disks: DiskTransfer::Mirror, key: key.clone() })
-        .await
-        .unwrap();
-    let out = Outgoing {
-        target: lo,
-        port,
-        nbd_port,
-        disks: DiskTransfer::Mirror,
-        key,
-        downtime_limit_ms: 300,
-        max_bandwidth: 0,
-    };
+    let (incoming, out) = loopback_migration(Some(migration_key()));
+    b.migrate_incoming(&moved, &incoming).await.unwrap();
+    let out = Outgoing { downtime_limit_ms: 300, ..out };
     a.migrate_out(g.id, &out, &|_| {}).await.unwrap_or_else(|e| panic!("migration failed: {}", error_chain(&e)));
     b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
     a.destroy(g.id).await.unwrap();
@@ -2165,7 +2162,7 @@ async fn a_guest_with_hot_added_hardware_migrates_with_it() {
 /// untouched; the half-made target is destroyed.
 #[tokio::test]
 async fn a_cancelled_migration_leaves_the_guest_running_on_its_source() {
-    use drove_hypervisor::migration::{DiskTransfer, Incoming, Outgoing};
+    use drove_hypervisor::migration::Outgoing;
     let lab = Lab::new();
     let (a, b) = two_hosts(&lab);
     let g = guest("mig-cancel", &[256]);
@@ -2173,21 +2170,10 @@ async fn a_cancelled_migration_leaves_the_guest_running_on_its_source() {
     a.start(g.id).await.unwrap();
     wait_for_serial(&a, g.id, "DROVE-READY", 1).await;
     write_marker(&a, g.id, "stays-here").await;
-    let (port, nbd_port) = (free_port(), free_port());
-    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-    b.migrate_incoming(&g, &Incoming { listen: lo, port, nbd_port, disks: DiskTransfer::Mirror, key: None })
-        .await
-        .unwrap();
+    let (incoming, out) = loopback_migration(None);
+    b.migrate_incoming(&g, &incoming).await.unwrap();
     // Slow enough to be caught in the middle: 1 MiB/s for 256 MiB of RAM.
-    let out = Outgoing {
-        target: lo,
-        port,
-        nbd_port,
-        disks: DiskTransfer::Mirror,
-        key: None,
-        downtime_limit_ms: 50,
-        max_bandwidth: 1 << 20,
-    };
+    let out = Outgoing { max_bandwidth: 1 << 20, ..out };
     let a = std::sync::Arc::new(a);
     let migrating = {
         let a = a.clone();

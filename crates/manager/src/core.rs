@@ -1296,14 +1296,7 @@ impl Manager {
             };
             (g.id, change, new_nic)
         };
-        let outcome = self.relay(&id.to_string(), AgentCallKind::Hotplug { change: change.clone() }).await;
-        let failure = match outcome {
-            Ok((_, CallOutcome::Done)) => None,
-            Ok((_, CallOutcome::Error { message })) => Some(ApiError::conflict(message)),
-            Ok((_, other)) => Some(ApiError::unavailable(format!("the host answered with {other:?}"))),
-            Err(e) => Some(e),
-        };
-        if let Some(err) = failure {
+        if let Err(err) = self.relay_done(id, AgentCallKind::Hotplug { change: change.clone() }).await {
             if let Some(nic) = &new_nic {
                 let mut inv = self.lock();
                 inv.macs.remove(&nic.mac);
@@ -1313,21 +1306,45 @@ impl Manager {
             }
             return Err(err);
         }
+        self.commit_spec(ctx, key, id, |spec| match change {
+            HotplugChange::AddDisk { size } => spec.disks.push(DiskSpec { size }),
+            HotplugChange::AddNic { .. } => spec.nics.extend(new_nic),
+            HotplugChange::SetMemory { memory } => spec.grow_memory_to(memory),
+            HotplugChange::SetVcpus { vcpus } => spec.grow_vcpus_to(vcpus),
+            HotplugChange::GrowDisk { index, size } => {
+                if let Some(d) = spec.disks.get_mut(index as usize) {
+                    d.size = size;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Relays `call` about guest `id` to its host; the host's refusal is a
+    /// conflict that names its reason.
+    async fn relay_done(&self, id: GuestId, call: AgentCallKind) -> Result<(), ApiError> {
+        match self.relay(&id.to_string(), call).await? {
+            (_, CallOutcome::Done) => Ok(()),
+            (_, CallOutcome::Error { message }) => Err(ApiError::conflict(message)),
+            (_, other) => Err(ApiError::unavailable(format!("the host answered with {other:?}"))),
+        }
+    }
+
+    /// Records a change its host already made to guest `id`'s definition:
+    /// a new generation, stored durably with the audit record; the guest
+    /// as it is now.
+    async fn commit_spec(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        id: GuestId,
+        change: impl FnOnce(&mut GuestSpec),
+    ) -> Result<GuestView, ApiError> {
         let (view, pending) = {
             let mut inv = self.lock();
             let mut g = inv.guests.get(&id).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
             inv.unindex_guest(&g);
-            match change {
-                HotplugChange::AddDisk { size } => g.spec.disks.push(DiskSpec { size }),
-                HotplugChange::AddNic { .. } => g.spec.nics.extend(new_nic),
-                HotplugChange::SetMemory { memory } => g.spec.add_memory(memory),
-                HotplugChange::SetVcpus { vcpus } => g.spec.add_vcpus(vcpus),
-                HotplugChange::GrowDisk { index, size } => {
-                    if let Some(d) = g.spec.disks.get_mut(index as usize) {
-                        d.size = size;
-                    }
-                }
-            }
+            change(&mut g.spec);
             g.generation += 1;
             inv.index_guest(&g);
             inv.guests.insert(id, g.clone());
@@ -1408,26 +1425,8 @@ impl Manager {
             }
         }
         let _changing = Changing(self, id);
-        let outcome = self.relay(&id.to_string(), AgentCallKind::SetLimits { limits: limits.clone() }).await;
-        match outcome {
-            Ok((_, CallOutcome::Done)) => {}
-            Ok((_, CallOutcome::Error { message })) => return Err(ApiError::conflict(message)),
-            Ok((_, other)) => return Err(ApiError::unavailable(format!("the host answered with {other:?}"))),
-            Err(e) => return Err(e),
-        }
-        let (view, pending) = {
-            let mut inv = self.lock();
-            let mut g = inv.guests.get(&id).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
-            inv.unindex_guest(&g);
-            g.spec.limits = limits;
-            g.generation += 1;
-            inv.index_guest(&g);
-            inv.guests.insert(id, g.clone());
-            let audit = Self::audit_op(&mut inv, ctx, Some(format!("guest/{}", g.spec.name)), "ok", 200);
-            (Self::guest_view(&inv, &g), self.persister.enqueue(vec![put(guest_key(id), &g), audit]))
-        };
-        pending.durable().await?;
-        Ok(view)
+        self.relay_done(id, AgentCallKind::SetLimits { limits: limits.clone() }).await?;
+        self.commit_spec(ctx, key, id, |spec| spec.limits = limits).await
     }
 
     // ---- agent protocol ----------------------------------------------------------

@@ -235,7 +235,7 @@ impl GuestSpec {
     }
 
     /// Records vCPUs grown to `vcpus` while running.
-    pub fn add_vcpus(&mut self, vcpus: u32) {
+    pub fn grow_vcpus_to(&mut self, vcpus: u32) {
         if vcpus > self.vcpus {
             self.hot_added_mut();
             self.vcpus = vcpus;
@@ -244,7 +244,7 @@ impl GuestSpec {
 
     /// Records memory grown to `memory` while running: one module of the
     /// difference.
-    pub fn add_memory(&mut self, memory: ByteSize) {
+    pub fn grow_memory_to(&mut self, memory: ByteSize) {
         if memory > self.memory {
             let more = ByteSize(memory.bytes() - self.memory.bytes());
             self.hot_added_mut().dimms.push(more);

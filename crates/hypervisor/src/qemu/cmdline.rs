@@ -449,6 +449,22 @@ pub(crate) mod tests {
         qemu_args(l).into_iter().map(|a| a.into_string().unwrap()).collect()
     }
 
+    /// The arguments for `c` with no taps and no extra kernel parameters.
+    fn plain_args(c: &GuestConfig, accel: ResolvedAccel) -> Vec<String> {
+        let dir = GuestDir::new(Path::new("/s"), c.id);
+        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
+        args_of(&Launch {
+            incoming: false,
+            config: c,
+            dir: &dir,
+            image: &image,
+            accel,
+            taps: &[],
+            extra_kernel_args: &[],
+            host: HOST,
+        })
+    }
+
     #[test]
     fn command_line_carries_disks_sockets_and_only_supplied_taps() {
         let c = config();
@@ -498,18 +514,7 @@ pub(crate) mod tests {
     fn a_guest_with_its_own_image_boots_disk_0_through_the_bios() {
         let mut c = config();
         c.spec.image = Some("/images/debian.qcow2".into());
-        let dir = GuestDir::new(Path::new("/state"), c.id);
-        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
-        let args = args_of(&Launch {
-            incoming: false,
-            config: &c,
-            dir: &dir,
-            image: &image,
-            accel: ResolvedAccel::Tcg,
-            taps: &[],
-            extra_kernel_args: &[],
-            host: HOST,
-        });
+        let args = plain_args(&c, ResolvedAccel::Tcg);
         for direct in ["-kernel", "-initrd", "-append", "-bios"] {
             assert!(!args.iter().any(|a| a == direct), "{args:?}");
         }
@@ -528,22 +533,10 @@ pub(crate) mod tests {
         let mut c = config();
         c.spec.vcpus = 1;
         c.spec.memory = ByteSize::mib(256);
-        c.spec.add_vcpus(2);
-        c.spec.add_memory(ByteSize::mib(384));
-        c.spec.add_memory(ByteSize::mib(640));
-        let dir = GuestDir::new(Path::new("/state"), c.id);
-        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
-        let launch = Launch {
-            incoming: true,
-            config: &c,
-            dir: &dir,
-            image: &image,
-            accel: ResolvedAccel::Tcg,
-            taps: &[],
-            extra_kernel_args: &[],
-            host: HOST,
-        };
-        let joined = args_of(&launch).join(" ");
+        c.spec.grow_vcpus_to(2);
+        c.spec.grow_memory_to(ByteSize::mib(384));
+        c.spec.grow_memory_to(ByteSize::mib(640));
+        let joined = plain_args(&c, ResolvedAccel::Tcg).join(" ");
         // The boot layout's ceilings, not the grown totals'.
         assert!(
             joined.contains("-smp 1,maxcpus=2,sockets=2,cores=1,threads=1 -m 256M,slots=8,maxmem=1024M"),
@@ -567,20 +560,7 @@ pub(crate) mod tests {
 
     #[test]
     fn kvm_uses_the_host_cpu() {
-        let c = config();
-        let dir = GuestDir::new(Path::new("/s"), c.id);
-        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
-        let joined = args_of(&Launch {
-            incoming: false,
-            config: &c,
-            dir: &dir,
-            image: &image,
-            accel: ResolvedAccel::Kvm,
-            taps: &[],
-            extra_kernel_args: &[],
-            host: HOST,
-        })
-        .join(" ");
+        let joined = plain_args(&config(), ResolvedAccel::Kvm).join(" ");
         assert!(joined.contains("-accel kvm -cpu host"), "{joined}");
         assert!(!joined.contains("netdev"), "{joined}");
     }
@@ -588,21 +568,7 @@ pub(crate) mod tests {
     #[test]
     fn every_disk_sits_behind_its_own_throttle_group() {
         let mut c = config();
-        let dir = GuestDir::new(Path::new("/s"), c.id);
-        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
-        let launch = |c: &GuestConfig| {
-            args_of(&Launch {
-                incoming: false,
-                config: c,
-                dir: &dir,
-                image: &image,
-                accel: ResolvedAccel::Tcg,
-                taps: &[],
-                extra_kernel_args: &[],
-                host: HOST,
-            })
-            .join(" ")
-        };
+        let launch = |c: &GuestConfig| plain_args(c, ResolvedAccel::Tcg).join(" ");
         // Without limits too, so that limits can be set while it runs.
         let plain = launch(&c);
         assert!(plain.contains("-object throttle-group,id=throttle1 "), "{plain}");

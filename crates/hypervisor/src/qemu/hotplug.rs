@@ -328,7 +328,7 @@ impl Plug<'_> {
             .collect();
 
         let mut changed = self.config.clone();
-        changed.spec.add_vcpus(vcpus);
+        changed.spec.grow_vcpus_to(vcpus);
         self.commit_record(changed)?;
         for args in adds {
             let dev = args["id"].as_str().unwrap_or_default().to_owned();
@@ -380,7 +380,7 @@ impl Plug<'_> {
         self.undo.push(Undo::ObjectDel(backing.clone()));
 
         let mut changed = self.config.clone();
-        changed.spec.add_memory(memory);
+        changed.spec.grow_memory_to(memory);
         self.commit_record(changed)?;
         self.qmp("device_add", json!({ "driver": "pc-dimm", "id": dimm, "memdev": backing })).await?;
         Ok(())
