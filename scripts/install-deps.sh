@@ -2,12 +2,19 @@
 # Installs the host packages drove's QEMU backend and its test image need.
 #
 # Idempotent and quick when everything is present: it only runs
-# `apt-get update` + `apt-get install` when a command is missing, so CI can
-# call it at the start of every run. Must run as root on Debian 12.
+# `apt-get update` + `apt-get install` when a command is missing or QEMU is
+# too old, so CI can call it at the start of every run. Must run as root on
+# Debian 12 or newer.
+#
+# QEMU must be 10.0 or newer (docs/adr/0014-qemu-10.md): 7.2, Debian 12's
+# own, loses guest writes during a TCG live migration of a busy guest (about
+# one migration in seven came up with a corrupted kernel). On Debian 12 it
+# comes from bookworm-backports, which this script adds if no apt source
+# names it; Debian 13 has it in main.
 #
 # qemu-utils is installed in the same command as qemu-system-x86 on purpose:
 # installing qemu-system-x86 alone can remove a newer preinstalled qemu-utils
-# and leave the host without `qemu-img`.
+# and leave the host without `qemu-img`, and the two must be one version.
 set -euo pipefail
 
 # command -> Debian package that provides it
@@ -45,6 +52,15 @@ if ! dpkg-query -W -f='${Status}' syslinux-common 2>/dev/null | grep -q 'install
     missing+=(syslinux-common)
 fi
 
+# The QEMU major version, or 0 when there is none.
+qemu_major() {
+    qemu-system-x86_64 --version 2>/dev/null | awk '/version/ {split($4, v, "."); print v[1]; exit}' | grep -E '^[0-9]+$' || echo 0
+}
+min_qemu=10
+if [ "$(qemu_major)" -lt "$min_qemu" ]; then
+    missing+=(qemu-system-x86 qemu-utils)
+fi
+
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install-deps: all present"
     exit 0
@@ -57,16 +73,33 @@ fi
 
 echo "install-deps: missing ${missing[*]}; installing the full set so versions stay consistent"
 export DEBIAN_FRONTEND=noninteractive
+target=()
+# shellcheck disable=SC1091
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+if [ "$codename" = bookworm ]; then
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "install-deps: adding bookworm-backports (QEMU $min_qemu)"
+        printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+            'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+            > /etc/apt/sources.list.d/drove-backports.sources
+    fi
+    target=(-t bookworm-backports)
+fi
 apt-get update -q
 # Pin qemu-utils to the version of qemu-system-x86 that apt will install: a
-# newer qemu-utils (e.g. from backports) "Breaks" the older
-# qemu-system-common, and apt would rather refuse than downgrade it.
-qemu_ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+# qemu-utils of another version "Breaks" qemu-system-common, and apt would
+# rather refuse than pick one.
+qemu_ver=$(apt-cache policy "${target[@]}" qemu-system-x86 | awk '/Candidate:/ {print $2}')
 if [ -z "$qemu_ver" ] || [ "$qemu_ver" = "(none)" ]; then
     echo "install-deps: apt knows no qemu-system-x86 package (is this Debian with main enabled?)" >&2
     exit 1
 fi
-apt-get install -y -q --no-install-recommends --allow-downgrades \
-    qemu-system-x86 "qemu-utils=$qemu_ver" busybox-static cpio socat iproute2 xz-utils zstd gzip \
+apt-get install -y -q --no-install-recommends --allow-downgrades "${target[@]}" \
+    "qemu-system-x86=$qemu_ver" "qemu-system-common=$qemu_ver" "qemu-system-data=$qemu_ver" \
+    "qemu-utils=$qemu_ver" busybox-static cpio socat iproute2 xz-utils zstd gzip \
     dosfstools syslinux syslinux-common mtools util-linux
+if [ "$(qemu_major)" -lt "$min_qemu" ]; then
+    echo "install-deps: QEMU $(qemu_major) installed, drove needs $min_qemu or newer" >&2
+    exit 1
+fi
 echo "install-deps: done"

@@ -48,8 +48,13 @@ use drove_model::{ByteSize, GuestSpec, ResourceLimits};
 use super::guest_dir::GuestDir;
 use crate::{GuestConfig, HostResources};
 
-/// TCG translation cache per guest, MiB.
-pub const TCG_TB_SIZE_MIB: u32 = 32;
+/// TCG translation cache per guest, MiB. Booting the test image translates
+/// about 50 MiB of host code: a smaller cache is flushed during boot and the
+/// boot pays for translating again. It also leaves room for a hot-added
+/// vCPU, which QEMU 10 gives a region of its own and aborts when every
+/// region is taken (see `hotplug::jit_room_for_a_vcpu`). Only the code
+/// actually translated is resident.
+pub const TCG_TB_SIZE_MIB: u32 = 128;
 
 /// The accelerator a guest actually runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

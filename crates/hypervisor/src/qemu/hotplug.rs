@@ -112,6 +112,25 @@ impl QemuHypervisor {
     }
 }
 
+/// "gen code size USED/SIZE" of `x-query-jit`'s text, bytes.
+fn jit_code_size(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().find(|l| l.starts_with("gen code size"))?;
+    let (used, size) = line.trim_start_matches("gen code size").trim().split_once('/')?;
+    Some((used.trim().parse().ok()?, size.trim().parse().ok()?))
+}
+
+/// Whether a hot-added vCPU can get a region of the translation cache.
+/// QEMU splits the cache into regions (at most 8 per possible vCPU, at
+/// least 2 MiB each); each vCPU thread fills its own and takes the next
+/// free one when it is full, and the cache is flushed only when a running
+/// vCPU finds none left. A new vCPU thread that finds none aborts QEMU
+/// (`tcg_region_initial_alloc__locked: assertion failed`, QEMU 10.0). So a
+/// vCPU is added only while a quarter of the cache is still untouched,
+/// which covers the regions the running vCPUs hold partly filled.
+fn jit_room_for_a_vcpu(used: u64, size: u64) -> bool {
+    used.saturating_mul(4) <= size.saturating_mul(3)
+}
+
 impl Plug<'_> {
     fn id(&self) -> GuestId {
         self.config.id
@@ -296,6 +315,20 @@ impl Plug<'_> {
         if vcpus == current {
             return Ok(());
         }
+        // Not a QEMU on TCG (KVM has no translation cache): nothing to check.
+        if let Ok(jit) = self.slot.execute(self.dir, self.pid, "x-query-jit", None).await {
+            let text = jit.get("human-readable-text").and_then(Value::as_str).unwrap_or_default();
+            if let Some((used, size)) = jit_code_size(text)
+                && !jit_room_for_a_vcpu(used, size)
+            {
+                return Err(refuse(format!(
+                    "the guest's TCG translation cache is nearly full ({} of {} MiB): QEMU cannot start a vCPU \
+                     then; try again after the cache is flushed, or restart the guest with more vCPUs",
+                    used >> 20,
+                    size >> 20
+                )));
+            }
+        }
         let slots = self.query("query-hotpluggable-cpus").await?;
         let slots = slots.as_array().cloned().unwrap_or_default();
         let present = slots.iter().filter(|s| s.get("qom-path").is_some()).count();
@@ -396,6 +429,18 @@ fn is_mac(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vcpu_is_added_only_while_the_translation_cache_has_room() {
+        let text = "Accelerator settings:\none-insn-per-tb: off\n\nTranslation buffer state:\n\
+                    gen code size       51699619/134135808\nTB count            56036\n";
+        assert_eq!(jit_code_size(text), Some((51_699_619, 134_135_808)));
+        assert!(jit_room_for_a_vcpu(51_699_619, 134_135_808));
+        // A 32 MiB cache right after boot: full, and QEMU would abort.
+        assert!(!jit_room_for_a_vcpu(32_274_067, 33_472_512));
+        assert_eq!(jit_code_size("no such line"), None);
+        assert_eq!(jit_code_size("gen code size  12/x"), None);
+    }
 
     #[test]
     fn macs_are_six_hex_pairs() {

@@ -114,6 +114,7 @@ impl QemuHypervisor {
                 ),
             });
         }
+        self.migration_supported(OP).await?;
         // Defines the guest and makes its (empty) disks, idempotently; a
         // guest on shared storage links the disks its source runs on.
         crate::Hypervisor::create(self, config).await?;
@@ -199,6 +200,27 @@ impl QemuHypervisor {
         Ok(())
     }
 
+    /// Refuses a TCG migration on a QEMU known to corrupt busy guests, and
+    /// one on a QEMU whose release we cannot tell.
+    async fn migration_supported(&self, op: &'static str) -> Result<(), HvError> {
+        if self.accel().await != super::ResolvedAccel::Tcg {
+            return Ok(());
+        }
+        let min = super::QemuVersion::TCG_MIGRATION_MIN;
+        let reason = match self.qemu_version().await {
+            Some(v) if v >= min => return Ok(()),
+            Some(v) => format!(
+                "QEMU {v} loses a busy guest's memory writes when it migrates under TCG; \
+                 live migration needs QEMU {min} or newer (scripts/install-deps.sh installs it)"
+            ),
+            None => format!(
+                "cannot tell the QEMU release ({} --version); live migration under TCG needs QEMU {min} or newer",
+                self.config().qemu_binary.display()
+            ),
+        };
+        Err(HvError::Unsupported { op, backend: drove_model::HypervisorKind::Qemu, reason })
+    }
+
     pub(super) async fn outgoing(
         &self,
         id: GuestId,
@@ -206,6 +228,7 @@ impl QemuHypervisor {
         progress: &(dyn Fn(MigrationProgress) + Send + Sync),
     ) -> Result<MigrationStats, HvError> {
         const OP: &str = "migrate_out";
+        self.migration_supported(OP).await?;
         let guest = self.guest(id);
         guest.cancel_migration.store(false, Ordering::SeqCst);
         let mut slot = guest.change().await;
