@@ -94,10 +94,11 @@ if [ -z "$qemu_ver" ] || [ "$qemu_ver" = "(none)" ]; then
     echo "install-deps: apt knows no qemu-system-x86 package (is this Debian with main enabled?)" >&2
     exit 1
 fi
-apt-get install -y -q --no-install-recommends --allow-downgrades "${target[@]}" \
-    "qemu-system-x86=$qemu_ver" "qemu-system-common=$qemu_ver" "qemu-system-data=$qemu_ver" \
-    "qemu-utils=$qemu_ver" busybox-static cpio socat iproute2 xz-utils zstd gzip \
+apt-get install -y -q --no-install-recommends busybox-static cpio socat iproute2 xz-utils zstd gzip \
     dosfstools syslinux syslinux-common mtools util-linux
+# Only QEMU from backports: the rest (iproute2 among them) stays Debian's own.
+apt-get install -y -q --no-install-recommends --allow-downgrades "${target[@]}" \
+    "qemu-system-x86=$qemu_ver" "qemu-system-common=$qemu_ver" "qemu-system-data=$qemu_ver" "qemu-utils=$qemu_ver"
 if [ "$(qemu_major)" -lt "$min_qemu" ]; then
     echo "install-deps: QEMU $(qemu_major) installed, drove needs $min_qemu or newer" >&2
     exit 1
