@@ -5,6 +5,11 @@
 //! create-to-readiness time (API call until the guest's init prints
 //! `DROVE-READY`, read back through the API), density (N small guests
 //! booted together), and what each guest costs in memory beyond its RAM.
+//!
+//! Beside each timed boot it boots the same QEMU command line bare (no
+//! manager, agent or API) and times it to the same line: this machine's
+//! speed varies by tens of percent over an hour, and the pair shows what
+//! drove adds to QEMU's own boot at that moment.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -40,6 +45,12 @@ struct BootFigures {
     ready_p50_s: f64,
     ready_p95_s: f64,
     ready_min_s: f64,
+    /// Until a client polling the console log through the API (every 20
+    /// ms, each poll relayed to the host) saw the line.
+    seen_via_api_p50_s: f64,
+    /// The same command lines run bare, interleaved with drove's boots.
+    bare_qemu_p50_s: f64,
+    bare_qemu_p95_s: f64,
     together: usize,
     together_ready: usize,
     together_seconds: f64,
@@ -162,6 +173,75 @@ fn qemu_pids(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Seconds from `t0` until a guest's serial log on the lab's (one) host
+/// holds `DROVE-READY`, looked at every 10 ms: the moment the guest printed
+/// it, timed like the bare boots.
+async fn wait_logged(dir: &Path, t0: Instant, deadline: Instant) -> Result<f64> {
+    loop {
+        if let Ok(hosts) = std::fs::read_dir(dir.join("hosts")) {
+            let logs = hosts
+                .flatten()
+                .filter_map(|h| std::fs::read_dir(h.path().join("guests")).ok())
+                .flat_map(|g| g.flatten())
+                .map(|g| g.path().join("serial.log"));
+            for log in logs {
+                if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("DROVE-READY")) {
+                    return Ok(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no guest reported ready in time");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A QEMU process's argv.
+fn qemu_argv(pid: u32) -> Result<Vec<String>> {
+    let raw =
+        std::fs::read(format!("/proc/{pid}/cmdline")).with_context(|| format!("reading QEMU {pid}'s command line"))?;
+    Ok(raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+}
+
+/// Boots `argv` (a guest's QEMU command line as drove ran it) with its
+/// per-guest files moved to `dir`, in the foreground, and times it from
+/// spawn to `DROVE-READY` in its serial log.
+async fn bare_boot(argv: &[String], dir: &Path) -> Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let guest_dir = argv
+        .iter()
+        .position(|a| a == "-pidfile")
+        .and_then(|i| argv.get(i + 1))
+        .and_then(|p| Path::new(p).parent())
+        .map(|p| p.to_string_lossy().into_owned())
+        .context("the guest's QEMU has no -pidfile")?;
+    let here = dir.to_string_lossy();
+    let args: Vec<String> =
+        argv[1..].iter().filter(|a| *a != "-daemonize").map(|a| a.replace(&guest_dir, &here)).collect();
+    let log = dir.join("serial.log");
+    let t0 = Instant::now();
+    let mut child = tokio::process::Command::new(&argv[0])
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", argv[0]))?;
+    let ready = loop {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("DROVE-READY")) {
+            break Ok(t0.elapsed().as_secs_f64());
+        }
+        if t0.elapsed() > Duration::from_secs(60) || child.try_wait()?.is_some() {
+            break Err(anyhow::anyhow!("the bare QEMU boot in {} did not report ready", dir.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let _ = child.kill().await;
+    ready
+}
+
 pub(crate) async fn wait_ready(c: &Client, name: &str, deadline: Instant) -> Result<()> {
     loop {
         if let Ok(log) = c.console_log(name, 1 << 20).await
@@ -185,18 +265,28 @@ pub async fn run(a: BootBench) -> Result<()> {
     let dir = lab.dir.clone();
 
     let mut times = Vec::new();
+    let mut bare = Vec::new();
+    let mut via_api = Vec::new();
+    // In the lab's directory, which goes with the lab.
+    let scratch = dir.join("bare-qemu");
     for i in 0..a.boots {
         let name = format!("boot-{i}");
         let t0 = Instant::now();
         c.create_guest(&CreateGuestRequest::new(&name, 1, a.memory)).await?;
+        times.push(wait_logged(&dir, t0, t0 + Duration::from_secs(120)).await?);
         wait_ready(&c, &name, t0 + Duration::from_secs(120)).await?;
-        times.push(t0.elapsed().as_secs_f64());
-        eprint!("\rboot {}/{}: {:.2}s   ", i + 1, a.boots, times[i]);
+        via_api.push(t0.elapsed().as_secs_f64());
+        let argv = qemu_pids(&dir).first().map(|p| qemu_argv(*p)).transpose()?;
         let del = c.delete_guest(&name).await?;
         c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
+        let argv = argv.context("the booted guest's QEMU was not found")?;
+        bare.push(bare_boot(&argv, &scratch.join(i.to_string())).await?);
+        eprint!("\rboot {}/{}: {:.2}s (bare QEMU {:.2}s)   ", i + 1, a.boots, times[i], bare[i]);
     }
     eprintln!();
     times.sort_by(f64::total_cmp);
+    bare.sort_by(f64::total_cmp);
+    via_api.sort_by(f64::total_cmp);
 
     let t0 = Instant::now();
     for i in 0..a.together {
@@ -226,6 +316,9 @@ pub async fn run(a: BootBench) -> Result<()> {
         ready_p50_s: percentile(&times, 0.5),
         ready_p95_s: percentile(&times, 0.95),
         ready_min_s: times[0],
+        seen_via_api_p50_s: percentile(&via_api, 0.5),
+        bare_qemu_p50_s: percentile(&bare, 0.5),
+        bare_qemu_p95_s: percentile(&bare, 0.95),
         together: a.together,
         together_ready: ready,
         together_seconds,
@@ -243,8 +336,15 @@ pub async fn run(a: BootBench) -> Result<()> {
         Format::Table => {
             println!("drove bench boot: real QEMU guests ({guest_mib} MiB) through manager, agent and QMP");
             println!(
-                "  create -> DROVE-READY        p50 {:.2} s   p95 {:.2} s   min {:.2} s   ({} boots)",
+                "  create -> DROVE-READY logged p50 {:.2} s   p95 {:.2} s   min {:.2} s   ({} boots)",
                 f.ready_p50_s, f.ready_p95_s, f.ready_min_s, f.boots
+            );
+            println!("  ... seen through the API     p50 {:.2} s", f.seen_via_api_p50_s);
+            println!(
+                "  same QEMU, bare -> READY      p50 {:.2} s   p95 {:.2} s   (drove adds {:+.0} ms at p50)",
+                f.bare_qemu_p50_s,
+                f.bare_qemu_p95_s,
+                (f.ready_p50_s - f.bare_qemu_p50_s) * 1000.0
             );
             println!(
                 "  booted together              {}/{} ready in {:.1} s",
