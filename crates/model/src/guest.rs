@@ -565,6 +565,26 @@ pub struct Guest {
     /// Its last restart on another host after its host failed.
     #[serde(default)]
     pub last_failover: Option<FailoverRecord>,
+    /// How its disks last moved between pools.
+    #[serde(default)]
+    pub last_storage_move: Option<StorageMoved>,
+}
+
+/// A move of a guest's disks between pools, as its host did it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StorageMoved {
+    /// The pool the disks were on.
+    pub from: Storage,
+    /// The pool they are on now (`from` when they were there already).
+    pub to: Storage,
+    /// Copied under a running guest (a block mirror, the guest kept
+    /// running) rather than from files nobody had open.
+    pub live: bool,
+    /// Bytes copied: the disks' data as the mirror or the copy counted
+    /// it; zero when there was nothing to move.
+    pub bytes: u64,
+    /// From the first copy to the old files' removal, milliseconds.
+    pub duration_ms: u64,
 }
 
 /// A guest's restart on a survivor after its host failed.

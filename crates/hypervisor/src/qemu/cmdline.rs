@@ -250,6 +250,26 @@ pub fn root_nodes(named: &serde_json::Value, disks: usize) -> Vec<String> {
         .collect()
 }
 
+/// The image (qcow2) node of disk `i`, from the answer to
+/// `query-named-block-nodes`: `disk{i}` as the command line and hotplug
+/// name it, or, after a live storage move (`storage.rs`) in this QEMU's
+/// life, the node that replaced it (`disk{i}-m<stamp>`), which keeps its
+/// name until the next start.
+pub fn image_node(named: &serde_json::Value, i: usize) -> String {
+    let plain = format!("disk{i}");
+    let moved = format!("disk{i}-m");
+    let names: Vec<&str> = named
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.get("node-name").and_then(serde_json::Value::as_str))
+        .collect();
+    if names.contains(&plain.as_str()) {
+        return plain;
+    }
+    names.into_iter().find(|n| n.starts_with(&moved)).map_or(plain, str::to_owned)
+}
+
 /// The `limits` property of a running throttle group for the guest's disk
 /// limits: every limit we set, 0 for none (QEMU keeps a limit left out).
 pub fn throttle_limits_object(limits: &ResourceLimits) -> serde_json::Value {
