@@ -2468,6 +2468,11 @@ async fn a_running_guests_disks_move_between_pools_live_and_it_keeps_writing() {
     assert_eq!(disk_files(&shared), ["disk0.qcow2", "disk1.qcow2"]);
     assert!(disk_files(&local).is_empty(), "the old files are gone: {:?}", disk_files(&local));
     assert_eq!(record_spec(&hv, id)["storage"], "shared");
+    let moved_nodes =
+        |nodes: &[String], i: usize| nodes.iter().filter(|n| n.starts_with(&format!("disk{i}-m"))).count();
+    let nodes = block_nodes(&hv, id).await;
+    assert!(!nodes.iter().any(|n| n == "disk0" || n == "disk1"), "the old image nodes are closed: {nodes:?}");
+    assert_eq!((moved_nodes(&nodes, 0), moved_nodes(&nodes, 1)), (1, 1), "{nodes:?}");
     let info = std::process::Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(shared.join("disk0.qcow2"))
@@ -2499,6 +2504,12 @@ async fn a_running_guests_disks_move_between_pools_live_and_it_keeps_writing() {
     assert!(!shared.exists(), "the guest's directory on the pool is gone");
     assert!(!hv.guest_dir(id).join("shared").exists());
     assert_eq!(record_spec(&hv, id)["storage"], "local");
+    let nodes = block_nodes(&hv, id).await;
+    assert_eq!(
+        (moved_nodes(&nodes, 0), moved_nodes(&nodes, 1)),
+        (1, 1),
+        "the first move's nodes are closed: {nodes:?}"
+    );
     assert_eq!(disk_sum(&hv, id, "vda", 48).await, sum);
     let after: u64 = sh(&hv, id, "cat /tmp/count").await.parse().unwrap();
     assert!(after > during, "the counter ran on: {during} then {after}");

@@ -979,6 +979,7 @@ impl Manager {
             migration: None,
             last_migration: None,
             last_failover: None,
+            moving_storage: None,
             last_storage_move: None,
         };
         if guest.intent == PowerIntent::Running {

@@ -52,8 +52,8 @@ impl Manager {
         let to = req.to;
         let (accepted, pending) = {
             let mut inv = self.lock();
-            let g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
-            let name = &g.spec.name;
+            let mut g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
+            let name = &g.spec.name.clone();
             if g.migration.is_some() {
                 return Err(ApiError::conflict(format!(
                     "guest {name} is being migrated; move its disks before or after the migration"
@@ -97,6 +97,7 @@ impl Manager {
                 });
             }
             let step = format!("moving its disks from the {} pool to the {to} pool", g.spec.storage);
+            g.moving_storage = Some(to);
             let mut op = Self::new_op(OperationKind::MoveStorage, &g, &ctx.principal, &step);
             op.progress = 10;
             // Claimed under the inventory lock: the monitor never starts a
@@ -118,27 +119,25 @@ impl Manager {
     /// manager restart): it asks the host again, which answers at once if
     /// the move was done.
     pub fn resume_storage_moves(self: &Arc<Self>) {
-        let orphaned: Vec<(GuestId, Storage)> = {
+        let (orphaned, aimless): (Vec<(GuestId, OperationId, Option<Storage>)>, _) = {
             let inv = self.lock();
             inv.active_ops
                 .iter()
                 .filter(|(_, op)| {
                     inv.ops.get(op).is_some_and(|o| o.kind == OperationKind::MoveStorage && !o.state.is_final())
                 })
-                .filter_map(|(g, _)| {
-                    // The pool is in the step the request wrote; the spec
-                    // still names the old one, so the target is the other.
-                    let guest = inv.guests.get(g)?;
-                    let to = match guest.spec.storage {
-                        Storage::Local => Storage::Shared,
-                        Storage::Shared => Storage::Local,
-                    };
-                    Some((*g, to))
-                })
-                .filter(|(g, _)| self.claim_driver(*g))
-                .collect()
+                .map(|(g, op)| (*g, *op, inv.guests.get(g).and_then(|g| g.moving_storage)))
+                .filter(|(g, _, _)| self.claim_driver(*g))
+                .partition(|(_, _, to)| to.is_some())
         };
-        for (guest, to) in orphaned {
+        // A record without its target pool (changed by hand): nothing to
+        // finish, and it must not stay running forever.
+        for (guest, op, _) in aimless {
+            self.settle_move(guest, op, Err("the guest's record names no pool to move to".into()));
+            self.release_driver(guest);
+        }
+        for (guest, _, to) in orphaned {
+            let Some(to) = to else { continue };
             tracing::info!(%guest, %to, "resuming a storage move");
             self.spawn_move_driver(guest, to);
         }
@@ -196,6 +195,7 @@ impl Manager {
                 Err(_) => OperationEvent::Fail { undo: false },
             };
             o.state = o.state.apply(event).unwrap_or(OperationState::Failed);
+            g.moving_storage = None;
             match result {
                 Ok(moved) => {
                     inv.unindex_guest(&g);

@@ -212,3 +212,38 @@ async fn a_manager_restarted_mid_move_asks_the_host_again_and_records_it() {
     assert_eq!(on_host(&dc, 0, id), Storage::Shared);
     dc.shutdown().await;
 }
+
+/// While its disks move, a guest on the shared pool does not fail over:
+/// after the host's switch its files are on that host, whatever the spec
+/// still says. Once the move settles it is planned again by its new pool.
+#[tokio::test]
+async fn a_guest_whose_disks_are_moving_does_not_fail_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::fast_config(dir.path());
+    let mut dc = Dc::start_with(dir, config, 0).await;
+    let slow = SimConfig { snapshot_delay: Duration::from_millis(1500), ..SimConfig::default() };
+    dc.add_agent("host-1", slow.clone()).await;
+    dc.add_agent("host-2", slow).await;
+    dc.wait_hosts_up(2).await;
+    let req = CreateGuestRequest {
+        disks: vec![ByteSize::gib(1)],
+        host: Some("host-1".into()),
+        storage: Some(Storage::Shared),
+        ..CreateGuestRequest::new("roamer", 1, ByteSize::mib(256))
+    };
+    dc.wait_succeeded(&dc.admin.create_guest(&req).await.unwrap().operation).await;
+    let plan = dc.admin.failover_plan("host-1").await.unwrap();
+    assert_eq!(plan.restarts.len(), 1, "{plan:?}");
+
+    let acc = dc.admin.move_storage("roamer", &to(Storage::Local)).await.unwrap();
+    assert_eq!(dc.admin.get_guest("roamer").await.unwrap().guest.moving_storage, Some(Storage::Local));
+    let plan = dc.admin.failover_plan("host-1").await.unwrap();
+    assert!(plan.restarts.is_empty(), "{plan:?}");
+    assert!(plan.stranded[0].reason.contains("moving between pools"), "{plan:?}");
+    dc.wait_succeeded(&acc.operation).await;
+    let g = dc.admin.get_guest("roamer").await.unwrap().guest;
+    assert_eq!((g.moving_storage, g.spec.storage), (None, Storage::Local));
+    let plan = dc.admin.failover_plan("host-1").await.unwrap();
+    assert!(plan.stranded[0].reason.contains("its disks are on that host"), "{plan:?}");
+    dc.shutdown().await;
+}

@@ -117,6 +117,12 @@ fn remove_file(path: &Path) -> Result<(), QemuError> {
     }
 }
 
+/// Bytes the file takes on its filesystem (a thin qcow2: what it holds).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
 fn unix_ms() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
 }
@@ -214,7 +220,9 @@ impl QemuHypervisor {
             None => mover.offline(from, to, &old, &new).await,
         };
         let bytes = match moved {
-            Ok(bytes) => bytes,
+            // What the new files hold: the data the copy wrote (the
+            // mirror's own count is the disks' whole virtual size).
+            Ok(()) => new.iter().map(|p| allocated(p)).sum(),
             Err(e) => {
                 // The guest's directory on the pool, if we made it and it
                 // holds nothing (remove_dir refuses otherwise).
@@ -284,16 +292,9 @@ impl Mover<'_> {
     }
 
     /// A guest without a process: copy each file, commit.
-    async fn offline(
-        &mut self,
-        from: Storage,
-        to: Storage,
-        old: &[PathBuf],
-        new: &[PathBuf],
-    ) -> Result<u64, QemuError> {
-        let result = self.copy_files(old, new).await;
-        let result = match result {
-            Ok(bytes) => self.commit(from, to).map(|()| bytes),
+    async fn offline(&mut self, from: Storage, to: Storage, old: &[PathBuf], new: &[PathBuf]) -> Result<(), QemuError> {
+        let result = match self.copy_files(old, new).await {
+            Ok(()) => self.commit(from, to),
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -302,9 +303,8 @@ impl Mover<'_> {
         result
     }
 
-    async fn copy_files(&mut self, old: &[PathBuf], new: &[PathBuf]) -> Result<u64, QemuError> {
+    async fn copy_files(&mut self, old: &[PathBuf], new: &[PathBuf]) -> Result<(), QemuError> {
         let qemu_img = self.hv.inner.config.qemu_img.clone();
-        let mut bytes = 0;
         for (src, dst) in old.iter().zip(new) {
             let tmp = dst.with_extension("qcow2.moving");
             remove_file(&tmp)?;
@@ -328,9 +328,8 @@ impl Mover<'_> {
             }
             std::fs::rename(&tmp, dst).map_err(|e| QemuError::io("renaming into place", dst, e))?;
             self.undo.push(Undo::RemoveFile(dst.clone()));
-            bytes += std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// A guest with a process: mirror, commit, pivot.
@@ -341,9 +340,9 @@ impl Mover<'_> {
         to: Storage,
         old: &[PathBuf],
         new: &[PathBuf],
-    ) -> Result<u64, QemuError> {
-        let bytes = match self.mirror(pid, new).await {
-            Ok(bytes) => bytes,
+    ) -> Result<(), QemuError> {
+        let old_nodes = match self.mirror(pid, new).await {
+            Ok(nodes) => nodes,
             Err(e) => {
                 self.roll_back(Some(pid)).await;
                 return Err(e);
@@ -355,13 +354,13 @@ impl Mover<'_> {
         }
         let disks = new.len();
         match self.pivot(pid, disks).await {
-            Ok(old_nodes) => {
+            Ok(()) => {
                 for node in old_nodes {
                     if let Err(e) = self.qmp(pid, "blockdev-del", json!({ "node-name": node })).await {
                         tracing::warn!(%node, error = %e, "cannot close an image node the guest moved away from");
                     }
                 }
-                Ok(bytes)
+                Ok(())
             }
             Err((0, e)) => {
                 // No disk switched: QEMU still writes the old files, which
@@ -388,14 +387,16 @@ impl Mover<'_> {
     }
 
     /// Starts a mirror of every disk into a new file and waits until all
-    /// are ready; the bytes the mirrors copied.
-    async fn mirror(&mut self, pid: u32, new: &[PathBuf]) -> Result<u64, QemuError> {
+    /// are ready; the image nodes the mirrors will replace.
+    async fn mirror(&mut self, pid: u32, new: &[PathBuf]) -> Result<Vec<String>, QemuError> {
         let named = self.qmp(pid, "query-named-block-nodes", json!({ "flat": true })).await?;
         let disks = new.len();
         let roots = cmdline::root_nodes(&named, disks);
+        // Before the new nodes exist: then each disk has one image node.
+        let images: Vec<String> = (0..disks).map(|i| cmdline::image_node(&named, i)).collect();
         let stamp = unix_ms();
         for (i, path) in new.iter().enumerate() {
-            let image = cmdline::image_node(&named, i);
+            let image = images[i].clone();
             let size = named
                 .as_array()
                 .and_then(|all| all.iter().find(|n| n["node-name"] == image.as_str()))
@@ -431,7 +432,6 @@ impl Mover<'_> {
         loop {
             let jobs = self.jobs(pid).await?;
             let mut done = 0;
-            let mut len = 0;
             let mut ready = 0;
             for i in 0..disks {
                 let j = jobs.iter().find(|j| j["device"] == job(i).as_str());
@@ -441,14 +441,13 @@ impl Mover<'_> {
                     return Err(QemuError::Job { job: job(i), error: error.to_owned() });
                 };
                 done += u(j, "/offset");
-                len += u(j, "/len");
                 if j["ready"].as_bool() == Some(true) {
                     ready += 1;
                 }
             }
             stall.check(done, "mirroring the disks to the new pool")?;
             if ready == disks {
-                return Ok(len);
+                return Ok(images);
             }
             tokio::time::sleep(POLL).await;
         }
@@ -465,12 +464,9 @@ impl Mover<'_> {
             .collect())
     }
 
-    /// Switches every disk to its mirror's target; the old image nodes, to
-    /// be closed. On failure, how many disks did switch, and why the rest
-    /// did not.
-    async fn pivot(&mut self, pid: u32, disks: usize) -> Result<Vec<String>, (usize, QemuError)> {
-        let named = self.qmp(pid, "query-named-block-nodes", json!({ "flat": true })).await.map_err(|e| (0, e))?;
-        let old_nodes: Vec<String> = (0..disks).map(|i| cmdline::image_node(&named, i)).collect();
+    /// Switches every disk to its mirror's target. On failure, how many
+    /// disks did switch, and why the rest did not.
+    async fn pivot(&mut self, pid: u32, disks: usize) -> Result<(), (usize, QemuError)> {
         let mut failure = None;
         for i in 0..disks {
             if let Err(e) = self.qmp(pid, "block-job-complete", json!({ "device": job(i) })).await {
@@ -511,7 +507,7 @@ impl Mover<'_> {
         match failure {
             None => {
                 self.undo.clear();
-                Ok(old_nodes)
+                Ok(())
             }
             Some(e) => Err((pivoted, e)),
         }
