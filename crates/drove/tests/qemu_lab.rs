@@ -1158,7 +1158,8 @@ fn a_running_guests_disk_moves_to_the_shared_pool_live_and_it_then_migrates_with
     let count1: u64 = sh_long(&lab, "mover", 60, "cat /tmp/count").parse().unwrap();
     assert!(count1 > count0, "the counter ran through the failed move: {count0} then {count1}");
 
-    // For real. While it runs, the guest writes 16 MiB more (at 700 MiB).
+    // For real. All through the move the guest writes 16 MiB more, 1 MiB
+    // every 0.2 s (at 700 MiB on).
     let ticks_before: usize = sh_long(&lab, "mover", 60, "wc -l < /tmp/ticks").parse().unwrap();
     let writer = std::thread::spawn({
         let cfg = lab.config.clone();
@@ -1166,8 +1167,9 @@ fn a_running_guests_disk_moves_to_the_shared_pool_live_and_it_then_migrates_with
             let out = Command::new(env!("CARGO_BIN_EXE_drove"))
                 .args(["vm", "exec", "mover", "--timeout", "600", "--", "sh", "-c"])
                 .arg(
-                    "dd if=/dev/urandom of=/tmp/during bs=1M count=16 2>/dev/null && \
-                     dd if=/tmp/during of=/dev/vda bs=1M seek=700 conv=fsync 2>/dev/null && md5sum < /tmp/during",
+                    "dd if=/dev/urandom of=/tmp/during bs=1M count=16 2>/dev/null && echo DROVE-WRITING > /dev/console && i=0; \
+                     while [ $i -lt 16 ]; do dd if=/tmp/during of=/dev/vda bs=1M skip=$i seek=$((700+i)) count=1 \
+                     conv=fsync 2>/dev/null; i=$((i+1)); usleep 200000; done; md5sum < /tmp/during",
                 )
                 .env("DROVE_CONFIG", cfg)
                 .output()
@@ -1176,9 +1178,14 @@ fn a_running_guests_disk_moves_to_the_shared_pool_live_and_it_then_migrates_with
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         }
     });
+    // (Through the console: a second exec would wait for the first.)
+    eventually("the guest writes", Duration::from_secs(120), || {
+        std::fs::read_to_string(local.join("serial.log")).unwrap_or_default().contains("DROVE-WRITING").then_some(())
+    });
     let t = Instant::now();
     let line = lab.ok(&["vm", "move-storage", "mover", "--to", "shared"]);
     let took = t.elapsed();
+    assert!(!writer.is_finished(), "the guest was still writing when the move ended (took {took:?})");
     let during = writer.join().unwrap();
     let g = lab.json(&["vm", "show", "mover"]);
     eprintln!("move-storage said: {line}; the CLI waited {took:?}; {}", g["last_storage_move"]);
