@@ -2582,3 +2582,97 @@ async fn a_move_that_fails_half_way_leaves_the_guest_on_its_old_disk_and_nothing
     assert!(err.to_string().contains("no shared pool"), "{err}");
     hv.destroy(id).await.unwrap();
 }
+
+/// Starts what a storage move of disk 0 does up to its commit, by hand:
+/// a new file at `target`, its node, a write-blocking mirror into it,
+/// until ready.
+async fn mirror_by_hand(hv: &QemuHypervisor, id: GuestId, target: &Path) {
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let size = hv
+        .qmp_execute(id, "query-named-block-nodes", None)
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk0")
+        .unwrap()["image"]["virtual-size"]
+        .as_u64()
+        .unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(target)
+        .arg(size.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let node = serde_json::json!({ "driver": "qcow2", "node-name": "disk0-m1",
+        "file": { "driver": "file", "filename": target.to_string_lossy() } });
+    hv.qmp_execute(id, "blockdev-add", Some(node)).await.unwrap();
+    let mirror = serde_json::json!({ "job-id": "drove-move0", "device": "throttled0", "target": "disk0-m1",
+        "replaces": "disk0", "sync": "full", "copy-mode": "write-blocking", "auto-dismiss": false });
+    hv.qmp_execute(id, "blockdev-mirror", Some(mirror)).await.unwrap();
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let jobs = hv.qmp_execute(id, "query-block-jobs", None).await.unwrap();
+        if jobs[0]["ready"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mirror did not get ready: {jobs}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An agent that died half-way through a move left a mirror running in
+/// the guest's QEMU. If the link had flipped (the commit), the next move
+/// call finishes the switch: the guest ends up on the new files, with its
+/// data, and boots from them. If it had not, the mirror is ended and its
+/// file removed: the guest stays on its old files.
+#[tokio::test]
+async fn an_interrupted_move_is_finished_after_its_commit_and_undone_before_it() {
+    use drove_model::guest::Storage;
+    let lab = Lab::new();
+    let (hv, _, pool) = shared_pair(&lab);
+    let g = guest("survivor", &[32]);
+    let id = g.id;
+    hv.create(&g).await.unwrap();
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 1).await;
+    sh(&hv, id, "dd if=/dev/urandom of=/dev/vda bs=1M count=16 conv=fsync 2>/dev/null").await;
+    let sum = disk_sum(&hv, id, "vda", 16).await;
+    let pid = status(&hv, id).await.pid.unwrap();
+    let local = hv.guest_dir(id);
+    let on_pool = pool.join(id.to_string()).join("disk0.qcow2");
+
+    // Before the commit: a mirror into the pool, the link untouched.
+    mirror_by_hand(&hv, id, &on_pool).await;
+    let moved = hv.move_storage(id, Storage::Local).await.unwrap();
+    assert_eq!((moved.from, moved.to, moved.bytes), (Storage::Local, Storage::Local, 0));
+    assert_eq!(hv.qmp_execute(id, "query-block-jobs", None).await.unwrap(), serde_json::json!([]));
+    assert!(!on_pool.exists(), "the uncommitted copy is removed");
+    assert!(!block_nodes(&hv, id).await.iter().any(|n| n.starts_with("disk0-m")));
+    assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
+
+    // After it: the link flipped, the record not yet written.
+    mirror_by_hand(&hv, id, &on_pool).await;
+    std::os::unix::fs::symlink(pool.join(id.to_string()), local.join("shared")).unwrap();
+    sh(&hv, id, "echo written-after-the-commit | dd of=/dev/vda bs=512 seek=40000 count=1 conv=fsync 2>/dev/null")
+        .await;
+    let moved = hv.move_storage(id, Storage::Shared).await.unwrap();
+    assert_eq!((moved.from, moved.to, moved.bytes), (Storage::Shared, Storage::Shared, 0));
+    assert_eq!(record_spec(&hv, id)["storage"], "shared", "the record follows the link");
+    assert_eq!(hv.qmp_execute(id, "query-block-jobs", None).await.unwrap(), serde_json::json!([]));
+    let nodes = block_nodes(&hv, id).await;
+    assert!(nodes.contains(&"disk0-m1".to_owned()) && !nodes.contains(&"disk0".to_owned()), "switched: {nodes:?}");
+    assert!(!local.join("disk0.qcow2").exists(), "the old local file is removed");
+    assert_eq!(status(&hv, id).await.pid, Some(pid));
+    assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
+    // Its next boot is from the pool's file, with everything.
+    hv.stop(id, StopMode::Force).await.unwrap();
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 2).await;
+    assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
+    let after = sh(&hv, id, "dd if=/dev/vda bs=512 skip=40000 count=1 2>/dev/null | head -n 1").await;
+    assert_eq!(after, "written-after-the-commit");
+    hv.destroy(id).await.unwrap();
+}

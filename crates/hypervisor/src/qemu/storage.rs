@@ -45,6 +45,13 @@
 //! writes. With several disks, a pivot that happens for some and not others
 //! cannot be taken back; the error says so and no file is removed.
 //!
+//! Every move call first settles what an interrupted one left in the QEMU
+//! (`Mover::finish_interrupted`): mirrors into files where the link points
+//! were committed, and are switched now; mirrors elsewhere never were, and
+//! are ended and their files removed. So repeating a call after a lost
+//! answer or a dead agent finishes the move or leaves the guest cleanly on
+//! its old files.
+//!
 //! # Backing chains
 //!
 //! `sync=full` copies what the guest sees through its whole chain, so each
@@ -153,6 +160,17 @@ impl QemuHypervisor {
             return Err(refuse(id, "this host has no shared pool"));
         }
         let (state, pid) = self.observe_and_remember(&guest, &dir, &mut slot).await.map_err(backend(OP, id))?;
+        {
+            let mut mover = Mover {
+                hv: self,
+                dir: &dir,
+                slot: &mut slot,
+                config: config.clone(),
+                pool: pool.as_deref(),
+                undo: Vec::new(),
+            };
+            mover.finish_interrupted(pid, from).await.map_err(backend(OP, id))?;
+        }
         if from == to {
             return Ok(StorageMoved { from, to, live: pid.is_some(), bytes: 0, duration_ms: 0 });
         }
@@ -510,6 +528,105 @@ impl Mover<'_> {
                 Ok(())
             }
             Some(e) => Err((pivoted, e)),
+        }
+    }
+
+    /// Settles what an interrupted move (an agent that died half-way)
+    /// left in the guest's QEMU, given the pool its link names now
+    /// (`current`). Mirrors into files on that pool were committed (the
+    /// link flipped while they were in sync): the switch is made now.
+    /// Mirrors into files elsewhere never were: they are ended, and their
+    /// nodes and files removed. Then image nodes that are no disk's any
+    /// more are closed, and, for a guest on the shared pool, local disk
+    /// files left behind removed. (Leftovers on the shared pool are left
+    /// for an operator: another host might use them, for all this one
+    /// knows.)
+    async fn finish_interrupted(&mut self, pid: Option<u32>, current: Storage) -> Result<(), QemuError> {
+        let disks = self.config.spec.disks.len();
+        if let Some(pid) = pid {
+            let jobs = self.jobs(pid).await?;
+            if !jobs.is_empty() {
+                let named = self.qmp(pid, "query-named-block-nodes", json!({ "flat": true })).await?;
+                // The node each disk's mirror writes: its latest moved one.
+                let targets: Vec<Option<(String, PathBuf)>> = (0..disks)
+                    .map(|i| {
+                        let node = cmdline::image_node(&named, i);
+                        let file = named
+                            .as_array()
+                            .and_then(|all| all.iter().find(|n| n["node-name"] == node.as_str()))
+                            .and_then(|n| n["file"].as_str())
+                            .map(PathBuf::from);
+                        node.starts_with(&format!("disk{i}-m")).then_some(node).zip(file)
+                    })
+                    .collect();
+                let here: Vec<PathBuf> = (0..disks).map(|i| self.path_on(current, i)).collect();
+                let committed = jobs.len() == disks
+                    && jobs.iter().all(|j| j["ready"].as_bool() == Some(true))
+                    && targets.iter().zip(&here).all(|(t, p)| t.as_ref().is_some_and(|(_, f)| f == p));
+                tracing::warn!(guest = %self.config.id, jobs = jobs.len(), committed,
+                    "settling the mirrors of an interrupted storage move");
+                if committed {
+                    if let Err((pivoted, e)) = self.pivot(pid, disks).await {
+                        return Err(QemuError::Job {
+                            job: JOB_PREFIX.into(),
+                            error: format!(
+                                "finishing an interrupted move switched {pivoted} of {disks} disks ({e}); \
+                                 every file is kept"
+                            ),
+                        });
+                    }
+                } else {
+                    for j in &jobs {
+                        if let Some(id) = j["device"].as_str() {
+                            self.end_job(pid, id).await?;
+                        }
+                    }
+                    for ((node, file), path) in targets.into_iter().flatten().zip(&here) {
+                        if &file != path {
+                            self.qmp(pid, "blockdev-del", json!({ "node-name": node })).await?;
+                            remove_file(&file)?;
+                        }
+                    }
+                }
+            }
+            // Image nodes that are no disk's current one: replaced.
+            let named = self.qmp(pid, "query-named-block-nodes", json!({ "flat": true })).await?;
+            let names: Vec<String> = named
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n["node-name"].as_str().map(str::to_owned))
+                .collect();
+            for i in 0..disks {
+                let current_node = cmdline::image_node(&named, i);
+                let (plain, moved) = (format!("disk{i}"), format!("disk{i}-m"));
+                for stale in names.iter().filter(|n| (**n == plain || n.starts_with(&moved)) && **n != current_node) {
+                    // Refused while in use (it still is the disk): harmless.
+                    if self.qmp(pid, "blockdev-del", json!({ "node-name": stale })).await.is_ok() {
+                        tracing::info!(node = %stale, "closed an image node an interrupted storage move replaced");
+                    }
+                }
+            }
+        }
+        if current == Storage::Shared {
+            for i in 0..disks {
+                let path = self.dir.local_disk_path(i);
+                if path.exists() {
+                    tracing::info!(path = %path.display(), "removing a disk file an interrupted storage move left");
+                    remove_file(&path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where disk `i` is when the guest's disks are on `pool`.
+    fn path_on(&self, pool: Storage, i: usize) -> PathBuf {
+        match (pool, std::fs::read_link(self.dir.shared_link()), self.pool) {
+            (Storage::Local, _, _) => self.dir.local_disk_path(i),
+            (Storage::Shared, Ok(link), _) => link.join(format!("disk{i}.qcow2")),
+            (Storage::Shared, Err(_), Some(pool)) => self.dir.pool_disk_path(pool, i),
+            (Storage::Shared, Err(_), None) => self.dir.disk_path(i),
         }
     }
 
