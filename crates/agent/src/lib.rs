@@ -747,6 +747,10 @@ impl Agent {
                 Ok(()) => CallOutcome::Done,
                 Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
             },
+            AgentCallKind::MoveStorage { to } => match self.hv.move_storage(call.guest, to).await {
+                Ok(moved) => CallOutcome::StorageMoved { moved },
+                Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
+            },
             AgentCallKind::Snapshot { call: snapshot } => self.snapshot(call.guest, snapshot).await,
             AgentCallKind::Migrate { call: step } => self.migrate(call.id, call.guest, step).await,
             AgentCallKind::Interfaces => match self.hv.guest_interfaces(call.guest).await {

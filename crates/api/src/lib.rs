@@ -5,6 +5,7 @@
 //! route annotations and checked in at `openapi/drove.json`; a manager test
 //! fails when the served document and the checked-in one differ.
 
+use drove_model::guest::{Storage, StorageMoved};
 use drove_model::migration::{IncomingDone, MigrationKey, MigrationProgress, MigrationStats, Outgoing};
 use drove_model::{
     ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, ResourceLimits, RestartPolicy,
@@ -551,6 +552,10 @@ pub enum AgentCallKind {
     Snapshot { call: SnapshotCall },
     /// One step of a live migration, on its source or target host.
     Migrate { call: MigrateCall },
+    /// Move all the guest's disks to pool `to`; answered with
+    /// `storage_moved`. Safe to repeat: a guest already there is answered
+    /// at once, with nothing copied.
+    MoveStorage { to: Storage },
 }
 
 /// A live migration step relayed to one of the two hosts (see
@@ -670,6 +675,10 @@ pub enum CallOutcome {
     /// A cancel came too late: the migration completed, the source's copy
     /// stays paused (its target may run the guest).
     MigrationCompleted,
+    /// The guest's disks are on the asked pool now.
+    StorageMoved {
+        moved: StorageMoved,
+    },
     /// The guest's state on the host, `None` if the host has no such guest.
     GuestState {
         state: Option<ObservedState>,
@@ -802,6 +811,16 @@ pub struct DrainRequest {
     /// Migrations at a time (default 2).
     #[serde(default)]
     pub parallel: Option<u32>,
+}
+
+/// Move a guest's disks to another storage pool
+/// (`POST /v1/guests/{guest}/storage`): `local` (its host's own) or
+/// `shared` (the pool every host sees). A running guest keeps running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveStorageRequest {
+    /// The pool to move every disk of the guest to.
+    pub to: Storage,
 }
 
 /// Move a running guest to another host (`POST /v1/guests/{guest}/migrate`).

@@ -276,6 +276,15 @@ impl Client {
         self.post(&format!("/v1/guests/{}/migrate", seg(guest)), req).await
     }
 
+    /// Move all of a guest's disks to another pool (live while it runs).
+    pub async fn move_storage(
+        &self,
+        guest: &str,
+        req: &drove_api::MoveStorageRequest,
+    ) -> Result<OperationAccepted, ClientError> {
+        self.post(&format!("/v1/guests/{}/storage", seg(guest)), req).await
+    }
+
     /// Cancel an operation in flight (a migration before its commit).
     pub async fn cancel_operation(&self, id: OperationId) -> Result<Operation, ClientError> {
         self.post(&format!("/v1/operations/{id}/cancel"), &serde_json::json!({})).await

@@ -194,6 +194,38 @@ Clones of a template are thin overlays on its disks; others get copies of the so
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
+    /// Move all of a guest's disks to another storage pool, without stopping
+    /// it: `shared` (the pool every host sees: the guest then restarts
+    /// elsewhere if its host dies, and migrates without copying disks) or
+    /// `local` (its host's own disks).
+    #[command(
+        after_help = "Examples:\n  drove vm move-storage web-1 --to shared\n  drove vm move-storage web-1 --to local -o json\n\n\
+A running guest keeps running on the same process: each disk is mirrored to a new\n\
+file on the target pool while the guest writes on, and switched over once both\n\
+hold the same data (every write then reaches both); the old files are removed\n\
+after the switch. A stopped guest's disks are copied. If anything fails before the\n\
+switch, the guest stays on its old disks and the new files are removed.\n\n\
+The copies stand alone: a disk that was a thin overlay on an image or a template\n\
+becomes a full copy. Refused: a guest with snapshots (they live inside the disk\n\
+files and a copy would drop them; delete them first), a template, a guest being\n\
+migrated, a move to the pool the guest is on, and `shared` on a host without one.\n\
+`drove pool list` shows each pool's free space."
+    )]
+    MoveStorage {
+        /// Guest name or id.
+        name: String,
+        /// The pool to move its disks to: shared or local.
+        #[arg(long)]
+        to: drove_model::guest::Storage,
+        /// Return once accepted instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Change a running guest's hardware: add a disk or a NIC, grow memory,
     /// vCPUs or a disk (one change per call).
     #[command(
@@ -916,6 +948,25 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 None => println!("migrated {name} to {}", g.host_name),
             }
             Ok(())
+        }
+        VmCommand::MoveStorage { name, to, no_wait, timeout, out } => {
+            let acc = c.move_storage(&name, &drove_api::MoveStorageRequest { to }).await?;
+            let op = finish(&c, &acc, no_wait, timeout).await?;
+            if no_wait {
+                return print_one(
+                    out.format,
+                    &op,
+                    vec![("operation", op.id.to_string()), ("state", op.state.to_string()), ("step", op.step.clone())],
+                );
+            }
+            let g = c.get_guest(&name).await?;
+            match out.format {
+                crate::Format::Json => print_one(out.format, &g, Vec::new()),
+                crate::Format::Table => {
+                    println!("{name}: {}", op.step);
+                    Ok(())
+                }
+            }
         }
         VmCommand::Hotplug { name, add_disk, add_nic, memory, vcpus, grow_disk } => {
             let req = drove_api::HotplugRequest { add_disk, add_nic, memory, vcpus, grow_disk };

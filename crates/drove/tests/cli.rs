@@ -390,6 +390,31 @@ fn vm_limits_change_only_the_named_limits_and_none_removes_one() {
     lab.down().ok();
 }
 
+/// `drove vm move-storage` says in one line why it will not move (the
+/// simulated lab's hosts have no shared pool), and changes nothing.
+#[test]
+fn vm_move_storage_refusals_are_one_line_and_change_nothing() {
+    let mut lab = Lab::new();
+    lab.up(&["--hosts", "1"]).ok();
+    lab.run(&["vm", "create", "stay", "--disk", "1G"]).ok();
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("no shared pool", &["vm", "move-storage", "stay", "--to", "shared"], &["no shared pool", "host-1"]),
+        ("already there", &["vm", "move-storage", "stay", "--to", "local"], &["local pool already"]),
+        ("no such pool", &["vm", "move-storage", "stay", "--to", "tape"], &["tape"]),
+        ("an unknown guest", &["vm", "move-storage", "nobody", "--to", "shared"], &["nobody"]),
+    ];
+    let problems: Vec<String> =
+        cases.iter().filter_map(|(what, args, mentions)| refusal_problems(what, &lab.run(args), mentions)).collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let g: GuestView = lab.run(&["vm", "show", "stay", "-o", "json"]).ok().json();
+    assert_eq!((g.guest.spec.storage, g.guest.last_storage_move), (drove_model::guest::Storage::Local, None));
+    let help = lab.run(&["vm", "move-storage", "--help"]).ok().stdout;
+    for teaches in ["Examples:", "--to shared", "same process", "snapshots", "stays on its old disks"] {
+        assert!(help.contains(teaches), "`drove vm move-storage --help` explains {teaches:?}:\n{help}");
+    }
+    lab.down().ok();
+}
+
 #[test]
 fn help_teaches() {
     let dir = tempfile::tempdir().unwrap();

@@ -1054,3 +1054,185 @@ fn two_hosts_fail_at_once_and_the_manager_dies_mid_failover() {
     }
     watcher.finish(names.len());
 }
+
+/// `drove vm exec GUEST --timeout SECS -- sh -c SCRIPT`, which must
+/// succeed; its stdout, trimmed.
+fn sh_long(lab: &Lab, guest: &str, secs: u64, script: &str) -> String {
+    let out = lab.drove(&["vm", "exec", guest, "--timeout", &secs.to_string(), "--", "sh", "-c", script]);
+    assert!(
+        out.status.success(),
+        "{script:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The longest gap, in seconds, between consecutive readings of
+/// /proc/uptime the guest's ticker wrote from line `from` on.
+fn longest_gap(lab: &Lab, guest: &str, from: usize) -> f64 {
+    let ticks = sh_long(lab, guest, 60, "cut -d' ' -f1 /tmp/ticks");
+    let t: Vec<f64> = ticks.lines().skip(from).filter_map(|l| l.trim().parse().ok()).collect();
+    t.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+}
+
+/// A tmpfs mounted over the lab's shared pool for a while: a pool that
+/// fills up half-way through a move. Unmounted on drop.
+struct FullPool(PathBuf);
+
+impl FullPool {
+    fn mount(path: PathBuf, mib: u64) -> Self {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "drove-lab-full-pool"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount (needs root): {}", String::from_utf8_lossy(&out.stderr));
+        Self(path)
+    }
+}
+
+impl Drop for FullPool {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Storage vMotion on real guests: a running guest with 256 MiB of data on
+/// a 1 GiB local disk keeps counting and writing while its disk moves to
+/// the shared pool. First into a pool too small for it (the move fails
+/// half-way: the guest runs on, on its old disk, and nothing is left on
+/// the pool), then for real: the same QEMU process, the counter advanced,
+/// what it wrote before and during the move intact, the disk on the pool
+/// and gone from the host; then it live-migrates without copying its disk.
+#[test]
+fn a_running_guests_disk_moves_to_the_shared_pool_live_and_it_then_migrates_without_copying_it() {
+    let lab = Lab::start(2);
+    lab.ok(&["vm", "create", "mover", "--memory", "128M", "--disk", "1G", "--host", "host-1"]);
+    lab.booted("mover");
+    let id = lab.json(&["vm", "show", "mover"])["id"].as_str().unwrap().to_owned();
+    let local = lab.guest_dir("host-1", &id);
+    let pool = Path::new(lab.data()).join("shared");
+    let on_pool = pool.join(&id);
+
+    // 256 MiB of data before the move, and its checksum.
+    let t = Instant::now();
+    let before = sh_long(
+        &lab,
+        "mover",
+        600,
+        "dd if=/dev/urandom of=/dev/vda bs=1M count=256 conv=fsync 2>/dev/null && \
+         dd if=/dev/vda bs=1M count=256 2>/dev/null | md5sum",
+    );
+    eprintln!("wrote and summed 256 MiB in the guest in {:?}", t.elapsed());
+    // A counter on the disk (a sector at 600 MiB) and in /tmp, and a
+    // ticker of the guest's clock, forever.
+    let count0: u64 = sh_long(
+        &lab,
+        "mover",
+        60,
+        "(i=0; while true; do i=$((i+1)); printf '%-511s\\n' $i | dd of=/dev/vda bs=512 seek=1228800 count=1 \
+         conv=fsync 2>/dev/null; echo $i > /tmp/count; cut -d' ' -f1 /proc/uptime >> /tmp/ticks; usleep 20000; done) \
+         >/dev/null 2>&1 & sleep 1; cat /tmp/count",
+    )
+    .parse()
+    .unwrap();
+    let pid = qemu_pid(&local).expect("a QEMU runs the guest");
+
+    // A pool too small for the data: the mirror runs out of room.
+    {
+        let _full = FullPool::mount(pool.clone(), 64);
+        let out = lab.drove(&["vm", "move-storage", "mover", "--to", "shared"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the move into a 64 MiB pool failed");
+        eprintln!("the failed move: {err}");
+        assert!(err.contains("No space left on device"), "{err}");
+        let g = lab.json(&["vm", "show", "mover"]);
+        assert_eq!((g["state"].as_str(), g["spec"]["storage"].as_str()), (Some("running"), Some("local")), "{g}");
+        assert_eq!(qemu_pid(&local), Some(pid), "the same QEMU runs on");
+        assert!(local.join("disk0.qcow2").is_file(), "on its old disk");
+        assert!(!local.join("shared").exists());
+        let left: Vec<_> = std::fs::read_dir(&pool).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(left.is_empty(), "nothing left on the pool: {left:?}");
+    }
+    let count1: u64 = sh_long(&lab, "mover", 60, "cat /tmp/count").parse().unwrap();
+    assert!(count1 > count0, "the counter ran through the failed move: {count0} then {count1}");
+
+    // For real. All through the move the guest writes 16 MiB more, 1 MiB
+    // every 0.2 s (at 700 MiB on).
+    let ticks_before: usize = sh_long(&lab, "mover", 60, "wc -l < /tmp/ticks").parse().unwrap();
+    let writer = std::thread::spawn({
+        let cfg = lab.config.clone();
+        move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_drove"))
+                .args(["vm", "exec", "mover", "--timeout", "600", "--", "sh", "-c"])
+                .arg(
+                    "dd if=/dev/urandom of=/tmp/during bs=1M count=16 2>/dev/null && echo DROVE-WRITING > /dev/console && i=0; \
+                     while [ $i -lt 16 ]; do dd if=/tmp/during of=/dev/vda bs=1M skip=$i seek=$((700+i)) count=1 \
+                     conv=fsync 2>/dev/null; i=$((i+1)); usleep 200000; done; md5sum < /tmp/during",
+                )
+                .env("DROVE_CONFIG", cfg)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+    });
+    // (Through the console: a second exec would wait for the first.)
+    eventually("the guest writes", Duration::from_secs(120), || {
+        std::fs::read_to_string(local.join("serial.log")).unwrap_or_default().contains("DROVE-WRITING").then_some(())
+    });
+    let t = Instant::now();
+    let line = lab.ok(&["vm", "move-storage", "mover", "--to", "shared"]);
+    let took = t.elapsed();
+    assert!(!writer.is_finished(), "the guest was still writing when the move ended (took {took:?})");
+    let during = writer.join().unwrap();
+    let g = lab.json(&["vm", "show", "mover"]);
+    eprintln!("move-storage said: {line}; the CLI waited {took:?}; {}", g["last_storage_move"]);
+    assert!(line.contains("from the local pool to the shared pool (live"), "{line}");
+    assert_eq!((g["state"].as_str(), g["spec"]["storage"].as_str()), (Some("running"), Some("shared")), "{g}");
+    assert_eq!(g["last_storage_move"]["live"], true);
+    assert_eq!(qemu_pid(&local), Some(pid), "the same QEMU process runs the guest");
+    assert!(on_pool.join("disk0.qcow2").is_file(), "the disk lives on the shared pool");
+    assert!(!local.join("disk0.qcow2").exists(), "and no longer on the host");
+    let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|p| p.to_string_lossy().contains(".qcow2"))
+        .collect();
+    assert!(
+        !fds.is_empty() && fds.iter().all(|p| p.starts_with(&pool)),
+        "QEMU has only the pool's disk file open: {fds:?}"
+    );
+
+    let count2: u64 = sh_long(&lab, "mover", 60, "sleep 0.5; cat /tmp/count").parse().unwrap();
+    assert!(count2 > count1, "the counter ran through the move: {count1} then {count2}");
+    let on_disk: u64 = sh_long(&lab, "mover", 60, "dd if=/dev/vda bs=512 skip=1228800 count=1 2>/dev/null | tr -d ' '")
+        .parse()
+        .unwrap();
+    assert!(on_disk >= count1, "the counter's sector has what it wrote during the move: {on_disk}");
+    let after = sh_long(&lab, "mover", 600, "dd if=/dev/vda bs=1M count=256 2>/dev/null | md5sum");
+    assert_eq!(after, before, "the data written before the move is intact");
+    let written = sh_long(&lab, "mover", 600, "dd if=/dev/vda bs=1M skip=700 count=16 2>/dev/null | md5sum");
+    assert_eq!(written, during, "the data written during the move is intact");
+    let gap = longest_gap(&lab, "mover", ticks_before);
+    let gap_idle = longest_gap(&lab, "mover", 0);
+    eprintln!("the guest's ticker: longest gap {gap:.2}s from the move on ({gap_idle:.2}s over its whole run)");
+
+    // Now on shared storage: it migrates without copying its disk.
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let disk_inode = inode(&on_pool.join("disk0.qcow2"));
+    let out = lab.ok(&["vm", "migrate", "mover", "--to", "host-2"]);
+    eprintln!("{out}");
+    let g = lab.json(&["vm", "show", "mover"]);
+    assert_eq!((g["host_name"].as_str(), g["state"].as_str()), (Some("host-2"), Some("running")), "{g}");
+    let transferred = g["last_migration"]["transferred"].as_u64().unwrap();
+    assert!(transferred < 200 << 20, "only memory went over ({transferred} bytes), not the 256 MiB disk");
+    assert_eq!(inode(&on_pool.join("disk0.qcow2")), disk_inode, "the same disk file, not a copy");
+    let target = lab.guest_dir("host-2", &id);
+    assert!(!target.join("disk0.qcow2").exists() && target.join("shared").exists(), "host-2 links the pool");
+    assert_eq!(sh_long(&lab, "mover", 600, "dd if=/dev/vda bs=1M count=256 2>/dev/null | md5sum"), before);
+    let count3: u64 = sh_long(&lab, "mover", 60, "sleep 0.5; cat /tmp/count").parse().unwrap();
+    assert!(count3 > count2, "the same counting process runs on: {count2} then {count3}");
+}

@@ -40,6 +40,10 @@
 //! interrupted clone leaves no disk behind that a later `create` would take
 //! for finished.
 //!
+//! Storage: [`Hypervisor::move_storage`] moves a guest's disks between
+//! the host's local pool and the shared pool, live while it runs
+//! (defaults to [`HvError::Unsupported`]).
+//!
 //! Runtime states a backend reports:
 //!
 //! ```text
@@ -54,6 +58,7 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
+pub use drove_model::guest::{Storage, StorageMoved};
 use drove_model::{ByteSize, GuestId, GuestSpec, HypervisorKind, ResourceLimits};
 pub use drove_model::{RestoreOutcome, SnapshotKind};
 use serde::{Deserialize, Serialize};
@@ -446,6 +451,28 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     async fn set_limits(&self, id: GuestId, limits: &ResourceLimits) -> Result<(), HvError> {
         let _ = (id, limits);
         Err(HvError::Unsupported { op: "set_limits", backend: self.kind(), reason: "no resource limits".into() })
+    }
+
+    /// Moves every disk of the guest to pool `to` (this host's local pool,
+    /// or the shared pool every host sees) and records the new pool in its
+    /// definition, so that its later starts (and a restarted agent) use the
+    /// new files. A guest with a process (Running, Paused) keeps running
+    /// on the same process throughout: its disks are mirrored under it and
+    /// switched over once in sync. One without is copied file by file. The
+    /// copies stand alone: a disk that was a thin overlay on a base image
+    /// no longer depends on it.
+    ///
+    /// Idempotent: a guest already on `to` succeeds at once (`from ==
+    /// to`), so a caller that lost the answer asks again. Refused without
+    /// effect: a move to the shared pool on a host without one, a guest
+    /// with internal snapshots (a copy would drop them), one in a live
+    /// migration (`Unsupported` with the reason), one crashed with its
+    /// process still there (`InvalidState`). A move that fails before the
+    /// switch leaves the guest on its old files, and nothing of the new
+    /// ones behind.
+    async fn move_storage(&self, id: GuestId, to: Storage) -> Result<StorageMoved, HvError> {
+        let _ = (id, to);
+        Err(HvError::Unsupported { op: "move_storage", backend: self.kind(), reason: "no storage pools".into() })
     }
 
     /// Takes snapshot `name` of all the guest's disks at one instant, with

@@ -96,7 +96,8 @@ pub struct SimConfig {
     /// Removing a guest's definition and disks.
     pub destroy_delay: Duration,
     /// Taking, deleting or restoring a snapshot (a memory snapshot or a
-    /// restore that reboots takes this plus `boot_delay` where it boots).
+    /// restore that reboots takes this plus `boot_delay` where it boots),
+    /// and moving a guest's disks to another pool.
     pub snapshot_delay: Duration,
     /// Sending a guest to another host (`migrate_out`).
     pub migrate_delay: Duration,
@@ -166,10 +167,11 @@ pub enum SimOp {
     MigrateOut,
     MigrateFinish,
     MigrateCancel,
+    MoveStorage,
 }
 
 impl SimOp {
-    pub const ALL: [SimOp; 17] = [
+    pub const ALL: [SimOp; 18] = [
         SimOp::Resources,
         SimOp::Create,
         SimOp::Start,
@@ -187,6 +189,7 @@ impl SimOp {
         SimOp::MigrateOut,
         SimOp::MigrateFinish,
         SimOp::MigrateCancel,
+        SimOp::MoveStorage,
     ];
 
     /// The trait method's name, as used in [`HvError`]'s `op`.
@@ -209,6 +212,7 @@ impl SimOp {
             SimOp::MigrateOut => "migrate_out",
             SimOp::MigrateFinish => "migrate_finish",
             SimOp::MigrateCancel => "migrate_cancel",
+            SimOp::MoveStorage => "move_storage",
         }
     }
 
@@ -357,6 +361,68 @@ struct SimGuest {
     /// Where it is in a live migration, if it is in one.
     #[serde(default)]
     migration: Option<SimMigration>,
+}
+
+impl SimHypervisor {
+    async fn move_guest_storage(&self, id: GuestId, to: Storage) -> Result<crate::StorageMoved, HvError> {
+        const OP: &str = "move_storage";
+        let refuse = |reason: String| HvError::Unsupported {
+            op: OP,
+            backend: HypervisorKind::Sim,
+            reason: format!("guest {id}: {reason}"),
+        };
+        let check = |this: &Self| -> Result<(Storage, bool, u64), HvError> {
+            let has_pool = this.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).is_some();
+            let inner = this.lock();
+            let g = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
+            let from = g.config.spec.storage;
+            let live = g.pid.is_some();
+            let bytes = g.config.spec.disks.iter().map(|d| d.size.bytes()).sum();
+            if from == to {
+                return Ok((from, live, 0));
+            }
+            if to == Storage::Shared && !has_pool {
+                return Err(refuse("this host has no shared pool".into()));
+            }
+            if g.migration.is_some() {
+                return Err(refuse("it is being migrated; move its disks before or after".into()));
+            }
+            if !g.snapshots.is_empty() {
+                let names: Vec<&str> = g.snapshots.iter().map(|s| s.name.as_str()).collect();
+                return Err(refuse(format!(
+                    "it has internal snapshots ({}), which live inside its disk files and a copy would drop; \
+                     delete them first",
+                    names.join(", ")
+                )));
+            }
+            if g.state == RuntimeState::Crashed && live {
+                return Err(HvError::InvalidState { id, op: OP, state: g.state });
+            }
+            Ok((from, live, bytes))
+        };
+        let (from, live, bytes) = check(self)?;
+        if from == to {
+            return Ok(crate::StorageMoved { from, to, live, bytes: 0, duration_ms: 0 });
+        }
+        let started = std::time::Instant::now();
+        wait(self.shared.config.snapshot_delay).await;
+        // The guest may have changed while the copy "ran".
+        let (from, live, _) = check(self)?;
+        if from == to {
+            return Ok(crate::StorageMoved { from, to, live, bytes: 0, duration_ms: 0 });
+        }
+        let mut inner = self.lock();
+        let guest = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+        guest.config.spec.storage = to;
+        if let Err(e) = self.save(&inner, OP) {
+            // Not moved if not on disk: the old files stay the guest's.
+            if let Some(guest) = inner.guests.get_mut(&id) {
+                guest.config.spec.storage = from;
+            }
+            return Err(e);
+        }
+        Ok(crate::StorageMoved { from, to, live, bytes, duration_ms: started.elapsed().as_millis() as u64 })
+    }
 }
 
 /// A simulated guest's part in a live migration.
@@ -1186,6 +1252,13 @@ impl Hypervisor for SimHypervisor {
         let fault = self.begin(SimOp::SnapshotCreate, Some(id))?;
         let result = self.create_snapshot(id, name, kind).await;
         Self::finish(SimOp::SnapshotCreate, Some(id), fault, result)
+    }
+
+    /// Takes `snapshot_delay` (the copy); the same refusals as QEMU's.
+    async fn move_storage(&self, id: GuestId, to: Storage) -> Result<crate::StorageMoved, HvError> {
+        let fault = self.begin(SimOp::MoveStorage, Some(id))?;
+        let result = self.move_guest_storage(id, to).await;
+        Self::finish(SimOp::MoveStorage, Some(id), fault, result)
     }
 
     async fn snapshot_list(&self, id: GuestId) -> Result<Vec<crate::SnapshotInfo>, HvError> {

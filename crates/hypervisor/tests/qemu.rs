@@ -2391,3 +2391,288 @@ async fn list_answers_during_a_first_start_and_sees_a_busy_running_guest_running
     snap.await.unwrap().unwrap();
     hv.destroy(g.id).await.unwrap();
 }
+
+// --- storage moves -------------------------------------------------------------------
+
+/// A tmpfs of `mib` MiB mounted at `path` for the length of a test (a
+/// pool that fills up half-way through a copy); unmounted on drop.
+struct SmallPool(PathBuf);
+
+impl SmallPool {
+    fn mount(path: PathBuf, mib: u64) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "drove-test-pool"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mounting a tmpfs (needs root): {}", String::from_utf8_lossy(&out.stderr));
+        Self(path)
+    }
+}
+
+impl Drop for SmallPool {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The `md5sum` of the first `mib` MiB of `/dev/vdX` in the guest.
+async fn disk_sum(hv: &QemuHypervisor, id: GuestId, dev: &str, mib: u64) -> String {
+    sh(hv, id, &format!("dd if=/dev/{dev} bs=1M count={mib} 2>/dev/null | md5sum")).await
+}
+
+/// Starts a loop in the guest that writes an increasing counter to the
+/// first sector of /dev/vdb (synced) and to /tmp/count, forever.
+const COUNTER: &str = "(i=0; while true; do i=$((i+1)); printf '%-511s\\n' $i | dd of=/dev/vdb bs=512 count=1 \
+    conv=fsync 2>/dev/null; echo $i > /tmp/count; done) >/dev/null 2>&1 & sleep 0.5; cat /tmp/count";
+
+fn disk_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| n.contains(".qcow2"));
+    names.sort();
+    names
+}
+
+/// Local → shared → local under a running guest that keeps writing: the
+/// same QEMU process throughout, what it wrote before and during the moves
+/// intact, the files where the pool says and nowhere else, standalone; a
+/// snapshot taken between moves works (the moved node is found) and is
+/// refused as a move's passenger; a stopped guest moves by copy; a move to
+/// where it is does nothing.
+#[tokio::test]
+async fn a_running_guests_disks_move_between_pools_live_and_it_keeps_writing() {
+    use drove_model::guest::Storage;
+    let lab = Lab::new();
+    let (hv, _, pool) = shared_pair(&lab);
+    let g = guest("mover", &[64, 16]);
+    let id = g.id;
+    hv.create(&g).await.unwrap();
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 1).await;
+    sh(&hv, id, "dd if=/dev/urandom of=/dev/vda bs=1M count=48 conv=fsync 2>/dev/null").await;
+    let sum = disk_sum(&hv, id, "vda", 48).await;
+    let before: u64 = sh(&hv, id, COUNTER).await.parse().unwrap();
+    let pid = status(&hv, id).await.pid.unwrap();
+    let local = hv.guest_dir(id);
+    let shared = pool.join(id.to_string());
+
+    let moved = hv.move_storage(id, Storage::Shared).await.unwrap();
+    eprintln!("local -> shared: {moved:?}");
+    assert_eq!((moved.from, moved.to, moved.live), (Storage::Local, Storage::Shared, true));
+    assert!(moved.bytes >= 48 << 20, "{moved:?}");
+    let s = status(&hv, id).await;
+    assert_eq!((s.state, s.pid), (RuntimeState::Running, Some(pid)), "the same process runs on");
+    assert_eq!(disk_files(&shared), ["disk0.qcow2", "disk1.qcow2"]);
+    assert!(disk_files(&local).is_empty(), "the old files are gone: {:?}", disk_files(&local));
+    assert_eq!(record_spec(&hv, id)["storage"], "shared");
+    let moved_nodes =
+        |nodes: &[String], i: usize| nodes.iter().filter(|n| n.starts_with(&format!("disk{i}-m"))).count();
+    let nodes = block_nodes(&hv, id).await;
+    assert!(!nodes.iter().any(|n| n == "disk0" || n == "disk1"), "the old image nodes are closed: {nodes:?}");
+    assert_eq!((moved_nodes(&nodes, 0), moved_nodes(&nodes, 1)), (1, 1), "{nodes:?}");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(shared.join("disk0.qcow2"))
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info.get("backing-filename").is_none(), "standalone: {info}");
+    assert_eq!(disk_sum(&hv, id, "vda", 48).await, sum, "the data written before the move");
+    let during: u64 = sh(&hv, id, "cat /tmp/count").await.parse().unwrap();
+    assert!(during > before, "the counter ran on: {before} then {during}");
+    // What the counter wrote last is on the disk it reads now.
+    let on_disk: u64 = sh(&hv, id, "dd if=/dev/vdb bs=512 count=1 2>/dev/null | tr -d ' '").await.parse().unwrap();
+    assert!(on_disk >= during, "the disk has the latest count: {on_disk} < {during}");
+
+    // Snapshots work on the moved nodes, and bar a move while they exist.
+    hv.snapshot_create(id, "after-move", SnapshotKind::Disk).await.unwrap();
+    assert_eq!(hv.snapshot_list(id).await.unwrap().len(), 1);
+    let err = hv.move_storage(id, Storage::Local).await.unwrap_err();
+    assert!(matches!(err, HvError::Unsupported { .. }) && err.to_string().contains("after-move"), "{err}");
+    assert!(disk_files(&local).is_empty(), "a refused move makes nothing");
+    hv.snapshot_delete(id, "after-move").await.unwrap();
+
+    // And back, live.
+    let moved = hv.move_storage(id, Storage::Local).await.unwrap();
+    eprintln!("shared -> local: {moved:?}");
+    assert_eq!((moved.from, moved.to, moved.live), (Storage::Shared, Storage::Local, true));
+    assert_eq!(status(&hv, id).await.pid, Some(pid));
+    assert_eq!(disk_files(&local), ["disk0.qcow2", "disk1.qcow2"]);
+    assert!(!shared.exists(), "the guest's directory on the pool is gone");
+    assert!(!hv.guest_dir(id).join("shared").exists());
+    assert_eq!(record_spec(&hv, id)["storage"], "local");
+    let nodes = block_nodes(&hv, id).await;
+    assert_eq!(
+        (moved_nodes(&nodes, 0), moved_nodes(&nodes, 1)),
+        (1, 1),
+        "the first move's nodes are closed: {nodes:?}"
+    );
+    assert_eq!(disk_sum(&hv, id, "vda", 48).await, sum);
+    let after: u64 = sh(&hv, id, "cat /tmp/count").await.parse().unwrap();
+    assert!(after > during, "the counter ran on: {during} then {after}");
+    // A move to where it is: nothing to do.
+    let moved = hv.move_storage(id, Storage::Local).await.unwrap();
+    assert_eq!((moved.from, moved.to, moved.bytes), (Storage::Local, Storage::Local, 0));
+
+    // Stopped: copied; it boots from the new files with its data.
+    hv.stop(id, StopMode::Force).await.unwrap();
+    let moved = hv.move_storage(id, Storage::Shared).await.unwrap();
+    assert_eq!((moved.live, moved.to), (false, Storage::Shared));
+    assert_eq!(disk_files(&shared), ["disk0.qcow2", "disk1.qcow2"]);
+    assert!(disk_files(&local).is_empty());
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 2).await;
+    assert_eq!(disk_sum(&hv, id, "vda", 48).await, sum, "the copy boots with its data");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", status(&hv, id).await.pid.unwrap())).unwrap();
+    let link = hv.guest_dir(id).join("shared").join("disk0.qcow2");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&link.to_string_lossy().into_owned()),
+        "it boots the pool's file"
+    );
+    hv.destroy(id).await.unwrap();
+    assert!(!shared.exists(), "destroy removes the moved disks");
+}
+
+/// A move whose target fills up half-way (a pool with less room than the
+/// guest's data) fails, and leaves the guest running on its old disk, on
+/// the same process, with its data, and nothing of the new files behind;
+/// a host without a shared pool refuses a move there.
+#[tokio::test]
+async fn a_move_that_fails_half_way_leaves_the_guest_on_its_old_disk_and_nothing_behind() {
+    use drove_model::guest::Storage;
+    let lab = Lab::new();
+    let pool = lab.state_dir().join("small");
+    let _small = SmallPool::mount(pool.clone(), 24);
+    let mut c = lab.config(Accel::Tcg);
+    c.shared_dir = Some(pool.clone());
+    let hv = QemuHypervisor::new(c).unwrap();
+    let g = guest("filler", &[64]);
+    let id = g.id;
+    hv.create(&g).await.unwrap();
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 1).await;
+    sh(&hv, id, "dd if=/dev/urandom of=/dev/vda bs=1M count=48 conv=fsync 2>/dev/null").await;
+    let sum = disk_sum(&hv, id, "vda", 48).await;
+    let pid = status(&hv, id).await.pid.unwrap();
+
+    let err = hv.move_storage(id, Storage::Shared).await.expect_err("48M of data cannot fit in a 24M pool");
+    let chain = error_chain(&err);
+    eprintln!("the failed move: {chain}");
+    assert!(chain.contains("drove-move0"), "the error names the mirror: {chain}");
+    let s = status(&hv, id).await;
+    assert_eq!((s.state, s.pid), (RuntimeState::Running, Some(pid)));
+    assert_eq!(disk_files(&hv.guest_dir(id)), ["disk0.qcow2"]);
+    assert!(!hv.guest_dir(id).join("shared").exists());
+    assert_eq!(record_spec(&hv, id)["storage"], "local");
+    let left: Vec<_> = std::fs::read_dir(&pool).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "nothing left on the pool: {left:?}");
+    let nodes = block_nodes(&hv, id).await;
+    assert!(!nodes.iter().any(|n| n.contains("-m")), "no new node left: {nodes:?}");
+    let jobs = hv.qmp_execute(id, "query-block-jobs", None).await.unwrap();
+    assert_eq!(jobs, serde_json::json!([]), "no job left");
+    assert_eq!(disk_sum(&hv, id, "vda", 48).await, sum, "its data is intact");
+    sh(&hv, id, "echo still-writable | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null").await;
+
+    // Without a shared pool: refused, nothing made.
+    let plain = lab.hv();
+    let err = plain.move_storage(id, Storage::Shared).await.unwrap_err();
+    assert!(err.to_string().contains("no shared pool"), "{err}");
+    hv.destroy(id).await.unwrap();
+}
+
+/// Starts what a storage move of disk 0 does up to its commit, by hand:
+/// a new file at `target`, its node, a write-blocking mirror into it,
+/// until ready.
+async fn mirror_by_hand(hv: &QemuHypervisor, id: GuestId, target: &Path) {
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let size = hv
+        .qmp_execute(id, "query-named-block-nodes", None)
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk0")
+        .unwrap()["image"]["virtual-size"]
+        .as_u64()
+        .unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(target)
+        .arg(size.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let node = serde_json::json!({ "driver": "qcow2", "node-name": "disk0-m1",
+        "file": { "driver": "file", "filename": target.to_string_lossy() } });
+    hv.qmp_execute(id, "blockdev-add", Some(node)).await.unwrap();
+    let mirror = serde_json::json!({ "job-id": "drove-move0", "device": "throttled0", "target": "disk0-m1",
+        "replaces": "disk0", "sync": "full", "copy-mode": "write-blocking", "auto-dismiss": false });
+    hv.qmp_execute(id, "blockdev-mirror", Some(mirror)).await.unwrap();
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let jobs = hv.qmp_execute(id, "query-block-jobs", None).await.unwrap();
+        if jobs[0]["ready"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mirror did not get ready: {jobs}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An agent that died half-way through a move left a mirror running in
+/// the guest's QEMU. If the link had flipped (the commit), the next move
+/// call finishes the switch: the guest ends up on the new files, with its
+/// data, and boots from them. If it had not, the mirror is ended and its
+/// file removed: the guest stays on its old files.
+#[tokio::test]
+async fn an_interrupted_move_is_finished_after_its_commit_and_undone_before_it() {
+    use drove_model::guest::Storage;
+    let lab = Lab::new();
+    let (hv, _, pool) = shared_pair(&lab);
+    let g = guest("survivor", &[32]);
+    let id = g.id;
+    hv.create(&g).await.unwrap();
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 1).await;
+    sh(&hv, id, "dd if=/dev/urandom of=/dev/vda bs=1M count=16 conv=fsync 2>/dev/null").await;
+    let sum = disk_sum(&hv, id, "vda", 16).await;
+    let pid = status(&hv, id).await.pid.unwrap();
+    let local = hv.guest_dir(id);
+    let on_pool = pool.join(id.to_string()).join("disk0.qcow2");
+
+    // Before the commit: a mirror into the pool, the link untouched.
+    mirror_by_hand(&hv, id, &on_pool).await;
+    let moved = hv.move_storage(id, Storage::Local).await.unwrap();
+    assert_eq!((moved.from, moved.to, moved.bytes), (Storage::Local, Storage::Local, 0));
+    assert_eq!(hv.qmp_execute(id, "query-block-jobs", None).await.unwrap(), serde_json::json!([]));
+    assert!(!on_pool.exists(), "the uncommitted copy is removed");
+    assert!(!block_nodes(&hv, id).await.iter().any(|n| n.starts_with("disk0-m")));
+    assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
+
+    // After it: the link flipped, the record not yet written.
+    mirror_by_hand(&hv, id, &on_pool).await;
+    std::os::unix::fs::symlink(pool.join(id.to_string()), local.join("shared")).unwrap();
+    sh(&hv, id, "echo written-after-the-commit | dd of=/dev/vda bs=512 seek=40000 count=1 conv=fsync 2>/dev/null")
+        .await;
+    let moved = hv.move_storage(id, Storage::Shared).await.unwrap();
+    assert_eq!((moved.from, moved.to, moved.bytes), (Storage::Shared, Storage::Shared, 0));
+    assert_eq!(record_spec(&hv, id)["storage"], "shared", "the record follows the link");
+    assert_eq!(hv.qmp_execute(id, "query-block-jobs", None).await.unwrap(), serde_json::json!([]));
+    let nodes = block_nodes(&hv, id).await;
+    assert!(nodes.contains(&"disk0-m1".to_owned()) && !nodes.contains(&"disk0".to_owned()), "switched: {nodes:?}");
+    assert!(!local.join("disk0.qcow2").exists(), "the old local file is removed");
+    assert_eq!(status(&hv, id).await.pid, Some(pid));
+    assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
+    // Its next boot is from the pool's file, with everything.
+    hv.stop(id, StopMode::Force).await.unwrap();
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 2).await;
+    assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
+    let after = sh(&hv, id, "dd if=/dev/vda bs=512 skip=40000 count=1 2>/dev/null | head -n 1").await;
+    assert_eq!(after, "written-after-the-commit");
+    hv.destroy(id).await.unwrap();
+}

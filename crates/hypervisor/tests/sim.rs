@@ -585,3 +585,56 @@ async fn sim_migration_moves_a_guest_and_a_cancel_keeps_it_home() {
     b.migrate_cancel(g.id).await.unwrap(); // nothing in flight: harmless
     assert!(b.migrate_finish(g.id, Duration::ZERO).await.is_ok(), "a running guest counts as finished");
 }
+
+// --- storage moves -----------------------------------------------------------------
+
+/// A running guest's disks move to the shared pool and back: it keeps its
+/// process, the definition (and the saved state) names the new pool, a
+/// move to where it is copies nothing; refusals change nothing.
+#[tokio::test]
+async fn storage_moves_are_recorded_and_refusals_change_nothing() {
+    use drove_hypervisor::sim::SimPool;
+    use drove_model::guest::Storage;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let hv = SimHypervisor::with_state_file(SimConfig::instant(), state.clone()).unwrap();
+    let mut g = sample_guest(1);
+    g.spec.disks = vec![drove_model::DiskSpec { size: drove_model::ByteSize::gib(1) }];
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    let pid = hv.status(g.id).await.unwrap().pid;
+
+    // No shared pool yet.
+    let err = hv.move_storage(g.id, Storage::Shared).await.unwrap_err();
+    assert!(matches!(err, HvError::Unsupported { .. }) && err.to_string().contains("no shared pool"), "{err}");
+    assert_eq!(hv.guest_config(g.id).unwrap().spec.storage, Storage::Local);
+
+    let pool = SimPool::default();
+    hv.join_pool(&pool);
+    let moved = hv.move_storage(g.id, Storage::Shared).await.unwrap();
+    assert_eq!((moved.from, moved.to, moved.live), (Storage::Local, Storage::Shared, true));
+    assert_eq!(moved.bytes, g.spec.disks.iter().map(|d| d.size.bytes()).sum::<u64>());
+    let s = hv.status(g.id).await.unwrap();
+    assert_eq!((s.state, s.pid), (RuntimeState::Running, pid), "the same process runs on");
+    assert_eq!(hv.guest_config(g.id).unwrap().spec.storage, Storage::Shared);
+    let reopened = SimHypervisor::with_state_file(SimConfig::instant(), state).unwrap();
+    assert_eq!(reopened.guest_config(g.id).unwrap().spec.storage, Storage::Shared, "saved");
+    let again = hv.move_storage(g.id, Storage::Shared).await.unwrap();
+    assert_eq!((again.from, again.to, again.bytes), (Storage::Shared, Storage::Shared, 0));
+
+    // Snapshots would be dropped by the copy: refused.
+    hv.snapshot_create(g.id, "s1", drove_hypervisor::SnapshotKind::Disk).await.unwrap();
+    let err = hv.move_storage(g.id, Storage::Local).await.unwrap_err();
+    assert!(err.to_string().contains("snapshots (s1)"), "{err}");
+    assert_eq!(hv.guest_config(g.id).unwrap().spec.storage, Storage::Shared);
+    hv.snapshot_delete(g.id, "s1").await.unwrap();
+
+    // An injected failure leaves it where it was; then it moves, stopped.
+    hv.fail_next(SimOp::MoveStorage, "the pool is full");
+    assert!(hv.move_storage(g.id, Storage::Local).await.is_err());
+    assert_eq!(hv.guest_config(g.id).unwrap().spec.storage, Storage::Shared);
+    hv.stop(g.id, StopMode::Force).await.unwrap();
+    let moved = hv.move_storage(g.id, Storage::Local).await.unwrap();
+    assert_eq!((moved.to, moved.live), (Storage::Local, false));
+    assert!(matches!(hv.move_storage(GuestId::new_v4(), Storage::Local).await, Err(HvError::NotFound { .. })));
+}

@@ -165,7 +165,8 @@ pub struct Manager {
     pub http_requests: std::sync::atomic::AtomicU64,
     calls: Mutex<Calls>,
     consoles: Mutex<HashMap<String, oneshot::Sender<Result<hyper::upgrade::OnUpgrade, String>>>>,
-    /// Guests whose snapshot operation a task of this process drives.
+    /// Guests whose snapshot operation or storage move a task of this
+    /// process drives.
     pub(crate) snapshot_drivers: Mutex<HashSet<GuestId>>,
     pub(crate) migration_drivers: Mutex<crate::migrate::Drivers>,
     /// Those tasks, aborted when the server stops (`crate::serve`).
@@ -978,6 +979,8 @@ impl Manager {
             migration: None,
             last_migration: None,
             last_failover: None,
+            moving_storage: None,
+            last_storage_move: None,
         };
         if guest.intent == PowerIntent::Running {
             self.ha_admit(inv, &guest, true)?;
@@ -1705,6 +1708,9 @@ impl Manager {
                 AgentCallKind::Exec { timeout_secs, .. } => Duration::from_secs(*timeout_secs),
                 // Writing or loading a large memory state takes its time.
                 AgentCallKind::Snapshot { .. } => Duration::from_secs(300),
+                // Copying large disks takes its time; a move that outlasts
+                // this is asked again, and answered once it is done.
+                AgentCallKind::MoveStorage { .. } => Duration::from_secs(600),
                 _ => Duration::ZERO,
             };
         let (tx, rx) = oneshot::channel();

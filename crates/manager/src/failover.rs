@@ -56,6 +56,11 @@ fn immovable(g: &Guest) -> Option<String> {
     if g.migration.is_some() {
         return Some("its migration decides where it runs".into());
     }
+    if g.moving_storage.is_some() {
+        // After the host's switch its files are on the host, whatever the
+        // spec says: only the host can tell.
+        return Some("its disks were moving between pools: it restarts when the host is back".into());
+    }
     match g.state {
         GuestState::Creating | GuestState::Deleting | GuestState::Deleted => {
             Some(format!("it is {}: its operation finishes on that host", g.state))

@@ -22,8 +22,8 @@ use drove_api::{
     CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DrainRequest, ErrorBody, ErrorResponse, ExecRequest,
     ExecResponse, FailoverPlanView, GuestInterface, GuestView, HaSettings, HaStatus, HeartbeatRequest,
     HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest, MigrateRequest,
-    OperationAccepted, PoolView, RegisterRequest, RegisterResponse, SetLimitsRequest, SetTemplateRequest, SnapshotList,
-    StopGuestRequest, VlanView,
+    MoveStorageRequest, OperationAccepted, PoolView, RegisterRequest, RegisterResponse, SetLimitsRequest,
+    SetTemplateRequest, SnapshotList, StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
@@ -152,6 +152,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/operations/{id}", get(get_operation))
         .route("/v1/operations/{id}/cancel", post(cancel_operation))
         .route("/v1/guests/{guest}/migrate", post(migrate_guest))
+        .route("/v1/guests/{guest}/storage", post(move_storage))
         .route("/v1/audit", get(list_audit))
         .route("/v1/audit/verify", get(verify_audit))
         .route("/v1/agent/register", post(register))
@@ -581,6 +582,24 @@ async fn migrate_guest(
     m.migrate_guest(&ctx, &guest, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
 }
 
+#[utoipa::path(post, path = "/v1/guests/{guest}/storage", tag = "storage", params(("guest" = String, Path, description = "Guest name or id")),
+    request_body = MoveStorageRequest,
+    description = "Move every disk of the guest to another pool: `local` (its host's own) or `shared` (the pool every host sees). \
+        A running guest keeps running on the same process: its disks are mirrored under it and switched over once in sync. A stopped one is copied. \
+        The copies stand alone (a disk that was an overlay on a base image no longer depends on it). The spec's `storage` changes once the host \
+        has switched; a move that fails leaves the guest on its old files with nothing of the new ones left. The operation's step and the guest's \
+        `last_storage_move` say how much was copied in how long.",
+    responses((status = 202, description = "Move started", body = OperationAccepted), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
+        (status = 409, description = "Already on that pool, no shared pool on its host, migrating or busy, a template, with snapshots, or in a state without disks to move", body = ErrorResponse)))]
+async fn move_storage(
+    State(m): State<Arc<Manager>>,
+    ctx: Ctx,
+    Path(guest): Path<String>,
+    Body(req): Body<MoveStorageRequest>,
+) -> Res<(StatusCode, Json<OperationAccepted>)> {
+    m.move_storage(&ctx, &guest, req).await.map(|a| (StatusCode::ACCEPTED, Json(a)))
+}
+
 #[utoipa::path(post, path = "/v1/operations/{id}/cancel", tag = "operations", params(("id" = String, Path, description = "Operation id")),
     description = "Cancel an operation in flight. Only migrations can be cancelled, and only before their commit: the guest then keeps running on its source.",
     responses((status = 202, description = "Cancel requested; wait for the operation to end", body = Operation), (status = 404, body = ErrorResponse),
@@ -762,9 +781,9 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, list_pools, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, list_pools, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, move_storage, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
-    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "operations"), (name = "audit"), (name = "settings"), (name = "agent"), (name = "meta"))
+    tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "storage"), (name = "operations"), (name = "audit"), (name = "settings"), (name = "agent"), (name = "meta"))
 )]
 pub struct ApiDoc;

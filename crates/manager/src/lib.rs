@@ -30,6 +30,7 @@ pub mod migrate;
 pub mod monitor;
 pub mod persist;
 pub mod snapshots;
+pub mod storage;
 
 pub use core::{Manager, ManagerConfig};
 pub use http::{ApiDoc, router};

@@ -1,6 +1,6 @@
 //! The liveness and timeout reconciler: marks silent hosts down and fails
 //! (rolling back) operations that overran, and resumes snapshot operations
-//! nobody drives (after a restart). Each pass is idempotent.
+//! and storage moves nobody drives (after a restart). Each pass is idempotent.
 
 use std::sync::Arc;
 
@@ -19,6 +19,7 @@ pub async fn run(m: Arc<Manager>) {
             tracing::error!(error = %e, "monitor pass failed");
         }
         m.resume_snapshot_ops();
+        m.resume_storage_moves();
         m.resume_migrations();
         m.resume_drains();
     }

@@ -205,13 +205,13 @@ impl Manager {
             op.progress = 10;
             // Claimed under the inventory lock: the monitor never starts a
             // second, reconciling driver for an operation just begun.
-            self.claim(g.id);
+            self.claim_driver(g.id);
             let pending = self.record_guest_op(&mut inv, ctx, &g, &op);
             (OperationAccepted { operation: op, guest: g.id }, pending)
         };
         self.notify_ops();
         if let Err(e) = pending.durable().await {
-            self.release(accepted.guest);
+            self.release_driver(accepted.guest);
             return Err(e.into());
         }
         self.spawn_driver(accepted.guest, true);
@@ -228,7 +228,7 @@ impl Manager {
                 .iter()
                 .filter(|(_, op)| inv.ops.get(op).is_some_and(|o| o.kind.is_snapshot() && !o.state.is_final()))
                 .map(|(g, _)| *g)
-                .filter(|g| self.claim(*g))
+                .filter(|g| self.claim_driver(*g))
                 .collect()
         };
         for guest in orphaned {
@@ -244,12 +244,13 @@ impl Manager {
         }
     }
 
-    /// Marks `guest` as driven here; false if it already is.
-    fn claim(&self, guest: GuestId) -> bool {
+    /// Marks `guest`'s operation (a snapshot or a storage move) as driven
+    /// here; false if it already is.
+    pub(crate) fn claim_driver(&self, guest: GuestId) -> bool {
         self.snapshot_drivers.lock().unwrap_or_else(|p| p.into_inner()).insert(guest)
     }
 
-    fn release(&self, guest: GuestId) {
+    pub(crate) fn release_driver(&self, guest: GuestId) {
         self.snapshot_drivers.lock().unwrap_or_else(|p| p.into_inner()).remove(&guest);
     }
 
@@ -268,7 +269,7 @@ impl Manager {
                     }
                 }
             }
-            me.release(guest);
+            me.release_driver(guest);
         });
     }
 
@@ -403,7 +404,8 @@ impl Manager {
             | OperationKind::StopGuest
             | OperationKind::DeleteGuest
             | OperationKind::MigrateGuest
-            | OperationKind::DrainHost => Attempt::Settled,
+            | OperationKind::DrainHost
+            | OperationKind::MoveStorage => Attempt::Settled,
         }
     }
 

@@ -565,6 +565,31 @@ pub struct Guest {
     /// Its last restart on another host after its host failed.
     #[serde(default)]
     pub last_failover: Option<FailoverRecord>,
+    /// The pool its disks are being moved to, while a move runs: until
+    /// the move settles, its host alone knows which files are the guest's.
+    #[serde(default)]
+    pub moving_storage: Option<Storage>,
+    /// How its disks last moved between pools.
+    #[serde(default)]
+    pub last_storage_move: Option<StorageMoved>,
+}
+
+/// A move of a guest's disks between pools, as its host did it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StorageMoved {
+    /// The pool the disks were on.
+    pub from: Storage,
+    /// The pool they are on now (`from` when they were there already).
+    pub to: Storage,
+    /// Copied under a running guest (a block mirror, the guest kept
+    /// running) rather than from files nobody had open.
+    pub live: bool,
+    /// Bytes copied: what the new files hold on the target pool (thin
+    /// disks: their data, not their size); zero when there was nothing to
+    /// move.
+    pub bytes: u64,
+    /// From the first copy to the old files' removal, milliseconds.
+    pub duration_ms: u64,
 }
 
 /// A guest's restart on a survivor after its host failed.

@@ -26,6 +26,8 @@ pub enum OperationKind {
     MigrateGuest,
     /// Live-migrate every guest off a host (the target is the host's id).
     DrainHost,
+    /// Move a guest's disks to another pool (live while it runs).
+    MoveStorage,
 }
 
 impl OperationKind {
@@ -39,7 +41,8 @@ impl OperationKind {
     /// undoing them whatever it takes), rather than agents' reports: no
     /// timeout may cut them short.
     pub fn is_driven(self) -> bool {
-        self.is_snapshot() || matches!(self, OperationKind::MigrateGuest | OperationKind::DrainHost)
+        self.is_snapshot()
+            || matches!(self, OperationKind::MigrateGuest | OperationKind::DrainHost | OperationKind::MoveStorage)
     }
 }
 
@@ -55,6 +58,7 @@ impl std::fmt::Display for OperationKind {
             OperationKind::RestoreSnapshot => "restore-snapshot",
             OperationKind::MigrateGuest => "migrate",
             OperationKind::DrainHost => "drain",
+            OperationKind::MoveStorage => "move-storage",
         })
     }
 }

@@ -255,6 +255,21 @@ pub fn root_nodes(named: &serde_json::Value, disks: usize) -> Vec<String> {
         .collect()
 }
 
+/// The image (qcow2) node of disk `i`, from the answer to
+/// `query-named-block-nodes`: `disk{i}` as the command line and hotplug
+/// name it, or, after a live storage move (`storage.rs`) in this QEMU's
+/// life, the node that replaced it (`disk{i}-m<stamp>`, the latest stamp:
+/// an older one is a replaced node that could not be closed), which keeps
+/// its name until the next start.
+pub fn image_node(named: &serde_json::Value, i: usize) -> String {
+    let plain = format!("disk{i}");
+    let moved = format!("disk{i}-m");
+    let names = named.as_array().into_iter().flatten().filter_map(|n| n.get("node-name")?.as_str());
+    let latest =
+        names.filter_map(|n| Some((n.strip_prefix(&moved)?.parse::<u128>().ok()?, n))).max().map(|(_, n)| n.to_owned());
+    latest.unwrap_or(plain)
+}
+
 /// The `limits` property of a running throttle group for the guest's disk
 /// limits: every limit we set, 0 for none (QEMU keeps a limit left out).
 pub fn throttle_limits_object(limits: &ResourceLimits) -> serde_json::Value {
@@ -568,6 +583,22 @@ pub(crate) mod tests {
         let joined = plain_args(&config(), ResolvedAccel::Kvm).join(" ");
         assert!(joined.contains("-accel kvm -cpu host"), "{joined}");
         assert!(!joined.contains("netdev"), "{joined}");
+    }
+
+    #[test]
+    fn the_image_node_is_the_moved_one_after_a_storage_move() {
+        let named = |names: &[&str]| {
+            serde_json::Value::Array(names.iter().map(|n| serde_json::json!({ "node-name": n })).collect())
+        };
+        let plain = named(&["disk0", "throttled0", "disk1", "throttled1"]);
+        assert_eq!((image_node(&plain, 0), image_node(&plain, 1)), ("disk0".into(), "disk1".into()));
+        // Moved once (disk 1 only), then again, with the first one's node
+        // left behind; disk1 is not disk10.
+        let moved = named(&["disk0", "disk1-m1700000000000", "disk1-m1700000000123", "disk10-m1800000000000"]);
+        assert_eq!(image_node(&moved, 0), "disk0");
+        assert_eq!(image_node(&moved, 1), "disk1-m1700000000123");
+        assert_eq!(image_node(&moved, 10), "disk10-m1800000000000");
+        assert_eq!(image_node(&serde_json::Value::Null, 2), "disk2");
     }
 
     #[test]

@@ -119,6 +119,33 @@ impl GuestDir {
         if self.is_shared() { self.shared_link().join(name) } else { self.root.join(name) }
     }
 
+    /// Where disk `index` lives when the guest's disks are on the local
+    /// pool (its directory), whatever the `shared` link says.
+    pub fn local_disk_path(&self, index: usize) -> PathBuf {
+        self.root.join(format!("disk{index}.qcow2"))
+    }
+
+    /// The guest's directory on the shared pool at `pool`.
+    pub fn pool_dir(&self, pool: &Path) -> PathBuf {
+        pool.join(self.id.to_string())
+    }
+
+    /// Where disk `index` lives when the guest's disks are on the shared
+    /// pool at `pool`, whatever the `shared` link says.
+    pub fn pool_disk_path(&self, pool: &Path, index: usize) -> PathBuf {
+        self.pool_dir(pool).join(format!("disk{index}.qcow2"))
+    }
+
+    /// Removes the `shared` link (the guest's disks are local from now
+    /// on); removing an absent one succeeds.
+    pub fn unlink_shared(&self) -> Result<(), QemuError> {
+        let link = self.shared_link();
+        match std::fs::remove_file(&link) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(QemuError::io("unlinking", link, e)),
+            _ => Ok(()),
+        }
+    }
+
     pub fn shared_link(&self) -> PathBuf {
         self.root.join("shared")
     }

@@ -229,13 +229,13 @@ impl Plug<'_> {
     }
 
     async fn grow_disk(&mut self, index: usize, size: ByteSize) -> Result<(), HvError> {
-        let node = format!("disk{index}");
         if index >= self.config.spec.disks.len() {
             return Err(refuse(format!("the guest has no disk {index}")));
         }
         // What the image is now, from QEMU: a disk on a user's image may
         // have started larger than its spec said.
         let nodes = self.query("query-named-block-nodes").await?;
+        let node = cmdline::image_node(&nodes, index);
         let current = nodes
             .as_array()
             .and_then(|all| all.iter().find(|n| n["node-name"] == node.as_str()))

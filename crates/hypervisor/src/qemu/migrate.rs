@@ -50,7 +50,7 @@ use crate::{GuestConfig, HvError, RuntimeState};
 
 const TLS_SERVER: &str = "drove-mig-tls-server";
 const TLS_CLIENT: &str = "drove-mig-tls-client";
-const POLL: Duration = Duration::from_millis(20);
+pub(super) const POLL: Duration = Duration::from_millis(20);
 /// Around the switchover the guest is paused: every poll interval there
 /// is pause the guest sees.
 const FAST_POLL: Duration = Duration::from_millis(2);
@@ -94,7 +94,7 @@ fn inet(host: std::net::IpAddr, port: u16) -> Value {
     json!({ "type": "inet", "host": host.to_string(), "port": port.to_string() })
 }
 
-fn u(v: &Value, path: &str) -> u64 {
+pub(super) fn u(v: &Value, path: &str) -> u64 {
     v.pointer(path).and_then(Value::as_u64).unwrap_or(0)
 }
 
@@ -372,17 +372,17 @@ async fn sever(target: std::net::IpAddr, ports: [u16; 2]) {
 }
 
 /// Notices a transfer that stopped moving.
-struct Stall {
+pub(super) struct Stall {
     last: u64,
     since: Instant,
 }
 
 impl Stall {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Stall { last: 0, since: Instant::now() }
     }
 
-    fn check(&mut self, progress: u64, what: &str) -> Result<(), QemuError> {
+    pub(super) fn check(&mut self, progress: u64, what: &str) -> Result<(), QemuError> {
         if progress != self.last {
             self.last = progress;
             self.since = Instant::now();

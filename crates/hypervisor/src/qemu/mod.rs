@@ -97,6 +97,12 @@
 //! and with `qemu-img` while it does not; `snapshot.rs` explains how, and
 //! how an interrupted snapshot is cleaned up.
 //!
+//! # Moving disks between pools
+//!
+//! A guest's disks move between the local pool and the shared one, live
+//! under a running guest (a block mirror, then a switch); `storage.rs`
+//! explains how, and where the commit point is.
+//!
 //! # The guest agent
 //!
 //! Every guest has a virtio-serial channel for a QEMU guest agent
@@ -118,6 +124,7 @@ mod process;
 pub mod qga;
 pub mod qmp;
 mod snapshot;
+mod storage;
 pub mod tc;
 
 use std::collections::HashMap;
@@ -1211,6 +1218,10 @@ impl Hypervisor for QemuHypervisor {
 
     async fn set_limits(&self, id: GuestId, limits: &drove_model::ResourceLimits) -> Result<(), HvError> {
         self.set_guest_limits(id, limits).await
+    }
+
+    async fn move_storage(&self, id: GuestId, to: Storage) -> Result<crate::StorageMoved, HvError> {
+        self.move_guest_storage(id, to).await
     }
 
     async fn snapshot_create(

@@ -86,11 +86,6 @@ pub(super) fn complete(per_disk: &[Vec<DiskSnapshot>]) -> Vec<SnapshotInfo> {
         .collect()
 }
 
-/// The image node of disk `i`, which holds its snapshot table.
-fn node(i: usize) -> String {
-    format!("disk{i}")
-}
-
 /// Runs `qemu-img ARGS`; its stdout, or the failure with its stderr.
 pub(super) async fn qemu_img(program: &Path, args: &[&str], file: &Path) -> Result<Vec<u8>, QemuError> {
     let name = || program.to_string_lossy().into_owned();
@@ -146,7 +141,7 @@ impl Snap<'_> {
             Some(pid) => {
                 let nodes = self.slot.execute(self.dir, pid, "query-named-block-nodes", None).await?;
                 for i in 0..self.disks() {
-                    let name = node(i);
+                    let name = cmdline::image_node(&nodes, i);
                     let image = nodes
                         .as_array()
                         .and_then(|l| l.iter().find(|n| n.get("node-name").and_then(Value::as_str) == Some(&name)))
@@ -210,8 +205,10 @@ impl Snap<'_> {
         // `snapshot-load` on a filter closes and reopens it around the
         // revert, after which the throttle node left the guest's disk
         // requests hanging (QEMU 7.2, measured).
-        let devices: Vec<String> = (0..self.disks()).map(node).collect();
-        let args = json!({ "job-id": job_id, "tag": name, "vmstate": node(0), "devices": devices });
+        let named = self.slot.execute(self.dir, pid, "query-named-block-nodes", None).await?;
+        let devices: Vec<String> = (0..self.disks()).map(|i| cmdline::image_node(&named, i)).collect();
+        let vmstate = cmdline::image_node(&named, 0);
+        let args = json!({ "job-id": job_id, "tag": name, "vmstate": vmstate, "devices": devices });
         // A job of an earlier call that died half-way would block the id.
         let _ = self.slot.execute(self.dir, pid, "job-dismiss", Some(json!({ "id": job_id }))).await;
         self.slot.execute(self.dir, pid, command, Some(args)).await?;

@@ -149,6 +149,15 @@ impl Dc {
         self.agents.len() - 1
     }
 
+    /// A host that sees no shared pool.
+    pub async fn add_agent_without_pool(&mut self, name: &str, cfg: SimConfig) -> usize {
+        let state = self.dir.path().join(format!("{name}.json"));
+        let sim = SimHypervisor::with_state_file(cfg, state).unwrap();
+        let agent = self.start_agent(name, &sim);
+        self.agents.push(agent);
+        self.agents.len() - 1
+    }
+
     fn start_agent(&self, name: &str, sim: &SimHypervisor) -> TestAgent {
         let mut ac = AgentConfig::new(name);
         ac.retry_after = Duration::from_millis(200);
