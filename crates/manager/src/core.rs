@@ -515,13 +515,25 @@ impl Manager {
     }
 
     pub(crate) fn guest_view(inv: &Inventory, g: &Guest) -> GuestView {
-        let host_name = inv.hosts.get(&g.host).map(|h| h.info.name.clone()).unwrap_or_default();
         let dependents = crate::clones::dependents(inv, g.id).iter().map(|d| d.spec.name.clone()).collect();
+        Self::guest_view_with(inv, g, dependents)
+    }
+
+    fn guest_view_with(inv: &Inventory, g: &Guest, dependents: Vec<String>) -> GuestView {
+        let host_name = inv.hosts.get(&g.host).map(|h| h.info.name.clone()).unwrap_or_default();
         GuestView { guest: g.clone(), host_name, dependents }
     }
 
     pub async fn list_guests(&self) -> Result<Vec<GuestView>, ApiError> {
-        let mut v = self.read(|inv| inv.guests.values().map(|g| Self::guest_view(inv, g)).collect::<Vec<_>>()).await?;
+        let mut v = self
+            .read(|inv| {
+                let mut deps = crate::clones::all_dependents(inv);
+                inv.guests
+                    .values()
+                    .map(|g| Self::guest_view_with(inv, g, deps.remove(&g.id).unwrap_or_default()))
+                    .collect::<Vec<_>>()
+            })
+            .await?;
         v.sort_by(|a, b| a.guest.spec.name.cmp(&b.guest.spec.name));
         Ok(v)
     }

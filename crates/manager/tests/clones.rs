@@ -154,6 +154,11 @@ async fn templates_never_run_and_guests_with_dependents_are_deleted_only_by_forc
     let golden = dc.admin.get_guest("golden").await.unwrap();
     assert_eq!(golden.dependents, ["web-1", "web-2"]);
     assert_eq!(golden.guest.state, GuestState::Stopped);
+    // Listing all guests works out dependents in one pass: the same answer.
+    let listed = dc.admin.list_guests().await.unwrap();
+    let deps = |name: &str| listed.iter().find(|v| v.guest.spec.name == name).map(|v| v.dependents.clone());
+    assert_eq!(deps("golden"), Some(vec!["web-1".to_owned(), "web-2".to_owned()]));
+    assert_eq!(deps("web-1"), Some(vec![]));
 
     let err = dc.admin.set_template("golden", false).await.unwrap_err();
     assert!(err.to_string().contains("is the base of clones (web-1, web-2)"), "{err}");
