@@ -163,9 +163,11 @@ pub struct CreateGuestRequest {
     pub vcpus: u32,
     /// Bytes.
     pub memory: ByteSize,
-    /// Sizes of the virtual disks, in bytes.
+    /// The virtual disks: each a size in bytes (a thin qcow2 disk, as
+    /// before there were other kinds) or a disk object (`format` qcow2, raw
+    /// or block; a block disk names its host device in `path`).
     #[serde(default)]
-    pub disks: Vec<ByteSize>,
+    pub disks: Vec<DiskRequest>,
     #[serde(default)]
     pub nics: Vec<NicRequest>,
     /// Pin placement to this host (name or id).
@@ -197,6 +199,36 @@ pub struct CreateGuestRequest {
     /// Its anti-affinity group: guests of one group never share a host.
     #[serde(default)]
     pub anti_affinity: Option<String>,
+}
+
+/// One disk of a create request: a bare size (a thin qcow2 disk) or a
+/// full disk description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum DiskRequest {
+    Size(ByteSize),
+    Disk(drove_model::DiskSpec),
+}
+
+impl DiskRequest {
+    pub fn spec(&self) -> drove_model::DiskSpec {
+        match self {
+            DiskRequest::Size(size) => drove_model::DiskSpec::qcow2(*size),
+            DiskRequest::Disk(d) => d.clone(),
+        }
+    }
+}
+
+impl From<ByteSize> for DiskRequest {
+    fn from(size: ByteSize) -> Self {
+        DiskRequest::Size(size)
+    }
+}
+
+impl From<drove_model::DiskSpec> for DiskRequest {
+    fn from(d: drove_model::DiskSpec) -> Self {
+        DiskRequest::Disk(d)
+    }
 }
 
 /// Import a qcow2 file into the image pool (`POST /v1/images`).

@@ -202,7 +202,7 @@ async fn api(a: ApiBench) -> Result<()> {
                     return Ok::<_, drove_client::ClientError>(lat);
                 }
                 let req = CreateGuestRequest {
-                    disks: vec![ByteSize::gib(1)],
+                    disks: vec![ByteSize::gib(1).into()],
                     ..CreateGuestRequest::new(&format!("bench-{i:05}"), 1, ByteSize::mib(256))
                 };
                 let s = Instant::now();

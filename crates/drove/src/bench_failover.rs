@@ -114,7 +114,7 @@ fn time_planner() -> (usize, usize, usize, f64, f64) {
 async fn create(c: &Client, name: &str) -> Result<()> {
     let req = CreateGuestRequest {
         host: Some("host-1".into()),
-        disks: vec![ByteSize::mib(16)],
+        disks: vec![ByteSize::mib(16).into()],
         storage: Some(Storage::Shared),
         ..CreateGuestRequest::new(name, 1, ByteSize::mib(128))
     };

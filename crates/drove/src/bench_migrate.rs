@@ -72,7 +72,7 @@ struct DrainFigures {
 async fn create(c: &Client, name: &str, memory: ByteSize, host: &str, storage: Storage) -> Result<()> {
     let req = CreateGuestRequest {
         host: Some(host.into()),
-        disks: vec![ByteSize::mib(64)],
+        disks: vec![ByteSize::mib(64).into()],
         storage: Some(storage),
         ..CreateGuestRequest::new(name, 1, memory)
     };

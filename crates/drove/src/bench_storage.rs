@@ -124,7 +124,8 @@ pub async fn run(a: StorageBench) -> Result<()> {
     // machine.
     let (lab, c) = BenchLab::start("storage", &["--hosts", "1", "--vcpu-overcommit", "8"])?;
     let name = "snap-bench";
-    let req = CreateGuestRequest { disks: vec![a.disk, a.disk], ..CreateGuestRequest::new(name, 1, a.memory) };
+    let req =
+        CreateGuestRequest { disks: vec![a.disk.into(), a.disk.into()], ..CreateGuestRequest::new(name, 1, a.memory) };
     let accepted = c.create_guest(&req).await?;
     let id = accepted.guest;
     wait_ready(&c, name, Instant::now() + Duration::from_secs(180)).await?;
@@ -227,7 +228,7 @@ pub async fn run(a: StorageBench) -> Result<()> {
         start: None,
     };
     let golden = CreateGuestRequest {
-        disks: vec![ByteSize::gib(1)],
+        disks: vec![ByteSize::gib(1).into()],
         start: Some(false),
         ..CreateGuestRequest::new("golden", 1, ByteSize::mib(128))
     };

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use drove_api::{CreateGuestRequest, CreateVlanRequest, NicRequest, OperationAccepted};
 use drove_client::Client;
-use drove_model::{ByteSize, Operation, OperationState};
+use drove_model::{ByteSize, DiskSpec, Operation, OperationState};
 
 use crate::output::{opt, print, print_one};
 use crate::{OutputArgs, config, parse_size};
@@ -383,9 +383,14 @@ pub struct CreateArgs {
     /// Memory, e.g. 512M or 1G.
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     pub memory: ByteSize,
-    /// Add a disk of this size (repeatable), e.g. --disk 1G.
-    #[arg(long = "disk", value_parser = parse_size)]
-    pub disks: Vec<ByteSize>,
+    /// Add a disk (repeatable), in order: disk 0 first.
+    ///
+    ///   SIZE                    a thin qcow2 file on the guest's pool (snapshots, clones, moves), e.g. --disk 1G
+    ///   SIZE,format=raw         a sparse raw file: no format layer, no snapshots, e.g. --disk 20G,format=raw
+    ///   block=DEVICE[,size=S]   a whole host block device given to this guest alone (needs --host: it exists
+    ///                           there only; its size is the device's), e.g. --disk block=/dev/vg0/db
+    #[arg(long = "disk", value_parser = parse_disk, verbatim_doc_comment, value_name = "SIZE[,format=raw]|block=DEVICE")]
+    pub disks: Vec<DiskSpec>,
     /// Add a NIC (repeatable): VLAN[,rate=RATE][,ip=ADDRESS], the VLAN by
     /// name or id, e.g. --nic blue or --nic 100,rate=100mbit. Its address
     /// comes from the VLAN's subnet (next free one unless ip= is given).
@@ -724,6 +729,41 @@ pub fn parse_nic(s: &str) -> Result<NicRequest, String> {
     Ok(nic)
 }
 
+/// A disk as `--disk` takes it: `SIZE[,format=qcow2|raw]` or
+/// `block=DEVICE[,size=SIZE]`.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    const USAGE: &str = "expected SIZE[,format=raw] or block=DEVICE, e.g. 1G, 20G,format=raw, block=/dev/sdb";
+    let mut parts = s.split(',').map(str::trim);
+    let first = parts.next().unwrap_or_default();
+    let mut disk = match first.split_once('=') {
+        Some(("block", dev)) => DiskSpec::block(dev),
+        Some(_) => return Err(format!("{s:?}: {USAGE}")),
+        None if first.is_empty() => return Err(format!("{s:?}: {USAGE}")),
+        None => DiskSpec::qcow2(crate::parse_size(first)?),
+    };
+    let block = disk.block_path().is_some();
+    for part in parts {
+        match part.split_once('=') {
+            Some(("format", "qcow2")) if !block => disk.format = drove_model::DiskFormat::Qcow2,
+            Some(("format", "raw")) if !block => disk.format = drove_model::DiskFormat::Raw,
+            Some(("format", f)) if !block => {
+                return Err(format!(
+                    "format={f}: a disk file is qcow2 (the default) or raw; a host device is block=DEVICE"
+                ));
+            }
+            Some(("size", size)) if block => disk.size = crate::parse_size(size)?,
+            _ if block => {
+                return Err(format!(
+                    "{part:?}: unknown option of a block disk; known is size=SIZE (must be the device's)"
+                ));
+            }
+            _ => return Err(format!("{part:?}: unknown disk option; known is format=qcow2|raw")),
+        }
+    }
+    disk.validate().map_err(|r| format!("{s:?}: the disk {r}"))?;
+    Ok(disk)
+}
+
 /// `INDEX=SIZE`, as `--grow-disk` takes it.
 pub fn parse_grow_disk(s: &str) -> Result<drove_api::GrowDisk, String> {
     let (index, size) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected INDEX=SIZE, e.g. 0=20G"))?;
@@ -773,7 +813,7 @@ fn guest_row(g: &drove_api::GuestView) -> Vec<String> {
         g.host_name.clone(),
         g.guest.spec.vcpus.to_string(),
         g.guest.spec.memory.to_string(),
-        g.guest.spec.disks.iter().map(|d| d.size.to_string()).collect::<Vec<_>>().join(","),
+        g.guest.spec.disks.iter().map(DiskSpec::describe).collect::<Vec<_>>().join(","),
         g.guest.spec.nics.iter().map(nic_brief).collect::<Vec<_>>().join(","),
     ]
 }
@@ -786,7 +826,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 name: a.name.clone(),
                 vcpus: a.vcpus,
                 memory: a.memory,
-                disks: a.disks,
+                disks: a.disks.into_iter().map(Into::into).collect(),
                 nics: a.nics,
                 host: a.host,
                 priority: a.priority,
@@ -856,7 +896,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("host", g.host_name.clone()),
                     ("vcpus", s.vcpus.to_string()),
                     ("memory", s.memory.to_string()),
-                    ("disks", s.disks.iter().map(|d| d.size.to_string()).collect::<Vec<_>>().join(", ")),
+                    ("disks", s.disks.iter().map(DiskSpec::describe).collect::<Vec<_>>().join(", ")),
                     ("nics", s.nics.iter().map(nic_detail).collect::<Vec<_>>().join(", ")),
                     ("addresses", addresses),
                     ("priority", s.priority.0.to_string()),
@@ -1322,4 +1362,39 @@ fn failover_summary(f: Option<&drove_model::guest::FailoverRecord>) -> String {
         after(f.running_ms),
         after(f.ready_ms)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use drove_model::{ByteSize, DiskSpec};
+
+    use super::parse_disk;
+
+    #[test]
+    fn disks_parse_as_operators_type_them() {
+        assert_eq!(parse_disk("1G"), Ok(DiskSpec::qcow2(ByteSize::gib(1))));
+        assert_eq!(parse_disk("1G,format=qcow2"), Ok(DiskSpec::qcow2(ByteSize::gib(1))));
+        assert_eq!(parse_disk("20G,format=raw"), Ok(DiskSpec::raw(ByteSize::gib(20))));
+        assert_eq!(parse_disk("block=/dev/loop5"), Ok(DiskSpec::block("/dev/loop5")));
+        assert_eq!(
+            parse_disk("block=/dev/vg0/db,size=1G"),
+            Ok(DiskSpec { size: ByteSize::gib(1), ..DiskSpec::block("/dev/vg0/db") })
+        );
+    }
+
+    #[test]
+    fn bad_disks_say_what_is_expected() {
+        for (bad, says) in [
+            ("", "expected SIZE"),
+            ("1G,format=vmdk", "qcow2 (the default) or raw"),
+            ("1G,rate=5", "known is format"),
+            ("block=sdb", "under /dev"),
+            ("block=/dev/sdb,format=raw", "known is size"),
+            ("path=/dev/sdb", "expected SIZE"),
+            ("lots", "invalid size"),
+        ] {
+            let e = parse_disk(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
 }

@@ -480,7 +480,7 @@ where
     async fn stopped_with_disk(&mut self) -> Result<GuestConfig, String> {
         let mut config = self.fresh().await?;
         if config.spec.disks.is_empty() {
-            config.spec.disks.push(drove_model::DiskSpec { size: drove_model::ByteSize::mib(16) });
+            config.spec.disks.push(drove_model::DiskSpec::qcow2(drove_model::ByteSize::mib(16)));
         }
         self.create(&config).await?;
         Ok(config)

@@ -149,6 +149,10 @@ pub enum HvError {
     InvalidSnapshot { id: GuestId, name: String, reason: String },
     #[error("the limits asked for guest {id} are refused: {field}: {reason}")]
     InvalidLimits { id: GuestId, field: &'static str, reason: String },
+    /// What its disks' kind cannot do (a snapshot of a raw disk, a move
+    /// of a block device, ...): refused before anything is changed.
+    #[error("cannot {op} guest {id}: {reason}")]
+    DiskKind { id: GuestId, op: &'static str, reason: String },
     #[error("guest {id} cannot be cloned from guest {source_guest}: {reason}")]
     CloneSource { id: GuestId, source_guest: GuestId, reason: String },
     #[error("hypervisor host failure during {op}")]
@@ -291,6 +295,39 @@ pub fn check_limits(id: GuestId, spec: &GuestSpec, limits: &ResourceLimits, live
     Ok(())
 }
 
+/// Checks the disks of a guest to define: each by its kind's rules, and no
+/// block device twice. The rules every backend applies on create.
+pub fn check_disks(id: GuestId, spec: &GuestSpec) -> Result<(), HvError> {
+    for (i, d) in spec.disks.iter().enumerate() {
+        d.validate().map_err(|r| HvError::DiskKind { id, op: "create", reason: format!("disk {i} {r}") })?;
+        if let Some(p) = d.block_path()
+            && spec.disks[..i].iter().any(|o| o.block_path() == Some(p))
+        {
+            return Err(HvError::DiskKind { id, op: "create", reason: format!("disk {i} names {p} a second time") });
+        }
+        if d.block_path().is_some() && spec.storage == drove_model::guest::Storage::Shared {
+            return Err(HvError::DiskKind {
+                id,
+                op: "create",
+                reason: format!(
+                    "disk {i} is {}, local to this host; block devices on a shared SAN are not supported yet",
+                    d.kind_phrase()
+                ),
+            });
+        }
+    }
+    if let Some(img) = &spec.image
+        && let Some(d) = spec.disks.first().filter(|d| !d.format.is_qcow2())
+    {
+        return Err(HvError::DiskKind {
+            id,
+            op: "create",
+            reason: format!("disk 0 boots image {img} as a qcow2 overlay and cannot be {}", d.kind_phrase()),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a clone against its source as the backend found it: `source` is
 /// its definition (`None`: not on this host), `running` whether it has a
 /// process, `snapshots` its complete snapshots. The rules every backend
@@ -321,6 +358,24 @@ pub fn check_clone(
         && !snapshots.iter().any(|s| s == name)
     {
         return Err(HvError::SnapshotNotFound { id: from.guest, name: name.clone() });
+    }
+    if let Some((i, d)) = source.spec.first_block_disk() {
+        return Err(refuse(&format!(
+            "its disk {i} is {}, which is neither copied nor overlaid (give the clone its own device)",
+            d.kind_phrase()
+        )));
+    }
+    if let Some((i, d)) = clone.spec.disks.iter().enumerate().find(|(_, d)| !d.format.is_qcow2()) {
+        return Err(refuse(&format!("the clone's disk {i} is {}; a clone's disks are qcow2", d.kind_phrase())));
+    }
+    if from.mode == drove_model::CloneMode::Copy
+        && let Some((i, _)) = source.spec.first_non_qcow2_disk()
+        && (running || from.snapshot.is_some())
+    {
+        return Err(refuse(&format!(
+            "its disk {i} is raw: a copy of a running guest or of a snapshot needs qcow2 snapshots; stop it \
+             first, or make it a template"
+        )));
     }
     if from.mode == drove_model::CloneMode::Overlay {
         if running {

@@ -375,9 +375,12 @@ impl SimHypervisor {
             let has_pool = this.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).is_some();
             let inner = this.lock();
             let g = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
+            if let Some(reason) = g.config.spec.storage_move_refusal() {
+                return Err(HvError::DiskKind { id, op: OP, reason });
+            }
             let from = g.config.spec.storage;
             let live = g.pid.is_some();
-            let bytes = g.config.spec.disks.iter().map(|d| d.size.bytes()).sum();
+            let bytes = g.config.spec.pool_bytes();
             if from == to {
                 return Ok((from, live, 0));
             }
@@ -797,6 +800,7 @@ impl SimHypervisor {
 
     async fn create_guest(&self, config: &GuestConfig) -> Result<(), HvError> {
         validate(config)?;
+        crate::check_disks(config.id, &config.spec)?;
         {
             let mut inner = self.lock();
             if let Some(guest) = inner.guests.get_mut(&config.id) {
@@ -905,7 +909,7 @@ impl Hypervisor for SimHypervisor {
                 .guests
                 .iter()
                 .filter(|(_, g)| g.config.spec.storage == storage)
-                .map(|(id, g)| (*id, g.config.spec.disks.iter().map(|d| d.size.bytes()).sum()))
+                .map(|(id, g)| (*id, g.config.spec.pool_bytes()))
                 .collect()
         };
         let space = |name: &str, used: u64| PoolSpace {
@@ -1052,7 +1056,7 @@ impl Hypervisor for SimHypervisor {
             crate::Hotplug::AddDisk { size } if size.bytes() == 0 => {
                 return Err(refuse("a disk needs a size above zero".to_owned()));
             }
-            crate::Hotplug::AddDisk { size } => spec.disks.push(drove_model::DiskSpec { size: *size }),
+            crate::Hotplug::AddDisk { size } => spec.disks.push(drove_model::DiskSpec::qcow2(*size)),
             crate::Hotplug::AddNic { nic } if spec.nics.iter().any(|n| n.mac.eq_ignore_ascii_case(&nic.mac)) => {
                 return Err(refuse(format!("the guest already has a NIC with MAC {}", nic.mac)));
             }
@@ -1071,6 +1075,9 @@ impl Hypervisor for SimHypervisor {
                 )));
             }
             crate::Hotplug::SetMemory { memory } => spec.grow_memory_to(*memory),
+            crate::Hotplug::GrowDisk { index, .. } if let Some(why) = spec.grow_refusal(*index as usize) => {
+                return Err(refuse(why));
+            }
             crate::Hotplug::GrowDisk { index, size } => match spec.disks.get_mut(*index as usize) {
                 None => return Err(refuse(format!("the guest has no disk {index}"))),
                 Some(d) if *size <= d.size => {
@@ -1118,6 +1125,9 @@ impl Hypervisor for SimHypervisor {
         let fault = self.begin(SimOp::MigrateIncoming, Some(config.id))?;
         let result = async {
             let id = config.id;
+            if let Some(reason) = config.spec.migration_refusal() {
+                return Err(HvError::DiskKind { id, op: "migrate_incoming", reason });
+            }
             {
                 let inner = self.lock();
                 if let Some(g) = inner.guests.get(&id) {
@@ -1154,6 +1164,9 @@ impl Hypervisor for SimHypervisor {
             let memory = {
                 let mut inner = self.lock();
                 let g = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+                if let Some(reason) = g.config.spec.migration_refusal() {
+                    return Err(HvError::DiskKind { id, op: "migrate_out", reason });
+                }
                 if g.state != RuntimeState::Running || g.migration.is_some() {
                     return Err(HvError::InvalidState { id, op: "migrate_out", state: g.state });
                 }
@@ -1329,6 +1342,15 @@ impl SimHypervisor {
         Ok(guest.state)
     }
 
+    /// Refuses a snapshot of a guest with a disk that cannot hold one, as
+    /// QEMU does (internal snapshots live in qcow2 files).
+    fn snapshot_disks(inner: &Inner, id: GuestId, op: &'static str) -> Result<(), HvError> {
+        match inner.guests.get(&id).and_then(|g| g.config.spec.snapshot_refusal()) {
+            Some(reason) => Err(HvError::DiskKind { id, op, reason }),
+            None => Ok(()),
+        }
+    }
+
     async fn create_snapshot(
         &self,
         id: GuestId,
@@ -1337,6 +1359,7 @@ impl SimHypervisor {
     ) -> Result<crate::SnapshotInfo, HvError> {
         let check = |inner: &Inner| -> Result<(), HvError> {
             let state = Self::snapshot_guest(inner, id, name)?;
+            Self::snapshot_disks(inner, id, "snapshot_create")?;
             if kind == crate::SnapshotKind::Memory && !matches!(state, RuntimeState::Running | RuntimeState::Paused) {
                 return Err(HvError::InvalidState { id, op: "snapshot_create", state });
             }
@@ -1394,6 +1417,7 @@ impl SimHypervisor {
         use crate::{RestoreOutcome, SnapshotKind};
         let plan = |inner: &Inner| -> Result<RestoreOutcome, HvError> {
             let state = Self::snapshot_guest(inner, id, name)?;
+            Self::snapshot_disks(inner, id, "snapshot_restore")?;
             let snapshot = inner
                 .guests
                 .get(&id)

@@ -157,7 +157,7 @@ fn guest(name: &str, disks: &[u64]) -> GuestConfig {
             name: name.to_owned(),
             vcpus: 1,
             memory: ByteSize::mib(256),
-            disks: disks.iter().map(|&mib| DiskSpec { size: ByteSize::mib(mib) }).collect(),
+            disks: disks.iter().map(|&mib| DiskSpec::qcow2(ByteSize::mib(mib))).collect(),
             nics: Vec::new(),
             priority: Priority::default(),
             load_profile: None,

@@ -599,7 +599,7 @@ async fn storage_moves_are_recorded_and_refusals_change_nothing() {
     let state = dir.path().join("state.json");
     let hv = SimHypervisor::with_state_file(SimConfig::instant(), state.clone()).unwrap();
     let mut g = sample_guest(1);
-    g.spec.disks = vec![drove_model::DiskSpec { size: drove_model::ByteSize::gib(1) }];
+    g.spec.disks = vec![drove_model::DiskSpec::qcow2(drove_model::ByteSize::gib(1))];
     hv.create(&g).await.unwrap();
     hv.start(g.id).await.unwrap();
     let pid = hv.status(g.id).await.unwrap().pid;

@@ -222,6 +222,23 @@ fn check_source(inv: &Inventory, src: &Guest, snapshot: Option<&str>) -> Result<
     if src.spec.disks.is_empty() {
         return Err(ApiError::conflict(format!("guest {name} has no disks to clone")));
     }
+    if let Some((i, d)) = src.spec.first_block_disk() {
+        return Err(ApiError::conflict(format!(
+            "guest {name} cannot be cloned: its disk {i} is host block device {}, which drove neither copies \
+             nor overlays (give the clone its own device)",
+            d.path.as_deref().unwrap_or("?")
+        )));
+    }
+    if !src.template
+        && snapshot.is_none()
+        && src.state == GuestState::Running
+        && let Some((i, _)) = src.spec.first_non_qcow2_disk()
+    {
+        return Err(ApiError::conflict(format!(
+            "guest {name} runs and its disk {i} is raw: a copy of a running guest needs a qcow2 snapshot of \
+             one instant; stop it first, or make it a template (its clones are then qcow2 overlays)"
+        )));
+    }
     if let Some(snap) = snapshot {
         let s = src
             .snapshots
@@ -243,7 +260,7 @@ fn check_source(inv: &Inventory, src: &Guest, snapshot: Option<&str>) -> Result<
 /// policies, pinned to its host.
 fn clone_request(src: &Guest, name: &str, start: Option<bool>) -> CreateGuestRequest {
     CreateGuestRequest {
-        disks: src.spec.disks.iter().map(|d| d.size).collect(),
+        disks: src.spec.disks.iter().map(|d| d.size.into()).collect(),
         nics: src
             .spec
             .nics

@@ -425,7 +425,7 @@ impl Manager {
             let mut pools: Vec<drove_api::PoolView> = Vec::new();
             let mut hosts: Vec<&HostEntry> = inv.hosts.values().collect();
             hosts.sort_by(|a, b| a.info.name.cmp(&b.info.name));
-            let disks = |g: &drove_model::Guest| g.spec.disks.iter().map(|d| d.size.bytes()).sum::<u64>();
+            let disks = |g: &drove_model::Guest| g.spec.pool_bytes();
             let mut shared: Option<(drove_api::PoolView, Option<Instant>)> = None;
             for h in &hosts {
                 for p in &h.pools {
@@ -794,12 +794,34 @@ impl Manager {
         if req.disks.len() > 16 {
             return Err(ApiError::invalid("disks", format!("at most 16 disks, got {}", req.disks.len())));
         }
-        for (i, d) in req.disks.iter().enumerate() {
-            if d.bytes() < MIB || !d.bytes().is_multiple_of(MIB) {
-                return Err(ApiError::invalid(
-                    &format!("disks[{i}]"),
-                    format!("disk {i} size must be a whole number of MiB and at least 1M, got {} bytes", d.bytes()),
-                ));
+        let mut disks: Vec<DiskSpec> = req.disks.iter().map(|d| d.spec()).collect();
+        for (i, d) in disks.iter().enumerate() {
+            d.validate().map_err(|r| ApiError::invalid(&format!("disks[{i}]"), format!("disk {i} {r}")))?;
+            if let Some(path) = d.block_path() {
+                if let Some((j, _)) = disks[..i].iter().enumerate().find(|(_, o)| o.block_path() == Some(path)) {
+                    return Err(ApiError::invalid(
+                        &format!("disks[{i}]"),
+                        format!("disk {i} names block device {path} that disk {j} already is (one device, one disk)"),
+                    ));
+                }
+                if req.host.is_none() {
+                    return Err(ApiError::invalid(
+                        "host",
+                        format!(
+                            "disk {i} is host block device {path}, which exists only on one host: \
+                             pin the guest to it with host (--host)"
+                        ),
+                    ));
+                }
+                if req.storage == Some(drove_model::guest::Storage::Shared) {
+                    return Err(ApiError::invalid(
+                        "storage",
+                        format!(
+                            "disk {i} is host block device {path}, local to its host; block devices on a \
+                             shared SAN are not supported yet"
+                        ),
+                    ));
+                }
             }
         }
         if req.nics.len() > drove_model::guest::MAX_NICS {
@@ -844,7 +866,6 @@ impl Manager {
                     .id,
             ),
         };
-        let mut disks: Vec<DiskSpec> = req.disks.iter().map(|&size| DiskSpec { size }).collect();
         let image = match &req.image {
             None => None,
             Some(name) => {
@@ -854,7 +875,16 @@ impl Manager {
                     .ok_or_else(|| ApiError::invalid("image", format!("image {name:?} does not exist")))?;
                 // Disk 0 is the image's overlay: at least the image's size.
                 match disks.first() {
-                    None => disks.push(DiskSpec { size: img.virtual_size }),
+                    None => disks.push(DiskSpec::qcow2(img.virtual_size)),
+                    Some(d) if !d.format.is_qcow2() => {
+                        return Err(ApiError::invalid(
+                            "disks[0]",
+                            format!(
+                                "disk 0 boots image {name}: it is a qcow2 overlay of the image, not a {} disk",
+                                d.format
+                            ),
+                        ));
+                    }
                     Some(d) if d.size < img.virtual_size => {
                         return Err(ApiError::invalid(
                             "disks[0]",
@@ -967,6 +997,7 @@ impl Manager {
             PlacementError::TooLarge { .. } => ApiError::invalid("memory", e.to_string()),
             PlacementError::NoHosts | PlacementError::NoRoom { .. } => ApiError::conflict(format!("{e}{apart}")),
         })?;
+        Self::check_block_devices_free(inv, &spec, host, None)?;
         if let Some(core) =
             spec.limits.cpu_pin.iter().find(|c| inv.hosts.get(&host).is_some_and(|h| **c >= h.info.cores))
         {
@@ -1018,6 +1049,40 @@ impl Manager {
         inv.active_ops.insert(guest.id, op.id);
         inv.ops.insert(op.id, op.clone());
         Ok((guest, op))
+    }
+
+    /// Refuses (409) a block device of `spec` that another guest on `host`
+    /// (other than `except`) has: a device belongs to one guest (1:1).
+    pub(crate) fn check_block_devices_free(
+        inv: &Inventory,
+        spec: &GuestSpec,
+        host: HostId,
+        except: Option<GuestId>,
+    ) -> Result<(), ApiError> {
+        let wanted: Vec<(usize, &str)> =
+            spec.disks.iter().enumerate().filter_map(|(i, d)| d.block_path().map(|p| (i, p))).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for g in inv.guests.values().filter(|g| g.host == host && Some(g.id) != except) {
+            if g.state == GuestState::Deleted {
+                continue;
+            }
+            for d in &g.spec.disks {
+                if let Some((i, path)) = wanted.iter().find(|(_, p)| d.block_path() == Some(*p)) {
+                    let host_name = inv.hosts.get(&host).map(|h| h.info.name.as_str()).unwrap_or("?");
+                    return Err(ApiError {
+                        field: Some(format!("disks[{i}]")),
+                        ..ApiError::conflict(format!(
+                            "block device {path} on host {host_name} belongs to guest {} (a device is given \
+                             to one guest only)",
+                            g.spec.name
+                        ))
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Takes back what [`Self::admit`] recorded (nothing of it was written).
@@ -1282,6 +1347,12 @@ impl Manager {
                         ),
                     ));
                 };
+                if let Some(why) = g.spec.grow_refusal(grow.index as usize) {
+                    return Err(ApiError {
+                        field: Some("grow_disk.index".into()),
+                        ..ApiError::conflict(format!("guest {}'s disk cannot grow: {why}", g.spec.name))
+                    });
+                }
                 if grow.size <= disk.size || !grow.size.bytes().is_multiple_of(MIB) {
                     return Err(ApiError::invalid(
                         "grow_disk.size",
@@ -1322,7 +1393,7 @@ impl Manager {
             return Err(err);
         }
         self.commit_spec(ctx, key, id, |spec| match change {
-            HotplugChange::AddDisk { size } => spec.disks.push(DiskSpec { size }),
+            HotplugChange::AddDisk { size } => spec.disks.push(DiskSpec::qcow2(size)),
             HotplugChange::AddNic { .. } => spec.nics.extend(new_nic),
             HotplugChange::SetMemory { memory } => spec.grow_memory_to(memory),
             HotplugChange::SetVcpus { vcpus } => spec.grow_vcpus_to(vcpus),

@@ -102,6 +102,9 @@ impl Manager {
                     g.spec.name, g.state
                 )));
             }
+            if let Some(why) = g.spec.migration_refusal() {
+                return Err(ApiError::conflict(format!("guest {} cannot be live-migrated: {why}", g.spec.name)));
+            }
             let source = inv.hosts.get(&g.host).ok_or_else(|| ApiError::not_found("host", &g.host.to_string()))?;
             let source_name = source.info.name.clone();
             let mut capacities = self.capacities(&inv);

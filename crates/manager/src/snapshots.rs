@@ -91,6 +91,9 @@ impl Manager {
             if g.spec.disks.is_empty() {
                 return Err(ApiError::conflict(format!("guest {} has no disks to snapshot", g.spec.name)));
             }
+            if let Some(why) = g.spec.snapshot_refusal() {
+                return Err(ApiError::conflict(format!("guest {} cannot be snapshotted: {why}", g.spec.name)));
+            }
             match (kind, g.state) {
                 (_, GuestState::Running) | (SnapshotKind::Disk, GuestState::Stopped) => {}
                 (SnapshotKind::Memory, s) => {

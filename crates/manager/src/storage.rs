@@ -72,6 +72,9 @@ impl Manager {
                     g.state
                 )));
             }
+            if let Some(why) = g.spec.storage_move_refusal() {
+                return Err(ApiError::conflict(format!("guest {name}'s disks cannot move: {why}")));
+            }
             if g.template {
                 return Err(ApiError::conflict(format!(
                     "guest {name} is a template: clones may be thin overlays on its disk files, which must stay \

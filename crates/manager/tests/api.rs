@@ -14,7 +14,7 @@ use drove_hypervisor::sim::SimOp;
 use drove_model::{ByteSize, GuestState, OperationState};
 
 fn guest(name: &str) -> CreateGuestRequest {
-    CreateGuestRequest { disks: vec![ByteSize::gib(1)], ..CreateGuestRequest::new(name, 1, ByteSize::mib(256)) }
+    CreateGuestRequest { disks: vec![ByteSize::gib(1).into()], ..CreateGuestRequest::new(name, 1, ByteSize::mib(256)) }
 }
 
 async fn raw(
@@ -736,7 +736,7 @@ async fn images_are_imported_checked_used_as_a_base_and_protected_while_used() {
     assert_eq!(g.guest.spec.disks[0].size, ByteSize::mib(64));
     let mut small = CreateGuestRequest::new("too-small", 1, ByteSize::mib(128));
     small.image = Some("base".into());
-    small.disks = vec![ByteSize::mib(32)];
+    small.disks = vec![ByteSize::mib(32).into()];
     assert_eq!(dc.admin.create_guest(&small).await.unwrap_err().status(), Some(400));
     small.image = Some("nope".into());
     assert_eq!(dc.admin.create_guest(&small).await.unwrap_err().status(), Some(400));

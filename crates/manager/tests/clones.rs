@@ -25,7 +25,7 @@ async fn lab(hosts: usize) -> Dc {
 
 async fn source(dc: &Dc, name: &str, start: bool) -> GuestId {
     let req = CreateGuestRequest {
-        disks: vec![ByteSize::gib(1)],
+        disks: vec![ByteSize::gib(1).into()],
         nics: vec![NicRequest::on("blue")],
         start: Some(start),
         ..CreateGuestRequest::new(name, 1, ByteSize::mib(256))
@@ -187,8 +187,10 @@ async fn a_clone_being_copied_holds_its_source_and_snapshot() {
     let slow = SimConfig { create_delay: Duration::from_millis(1500), ..SimConfig::default() };
     dc.add_agent("host-1", slow).await;
     dc.wait_hosts_up(1).await;
-    let req =
-        CreateGuestRequest { disks: vec![ByteSize::gib(1)], ..CreateGuestRequest::new("web", 1, ByteSize::mib(64)) };
+    let req = CreateGuestRequest {
+        disks: vec![ByteSize::gib(1).into()],
+        ..CreateGuestRequest::new("web", 1, ByteSize::mib(64))
+    };
     let acc = dc.admin.create_guest(&req).await.unwrap();
     dc.wait_succeeded(&acc.operation).await;
     let snap = dc.admin.create_snapshot("web", &CreateSnapshotRequest { name: "s".into(), memory: false }).await;

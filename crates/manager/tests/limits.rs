@@ -18,7 +18,7 @@ fn initial() -> ResourceLimits {
 
 async fn limited_guest(dc: &Dc, name: &str, host: &str) -> GuestId {
     let req = CreateGuestRequest {
-        disks: vec![ByteSize::gib(1)],
+        disks: vec![ByteSize::gib(1).into()],
         host: Some(host.into()),
         limits: Some(initial()),
         ..CreateGuestRequest::new(name, 2, ByteSize::mib(256))

@@ -17,7 +17,7 @@ use drove_model::{ByteSize, GuestId, GuestState, OperationState};
 
 async fn running_guest(dc: &Dc, name: &str, host: &str) -> GuestId {
     let req = CreateGuestRequest {
-        disks: vec![ByteSize::gib(1)],
+        disks: vec![ByteSize::gib(1).into()],
         host: Some(host.into()),
         ..CreateGuestRequest::new(name, 1, ByteSize::mib(256))
     };

@@ -15,8 +15,10 @@ use drove_hypervisor::sim::{SimConfig, SimOp};
 use drove_model::{ByteSize, GuestId, GuestState, OperationState, SnapshotKind, SnapshotState};
 
 async fn running_guest(dc: &Dc, name: &str) -> GuestId {
-    let req =
-        CreateGuestRequest { disks: vec![ByteSize::gib(1)], ..CreateGuestRequest::new(name, 1, ByteSize::mib(256)) };
+    let req = CreateGuestRequest {
+        disks: vec![ByteSize::gib(1).into()],
+        ..CreateGuestRequest::new(name, 1, ByteSize::mib(256))
+    };
     let acc = dc.admin.create_guest(&req).await.unwrap();
     dc.wait_succeeded(&acc.operation).await;
     acc.guest

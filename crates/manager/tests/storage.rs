@@ -19,7 +19,7 @@ use drove_model::{ByteSize, GuestId, OperationKind, OperationState};
 
 async fn guest_on(dc: &Dc, name: &str, host: &str) -> GuestId {
     let req = CreateGuestRequest {
-        disks: vec![ByteSize::gib(1)],
+        disks: vec![ByteSize::gib(1).into()],
         host: Some(host.into()),
         ..CreateGuestRequest::new(name, 1, ByteSize::mib(256))
     };
@@ -226,7 +226,7 @@ async fn a_guest_whose_disks_are_moving_does_not_fail_over() {
     dc.add_agent("host-2", slow).await;
     dc.wait_hosts_up(2).await;
     let req = CreateGuestRequest {
-        disks: vec![ByteSize::gib(1)],
+        disks: vec![ByteSize::gib(1).into()],
         host: Some("host-1".into()),
         storage: Some(Storage::Shared),
         ..CreateGuestRequest::new("roamer", 1, ByteSize::mib(256))

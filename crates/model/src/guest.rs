@@ -55,7 +55,143 @@ impl Default for Priority {
 /// A virtual disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskSpec {
+    /// Bytes. For a block disk 0: the device's whole size, which only its
+    /// host knows (a non-zero size must match the device's).
+    #[serde(default)]
     pub size: ByteSize,
+    /// What backs it. Default `qcow2`, so records and clients from before
+    /// there were other kinds keep working.
+    #[serde(default, skip_serializing_if = "DiskFormat::is_qcow2")]
+    pub format: DiskFormat,
+    /// The host block device of a `block` disk (absolute, under `/dev`);
+    /// `None` for the file kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// What backs a virtual disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskFormat {
+    /// A thin qcow2 file on the guest's pool: internal snapshots, thin
+    /// clones, storage moves, migration, growth.
+    #[default]
+    Qcow2,
+    /// A sparse raw file on the guest's pool: no format layer between the
+    /// guest and the file (no snapshots; clones are qcow2 overlays of it).
+    Raw,
+    /// A whole host block device (a disk, an LVM volume) given 1:1 to one
+    /// guest: never created, grown, moved, snapshotted or deleted by drove.
+    Block,
+}
+
+impl DiskFormat {
+    pub fn is_qcow2(&self) -> bool {
+        *self == DiskFormat::Qcow2
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+            DiskFormat::Block => "block",
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl DiskSpec {
+    /// A thin qcow2 disk of `size`.
+    pub fn qcow2(size: ByteSize) -> Self {
+        DiskSpec { size, format: DiskFormat::Qcow2, path: None }
+    }
+
+    /// A raw file disk of `size`.
+    pub fn raw(size: ByteSize) -> Self {
+        DiskSpec { size, format: DiskFormat::Raw, path: None }
+    }
+
+    /// The whole host block device at `path`.
+    pub fn block(path: impl Into<String>) -> Self {
+        DiskSpec { size: ByteSize(0), format: DiskFormat::Block, path: Some(path.into()) }
+    }
+
+    /// The host block device it is, if it is one.
+    pub fn block_path(&self) -> Option<&str> {
+        match self.format {
+            DiskFormat::Block => self.path.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether it is a file on the guest's pool (it takes pool space).
+    pub fn on_pool(&self) -> bool {
+        self.format != DiskFormat::Block
+    }
+
+    /// Checks the kind's own rules; the reason reads after "disk N ".
+    pub fn validate(&self) -> Result<(), String> {
+        const MIB: u64 = 1 << 20;
+        match self.format {
+            DiskFormat::Qcow2 | DiskFormat::Raw => {
+                if let Some(p) = &self.path {
+                    return Err(format!(
+                        "is a {} file on the guest's pool and takes no path (got {p:?}); a host device is format block",
+                        self.format
+                    ));
+                }
+                let b = self.size.bytes();
+                if b < MIB || !b.is_multiple_of(MIB) {
+                    return Err(format!("size must be a whole number of MiB and at least 1M, got {b} bytes"));
+                }
+            }
+            DiskFormat::Block => {
+                let Some(p) = &self.path else {
+                    return Err("is a block disk and needs the host device's path (e.g. /dev/sdb)".to_owned());
+                };
+                validate_block_path(p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// "a raw file", "host block device /dev/sdb", "a qcow2 file".
+    pub fn kind_phrase(&self) -> String {
+        match self.format {
+            DiskFormat::Block => format!("host block device {}", self.path.as_deref().unwrap_or("?")),
+            f => format!("a {f} file"),
+        }
+    }
+
+    /// How an operator reads it: `1G`, `1G raw`, `block /dev/sdb`.
+    pub fn describe(&self) -> String {
+        match (self.format, &self.path) {
+            (DiskFormat::Block, Some(p)) if self.size.bytes() == 0 => format!("block {p}"),
+            (DiskFormat::Block, Some(p)) => format!("block {p} ({})", self.size),
+            (DiskFormat::Qcow2, _) => self.size.to_string(),
+            (f, _) => format!("{} {f}", self.size),
+        }
+    }
+}
+
+/// Checks a host block device path: absolute, under `/dev`, no `..`, and
+/// nothing QEMU's option syntax would split (`,`).
+pub fn validate_block_path(p: &str) -> Result<(), String> {
+    let rest = p.strip_prefix("/dev/").filter(|r| !r.is_empty()).ok_or_else(|| {
+        format!("block device path must be absolute and under /dev (e.g. /dev/sdb, /dev/vg0/db), got {p:?}")
+    })?;
+    if rest.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(format!("block device path {p:?} must not contain empty, '.' or '..' components"));
+    }
+    if p.contains(',') || p.chars().any(char::is_whitespace) {
+        return Err(format!("block device path {p:?} must not contain ',' or spaces"));
+    }
+    Ok(())
 }
 
 /// A virtual NIC on a VLAN.
@@ -224,6 +360,63 @@ pub struct HotAdded {
 }
 
 impl GuestSpec {
+    /// Its first disk that is not qcow2, with its index: what refuses
+    /// internal snapshots.
+    pub fn first_non_qcow2_disk(&self) -> Option<(usize, &DiskSpec)> {
+        self.disks.iter().enumerate().find(|(_, d)| d.format != DiskFormat::Qcow2)
+    }
+
+    /// Its first block-device disk, with its index.
+    pub fn first_block_disk(&self) -> Option<(usize, &DiskSpec)> {
+        self.disks.iter().enumerate().find(|(_, d)| d.format == DiskFormat::Block)
+    }
+
+    /// Why internal snapshots cannot be taken of it (they live in qcow2
+    /// files), if they cannot; the reason names the disk.
+    pub fn snapshot_refusal(&self) -> Option<String> {
+        self.first_non_qcow2_disk().map(|(i, d)| {
+            format!(
+                "its disk {i} is {}: snapshots live inside qcow2 disks, and every disk of a snapshotted guest \
+                 must be one",
+                d.kind_phrase()
+            )
+        })
+    }
+
+    /// Why it cannot be live-migrated, if it cannot (a block device is on
+    /// its host only).
+    pub fn migration_refusal(&self) -> Option<String> {
+        self.first_block_disk().map(|(i, d)| {
+            format!(
+                "its disk {i} is {}, which exists on its host only (block devices on a shared SAN are not \
+                 supported yet); stop it and move the device's data yourself",
+                d.kind_phrase()
+            )
+        })
+    }
+
+    /// Why its disks cannot move between pools, if they cannot.
+    pub fn storage_move_refusal(&self) -> Option<String> {
+        self.first_block_disk()
+            .map(|(i, d)| format!("its disk {i} is {}, which is on no pool and stays where it is", d.kind_phrase()))
+    }
+
+    /// Why its disk `index` cannot grow, if it cannot.
+    pub fn grow_refusal(&self, index: usize) -> Option<String> {
+        let d = self.disks.get(index)?;
+        (d.format == DiskFormat::Block).then(|| {
+            format!(
+                "its disk {index} is {}: its size is the device's (grow the device, then restart the guest)",
+                d.kind_phrase()
+            )
+        })
+    }
+
+    /// The pool space its disks may grow to (block devices take none).
+    pub fn pool_bytes(&self) -> u64 {
+        self.disks.iter().filter(|d| d.on_pool()).map(|d| d.size.bytes()).sum()
+    }
+
     /// vCPUs of the boot layout.
     pub fn base_vcpus(&self) -> u32 {
         self.hot_added.as_ref().map_or(self.vcpus, |h| h.base_vcpus)
@@ -698,5 +891,50 @@ mod tests {
             };
             prop_assert_eq!(end, Ok(GuestState::Deleted));
         }
+    }
+
+    #[test]
+    fn disk_kinds_default_to_qcow2_and_old_records_read() {
+        let old: DiskSpec = serde_json::from_str(r#"{"size":1073741824}"#).expect("old record");
+        assert_eq!(old, DiskSpec::qcow2(ByteSize::gib(1)));
+        assert_eq!(serde_json::to_string(&old).expect("ser"), r#"{"size":1073741824}"#);
+        let b: DiskSpec = serde_json::from_str(r#"{"format":"block","path":"/dev/sdb"}"#).expect("block");
+        assert_eq!(b, DiskSpec::block("/dev/sdb"));
+        assert_eq!(b.block_path(), Some("/dev/sdb"));
+        assert!(!b.on_pool());
+    }
+
+    #[test]
+    fn disk_validation_says_what_is_wrong() {
+        assert!(DiskSpec::raw(ByteSize::gib(1)).validate().is_ok());
+        assert!(DiskSpec::block("/dev/vg0/db").validate().is_ok());
+        let e = DiskSpec::raw(ByteSize(1000)).validate().expect_err("tiny");
+        assert!(e.contains("whole number of MiB"), "{e}");
+        let e = DiskSpec { path: None, ..DiskSpec::block("x") }.validate().expect_err("no path");
+        assert!(e.contains("needs the host device's path"), "{e}");
+        for bad in ["sdb", "/tmp/disk", "/dev/", "/dev/../etc/passwd", "/dev/sd,b", "/dev//sdb"] {
+            let e = DiskSpec::block(bad).validate().expect_err(bad);
+            assert!(e.contains("block device path"), "{bad}: {e}");
+        }
+        let e =
+            DiskSpec { path: Some("/dev/sdb".into()), ..DiskSpec::raw(ByteSize::gib(1)) }.validate().expect_err("p");
+        assert!(e.contains("takes no path"), "{e}");
+    }
+
+    #[test]
+    fn a_guest_names_its_first_disk_of_each_kind() {
+        let mut spec: GuestSpec = serde_json::from_value(serde_json::json!({
+            "name": "g", "vcpus": 1, "memory": 1u64 << 28, "disks": [{"size": 1u64 << 30}],
+            "nics": [], "priority": 50, "load_profile": null
+        }))
+        .expect("spec");
+        assert_eq!(spec.first_non_qcow2_disk(), None);
+        spec.disks.push(DiskSpec::raw(ByteSize::gib(2)));
+        spec.disks.push(DiskSpec::block("/dev/sdb"));
+        assert_eq!(spec.first_non_qcow2_disk().map(|(i, _)| i), Some(1));
+        assert_eq!(spec.first_block_disk().map(|(i, _)| i), Some(2));
+        assert_eq!(spec.pool_bytes(), 3 << 30);
+        assert_eq!(spec.disks[2].describe(), "block /dev/sdb");
+        assert_eq!(spec.disks[1].describe(), "2G raw");
     }
 }

@@ -17,8 +17,8 @@ pub mod units;
 pub mod vlan;
 
 pub use guest::{
-    CloneMode, CloneSource, DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition, NicSpec,
-    PowerIntent, Priority, ResourceLimits, RestartPolicy,
+    CloneMode, CloneSource, DiskFormat, DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition,
+    NicSpec, PowerIntent, Priority, ResourceLimits, RestartPolicy,
 };
 pub use host::{HostInfo, HostState, HypervisorKind, Lease};
 pub use id::{GuestId, HostId, OperationId, SnapshotId, TypedId};

@@ -29,7 +29,7 @@ use drove_model::{CloneMode, CloneSource, GuestId, SnapshotKind};
 
 use super::guest_dir::GuestDir;
 use super::snapshot::{Snap, complete, qemu_img};
-use super::{QemuError, QemuHypervisor, backend, create_qcow2};
+use super::{QemuError, QemuHypervisor, backend, create_overlay};
 use crate::{CLONE_SNAPSHOT_PREFIX, GuestConfig, HvError, RuntimeState, check_clone};
 
 /// The transient snapshot a clone takes of its running source.
@@ -46,9 +46,13 @@ async fn convert_qcow2(
     snapshot: Option<&str>,
     shared: bool,
     backing: Option<&Path>,
+    from_format: Option<&str>,
 ) -> Result<(), QemuError> {
     let tmp = to.with_extension("qcow2.tmp");
     let mut args: Vec<String> = vec!["convert".into(), "-q".into(), "-O".into(), "qcow2".into()];
+    if let Some(format) = from_format {
+        args.extend(["-f".into(), format.into()]);
+    }
     if shared {
         args.push("-U".into());
     }
@@ -86,7 +90,8 @@ impl QemuHypervisor {
         let mut transient_left = Vec::new();
         if let Some(sc) = &sconfig {
             pid = self.observe(&sdir, &mut slot).await.map_err(backend(op, id))?.1;
-            if !sc.spec.disks.is_empty() {
+            // Raw files hold no snapshots (check_clone refuses what needs one).
+            if !sc.spec.disks.is_empty() && sc.spec.first_non_qcow2_disk().is_none() {
                 let mut snap = Snap { hv: self, dir: &sdir, slot: &mut slot, config: sc.clone(), op };
                 let per_disk = snap.per_disk(pid).await.map_err(backend(op, id))?;
                 names = complete(&per_disk).into_iter().map(|s| s.name).collect();
@@ -105,8 +110,9 @@ impl QemuHypervisor {
         let t0 = std::time::Instant::now();
         if from.mode == CloneMode::Overlay {
             for (i, disk) in config.spec.disks.iter().enumerate() {
-                let base_size = sconfig.spec.disks[i].size;
-                create_qcow2(qemu_img_path, &dir.disk_path(i), disk.size, Some((&sdir.disk_path(i), base_size)))
+                let base = &sconfig.spec.disks[i];
+                // A qcow2 overlay works over a raw base as well as a qcow2 one.
+                create_overlay(qemu_img_path, &dir.disk_path(i), disk.size, &sdir.disk_path(i), base)
                     .await
                     .map_err(backend(op, id))?;
             }
@@ -134,6 +140,7 @@ impl QemuHypervisor {
                 at.as_deref(),
                 pid.is_some(),
                 backing,
+                sconfig.spec.disks.get(i).map(|d| d.format.as_str()),
             )
             .await;
             if result.is_err() {

@@ -43,7 +43,7 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use drove_model::{ByteSize, GuestSpec, ResourceLimits};
+use drove_model::{ByteSize, DiskSpec, GuestSpec, ResourceLimits};
 
 use super::guest_dir::GuestDir;
 use crate::{GuestConfig, HostResources};
@@ -224,6 +224,31 @@ pub fn opt_value(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
+/// The `-blockdev` of disk `i`'s image node `disk{i}`: a qcow2 or raw file
+/// at `file` (its place on the pool), or a host block device, raw over
+/// `host_device` with O_DIRECT (the host's page cache would only double
+/// what the guest caches; the device is the guest's alone).
+pub fn image_blockdev(i: usize, disk: &DiskSpec, file: &Path) -> String {
+    match disk.block_path() {
+        Some(dev) => format!(
+            "driver=raw,node-name=disk{i},file.driver=host_device,file.filename={},cache.direct=on",
+            dev.replace(',', ",,")
+        ),
+        None => format!("driver={},node-name=disk{i},file.driver=file,file.filename={}", disk.format, opt_value(file)),
+    }
+}
+
+/// The QMP `blockdev-add` arguments of the same node as [`image_blockdev`],
+/// named `node`.
+pub fn image_blockdev_json(node: &str, disk: &DiskSpec, file: &Path) -> serde_json::Value {
+    match disk.block_path() {
+        Some(dev) => serde_json::json!({ "driver": "raw", "node-name": node, "cache": { "direct": true },
+                                          "file": { "driver": "host_device", "filename": dev } }),
+        None => serde_json::json!({ "driver": disk.format.as_str(), "node-name": node,
+                                    "file": { "driver": "file", "filename": file } }),
+    }
+}
+
 /// The throttle-group object of disk `i` for the guest's disk limits. One
 /// group per disk: the limits are per disk (a group shared by all disks
 /// would split one budget among them). Totals count reads and writes
@@ -364,12 +389,8 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-chardev", format!("socket,id=qga0,path={},server=on,wait=off", opt_value(&l.dir.qga_path())));
     push(&mut args, "-device", format!("virtserialport,bus=vser0.0,chardev=qga0,name={}", super::qga::PORT_NAME));
 
-    for i in 0..spec.disks.len() {
-        push(
-            &mut args,
-            "-blockdev",
-            format!("driver=qcow2,node-name=disk{i},file.driver=file,file.filename={}", opt_value(&l.dir.disk_path(i))),
-        );
+    for (i, disk) in spec.disks.iter().enumerate() {
+        push(&mut args, "-blockdev", image_blockdev(i, disk, &l.dir.disk_path(i)));
         // The device sits on a throttle node over the qcow2 node, so node
         // `disk{i}` stays the image for anything that works on it.
         push(&mut args, "-object", throttle_group(i, &spec.limits));
@@ -439,7 +460,7 @@ pub(crate) mod tests {
                 name: "web-1".into(),
                 vcpus: 2,
                 memory: ByteSize::mib(512),
-                disks: vec![DiskSpec { size: ByteSize::gib(1) }, DiskSpec { size: ByteSize::gib(2) }],
+                disks: vec![DiskSpec::qcow2(ByteSize::gib(1)), DiskSpec::qcow2(ByteSize::gib(2))],
                 nics: vec![
                     NicSpec {
                         address: Some(NicAddress {

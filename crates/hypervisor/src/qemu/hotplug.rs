@@ -217,7 +217,7 @@ impl Plug<'_> {
         self.undo.push(Undo::BlockdevDel(drive.clone()));
 
         let mut changed = self.config.clone();
-        changed.spec.disks.push(DiskSpec { size });
+        changed.spec.disks.push(DiskSpec::qcow2(size));
         self.commit_record(changed)?;
         self.qmp(
             "device_add",
@@ -231,6 +231,9 @@ impl Plug<'_> {
     async fn grow_disk(&mut self, index: usize, size: ByteSize) -> Result<(), HvError> {
         if index >= self.config.spec.disks.len() {
             return Err(refuse(format!("the guest has no disk {index}")));
+        }
+        if let Some(why) = self.config.spec.grow_refusal(index) {
+            return Err(refuse(why));
         }
         // What the image is now, from QEMU: a disk on a user's image may
         // have started larger than its spec said.

@@ -102,6 +102,9 @@ impl QemuHypervisor {
     pub(super) async fn incoming(&self, config: &GuestConfig, req: &Incoming) -> Result<(), HvError> {
         const OP: &str = "migrate_incoming";
         let id = config.id;
+        if let Some(reason) = config.spec.migration_refusal() {
+            return Err(HvError::DiskKind { id, op: OP, reason });
+        }
         let shared = config.spec.storage == drove_model::guest::Storage::Shared;
         if shared != (req.disks == DiskTransfer::Shared) {
             return Err(HvError::Unsupported {
@@ -234,6 +237,9 @@ impl QemuHypervisor {
         let mut slot = guest.change().await;
         let dir = self.dir(id);
         let config = self.record(&dir, id, OP)?;
+        if let Some(reason) = config.spec.migration_refusal() {
+            return Err(HvError::DiskKind { id, op: OP, reason });
+        }
         // Remembered: `status` and `list` answer from it for the length of
         // the transfer instead of waiting for it.
         let (state, pid) = self.observe_and_remember(&guest, &dir, &mut slot).await.map_err(backend(OP, id))?;

@@ -135,7 +135,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drove_model::guest::Storage;
-use drove_model::{ByteSize, GuestId, HypervisorKind};
+use drove_model::{ByteSize, DiskFormat, GuestId, HypervisorKind};
 use tokio::sync::{Mutex as AsyncMutex, OnceCell};
 
 pub use accel::{Accel, KVM_PROBE_TIMEOUT, probe_kvm};
@@ -924,6 +924,97 @@ async fn create_qcow2(
     std::fs::rename(&tmp, path).map_err(|e| QemuError::io("renaming into place", path, e))
 }
 
+/// Creates a qcow2 overlay at `path` over the disk file `base` of `of`
+/// (qcow2 or raw: the backing format is said, never probed).
+async fn create_overlay(
+    qemu_img: &Path,
+    path: &Path,
+    size: ByteSize,
+    base: &Path,
+    of: &drove_model::DiskSpec,
+) -> Result<(), QemuError> {
+    if of.format.is_qcow2() {
+        return create_qcow2(qemu_img, path, size, Some((base, of.size))).await;
+    }
+    let tmp = path.with_extension("qcow2.tmp");
+    let program = || qemu_img.to_string_lossy().into_owned();
+    let mut command = tokio::process::Command::new(qemu_img);
+    command.args(["create", "-q", "-f", "qcow2", "-F", of.format.as_str(), "-b"]).arg(base).arg(&tmp);
+    if size > of.size {
+        command.arg(size.bytes().to_string());
+    }
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn { program: program(), source })?;
+    if !output.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(QemuError::CommandFailed {
+            program: program(),
+            what: format!("create of overlay {} over {}", tmp.display(), base.display()),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    std::fs::rename(&tmp, path).map_err(|e| QemuError::io("renaming into place", path, e))
+}
+
+/// Creates the file of a disk of `format` (qcow2 or raw) at `path`. A raw
+/// file is sparse (`qemu-img create -f raw`): it takes what the guest
+/// writes, and the pool's free space must cover its size.
+async fn create_disk_file(
+    qemu_img: &Path,
+    path: &Path,
+    format: DiskFormat,
+    size: ByteSize,
+    backing: Option<(&Path, ByteSize)>,
+) -> Result<(), QemuError> {
+    match format {
+        DiskFormat::Qcow2 => create_qcow2(qemu_img, path, size, backing).await,
+        DiskFormat::Raw | DiskFormat::Block => {
+            let tmp = path.with_extension("raw.tmp");
+            let program = || qemu_img.to_string_lossy().into_owned();
+            let output = tokio::process::Command::new(qemu_img)
+                .args(["create", "-q", "-f", "raw"])
+                .arg(&tmp)
+                .arg(size.bytes().to_string())
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|source| QemuError::Spawn { program: program(), source })?;
+            if !output.status.success() {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(QemuError::CommandFailed {
+                    program: program(),
+                    what: format!("create of raw {} ({size})", tmp.display()),
+                    status: output.status,
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                });
+            }
+            std::fs::rename(&tmp, path).map_err(|e| QemuError::io("renaming into place", path, e))
+        }
+    }
+}
+
+/// The size of the host block device at `path`, or why it cannot be a
+/// guest's disk (missing, not a block device, unreadable).
+fn block_device_size(path: &Path) -> Result<u64, String> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("block device {} is not there: {e}", path.display()))?;
+    if !meta.file_type().is_block_device() {
+        return Err(format!("{} is not a block device", path.display()));
+    }
+    let mut f =
+        std::fs::File::open(path).map_err(|e| format!("block device {} cannot be opened: {e}", path.display()))?;
+    let size = f.seek(SeekFrom::End(0)).map_err(|e| format!("size of block device {}: {e}", path.display()))?;
+    if size == 0 {
+        return Err(format!("block device {} has no size (an empty loop device or drive?)", path.display()));
+    }
+    Ok(size)
+}
+
 fn backend(op: &'static str, id: GuestId) -> impl FnOnce(QemuError) -> HvError {
     move |e| HvError::Backend { op, id, source: Box::new(e) }
 }
@@ -1010,6 +1101,7 @@ impl Hypervisor for QemuHypervisor {
             }
             return Ok(());
         }
+        crate::check_disks(id, &config.spec)?;
         let qemu_img = &self.inner.config.qemu_img;
         let shared = match config.spec.storage {
             Storage::Local => None,
@@ -1028,12 +1120,35 @@ impl Hypervisor for QemuHypervisor {
                 // Disk 0 is the boot disk, at least as large as the base.
                 match config.spec.disks.first_mut() {
                     Some(disk) => disk.size = disk.size.max(base_size),
-                    None => config.spec.disks.push(drove_model::DiskSpec { size: base_size }),
+                    None => config.spec.disks.push(drove_model::DiskSpec::qcow2(base_size)),
                 }
                 Some((base, base_size))
             }
             None => None,
         };
+        // Block devices are checked, never made: each must be there and its
+        // size is the device's.
+        for (i, disk) in config.spec.disks.iter_mut().enumerate() {
+            let Some(path) = disk.block_path() else { continue };
+            let size = block_device_size(Path::new(path)).map_err(|reason| HvError::DiskKind {
+                id,
+                op: "create",
+                reason: format!("disk {i}: {reason}"),
+            })?;
+            if disk.size.bytes() != 0 && disk.size.bytes() != size {
+                return Err(HvError::DiskKind {
+                    id,
+                    op: "create",
+                    reason: format!(
+                        "disk {i} is given as {} but block device {path} has {} (leave the size out: it is the \
+                         device's)",
+                        disk.size,
+                        ByteSize(size)
+                    ),
+                });
+            }
+            disk.size = ByteSize(size);
+        }
         let created_dir = !dir.root().exists();
         std::fs::create_dir_all(dir.root())
             .map_err(|e| backend("create", id)(QemuError::io("creating", dir.root(), e)))?;
@@ -1060,12 +1175,15 @@ impl Hypervisor for QemuHypervisor {
             }
         }
         for (i, disk) in config.spec.disks.iter().enumerate() {
+            if !disk.on_pool() {
+                continue;
+            }
             let path = dir.disk_path(i);
             if path.exists() {
                 continue; // left by an earlier, interrupted create, or cloned
             }
             let backing = base.as_ref().filter(|_| i == 0).map(|(p, s)| (p.as_path(), *s));
-            if let Err(e) = create_qcow2(qemu_img, &path, disk.size, backing).await {
+            if let Err(e) = create_disk_file(qemu_img, &path, disk.format, disk.size, backing).await {
                 if created_dir {
                     let _ = std::fs::remove_dir_all(dir.root());
                 }

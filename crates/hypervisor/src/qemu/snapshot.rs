@@ -363,6 +363,10 @@ impl QemuHypervisor {
                 reason: "the guest has no disk to keep snapshots on".to_owned(),
             });
         }
+        if let Some(reason) = config.spec.snapshot_refusal() {
+            // Nothing to list or delete; a create or restore is refused.
+            return Err(HvError::DiskKind { id, op, reason });
+        }
         let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend(op, id))?;
         let mut snap = Snap { hv: self, dir: &dir, slot: &mut slot, config, op };
         f(&mut snap, state, pid).await
@@ -396,16 +400,22 @@ impl QemuHypervisor {
             .await
         {
             // Nowhere to keep snapshots: none.
-            Err(HvError::Unsupported { .. }) => Ok(Vec::new()),
+            Err(HvError::Unsupported { .. } | HvError::DiskKind { .. }) => Ok(Vec::new()),
             other => other,
         }
     }
 
     pub(super) async fn snapshot_delete_guest(&self, id: GuestId, name: &str) -> Result<(), HvError> {
-        self.with_snap(id, Some(name), "snapshot_delete", async |snap, _, pid| {
-            snap.remove(pid, name).await.map_err(snap.err())
-        })
-        .await
+        match self
+            .with_snap(id, Some(name), "snapshot_delete", async |snap, _, pid| {
+                snap.remove(pid, name).await.map_err(snap.err())
+            })
+            .await
+        {
+            // It has none: deleting one is done (deletes are idempotent).
+            Err(HvError::DiskKind { .. }) => Ok(()),
+            other => other,
+        }
     }
 
     pub(super) async fn snapshot_restore_guest(&self, id: GuestId, name: &str) -> Result<RestoreOutcome, HvError> {

@@ -78,13 +78,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drove_model::guest::Storage;
-use drove_model::{ByteSize, GuestId, HypervisorKind};
+use drove_model::{ByteSize, DiskSpec, GuestId, HypervisorKind};
 use serde_json::{Value, json};
 
 use super::guest_dir::GuestDir;
 use super::migrate::{POLL, Stall, u};
 use super::snapshot::Snap;
-use super::{QemuError, QemuHypervisor, Slot, backend, cmdline, create_qcow2};
+use super::{QemuError, QemuHypervisor, Slot, backend, cmdline, create_disk_file};
 use crate::{GuestConfig, HvError, RuntimeState, StorageMoved};
 
 const OP: &str = "move_storage";
@@ -155,6 +155,9 @@ impl QemuHypervisor {
             config.spec.storage = from;
             dir.write_record(&config).map_err(backend(OP, id))?;
         }
+        if let Some(reason) = config.spec.storage_move_refusal() {
+            return Err(HvError::DiskKind { id, op: OP, reason });
+        }
         let pool = self.inner.config.shared_dir.clone();
         if from != to && to == Storage::Shared && pool.is_none() {
             return Err(refuse(id, "this host has no shared pool"));
@@ -188,7 +191,10 @@ impl QemuHypervisor {
             (RuntimeState::Stopped | RuntimeState::Crashed, None) => None,
             (state, _) => return Err(HvError::InvalidState { id, op: OP, state }),
         };
-        let snapshots: BTreeSet<String> = {
+        // Raw files hold no snapshots (and `qemu-img snapshot` refuses them).
+        let snapshots: BTreeSet<String> = if config.spec.first_non_qcow2_disk().is_some() {
+            BTreeSet::new()
+        } else {
             let mut snap = Snap { hv: self, dir: &dir, slot: &mut slot, config: config.clone(), op: OP };
             let per_disk = snap.per_disk(live).await.map_err(backend(OP, id))?;
             per_disk.into_iter().flatten().map(|s| s.name).collect()
@@ -323,13 +329,15 @@ impl Mover<'_> {
 
     async fn copy_files(&mut self, old: &[PathBuf], new: &[PathBuf]) -> Result<(), QemuError> {
         let qemu_img = self.hv.inner.config.qemu_img.clone();
-        for (src, dst) in old.iter().zip(new) {
+        let formats: Vec<&'static str> = self.config.spec.disks.iter().map(|d| d.format.as_str()).collect();
+        for ((src, dst), format) in old.iter().zip(new).zip(formats) {
             let tmp = dst.with_extension("qcow2.moving");
             remove_file(&tmp)?;
             remove_file(dst)?;
             self.undo.push(Undo::RemoveFile(tmp.clone()));
+            // The same format as it is: a raw file stays raw (and sparse).
             let output = tokio::process::Command::new(&qemu_img)
-                .args(["convert", "-q", "-O", "qcow2"])
+                .args(["convert", "-q", "-f", format, "-O", format])
                 .arg(src)
                 .arg(&tmp)
                 .stdin(Stdio::null())
@@ -425,15 +433,10 @@ impl Mover<'_> {
                 })?;
             remove_file(path)?;
             self.undo.push(Undo::RemoveFile(path.clone()));
-            create_qcow2(&self.hv.inner.config.qemu_img, path, ByteSize(size), None).await?;
+            let disk = self.config.spec.disks.get(i).cloned().unwrap_or_else(|| DiskSpec::qcow2(ByteSize(size)));
+            create_disk_file(&self.hv.inner.config.qemu_img, path, disk.format, ByteSize(size), None).await?;
             let node = format!("disk{i}-m{stamp}");
-            self.qmp(
-                pid,
-                "blockdev-add",
-                json!({ "driver": "qcow2", "node-name": node,
-                        "file": { "driver": "file", "filename": path.to_string_lossy() } }),
-            )
-            .await?;
+            self.qmp(pid, "blockdev-add", cmdline::image_blockdev_json(&node, &disk, path)).await?;
             self.undo.push(Undo::BlockdevDel(node.clone()));
             // An earlier move's job that nobody dismissed would block the id.
             let _ = self.qmp(pid, "job-dismiss", json!({ "id": job(i) })).await;
