@@ -2676,3 +2676,130 @@ async fn an_interrupted_move_is_finished_after_its_commit_and_undone_before_it()
     assert_eq!(after, "written-after-the-commit");
     hv.destroy(id).await.unwrap();
 }
+
+// --- disk kinds: raw files and host block devices ----------------------------------
+
+/// The format `qemu-img info` finds in the file at `path`.
+fn qemu_img_format(path: &Path) -> String {
+    let out = std::process::Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "qemu-img info {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["format"].as_str().unwrap_or_default().to_owned()
+}
+
+fn with_disks(name: &str, disks: Vec<DiskSpec>) -> GuestConfig {
+    let mut g = guest(name, &[]);
+    g.spec.disks = disks;
+    g
+}
+
+#[tokio::test]
+async fn a_raw_disk_keeps_what_the_guest_wrote_across_a_restart_and_refuses_a_snapshot() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = with_disks("raw-1", vec![DiskSpec::raw(ByteSize::mib(64))]);
+    hv.create(&g).await.unwrap();
+    let file = hv.guest_dir(g.id).join("disk0.qcow2");
+    assert_eq!(qemu_img_format(&file), "raw", "the file on the pool is raw");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 64 << 20);
+    hv.start(g.id).await.unwrap();
+    let log = wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    assert!(log.contains("drove: disk vda 64M"), "the guest does not see its disk:\n{log}");
+    write_marker(&hv, g.id, "written-to-a-raw-disk").await;
+
+    // Refused before anything is touched, naming the disk.
+    let err = hv.snapshot_create(g.id, "s1", SnapshotKind::Disk).await.unwrap_err();
+    assert!(matches!(err, HvError::DiskKind { .. }), "{err:?}");
+    assert!(err.to_string().contains("its disk 0 is a raw file"), "{err}");
+    assert!(hv.snapshot_list(g.id).await.unwrap().is_empty());
+    assert_eq!(status(&hv, g.id).await.state, RuntimeState::Running, "the refusal left the guest running");
+
+    hv.stop(g.id, GRACEFUL).await.unwrap();
+    // What the guest wrote is in the file itself, raw: sector 0 is the marker.
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.starts_with(b"written-to-a-raw-disk"), "{:?}", String::from_utf8_lossy(&bytes[..32]));
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 2).await;
+    assert_eq!(sh(&hv, g.id, READ_MARKER).await, "written-to-a-raw-disk");
+    assert_eq!(qemu_img_format(&file), "raw");
+    hv.destroy(g.id).await.unwrap();
+    assert!(!file.exists());
+    assert_no_qemu_for(&lab, g.id);
+}
+
+/// A loop device over a file of its own, detached when dropped (also when
+/// the test fails). Declare it before the [`Lab`]: the lab's reaper must
+/// have killed QEMU before the device is detached.
+struct LoopDev {
+    dev: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDev {
+    fn new(size: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("backing.img");
+        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        let out = std::process::Command::new("losetup").args(["-f", "--show"]).arg(&file).output().unwrap();
+        assert!(out.status.success(), "losetup (needs root): {}", String::from_utf8_lossy(&out.stderr));
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(dev.starts_with("/dev/loop"), "{dev:?}");
+        Self { dev, _dir: dir }
+    }
+
+    /// The first `n` bytes of the device, read from the host.
+    fn head(&self, n: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut buf = vec![0; n];
+        std::fs::File::open(&self.dev).unwrap().read_exact(&mut buf).unwrap();
+        buf
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+#[tokio::test]
+async fn a_guest_gets_a_whole_host_block_device_and_destroy_leaves_it_with_its_data() {
+    let loopdev = LoopDev::new(32 << 20);
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = with_disks("block-1", vec![DiskSpec::block(loopdev.dev.clone())]);
+
+    // A size that is not the device's is refused, and makes nothing.
+    let wrong = GuestConfig {
+        id: GuestId::new_v4(),
+        ..with_disks("block-x", vec![DiskSpec { size: ByteSize::mib(64), ..DiskSpec::block(loopdev.dev.clone()) }])
+    };
+    let err = hv.create(&wrong).await.unwrap_err();
+    assert!(err.to_string().contains("has 32M"), "{err}");
+    assert!(!hv.guest_dir(wrong.id).exists());
+
+    hv.create(&g).await.unwrap();
+    assert!(!hv.guest_dir(g.id).join("disk0.qcow2").exists(), "no file is made for a device");
+    hv.start(g.id).await.unwrap();
+    let log = wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    assert!(log.contains("drove: disk vda 32M"), "the guest does not see the device's size:\n{log}");
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", status(&hv, g.id).await.pid.unwrap())).unwrap();
+    assert!(
+        cmdline.contains(&format!("file.driver=host_device,file.filename={},cache.direct=on", loopdev.dev)),
+        "{cmdline}"
+    );
+    write_marker(&hv, g.id, "written-to-a-host-device").await;
+    assert!(loopdev.head(24).starts_with(b"written-to-a-host-device"), "{:?}", loopdev.head(24));
+
+    // What cannot work for a device is refused and changes nothing.
+    let err = hv.snapshot_create(g.id, "s1", SnapshotKind::Disk).await.unwrap_err();
+    assert!(err.to_string().contains(&format!("host block device {}", loopdev.dev)), "{err}");
+    let err = hv.hotplug(g.id, &Hotplug::GrowDisk { index: 0, size: ByteSize::mib(64) }).await.unwrap_err();
+    assert!(err.to_string().contains("its size is the device's"), "{err}");
+    assert_eq!(status(&hv, g.id).await.state, RuntimeState::Running);
+
+    hv.destroy(g.id).await.unwrap();
+    assert_no_qemu_for(&lab, g.id);
+    assert!(Path::new(&loopdev.dev).exists(), "destroy never removes a device");
+    assert!(loopdev.head(24).starts_with(b"written-to-a-host-device"), "destroy leaves the device's data");
+}
