@@ -2803,3 +2803,68 @@ async fn a_guest_gets_a_whole_host_block_device_and_destroy_leaves_it_with_its_d
     assert!(Path::new(&loopdev.dev).exists(), "destroy never removes a device");
     assert!(loopdev.head(24).starts_with(b"written-to-a-host-device"), "destroy leaves the device's data");
 }
+
+/// A raw-file disk is mirrored over NBD like a qcow2 one: the target's file
+/// is raw too and holds what the guest wrote; a guest with a host block
+/// device is refused before anything is made on either side.
+#[tokio::test]
+async fn a_guest_with_a_raw_disk_migrates_and_one_with_a_block_device_is_refused() {
+    let loopdev = LoopDev::new(16 << 20);
+    let lab = Lab::new();
+    let (a, b) = two_hosts(&lab);
+    let g = with_disks("mig-raw", vec![DiskSpec::raw(ByteSize::mib(64))]);
+    a.create(&g).await.unwrap();
+    a.start(g.id).await.unwrap();
+    wait_for_serial(&a, g.id, "DROVE-READY", 1).await;
+    write_marker(&a, g.id, "raw-before-migration").await;
+    let (incoming, out) = loopback_migration(Some(migration_key()));
+    b.migrate_incoming(&g, &incoming).await.unwrap();
+    a.migrate_out(g.id, &out, &|_| {}).await.unwrap_or_else(|e| panic!("migration failed: {}", error_chain(&e)));
+    b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
+    a.destroy(g.id).await.unwrap();
+    assert_eq!(sh(&b, g.id, READ_MARKER).await, "raw-before-migration");
+    assert_eq!(qemu_img_format(&b.guest_dir(g.id).join("disk0.qcow2")), "raw");
+    b.destroy(g.id).await.unwrap();
+
+    let d = with_disks("mig-dev", vec![DiskSpec::block(loopdev.dev.clone())]);
+    a.create(&d).await.unwrap();
+    a.start(d.id).await.unwrap();
+    let (incoming, out) = loopback_migration(None);
+    let err = b.migrate_incoming(&d, &incoming).await.unwrap_err();
+    assert!(err.to_string().contains("shared SAN"), "{err}");
+    assert!(!b.guest_dir(d.id).exists(), "nothing made on the target");
+    let err = a.migrate_out(d.id, &out, &|_| {}).await.unwrap_err();
+    assert!(matches!(err, HvError::DiskKind { .. }), "{err:?}");
+    assert_eq!(status(&a, d.id).await.state, RuntimeState::Running, "it runs on where it was");
+    a.destroy(d.id).await.unwrap();
+    assert!(pids_mentioning(lab.state_dir()).is_empty());
+}
+
+/// A raw disk moves between pools live and stays raw, its data whole; a
+/// stopped one moves by copy and stays raw too.
+#[tokio::test]
+async fn a_raw_disk_moves_between_pools_live_and_stopped_and_stays_raw() {
+    use drove_model::guest::Storage;
+    let lab = Lab::new();
+    let (hv, _, pool) = shared_pair(&lab);
+    let g = with_disks("mover-raw", vec![DiskSpec::raw(ByteSize::mib(32))]);
+    let id = g.id;
+    hv.create(&g).await.unwrap();
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 1).await;
+    sh(&hv, id, "dd if=/dev/urandom of=/dev/vda bs=1M count=16 conv=fsync 2>/dev/null").await;
+    let sum = disk_sum(&hv, id, "vda", 16).await;
+    let moved = hv.move_storage(id, Storage::Shared).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert!(moved.live, "{moved:?}");
+    let on_pool = pool.join(id.to_string()).join("disk0.qcow2");
+    assert_eq!(qemu_img_format(&on_pool), "raw");
+    assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
+    hv.stop(id, GRACEFUL).await.unwrap();
+    let moved = hv.move_storage(id, Storage::Local).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert!(!moved.live, "{moved:?}");
+    assert_eq!(qemu_img_format(&hv.guest_dir(id).join("disk0.qcow2")), "raw");
+    hv.start(id).await.unwrap();
+    wait_for_serial(&hv, id, "DROVE-READY", 2).await;
+    assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
+    hv.destroy(id).await.unwrap();
+}

@@ -39,7 +39,7 @@ async fn a_block_device_belongs_to_one_guest_per_host_and_needs_a_pinned_guest()
     let acc = dc.admin.create_guest(&with_disks("db", vec![dev.clone()], Some("host-1"))).await.unwrap();
     dc.wait_succeeded(&acc.operation).await;
     let g = dc.admin.get_guest("db").await.unwrap();
-    assert_eq!(g.guest.spec.disks, [dev.clone()]);
+    assert_eq!(g.guest.spec.disks, std::slice::from_ref(&dev));
     assert_eq!(g.host_name, "host-1");
 
     // The same device on the same host: 409 naming the guest that has it.
