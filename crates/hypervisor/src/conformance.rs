@@ -137,10 +137,16 @@ pub enum Property {
     /// Running guest are InvalidLimits naming the field; an unknown guest
     /// is NotFound.
     LimitsChangeInAnyStateAndRefusalsNameTheField,
+    /// A guest with a raw-file disk is created, starts and stops; a
+    /// snapshot of it (create or restore) is `DiskKind` naming the disk and
+    /// changes nothing, its list is empty and a delete succeeds; a copy of
+    /// it while it runs is `CloneSource`; a block disk whose path is not
+    /// under /dev is `DiskKind` and defines nothing.
+    DiskKindsRefuseWhatTheyCannotDo,
 }
 
 impl Property {
-    pub const ALL: [Property; 20] = [
+    pub const ALL: [Property; 21] = [
         Property::ResourcesAreReported,
         Property::CreateLeavesGuestStopped,
         Property::CreateIsIdempotent,
@@ -161,6 +167,7 @@ impl Property {
         Property::ClonesCopyDisksAndLeaveTheSourceAlone,
         Property::ClonesAreRefusedWithoutEffect,
         Property::LimitsChangeInAnyStateAndRefusalsNameTheField,
+        Property::DiskKindsRefuseWhatTheyCannotDo,
     ];
 
     /// The snake-case name, as in test names.
@@ -188,6 +195,7 @@ impl Property {
             Property::LimitsChangeInAnyStateAndRefusalsNameTheField => {
                 "limits_change_in_any_state_and_refusals_name_the_field"
             }
+            Property::DiskKindsRefuseWhatTheyCannotDo => "disk_kinds_refuse_what_they_cannot_do",
         }
     }
 
@@ -253,6 +261,7 @@ impl Property {
             Property::LimitsChangeInAnyStateAndRefusalsNameTheField => {
                 limits_change_in_any_state_and_refusals_name_the_field(cx).await
             }
+            Property::DiskKindsRefuseWhatTheyCannotDo => disk_kinds_refuse_what_they_cannot_do(cx).await,
         }
     }
 }
@@ -385,6 +394,7 @@ macro_rules! conformance_tests {
             clones_copy_disks_and_leave_the_source_alone => ClonesCopyDisksAndLeaveTheSourceAlone,
             clones_are_refused_without_effect => ClonesAreRefusedWithoutEffect,
             limits_change_in_any_state_and_refusals_name_the_field => LimitsChangeInAnyStateAndRefusalsNameTheField,
+            disk_kinds_refuse_what_they_cannot_do => DiskKindsRefuseWhatTheyCannotDo,
         );
     };
     (@module $module:ident ($hv:expr) ($template:expr) ($options:expr)
@@ -967,6 +977,66 @@ fn expect_invalid_snapshot<T: fmt::Debug>(what: &str, result: &Result<T, HvError
 
 fn names(list: &[(&str, SnapshotKind)]) -> Vec<(String, SnapshotKind)> {
     list.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect()
+}
+
+async fn disk_kinds_refuse_what_they_cannot_do<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    use drove_model::{ByteSize, DiskSpec};
+    let mut g = cx.fresh().await?;
+    g.spec.disks = vec![DiskSpec::qcow2(ByteSize::mib(16)), DiskSpec::raw(ByteSize::mib(16))];
+    let id = g.id;
+    cx.create(&g).await?;
+    cx.start(id).await?;
+    let before = cx.expect(id, RuntimeState::Running, g.generation, "start of a guest with a raw disk").await?;
+    let refused_kind = |what: &str, err: Option<&HvError>| -> Check {
+        match err {
+            Some(e @ HvError::DiskKind { id: got, .. })
+                if *got == id && e.to_string().contains("disk 1 is a raw file") =>
+            {
+                Ok(())
+            }
+            Some(e) => {
+                Err(format!("{what} of guest {id} with a raw disk 1: expected DiskKind naming it, got {}", chain(e)))
+            }
+            None => Err(format!("{what} of guest {id} with a raw disk 1 succeeded; expected DiskKind")),
+        }
+    };
+    let r = cx.call(format!("snapshot_create({id})"), cx.hv.snapshot_create(id, "s", SnapshotKind::Disk)).await?;
+    refused_kind("snapshot_create", r.as_ref().err())?;
+    let r = cx.call(format!("snapshot_restore({id})"), cx.hv.snapshot_restore(id, "s")).await?;
+    refused_kind("snapshot_restore", r.as_ref().err())?;
+    let listed = cx.snapshots(id).await?;
+    ensure!(listed.is_empty(), "snapshot_list of a guest with a raw disk gives {listed:?}");
+    cx.ok(format!("snapshot_delete({id})"), cx.hv.snapshot_delete(id, "s")).await?;
+    let after = cx.expect(id, RuntimeState::Running, g.generation, "refused snapshots").await?;
+    same_incarnation(&before, &after, "refused snapshots")?;
+
+    let mut copy = cx.clone_of(&g, None, drove_model::CloneMode::Copy).await?;
+    copy.spec.disks = vec![DiskSpec::qcow2(ByteSize::mib(16)), DiskSpec::qcow2(ByteSize::mib(16))];
+    let r = cx.call(format!("create({}) cloning running {id}", copy.id), cx.hv.create(&copy)).await?;
+    ensure!(
+        matches!(&r, Err(HvError::CloneSource { reason, .. }) if reason.contains("disk 1 is raw")),
+        "a copy of running guest {id} with a raw disk: expected CloneSource naming disk 1, got {}",
+        describe(&r)
+    );
+    let seen = cx.call(format!("status({})", copy.id), cx.hv.status(copy.id)).await?;
+    ensure!(matches!(seen, Err(HvError::NotFound { .. })), "the refused clone is defined: {}", describe(&seen));
+    cx.stop(id, cx.graceful()).await?;
+
+    let mut bad = cx.fresh().await?;
+    bad.spec.disks = vec![DiskSpec::block("/tmp/not-a-device")];
+    let r = cx.call(format!("create({})", bad.id), cx.hv.create(&bad)).await?;
+    ensure!(
+        matches!(&r, Err(HvError::DiskKind { .. })) && describe(&r).contains("under /dev"),
+        "a block disk at /tmp/not-a-device: expected DiskKind saying it must be under /dev, got {}",
+        describe(&r)
+    );
+    let seen = cx.call(format!("status({})", bad.id), cx.hv.status(bad.id)).await?;
+    ensure!(matches!(seen, Err(HvError::NotFound { .. })), "a refused create defined {}: {}", bad.id, describe(&seen));
+    Ok(())
 }
 
 async fn snapshots_are_created_listed_and_deleted<H, F>(cx: &mut Cx<'_, H, F>) -> Check
