@@ -2699,7 +2699,7 @@ async fn a_raw_disk_keeps_what_the_guest_wrote_across_a_restart_and_refuses_a_sn
     let hv = lab.hv();
     let g = with_disks("raw-1", vec![DiskSpec::raw(ByteSize::mib(64))]);
     hv.create(&g).await.unwrap();
-    let file = hv.guest_dir(g.id).join("disk0.qcow2");
+    let file = hv.guest_dir(g.id).join("disk0.raw");
     assert_eq!(qemu_img_format(&file), "raw", "the file on the pool is raw");
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 64 << 20);
     hv.start(g.id).await.unwrap();
@@ -2779,7 +2779,12 @@ async fn a_guest_gets_a_whole_host_block_device_and_destroy_leaves_it_with_its_d
     assert!(!hv.guest_dir(wrong.id).exists());
 
     hv.create(&g).await.unwrap();
-    assert!(!hv.guest_dir(g.id).join("disk0.qcow2").exists(), "no file is made for a device");
+    let files: Vec<String> = std::fs::read_dir(hv.guest_dir(g.id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("disk"))
+        .collect();
+    assert!(files.is_empty(), "no file is made for a device: {files:?}");
     hv.start(g.id).await.unwrap();
     let log = wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
     assert!(log.contains("drove: disk vda 32M"), "the guest does not see the device's size:\n{log}");
@@ -2823,7 +2828,7 @@ async fn a_guest_with_a_raw_disk_migrates_and_one_with_a_block_device_is_refused
     b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
     a.destroy(g.id).await.unwrap();
     assert_eq!(sh(&b, g.id, READ_MARKER).await, "raw-before-migration");
-    assert_eq!(qemu_img_format(&b.guest_dir(g.id).join("disk0.qcow2")), "raw");
+    assert_eq!(qemu_img_format(&b.guest_dir(g.id).join("disk0.raw")), "raw");
     b.destroy(g.id).await.unwrap();
 
     let d = with_disks("mig-dev", vec![DiskSpec::block(loopdev.dev.clone())]);
@@ -2856,15 +2861,44 @@ async fn a_raw_disk_moves_between_pools_live_and_stopped_and_stays_raw() {
     let sum = disk_sum(&hv, id, "vda", 16).await;
     let moved = hv.move_storage(id, Storage::Shared).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     assert!(moved.live, "{moved:?}");
-    let on_pool = pool.join(id.to_string()).join("disk0.qcow2");
+    let on_pool = pool.join(id.to_string()).join("disk0.raw");
     assert_eq!(qemu_img_format(&on_pool), "raw");
     assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
     hv.stop(id, GRACEFUL).await.unwrap();
     let moved = hv.move_storage(id, Storage::Local).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     assert!(!moved.live, "{moved:?}");
-    assert_eq!(qemu_img_format(&hv.guest_dir(id).join("disk0.qcow2")), "raw");
+    assert_eq!(qemu_img_format(&hv.guest_dir(id).join("disk0.raw")), "raw");
     hv.start(id).await.unwrap();
     wait_for_serial(&hv, id, "DROVE-READY", 2).await;
     assert_eq!(disk_sum(&hv, id, "vda", 16).await, sum);
     hv.destroy(id).await.unwrap();
+}
+
+/// A stopped guest with a raw disk clones: as a template (a qcow2 overlay
+/// backed by the raw file) and as a copy (converted to qcow2); both clones
+/// boot holding what the source wrote.
+#[tokio::test]
+async fn a_raw_source_clones_as_qcow2_overlays_and_copies() {
+    use drove_model::{CloneMode, CloneSource};
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let src = with_disks("raw-src", vec![DiskSpec::raw(ByteSize::mib(32))]);
+    hv.create(&src).await.unwrap();
+    hv.start(src.id).await.unwrap();
+    wait_for_serial(&hv, src.id, "DROVE-READY", 1).await;
+    write_marker(&hv, src.id, "written-in-the-raw-source").await;
+    hv.stop(src.id, GRACEFUL).await.unwrap();
+    for mode in [CloneMode::Overlay, CloneMode::Copy] {
+        let mut c = with_disks("raw-clone", vec![DiskSpec::qcow2(ByteSize::mib(32))]);
+        c.spec.clone_of = Some(CloneSource { guest: src.id, snapshot: None, mode });
+        hv.create(&c).await.unwrap_or_else(|e| panic!("{mode:?}: {}", error_chain(&e)));
+        let file = hv.guest_dir(c.id).join("disk0.qcow2");
+        assert_eq!(qemu_img_format(&file), "qcow2", "{mode:?}");
+        hv.start(c.id).await.unwrap();
+        wait_for_serial(&hv, c.id, "DROVE-READY", 1).await;
+        assert_eq!(sh(&hv, c.id, READ_MARKER).await, "written-in-the-raw-source", "{mode:?}");
+        hv.destroy(c.id).await.unwrap();
+    }
+    assert_eq!(qemu_img_format(&hv.guest_dir(src.id).join("disk0.raw")), "raw");
+    hv.destroy(src.id).await.unwrap();
 }

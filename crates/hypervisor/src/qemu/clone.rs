@@ -25,6 +25,7 @@
 
 use std::path::Path;
 
+use drove_model::DiskFormat::Qcow2;
 use drove_model::{CloneMode, CloneSource, GuestId, SnapshotKind};
 
 use super::guest_dir::GuestDir;
@@ -112,9 +113,15 @@ impl QemuHypervisor {
             for (i, disk) in config.spec.disks.iter().enumerate() {
                 let base = &sconfig.spec.disks[i];
                 // A qcow2 overlay works over a raw base as well as a qcow2 one.
-                create_overlay(qemu_img_path, &dir.disk_path(i), disk.size, &sdir.disk_path(i), base)
-                    .await
-                    .map_err(backend(op, id))?;
+                create_overlay(
+                    qemu_img_path,
+                    &dir.disk_path(i, Qcow2),
+                    disk.size,
+                    &sdir.disk_path(i, base.format),
+                    base,
+                )
+                .await
+                .map_err(backend(op, id))?;
             }
             tracing::info!(guest = %id, source = %from.guest, took = ?t0.elapsed(), "cloned as overlays");
             return Ok(());
@@ -135,8 +142,8 @@ impl QemuHypervisor {
             let backing = sconfig.spec.image.as_deref().filter(|_| i == 0).map(Path::new);
             result = convert_qcow2(
                 qemu_img_path,
-                &sdir.disk_path(i),
-                &dir.disk_path(i),
+                &sdir.disk_path(i, sconfig.spec.disks[i].format),
+                &dir.disk_path(i, Qcow2),
                 at.as_deref(),
                 pid.is_some(),
                 backing,

@@ -390,7 +390,7 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
     push(&mut args, "-device", format!("virtserialport,bus=vser0.0,chardev=qga0,name={}", super::qga::PORT_NAME));
 
     for (i, disk) in spec.disks.iter().enumerate() {
-        push(&mut args, "-blockdev", image_blockdev(i, disk, &l.dir.disk_path(i)));
+        push(&mut args, "-blockdev", image_blockdev(i, disk, &l.dir.disk_path(i, disk.format)));
         // The device sits on a throttle node over the qcow2 node, so node
         // `disk{i}` stays the image for anything that works on it.
         push(&mut args, "-object", throttle_group(i, &spec.limits));

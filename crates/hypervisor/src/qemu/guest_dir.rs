@@ -6,7 +6,8 @@
 //!                  is what makes the guest exist
 //!   intent         "running" or "stopped": what we last asked for, so a
 //!                  QEMU that is gone can be told crashed from stopped
-//!   disk<N>.qcow2  the virtual disks, created by `create`
+//!   disk<N>.qcow2  the virtual disks, created by `create` (`disk<N>.raw`
+//!                  for a raw one; a host block device has no file)
 //!   shared         for a guest on shared storage: a symlink to its
 //!                  directory on the shared pool, `<shared_dir>/<guest-id>/`,
 //!                  which holds its disks instead (`shared/disk<N>.qcow2`)
@@ -24,7 +25,17 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use drove_model::GuestId;
+use drove_model::{DiskFormat, GuestId};
+
+/// The file name of disk `index` of `format` on its pool: named for what
+/// it holds (`disk0.qcow2`, `disk1.raw`), so `ls` and `qemu-img info` agree.
+pub fn disk_file_name(index: usize, format: DiskFormat) -> String {
+    match format {
+        DiskFormat::Raw => format!("disk{index}.raw"),
+        // A block device has no file; the name is never made.
+        DiskFormat::Qcow2 | DiskFormat::Block => format!("disk{index}.qcow2"),
+    }
+}
 use serde::{Deserialize, Serialize};
 
 use super::error::QemuError;
@@ -114,15 +125,15 @@ impl GuestDir {
     /// shared storage. The link counts even when it dangles (the pool is
     /// not mounted), so a missing pool fails loudly instead of a fresh
     /// local disk appearing in its place.
-    pub fn disk_path(&self, index: usize) -> PathBuf {
-        let name = format!("disk{index}.qcow2");
+    pub fn disk_path(&self, index: usize, format: DiskFormat) -> PathBuf {
+        let name = disk_file_name(index, format);
         if self.is_shared() { self.shared_link().join(name) } else { self.root.join(name) }
     }
 
     /// Where disk `index` lives when the guest's disks are on the local
     /// pool (its directory), whatever the `shared` link says.
-    pub fn local_disk_path(&self, index: usize) -> PathBuf {
-        self.root.join(format!("disk{index}.qcow2"))
+    pub fn local_disk_path(&self, index: usize, format: DiskFormat) -> PathBuf {
+        self.root.join(disk_file_name(index, format))
     }
 
     /// The guest's directory on the shared pool at `pool`.
@@ -132,8 +143,8 @@ impl GuestDir {
 
     /// Where disk `index` lives when the guest's disks are on the shared
     /// pool at `pool`, whatever the `shared` link says.
-    pub fn pool_disk_path(&self, pool: &Path, index: usize) -> PathBuf {
-        self.pool_dir(pool).join(format!("disk{index}.qcow2"))
+    pub fn pool_disk_path(&self, pool: &Path, index: usize, format: DiskFormat) -> PathBuf {
+        self.pool_dir(pool).join(disk_file_name(index, format))
     }
 
     /// Removes the `shared` link (the guest's disks are local from now

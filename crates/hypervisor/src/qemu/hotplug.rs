@@ -187,7 +187,7 @@ impl Plug<'_> {
         let Some(slot) = cmdline::disk_slot(i) else {
             return Err(refuse(format!("the guest has {i} disks, the most it can have")));
         };
-        let path = self.dir.disk_path(i);
+        let path = self.dir.disk_path(i, drove_model::DiskFormat::Qcow2);
         let qemu_img = self.hv.inner.config.qemu_img.clone();
         super::create_qcow2(&qemu_img, &path, size, None).await.map_err(backend(OP, self.id()))?;
         self.undo.push(Undo::RemoveFile(path.clone()));

@@ -1165,8 +1165,8 @@ impl Hypervisor for QemuHypervisor {
         if let Some(from) = config.spec.clone_of.clone() {
             // Disks an interrupted clone left are of another instant: a
             // clone's disks are made together or not at all.
-            for i in 0..config.spec.disks.len() {
-                let _ = std::fs::remove_file(dir.disk_path(i));
+            for (i, disk) in config.spec.disks.iter().enumerate() {
+                let _ = std::fs::remove_file(dir.disk_path(i, disk.format));
             }
             if let Err(e) = self.clone_disks(&dir, &config, &from).await {
                 // No record was written: nothing here is a guest.
@@ -1178,7 +1178,7 @@ impl Hypervisor for QemuHypervisor {
             if !disk.on_pool() {
                 continue;
             }
-            let path = dir.disk_path(i);
+            let path = dir.disk_path(i, disk.format);
             if path.exists() {
                 continue; // left by an earlier, interrupted create, or cloned
             }

@@ -33,6 +33,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use drove_model::DiskFormat::Qcow2;
 use drove_model::{ByteSize, GuestId, HypervisorKind};
 use serde_json::{Value, json};
 
@@ -153,7 +154,7 @@ impl Snap<'_> {
             }
             None => {
                 for i in 0..self.disks() {
-                    let path = self.dir.disk_path(i);
+                    let path = self.dir.disk_path(i, Qcow2);
                     let stdout =
                         qemu_img(self.qemu_img_path(), &["info", "--output=json", "--force-share"], &path).await?;
                     let info: Value = serde_json::from_slice(&stdout).unwrap_or(Value::Null);
@@ -191,7 +192,7 @@ impl Snap<'_> {
                     self.slot.execute(self.dir, pid, "blockdev-snapshot-delete-internal-sync", Some(args)).await?;
                 }
                 None => {
-                    qemu_img(self.qemu_img_path(), &["snapshot", "-d", name], &self.dir.disk_path(i)).await?;
+                    qemu_img(self.qemu_img_path(), &["snapshot", "-d", name], &self.dir.disk_path(i, Qcow2)).await?;
                 }
             }
         }
@@ -278,7 +279,7 @@ impl Snap<'_> {
             (None, _) => {
                 let mut result = Ok(());
                 for i in 0..self.disks() {
-                    result = qemu_img(self.qemu_img_path(), &["snapshot", "-c", name], &self.dir.disk_path(i))
+                    result = qemu_img(self.qemu_img_path(), &["snapshot", "-c", name], &self.dir.disk_path(i, Qcow2))
                         .await
                         .map(|_| ());
                     if result.is_err() {
@@ -331,7 +332,7 @@ impl Snap<'_> {
 
     async fn revert_files(&self, name: &str) -> Result<(), HvError> {
         for i in 0..self.disks() {
-            qemu_img(self.qemu_img_path(), &["snapshot", "-a", name], &self.dir.disk_path(i))
+            qemu_img(self.qemu_img_path(), &["snapshot", "-a", name], &self.dir.disk_path(i, Qcow2))
                 .await
                 .map_err(self.err())?;
         }

@@ -78,10 +78,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drove_model::guest::Storage;
-use drove_model::{ByteSize, DiskSpec, GuestId, HypervisorKind};
+use drove_model::{ByteSize, DiskFormat, DiskSpec, GuestId, HypervisorKind};
 use serde_json::{Value, json};
 
-use super::guest_dir::GuestDir;
+use super::guest_dir::{GuestDir, disk_file_name};
 use super::migrate::{POLL, Stall, u};
 use super::snapshot::Snap;
 use super::{QemuError, QemuHypervisor, Slot, backend, cmdline, create_disk_file};
@@ -211,6 +211,8 @@ impl QemuHypervisor {
             ));
         }
         let disks = config.spec.disks.len();
+        let formats: Vec<DiskFormat> = config.spec.disks.iter().map(|d| d.format).collect();
+        let format = |i: usize| formats[i];
         // Only while the guest is on the shared pool: its directory there.
         let old_pool_dir = match from {
             Storage::Shared => Some(
@@ -222,14 +224,14 @@ impl QemuHypervisor {
         // Resolved now: the link is gone once the move commits.
         let old: Vec<PathBuf> = (0..disks)
             .map(|i| match &old_pool_dir {
-                Some(pool_dir) => pool_dir.join(format!("disk{i}.qcow2")),
-                None => dir.local_disk_path(i),
+                Some(pool_dir) => pool_dir.join(disk_file_name(i, format(i))),
+                None => dir.local_disk_path(i, format(i)),
             })
             .collect();
         let new: Vec<PathBuf> = (0..disks)
             .map(|i| match (to, &pool) {
-                (Storage::Shared, Some(pool)) => dir.pool_disk_path(pool, i),
-                _ => dir.local_disk_path(i),
+                (Storage::Shared, Some(pool)) => dir.pool_disk_path(pool, i, format(i)),
+                _ => dir.local_disk_path(i, format(i)),
             })
             .collect();
         if let (Storage::Shared, Some(pool)) = (to, &pool) {
@@ -331,7 +333,7 @@ impl Mover<'_> {
         let qemu_img = self.hv.inner.config.qemu_img.clone();
         let formats: Vec<&'static str> = self.config.spec.disks.iter().map(|d| d.format.as_str()).collect();
         for ((src, dst), format) in old.iter().zip(new).zip(formats) {
-            let tmp = dst.with_extension("qcow2.moving");
+            let tmp = PathBuf::from(format!("{}.moving", dst.display()));
             remove_file(&tmp)?;
             remove_file(dst)?;
             self.undo.push(Undo::RemoveFile(tmp.clone()));
@@ -613,7 +615,7 @@ impl Mover<'_> {
         }
         if current == Storage::Shared {
             for i in 0..disks {
-                let path = self.dir.local_disk_path(i);
+                let path = self.dir.local_disk_path(i, self.format(i));
                 if path.exists() {
                     tracing::info!(path = %path.display(), "removing a disk file an interrupted storage move left");
                     remove_file(&path)?;
@@ -626,11 +628,16 @@ impl Mover<'_> {
     /// Where disk `i` is when the guest's disks are on `pool`.
     fn path_on(&self, pool: Storage, i: usize) -> PathBuf {
         match (pool, std::fs::read_link(self.dir.shared_link()), self.pool) {
-            (Storage::Local, _, _) => self.dir.local_disk_path(i),
-            (Storage::Shared, Ok(link), _) => link.join(format!("disk{i}.qcow2")),
-            (Storage::Shared, Err(_), Some(pool)) => self.dir.pool_disk_path(pool, i),
-            (Storage::Shared, Err(_), None) => self.dir.disk_path(i),
+            (Storage::Local, _, _) => self.dir.local_disk_path(i, self.format(i)),
+            (Storage::Shared, Ok(link), _) => link.join(disk_file_name(i, self.format(i))),
+            (Storage::Shared, Err(_), Some(pool)) => self.dir.pool_disk_path(pool, i, self.format(i)),
+            (Storage::Shared, Err(_), None) => self.dir.disk_path(i, self.format(i)),
         }
+    }
+
+    /// The format of disk `i` (qcow2 for one the record does not name).
+    fn format(&self, i: usize) -> DiskFormat {
+        self.config.spec.disks.get(i).map_or(DiskFormat::Qcow2, |d| d.format)
     }
 
     /// Undoes the steps done so far, newest first; failures are logged
