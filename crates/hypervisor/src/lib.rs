@@ -299,7 +299,7 @@ pub fn check_limits(id: GuestId, spec: &GuestSpec, limits: &ResourceLimits, live
 /// block device twice. The rules every backend applies on create.
 pub fn check_disks(id: GuestId, spec: &GuestSpec) -> Result<(), HvError> {
     for (i, d) in spec.disks.iter().enumerate() {
-        d.validate().map_err(|r| HvError::DiskKind { id, op: "create", reason: format!("disk {i} {r}") })?;
+        d.validate_kind().map_err(|r| HvError::DiskKind { id, op: "create", reason: format!("disk {i} {r}") })?;
         if let Some(p) = d.block_path()
             && spec.disks[..i].iter().any(|o| o.block_path() == Some(p))
         {

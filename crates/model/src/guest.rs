@@ -134,9 +134,23 @@ impl DiskSpec {
         self.format != DiskFormat::Block
     }
 
-    /// Checks the kind's own rules; the reason reads after "disk N ".
+    /// Checks what an operator asks for: the kind's rules
+    /// ([`Self::validate_kind`]) and a file's size in whole MiB (a disk made
+    /// from a boot image takes the image's size, which need not be); the
+    /// reason reads after "disk N ".
     pub fn validate(&self) -> Result<(), String> {
         const MIB: u64 = 1 << 20;
+        self.validate_kind()?;
+        let b = self.size.bytes();
+        if self.on_pool() && (b < MIB || !b.is_multiple_of(MIB)) {
+            return Err(format!("size must be a whole number of MiB and at least 1M, got {b} bytes"));
+        }
+        Ok(())
+    }
+
+    /// Checks the kind's own rules: a path for a block device (and a sound
+    /// one), none for a file.
+    pub fn validate_kind(&self) -> Result<(), String> {
         match self.format {
             DiskFormat::Qcow2 | DiskFormat::Raw => {
                 if let Some(p) = &self.path {
@@ -144,10 +158,6 @@ impl DiskSpec {
                         "is a {} file on the guest's pool and takes no path (got {p:?}); a host device is format block",
                         self.format
                     ));
-                }
-                let b = self.size.bytes();
-                if b < MIB || !b.is_multiple_of(MIB) {
-                    return Err(format!("size must be a whole number of MiB and at least 1M, got {b} bytes"));
                 }
             }
             DiskFormat::Block => {
