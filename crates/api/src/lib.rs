@@ -8,7 +8,7 @@
 use drove_model::guest::{Storage, StorageMoved};
 use drove_model::migration::{IncomingDone, MigrationKey, MigrationProgress, MigrationStats, Outgoing};
 use drove_model::{
-    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, ResourceLimits, RestartPolicy,
+    ByteSize, Guest, GuestId, HostId, HostInfo, HypervisorKind, Operation, OperationId, ResourceLimits, RestartPolicy,
     RestoreOutcome, Snapshot, SnapshotKind, Vlan, guest::LoadProfile,
 };
 use serde::{Deserialize, Serialize};
@@ -491,6 +491,51 @@ pub struct PoolReport {
     pub name: String,
     pub capacity: ByteSize,
     pub free: ByteSize,
+}
+
+/// The rebalancer's (DRS) last round (`GET /v1/drs`): what it recommended
+/// and, in full mode, which migrations it started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DrsRound {
+    /// `manual` (recommend only) or `full` (migrate on its own).
+    pub mode: String,
+    /// When the round ran (RFC 3339); empty before the first.
+    pub at: String,
+    /// Seconds between rounds.
+    pub interval_secs: u64,
+    /// A host is hot above this share of its CPU or memory in its busiest
+    /// hour, and is relieved down to `target`.
+    pub hot: f64,
+    pub target: f64,
+    pub moves: Vec<DrsMove>,
+    /// Hot hosts no move could relieve, and why.
+    pub unresolved: Vec<DrsUnresolved>,
+    /// Guests left out of this round: moved by DRS within the cool-down,
+    /// busy with another operation, or not running.
+    pub held: usize,
+}
+
+/// One recommended migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrsMove {
+    pub guest: String,
+    pub from: String,
+    pub to: String,
+    /// `hot` or `imbalance`.
+    pub kind: String,
+    /// One line an operator can read: which host, which hour, how full.
+    pub reason: String,
+    /// The migration started for it (full mode).
+    #[schema(value_type = Option<String>)]
+    pub operation: Option<OperationId>,
+    /// Why it could not be started (full mode).
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrsUnresolved {
+    pub host: String,
+    pub reason: String,
 }
 
 /// A storage pool (`GET /v1/pools`): the shared one all hosts see, and each

@@ -124,6 +124,11 @@ impl Client {
         self.get("/v1/pools").await
     }
 
+    /// The rebalancer's (DRS) last round.
+    pub async fn drs_status(&self) -> Result<drove_api::DrsRound, ClientError> {
+        self.get("/v1/drs").await
+    }
+
     pub async fn get_host(&self, host: &str) -> Result<HostView, ClientError> {
         self.get(&format!("/v1/hosts/{}", seg(host))).await
     }

@@ -439,6 +439,12 @@ pub struct CreateArgs {
     #[arg(long)]
     pub nic_mbit: Option<u64>,
     /// Boot from this imported image (see `drove image import`) instead of the test image.
+    /// Its CPU load over the day, as a share of its vCPUs: one figure for
+    /// all day (`0.5`) or 24 hourly ones, UTC (`0.1,0.1,...,0.9`).
+    /// Placement, `drove plan` and the rebalancer (DRS) plan with it;
+    /// without it a guest counts as 0.25 all day.
+    #[arg(long, value_parser = parse_load_profile)]
+    pub load_profile: Option<drove_model::guest::LoadProfile>,
     #[arg(long)]
     pub image: Option<String>,
     /// Return once accepted instead of waiting until it runs.
@@ -765,6 +771,22 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
 }
 
 /// `INDEX=SIZE`, as `--grow-disk` takes it.
+/// `--load-profile`: one share for all day, or 24 hourly shares.
+pub fn parse_load_profile(s: &str) -> Result<drove_model::guest::LoadProfile, String> {
+    let values: Vec<f32> = s
+        .split(',')
+        .map(|v| v.trim().parse::<f32>().map_err(|_| format!("{v:?} is not a number (a share of the vCPUs, 0 to 1)")))
+        .collect::<Result<_, _>>()?;
+    let hourly_cpu = match values.len() {
+        1 => vec![values[0]; 24],
+        24 => values,
+        n => return Err(format!("give one share for all day or 24 hourly ones, not {n}")),
+    };
+    let p = drove_model::guest::LoadProfile { hourly_cpu };
+    p.validate().map_err(|e| format!("load profile: {e}"))?;
+    Ok(p)
+}
+
 pub fn parse_grow_disk(s: &str) -> Result<drove_api::GrowDisk, String> {
     let (index, size) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected INDEX=SIZE, e.g. 0=20G"))?;
     let index = index.trim().parse().map_err(|_| format!("{index:?}: a disk index is a number, 0 for the first"))?;
@@ -831,7 +853,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                 host: a.host,
                 priority: a.priority,
                 start: Some(!a.stopped),
-                load_profile: None,
+                load_profile: a.load_profile,
                 restart_policy: Some(a.restart),
                 storage: Some(a.storage),
                 anti_affinity: a.anti_affinity.clone(),
@@ -1366,9 +1388,21 @@ fn failover_summary(f: Option<&drove_model::guest::FailoverRecord>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use drove_model::{ByteSize, DiskSpec};
 
-    use super::parse_disk;
+    use super::{parse_disk, parse_load_profile};
+
+    #[test]
+    fn a_load_profile_is_one_share_or_twenty_four() {
+        assert_eq!(parse_load_profile("0.5").unwrap().hourly_cpu, vec![0.5; 24]);
+        let hourly: Vec<String> = (0..24).map(|h| format!("{}", h as f32 / 24.0)).collect();
+        assert_eq!(parse_load_profile(&hourly.join(",")).unwrap().hourly_cpu[23], 23.0 / 24.0);
+        assert!(parse_load_profile("0.1,0.2").unwrap_err().contains("not 2"));
+        assert!(parse_load_profile("1.5").unwrap_err().contains("between 0.0 and 1.0"));
+        assert!(parse_load_profile("half").unwrap_err().contains("not a number"));
+    }
 
     #[test]
     fn disks_parse_as_operators_type_them() {

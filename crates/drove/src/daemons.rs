@@ -49,6 +49,27 @@ pub struct ManagerArgs {
     /// vCPUs placement allows per physical core.
     #[arg(long, default_value_t = 4.0)]
     pub vcpu_overcommit: f64,
+    /// The rebalancer (DRS): `manual` records the migrations that would
+    /// relieve hot hosts (`drove plan drs` shows them), `full` also starts
+    /// them.
+    #[arg(long, default_value = "manual")]
+    pub drs: drove_manager::drs::DrsMode,
+    /// Seconds between DRS rounds.
+    #[arg(long, default_value_t = 300)]
+    pub drs_interval: u64,
+    /// DRS: a host is hot above this share of its CPU or memory in its
+    /// busiest hour ...
+    #[arg(long, default_value_t = 0.8)]
+    pub drs_hot: f64,
+    /// ... and is relieved down to this share.
+    #[arg(long, default_value_t = 0.7)]
+    pub drs_target: f64,
+    /// DRS migrations per round, at most.
+    #[arg(long, default_value_t = 2)]
+    pub drs_max_moves: usize,
+    /// A guest DRS moved is not moved again for this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub drs_cooldown: u64,
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -84,6 +105,21 @@ pub async fn manager(a: ManagerArgs) -> Result<()> {
         anyhow::bail!("--vcpu-overcommit must be a positive number, got {}", a.vcpu_overcommit);
     }
     config.policy.vcpu_overcommit = a.vcpu_overcommit;
+    if !(0.0 < a.drs_target && a.drs_target < a.drs_hot && a.drs_hot <= 1.0) {
+        anyhow::bail!(
+            "--drs-target ({}) must be above 0 and below --drs-hot ({}), which is at most 1",
+            a.drs_target,
+            a.drs_hot
+        );
+    }
+    config.drs = drove_manager::drs::DrsConfig {
+        mode: a.drs,
+        interval: Duration::from_secs(a.drs_interval.max(1)),
+        hot: a.drs_hot,
+        target: a.drs_target,
+        max_moves: a.drs_max_moves,
+        cooldown: Duration::from_secs(a.drs_cooldown),
+    };
     let (m, minted) = Manager::open(config, Arc::new(store)).await.context("starting the manager")?;
     if minted.admin.is_some() {
         tracing::info!(dir = %a.data_dir.display(), "minted a new admin token (admin.token)");

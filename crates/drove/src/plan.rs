@@ -5,45 +5,22 @@
 //! pure decision functions the simulator runs. Nothing is changed: every
 //! command only prints what it would do.
 //!
-//! How the live system maps onto the model:
-//!
-//! | model | from |
-//! |---|---|
-//! | host CPU | cores × 1000 milli-cores |
-//! | host memory | the memory the agent offers, in MiB |
-//! | host network, disk | not reported yet: an ample 10,000 Mbit/s each |
-//! | host schedulable | state `up` (maintenance and down hosts take no guests) |
-//! | guest CPU per hour | vCPUs × 1000 × its `load_profile` hour, or [`DEFAULT_CPU_FRACTION`] all day |
-//! | guest memory | its memory in MiB, all day |
-//! | guest network, disk | 0 (not measured yet) |
-
-use std::collections::HashMap;
+//! The model and how the live system maps onto it live in the manager
+//! ([`drove_manager::drs::Model`]), whose rebalancer (DRS) makes the same
+//! recommendations on its own; `drove plan drs` shows its last round.
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
-use drove_api::{GuestView, HostView};
-use drove_model::{ByteSize, HostState};
+use drove_manager::drs::{DEFAULT_CPU_FRACTION, MILLI, Model, SLOTS, limits, move_kind};
+use drove_model::ByteSize;
 use drove_placement::{
-    BalanceParams, Cluster, ConsolidateParams, FailoverParams, GuestIx, GuestSpec, HostIx, HostSpec, Limits, Mobility,
-    Move, MoveReason, PowerModel, PowerState, Profile, Resources, Strategy, consolidate, headroom, rebalance,
-    what_if_add, what_if_lose,
+    BalanceParams, Cluster, ConsolidateParams, FailoverParams, GuestSpec, Limits, Mobility, Move, PowerModel,
+    PowerState, Strategy, consolidate, headroom, rebalance, what_if_add, what_if_lose,
 };
 use serde::Serialize;
 
 use crate::output::print;
 use crate::{Format, OutputArgs};
-
-/// CPU units per core (the model's CPU unit is the milli-core).
-const MILLI: u32 = 1000;
-/// A guest without a load profile is planned at this share of its vCPUs
-/// all day: the manager admits 4 vCPUs per core, so a host full by
-/// admission is exactly full in the plan.
-pub const DEFAULT_CPU_FRACTION: f32 = 0.25;
-/// Network and disk bandwidth assumed per host (Mbit/s) while agents do not
-/// report them; guests demand none, so these never limit a plan.
-const AMPLE_MBPS: u32 = 10_000;
-/// Slots per day: one per hour, like `load_profile`.
-const SLOTS: usize = 24;
 
 const CAPACITY_HELP: &str = "\
 How it is computed:
@@ -63,7 +40,7 @@ Examples:
 
 const BALANCE_HELP: &str = "\
 Manual mode: this only recommends. Nothing is migrated; run the moves yourself
-(or wait for the automated modes of the rebalancer).
+(or run the manager with `--drs full`: see `drove plan drs --help`).
 
 How it decides:
   A host is hot when its busiest hour needs more than --hot of its CPU or
@@ -120,7 +97,26 @@ pub enum PlanCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// The manager's rebalancer (DRS): its mode and last round, the migrations it recommended (manual mode) or started (full mode), each with its reason.
+    #[command(after_help = DRS_HELP)]
+    Drs {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
+
+const DRS_HELP: &str = "\
+The manager runs the same balancing as `drove plan balance` every interval on
+its own (settings: drove manager --drs manual|full --drs-interval SECS
+--drs-hot SHARE --drs-target SHARE --drs-max-moves N --drs-cooldown SECS).
+In manual mode it only records its recommendations; in full mode it starts
+the migrations itself, as principal `drs`, audited. It never thrashes: hot
+and target thresholds apart, a budget of moves per round, and a guest it
+moved is left alone for the cool-down.
+
+Examples:
+  drove plan drs
+  drove plan drs -o json";
 
 const FAILOVER_HELP: &str = "\
 The manager's own plan, computed as its failover would now: guests on shared
@@ -218,18 +214,54 @@ pub async fn run(cmd: PlanCommand) -> Result<()> {
         );
         return print(out.format, &plan, &["guest", "priority", "to", "wave", "action"], rows);
     }
+    if let PlanCommand::Drs { out } = &cmd {
+        let r = c.drs_status().await?;
+        if out.format == Format::Json {
+            return print(Format::Json, &r, &[], Vec::new());
+        }
+        let when = if r.at.is_empty() { "no round yet".to_owned() } else { format!("last round {}", r.at) };
+        println!(
+            "DRS {} mode, every {} s, hot above {:.0} %, relieved to {:.0} %; {when}; {} guests held back",
+            r.mode,
+            r.interval_secs,
+            r.hot * 100.0,
+            r.target * 100.0,
+            r.held
+        );
+        if r.moves.is_empty() {
+            println!("no migration recommended");
+        } else {
+            let rows = r
+                .moves
+                .iter()
+                .map(|m| {
+                    let done = match (&m.operation, &m.error) {
+                        (Some(op), _) => format!("started {op}"),
+                        (None, Some(e)) => format!("not started: {e}"),
+                        (None, None) => "recommended".into(),
+                    };
+                    vec![m.guest.clone(), m.from.clone(), m.to.clone(), m.reason.clone(), done]
+                })
+                .collect();
+            print(Format::Table, &r, &["guest", "from", "to", "why", "action"], rows)?;
+        }
+        for u in &r.unresolved {
+            println!("cannot relieve {}: {}", u.host, u.reason);
+        }
+        return Ok(());
+    }
     let hosts = c.list_hosts().await.context("cannot list hosts")?;
     let guests = c.list_guests().await.context("cannot list guests")?;
     match cmd {
         PlanCommand::Capacity(a) => {
-            let m = Model::build(&hosts, &guests, PowerModel::linear(100.0, 250.0, 0.9, 5.0)?)?;
+            let m = Model::build(&hosts, &guests, drove_manager::drs::default_power())?;
             capacity(&m, &a)
         }
         PlanCommand::Balance(a) => {
             if a.target >= a.hot {
                 bail!("--target {} must be below --hot {}", a.target, a.hot);
             }
-            let m = Model::build(&hosts, &guests, PowerModel::linear(100.0, 250.0, 0.9, 5.0)?)?;
+            let m = Model::build(&hosts, &guests, drove_manager::drs::default_power())?;
             balance(&m, &a)
         }
         PlanCommand::Power(a) => {
@@ -238,107 +270,19 @@ pub async fn run(cmd: PlanCommand) -> Result<()> {
             let m = Model::build(&hosts, &guests, power)?;
             plan_power(&m, &a)
         }
-        PlanCommand::Failover { .. } => Ok(()), // answered above
+        PlanCommand::Failover { .. } | PlanCommand::Drs { .. } => Ok(()), // answered above
     }
 }
 
-/// The cluster model and the names and ids behind its indices.
-struct Model {
-    cluster: Cluster,
-    /// Per host index: (id, state).
-    hosts: Vec<(String, HostState)>,
-    /// Per guest index: id.
-    guest_ids: Vec<String>,
-    profiled: usize,
-}
-
-fn mib_down(b: ByteSize) -> u32 {
-    (b.bytes() / (1024 * 1024)).min(u64::from(u32::MAX)) as u32
-}
-
-fn mib_up(b: ByteSize) -> u32 {
-    b.bytes().div_ceil(1024 * 1024).min(u64::from(u32::MAX)) as u32
-}
-
-impl Model {
-    fn build(hosts: &[HostView], guests: &[GuestView], power: PowerModel) -> Result<Model> {
-        let mut cluster = Cluster::new(SLOTS)?;
-        let mut by_id: HashMap<String, HostIx> = HashMap::new();
-        let mut hosts_out = Vec::new();
-        let mut sorted: Vec<&HostView> = hosts.iter().collect();
-        sorted.sort_by(|a, b| a.info.name.cmp(&b.info.name));
-        for h in sorted {
-            let ix = cluster.add_host(HostSpec {
-                name: h.info.name.clone(),
-                capacity: Resources::new(
-                    h.info.cores.saturating_mul(MILLI),
-                    mib_down(h.info.memory),
-                    AMPLE_MBPS,
-                    AMPLE_MBPS,
-                ),
-                core_speed: MILLI,
-                power,
-                state: PowerState::On,
-                schedulable: h.info.state == HostState::Up,
-            })?;
-            by_id.insert(h.info.id.to_string(), ix);
-            hosts_out.push((h.info.id.to_string(), h.info.state));
-        }
-        let mut guest_ids = Vec::new();
-        let mut profiled = 0;
-        let mut sorted: Vec<&GuestView> = guests.iter().collect();
-        sorted.sort_by(|a, b| a.guest.spec.name.cmp(&b.guest.spec.name));
-        for g in sorted {
-            let Some(&on) = by_id.get(&g.guest.host.to_string()) else { continue };
-            let spec = guest_spec(g)?;
-            profiled += usize::from(g.guest.spec.load_profile.is_some());
-            cluster.add_guest(spec, Some(on))?;
-            guest_ids.push(g.guest.id.to_string());
-        }
-        Ok(Model { cluster, hosts: hosts_out, guest_ids, profiled })
-    }
-
-    fn host_name(&self, h: HostIx) -> &str {
-        &self.cluster.host(h).name
-    }
-
-    fn guest_name(&self, g: GuestIx) -> &str {
-        &self.cluster.guest(g).name
-    }
-
-    fn find_host(&self, key: &str) -> Result<HostIx> {
-        self.cluster.hosts().find(|&h| self.host_name(h) == key || self.hosts[h.index()].0 == key).ok_or_else(|| {
-            let known: Vec<&str> = self.cluster.hosts().map(|h| self.host_name(h)).collect();
-            anyhow!("unknown host {key:?} (hosts: {})", known.join(", "))
-        })
-    }
-
-    fn find_guest(&self, key: &str) -> Result<GuestIx> {
-        self.cluster
-            .guests()
-            .find(|&g| self.guest_name(g) == key || self.guest_ids[g.index()] == key)
-            .ok_or_else(|| anyhow!("unknown guest {key:?} (see `drove vm list`)"))
-    }
-}
-
-/// A live guest as the placement engine sees it.
-fn guest_spec(g: &GuestView) -> Result<GuestSpec> {
-    let spec = &g.guest.spec;
-    let other = Resources::new(0, mib_up(spec.memory), 0, 0);
-    let flat = [DEFAULT_CPU_FRACTION; SLOTS];
-    let hourly: &[f32] = spec.load_profile.as_ref().map_or(&flat, |p| &p.hourly_cpu);
-    let demand = Profile::from_hourly(spec.vcpus, MILLI, hourly, other)
-        .with_context(|| format!("guest {}: load profile", spec.name))?;
-    Ok(GuestSpec {
-        name: spec.name.clone(),
-        demand,
-        vcpus: spec.vcpus,
-        migration_mib: mib_up(spec.memory),
-        anti_affinity: None,
-        tier: None,
-        priority: spec.priority.0,
-        mobility: Mobility::Free,
+fn find_host(m: &Model, key: &str) -> Result<drove_placement::HostIx> {
+    m.find_host(key).ok_or_else(|| {
+        let known: Vec<&str> = m.cluster.hosts().map(|h| m.host_name(h)).collect();
+        anyhow!("unknown host {key:?} (hosts: {})", known.join(", "))
     })
+}
+
+fn find_guest(m: &Model, key: &str) -> Result<drove_placement::GuestIx> {
+    m.find_guest(key).ok_or_else(|| anyhow!("unknown guest {key:?} (see `drove vm list`)"))
 }
 
 // ---- capacity ---------------------------------------------------------------
@@ -408,8 +352,8 @@ struct Unplaced {
 fn capacity(m: &Model, a: &CapacityArgs) -> Result<()> {
     let c = &m.cluster;
     // Resolve names before any work so bad input fails fast.
-    let lose = a.what_if_lose.as_deref().map(|k| m.find_host(k)).transpose()?;
-    let like = a.like.as_deref().map(|k| m.find_guest(k)).transpose()?;
+    let lose = a.what_if_lose.as_deref().map(|k| find_host(m, k)).transpose()?;
+    let like = a.like.as_deref().map(|k| find_guest(m, k)).transpose()?;
     let hosts: Vec<HostHeadroom> = headroom(c, &Limits::FULL)
         .into_iter()
         .map(|hr| HostHeadroom {
@@ -572,18 +516,9 @@ fn move_report(m: &Model, mv: &Move) -> MoveReport {
         guest: m.guest_name(mv.guest).to_owned(),
         from: m.host_name(mv.from).to_owned(),
         to: m.host_name(mv.to).to_owned(),
-        kind: match mv.reason {
-            MoveReason::Hot { .. } => "hot",
-            MoveReason::Imbalance { .. } => "imbalance",
-            MoveReason::Evacuate => "evacuate",
-        },
+        kind: move_kind(&mv.reason),
         reason: mv.explain(&m.cluster),
     }
-}
-
-/// Limits on CPU and memory; network and disk are not measured yet.
-fn limits(share: f64) -> Limits {
-    Limits { usable: [share, share, 1.0, 1.0], cpu_sigmas: 0.0 }
 }
 
 fn balance(m: &Model, a: &BalanceArgs) -> Result<()> {

@@ -71,6 +71,8 @@ pub struct ManagerConfig {
     /// An operation not finished after this long fails (and rolls back).
     pub op_timeout: Duration,
     pub policy: Policy,
+    /// The rebalancer (DRS).
+    pub drs: crate::drs::DrsConfig,
 }
 
 impl ManagerConfig {
@@ -84,6 +86,7 @@ impl ManagerConfig {
             failover_total: 16,
             op_timeout: Duration::from_secs(600),
             policy: Policy::default(),
+            drs: crate::drs::DrsConfig::default(),
         }
     }
 }
@@ -171,6 +174,7 @@ pub struct Manager {
     pub(crate) migration_drivers: Mutex<crate::migrate::Drivers>,
     /// Those tasks, aborted when the server stops (`crate::serve`).
     pub(crate) background: Mutex<Vec<tokio::task::AbortHandle>>,
+    pub(crate) drs: Mutex<crate::drs::DrsState>,
 }
 
 /// Relayed calls to agents: queued per host until its next heartbeat
@@ -261,6 +265,7 @@ impl Manager {
             consoles: Mutex::new(HashMap::new()),
             snapshot_drivers: Mutex::new(HashSet::new()),
             migration_drivers: Mutex::new(Default::default()),
+            drs: Mutex::new(Default::default()),
             background: Mutex::new(Vec::new()),
         };
         Ok((Arc::new(m), minted))

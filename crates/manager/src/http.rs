@@ -19,8 +19,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
     AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, CloneGuestRequest, ConsoleLog,
-    CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DrainRequest, ErrorBody, ErrorResponse, ExecRequest,
-    ExecResponse, FailoverPlanView, GuestInterface, GuestView, HaSettings, HaStatus, HeartbeatRequest,
+    CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DrainRequest, DrsRound, ErrorBody, ErrorResponse,
+    ExecRequest, ExecResponse, FailoverPlanView, GuestInterface, GuestView, HaSettings, HaStatus, HeartbeatRequest,
     HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest, MigrateRequest,
     MoveStorageRequest, OperationAccepted, PoolView, RegisterRequest, RegisterResponse, SetLimitsRequest,
     SetTemplateRequest, SnapshotList, StopGuestRequest, VlanView,
@@ -133,6 +133,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/pools", get(list_pools))
+        .route("/v1/drs", get(drs_status))
         .route("/v1/hosts/{host}", get(get_host))
         .route("/v1/hosts/{host}/maintenance", post(set_maintenance))
         .route("/v1/hosts/{host}/drain", post(drain_host))
@@ -201,6 +202,13 @@ async fn list_hosts(State(m): State<Arc<Manager>>) -> Res<Json<Vec<HostView>>> {
     responses((status = 200, body = [PoolView]), (status = 401, body = ErrorResponse)))]
 async fn list_pools(State(m): State<Arc<Manager>>) -> Res<Json<Vec<PoolView>>> {
     m.list_pools().await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/drs", tag = "hosts",
+    description = "The rebalancer's (DRS) last round: the migrations it recommended to relieve hot hosts, each with its reason, and in full mode the operations it started. The mode and thresholds are manager settings (`drove manager --drs ...`).",
+    responses((status = 200, body = DrsRound), (status = 401, body = ErrorResponse)))]
+async fn drs_status(State(m): State<Arc<Manager>>) -> Res<Json<DrsRound>> {
+    Ok(Json(m.drs_status()))
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{host}", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
@@ -781,7 +789,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, list_pools, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, move_storage, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, list_pools, drs_status, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, move_storage, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "storage"), (name = "operations"), (name = "audit"), (name = "settings"), (name = "agent"), (name = "meta"))

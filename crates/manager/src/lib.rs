@@ -23,6 +23,7 @@ pub mod auth;
 pub mod clones;
 pub mod core;
 pub mod drain;
+pub mod drs;
 pub mod failover;
 pub mod http;
 pub mod inventory;
@@ -54,6 +55,7 @@ pub async fn serve(
         }
     }
     let _monitor = AbortOnDrop(tokio::spawn(monitor::run(manager.clone())));
+    let _drs = AbortOnDrop(tokio::spawn(drs::run(manager.clone())));
     // Snapshot drivers end with the server too (a restarted manager
     // resumes their operations from the store).
     struct AbortBackground(Arc<Manager>);

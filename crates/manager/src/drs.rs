@@ -1,0 +1,382 @@
+//! The rebalancer (DRS): a reconciler that, every `interval`, models the
+//! live cluster for the placement engine and asks [`rebalance`] which
+//! migrations would relieve hot hosts. In `manual` mode it only records
+//! them (`GET /v1/drs`, `drove drs`); in `full` mode it also starts them,
+//! as the principal `drs`, audited like any migration.
+//!
+//! It never thrashes:
+//! - a host is relieved only above `hot` and only down to `target`
+//!   (hysteresis between the two);
+//! - at most `max_moves` migrations per round;
+//! - a guest DRS moved is left alone for `cooldown`, and one that is not
+//!   running or has an operation in flight is left out.
+//!
+//! The same [`Model`] serves `drove plan` (capacity, balance, power), so the
+//! recommendations an operator previews are the ones the reconciler makes.
+//! How the live system maps onto the model:
+//!
+//! | model | from |
+//! |---|---|
+//! | host CPU | cores × 1000 milli-cores |
+//! | host memory | the memory the agent offers, in MiB |
+//! | host network, disk | not reported yet: an ample 10,000 Mbit/s each |
+//! | host schedulable | state `up` (maintenance and down hosts take no guests) |
+//! | guest CPU per hour | vCPUs × 1000 × its `load_profile` hour, or [`DEFAULT_CPU_FRACTION`] all day |
+//! | guest memory | its memory in MiB, all day |
+//! | guest network, disk | 0 (not measured yet) |
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drove_api::{DrsMove, DrsRound, DrsUnresolved, GuestView, HostView, MigrateRequest};
+use drove_model::{ByteSize, GuestId, GuestState, HostState};
+use drove_placement::{
+    BalanceParams, Cluster, ClusterError, GuestIx, GuestSpec, HostIx, HostSpec, Limits, Mobility, MoveReason,
+    PowerModel, PowerState, Profile, ProfileError, Resources, Strategy, rebalance,
+};
+
+use crate::core::{Ctx, Manager};
+
+/// CPU units per core (the model's CPU unit is the milli-core).
+pub const MILLI: u32 = 1000;
+/// A guest without a load profile is planned at this share of its vCPUs
+/// all day: the manager admits 4 vCPUs per core, so a host full by
+/// admission is exactly full in the plan.
+pub const DEFAULT_CPU_FRACTION: f32 = 0.25;
+/// Network and disk bandwidth assumed per host (Mbit/s) while agents do not
+/// report them; guests demand none, so these never limit a plan.
+pub const AMPLE_MBPS: u32 = 10_000;
+/// Slots per day: one per hour, like `load_profile`.
+pub const SLOTS: usize = 24;
+
+/// Why the live cluster could not be modelled.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("building the cluster model: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("guest {guest}: its load profile: {source}")]
+    Profile { guest: String, source: ProfileError },
+}
+
+/// The cluster model and the names and ids behind its indices.
+#[derive(Debug)]
+pub struct Model {
+    pub cluster: Cluster,
+    /// Per host index: (id, state).
+    pub hosts: Vec<(String, HostState)>,
+    /// Per guest index: id.
+    pub guest_ids: Vec<String>,
+    pub profiled: usize,
+}
+
+fn mib_down(b: ByteSize) -> u32 {
+    (b.bytes() / (1024 * 1024)).min(u64::from(u32::MAX)) as u32
+}
+
+fn mib_up(b: ByteSize) -> u32 {
+    b.bytes().div_ceil(1024 * 1024).min(u64::from(u32::MAX)) as u32
+}
+
+impl Model {
+    pub fn build(hosts: &[HostView], guests: &[GuestView], power: PowerModel) -> Result<Model, ModelError> {
+        let mut cluster = Cluster::new(SLOTS)?;
+        let mut by_id: HashMap<String, HostIx> = HashMap::new();
+        let mut hosts_out = Vec::new();
+        let mut sorted: Vec<&HostView> = hosts.iter().collect();
+        sorted.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        for h in sorted {
+            let ix = cluster.add_host(HostSpec {
+                name: h.info.name.clone(),
+                capacity: Resources::new(
+                    h.info.cores.saturating_mul(MILLI),
+                    mib_down(h.info.memory),
+                    AMPLE_MBPS,
+                    AMPLE_MBPS,
+                ),
+                core_speed: MILLI,
+                power,
+                state: PowerState::On,
+                schedulable: h.info.state == HostState::Up,
+            })?;
+            by_id.insert(h.info.id.to_string(), ix);
+            hosts_out.push((h.info.id.to_string(), h.info.state));
+        }
+        let mut guest_ids = Vec::new();
+        let mut profiled = 0;
+        let mut sorted: Vec<&GuestView> = guests.iter().collect();
+        sorted.sort_by(|a, b| a.guest.spec.name.cmp(&b.guest.spec.name));
+        for g in sorted {
+            let Some(&on) = by_id.get(&g.guest.host.to_string()) else { continue };
+            let spec = guest_spec(g)?;
+            profiled += usize::from(g.guest.spec.load_profile.is_some());
+            cluster.add_guest(spec, Some(on))?;
+            guest_ids.push(g.guest.id.to_string());
+        }
+        Ok(Model { cluster, hosts: hosts_out, guest_ids, profiled })
+    }
+
+    pub fn host_name(&self, h: HostIx) -> &str {
+        &self.cluster.host(h).name
+    }
+
+    pub fn guest_name(&self, g: GuestIx) -> &str {
+        &self.cluster.guest(g).name
+    }
+
+    /// A host by name or id.
+    pub fn find_host(&self, key: &str) -> Option<HostIx> {
+        self.cluster.hosts().find(|&h| self.host_name(h) == key || self.hosts[h.index()].0 == key)
+    }
+
+    /// A guest by name or id.
+    pub fn find_guest(&self, key: &str) -> Option<GuestIx> {
+        self.cluster.guests().find(|&g| self.guest_name(g) == key || self.guest_ids[g.index()] == key)
+    }
+}
+
+/// A live guest as the placement engine sees it.
+fn guest_spec(g: &GuestView) -> Result<GuestSpec, ModelError> {
+    let spec = &g.guest.spec;
+    let other = Resources::new(0, mib_up(spec.memory), 0, 0);
+    let flat = [DEFAULT_CPU_FRACTION; SLOTS];
+    let hourly: &[f32] = spec.load_profile.as_ref().map_or(&flat, |p| &p.hourly_cpu);
+    let demand = Profile::from_hourly(spec.vcpus, MILLI, hourly, other)
+        .map_err(|source| ModelError::Profile { guest: spec.name.clone(), source })?;
+    Ok(GuestSpec {
+        name: spec.name.clone(),
+        demand,
+        vcpus: spec.vcpus,
+        migration_mib: mib_up(spec.memory),
+        anti_affinity: None,
+        tier: None,
+        priority: spec.priority.0,
+        mobility: Mobility::Free,
+    })
+}
+
+/// How far the rebalancer acts on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DrsMode {
+    /// Recommend only: an operator runs the moves (`drove vm migrate`).
+    #[default]
+    Manual,
+    /// Start the recommended migrations itself.
+    Full,
+}
+
+impl DrsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrsMode::Manual => "manual",
+            DrsMode::Full => "full",
+        }
+    }
+}
+
+impl FromStr for DrsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "manual" => Ok(DrsMode::Manual),
+            "full" => Ok(DrsMode::Full),
+            other => Err(format!("unknown DRS mode {other:?}: manual (recommend only) or full (migrate)")),
+        }
+    }
+}
+
+/// The rebalancer's settings.
+#[derive(Debug, Clone)]
+pub struct DrsConfig {
+    pub mode: DrsMode,
+    pub interval: Duration,
+    /// Share of CPU and memory above which a host is hot, and the share it
+    /// is relieved down to.
+    pub hot: f64,
+    pub target: f64,
+    /// Migrations per round, at most.
+    pub max_moves: usize,
+    /// A guest DRS moved is not moved again for this long.
+    pub cooldown: Duration,
+}
+
+impl Default for DrsConfig {
+    fn default() -> Self {
+        DrsConfig {
+            mode: DrsMode::Manual,
+            interval: Duration::from_secs(300),
+            hot: 0.8,
+            target: 0.7,
+            max_moves: 2,
+            cooldown: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What the reconciler remembers between rounds (not durable: after a
+/// restart the first round recomputes everything, and the cool-down of
+/// guests moved before it starts afresh from their last migration's end
+/// as the manager saw it, which it does not know: it errs towards moving).
+#[derive(Debug, Default)]
+pub struct DrsState {
+    last: Option<DrsRound>,
+    moved: HashMap<GuestId, Instant>,
+    /// The migrations the last round started: until they end, the model
+    /// would count their guests on their old hosts and none on their
+    /// targets, so no new round runs.
+    inflight: Vec<drove_model::OperationId>,
+}
+
+/// CPU and memory limited to `share`; network and disk are not measured.
+pub fn limits(share: f64) -> Limits {
+    Limits { usable: [share, share, 1.0, 1.0], cpu_sigmas: 0.0 }
+}
+
+/// The power model plans assume when an operator gives none.
+pub fn default_power() -> PowerModel {
+    // Cannot fail: constant, valid figures.
+    PowerModel::linear(100.0, 250.0, 0.9, 5.0).unwrap_or_else(|_| unreachable!("valid constant power model"))
+}
+
+/// The move's kind as the API names it.
+pub fn move_kind(reason: &MoveReason) -> &'static str {
+    match reason {
+        MoveReason::Hot { .. } => "hot",
+        MoveReason::Imbalance { .. } => "imbalance",
+        MoveReason::Evacuate => "evacuate",
+    }
+}
+
+pub async fn run(m: Arc<Manager>) {
+    let mut tick = tokio::time::interval(m.config.drs.interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: let hosts report first
+    loop {
+        tick.tick().await;
+        m.drs_round().await;
+    }
+}
+
+impl Manager {
+    /// The last round, or an empty one before the first.
+    pub fn drs_status(&self) -> DrsRound {
+        let c = &self.config.drs;
+        self.drs.lock().unwrap_or_else(|p| p.into_inner()).last.clone().unwrap_or_else(|| DrsRound {
+            mode: c.mode.as_str().into(),
+            at: String::new(),
+            interval_secs: c.interval.as_secs(),
+            hot: c.hot,
+            target: c.target,
+            moves: Vec::new(),
+            unresolved: Vec::new(),
+            held: 0,
+        })
+    }
+
+    /// One reconciler pass: model, recommend, and in full mode migrate.
+    pub async fn drs_round(self: &Arc<Self>) -> DrsRound {
+        let c = self.config.drs.clone();
+        let mut round = DrsRound {
+            mode: c.mode.as_str().into(),
+            at: crate::now_rfc3339(),
+            interval_secs: c.interval.as_secs(),
+            hot: c.hot,
+            target: c.target,
+            moves: Vec::new(),
+            unresolved: Vec::new(),
+            held: 0,
+        };
+        {
+            let inv = self.lock();
+            let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
+            st.inflight.retain(|op| inv.ops.get(op).is_some_and(|o| !o.state.is_final()));
+            if !st.inflight.is_empty() {
+                tracing::debug!(inflight = st.inflight.len(), "DRS waits for its migrations");
+                return st.last.clone().unwrap_or(round);
+            }
+        }
+        let (hosts, guests) = match (self.list_hosts().await, self.list_guests().await) {
+            (Ok(h), Ok(g)) => (h, g),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "DRS round skipped: cannot read the inventory");
+                return round;
+            }
+        };
+        let model = match Model::build(&hosts, &guests, default_power()) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "DRS round skipped");
+                round.unresolved.push(DrsUnresolved { host: String::new(), reason: e.to_string() });
+                return self.keep_round(round);
+            }
+        };
+        let mut cluster = model.cluster.clone();
+        let busy: std::collections::HashSet<GuestId> = self.lock().active_ops.keys().copied().collect();
+        {
+            let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
+            st.moved.retain(|_, at| at.elapsed() < c.cooldown);
+            for g in &guests {
+                let held = g.guest.state != GuestState::Running
+                    || busy.contains(&g.guest.id)
+                    || st.moved.contains_key(&g.guest.id);
+                if held && let Some(ix) = model.find_guest(&g.guest.id.to_string()) {
+                    cluster.set_mobility(ix, Mobility::Pinned);
+                    round.held += 1;
+                }
+            }
+        }
+        let params = BalanceParams {
+            hot: limits(c.hot),
+            target: limits(c.target),
+            strategy: Strategy::LeastLoaded,
+            max_moves: c.max_moves,
+            imbalance: None,
+            allow_wake: false,
+        };
+        let plan = rebalance(&cluster, &params);
+        round.unresolved = plan
+            .unresolved
+            .iter()
+            .map(|(h, why)| DrsUnresolved { host: model.host_name(*h).to_owned(), reason: why.clone() })
+            .collect();
+        let ctx = Ctx {
+            principal: crate::auth::Principal { name: "drs".into(), role: crate::auth::Role::Admin },
+            action: "rebalance (DRS)".into(),
+        };
+        for mv in &plan.moves {
+            let guest_id = model.guest_ids[mv.guest.index()].clone();
+            let mut out = DrsMove {
+                guest: model.guest_name(mv.guest).to_owned(),
+                from: model.host_name(mv.from).to_owned(),
+                to: model.host_name(mv.to).to_owned(),
+                kind: move_kind(&mv.reason).into(),
+                reason: mv.explain(&cluster),
+                operation: None,
+                error: None,
+            };
+            if c.mode == DrsMode::Full {
+                let req = MigrateRequest { to: Some(out.to.clone()), ..Default::default() };
+                match self.migrate_guest(&ctx, &guest_id, req).await {
+                    Ok(acc) => {
+                        out.operation = Some(acc.operation.id);
+                        let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
+                        st.inflight.push(acc.operation.id);
+                        if let Ok(id) = guest_id.parse::<GuestId>() {
+                            st.moved.insert(id, Instant::now());
+                        }
+                        tracing::info!(guest = %out.guest, from = %out.from, to = %out.to, reason = %out.reason, "DRS migrates");
+                    }
+                    Err(e) => out.error = Some(e.message),
+                }
+            }
+            round.moves.push(out);
+        }
+        self.keep_round(round)
+    }
+
+    fn keep_round(&self, round: DrsRound) -> DrsRound {
+        self.drs.lock().unwrap_or_else(|p| p.into_inner()).last = Some(round.clone());
+        round
+    }
+}
