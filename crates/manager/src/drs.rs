@@ -201,6 +201,22 @@ pub struct DrsConfig {
     pub cooldown: Duration,
 }
 
+impl DrsConfig {
+    /// A round with these settings, run `at`, that found nothing yet.
+    fn empty_round(&self, at: String) -> DrsRound {
+        DrsRound {
+            mode: self.mode.as_str().into(),
+            at,
+            interval_secs: self.interval.as_secs(),
+            hot: self.hot,
+            target: self.target,
+            moves: Vec::new(),
+            unresolved: Vec::new(),
+            held: 0,
+        }
+    }
+}
+
 impl Default for DrsConfig {
     fn default() -> Self {
         DrsConfig {
@@ -261,32 +277,14 @@ pub async fn run(m: Arc<Manager>) {
 impl Manager {
     /// The last round, or an empty one before the first.
     pub fn drs_status(&self) -> DrsRound {
-        let c = &self.config.drs;
-        self.drs.lock().unwrap_or_else(|p| p.into_inner()).last.clone().unwrap_or_else(|| DrsRound {
-            mode: c.mode.as_str().into(),
-            at: String::new(),
-            interval_secs: c.interval.as_secs(),
-            hot: c.hot,
-            target: c.target,
-            moves: Vec::new(),
-            unresolved: Vec::new(),
-            held: 0,
-        })
+        let last = self.drs.lock().unwrap_or_else(|p| p.into_inner()).last.clone();
+        last.unwrap_or_else(|| self.config.drs.empty_round(String::new()))
     }
 
     /// One reconciler pass: model, recommend, and in full mode migrate.
     pub async fn drs_round(self: &Arc<Self>) -> DrsRound {
         let c = self.config.drs.clone();
-        let mut round = DrsRound {
-            mode: c.mode.as_str().into(),
-            at: crate::now_rfc3339(),
-            interval_secs: c.interval.as_secs(),
-            hot: c.hot,
-            target: c.target,
-            moves: Vec::new(),
-            unresolved: Vec::new(),
-            held: 0,
-        };
+        let mut round = c.empty_round(crate::now_rfc3339());
         {
             let inv = self.lock();
             let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
@@ -316,11 +314,19 @@ impl Manager {
         {
             let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
             st.moved.retain(|_, at| at.elapsed() < c.cooldown);
-            for g in &guests {
-                let held = g.guest.state != GuestState::Running
-                    || busy.contains(&g.guest.id)
-                    || st.moved.contains_key(&g.guest.id);
-                if held && let Some(ix) = model.find_guest(&g.guest.id.to_string()) {
+            // By id, so that each model guest is looked up once (finding a
+            // model guest by key is a scan: quadratic at 50,000 guests).
+            let held: std::collections::HashSet<String> = guests
+                .iter()
+                .filter(|g| {
+                    g.guest.state != GuestState::Running
+                        || busy.contains(&g.guest.id)
+                        || st.moved.contains_key(&g.guest.id)
+                })
+                .map(|g| g.guest.id.to_string())
+                .collect();
+            for ix in model.cluster.guests() {
+                if held.contains(&model.guest_ids[ix.index()]) {
                     cluster.set_mobility(ix, Mobility::Pinned);
                     round.held += 1;
                 }

@@ -204,20 +204,44 @@ impl Manager {
                 )));
             }
             let step = change(&inv, &mut g)?;
-            let mut op = Self::new_op(kind, &g, &ctx.principal, &step);
-            op.progress = 10;
-            // Claimed under the inventory lock: the monitor never starts a
-            // second, reconciling driver for an operation just begun.
-            self.claim_driver(g.id);
-            let pending = self.record_guest_op(&mut inv, ctx, &g, &op);
-            (OperationAccepted { operation: op, guest: g.id }, pending)
+            self.begin_driven_op(&mut inv, ctx, &g, kind, &step)
         };
+        let accepted = self.durable_driven_op(accepted, pending).await?;
+        self.spawn_driver(accepted.guest, true);
+        Ok(accepted)
+    }
+
+    /// Records operation `kind` on guest `g` (changed as it begins) and
+    /// claims its driver for this process. Claimed under the inventory
+    /// lock, which the caller holds: the monitor never starts a second,
+    /// reconciling driver for an operation just begun.
+    pub(crate) fn begin_driven_op(
+        &self,
+        inv: &mut crate::inventory::Inventory,
+        ctx: &Ctx,
+        g: &drove_model::Guest,
+        kind: OperationKind,
+        step: &str,
+    ) -> (OperationAccepted, crate::persist::Pending) {
+        let mut op = Self::new_op(kind, g, &ctx.principal, step);
+        op.progress = 10;
+        self.claim_driver(g.id);
+        let pending = self.record_guest_op(inv, ctx, g, &op);
+        (OperationAccepted { operation: op, guest: g.id }, pending)
+    }
+
+    /// Waits until a [`Self::begin_driven_op`] record is durable; if it
+    /// cannot be, the claim is given back and the caller starts no driver.
+    pub(crate) async fn durable_driven_op(
+        &self,
+        accepted: OperationAccepted,
+        pending: crate::persist::Pending,
+    ) -> Result<OperationAccepted, ApiError> {
         self.notify_ops();
         if let Err(e) = pending.durable().await {
             self.release_driver(accepted.guest);
             return Err(e.into());
         }
-        self.spawn_driver(accepted.guest, true);
         Ok(accepted)
     }
 

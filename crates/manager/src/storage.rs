@@ -101,19 +101,9 @@ impl Manager {
             }
             let step = format!("moving its disks from the {} pool to the {to} pool", g.spec.storage);
             g.moving_storage = Some(to);
-            let mut op = Self::new_op(OperationKind::MoveStorage, &g, &ctx.principal, &step);
-            op.progress = 10;
-            // Claimed under the inventory lock: the monitor never starts a
-            // second driver for an operation just begun.
-            self.claim_driver(g.id);
-            let pending = self.record_guest_op(&mut inv, ctx, &g, &op);
-            (OperationAccepted { operation: op, guest: g.id }, pending)
+            self.begin_driven_op(&mut inv, ctx, &g, OperationKind::MoveStorage, &step)
         };
-        self.notify_ops();
-        if let Err(e) = pending.durable().await {
-            self.release_driver(accepted.guest);
-            return Err(e.into());
-        }
+        let accepted = self.durable_driven_op(accepted, pending).await?;
         self.spawn_move_driver(accepted.guest, to);
         Ok(accepted)
     }

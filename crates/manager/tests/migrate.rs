@@ -15,17 +15,6 @@ use drove_hypervisor::sim::{SimConfig, SimOp};
 use drove_hypervisor::{Hypervisor, RuntimeState};
 use drove_model::{ByteSize, GuestId, GuestState, OperationState};
 
-async fn running_guest(dc: &Dc, name: &str, host: &str) -> GuestId {
-    let req = CreateGuestRequest {
-        disks: vec![ByteSize::gib(1).into()],
-        host: Some(host.into()),
-        ..CreateGuestRequest::new(name, 1, ByteSize::mib(256))
-    };
-    let acc = dc.admin.create_guest(&req).await.unwrap();
-    dc.wait_succeeded(&acc.operation).await;
-    acc.guest
-}
-
 fn to(host: &str) -> MigrateRequest {
     MigrateRequest { to: Some(host.into()), ..Default::default() }
 }
@@ -56,7 +45,7 @@ async fn settled_on(dc: &Dc, id: GuestId, host: usize) {
 #[tokio::test]
 async fn a_running_guest_moves_and_its_room_moves_with_it() {
     let dc = Dc::start(3).await;
-    let id = running_guest(&dc, "mover", "host-1").await;
+    let id = dc.running_guest_on("mover", "host-1").await;
     let acc = dc.admin.migrate_guest("mover", &to("host-2")).await.unwrap();
     let op = dc.wait_op(&acc.operation).await;
     assert_eq!(op.state, OperationState::Succeeded, "{op:?}");
@@ -86,7 +75,7 @@ async fn a_running_guest_moves_and_its_room_moves_with_it() {
 #[tokio::test]
 async fn bad_migrations_are_refused_and_change_nothing() {
     let dc = Dc::start(2).await;
-    let id = running_guest(&dc, "stay", "host-1").await;
+    let id = dc.running_guest_on("stay", "host-1").await;
     let cases = [
         (to("host-1"), 400, "already runs on host-1"),
         (to("nowhere"), 400, "does not exist"),
@@ -112,7 +101,7 @@ async fn bad_migrations_are_refused_and_change_nothing() {
 #[tokio::test]
 async fn failures_before_the_commit_roll_back_to_the_source() {
     let dc = Dc::start(2).await;
-    let id = running_guest(&dc, "roll", "host-1").await;
+    let id = dc.running_guest_on("roll", "host-1").await;
     let faults = [
         (1, SimOp::MigrateIncoming, "no room for it"),
         (0, SimOp::MigrateOut, "link cut"),
@@ -140,7 +129,7 @@ async fn failures_before_the_commit_roll_back_to_the_source() {
 #[tokio::test]
 async fn a_send_whose_answer_is_lost_is_reconciled() {
     let dc = Dc::start(2).await;
-    let id = running_guest(&dc, "lost", "host-1").await;
+    let id = dc.running_guest_on("lost", "host-1").await;
     dc.agents[0].sim.fail_next_after_effect(SimOp::MigrateOut, "reply lost");
     let acc = dc.admin.migrate_guest("lost", &to("host-2")).await.unwrap();
     let op = dc.wait_op(&acc.operation).await;
@@ -158,7 +147,7 @@ async fn a_cancelled_migration_keeps_the_guest_on_its_source() {
     dc.add_agent("slow-1", slow.clone()).await;
     dc.add_agent("slow-2", slow).await;
     dc.wait_hosts_up(3).await;
-    let id = running_guest(&dc, "cancel-me", "slow-1").await;
+    let id = dc.running_guest_on("cancel-me", "slow-1").await;
     let acc = dc.admin.migrate_guest("cancel-me", &to("slow-2")).await.unwrap();
     dc.eventually("sending", || async {
         let g = dc.admin.get_guest("cancel-me").await.ok()?;
@@ -187,7 +176,7 @@ async fn a_manager_restart_mid_migration_leaves_exactly_one_copy() {
     dc.add_agent("host-1", slow.clone()).await;
     dc.add_agent("host-2", slow).await;
     dc.wait_hosts_up(2).await;
-    let id = running_guest(&dc, "survivor", "host-1").await;
+    let id = dc.running_guest_on("survivor", "host-1").await;
     let acc = dc.admin.migrate_guest("survivor", &to("host-2")).await.unwrap();
     dc.eventually("sending", || async {
         let g = dc.admin.get_guest("survivor").await.ok()?;
@@ -212,7 +201,7 @@ async fn a_drain_spreads_the_guests_and_names_what_cannot_move() {
     let dc = Dc::start(3).await;
     let mut ids = Vec::new();
     for i in 0..6 {
-        ids.push(running_guest(&dc, &format!("d-{i}"), "host-1").await);
+        ids.push(dc.running_guest_on(&format!("d-{i}"), "host-1").await);
     }
     let op = dc.admin.drain_host("host-1", Some(2)).await.unwrap();
     // Asking again hands back the drain under way.
@@ -240,8 +229,8 @@ async fn a_drain_spreads_the_guests_and_names_what_cannot_move() {
 
     // Back in service; a stopped guest on it cannot move live.
     dc.admin.set_maintenance("host-1", false).await.unwrap();
-    let stay = running_guest(&dc, "stays", "host-1").await;
-    let mover = running_guest(&dc, "goes", "host-1").await;
+    let stay = dc.running_guest_on("stays", "host-1").await;
+    let mover = dc.running_guest_on("goes", "host-1").await;
     let stop = dc.admin.stop_guest("stays", false).await.unwrap();
     dc.wait_succeeded(&stop.operation).await;
     let op = dc.admin.drain_host("host-1", None).await.unwrap();

@@ -17,17 +17,6 @@ use drove_hypervisor::sim::{SimConfig, SimOp};
 use drove_model::guest::Storage;
 use drove_model::{ByteSize, GuestId, OperationKind, OperationState};
 
-async fn guest_on(dc: &Dc, name: &str, host: &str) -> GuestId {
-    let req = CreateGuestRequest {
-        disks: vec![ByteSize::gib(1).into()],
-        host: Some(host.into()),
-        ..CreateGuestRequest::new(name, 1, ByteSize::mib(256))
-    };
-    let acc = dc.admin.create_guest(&req).await.unwrap();
-    dc.wait_succeeded(&acc.operation).await;
-    acc.guest
-}
-
 fn to(pool: Storage) -> MoveStorageRequest {
     MoveStorageRequest { to: pool }
 }
@@ -47,7 +36,7 @@ fn conflict(e: ClientError, want: &str) -> String {
 #[tokio::test]
 async fn a_running_guest_moves_to_the_shared_pool_and_back_and_the_new_pool_is_recorded() {
     let mut dc = Dc::start(2).await;
-    let id = guest_on(&dc, "mover", "host-1").await;
+    let id = dc.running_guest_on("mover", "host-1").await;
     let before = dc.admin.get_guest("mover").await.unwrap().guest;
     assert_eq!(before.spec.storage, Storage::Local);
 
@@ -94,7 +83,7 @@ async fn a_running_guest_moves_to_the_shared_pool_and_back_and_the_new_pool_is_r
 #[tokio::test]
 async fn refused_moves_change_nothing_and_say_why() {
     let mut dc = Dc::start(1).await;
-    let id = guest_on(&dc, "keep", "host-1").await;
+    let id = dc.running_guest_on("keep", "host-1").await;
     let before = dc.admin.get_guest("keep").await.unwrap().guest;
 
     // To the pool it is on.
@@ -114,7 +103,7 @@ async fn refused_moves_change_nothing_and_say_why() {
     // A host without a shared pool.
     dc.add_agent_without_pool("host-2", SimConfig::default()).await;
     dc.wait_hosts_up(2).await;
-    guest_on(&dc, "island", "host-2").await;
+    dc.running_guest_on("island", "host-2").await;
     dc.eventually("host-2 reports its pools", || async {
         let pools = dc.admin.list_pools().await.ok()?;
         pools.iter().any(|p| p.name == "local@host-2").then_some(())
@@ -146,7 +135,7 @@ async fn a_move_and_a_migration_never_overlap() {
     dc.add_agent("host-1", slow.clone()).await;
     dc.add_agent("host-2", slow).await;
     dc.wait_hosts_up(2).await;
-    guest_on(&dc, "busy", "host-1").await;
+    dc.running_guest_on("busy", "host-1").await;
 
     let acc = dc.admin.move_storage("busy", &to(Storage::Shared)).await.unwrap();
     let e = dc
@@ -174,7 +163,7 @@ async fn a_move_and_a_migration_never_overlap() {
 #[tokio::test]
 async fn a_failed_move_leaves_the_spec_and_the_host_as_they_were() {
     let mut dc = Dc::start(1).await;
-    let id = guest_on(&dc, "stuck", "host-1").await;
+    let id = dc.running_guest_on("stuck", "host-1").await;
     let before = dc.admin.get_guest("stuck").await.unwrap().guest;
     dc.agents[0].sim.fail_next(SimOp::MoveStorage, "the pool went read-only");
     let acc = dc.admin.move_storage("stuck", &to(Storage::Shared)).await.unwrap();
@@ -202,7 +191,7 @@ async fn a_manager_restarted_mid_move_asks_the_host_again_and_records_it() {
     let mut dc = Dc::start_with(dir, config, 0).await;
     dc.add_agent("host-1", SimConfig { snapshot_delay: Duration::from_millis(1500), ..SimConfig::default() }).await;
     dc.wait_hosts_up(1).await;
-    let id = guest_on(&dc, "orphan", "host-1").await;
+    let id = dc.running_guest_on("orphan", "host-1").await;
     let acc = dc.admin.move_storage("orphan", &to(Storage::Shared)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     dc.restart_manager().await;

@@ -884,26 +884,26 @@ async fn check_base_image(qemu_img: &Path, base: &Path) -> Result<ByteSize, Qemu
     }
 }
 
-/// Creates a qcow2 image of `size` at `path`, replacing any file there:
-/// empty, or an overlay of the qcow2 image `backing` (`size` is then given
-/// only when it is larger than the base's `backing.1`). Created beside and
-/// renamed, so an interrupted create never leaves a half-made disk that
-/// looks finished.
-async fn create_qcow2(
+/// `qemu-img create -q -f FORMAT [-b BASE -F BASE_FORMAT] TMP [SIZE]` into
+/// a sibling of `path`, renamed into place once made: an interrupted create
+/// never leaves a half-made disk that looks finished. `size` is left out
+/// for an overlay that keeps its base's size.
+async fn qemu_img_create(
     qemu_img: &Path,
     path: &Path,
-    size: ByteSize,
-    backing: Option<(&Path, ByteSize)>,
+    format: &str,
+    backing: Option<(&Path, &str)>,
+    size: Option<ByteSize>,
 ) -> Result<(), QemuError> {
-    let tmp = path.with_extension("qcow2.tmp");
+    let tmp = path.with_extension(format!("{format}.tmp"));
     let program = || qemu_img.to_string_lossy().into_owned();
     let mut command = tokio::process::Command::new(qemu_img);
-    command.args(["create", "-q", "-f", "qcow2"]);
-    if let Some((base, _)) = backing {
-        command.arg("-b").arg(base).args(["-F", "qcow2"]);
+    command.args(["create", "-q", "-f", format]);
+    if let Some((base, base_format)) = backing {
+        command.arg("-b").arg(base).args(["-F", base_format]);
     }
     command.arg(&tmp);
-    if backing.is_none_or(|(_, base_size)| size > base_size) {
+    if let Some(size) = size {
         command.arg(size.bytes().to_string());
     }
     let output = command
@@ -914,14 +914,32 @@ async fn create_qcow2(
     if !output.status.success() {
         // qemu-img may have left part of the image.
         let _ = std::fs::remove_file(&tmp);
+        let what = match (backing, size) {
+            (Some((base, _)), _) => format!("create of overlay {} over {}", tmp.display(), base.display()),
+            (None, Some(size)) => format!("create of {format} {} ({size})", tmp.display()),
+            (None, None) => format!("create of {format} {}", tmp.display()),
+        };
         return Err(QemuError::CommandFailed {
             program: program(),
-            what: format!("create of {} ({size})", tmp.display()),
+            what,
             status: output.status,
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
     }
     std::fs::rename(&tmp, path).map_err(|e| QemuError::io("renaming into place", path, e))
+}
+
+/// Creates a qcow2 image of `size` at `path`, replacing any file there:
+/// empty, or an overlay of the qcow2 image `backing` (`size` is then given
+/// only when it is larger than the base's `backing.1`).
+async fn create_qcow2(
+    qemu_img: &Path,
+    path: &Path,
+    size: ByteSize,
+    backing: Option<(&Path, ByteSize)>,
+) -> Result<(), QemuError> {
+    let grow = backing.is_none_or(|(_, base_size)| size > base_size);
+    qemu_img_create(qemu_img, path, "qcow2", backing.map(|(base, _)| (base, "qcow2")), grow.then_some(size)).await
 }
 
 /// Creates a qcow2 overlay at `path` over the disk file `base` of `of`
@@ -933,31 +951,8 @@ async fn create_overlay(
     base: &Path,
     of: &drove_model::DiskSpec,
 ) -> Result<(), QemuError> {
-    if of.format.is_qcow2() {
-        return create_qcow2(qemu_img, path, size, Some((base, of.size))).await;
-    }
-    let tmp = path.with_extension("qcow2.tmp");
-    let program = || qemu_img.to_string_lossy().into_owned();
-    let mut command = tokio::process::Command::new(qemu_img);
-    command.args(["create", "-q", "-f", "qcow2", "-F", of.format.as_str(), "-b"]).arg(base).arg(&tmp);
-    if size > of.size {
-        command.arg(size.bytes().to_string());
-    }
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| QemuError::Spawn { program: program(), source })?;
-    if !output.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(QemuError::CommandFailed {
-            program: program(),
-            what: format!("create of overlay {} over {}", tmp.display(), base.display()),
-            status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    std::fs::rename(&tmp, path).map_err(|e| QemuError::io("renaming into place", path, e))
+    let grow = (size > of.size).then_some(size);
+    qemu_img_create(qemu_img, path, "qcow2", Some((base, of.format.as_str())), grow).await
 }
 
 /// Creates the file of a disk of `format` (qcow2 or raw) at `path`. A raw
@@ -972,28 +967,7 @@ async fn create_disk_file(
 ) -> Result<(), QemuError> {
     match format {
         DiskFormat::Qcow2 => create_qcow2(qemu_img, path, size, backing).await,
-        DiskFormat::Raw | DiskFormat::Block => {
-            let tmp = path.with_extension("raw.tmp");
-            let program = || qemu_img.to_string_lossy().into_owned();
-            let output = tokio::process::Command::new(qemu_img)
-                .args(["create", "-q", "-f", "raw"])
-                .arg(&tmp)
-                .arg(size.bytes().to_string())
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .map_err(|source| QemuError::Spawn { program: program(), source })?;
-            if !output.status.success() {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(QemuError::CommandFailed {
-                    program: program(),
-                    what: format!("create of raw {} ({size})", tmp.display()),
-                    status: output.status,
-                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                });
-            }
-            std::fs::rename(&tmp, path).map_err(|e| QemuError::io("renaming into place", path, e))
-        }
+        DiskFormat::Raw | DiskFormat::Block => qemu_img_create(qemu_img, path, "raw", None, Some(size)).await,
     }
 }
 

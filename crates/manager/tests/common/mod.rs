@@ -181,6 +181,18 @@ impl Dc {
         self.agents[i] = self.start_agent(&name, &sim);
     }
 
+    /// A running guest with a 1 GiB disk, placed on `host`.
+    pub async fn running_guest_on(&self, name: &str, host: &str) -> drove_model::GuestId {
+        let req = drove_api::CreateGuestRequest {
+            disks: vec![drove_model::ByteSize::gib(1).into()],
+            host: Some(host.into()),
+            ..drove_api::CreateGuestRequest::new(name, 1, drove_model::ByteSize::mib(256))
+        };
+        let acc = self.admin.create_guest(&req).await.unwrap();
+        self.wait_succeeded(&acc.operation).await;
+        acc.guest
+    }
+
     pub async fn wait_hosts_up(&self, n: usize) {
         self.eventually("hosts up", || async {
             let hosts = self.admin.list_hosts().await.ok()?;
