@@ -65,7 +65,7 @@ use serde_json::json;
 use super::cgroup::{self, CgroupError, GuestCgroup, Hierarchy, Removal};
 use super::error::QemuError;
 use super::guest_dir::GuestDir;
-use super::{QemuHypervisor, Slot, backend, cmdline, tc};
+use super::{QemuHypervisor, Slot, backend, cmdline, process, tc};
 use crate::{GuestConfig, HvError};
 
 /// How long a cgroup may keep its tasks after its QEMU is gone (the kernel
@@ -158,23 +158,46 @@ impl Applied {
 /// [`CGROUP_EMPTY_TIMEOUT`] is an error. Both are attempted; the first
 /// failure is returned.
 pub(super) async fn release(dir: &GuestDir) -> Result<(), QemuError> {
-    release_within(dir, CGROUP_EMPTY_TIMEOUT).await
+    release_within(dir, Wait::For(CGROUP_EMPTY_TIMEOUT)).await
 }
 
-async fn release_within(dir: &GuestDir, timeout: Duration) -> Result<(), QemuError> {
-    let cgroup = remove_cgroup(dir, timeout).await;
+async fn release_within(dir: &GuestDir, wait: Wait) -> Result<(), QemuError> {
+    let cgroup = remove_cgroup(dir, wait).await;
     let nics = clear_nics(dir.id()).await;
     cgroup.and(nics)
 }
 
-async fn remove_cgroup(dir: &GuestDir, timeout: Duration) -> Result<(), QemuError> {
+/// How long to wait for a guest's cgroup to empty.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Up to this long, whatever holds it.
+    For(Duration),
+    /// Only while what it holds is exiting. A killed QEMU's leader is a
+    /// zombie (and no longer "alive") while its other threads still run
+    /// their exit, and the kernel refuses the rmdir until the last one is
+    /// done: that takes milliseconds. A live task in it joined it from
+    /// elsewhere and is not waited for.
+    WhileExiting,
+}
+
+async fn remove_cgroup(dir: &GuestDir, wait: Wait) -> Result<(), QemuError> {
     let Some(hierarchy) = Hierarchy::detect()? else { return Ok(()) };
     let cgroup = hierarchy.named(dir.cgroup_name());
+    let timeout = match wait {
+        Wait::For(t) => t,
+        Wait::WhileExiting => CGROUP_EMPTY_TIMEOUT,
+    };
     let deadline = Instant::now() + timeout;
     loop {
         match cgroup.remove()? {
             Removal::Gone => return Ok(()),
             Removal::Busy(path) if Instant::now() >= deadline => {
+                return Err(CgroupError::Busy { path }.into());
+            }
+            Removal::Busy(path)
+                if matches!(wait, Wait::WhileExiting)
+                    && cgroup.pids().unwrap_or_default().into_iter().any(process::is_alive) =>
+            {
                 return Err(CgroupError::Busy { path }.into());
             }
             Removal::Busy(_) => tokio::time::sleep(CGROUP_EMPTY_POLL).await,
@@ -202,10 +225,11 @@ pub(super) async fn release_or_log(dir: &GuestDir) {
 }
 
 /// [`release_or_log`] for a guest whose QEMU is long gone, on the way of
-/// `status`: a cgroup still busy then is not waited for (something else
-/// joined it), so that `status` and `list` never stall on it.
+/// `status`: it waits only while the cgroup holds exiting tasks (the
+/// QEMU's last threads), not for live ones (something else joined it), so
+/// that `status` and `list` never stall on it.
 pub(super) async fn release_leftovers(dir: &GuestDir) {
-    if let Err(e) = release_within(dir, Duration::ZERO).await {
+    if let Err(e) = release_within(dir, Wait::WhileExiting).await {
         tracing::warn!(guest = %dir.id(), error = %e, "cannot release the guest's cgroup or NIC limits");
     }
 }
