@@ -143,10 +143,16 @@ pub enum Property {
     /// it while it runs is `CloneSource`; a block disk whose path is not
     /// under /dev is `DiskKind` and defines nothing.
     DiskKindsRefuseWhatTheyCannotDo,
+    /// `usage` of a guest with a process (Running, Paused) names that
+    /// process (the pid `status` reports), has some resident memory, and
+    /// its counters never go back while the process lives; a restart is a
+    /// new incarnation (so no rate is taken across it). A Stopped guest is
+    /// InvalidState, an unknown one NotFound.
+    UsageIsCountedPerIncarnation,
 }
 
 impl Property {
-    pub const ALL: [Property; 21] = [
+    pub const ALL: [Property; 22] = [
         Property::ResourcesAreReported,
         Property::CreateLeavesGuestStopped,
         Property::CreateIsIdempotent,
@@ -168,6 +174,7 @@ impl Property {
         Property::ClonesAreRefusedWithoutEffect,
         Property::LimitsChangeInAnyStateAndRefusalsNameTheField,
         Property::DiskKindsRefuseWhatTheyCannotDo,
+        Property::UsageIsCountedPerIncarnation,
     ];
 
     /// The snake-case name, as in test names.
@@ -196,6 +203,7 @@ impl Property {
                 "limits_change_in_any_state_and_refusals_name_the_field"
             }
             Property::DiskKindsRefuseWhatTheyCannotDo => "disk_kinds_refuse_what_they_cannot_do",
+            Property::UsageIsCountedPerIncarnation => "usage_is_counted_per_incarnation",
         }
     }
 
@@ -262,6 +270,7 @@ impl Property {
                 limits_change_in_any_state_and_refusals_name_the_field(cx).await
             }
             Property::DiskKindsRefuseWhatTheyCannotDo => disk_kinds_refuse_what_they_cannot_do(cx).await,
+            Property::UsageIsCountedPerIncarnation => usage_is_counted_per_incarnation(cx).await,
         }
     }
 }
@@ -395,6 +404,7 @@ macro_rules! conformance_tests {
             clones_are_refused_without_effect => ClonesAreRefusedWithoutEffect,
             limits_change_in_any_state_and_refusals_name_the_field => LimitsChangeInAnyStateAndRefusalsNameTheField,
             disk_kinds_refuse_what_they_cannot_do => DiskKindsRefuseWhatTheyCannotDo,
+            usage_is_counted_per_incarnation => UsageIsCountedPerIncarnation,
         );
     };
     (@module $module:ident ($hv:expr) ($template:expr) ($options:expr)
@@ -794,6 +804,62 @@ where
     cx.resume(g.id).await?;
     let resumed = cx.expect(g.id, RuntimeState::Running, g.generation, "resume").await?;
     same_incarnation(&running, &resumed, "pause and resume")
+}
+
+async fn usage_is_counted_per_incarnation<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let g = cx.stopped().await?;
+    let stopped = cx.call(format!("usage({})", g.id), cx.hv.usage(g.id)).await?;
+    ensure!(
+        matches!(stopped, Err(HvError::InvalidState { id, .. }) if id == g.id),
+        "usage of a Stopped guest gave {}, not InvalidState naming it",
+        describe(&stopped)
+    );
+    let unknown = GuestId::new_v4();
+    let missing = cx.call(format!("usage({unknown})"), cx.hv.usage(unknown)).await?;
+    ensure!(
+        matches!(missing, Err(HvError::NotFound { id }) if id == unknown),
+        "usage of an unknown guest gave {}, not NotFound naming it",
+        describe(&missing)
+    );
+    cx.start(g.id).await?;
+    let running = cx.expect(g.id, RuntimeState::Running, g.generation, "start").await?;
+    let first = cx.ok(format!("usage({})", g.id), cx.hv.usage(g.id)).await?;
+    ensure!(Some(first.pid) == running.pid, "usage names pid {} but status says {:?}", first.pid, running.pid);
+    ensure!(first.memory_bytes > 0, "a running guest has no resident memory: {first:?}");
+    cx.pause(g.id).await?;
+    let paused = cx.ok(format!("usage({}) while paused", g.id), cx.hv.usage(g.id)).await?;
+    cx.resume(g.id).await?;
+    let later = cx.ok(format!("usage({}) after resume", g.id), cx.hv.usage(g.id)).await?;
+    for (before, after, when) in [(&first, &paused, "pause"), (&paused, &later, "resume")] {
+        ensure!(
+            (after.pid, after.started) == (before.pid, before.started),
+            "the same process reads as another incarnation across {when}: {before:?} then {after:?}"
+        );
+        ensure!(
+            after.cpu_ns >= before.cpu_ns
+                && after.net_rx_bytes >= before.net_rx_bytes
+                && after.net_tx_bytes >= before.net_tx_bytes
+                && after.disk_read_bytes >= before.disk_read_bytes
+                && after.disk_written_bytes >= before.disk_written_bytes,
+            "a counter went back across {when}: {before:?} then {after:?}"
+        );
+    }
+    cx.stop(g.id, StopMode::Force).await?;
+    cx.start(g.id).await?;
+    let again = cx.ok(format!("usage({}) after a restart", g.id), cx.hv.usage(g.id)).await?;
+    ensure!(
+        (again.pid, again.started) != (later.pid, later.started),
+        "a restarted guest reads as the same incarnation: {later:?} then {again:?}"
+    );
+    ensure!(
+        again.rate_since(&later, Duration::from_secs(1)).is_none(),
+        "a rate was taken across a restart: {later:?} then {again:?}"
+    );
+    Ok(())
 }
 
 async fn stop_gracefully<H, F>(cx: &mut Cx<'_, H, F>) -> Check

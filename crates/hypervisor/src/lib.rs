@@ -40,6 +40,10 @@
 //! interrupted clone leaves no disk behind that a later `create` would take
 //! for finished.
 //!
+//! Measured load: [`Hypervisor::usage`] reads a guest's cumulative CPU,
+//! memory, network and disk counters; the agent turns two readings into
+//! rates ([`GuestUsage::rate_since`]).
+//!
 //! Storage: [`Hypervisor::move_storage`] moves a guest's disks between
 //! the host's local pool and the shared pool, live while it runs
 //! (defaults to [`HvError::Unsupported`]).
@@ -161,6 +165,59 @@ pub enum HvError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// A guest's cumulative resource counters ([`Hypervisor::usage`]), counted
+/// since its VMM process started.
+///
+/// Counters only grow within one process. `pid` and `started` together name
+/// that process: when either differs between two readings, the guest was
+/// restarted in between and the counters began again, so no rate can be
+/// taken across them ([`GuestUsage::rate_since`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestUsage {
+    /// The VMM's process id.
+    pub pid: u32,
+    /// When that process started, in a unit of the backend's own (QEMU:
+    /// clock ticks since the host booted, from `/proc/<pid>/stat`); only
+    /// compared for equality.
+    pub started: u64,
+    /// CPU time the VMM used, all its threads, nanoseconds.
+    pub cpu_ns: u64,
+    /// Its resident memory now, bytes (not a counter).
+    pub memory_bytes: u64,
+    /// Bytes the guest received on its NICs.
+    pub net_rx_bytes: u64,
+    /// Bytes the guest sent on its NICs.
+    pub net_tx_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_written_bytes: u64,
+}
+
+impl GuestUsage {
+    /// Rates over the time from `before` to `self`, `elapsed` apart (as the
+    /// caller measured it, on a monotonic clock). `None` when there is no
+    /// honest rate: another process (a restart), a counter that went back
+    /// (a NIC's tap recreated, a disk's counters reset by a block job), or
+    /// no time between the readings.
+    pub fn rate_since(&self, before: &GuestUsage, elapsed: Duration) -> Option<drove_model::LoadSample> {
+        if (self.pid, self.started) != (before.pid, before.started) || elapsed.is_zero() {
+            return None;
+        }
+        let secs = elapsed.as_secs_f64();
+        let delta = |now: u64, then: u64| now.checked_sub(then).map(|d| d as f64);
+        let mbps = |now, then| delta(now, then).map(|b| b * 8.0 / 1e6 / secs);
+        Some(drove_model::LoadSample {
+            interval_ms: elapsed.as_millis().max(1).min(u128::from(u64::MAX)) as u64,
+            // ns per s of wall time = cores; ×1000 = milli-cores.
+            cpu_millicores: delta(self.cpu_ns, before.cpu_ns)? / 1e6 / secs,
+            memory_mib: self.memory_bytes as f64 / (1024.0 * 1024.0),
+            net_rx_mbps: mbps(self.net_rx_bytes, before.net_rx_bytes)?,
+            net_tx_mbps: mbps(self.net_tx_bytes, before.net_tx_bytes)?,
+            disk_read_mbps: mbps(self.disk_read_bytes, before.disk_read_bytes)?,
+            disk_write_mbps: mbps(self.disk_written_bytes, before.disk_written_bytes)?,
+        })
+    }
 }
 
 /// A command to run inside a guest, through its guest agent.
@@ -446,6 +503,16 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     /// restart.
     async fn list(&self) -> Result<Vec<GuestStatus>, HvError>;
 
+    /// The cumulative counters of a guest with a process (Running, Paused;
+    /// `InvalidState` for one without, `NotFound` for an unknown one). Cheap
+    /// enough to ask every heartbeat, and never waits for an operation on
+    /// the guest to end: a backend that cannot read a counter without
+    /// waiting fails instead, and the caller asks again later.
+    async fn usage(&self, id: GuestId) -> Result<GuestUsage, HvError> {
+        let _ = id;
+        Err(HvError::Unsupported { op: "usage", backend: self.kind(), reason: "no usage counters".into() })
+    }
+
     /// The last `max_bytes` of the guest's serial console output, across
     /// its boots.
     async fn console_log(&self, id: GuestId, max_bytes: u64) -> Result<Vec<u8>, HvError> {
@@ -625,4 +692,52 @@ pub async fn tail_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<
     let mut buf = Vec::with_capacity(len.min(max) as usize);
     f.take(max).read_to_end(&mut buf).await?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    fn reading(pid: u32, started: u64, cpu_s: u64, net: u64, disk: u64) -> GuestUsage {
+        GuestUsage {
+            pid,
+            started,
+            cpu_ns: cpu_s * 1_000_000_000,
+            memory_bytes: 512 * 1024 * 1024,
+            net_rx_bytes: net,
+            net_tx_bytes: net / 2,
+            disk_read_bytes: disk,
+            disk_written_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn rates_are_per_second_in_the_models_units() {
+        let before = reading(7, 100, 10, 0, 0);
+        // 5 CPU-seconds, 12.5 MB in, 25 MB read, in 10 s.
+        let after = reading(7, 100, 15, 12_500_000, 25_000_000);
+        let r = after.rate_since(&before, Duration::from_secs(10)).expect("a rate");
+        assert_eq!(r.interval_ms, 10_000);
+        assert!((r.cpu_millicores - 500.0).abs() < 1e-9, "{r:?}");
+        assert!((r.memory_mib - 512.0).abs() < 1e-9, "{r:?}");
+        assert!((r.net_rx_mbps - 10.0).abs() < 1e-9, "{r:?}");
+        assert!((r.net_tx_mbps - 5.0).abs() < 1e-9, "{r:?}");
+        assert!((r.disk_read_mbps - 20.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(r.disk_write_mbps, 0.0);
+    }
+
+    #[test]
+    fn no_rate_across_another_process_or_a_counter_that_went_back() {
+        let before = reading(7, 100, 10, 1000, 1000);
+        let dt = Duration::from_secs(1);
+        // Same pid, another start: the pid was reused by a new QEMU.
+        assert!(reading(7, 101, 11, 1000, 1000).rate_since(&before, dt).is_none());
+        assert!(reading(8, 100, 11, 1000, 1000).rate_since(&before, dt).is_none());
+        // Counters that restarted within what looks like one process.
+        assert!(reading(7, 100, 9, 1000, 1000).rate_since(&before, dt).is_none());
+        assert!(reading(7, 100, 11, 10, 1000).rate_since(&before, dt).is_none());
+        assert!(reading(7, 100, 11, 1000, 10).rate_since(&before, dt).is_none());
+        assert!(reading(7, 100, 11, 1000, 1000).rate_since(&before, Duration::ZERO).is_none());
+        assert!(reading(7, 100, 11, 1000, 1000).rate_since(&before, dt).is_some());
+    }
 }

@@ -58,6 +58,15 @@
 //! rules as QEMU's ([`crate::check_clone`]) and gets the source's disk
 //! sizes; there are no contents to copy, and it has no snapshots.
 //!
+//! [`Hypervisor::usage`] gives counters that grow as a guest of this spec
+//! would: CPU at its `load_profile`'s fraction of the current UTC hour
+//! (without one, [`SIM_DEFAULT_CPU_FRACTION`]) of its vCPUs while it runs,
+//! none while paused; resident memory its whole memory; no network or disk
+//! traffic. [`SimHypervisor::set_load`] gives a guest other rates. They are
+//! a deterministic function of the time elapsed, so that the manager's
+//! learned profiles in tests and scale runs match what the guests were
+//! told to do. Counters start afresh with each incarnation (pid).
+//!
 //! The simulator does not enforce capacity: like QEMU it lets memory and
 //! vCPUs be overcommitted; keeping hosts within their means is the job of
 //! admission control and placement.
@@ -235,6 +244,34 @@ pub struct InjectedFault {
     pub message: String,
 }
 
+/// The share of its vCPUs a simulated guest without a load profile keeps
+/// busy: the share the manager plans such a guest at, so that measuring
+/// it changes no plan.
+pub const SIM_DEFAULT_CPU_FRACTION: f32 = 0.25;
+
+/// What a simulated guest uses, set with [`SimHypervisor::set_load`]
+/// instead of what its spec implies.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SimLoad {
+    /// Share of its vCPUs busy, 0.0..=1.0.
+    pub cpu_fraction: f32,
+    /// Traffic each way on its NICs, Mbit/s.
+    pub net_mbps: f64,
+    /// Disk reads and writes each, Mbit/s.
+    pub disk_mbps: f64,
+}
+
+/// The counters of one simulated incarnation (not saved: a reloaded table
+/// starts them again, as a re-adopted QEMU's would continue).
+#[derive(Debug, Clone, Copy)]
+struct SimCounters {
+    started: u64,
+    at: std::time::Instant,
+    cpu_ns: f64,
+    net_bytes: f64,
+    disk_bytes: f64,
+}
+
 /// The commands a simulated guest runs, by name or as `/bin/NAME` or
 /// `/usr/bin/NAME`.
 pub const SIM_COMMANDS: &str = "echo ARGS, true, false and cat (without arguments)";
@@ -344,6 +381,10 @@ struct Inner {
     faults: [VecDeque<Fault>; SimOp::ALL.len()],
     /// When each guest process was first asked whether its OS is up.
     asked_ready: HashMap<u32, std::time::Instant>,
+    /// Usage counters per guest process.
+    counters: HashMap<u32, SimCounters>,
+    /// Loads set by [`SimHypervisor::set_load`].
+    loads: HashMap<GuestId, SimLoad>,
 }
 
 /// One guest as the simulator holds it (and saves it).
@@ -669,6 +710,12 @@ impl SimHypervisor {
         Ok(())
     }
 
+    /// Makes guest `id` use `load` from now on (until it is destroyed),
+    /// instead of what its spec implies.
+    pub fn set_load(&self, id: GuestId, load: SimLoad) {
+        self.lock().loads.insert(id, load);
+    }
+
     /// Makes the next call of `op` fail with `message` before it does
     /// anything. Faults queue: calling this twice fails the next two calls.
     /// The error is `HvError::Backend` (or `HvError::Host` for `resources`
@@ -861,6 +908,7 @@ impl SimHypervisor {
         };
         wait(delay).await;
         let mut inner = self.lock();
+        inner.loads.remove(&id);
         if inner.guests.remove(&id).is_some() {
             tracing::debug!(guest = %id, "sim: destroyed guest");
             self.save(&inner, "destroy")?;
@@ -1305,6 +1353,56 @@ impl Hypervisor for SimHypervisor {
         // The guest may have gone while the command "ran".
         self.running(id, "exec")?;
         Ok(result)
+    }
+
+    async fn usage(&self, id: GuestId) -> Result<crate::GuestUsage, HvError> {
+        let now = std::time::Instant::now();
+        let hour = ((unix_us() / 3_600_000_000) % 24) as usize;
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let guest = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
+        let Some(pid) = guest.pid else { return Err(HvError::InvalidState { id, op: "usage", state: guest.state }) };
+        let spec = &guest.config.spec;
+        let load = inner.loads.get(&id).copied().unwrap_or_else(|| SimLoad {
+            cpu_fraction: spec
+                .load_profile
+                .as_ref()
+                .and_then(|p| p.hourly_cpu.get(hour).copied())
+                .unwrap_or(SIM_DEFAULT_CPU_FRACTION),
+            ..SimLoad::default()
+        });
+        let running = guest.state == RuntimeState::Running;
+        let vcpus = f64::from(spec.vcpus);
+        let memory_bytes = spec.memory.bytes();
+        // Incarnations that ended have no more readers.
+        let live: std::collections::HashSet<u32> = inner.guests.values().filter_map(|g| g.pid).collect();
+        inner.counters.retain(|p, _| live.contains(p));
+        let c = inner.counters.entry(pid).or_insert(SimCounters {
+            started: unix_us(),
+            at: now,
+            cpu_ns: 0.0,
+            net_bytes: 0.0,
+            disk_bytes: 0.0,
+        });
+        // The rates of this moment stand for the time since the last
+        // reading: readings come every few seconds, hours change rarely.
+        let secs = now.duration_since(c.at).as_secs_f64();
+        c.at = now;
+        if running {
+            c.cpu_ns += secs * vcpus * f64::from(load.cpu_fraction.clamp(0.0, 1.0)) * 1e9;
+            c.net_bytes += secs * load.net_mbps.max(0.0) * 1e6 / 8.0;
+            c.disk_bytes += secs * load.disk_mbps.max(0.0) * 1e6 / 8.0;
+        }
+        Ok(crate::GuestUsage {
+            pid,
+            started: c.started,
+            cpu_ns: c.cpu_ns as u64,
+            memory_bytes,
+            net_rx_bytes: c.net_bytes as u64,
+            net_tx_bytes: c.net_bytes as u64,
+            disk_read_bytes: c.disk_bytes as u64,
+            disk_written_bytes: c.disk_bytes as u64,
+        })
     }
 
     /// `lo` with its loopback addresses, then `eth0`, `eth1`, ... for the

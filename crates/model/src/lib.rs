@@ -10,6 +10,7 @@ pub mod guest;
 pub mod host;
 pub mod id;
 pub mod image;
+pub mod load;
 pub mod migration;
 pub mod operation;
 pub mod snapshot;
@@ -22,6 +23,7 @@ pub use guest::{
 };
 pub use host::{HostInfo, HostState, HypervisorKind, Lease};
 pub use id::{GuestId, HostId, OperationId, SnapshotId, TypedId};
+pub use load::{LoadSample, LoadSlot, MeasuredLoad};
 pub use operation::{Operation, OperationKind, OperationState};
 pub use snapshot::{RestoreOutcome, Snapshot, SnapshotKind, SnapshotState};
 pub use units::ByteSize;

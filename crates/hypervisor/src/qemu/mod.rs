@@ -103,6 +103,11 @@
 //! under a running guest (a block mirror, then a switch); `storage.rs`
 //! explains how, and where the commit point is.
 //!
+//! # Usage counters
+//!
+//! CPU, memory, NIC and disk counters per guest, from its cgroup, `/proc`,
+//! its taps and QMP; `usage.rs` lists the sources.
+//!
 //! # The guest agent
 //!
 //! Every guest has a virtio-serial channel for a QEMU guest agent
@@ -126,6 +131,7 @@ pub mod qmp;
 mod snapshot;
 mod storage;
 pub mod tc;
+mod usage;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -1298,6 +1304,10 @@ impl Hypervisor for QemuHypervisor {
 
     async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<crate::GuestInterface>, HvError> {
         self.agent_interfaces(id).await
+    }
+
+    async fn usage(&self, id: GuestId) -> Result<crate::GuestUsage, HvError> {
+        self.guest_usage(id).await
     }
 
     async fn guest_ready(&self, id: GuestId) -> Result<bool, HvError> {
