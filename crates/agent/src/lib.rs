@@ -8,6 +8,12 @@
 //! an agent or manager restart the same loop simply carries on. A deleted
 //! guest is reported back as destroyed only after the hypervisor removed it.
 //!
+//! Each heartbeat also reports what each guest with a process used since
+//! the agent last sampled it (at most every `usage_every`): rates taken
+//! from two readings of its cumulative counters ([`Hypervisor::usage`]) of
+//! the same process. A first reading, and the first after a restart, gives
+//! none; the manager learns each guest's daily load profile from the rest.
+//!
 //! Each answered heartbeat renews the host's lease with the manager. An
 //! agent whose lease ran out and that cannot reach any of its isolation
 //! addresses is cut off: the manager will restart its guests elsewhere, so
@@ -33,8 +39,8 @@ use drove_api::{
     MigrateCall, ObservedGuest, ObservedState, RegisterRequest,
 };
 use drove_client::{Client, ClientError};
-use drove_hypervisor::{GuestConfig, GuestStatus, HvError, Hypervisor, RuntimeState, StopMode};
-use drove_model::{GuestId, GuestSpec, HostId, NicSpec, ResourceLimits, RestartPolicy};
+use drove_hypervisor::{GuestConfig, GuestStatus, GuestUsage, HvError, Hypervisor, RuntimeState, StopMode};
+use drove_model::{GuestId, GuestSpec, HostId, LoadSample, NicSpec, ResourceLimits, RestartPolicy};
 use drove_net::{HostNetwork, NetError, NicAttachment, NoNetwork};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -63,6 +69,9 @@ pub struct AgentConfig {
     /// manager (a TCP connect that is answered, even refused, counts).
     /// Empty: the manager's own address.
     pub isolation_addresses: Vec<std::net::SocketAddr>,
+    /// How often each guest's resource use is sampled (at most once per
+    /// heartbeat): the interval its reported rates average over.
+    pub usage_every: Duration,
 }
 
 impl AgentConfig {
@@ -78,6 +87,7 @@ impl AgentConfig {
             uplink_bps: None,
             migration_address: None,
             isolation_addresses: Vec::new(),
+            usage_every: Duration::from_secs(10),
         }
     }
 }
@@ -160,6 +170,35 @@ pub struct Agent {
     actions: Mutex<HashMap<GuestId, JoinHandle<()>>>,
     lease: Mutex<Lease>,
     ready: Mutex<Readiness>,
+    sampler: Mutex<Sampler>,
+}
+
+/// The last reading of each guest's counters, that the next one takes its
+/// rates from.
+#[derive(Debug, Default)]
+struct Sampler {
+    last: HashMap<GuestId, (GuestUsage, Instant)>,
+}
+
+impl Sampler {
+    /// Whether guest `id` is due for a reading at `now`.
+    fn due(&self, id: GuestId, now: Instant, every: Duration) -> bool {
+        self.last.get(&id).is_none_or(|(_, at)| now.saturating_duration_since(*at) >= every)
+    }
+
+    /// Keeps `reading`, made at `at`, and returns the rates since the
+    /// previous reading if that was of the same process (see
+    /// [`GuestUsage::rate_since`]). Either way `reading` is the base of the
+    /// next rate.
+    fn take(&mut self, id: GuestId, reading: GuestUsage, at: Instant) -> Option<LoadSample> {
+        let (before, then) = self.last.insert(id, (reading, at))?;
+        reading.rate_since(&before, at.saturating_duration_since(then))
+    }
+
+    /// Forgets guests that have no process any more.
+    fn keep(&mut self, live: &HashSet<GuestId>) {
+        self.last.retain(|id, _| live.contains(id));
+    }
 }
 
 /// What the agent knows of its guests' OSes.
@@ -177,6 +216,7 @@ fn to_observed(s: &GuestStatus) -> ObservedGuest {
         id: s.id,
         generation: s.generation,
         ready: false,
+        load: None,
         state: match s.state {
             RuntimeState::Stopped => ObservedState::Stopped,
             RuntimeState::Running => ObservedState::Running,
@@ -229,6 +269,7 @@ impl Agent {
             actions: Mutex::new(HashMap::new()),
             lease: Mutex::new(Lease::default()),
             ready: Mutex::new(Default::default()),
+            sampler: Mutex::new(Sampler::default()),
         })
     }
 
@@ -469,9 +510,13 @@ impl Agent {
             let present: HashSet<GuestId> = statuses.iter().map(|s| s.id).collect();
             self.ready.lock().unwrap_or_else(|p| p.into_inner()).up.retain(|id, _| present.contains(id));
         }
+        let mut loads = self.sample_usage(&statuses).await;
         let req = HeartbeatRequest {
             host_id,
-            guests: statuses.iter().map(|s| ObservedGuest { ready: self.ready(s), ..to_observed(s) }).collect(),
+            guests: statuses
+                .iter()
+                .map(|s| ObservedGuest { ready: self.ready(s), load: loads.remove(&s.id), ..to_observed(s) })
+                .collect(),
             failures: failures.clone(),
             restarted: restarted.clone(),
             destroyed: destroyed.clone(),
@@ -563,6 +608,37 @@ impl Agent {
             actions.insert(d.id, tokio::spawn(async move { me.act(d, action).await }));
         }
         Ok(req.wait_ms.is_some() && actions.is_empty())
+    }
+
+    /// Reads the counters of each guest with a process that is due, and
+    /// returns the rates of those with an earlier reading of the same
+    /// process. A guest whose reading fails (its process just went, an
+    /// operation holds it) has no rate this time; the next reading covers
+    /// the gap.
+    async fn sample_usage(&self, statuses: &[GuestStatus]) -> HashMap<GuestId, LoadSample> {
+        let live: HashSet<GuestId> = statuses.iter().filter(|s| s.pid.is_some()).map(|s| s.id).collect();
+        let every = self.config.usage_every;
+        let due: Vec<GuestId> = {
+            let mut sampler = self.sampler.lock().unwrap_or_else(|p| p.into_inner());
+            sampler.keep(&live);
+            let now = Instant::now();
+            live.iter().copied().filter(|id| sampler.due(*id, now, every)).collect()
+        };
+        let mut rates = HashMap::new();
+        for id in due {
+            match self.hv.usage(id).await {
+                Ok(reading) => {
+                    let at = Instant::now();
+                    let rate = self.sampler.lock().unwrap_or_else(|p| p.into_inner()).take(id, reading, at);
+                    if let Some(rate) = rate {
+                        rates.insert(id, rate);
+                    }
+                }
+                Err(HvError::Unsupported { .. }) => return HashMap::new(),
+                Err(e) => tracing::debug!(guest = %id, error = %e, "cannot read the guest's usage this time"),
+            }
+        }
+        rates
     }
 
     /// The restart policy and its backoff: whether a guest that should run
@@ -925,6 +1001,51 @@ mod tests {
 
     fn status(d: &DesiredGuest, state: RuntimeState, generation: u64) -> GuestStatus {
         GuestStatus { id: d.id, state, generation, pid: None }
+    }
+
+    fn reading(pid: u32, started: u64, cpu_ms: u64) -> GuestUsage {
+        GuestUsage {
+            pid,
+            started,
+            cpu_ns: cpu_ms * 1_000_000,
+            memory_bytes: 64 << 20,
+            net_rx_bytes: 0,
+            net_tx_bytes: 0,
+            disk_read_bytes: 0,
+            disk_written_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_rate_needs_two_readings_of_the_same_process() {
+        let id = GuestId::new_v4();
+        let mut s = Sampler::default();
+        let t0 = Instant::now();
+        assert_eq!(s.take(id, reading(10, 1, 0), t0), None, "the first reading has nothing to compare with");
+        let r = s.take(id, reading(10, 1, 1500), t0 + Duration::from_secs(2)).expect("a rate");
+        assert!((r.cpu_millicores - 750.0).abs() < 1e-6, "{r:?}");
+        assert_eq!(r.interval_ms, 2000);
+        // Restarted: a new process, its counters from zero. No rate (not a
+        // negative one), and the new reading is the next one's base.
+        assert_eq!(s.take(id, reading(11, 9, 100), t0 + Duration::from_secs(4)), None);
+        let r = s.take(id, reading(11, 9, 300), t0 + Duration::from_secs(5)).expect("a rate");
+        assert!((r.cpu_millicores - 200.0).abs() < 1e-6, "{r:?}");
+    }
+
+    #[test]
+    fn readings_come_at_most_every_interval_and_gone_guests_are_forgotten() {
+        let (a, b) = (GuestId::new_v4(), GuestId::new_v4());
+        let mut s = Sampler::default();
+        let t0 = Instant::now();
+        let every = Duration::from_secs(10);
+        assert!(s.due(a, t0, every), "never read: due");
+        let _ = s.take(a, reading(1, 1, 0), t0);
+        let _ = s.take(b, reading(2, 1, 0), t0);
+        assert!(!s.due(a, t0 + Duration::from_secs(9), every));
+        assert!(s.due(a, t0 + every, every));
+        s.keep(&HashSet::from([b]));
+        assert!(s.due(a, t0 + Duration::from_secs(1), every), "a forgotten guest starts afresh");
+        assert!(!s.due(b, t0 + Duration::from_secs(1), every));
     }
 
     #[test]

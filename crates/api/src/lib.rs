@@ -272,6 +272,10 @@ pub struct GuestView {
     /// refused while there are any, unless forced.
     #[serde(default)]
     pub dependents: Vec<String>,
+    /// What the guest has been measured to use, per UTC hour (see
+    /// `drove_model::load`); absent until its host reported a rate.
+    #[serde(default)]
+    pub measured_load: Option<drove_model::MeasuredLoad>,
 }
 
 /// Clone a guest (`POST /v1/guests/{guest}/clone`): each clone gets the
@@ -449,6 +453,11 @@ pub struct ObservedGuest {
     /// Running and its OS up (its guest agent answered since it started).
     #[serde(default)]
     pub ready: bool,
+    /// Its resource use since the agent's previous sample of the same
+    /// process; absent on the first sample of a process, for a guest
+    /// without one, and from agents that do not measure.
+    #[serde(default)]
+    pub load: Option<drove_model::LoadSample>,
 }
 
 /// An action the agent tried and failed, for the generation it was at.

@@ -73,6 +73,9 @@ pub struct ManagerConfig {
     pub policy: Policy,
     /// The rebalancer (DRS).
     pub drs: crate::drs::DrsConfig,
+    /// A guest's measured load profile is written to the store at most
+    /// this often (and when its samples move to another hour).
+    pub load_flush: Duration,
 }
 
 impl ManagerConfig {
@@ -87,6 +90,7 @@ impl ManagerConfig {
             op_timeout: Duration::from_secs(600),
             policy: Policy::default(),
             drs: crate::drs::DrsConfig::default(),
+            load_flush: Duration::from_secs(60),
         }
     }
 }
@@ -526,7 +530,8 @@ impl Manager {
 
     fn guest_view_with(inv: &Inventory, g: &Guest, dependents: Vec<String>) -> GuestView {
         let host_name = inv.hosts.get(&g.host).map(|h| h.info.name.clone()).unwrap_or_default();
-        GuestView { guest: g.clone(), host_name, dependents }
+        let measured_load = inv.load.get(&g.id).map(|l| l.profile.clone());
+        GuestView { guest: g.clone(), host_name, dependents, measured_load }
     }
 
     pub async fn list_guests(&self) -> Result<Vec<GuestView>, ApiError> {
@@ -1637,6 +1642,8 @@ impl Manager {
             for id in &mine {
                 advance(inv, *id, observed.get(id).copied(), &mut w);
             }
+            let hour = crate::load::utc_hour(crate::now_ms());
+            crate::load::record(inv, req.host_id, &req.guests, hour, self.config.load_flush, &mut w);
             (self.persister.enqueue(w.ops), w.ops_changed, poke, forget)
         };
         if notify {
@@ -2138,6 +2145,7 @@ fn finish_delete(inv: &mut Inventory, id: GuestId, w: &mut Writes) {
     if let Some(g) = inv.guests.remove(&id) {
         inv.unindex_guest(&g);
         w.ops.push(delete(guest_key(id)));
+        crate::load::forget(inv, id, w);
     }
 }
 

@@ -21,9 +21,20 @@
 //! | host memory | the memory the agent offers, in MiB |
 //! | host network, disk | not reported yet: an ample 10,000 Mbit/s each |
 //! | host schedulable | state `up` (maintenance and down hosts take no guests) |
-//! | guest CPU per hour | vCPUs × 1000 × its `load_profile` hour, or [`DEFAULT_CPU_FRACTION`] all day |
-//! | guest memory | its memory in MiB, all day |
-//! | guest network, disk | 0 (not measured yet) |
+//! | guest CPU per hour | vCPUs × 1000 × its `load_profile` hour; without one, its measured milli-cores that hour (a trusted slot, capped at its vCPUs); else [`DEFAULT_CPU_FRACTION`] |
+//! | guest CPU variance per hour | the measured slot's, where its CPU came from it; else 0 |
+//! | guest memory | its memory in MiB, all day (reserved, whatever it touches) |
+//! | guest network, disk per hour | measured (received + sent, read + written, Mbit/s) in a trusted slot; else 0 |
+//!
+//! Configured before measured: an operator's `load_profile` says what the
+//! guest *will* do (a batch job that starts next week, a sale), which no
+//! measurement of the past knows; an operator who wants measurement drops
+//! the profile. Not the larger of the two: that would make a profile that
+//! lowers a guest's plan (a guest whose busy month is over) useless. A
+//! measured slot counts once it has `drove_model::load::MIN_SAMPLES`
+//! samples (five minutes of that hour at the agents' default sampling);
+//! hours without enough fall back per hour, so a guest measured only by
+//! day is planned by measurement by day and by default at night.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -68,7 +79,10 @@ pub struct Model {
     pub hosts: Vec<(String, HostState)>,
     /// Per guest index: id.
     pub guest_ids: Vec<String>,
+    /// Guests planned from a configured load profile.
     pub profiled: usize,
+    /// Guests without one planned from measurements for at least one hour.
+    pub measured: usize,
 }
 
 fn mib_down(b: ByteSize) -> u32 {
@@ -105,16 +119,18 @@ impl Model {
         }
         let mut guest_ids = Vec::new();
         let mut profiled = 0;
+        let mut measured = 0;
         let mut sorted: Vec<&GuestView> = guests.iter().collect();
         sorted.sort_by(|a, b| a.guest.spec.name.cmp(&b.guest.spec.name));
         for g in sorted {
             let Some(&on) = by_id.get(&g.guest.host.to_string()) else { continue };
-            let spec = guest_spec(g)?;
+            let (spec, from_measurement) = guest_spec(g)?;
             profiled += usize::from(g.guest.spec.load_profile.is_some());
+            measured += usize::from(from_measurement);
             cluster.add_guest(spec, Some(on))?;
             guest_ids.push(g.guest.id.to_string());
         }
-        Ok(Model { cluster, hosts: hosts_out, guest_ids, profiled })
+        Ok(Model { cluster, hosts: hosts_out, guest_ids, profiled, measured })
     }
 
     pub fn host_name(&self, h: HostIx) -> &str {
@@ -136,15 +152,45 @@ impl Model {
     }
 }
 
-/// A live guest as the placement engine sees it.
-fn guest_spec(g: &GuestView) -> Result<GuestSpec, ModelError> {
+/// A live guest as the placement engine sees it (see the module's table),
+/// and whether any hour of it comes from measurement.
+fn guest_spec(g: &GuestView) -> Result<(GuestSpec, bool), ModelError> {
     let spec = &g.guest.spec;
     let other = Resources::new(0, mib_up(spec.memory), 0, 0);
-    let flat = [DEFAULT_CPU_FRACTION; SLOTS];
-    let hourly: &[f32] = spec.load_profile.as_ref().map_or(&flat, |p| &p.hourly_cpu);
-    let demand = Profile::from_hourly(spec.vcpus, MILLI, hourly, other)
-        .map_err(|source| ModelError::Profile { guest: spec.name.clone(), source })?;
-    Ok(GuestSpec {
+    let full = f64::from(spec.vcpus.max(1)) * f64::from(MILLI);
+    // Per hour: the measured slot to plan from, if any.
+    let slots: [Option<&drove_model::LoadSlot>; SLOTS] = std::array::from_fn(|h| match &spec.load_profile {
+        Some(_) => None,
+        None => g.measured_load.as_ref().and_then(|m| m.trusted(h)),
+    });
+    let hourly: Vec<f32> = match &spec.load_profile {
+        Some(p) => p.hourly_cpu.clone(),
+        None => slots
+            .iter()
+            .map(|s| s.map_or(DEFAULT_CPU_FRACTION, |s| (s.cpu_millicores / full).clamp(0.0, 1.0) as f32))
+            .collect(),
+    };
+    let profile_error = |source| ModelError::Profile { guest: spec.name.clone(), source };
+    let mut demand = Profile::from_hourly(spec.vcpus, MILLI, &hourly, other).map_err(profile_error)?;
+    let from_measurement = slots.iter().any(Option::is_some);
+    if from_measurement {
+        let whole = |v: f64| v.max(0.0).round().min(f64::from(u32::MAX)) as u32;
+        let hours = demand
+            .iter()
+            .zip(&slots)
+            .map(|(r, s)| match s {
+                Some(s) => Resources {
+                    net_mbps: whole(s.net_rx_mbps + s.net_tx_mbps),
+                    disk_mbps: whole(s.disk_read_mbps + s.disk_write_mbps),
+                    ..r
+                },
+                None => r,
+            })
+            .collect();
+        let variance = slots.iter().map(|s| s.map_or(0, |s| whole(s.cpu_variance))).collect();
+        demand = Profile::from_slots(hours).and_then(|p| p.with_cpu_variance(variance)).map_err(profile_error)?;
+    }
+    let spec = GuestSpec {
         name: spec.name.clone(),
         demand,
         vcpus: spec.vcpus,
@@ -153,7 +199,8 @@ fn guest_spec(g: &GuestView) -> Result<GuestSpec, ModelError> {
         tier: None,
         priority: spec.priority.0,
         mobility: Mobility::Free,
-    })
+    };
+    Ok((spec, from_measurement))
 }
 
 /// How far the rebalancer acts on its own.

@@ -1,7 +1,8 @@
 //! The in-memory mirror of the store, and the key layout.
 //!
 //! Keys: `hosts/<id>`, `leases/<host id>`, `guests/<id>`, `vlans/<tag, 4 digits>`, `ops/<id>`,
-//! `audit/<seq, 20 digits>`, `tokens/<sha256 of token>`, `meta/schema`.
+//! `audit/<seq, 20 digits>`, `tokens/<sha256 of token>`, `load/<guest id>` (its
+//! measured load profile, see [`crate::load`]), `meta/schema`.
 //! Values are JSON. The schema version in `meta/schema` guards against a
 //! newer store being opened by an older manager.
 
@@ -38,6 +39,9 @@ pub fn image_key(name: &str) -> String {
 }
 pub fn lease_key(id: HostId) -> String {
     format!("leases/{id}")
+}
+pub fn load_key(id: GuestId) -> String {
+    format!("load/{id}")
 }
 /// The HA settings' one record.
 pub const HA_SETTINGS_KEY: &str = "settings/ha";
@@ -171,6 +175,8 @@ pub struct Inventory {
     pub audit_seq: u64,
     /// Hash of the last audit record: the next one links to it.
     pub audit_last_hash: String,
+    /// Each guest's measured load profile.
+    pub load: HashMap<GuestId, crate::load::LoadEntry>,
 }
 
 async fn load_all<T: DeserializeOwned>(store: &dyn Store, prefix: &'static str) -> Result<Vec<(String, T)>, LoadError> {
@@ -211,6 +217,17 @@ impl Inventory {
         for (_, g) in load_all::<Guest>(store, "guests/").await? {
             inv.index_guest(&g);
             inv.guests.insert(g.id, g);
+        }
+        for (key, profile) in load_all::<drove_model::MeasuredLoad>(store, "load/").await? {
+            match key.strip_prefix("load/").and_then(|id| id.parse::<GuestId>().ok()) {
+                Some(id) if inv.guests.contains_key(&id) => {
+                    inv.load.insert(id, crate::load::LoadEntry::loaded(profile));
+                }
+                // Its guest's deletion and this record's are one
+                // transaction, so this is a record nothing refers to:
+                // dropped rather than kept for ever.
+                _ => init.push(delete(key)),
+            }
         }
         for (_, v) in load_all::<Vlan>(store, "vlans/").await? {
             inv.vlans.insert(v.tag, v);

@@ -17,7 +17,8 @@
 //! operation with one commit point; [`drain`] empties a host that way.
 //! [`monitor`] marks silent hosts down,
 //! times out stuck operations and resumes undriven snapshot operations and
-//! migrations. [`http`] serves the `/v1` API.
+//! migrations. [`load`] learns each guest's daily load profile from what
+//! its host measures. [`http`] serves the `/v1` API.
 
 pub mod auth;
 pub mod clones;
@@ -27,6 +28,7 @@ pub mod drs;
 pub mod failover;
 pub mod http;
 pub mod inventory;
+pub mod load;
 pub mod migrate;
 pub mod monitor;
 pub mod persist;

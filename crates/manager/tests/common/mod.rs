@@ -27,6 +27,8 @@ pub struct Dc {
     pub config: ManagerConfig,
     /// The shared storage every host sees (guests on it cannot run twice).
     pub pool: SimPool,
+    /// How often agents added from now on sample their guests' usage.
+    pub usage_every: Duration,
 }
 
 pub struct TestAgent {
@@ -72,6 +74,7 @@ impl Dc {
             agents: Vec::new(),
             config,
             pool: SimPool::default(),
+            usage_every: AgentConfig::new("default").usage_every,
         };
         dc.serve(None).await;
         for i in 1..=hosts {
@@ -163,6 +166,7 @@ impl Dc {
         ac.retry_after = Duration::from_millis(200);
         ac.restart_backoff = Duration::from_millis(500);
         ac.migration_address = Some(std::net::Ipv4Addr::LOCALHOST.into());
+        ac.usage_every = self.usage_every;
         let agent = Agent::new(ac, Client::new(&self.endpoint, &self.agent_token), Arc::new(sim.clone()));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(agent.run(async {
