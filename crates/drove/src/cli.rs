@@ -828,6 +828,28 @@ fn nic_detail(n: &drove_model::NicSpec) -> String {
     s
 }
 
+/// The UTC hour of the day now, as the manager files measured load.
+fn utc_hour_now() -> usize {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    ((secs / 3600) % 24) as usize
+}
+
+/// A guest's measured load at `hour` (UTC), and how much of the day has
+/// enough samples for planning.
+fn measured_summary(m: Option<&drove_model::MeasuredLoad>, hour: usize) -> String {
+    let Some(m) = m else { return "not measured yet".into() };
+    let trusted = format!("{} of 24 hours measured", m.trusted_hours());
+    match m.hours.get(hour).filter(|s| s.samples > 0) {
+        Some(s) => format!(
+            "cpu {:.2} cores, memory {} at {hour:02}:00 UTC ({} samples); {trusted}",
+            s.cpu_millicores / 1000.0,
+            ByteSize::mib(s.memory_mib.max(0.0).round() as u64),
+            s.samples
+        ),
+        None => format!("no samples at {hour:02}:00 UTC; {trusted}"),
+    }
+}
+
 fn guest_row(g: &drove_api::GuestView) -> Vec<String> {
     vec![
         g.guest.spec.name.clone(),
@@ -926,6 +948,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("storage", g.guest.spec.storage.to_string()),
                     ("anti-affinity", g.guest.spec.anti_affinity.clone().unwrap_or_else(|| "-".into())),
                     ("limits", limits_summary(&s.limits)),
+                    ("measured load", measured_summary(g.measured_load.as_ref(), utc_hour_now())),
                     ("restarts", g.guest.restarts.to_string()),
                     (
                         "migration",
@@ -1392,7 +1415,26 @@ mod tests {
 
     use drove_model::{ByteSize, DiskSpec};
 
-    use super::{parse_disk, parse_load_profile};
+    use super::{measured_summary, parse_disk, parse_load_profile};
+
+    #[test]
+    fn measured_load_shows_the_hour_asked_and_how_much_of_the_day_is_measured() {
+        assert_eq!(measured_summary(None, 3), "not measured yet");
+        let mut m = drove_model::MeasuredLoad::default();
+        let sample = drove_model::LoadSample {
+            interval_ms: 10_000,
+            cpu_millicores: 1500.0,
+            memory_mib: 512.0,
+            ..Default::default()
+        };
+        for _ in 0..drove_model::load::MIN_SAMPLES {
+            m.record(3, &sample);
+        }
+        m.record(4, &sample);
+        let at3 = measured_summary(Some(&m), 3);
+        assert_eq!(at3, "cpu 1.50 cores, memory 512M at 03:00 UTC (30 samples); 1 of 24 hours measured", "{at3}");
+        assert_eq!(measured_summary(Some(&m), 5), "no samples at 05:00 UTC; 1 of 24 hours measured");
+    }
 
     #[test]
     fn a_load_profile_is_one_share_or_twenty_four() {

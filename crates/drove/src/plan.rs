@@ -291,8 +291,11 @@ fn find_guest(m: &Model, key: &str) -> Result<drove_placement::GuestIx> {
 struct CapacityReport {
     /// Slots per day: index i of every array is the hour i:00-i:59 UTC.
     slots_per_day: usize,
-    /// Guests without a load profile, planned at `default_cpu_fraction`.
+    /// Guests without a load profile: planned from their measured load in
+    /// the hours it has enough samples, else at `default_cpu_fraction`.
     unprofiled_guests: usize,
+    /// Of those, the guests planned from measurement for some hours.
+    measured_guests: usize,
     default_cpu_fraction: f32,
     hosts: Vec<HostHeadroom>,
     cluster: Headroom,
@@ -410,6 +413,7 @@ fn capacity(m: &Model, a: &CapacityArgs) -> Result<()> {
     let report = CapacityReport {
         slots_per_day: SLOTS,
         unprofiled_guests: c.guest_count() - m.profiled,
+        measured_guests: m.measured,
         default_cpu_fraction: DEFAULT_CPU_FRACTION,
         hosts,
         cluster,
@@ -448,9 +452,11 @@ fn capacity(m: &Model, a: &CapacityArgs) -> Result<()> {
     )?;
     if report.unprofiled_guests > 0 {
         println!(
-            "\n{} guest(s) without a load profile planned at {:.0} % of their vCPUs all day.",
+            "\n{} guest(s) without a load profile planned at {:.0} % of their vCPUs in the hours their \
+             measured load does not cover ({} measured).",
             report.unprofiled_guests,
-            DEFAULT_CPU_FRACTION * 100.0
+            DEFAULT_CPU_FRACTION * 100.0,
+            report.measured_guests
         );
     }
     if let Some(w) = &report.what_if_add {
