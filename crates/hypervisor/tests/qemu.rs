@@ -1050,6 +1050,72 @@ mod resource_controls {
         threads
     }
 
+    /// Rates from two `usage` readings `window` apart.
+    async fn usage_rate(hv: &QemuHypervisor, id: GuestId, window: Duration) -> drove_model::LoadSample {
+        let (a, t0) = (hv.usage(id).await.unwrap(), Instant::now());
+        tokio::time::sleep(window).await;
+        let (b, t1) = (hv.usage(id).await.unwrap(), Instant::now());
+        b.rate_since(&a, t1 - t0).unwrap_or_else(|| panic!("no rate between readings of one process: {a:?}, {b:?}"))
+    }
+
+    /// What the agent reports, against a real guest: little for an idle
+    /// guest, its disk reads, and about half a core for one spinning under
+    /// a 50 % cap (the cgroup's count, which is what the cap holds).
+    #[tokio::test]
+    async fn usage_reports_little_for_an_idle_guest_its_disk_reads_and_half_a_core_for_one_spinning_under_a_half_core_cap()
+     {
+        let lab = Lab::new();
+        let hv = lab.hv();
+        let g = limited("usage-1", &[16], ResourceLimits { cpu_cap_percent: Some(50), ..Default::default() });
+        hv.create(&g).await.unwrap();
+        hv.start(g.id).await.unwrap();
+        wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+        const WINDOW: Duration = Duration::from_secs(2);
+        let deadline = Instant::now() + Duration::from_secs(60);
+
+        // Idle: the first windows after boot may still hold its last steps.
+        let mut seen = Vec::new();
+        loop {
+            let r = usage_rate(&hv, g.id, WINDOW).await;
+            eprintln!("idle: {:.0} milli-cores, {:.0} MiB resident", r.cpu_millicores, r.memory_mib);
+            assert!((16.0..512.0).contains(&r.memory_mib), "resident memory of a 256 MiB guest: {r:?}");
+            seen.push(r.cpu_millicores);
+            if r.cpu_millicores < 100.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "an idle guest never used under 100 milli-cores: {seen:?}");
+        }
+
+        // Disk: 8 MiB read from its disk inside the guest are counted.
+        let before = hv.usage(g.id).await.unwrap();
+        let dd = exec(&hv, g.id, "/bin/sh", &["-c", "dd if=/dev/vda of=/dev/null bs=1M count=8"]).await.unwrap();
+        assert_eq!(dd.exit_code, 0, "{dd:?}");
+        let after = hv.usage(g.id).await.unwrap();
+        let read = after.disk_read_bytes - before.disk_read_bytes;
+        assert!(read >= 7 << 20, "8 MiB read in the guest, {read} bytes counted: {before:?} then {after:?}");
+
+        // Spinning under the cap: each window at most 600 milli-cores; at
+        // least 400 in one (the host's other load may hold it below its cap
+        // for a while, as in the cap tests above).
+        let mut console = Console::open(&hv, g.id).await;
+        console.type_line("while :; do :; done & echo spin-$((6*7))").await;
+        wait_for_serial(&hv, g.id, "spin-42", 1).await;
+        drop(console);
+        let mut seen = Vec::new();
+        loop {
+            let r = usage_rate(&hv, g.id, WINDOW).await;
+            eprintln!("spinning, capped at 50%: {:.0} milli-cores", r.cpu_millicores);
+            seen.push(r.cpu_millicores);
+            assert!(r.cpu_millicores <= 600.0, "over its 50% cap: {seen:?}");
+            if r.cpu_millicores >= 400.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "in no window did it report 400 milli-cores or more: {seen:?}");
+        }
+        hv.destroy(g.id).await.unwrap();
+        assert_no_host_leftovers(&lab, g.id, &[]).await;
+    }
+
     #[tokio::test]
     async fn a_cpu_bound_guest_capped_at_half_a_core_uses_half_a_core() {
         let lab = Lab::new();

@@ -71,7 +71,7 @@ pub(crate) fn record(
     let now = Instant::now();
     for o in observed {
         let Some(sample) = &o.load else { continue };
-        if !inv.guests.get(&o.id).is_some_and(|g| g.host == host) {
+        if inv.guests.get(&o.id).is_none_or(|g| g.host != host) {
             continue;
         }
         let entry = inv.load.entry(o.id).or_default();
