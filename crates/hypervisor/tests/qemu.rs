@@ -1933,6 +1933,9 @@ impl Hypervisor for LabHypervisor {
     async fn guest_interfaces(&self, id: GuestId) -> Result<Vec<GuestInterface>, HvError> {
         self.hv.guest_interfaces(id).await
     }
+    async fn usage(&self, id: GuestId) -> Result<drove_hypervisor::GuestUsage, HvError> {
+        self.hv.usage(id).await
+    }
     async fn snapshot_create(&self, id: GuestId, name: &str, kind: SnapshotKind) -> Result<SnapshotInfo, HvError> {
         self.hv.snapshot_create(id, name, kind).await
     }
