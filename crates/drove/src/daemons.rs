@@ -185,6 +185,10 @@ pub struct AgentArgs {
     /// cut off and stops its guests: the manager restarts them elsewhere.
     #[arg(long = "isolation-address")]
     pub isolation_addresses: Vec<std::net::SocketAddr>,
+    /// Seconds between samples of each guest's CPU, memory, network and
+    /// disk use, which the manager learns load profiles from.
+    #[arg(long, default_value_t = 10)]
+    pub usage_interval: u64,
 }
 
 pub fn hypervisor(
@@ -215,6 +219,7 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
     let mut config = AgentConfig::new(&a.name);
     config.migration_address = a.migration_address;
     config.isolation_addresses = a.isolation_addresses.clone();
+    config.usage_every = std::time::Duration::from_secs(a.usage_interval.max(1));
     if let Some(dev) = &a.underlay {
         config.network = Arc::new(drove_net::VxlanNetwork::new(dev.clone(), None)?.with_uplink(a.uplink_rate));
         config.uplink_bps = a.uplink_rate;
