@@ -996,4 +996,19 @@ mod tests {
         assert_eq!(serde_json::from_str::<SetLimitsRequest>(&text).unwrap(), req);
         assert!(serde_json::from_str::<SetLimitsRequest>("{}").unwrap().is_empty());
     }
+
+    #[test]
+    fn an_agent_that_does_not_measure_is_still_understood() {
+        let id = GuestId::new_v4();
+        let old = serde_json::json!({ "id": id, "state": "running", "generation": 3 });
+        let o: ObservedGuest = serde_json::from_value(old).unwrap();
+        assert_eq!(o.load, None);
+        let new = serde_json::json!({
+            "id": id, "state": "running", "generation": 3,
+            "load": { "interval_ms": 10000, "cpu_millicores": 250.0, "memory_mib": 300.0, "net_rx_mbps": 0.0,
+                      "net_tx_mbps": 0.0, "disk_read_mbps": 0.0, "disk_write_mbps": 1.5 }
+        });
+        let o: ObservedGuest = serde_json::from_value(new).unwrap();
+        assert_eq!(o.load.map(|l| l.cpu_millicores), Some(250.0));
+    }
 }

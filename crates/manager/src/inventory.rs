@@ -431,6 +431,28 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_load_profile_without_its_guest_is_dropped_at_load() {
+        use drove_store::Store;
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = drove_store::embedded::EmbeddedStore::open(&dir.path().join("state.redb")).expect("a store");
+        let orphan = drove_model::GuestId::new_v4();
+        store
+            .txn(vec![super::put(super::load_key(orphan), &drove_model::MeasuredLoad::default())])
+            .await
+            .expect("written");
+        let (inv, init) = super::Inventory::load(&store).await.expect("loads");
+        assert!(inv.load.is_empty());
+        let deletes: Vec<&str> = init
+            .iter()
+            .filter_map(|op| match op {
+                drove_store::Op::Delete { key, .. } => Some(key.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deletes, [super::load_key(orphan)]);
+    }
+
     #[test]
     fn a_clock_that_went_back_errs_on_the_side_of_a_full_lease() {
         let mut h = host(HostState::Down);
