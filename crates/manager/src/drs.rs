@@ -79,9 +79,52 @@ fn mib_up(b: ByteSize) -> u32 {
     b.bytes().div_ceil(1024 * 1024).min(u64::from(u32::MAX)) as u32
 }
 
+/// The hours of the day a model covers: `hours` from `start` (UTC hour),
+/// wrapping past midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: usize,
+    pub hours: usize,
+}
+
+impl Window {
+    pub const DAY: Window = Window { start: 0, hours: SLOTS };
+
+    /// `hours` from the current UTC hour.
+    pub fn ahead(hours: usize) -> Window {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Window { start: ((secs / 3600) % SLOTS as u64) as usize, hours: hours.clamp(1, SLOTS) }
+    }
+
+    /// The day's hour of each slot.
+    fn hours(self) -> impl Iterator<Item = usize> {
+        (0..self.hours).map(move |i| (self.start + i) % SLOTS)
+    }
+}
+
+/// A host's power state as the placement engine sees it.
+fn power_state(state: HostState) -> PowerState {
+    match state {
+        HostState::Standby => PowerState::Standby,
+        HostState::Waking => PowerState::Waking,
+        HostState::Up | HostState::Maintenance | HostState::Down => PowerState::On,
+    }
+}
+
 impl Model {
+    /// The whole day.
     pub fn build(hosts: &[HostView], guests: &[GuestView], power: PowerModel) -> Result<Model, ModelError> {
-        let mut cluster = Cluster::new(SLOTS)?;
+        Self::build_window(hosts, guests, power, Window::DAY)
+    }
+
+    /// The hours of `window` only: what power management looks at.
+    pub fn build_window(
+        hosts: &[HostView],
+        guests: &[GuestView],
+        power: PowerModel,
+        window: Window,
+    ) -> Result<Model, ModelError> {
+        let mut cluster = Cluster::new(window.hours)?;
         let mut by_id: HashMap<String, HostIx> = HashMap::new();
         let mut hosts_out = Vec::new();
         let mut sorted: Vec<&HostView> = hosts.iter().collect();
@@ -97,8 +140,10 @@ impl Model {
                 ),
                 core_speed: MILLI,
                 power,
-                state: PowerState::On,
-                schedulable: h.info.state == HostState::Up,
+                state: power_state(h.info.state),
+                // Standby and waking hosts take guests once on; their power
+                // state keeps them out until then.
+                schedulable: matches!(h.info.state, HostState::Up | HostState::Standby | HostState::Waking),
             })?;
             by_id.insert(h.info.id.to_string(), ix);
             hosts_out.push((h.info.id.to_string(), h.info.state));
@@ -109,7 +154,7 @@ impl Model {
         sorted.sort_by(|a, b| a.guest.spec.name.cmp(&b.guest.spec.name));
         for g in sorted {
             let Some(&on) = by_id.get(&g.guest.host.to_string()) else { continue };
-            let spec = guest_spec(g)?;
+            let spec = guest_spec(g, window)?;
             profiled += usize::from(g.guest.spec.load_profile.is_some());
             cluster.add_guest(spec, Some(on))?;
             guest_ids.push(g.guest.id.to_string());
@@ -137,12 +182,13 @@ impl Model {
 }
 
 /// A live guest as the placement engine sees it.
-fn guest_spec(g: &GuestView) -> Result<GuestSpec, ModelError> {
+fn guest_spec(g: &GuestView, window: Window) -> Result<GuestSpec, ModelError> {
     let spec = &g.guest.spec;
     let other = Resources::new(0, mib_up(spec.memory), 0, 0);
     let flat = [DEFAULT_CPU_FRACTION; SLOTS];
-    let hourly: &[f32] = spec.load_profile.as_ref().map_or(&flat, |p| &p.hourly_cpu);
-    let demand = Profile::from_hourly(spec.vcpus, MILLI, hourly, other)
+    let day: &[f32] = spec.load_profile.as_ref().map_or(&flat, |p| &p.hourly_cpu);
+    let hourly: Vec<f32> = window.hours().map(|h| day.get(h).copied().unwrap_or(DEFAULT_CPU_FRACTION)).collect();
+    let demand = Profile::from_hourly(spec.vcpus, MILLI, &hourly, other)
         .map_err(|source| ModelError::Profile { guest: spec.name.clone(), source })?;
     Ok(GuestSpec {
         name: spec.name.clone(),
@@ -379,6 +425,19 @@ impl Manager {
             round.moves.push(out);
         }
         self.keep_round(round)
+    }
+
+    /// Guests DRS or DPM moved within the cool-down: neither moves them
+    /// again for balance or power (so the two never undo each other).
+    pub(crate) fn recently_moved(&self) -> std::collections::HashSet<GuestId> {
+        let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
+        let cooldown = self.config.drs.cooldown;
+        st.moved.retain(|_, at| at.elapsed() < cooldown);
+        st.moved.keys().copied().collect()
+    }
+
+    pub(crate) fn note_moved(&self, id: GuestId) {
+        self.drs.lock().unwrap_or_else(|p| p.into_inner()).moved.insert(id, Instant::now());
     }
 
     fn keep_round(&self, round: DrsRound) -> DrsRound {
