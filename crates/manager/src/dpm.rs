@@ -198,7 +198,8 @@ impl Manager {
     /// Put an empty host into standby and power it off: `drove host
     /// standby`, and DPM's last step. Refused, with the reason, while any
     /// guest is placed on or migrating to the host, or when HA would lose
-    /// its reserve.
+    /// its reserve. The audit record says how it ended (a failed driver
+    /// included).
     pub async fn standby_host(&self, ctx: &Ctx, key: &str) -> Result<HostView, ApiError> {
         let (view, pending) = {
             let mut inv = self.lock();
@@ -223,15 +224,25 @@ impl Manager {
                 }
                 return Err(ApiError::conflict(format!("host {name} must stay on for HA: {short}")));
             }
+            // Durable before the driver acts: from here nothing is placed
+            // on it, whatever happens to this manager.
             let h = inv.hosts.get(&id).ok_or_else(|| ApiError::not_found("host", key))?;
-            let mut writes = vec![put(host_key(id), &h.info)];
-            let view = Self::host_view(&inv, h);
-            writes.push(Self::audit_op(&mut inv, ctx, Some(format!("host/{name}")), "ok", 200));
-            (view, self.persister.enqueue(writes))
+            (Self::host_view(&inv, h), self.persister.enqueue(vec![put(host_key(id), &h.info)]))
         };
         pending.durable().await?;
-        tracing::info!(host = %view.info.name, principal = %ctx.principal.name, "host goes into standby");
-        self.power_off(&view).await?;
+        let outcome = self.power_off(&view).await;
+        let (result, status) = match &outcome {
+            Ok(()) => ("ok", 200),
+            Err(e) => ("failed", e.status),
+        };
+        let pending = {
+            let mut inv = self.lock();
+            let w = Self::audit_op(&mut inv, ctx, Some(format!("host/{}", view.info.name)), result, status);
+            self.persister.enqueue(vec![w])
+        };
+        pending.durable().await?;
+        outcome?;
+        tracing::info!(host = %view.info.name, principal = %ctx.principal.name, "host in standby, powered off");
         Ok(view)
     }
 

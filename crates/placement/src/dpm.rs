@@ -174,48 +174,74 @@ pub fn wake_for_demand(cluster: &Cluster, cpu_needed: f64, target: &Limits) -> V
 /// condition, not a packing: a host that turns hot for want of a fit is
 /// the rebalancer's to solve ([`crate::rebalance`] with `allow_wake`).
 pub fn wake_ahead(cluster: &Cluster, target: &Limits, min_on: usize) -> Vec<HostIx> {
-    let usable = |h: HostIx| {
-        let cap = cluster.host(h).capacity.to_array();
-        std::array::from_fn::<u64, DIMS, _>(|d| target.limit(cap[d], d))
-    };
-    let mut have = [0u64; DIMS];
-    let mut on = 0;
-    for h in cluster.hosts() {
-        let spec = cluster.host(h);
-        if matches!(spec.state, PowerState::On | PowerState::Waking) && spec.schedulable {
-            let u = usable(h);
-            for d in 0..DIMS {
-                have[d] += u[d];
-            }
-            on += 1;
-        }
-    }
-    let mut need = [0u64; DIMS];
-    for s in 0..cluster.slots() {
-        let mut total = [0u64; DIMS];
-        for h in cluster.hosts() {
-            let load = cluster.load(h, s).to_array();
-            for d in 0..DIMS {
-                total[d] += u64::from(load[d]);
-            }
-        }
-        for d in 0..DIMS {
-            need[d] = need[d].max(total[d]);
-        }
-    }
+    let mut gap = Gap::of(cluster, target);
     let mut wake = Vec::new();
     for h in standby_by_efficiency(cluster, target.usable[0]) {
-        if on >= min_on && (0..DIMS).all(|d| have[d] >= need[d]) {
+        if gap.covered(min_on) {
             break;
         }
-        let u = usable(h);
-        for d in 0..DIMS {
-            have[d] += u[d];
-        }
-        on += 1;
+        gap.add(cluster, h, target);
         wake.push(h);
     }
     wake
+}
+
+/// What the hosts on can carry within a target, against the most the
+/// guests demand in any slot.
+struct Gap {
+    have: [u64; DIMS],
+    need: [u64; DIMS],
+    on: usize,
+}
+
+impl Gap {
+    fn of(cluster: &Cluster, target: &Limits) -> Gap {
+        let mut gap = Gap { have: [0; DIMS], need: [0; DIMS], on: 0 };
+        for h in cluster.hosts() {
+            let spec = cluster.host(h);
+            if matches!(spec.state, PowerState::On | PowerState::Waking) && spec.schedulable {
+                gap.add(cluster, h, target);
+            }
+        }
+        for s in 0..cluster.slots() {
+            let mut total = [0u64; DIMS];
+            for h in cluster.hosts() {
+                let load = cluster.load(h, s).to_array();
+                for d in 0..DIMS {
+                    total[d] += u64::from(load[d]);
+                }
+            }
+            for d in 0..DIMS {
+                gap.need[d] = gap.need[d].max(total[d]);
+            }
+        }
+        gap
+    }
+
+    fn usable(cluster: &Cluster, h: HostIx, target: &Limits) -> [u64; DIMS] {
+        let cap = cluster.host(h).capacity.to_array();
+        std::array::from_fn(|d| target.limit(cap[d], d))
+    }
+
+    fn add(&mut self, cluster: &Cluster, h: HostIx, target: &Limits) {
+        let u = Self::usable(cluster, h, target);
+        for d in 0..DIMS {
+            self.have[d] += u[d];
+        }
+        self.on += 1;
+    }
+
+    fn remove(&mut self, cluster: &Cluster, h: HostIx, target: &Limits) {
+        let u = Self::usable(cluster, h, target);
+        for d in 0..DIMS {
+            self.have[d] = self.have[d].saturating_sub(u[d]);
+        }
+        self.on = self.on.saturating_sub(1);
+    }
+
+    fn covered(&self, min_on: usize) -> bool {
+        self.on >= min_on && (0..DIMS).all(|d| self.have[d] >= self.need[d])
+    }
 }
 
 /// Power management knobs of one round ([`plan_power`]).
@@ -261,5 +287,19 @@ pub fn plan_power(cluster: &Cluster, p: &PowerParams) -> PowerPlan {
             min_on: p.min_on,
         },
     );
-    PowerPlan { wake, moves: c.moves, standby: c.standby }
+    // A host goes only if the hosts left on still carry the load ahead: an
+    // empty host fits "everything" it holds, and emptying it only for the
+    // next round to wake it again is thrashing.
+    let mut gap = Gap::of(cluster, &p.target);
+    let mut plan = PowerPlan::default();
+    for h in c.standby {
+        gap.remove(cluster, h, &p.target);
+        if gap.covered(p.min_on) {
+            plan.standby.push(h);
+        } else {
+            gap.add(cluster, h, &p.target);
+        }
+    }
+    plan.moves = c.moves.into_iter().filter(|m| plan.standby.contains(&m.from)).collect();
+    plan
 }

@@ -301,6 +301,16 @@ fn a_quiet_cluster_consolidates_but_not_a_host_whose_load_rises_within_the_windo
     let plan = plan_power(&c, &params);
     let b_host = c.host_of(GuestIx(1)).unwrap();
     assert!(!plan.standby.contains(&b_host), "{plan:?}");
+    // An empty host stays on when the others could not carry the load
+    // ahead without it: emptying it would only wake it next round.
+    let (mut c, hs, gs) = build(
+        vec![host("h1", 4000, 4096), host("h2", 4000, 4096)],
+        vec![guest("a", &[300, 2000], 256), guest("b", &[300, 2000], 256)],
+    );
+    c.assign(gs[0], hs[0]);
+    c.assign(gs[1], hs[0]);
+    let plan = plan_power(&c, &params);
+    assert!(plan.wake.is_empty() && plan.standby.is_empty() && plan.moves.is_empty(), "{plan:?}");
     // Unschedulable hosts (maintenance, down) are not emptied by DPM.
     let mut c = quiet(300);
     for h in c.hosts().collect::<Vec<_>>() {

@@ -47,6 +47,25 @@ impl TestAgent {
     }
 }
 
+/// An agent for host `name` on `sim`, running until the sender is used.
+pub fn spawn_agent(
+    endpoint: &str,
+    token: &str,
+    name: &str,
+    sim: &SimHypervisor,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    let mut ac = AgentConfig::new(name);
+    ac.retry_after = Duration::from_millis(200);
+    ac.restart_backoff = Duration::from_millis(500);
+    ac.migration_address = Some(std::net::Ipv4Addr::LOCALHOST.into());
+    let agent = Agent::new(ac, Client::new(endpoint, token), Arc::new(sim.clone()));
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async {
+        let _ = rx.await;
+    }));
+    (tx, task)
+}
+
 pub fn fast_config(dir: &std::path::Path) -> ManagerConfig {
     let mut c = ManagerConfig::new(dir.to_owned());
     c.heartbeat_interval = Duration::from_millis(100);
@@ -159,15 +178,7 @@ impl Dc {
     }
 
     fn start_agent(&self, name: &str, sim: &SimHypervisor) -> TestAgent {
-        let mut ac = AgentConfig::new(name);
-        ac.retry_after = Duration::from_millis(200);
-        ac.restart_backoff = Duration::from_millis(500);
-        ac.migration_address = Some(std::net::Ipv4Addr::LOCALHOST.into());
-        let agent = Agent::new(ac, Client::new(&self.endpoint, &self.agent_token), Arc::new(sim.clone()));
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(agent.run(async {
-            let _ = rx.await;
-        }));
+        let (tx, task) = spawn_agent(&self.endpoint, &self.agent_token, name, sim);
         TestAgent { name: name.into(), sim: sim.clone(), stop: Some(tx), task: Some(task) }
     }
 
