@@ -290,6 +290,7 @@ impl PowerDriver for WakeOnLan {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -206,13 +206,12 @@ impl Gap {
         for s in 0..cluster.slots() {
             let mut total = [0u64; DIMS];
             for h in cluster.hosts() {
-                let load = cluster.load(h, s).to_array();
-                for d in 0..DIMS {
-                    total[d] += u64::from(load[d]);
+                for (t, l) in total.iter_mut().zip(cluster.load(h, s).to_array()) {
+                    *t += u64::from(l);
                 }
             }
-            for d in 0..DIMS {
-                gap.need[d] = gap.need[d].max(total[d]);
+            for (n, t) in gap.need.iter_mut().zip(total) {
+                *n = (*n).max(t);
             }
         }
         gap
@@ -224,17 +223,15 @@ impl Gap {
     }
 
     fn add(&mut self, cluster: &Cluster, h: HostIx, target: &Limits) {
-        let u = Self::usable(cluster, h, target);
-        for d in 0..DIMS {
-            self.have[d] += u[d];
+        for (have, u) in self.have.iter_mut().zip(Self::usable(cluster, h, target)) {
+            *have += u;
         }
         self.on += 1;
     }
 
     fn remove(&mut self, cluster: &Cluster, h: HostIx, target: &Limits) {
-        let u = Self::usable(cluster, h, target);
-        for d in 0..DIMS {
-            self.have[d] = self.have[d].saturating_sub(u[d]);
+        for (have, u) in self.have.iter_mut().zip(Self::usable(cluster, h, target)) {
+            *have = have.saturating_sub(u);
         }
         self.on = self.on.saturating_sub(1);
     }
