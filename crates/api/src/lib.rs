@@ -547,6 +547,49 @@ pub struct DrsUnresolved {
     pub reason: String,
 }
 
+/// Power management's (DPM) last round (`GET /v1/dpm`): which hosts it
+/// woke or emptied and put into standby, and the power this saves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DpmRound {
+    /// `off`, `manual` (recommend only) or `full` (act on its own).
+    pub mode: String,
+    /// The power driver (`none`, `command`, `ipmi`, `wol`).
+    pub driver: String,
+    /// When the round ran (RFC 3339); empty before the first.
+    pub at: String,
+    pub interval_secs: u64,
+    /// Hours of guests' load profiles the round looked at, from now.
+    pub lookahead_hours: u32,
+    /// Hosts powered on (up, maintenance, waking), in standby, and down.
+    pub hosts_on: u32,
+    pub hosts_standby: u32,
+    /// Estimated wall power of the hosts now, and what the hosts in standby
+    /// save against being on and idle.
+    pub watts_now: f64,
+    pub watts_saved: f64,
+    /// Standby hosts to power on ahead of the load.
+    pub wake: Vec<DpmHostAction>,
+    /// Migrations that empty hosts.
+    pub moves: Vec<DrsMove>,
+    /// Hosts to put into standby once empty.
+    pub standby: Vec<DpmHostAction>,
+    /// Why the round did not plan (e.g. migrations still in flight).
+    pub waiting: Option<String>,
+    /// What went wrong carrying out earlier decisions (a power driver that
+    /// failed, a host that did not wake in time).
+    pub errors: Vec<String>,
+}
+
+/// One host DPM powers on or off, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DpmHostAction {
+    pub host: String,
+    pub reason: String,
+    /// Done in full mode (`false` while a host waits for its guests to leave).
+    pub done: bool,
+    pub error: Option<String>,
+}
+
 /// A storage pool (`GET /v1/pools`): the shared one all hosts see, and each
 /// host's local one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -133,6 +133,18 @@ impl Client {
         self.get(&format!("/v1/hosts/{}", seg(host))).await
     }
 
+    pub async fn dpm_status(&self) -> Result<drove_api::DpmRound, ClientError> {
+        self.get("/v1/dpm").await
+    }
+
+    pub async fn standby_host(&self, host: &str) -> Result<HostView, ClientError> {
+        self.post(&format!("/v1/hosts/{}/standby", seg(host)), &serde_json::json!({})).await
+    }
+
+    pub async fn wake_host(&self, host: &str) -> Result<HostView, ClientError> {
+        self.post(&format!("/v1/hosts/{}/wake", seg(host)), &serde_json::json!({})).await
+    }
+
     pub async fn set_maintenance(&self, host: &str, enabled: bool) -> Result<HostView, ClientError> {
         self.post(&format!("/v1/hosts/{}/maintenance", seg(host)), &drove_api::MaintenanceRequest { enabled }).await
     }

@@ -85,6 +85,27 @@ Examples:
         /// Host name or id.
         host: String,
     },
+    /// Put an empty host into standby: it is powered off through the
+    /// manager's power driver and takes no guests until woken.
+    #[command(after_help = "\
+Refused while guests are placed on or migrating to the host (drain it first:
+`drove host drain HOST`), or when HA would lose its reserve without it. If the
+power driver fails, the host stays on and the error says why.
+Power management (`drove manager --dpm full`) does this on its own at quiet
+times; `drove plan dpm` shows what it decided.
+
+Example: drove host standby host-3")]
+    Standby {
+        /// Host name or id.
+        host: String,
+    },
+    /// Power a host in standby (or down) on through the manager's power
+    /// driver; it takes guests once its agent reports in.
+    #[command(after_help = "Example: drove host wake host-3")]
+    Wake {
+        /// Host name or id.
+        host: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -693,6 +714,16 @@ pub async fn host(cmd: HostCommand) -> Result<()> {
         HostCommand::Activate { host } => {
             let h = c.set_maintenance(&host, false).await?;
             println!("host {} is {}", h.info.name, h.info.state);
+            Ok(())
+        }
+        HostCommand::Standby { host } => {
+            let h = c.standby_host(&host).await?;
+            println!("host {} is {} and powered off", h.info.name, h.info.state);
+            Ok(())
+        }
+        HostCommand::Wake { host } => {
+            let h = c.wake_host(&host).await?;
+            println!("host {} is {}: powered on, it takes guests once its agent reports in", h.info.name, h.info.state);
             Ok(())
         }
         HostCommand::Maintenance { host, mode } => {

@@ -11,6 +11,8 @@ use drove_agent::{Agent, AgentConfig};
 use drove_client::Client;
 use drove_hypervisor::Hypervisor;
 use drove_hypervisor::sim::{SimConfig, SimHypervisor};
+use drove_manager::dpm::{DpmConfig, DpmMode};
+use drove_manager::power::{CommandDriver, Ipmi, NoDriver, PowerDriver, WakeOnLan, parse_mac};
 use drove_manager::{Manager, ManagerConfig};
 use drove_model::ByteSize;
 use drove_store::embedded::EmbeddedStore;
@@ -70,6 +72,87 @@ pub struct ManagerArgs {
     /// A guest DRS moved is not moved again for this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub drs_cooldown: u64,
+    /// Power management (DPM): `manual` records which hosts to wake or to
+    /// empty into standby (`drove plan dpm`), `full` also does it through
+    /// the power driver, `off` runs no rounds.
+    #[arg(long, default_value = "manual")]
+    pub dpm: drove_manager::dpm::DpmMode,
+    /// Seconds between DPM rounds.
+    #[arg(long, default_value_t = 300)]
+    pub dpm_interval: u64,
+    /// DPM: hours of the guests' load profiles ahead that the hosts on must
+    /// carry (hosts wake this far ahead of the load).
+    #[arg(long, default_value_t = 2)]
+    pub dpm_lookahead: usize,
+    /// DPM: the share of CPU and memory hosts on may be planned to.
+    #[arg(long, default_value_t = 0.7)]
+    pub dpm_target: f64,
+    /// DPM: only hosts below this share of the target are emptied.
+    #[arg(long, default_value_t = 0.5)]
+    pub dpm_below: f64,
+    /// DPM migrations per round, at most.
+    #[arg(long, default_value_t = 4)]
+    pub dpm_max_moves: usize,
+    /// Hosts DPM empties per round, at most.
+    #[arg(long, default_value_t = 1)]
+    pub dpm_max_hosts: usize,
+    /// DPM never leaves fewer hosts on than this.
+    #[arg(long, default_value_t = 1)]
+    pub dpm_min_on: usize,
+    /// A woken host that has not reported in after this many seconds is down.
+    #[arg(long, default_value_t = 600)]
+    pub dpm_wake_timeout: u64,
+    /// How hosts are powered off and on: `command` runs --power-cmd, `ipmi`
+    /// runs ipmitool against --ipmi-bmc (password from IPMI_PASSWORD),
+    /// `wol` wakes with a Wake-on-LAN packet to --wol-mac's address and
+    /// powers off with --power-cmd; `none` refuses (DPM only recommends).
+    #[arg(long, value_enum, default_value_t = PowerDriverKind::None)]
+    pub power_driver: PowerDriverKind,
+    /// The power command: split on spaces; `{host}`, `{host_id}` and
+    /// `{action}` (on or off) are filled in; it must exit 0.
+    #[arg(long)]
+    pub power_cmd: Option<String>,
+    /// A host's BMC address for IPMI, `{host}` filled in.
+    #[arg(long, default_value = "{host}-bmc")]
+    pub ipmi_bmc: String,
+    #[arg(long, default_value = "admin")]
+    pub ipmi_user: String,
+    /// A host's MAC for Wake-on-LAN, HOST=MAC (repeatable).
+    #[arg(long = "wol-mac", value_name = "HOST=MAC")]
+    pub wol_macs: Vec<String>,
+    /// Where Wake-on-LAN packets go (the hosts' broadcast address).
+    #[arg(long, default_value = "255.255.255.255:9")]
+    pub wol_target: std::net::SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PowerDriverKind {
+    None,
+    Command,
+    Ipmi,
+    Wol,
+}
+
+/// The power driver the flags ask for.
+fn power_driver(a: &ManagerArgs) -> Result<Arc<dyn PowerDriver>> {
+    let cmd = || -> Result<Option<CommandDriver>> {
+        a.power_cmd.as_deref().map(CommandDriver::new).transpose().context("--power-cmd")
+    };
+    Ok(match a.power_driver {
+        PowerDriverKind::None => Arc::new(NoDriver),
+        PowerDriverKind::Command => {
+            Arc::new(cmd()?.context("--power-driver command needs --power-cmd, e.g. 'my-power {host} {action}'")?)
+        }
+        PowerDriverKind::Ipmi => Arc::new(Ipmi { bmc: a.ipmi_bmc.clone(), user: a.ipmi_user.clone() }),
+        PowerDriverKind::Wol => {
+            let mut macs = std::collections::HashMap::new();
+            for m in &a.wol_macs {
+                let (host, mac) = m.split_once('=').with_context(|| format!("--wol-mac {m:?}: expected HOST=MAC"))?;
+                macs.insert(host.to_owned(), parse_mac(mac).with_context(|| format!("--wol-mac {m:?}"))?);
+            }
+            Arc::new(WakeOnLan { macs, to: a.wol_target, off: cmd()? })
+        }
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -119,6 +202,30 @@ pub async fn manager(a: ManagerArgs) -> Result<()> {
         target: a.drs_target,
         max_moves: a.drs_max_moves,
         cooldown: Duration::from_secs(a.drs_cooldown),
+    };
+    let shares_ok = |x: f64| 0.0 < x && x <= 1.0;
+    if !(shares_ok(a.dpm_target) && shares_ok(a.dpm_below)) {
+        anyhow::bail!(
+            "--dpm-target ({}) and --dpm-below ({}) must be above 0 and at most 1",
+            a.dpm_target,
+            a.dpm_below
+        );
+    }
+    let driver = power_driver(&a)?;
+    if a.dpm == DpmMode::Full && !driver.can_act() {
+        anyhow::bail!("--dpm full needs a power driver that can act (--power-driver command|ipmi|wol)");
+    }
+    config.dpm = DpmConfig {
+        mode: a.dpm,
+        interval: Duration::from_secs(a.dpm_interval.max(1)),
+        lookahead_hours: a.dpm_lookahead.clamp(1, 24),
+        target: a.dpm_target,
+        below: a.dpm_below,
+        max_moves: a.dpm_max_moves,
+        max_hosts: a.dpm_max_hosts,
+        min_on: a.dpm_min_on.max(1),
+        wake_timeout: Duration::from_secs(a.dpm_wake_timeout.max(1)),
+        driver,
     };
     let (m, minted) = Manager::open(config, Arc::new(store)).await.context("starting the manager")?;
     if minted.admin.is_some() {

@@ -277,6 +277,10 @@ pub async fn up(a: UpArgs) -> Result<()> {
         "--vcpu-overcommit".into(),
         a.vcpu_overcommit.to_string(),
     ];
+    match lab_power_cmd(&dir) {
+        Some(cmd) => lab.manager_args.extend(["--power-driver".into(), "command".into(), "--power-cmd".into(), cmd]),
+        None => println!("note: a path has spaces; hosts cannot be powered off and on (drove host standby|wake)"),
+    }
     lab.manager_args.extend(a.manager_args.iter().cloned());
     let mut manager = spawn(&dir, "manager.log", None, &lab.manager_args)?;
     lab.manager_pid = Some(manager.id());
@@ -557,6 +561,17 @@ pub enum LabCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Power a lab host off (its agent stopped, its links down) or on
+    /// (links up, agent started): the lab's power driver, which `drove up`
+    /// gives the manager for `drove host standby|wake` and DPM.
+    Power {
+        /// The host, e.g. host-2.
+        host: String,
+        #[arg(value_parser = ["on", "off"])]
+        action: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -609,12 +624,17 @@ async fn manager_fault(dir: &Path, lab: &mut LabFile, fail: bool) -> Result<()> 
 
 pub async fn lab(cmd: LabCommand) -> Result<()> {
     let (host, data_dir) = match &cmd {
-        LabCommand::Fail { host, data_dir, .. } | LabCommand::Heal { host, data_dir } => (host, data_dir),
+        LabCommand::Fail { host, data_dir, .. }
+        | LabCommand::Heal { host, data_dir }
+        | LabCommand::Power { host, data_dir, .. } => (host, data_dir),
     };
     let dir = data_dir.clone().unwrap_or_else(default_data_dir);
     let dir = dir.canonicalize().unwrap_or(dir);
     let mut lab = read_lab(&dir)?.with_context(|| format!("no lab is running in {}", dir.display()))?;
     if host == "manager" {
+        if matches!(cmd, LabCommand::Power { .. }) {
+            bail!("the manager is not a host: `drove lab power` takes a host, e.g. host-2");
+        }
         return manager_fault(&dir, &mut lab, matches!(cmd, LabCommand::Fail { .. })).await;
     }
     let launch = lab.launches.get(host).cloned().with_context(|| {
@@ -625,8 +645,9 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
     })?;
     let fabric = lab.fabric.as_ref().map(FabricRecord::fabric);
     let agent_pid = lab.agents.iter().find(|(n, _)| n == host).map(|(_, p)| *p).filter(|p| is_drove(*p, &dir));
-    match cmd {
+    match &cmd {
         LabCommand::Fail { mode, .. } => {
+            let mode = *mode;
             if matches!(mode, FailMode::Partition | FailMode::MigrationLink) && fabric.is_none() {
                 bail!("--mode {mode:?} needs a lab started with --net netns");
             }
@@ -661,22 +682,57 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
                 }
             );
         }
-        LabCommand::Heal { .. } => {
+        LabCommand::Power { action, .. } if action == "off" => {
+            // A clean stop: the agent leaves whatever runs (nothing, on an
+            // emptied host) and the links go down as a powered-off NIC's.
+            if let Some(pid) = agent_pid {
+                signal(pid, "TERM");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while is_drove(pid, &dir) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if is_drove(pid, &dir) {
+                    signal(pid, "KILL");
+                }
+            }
+            kill_strays(&dir.join("hosts").join(host));
+            if let Some(f) = &fabric {
+                for role in [LinkRole::Management, LinkRole::Migration, LinkRole::Trunk] {
+                    f.set_link(launch.index, role, false).await?;
+                }
+            }
+            lab.agents.retain(|(n, _)| n != host);
+            write_lab(&dir, &lab)?;
+            println!("{host} powered off (agent stopped, links down)");
+        }
+        LabCommand::Heal { .. } | LabCommand::Power { .. } => {
             if let Some(f) = &fabric {
                 for role in [LinkRole::Management, LinkRole::Migration, LinkRole::Trunk] {
                     f.set_link(launch.index, role, true).await?;
                 }
             }
+            let verb = if matches!(cmd, LabCommand::Heal { .. }) { "healed" } else { "powered on" };
             if agent_pid.is_none() {
                 let child = spawn(&dir, &format!("{host}.log"), launch.netns.as_deref(), &launch.args)?;
                 lab.agents.retain(|(n, _)| n != host);
                 lab.agents.push((host.clone(), child.id()));
                 write_lab(&dir, &lab)?;
-                println!("{host} healed: links up, agent started (pid {})", child.id());
+                println!("{host} {verb}: links up, agent started (pid {})", child.id());
             } else {
-                println!("{host} healed: links up, agent was running");
+                println!("{host} {verb}: links up, agent was running");
             }
         }
     }
     Ok(())
+}
+
+/// The manager's power command for this lab (`drove lab power`), if the
+/// paths allow it: the manager splits the command on spaces.
+fn lab_power_cmd(dir: &Path) -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let (exe, dir) = (exe.display().to_string(), dir.display().to_string());
+    if exe.contains(char::is_whitespace) || dir.contains(char::is_whitespace) {
+        return None;
+    }
+    Some(format!("{exe} lab power {{host}} {{action}} --data-dir {dir}"))
 }

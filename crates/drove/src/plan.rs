@@ -103,7 +103,28 @@ pub enum PlanCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// The manager's power management (DPM): its mode and last round, the hosts it wakes ahead of load or empties and puts into standby, each with its reason, and the watts saved.
+    #[command(after_help = DPM_HELP)]
+    Dpm {
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
+
+const DPM_HELP: &str = "\
+Every interval the manager models the guests' load profiles of the hours ahead
+(settings: drove manager --dpm off|manual|full --dpm-interval SECS
+--dpm-lookahead HOURS --dpm-target SHARE --dpm-below SHARE --dpm-min-on N
+--power-driver none|command|ipmi|wol). If the hosts on cannot carry that load
+within the target, it wakes standby hosts, most efficient first; otherwise it
+empties hosts whose guests fit elsewhere and puts them into standby. In manual
+mode it only records this; in full mode it migrates and powers hosts off and
+on itself, as principal `dpm`, audited. `drove plan power` previews what
+consolidation would save.
+
+Examples:
+  drove plan dpm
+  drove plan dpm -o json";
 
 const DRS_HELP: &str = "\
 The manager runs the same balancing as `drove plan balance` every interval on
@@ -214,6 +235,57 @@ pub async fn run(cmd: PlanCommand) -> Result<()> {
         );
         return print(out.format, &plan, &["guest", "priority", "to", "wave", "action"], rows);
     }
+    if let PlanCommand::Dpm { out } = &cmd {
+        let r = c.dpm_status().await?;
+        if out.format == Format::Json {
+            return print(Format::Json, &r, &[], Vec::new());
+        }
+        let when = if r.at.is_empty() { "no round yet".to_owned() } else { format!("last round {}", r.at) };
+        println!(
+            "DPM {} mode (driver {}), every {} s, looking {} h ahead; {when}",
+            r.mode, r.driver, r.interval_secs, r.lookahead_hours
+        );
+        println!(
+            "{} host(s) on, {} in standby; about {:.0} W now, {:.0} W saved",
+            r.hosts_on, r.hosts_standby, r.watts_now, r.watts_saved
+        );
+        if let Some(w) = &r.waiting {
+            println!("waiting: {w}");
+        }
+        let state = |done: bool, error: &Option<String>| match (done, error) {
+            (_, Some(e)) => format!("failed: {e}"),
+            (true, None) => "done".to_owned(),
+            (false, None) => "recommended".to_owned(),
+        };
+        for a in &r.wake {
+            println!("wake {}: {} ({})", a.host, a.reason, state(a.done, &a.error));
+        }
+        for a in &r.standby {
+            println!("standby {}: {} ({})", a.host, a.reason, state(a.done, &a.error));
+        }
+        if !r.moves.is_empty() {
+            let rows = r
+                .moves
+                .iter()
+                .map(|m| {
+                    let done = match (&m.operation, &m.error) {
+                        (Some(op), _) => format!("started {op}"),
+                        (None, Some(e)) => format!("not started: {e}"),
+                        (None, None) => "recommended".into(),
+                    };
+                    vec![m.guest.clone(), m.from.clone(), m.to.clone(), done]
+                })
+                .collect();
+            print(Format::Table, &r, &["guest", "from", "to", "action"], rows)?;
+        }
+        if r.wake.is_empty() && r.standby.is_empty() && r.waiting.is_none() {
+            println!("nothing to change");
+        }
+        for e in &r.errors {
+            println!("error: {e}");
+        }
+        return Ok(());
+    }
     if let PlanCommand::Drs { out } = &cmd {
         let r = c.drs_status().await?;
         if out.format == Format::Json {
@@ -270,7 +342,7 @@ pub async fn run(cmd: PlanCommand) -> Result<()> {
             let m = Model::build(&hosts, &guests, power)?;
             plan_power(&m, &a)
         }
-        PlanCommand::Failover { .. } | PlanCommand::Drs { .. } => Ok(()), // answered above
+        PlanCommand::Failover { .. } | PlanCommand::Drs { .. } | PlanCommand::Dpm { .. } => Ok(()), // answered above
     }
 }
 

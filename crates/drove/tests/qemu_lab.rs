@@ -1285,3 +1285,104 @@ fn drs_relieves_a_hot_host_by_migrating_real_guests() {
     let audit = lab.json(&["audit", "list"]);
     assert_eq!(audit.as_array().unwrap().iter().filter(|r| r["principal"] == "drs").count(), 2, "no thrash");
 }
+
+/// Power management (DPM) on real hosts: at a quiet time the manager
+/// empties a host by live migration and powers the empty ones off through
+/// the lab's power driver (agent stopped, links down), the guests answering
+/// throughout; when the load planned for the hours ahead outgrows the host
+/// left on, it powers the others on again before that load comes.
+#[test]
+fn dpm_powers_quiet_hosts_off_and_wakes_them_ahead_of_load() {
+    let lab = Lab::start_with(
+        3,
+        &[
+            "--net",
+            "netns",
+            "--manager-arg=--dpm=full",
+            // Rounds far enough apart that the guests below are defined
+            // before the first (a host whose guests are still starting is
+            // not emptied anyway).
+            "--manager-arg=--dpm-interval=8",
+            "--manager-arg=--dpm-max-hosts=2",
+        ],
+    );
+    for (name, host) in [("quiet-1", "host-1"), ("quiet-2", "host-2")] {
+        lab.ok(&["vm", "create", name, "--memory", "128M", "--host", host, "--load-profile", "0.1", "--no-wait"]);
+    }
+    let states = || -> std::collections::HashMap<String, String> {
+        let hosts = lab.json(&["host", "list"]);
+        hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h["name"].as_str().unwrap().to_owned(), h["state"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let on = eventually("two hosts in standby, both guests running on the third", Duration::from_secs(180), || {
+        let s = states();
+        let up: Vec<&String> = s.iter().filter(|(_, st)| *st == "up").map(|(n, _)| n).collect();
+        let guests = lab.json(&["vm", "list"]);
+        let running_on = |h: &str| {
+            guests.as_array().unwrap().iter().filter(|g| g["host_name"] == h && g["state"] == "running").count()
+        };
+        (s.values().filter(|st| *st == "standby").count() == 2 && up.len() == 1 && running_on(up[0]) == 2)
+            .then(|| up[0].clone())
+    });
+    for name in ["quiet-1", "quiet-2"] {
+        let (code, out) = lab.sh(name, "echo alive");
+        assert_eq!((code, out.trim()), (0, "alive"), "{name} answers on {on}");
+    }
+    let off: Vec<String> = ["host-1", "host-2", "host-3"].iter().filter(|h| **h != on).map(|h| h.to_string()).collect();
+    let agents = lab.lab_file()["agents"].clone();
+    for h in &off {
+        assert!(!agents.as_array().unwrap().iter().any(|a| a[0] == h.as_str()), "{h}'s agent runs: {agents}");
+    }
+    let dpm = lab.json(&["plan", "dpm"]);
+    assert_eq!(
+        (dpm["mode"].as_str(), dpm["driver"].as_str(), dpm["hosts_standby"].as_u64()),
+        (Some("full"), Some("command"), Some(2)),
+        "{dpm}"
+    );
+    assert!(dpm["watts_saved"].as_f64().unwrap() > 0.0, "{dpm}");
+    let audit = lab.json(&["audit", "list"]);
+    let by_dpm: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["principal"] == "dpm")
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    assert_eq!(by_dpm.iter().filter(|a| a.contains("standby")).count(), 2, "{by_dpm:?}");
+    assert_eq!(by_dpm.iter().filter(|a| a.contains("consolidate")).count(), 1, "{by_dpm:?}");
+
+    // Guests planned at 90 % of a vCPU all day join the host on: more than
+    // two hosts carry at the 70 % target, so both others are powered on.
+    let cores = lab.json(&["host", "show", &on])["cores"].as_u64().unwrap();
+    let busy = (2 * cores * 700 - 200) / 900 + 1;
+    for i in 0..busy {
+        lab.ok(&[
+            "vm",
+            "create",
+            &format!("busy-{i}"),
+            "--memory",
+            "128M",
+            "--host",
+            &on,
+            "--load-profile",
+            "0.9",
+            "--stopped",
+        ]);
+    }
+    eventually("both standby hosts powered on and up", Duration::from_secs(120), || {
+        states().values().all(|st| st == "up").then_some(())
+    });
+    let agents = lab.lab_file()["agents"].clone();
+    for h in &off {
+        assert!(agents.as_array().unwrap().iter().any(|a| a[0] == h.as_str()), "{h}'s agent is not back: {agents}");
+    }
+    let (code, out) = lab.sh("quiet-1", "echo alive");
+    assert_eq!((code, out.trim()), (0, "alive"));
+    // And they stay on: the load ahead needs them.
+    std::thread::sleep(Duration::from_secs(10));
+    assert!(states().values().all(|st| st == "up"), "{:?}", states());
+}

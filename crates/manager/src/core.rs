@@ -76,6 +76,8 @@ pub struct ManagerConfig {
     /// A guest's measured load profile is written to the store at most
     /// this often (and when its samples move to another hour).
     pub load_flush: Duration,
+    /// Power management (DPM) and its power driver.
+    pub dpm: crate::dpm::DpmConfig,
 }
 
 impl ManagerConfig {
@@ -91,6 +93,7 @@ impl ManagerConfig {
             policy: Policy::default(),
             drs: crate::drs::DrsConfig::default(),
             load_flush: Duration::from_secs(60),
+            dpm: crate::dpm::DpmConfig::default(),
         }
     }
 }
@@ -123,6 +126,10 @@ impl ApiError {
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError { status: 503, code: "unavailable", message: message.into(), field: None }
+    }
+    /// Something outside the manager it relies on failed (a power driver).
+    pub fn upstream(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status: 502, code, message: message.into(), field: None }
     }
 }
 
@@ -179,6 +186,7 @@ pub struct Manager {
     /// Those tasks, aborted when the server stops (`crate::serve`).
     pub(crate) background: Mutex<Vec<tokio::task::AbortHandle>>,
     pub(crate) drs: Mutex<crate::drs::DrsState>,
+    pub(crate) dpm: Mutex<crate::dpm::DpmState>,
 }
 
 /// Relayed calls to agents: queued per host until its next heartbeat
@@ -270,6 +278,7 @@ impl Manager {
             snapshot_drivers: Mutex::new(HashSet::new()),
             migration_drivers: Mutex::new(Default::default()),
             drs: Mutex::new(Default::default()),
+            dpm: Mutex::new(Default::default()),
             background: Mutex::new(Vec::new()),
         };
         Ok((Arc::new(m), minted))
@@ -396,7 +405,7 @@ impl Manager {
 
     // ---- reads ---------------------------------------------------------------
 
-    fn host_view(inv: &Inventory, h: &HostEntry) -> HostView {
+    pub(crate) fn host_view(inv: &Inventory, h: &HostEntry) -> HostView {
         let a = inv.allocated.get(&h.info.id).copied().unwrap_or_default();
         HostView {
             info: h.info.clone(),
@@ -1546,7 +1555,7 @@ impl Manager {
                     info.hypervisor = req.hypervisor;
                     info.uplink_bps = req.uplink_bps;
                     info.migration_address = req.migration_address;
-                    info.state = info.state.apply(HostEvent::HeartbeatBack).unwrap_or(info.state);
+                    info.state = info.state.apply(HostEvent::Registered).unwrap_or(info.state);
                     info
                 }
                 None => HostInfo {
@@ -1727,8 +1736,8 @@ impl Manager {
     ) -> Result<u64, ApiError> {
         let inv = self.lock();
         let h = inv.hosts.get(&host).ok_or_else(|| ApiError::not_found("host", &host.to_string()))?;
-        if h.info.state == HostState::Down {
-            return Err(ApiError::unavailable(format!("host {} is down", h.info.name)));
+        if matches!(h.info.state, HostState::Down | HostState::Standby | HostState::Waking) {
+            return Err(ApiError::unavailable(format!("host {} is {}", h.info.name, h.info.state)));
         }
         let mut calls = self.calls_lock();
         calls.next_id += 1;
@@ -1951,7 +1960,7 @@ impl Manager {
     /// Counts for metrics.
     pub fn counts(&self) -> Counts {
         let inv = self.lock();
-        let hosts = [HostState::Up, HostState::Maintenance, HostState::Down]
+        let hosts = [HostState::Up, HostState::Maintenance, HostState::Down, HostState::Standby, HostState::Waking]
             .into_iter()
             .map(|s| (s, inv.hosts.values().filter(|h| h.info.state == s).count()))
             .collect();

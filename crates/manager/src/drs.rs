@@ -93,9 +93,52 @@ fn mib_up(b: ByteSize) -> u32 {
     b.bytes().div_ceil(1024 * 1024).min(u64::from(u32::MAX)) as u32
 }
 
+/// The hours of the day a model covers: `hours` from `start` (UTC hour),
+/// wrapping past midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: usize,
+    pub hours: usize,
+}
+
+impl Window {
+    pub const DAY: Window = Window { start: 0, hours: SLOTS };
+
+    /// `hours` from the current UTC hour.
+    pub fn ahead(hours: usize) -> Window {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Window { start: ((secs / 3600) % SLOTS as u64) as usize, hours: hours.clamp(1, SLOTS) }
+    }
+
+    /// The day's hour of each slot.
+    fn hours(self) -> impl Iterator<Item = usize> {
+        (0..self.hours).map(move |i| (self.start + i) % SLOTS)
+    }
+}
+
+/// A host's power state as the placement engine sees it.
+fn power_state(state: HostState) -> PowerState {
+    match state {
+        HostState::Standby => PowerState::Standby,
+        HostState::Waking => PowerState::Waking,
+        HostState::Up | HostState::Maintenance | HostState::Down => PowerState::On,
+    }
+}
+
 impl Model {
+    /// The whole day.
     pub fn build(hosts: &[HostView], guests: &[GuestView], power: PowerModel) -> Result<Model, ModelError> {
-        let mut cluster = Cluster::new(SLOTS)?;
+        Self::build_window(hosts, guests, power, Window::DAY)
+    }
+
+    /// The hours of `window` only: what power management looks at.
+    pub fn build_window(
+        hosts: &[HostView],
+        guests: &[GuestView],
+        power: PowerModel,
+        window: Window,
+    ) -> Result<Model, ModelError> {
+        let mut cluster = Cluster::new(window.hours)?;
         let mut by_id: HashMap<String, HostIx> = HashMap::new();
         let mut hosts_out = Vec::new();
         let mut sorted: Vec<&HostView> = hosts.iter().collect();
@@ -111,8 +154,10 @@ impl Model {
                 ),
                 core_speed: MILLI,
                 power,
-                state: PowerState::On,
-                schedulable: h.info.state == HostState::Up,
+                state: power_state(h.info.state),
+                // Standby and waking hosts take guests once on; their power
+                // state keeps them out until then.
+                schedulable: matches!(h.info.state, HostState::Up | HostState::Standby | HostState::Waking),
             })?;
             by_id.insert(h.info.id.to_string(), ix);
             hosts_out.push((h.info.id.to_string(), h.info.state));
@@ -124,7 +169,7 @@ impl Model {
         sorted.sort_by(|a, b| a.guest.spec.name.cmp(&b.guest.spec.name));
         for g in sorted {
             let Some(&on) = by_id.get(&g.guest.host.to_string()) else { continue };
-            let (spec, from_measurement) = guest_spec(g)?;
+            let (spec, from_measurement) = guest_spec(g, window)?;
             profiled += usize::from(g.guest.spec.load_profile.is_some());
             measured += usize::from(from_measurement);
             cluster.add_guest(spec, Some(on))?;
@@ -152,19 +197,23 @@ impl Model {
     }
 }
 
-/// A live guest as the placement engine sees it (see the module's table),
-/// and whether any hour of it comes from measurement.
-fn guest_spec(g: &GuestView) -> Result<(GuestSpec, bool), ModelError> {
+/// A live guest as the placement engine sees it over `window` (see the
+/// module's table), and whether any hour of it comes from measurement.
+fn guest_spec(g: &GuestView, window: Window) -> Result<(GuestSpec, bool), ModelError> {
     let spec = &g.guest.spec;
     let other = Resources::new(0, mib_up(spec.memory), 0, 0);
     let full = f64::from(spec.vcpus.max(1)) * f64::from(MILLI);
-    // Per hour: the measured slot to plan from, if any.
-    let slots: [Option<&drove_model::LoadSlot>; SLOTS] = std::array::from_fn(|h| match &spec.load_profile {
-        Some(_) => None,
-        None => g.measured_load.as_ref().and_then(|m| m.trusted(h)),
-    });
+    // Per slot of the window: the measured slot of its hour to plan from,
+    // if any.
+    let slots: Vec<Option<&drove_model::LoadSlot>> = window
+        .hours()
+        .map(|h| match &spec.load_profile {
+            Some(_) => None,
+            None => g.measured_load.as_ref().and_then(|m| m.trusted(h)),
+        })
+        .collect();
     let hourly: Vec<f32> = match &spec.load_profile {
-        Some(p) => p.hourly_cpu.clone(),
+        Some(p) => window.hours().map(|h| p.hourly_cpu.get(h).copied().unwrap_or(DEFAULT_CPU_FRACTION)).collect(),
         None => slots
             .iter()
             .map(|s| s.map_or(DEFAULT_CPU_FRACTION, |s| (s.cpu_millicores / full).clamp(0.0, 1.0) as f32))
@@ -426,6 +475,19 @@ impl Manager {
             round.moves.push(out);
         }
         self.keep_round(round)
+    }
+
+    /// Guests DRS or DPM moved within the cool-down: neither moves them
+    /// again for balance or power (so the two never undo each other).
+    pub(crate) fn recently_moved(&self) -> std::collections::HashSet<GuestId> {
+        let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
+        let cooldown = self.config.drs.cooldown;
+        st.moved.retain(|_, at| at.elapsed() < cooldown);
+        st.moved.keys().copied().collect()
+    }
+
+    pub(crate) fn note_moved(&self, id: GuestId) {
+        self.drs.lock().unwrap_or_else(|p| p.into_inner()).moved.insert(id, Instant::now());
     }
 
     fn keep_round(&self, round: DrsRound) -> DrsRound {

@@ -214,7 +214,16 @@ impl Manager {
         let mut hosts: Vec<HostCapacity> = self
             .capacities(inv)
             .into_iter()
-            .filter(|c| inv.hosts.get(&c.id).is_some_and(|h| h.info.state != drove_model::HostState::Down))
+            // Hosts that are off cannot take restarts now (a standby host
+            // takes minutes to wake).
+            .filter(|c| {
+                inv.hosts.get(&c.id).is_some_and(|h| {
+                    !matches!(
+                        h.info.state,
+                        drove_model::HostState::Down | drove_model::HostState::Standby | drove_model::HostState::Waking
+                    )
+                })
+            })
             .collect();
         let mut restartable: HashMap<HostId, Vec<Evacuee<String>>> = HashMap::new();
         let named = |g: &Guest| evacuee(g, g.spec.name.clone());

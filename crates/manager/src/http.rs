@@ -19,11 +19,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use drove_api::{
     AgentCallKind, AuditRecord, AuditVerification, CallOutcome, CallResult, CloneGuestRequest, ConsoleLog,
-    CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DrainRequest, DrsRound, ErrorBody, ErrorResponse,
-    ExecRequest, ExecResponse, FailoverPlanView, GuestInterface, GuestView, HaSettings, HaStatus, HeartbeatRequest,
-    HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest, MigrateRequest,
-    MoveStorageRequest, OperationAccepted, PoolView, RegisterRequest, RegisterResponse, SetLimitsRequest,
-    SetTemplateRequest, SnapshotList, StopGuestRequest, VlanView,
+    CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, DpmRound, DrainRequest, DrsRound, ErrorBody,
+    ErrorResponse, ExecRequest, ExecResponse, FailoverPlanView, GuestInterface, GuestView, HaSettings, HaStatus,
+    HeartbeatRequest, HeartbeatResponse, HostView, HotplugRequest, ImportImageRequest, MaintenanceRequest,
+    MigrateRequest, MoveStorageRequest, OperationAccepted, PoolView, RegisterRequest, RegisterResponse,
+    SetLimitsRequest, SetTemplateRequest, SnapshotList, StopGuestRequest, VlanView,
 };
 use drove_model::image::Image;
 use drove_model::{Operation, OperationId};
@@ -134,6 +134,9 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/pools", get(list_pools))
         .route("/v1/drs", get(drs_status))
+        .route("/v1/dpm", get(dpm_status))
+        .route("/v1/hosts/{host}/standby", post(standby_host))
+        .route("/v1/hosts/{host}/wake", post(wake_host))
         .route("/v1/hosts/{host}", get(get_host))
         .route("/v1/hosts/{host}/maintenance", post(set_maintenance))
         .route("/v1/hosts/{host}/drain", post(drain_host))
@@ -209,6 +212,27 @@ async fn list_pools(State(m): State<Arc<Manager>>) -> Res<Json<Vec<PoolView>>> {
     responses((status = 200, body = DrsRound), (status = 401, body = ErrorResponse)))]
 async fn drs_status(State(m): State<Arc<Manager>>) -> Res<Json<DrsRound>> {
     Ok(Json(m.drs_status()))
+}
+
+#[utoipa::path(get, path = "/v1/dpm", tag = "hosts",
+    description = "Power management's (DPM) last round: hosts to wake ahead of the load of the hours ahead, or hosts to empty (the migrations, each with its reason) and put into standby; the estimated watts now and saved; and what went wrong carrying out earlier rounds. The mode, thresholds and power driver are manager settings (`drove manager --dpm ... --power-driver ...`).",
+    responses((status = 200, body = DpmRound), (status = 401, body = ErrorResponse)))]
+async fn dpm_status(State(m): State<Arc<Manager>>) -> Res<Json<DpmRound>> {
+    Ok(Json(m.dpm_status()))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{host}/standby", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
+    description = "Put an empty, up host into standby and power it off through the power driver. Refused while guests are placed on or migrating to it (drain it first) or when HA would lose its reserve. If the driver fails the host stays on (it goes through `waking` back to `up`) and the answer says why.",
+    responses((status = 200, body = HostView), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse), (status = 502, body = ErrorResponse)))]
+async fn standby_host(State(m): State<Arc<Manager>>, ctx: Ctx, Path(host): Path<String>) -> Res<Json<HostView>> {
+    m.standby_host(&ctx, &host).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{host}/wake", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
+    description = "Power a host in standby (or down) on through the power driver. It is `waking` until its agent registers, then `up`; `down` if it does not within the wake timeout.",
+    responses((status = 200, body = HostView), (status = 404, body = ErrorResponse), (status = 409, body = ErrorResponse), (status = 502, body = ErrorResponse)))]
+async fn wake_host(State(m): State<Arc<Manager>>, ctx: Ctx, Path(host): Path<String>) -> Res<Json<HostView>> {
+    m.wake_host(&ctx, &host).await.map(Json)
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{host}", tag = "hosts", params(("host" = String, Path, description = "Host name or id")),
@@ -789,7 +813,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, list_pools, drs_status, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, move_storage, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, list_pools, drs_status, dpm_status, standby_host, wake_host, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, move_storage, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "storage"), (name = "operations"), (name = "audit"), (name = "settings"), (name = "agent"), (name = "meta"))

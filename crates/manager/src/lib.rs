@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod clones;
 pub mod core;
+pub mod dpm;
 pub mod drain;
 pub mod drs;
 pub mod failover;
@@ -32,6 +33,7 @@ pub mod load;
 pub mod migrate;
 pub mod monitor;
 pub mod persist;
+pub mod power;
 pub mod snapshots;
 pub mod storage;
 
@@ -58,6 +60,7 @@ pub async fn serve(
     }
     let _monitor = AbortOnDrop(tokio::spawn(monitor::run(manager.clone())));
     let _drs = AbortOnDrop(tokio::spawn(drs::run(manager.clone())));
+    let _dpm = AbortOnDrop(tokio::spawn(dpm::run(manager.clone())));
     // Snapshot drivers end with the server too (a restarted manager
     // resumes their operations from the store).
     struct AbortBackground(Arc<Manager>);

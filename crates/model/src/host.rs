@@ -1,16 +1,28 @@
-//! Physical hosts and their administrative/liveness state.
+//! Physical hosts and their administrative, liveness and power state.
 //!
 //! ```text
 //!            heartbeat lost                 enter_maintenance
-//!    ┌────┐ ───────────────► ┌──────┐      (from Up or Down)
+//!    ┌────┐ ───────────────► ┌──────┐    (from Up, Down, Standby, Waking)
 //!    │ Up │                  │ Down │  ──────────────────────► ┌─────────────┐
 //!    └────┘ ◄─────────────── └──────┘                          │ Maintenance │
-//!      ▲      heartbeat back                                   └──────┬──────┘
-//!      └──────────────────────── exit_maintenance ────────────────────┘
-//!                                (to Down if the host is not heard from)
+//!    ▲ ▲ │     heartbeat back   │ ▲                             └──────┬──────┘
+//!    │ └─┼──────────────────────┼─┼── exit_maintenance ───────────────┘
+//!    │   │                      │ │  (to Down if the host is not heard from)
+//!    │   │ sleep (empty)   wake │ │ wake timed out
+//!    │   ▼                      ▼ │
+//!    │ ┌─────────┐  wake   ┌────────┐
+//!    │ │ Standby │ ──────► │ Waking │
+//!    │ └─────────┘         └────────┘
+//!    │      │ registered        │ heartbeat back / registered
+//!    └──────┴───────────────────┘
 //! ```
 //!
-//! Maintenance is sticky: liveness changes do not take a host out of it.
+//! Maintenance and standby are sticky: a host in standby is powered off on
+//! purpose, so silence is expected and never makes it `Down` (it holds no
+//! guests to fail over), and the last heartbeats of an agent being powered
+//! off do not bring it back. Only a new agent registering (someone powered
+//! the host on) or a wake does. A host that does not report in within the
+//! wake timeout is `Down`.
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +67,11 @@ pub enum HostState {
     Maintenance,
     /// Not heard from within the heartbeat timeout.
     Down,
+    /// Emptied and powered off by power management (or an operator) to
+    /// save energy; takes no guests until woken.
+    Standby,
+    /// Powered on again and booting; takes guests once its agent reports.
+    Waking,
 }
 
 impl std::fmt::Display for HostState {
@@ -63,6 +80,8 @@ impl std::fmt::Display for HostState {
             HostState::Up => "up",
             HostState::Maintenance => "maintenance",
             HostState::Down => "down",
+            HostState::Standby => "standby",
+            HostState::Waking => "waking",
         })
     }
 }
@@ -93,6 +112,14 @@ pub enum HostEvent {
     ExitMaintenance {
         alive: bool,
     },
+    /// A new agent registered: the host was (re)started.
+    Registered,
+    /// Power it off; the manager sends this only for a host without guests.
+    Sleep,
+    /// Power it on.
+    Wake,
+    /// A woken host did not report in within the wake timeout.
+    WakeTimedOut,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,10 +135,14 @@ impl HostState {
         use HostEvent::*;
         use HostState::*;
         let next = match (self, event) {
+            (Up | Waking, HeartbeatBack | Registered) | (Standby, Registered) => Up,
+            (Down, HeartbeatBack | Registered) => Up,
             (Up, HeartbeatLost) => Down,
-            (Down, HeartbeatBack) => Up,
-            (Maintenance, HeartbeatLost | HeartbeatBack) => Maintenance,
-            (Up | Down, EnterMaintenance) => Maintenance,
+            (Down, HeartbeatLost) => Down,
+            (Maintenance, HeartbeatLost | HeartbeatBack | Registered) => Maintenance,
+            (Standby, HeartbeatLost | HeartbeatBack) => Standby,
+            (Waking, HeartbeatLost) => Waking,
+            (Up | Down | Standby | Waking, EnterMaintenance) => Maintenance,
             (Maintenance, ExitMaintenance { alive }) => {
                 if alive {
                     Up
@@ -119,8 +150,14 @@ impl HostState {
                     Down
                 }
             }
-            (Up, HeartbeatBack) | (Down, HeartbeatLost) => self,
-            (Maintenance, EnterMaintenance) | (Up | Down, ExitMaintenance { .. }) => {
+            (Up, Sleep) => Standby,
+            (Standby | Down, Wake) => Waking,
+            (Waking, WakeTimedOut) => Down,
+            (Maintenance, EnterMaintenance)
+            | (Up | Down | Standby | Waking, ExitMaintenance { .. })
+            | (Down | Maintenance | Standby | Waking, Sleep)
+            | (Up | Maintenance | Waking, Wake)
+            | (Up | Down | Maintenance | Standby, WakeTimedOut) => {
                 return Err(InvalidHostTransition { state: self, event });
             }
         };
@@ -168,5 +205,38 @@ mod tests {
         assert_eq!(s.apply(HostEvent::ExitMaintenance { alive: true }), Ok(HostState::Up));
         assert!(s.apply(HostEvent::EnterMaintenance).is_err());
         assert!(HostState::Up.apply(HostEvent::ExitMaintenance { alive: true }).is_err());
+    }
+
+    #[test]
+    fn standby_is_sticky_until_woken_or_registered() {
+        let s = HostState::Up.apply(HostEvent::Sleep).expect("sleep");
+        assert_eq!(s, HostState::Standby);
+        // Silence is expected, and the last heartbeats of an agent being
+        // powered off do not bring it back.
+        assert_eq!(s.apply(HostEvent::HeartbeatLost), Ok(HostState::Standby));
+        assert_eq!(s.apply(HostEvent::HeartbeatBack), Ok(HostState::Standby));
+        // Someone powered it on by hand: its new agent registers.
+        assert_eq!(s.apply(HostEvent::Registered), Ok(HostState::Up));
+        let w = s.apply(HostEvent::Wake).expect("wake");
+        assert_eq!(w, HostState::Waking);
+        assert_eq!(w.apply(HostEvent::HeartbeatLost), Ok(HostState::Waking));
+        assert_eq!(w.apply(HostEvent::HeartbeatBack), Ok(HostState::Up));
+        assert_eq!(w.apply(HostEvent::WakeTimedOut), Ok(HostState::Down));
+        // A dead host can be powered on too.
+        assert_eq!(HostState::Down.apply(HostEvent::Wake), Ok(HostState::Waking));
+    }
+
+    #[test]
+    fn only_a_running_host_sleeps_and_only_a_sleeping_or_dead_one_wakes() {
+        for state in [HostState::Down, HostState::Maintenance, HostState::Standby, HostState::Waking] {
+            assert!(state.apply(HostEvent::Sleep).is_err(), "{state} slept");
+        }
+        for state in [HostState::Up, HostState::Maintenance, HostState::Waking] {
+            assert!(state.apply(HostEvent::Wake).is_err(), "{state} woke");
+        }
+        assert!(HostState::Up.apply(HostEvent::WakeTimedOut).is_err());
+        for state in [HostState::Up, HostState::Down, HostState::Standby, HostState::Waking] {
+            assert_eq!(state.apply(HostEvent::EnterMaintenance), Ok(HostState::Maintenance));
+        }
     }
 }

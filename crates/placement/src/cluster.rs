@@ -126,7 +126,7 @@ impl Limits {
         self
     }
 
-    fn limit(&self, capacity: u32, d: usize) -> u64 {
+    pub(crate) fn limit(&self, capacity: u32, d: usize) -> u64 {
         (f64::from(capacity) * self.usable[d]).floor().max(0.0) as u64
     }
 }

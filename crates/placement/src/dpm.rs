@@ -55,7 +55,7 @@ pub fn consolidate(cluster: &Cluster, p: &ConsolidateParams) -> ConsolidationPla
         .fold(f64::INFINITY, f64::min);
     let mut cands: Vec<(f64, HostIx)> = scratch
         .hosts()
-        .filter(|&h| scratch.host(h).state.accepts_guests())
+        .filter(|&h| scratch.host(h).state.accepts_guests() && scratch.host(h).schedulable)
         .filter(|&h| scratch.residents(h).iter().all(|&g| scratch.mobility(g) == Mobility::Free))
         .map(|h| {
             // CPU is what changes over the day; memory and bandwidth are
@@ -162,4 +162,141 @@ pub fn wake_for_demand(cluster: &Cluster, cpu_needed: f64, target: &Limits) -> V
         wake.push(h);
     }
     wake
+}
+
+/// Standby hosts to wake so that the hosts on (or waking) can carry every
+/// guest's demand in every slot and dimension within `target`, and so that
+/// at least `min_on` hosts are on: most efficient first.
+///
+/// Unlike [`wake_for_demand`] (the simulator's, fed one observed slot and
+/// a CPU figure), this reads the cluster's own profiles: given the slots
+/// ahead, it wakes hosts before the load arrives. The sum is a necessary
+/// condition, not a packing: a host that turns hot for want of a fit is
+/// the rebalancer's to solve ([`crate::rebalance`] with `allow_wake`).
+pub fn wake_ahead(cluster: &Cluster, target: &Limits, min_on: usize) -> Vec<HostIx> {
+    let mut gap = Gap::of(cluster, target);
+    let mut wake = Vec::new();
+    for h in standby_by_efficiency(cluster, target.usable[0]) {
+        if gap.covered(min_on) {
+            break;
+        }
+        gap.add(cluster, h, target);
+        wake.push(h);
+    }
+    wake
+}
+
+/// What the hosts on can carry within a target, against the most the
+/// guests demand in any slot.
+struct Gap {
+    have: [u64; DIMS],
+    need: [u64; DIMS],
+    on: usize,
+}
+
+impl Gap {
+    fn of(cluster: &Cluster, target: &Limits) -> Gap {
+        let mut gap = Gap { have: [0; DIMS], need: [0; DIMS], on: 0 };
+        for h in cluster.hosts() {
+            let spec = cluster.host(h);
+            if matches!(spec.state, PowerState::On | PowerState::Waking) && spec.schedulable {
+                gap.add(cluster, h, target);
+            }
+        }
+        for s in 0..cluster.slots() {
+            let mut total = [0u64; DIMS];
+            for h in cluster.hosts() {
+                for (t, l) in total.iter_mut().zip(cluster.load(h, s).to_array()) {
+                    *t += u64::from(l);
+                }
+            }
+            for (n, t) in gap.need.iter_mut().zip(total) {
+                *n = (*n).max(t);
+            }
+        }
+        gap
+    }
+
+    fn usable(cluster: &Cluster, h: HostIx, target: &Limits) -> [u64; DIMS] {
+        let cap = cluster.host(h).capacity.to_array();
+        std::array::from_fn(|d| target.limit(cap[d], d))
+    }
+
+    fn add(&mut self, cluster: &Cluster, h: HostIx, target: &Limits) {
+        for (have, u) in self.have.iter_mut().zip(Self::usable(cluster, h, target)) {
+            *have += u;
+        }
+        self.on += 1;
+    }
+
+    fn remove(&mut self, cluster: &Cluster, h: HostIx, target: &Limits) {
+        for (have, u) in self.have.iter_mut().zip(Self::usable(cluster, h, target)) {
+            *have = have.saturating_sub(u);
+        }
+        self.on = self.on.saturating_sub(1);
+    }
+
+    fn covered(&self, min_on: usize) -> bool {
+        self.on >= min_on && (0..DIMS).all(|d| self.have[d] >= self.need[d])
+    }
+}
+
+/// Power management knobs of one round ([`plan_power`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PowerParams {
+    /// Hosts on must carry the load within these limits, and receivers of
+    /// consolidation are filled up to them.
+    pub target: Limits,
+    /// See [`ConsolidateParams::below`].
+    pub below: f64,
+    pub max_moves: usize,
+    pub max_hosts: usize,
+    pub min_on: usize,
+}
+
+/// What one power management round proposes: wake hosts, or consolidate
+/// guests and put emptied hosts into standby; never both.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PowerPlan {
+    pub wake: Vec<HostIx>,
+    pub moves: Vec<Move>,
+    pub standby: Vec<HostIx>,
+}
+
+/// One round of power management over the slots the cluster holds (give it
+/// the hours ahead, and hosts wake before the load comes, while hosts whose
+/// guests' load rises within them are not emptied).
+///
+/// Waking comes first: a round that must wake a host does not also empty
+/// one (that would be thrashing by construction).
+pub fn plan_power(cluster: &Cluster, p: &PowerParams) -> PowerPlan {
+    let wake = wake_ahead(cluster, &p.target, p.min_on);
+    if !wake.is_empty() {
+        return PowerPlan { wake, ..Default::default() };
+    }
+    let c = consolidate(
+        cluster,
+        &ConsolidateParams {
+            target: p.target,
+            below: p.below,
+            max_moves: p.max_moves,
+            max_hosts: p.max_hosts,
+            min_on: p.min_on,
+        },
+    );
+    // A host goes only if the hosts left on still carry the load ahead: an
+    // empty host fits "everything" it holds, and emptying it only for the
+    // next round to wake it again is thrashing.
+    let mut gap = Gap::of(cluster, &p.target);
+    let mut plan = PowerPlan::default();
+    for h in c.standby {
+        gap.remove(cluster, h, &p.target);
+        if gap.covered(p.min_on) {
+            plan.standby.push(h);
+        } else {
+            gap.add(cluster, h, &p.target);
+        }
+    }
+    plan.moves = c.moves.into_iter().filter(|m| plan.standby.contains(&m.from)).collect();
+    plan
 }

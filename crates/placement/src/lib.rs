@@ -18,7 +18,7 @@
 //! | [`place_all`] | where do these new guests go? | admission, `drove bench placement` |
 //! | [`failover`] | host X died: where does each guest restart, in which wave? | HA |
 //! | [`rebalance`] | which hosts are hot, which guests move where, and why? | DRS, the simulator |
-//! | [`consolidate`], [`wake_for_demand`] | which hosts can go to standby, which must wake? | DPM, the simulator |
+//! | [`consolidate`], [`wake_for_demand`], [`wake_ahead`], [`plan_power`] | which hosts can go to standby, which must wake? | DPM, the simulator |
 //! | [`headroom`], [`what_if_add`], [`what_if_lose`] | how much room is left per time of day? | capacity planning |
 //! | [`PowerModel`] | how many watts at this load? | DPM, the simulator |
 //! | [`History`], [`daily_profile`] | what do measurements predict? | the simulator, profiles from agents |
@@ -44,7 +44,9 @@ pub use cluster::{
     Cluster, ClusterError, Group, GuestIx, GuestSpec, HostIx, HostSpec, Limits, Misfit, Mobility, NoHost, Strategy,
     Tier,
 };
-pub use dpm::{ConsolidateParams, ConsolidationPlan, consolidate, wake_for_demand};
+pub use dpm::{
+    ConsolidateParams, ConsolidationPlan, PowerParams, PowerPlan, consolidate, plan_power, wake_ahead, wake_for_demand,
+};
 pub use forecast::{History, daily_profile};
 pub use plan::{FailoverParams, FailoverPlan, PlacementPlan, Restart, failover, packing_order, place_all};
 pub use power::{InvalidPowerTransition, PowerEvent, PowerModel, PowerModelError, PowerState};

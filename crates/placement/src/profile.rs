@@ -75,16 +75,14 @@ impl Profile {
 
     /// A guest described the way the model crate does: `vcpus` at
     /// `cpu_per_vcpu` each, busy by the given hourly fractions, with
-    /// constant memory, network and disk demand. Returns 24 hourly slots.
+    /// constant memory, network and disk demand. One slot per fraction:
+    /// 24 for a day, fewer for the hours of a window.
     pub fn from_hourly(
         vcpus: u32,
         cpu_per_vcpu: u32,
         hourly_cpu: &[f32],
         other: Resources,
     ) -> Result<Self, ProfileError> {
-        if hourly_cpu.len() != 24 {
-            return Err(ProfileError::SlotCount { what: "an hourly profile", got: hourly_cpu.len(), expected: 24 });
-        }
         let full = u64::from(vcpus) * u64::from(cpu_per_vcpu);
         let mut slots = Vec::with_capacity(24);
         for (hour, &f) in hourly_cpu.iter().enumerate() {

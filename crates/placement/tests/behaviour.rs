@@ -4,8 +4,8 @@
 
 use drove_placement::{
     BalanceParams, Cluster, ConsolidateParams, Dim, FailoverParams, Group, GuestIx, GuestSpec, HostIx, HostSpec,
-    Limits, Misfit, Mobility, MoveReason, PowerModel, PowerState, Profile, Resources, Strategy, Tier, cluster_headroom,
-    consolidate, failover, place_all, rebalance, what_if_add, what_if_lose,
+    Limits, Misfit, Mobility, MoveReason, PowerModel, PowerParams, PowerState, Profile, Resources, Strategy, Tier,
+    cluster_headroom, consolidate, failover, place_all, plan_power, rebalance, wake_ahead, what_if_add, what_if_lose,
 };
 
 const G4: [f64; 11] = [86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0];
@@ -240,6 +240,84 @@ fn consolidation_empties_the_light_host_and_keeps_the_efficient_one() {
     // Moved guests are reluctant: nothing moves for consolidation.
     c.set_mobility(gs[0], Mobility::Reluctant);
     assert!(consolidate(&c, &params).moves.iter().all(|m| m.guest != gs[0]));
+}
+
+#[test]
+fn hosts_wake_ahead_of_a_slot_whose_load_the_hosts_on_cannot_carry() {
+    // Two slots: now, and an hour ahead when both guests peak.
+    let (mut c, hs, gs) = build(
+        vec![host("on", 4000, 4096), host("off-1", 4000, 4096), host("off-2", 4000, 4096)],
+        vec![guest("a", &[500, 2500], 512), guest("b", &[500, 2500], 512)],
+    );
+    c.assign(gs[0], hs[0]);
+    c.assign(gs[1], hs[0]);
+    c.set_power_state(hs[1], PowerState::Standby);
+    c.set_power_state(hs[2], PowerState::Standby);
+    let target = Limits::FULL.with_cpu(0.7, 0.0);
+    // 5000 milli-cores ahead; one host carries 2800 within the target: one
+    // more host (2 × 2800 ≥ 5000), not two.
+    assert_eq!(wake_ahead(&c, &target, 1).len(), 1);
+    let params = PowerParams { target, below: 0.7, max_moves: 10, max_hosts: 10, min_on: 1 };
+    let plan = plan_power(&c, &params);
+    assert_eq!(plan.wake.len(), 1);
+    assert!(plan.moves.is_empty() && plan.standby.is_empty(), "a round that wakes does not empty: {plan:?}");
+    // Memory counts too: 5 GiB of guests need a second 4 GiB host.
+    let (mut c, hs, gs) = build(
+        vec![host("on", 8000, 4096), host("off", 8000, 4096)],
+        vec![guest("a", &[100], 2560), guest("b", &[100], 2560)],
+    );
+    c.assign(gs[0], hs[0]);
+    c.assign(gs[1], hs[0]);
+    c.set_power_state(hs[1], PowerState::Standby);
+    assert_eq!(wake_ahead(&c, &target, 1), vec![hs[1]]);
+    // And `min_on` is kept whatever the load.
+    let (mut c, hs, _) = build(vec![host("on", 8000, 4096), host("off", 8000, 4096)], vec![guest("a", &[100], 64)]);
+    c.set_power_state(hs[1], PowerState::Standby);
+    assert_eq!(wake_ahead(&c, &target, 2), vec![hs[1]]);
+    assert!(wake_ahead(&c, &target, 1).is_empty());
+}
+
+#[test]
+fn a_quiet_cluster_consolidates_but_not_a_host_whose_load_rises_within_the_window() {
+    let quiet = |ahead: u32| {
+        let (mut c, hs, gs) = build(
+            vec![host("h1", 4000, 4096), host("h2", 4000, 4096), host("h3", 4000, 4096)],
+            vec![guest("a", &[300, 300], 256), guest("b", &[300, ahead], 256), guest("c", &[300, 300], 256)],
+        );
+        for i in 0..3 {
+            c.assign(gs[i], hs[i]);
+        }
+        c
+    };
+    let params =
+        PowerParams { target: Limits::FULL.with_cpu(0.7, 0.0), below: 0.5, max_moves: 10, max_hosts: 10, min_on: 1 };
+    let plan = plan_power(&quiet(300), &params);
+    assert!(plan.wake.is_empty());
+    assert_eq!(plan.standby.len(), 2, "{plan:?}");
+    assert_eq!(plan.moves.len(), 2);
+    // Guest b peaks within the window: its host stays on, and nothing else
+    // has room for it at its peak next to the others.
+    let c = quiet(2600);
+    let plan = plan_power(&c, &params);
+    let b_host = c.host_of(GuestIx(1)).unwrap();
+    assert!(!plan.standby.contains(&b_host), "{plan:?}");
+    // An empty host stays on when the others could not carry the load
+    // ahead without it: emptying it would only wake it next round.
+    let (mut c, hs, gs) = build(
+        vec![host("h1", 4000, 4096), host("h2", 4000, 4096)],
+        vec![guest("a", &[300, 2000], 256), guest("b", &[300, 2000], 256)],
+    );
+    c.assign(gs[0], hs[0]);
+    c.assign(gs[1], hs[0]);
+    let plan = plan_power(&c, &params);
+    assert!(plan.wake.is_empty() && plan.standby.is_empty() && plan.moves.is_empty(), "{plan:?}");
+    // Unschedulable hosts (maintenance, down) are not emptied by DPM.
+    let mut c = quiet(300);
+    for h in c.hosts().collect::<Vec<_>>() {
+        c.set_schedulable(h, false);
+    }
+    let plan = plan_power(&c, &params);
+    assert!(plan.standby.is_empty() && plan.moves.is_empty(), "{plan:?}");
 }
 
 #[test]

@@ -49,6 +49,37 @@ impl TestAgent {
     }
 }
 
+/// An agent for host `name` on `sim`, running until the sender is used.
+pub fn spawn_agent(
+    endpoint: &str,
+    token: &str,
+    name: &str,
+    sim: &SimHypervisor,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    spawn_agent_with(endpoint, token, name, sim, AgentConfig::new(name).usage_every)
+}
+
+/// [`spawn_agent`], sampling its guests' usage every `usage_every`.
+pub fn spawn_agent_with(
+    endpoint: &str,
+    token: &str,
+    name: &str,
+    sim: &SimHypervisor,
+    usage_every: Duration,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    let mut ac = AgentConfig::new(name);
+    ac.usage_every = usage_every;
+    ac.retry_after = Duration::from_millis(200);
+    ac.restart_backoff = Duration::from_millis(500);
+    ac.migration_address = Some(std::net::Ipv4Addr::LOCALHOST.into());
+    let agent = Agent::new(ac, Client::new(endpoint, token), Arc::new(sim.clone()));
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async {
+        let _ = rx.await;
+    }));
+    (tx, task)
+}
+
 pub fn fast_config(dir: &std::path::Path) -> ManagerConfig {
     let mut c = ManagerConfig::new(dir.to_owned());
     c.heartbeat_interval = Duration::from_millis(100);
@@ -162,16 +193,7 @@ impl Dc {
     }
 
     fn start_agent(&self, name: &str, sim: &SimHypervisor) -> TestAgent {
-        let mut ac = AgentConfig::new(name);
-        ac.retry_after = Duration::from_millis(200);
-        ac.restart_backoff = Duration::from_millis(500);
-        ac.migration_address = Some(std::net::Ipv4Addr::LOCALHOST.into());
-        ac.usage_every = self.usage_every;
-        let agent = Agent::new(ac, Client::new(&self.endpoint, &self.agent_token), Arc::new(sim.clone()));
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(agent.run(async {
-            let _ = rx.await;
-        }));
+        let (tx, task) = spawn_agent_with(&self.endpoint, &self.agent_token, name, sim, self.usage_every);
         TestAgent { name: name.into(), sim: sim.clone(), stop: Some(tx), task: Some(task) }
     }
 
