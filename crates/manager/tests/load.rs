@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Dc, fast_config};
 use drove_api::{CreateGuestRequest, GuestView};
 use drove_hypervisor::sim::{SimConfig, SimLoad};
-use drove_manager::drs::{DEFAULT_CPU_FRACTION, MILLI, Model, default_power};
+use drove_manager::drs::{DEFAULT_CPU_FRACTION, MILLI, Model, Window, default_power};
 use drove_model::guest::LoadProfile;
 use drove_model::{ByteSize, MeasuredLoad};
 use drove_store::Store;
@@ -92,6 +92,13 @@ async fn a_guests_measured_load_appears_and_the_model_plans_it_from_there() {
     let other = (hour + 12) % 24;
     let unmeasured = model.cluster.demand(model.find_guest("busy").unwrap(), other).cpu;
     assert_eq!(unmeasured, default, "hour {other} has no samples");
+    // A window of the hours ahead (what power management plans) takes each
+    // slot's own hour.
+    let ahead = Model::build_window(&hosts, &guests, default_power(), Window { start: other, hours: 13 }).unwrap();
+    let busy = ahead.find_guest("busy").unwrap();
+    assert_eq!(ahead.cluster.demand(busy, 0).cpu, default, "slot 0 is hour {other}");
+    let cpu = ahead.cluster.demand(busy, 12).cpu;
+    assert!((1500..1700).contains(&cpu), "slot 12 is hour {hour}, measured: {cpu}");
     dc.shutdown().await;
 }
 
