@@ -506,7 +506,8 @@ pub struct PoolReport {
 /// and, in full mode, which migrations it started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DrsRound {
-    /// `manual` (recommend only) or `full` (migrate on its own).
+    /// `manual` (recommend only), `partial` (migrate off hosts over capacity) or
+    /// `full` (migrate on its own).
     pub mode: String,
     /// When the round ran (RFC 3339); empty before the first.
     pub at: String,

@@ -52,8 +52,8 @@ pub struct ManagerArgs {
     #[arg(long, default_value_t = 4.0)]
     pub vcpu_overcommit: f64,
     /// The rebalancer (DRS): `manual` records the migrations that would
-    /// relieve hot hosts (`drove plan drs` shows them), `full` also starts
-    /// them.
+    /// relieve hot hosts (`drove plan drs` shows them), `partial` starts
+    /// those off hosts over their capacity, `full` starts them all.
     #[arg(long, default_value = "manual")]
     pub drs: drove_manager::drs::DrsMode,
     /// Seconds between DRS rounds.

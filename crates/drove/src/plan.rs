@@ -128,10 +128,12 @@ Examples:
 
 const DRS_HELP: &str = "\
 The manager runs the same balancing as `drove plan balance` every interval on
-its own (settings: drove manager --drs manual|full --drs-interval SECS
---drs-hot SHARE --drs-target SHARE --drs-max-moves N --drs-cooldown SECS).
-In manual mode it only records its recommendations; in full mode it starts
-the migrations itself, as principal `drs`, audited. It never thrashes: hot
+its own (settings: drove manager --drs manual|partial|full --drs-interval
+SECS --drs-hot SHARE --drs-target SHARE --drs-max-moves N --drs-cooldown
+SECS). In manual mode it only records its recommendations; in partial mode
+it starts only the migrations off hosts whose guests demand more than the
+host has, and recommends the rest; in full mode it starts them all, as
+principal `drs`, audited. It never thrashes: hot
 and target thresholds apart, a budget of moves per round, and a guest it
 moved is left alone for the cool-down.
 

@@ -256,8 +256,14 @@ fn guest_spec(g: &GuestView, window: Window) -> Result<(GuestSpec, bool), ModelE
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DrsMode {
     /// Recommend only: an operator runs the moves (`drove vm migrate`).
+    /// (Placement of new guests is always automatic: this is what vSphere
+    /// calls "partially automated" for placement plus manual moves.)
     #[default]
     Manual,
+    /// Migrate on its own only off a host whose guests demand more than
+    /// it has (contention now, in the model's current hour or any hour);
+    /// recommend the moves that relieve a host that is merely hot.
+    Partial,
     /// Start the recommended migrations itself.
     Full,
 }
@@ -266,6 +272,7 @@ impl DrsMode {
     pub fn as_str(self) -> &'static str {
         match self {
             DrsMode::Manual => "manual",
+            DrsMode::Partial => "partial",
             DrsMode::Full => "full",
         }
     }
@@ -276,8 +283,11 @@ impl FromStr for DrsMode {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "manual" => Ok(DrsMode::Manual),
+            "partial" => Ok(DrsMode::Partial),
             "full" => Ok(DrsMode::Full),
-            other => Err(format!("unknown DRS mode {other:?}: manual (recommend only) or full (migrate)")),
+            other => Err(format!(
+                "unknown DRS mode {other:?}: manual (recommend only), partial (migrate off hosts over capacity) or full (migrate)"
+            )),
         }
     }
 }
@@ -457,7 +467,11 @@ impl Manager {
                 operation: None,
                 error: None,
             };
-            if c.mode == DrsMode::Full {
+            // Pressure is against the target share: times it, the share of
+            // the host's capacity its guests demand.
+            let contended =
+                matches!(mv.reason, MoveReason::Hot { pressure_before, .. } if pressure_before * c.target > 1.0);
+            if c.mode == DrsMode::Full || (c.mode == DrsMode::Partial && contended) {
                 let req = MigrateRequest { to: Some(out.to.clone()), ..Default::default() };
                 match self.migrate_guest(&ctx, &guest_id, req).await {
                     Ok(acc) => {

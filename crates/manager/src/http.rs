@@ -764,6 +764,19 @@ async fn metrics(State(m): State<Arc<Manager>>) -> Response {
     for (s, n) in hosts {
         let _ = writeln!(out, "drove_hosts{{state=\"{s}\"}} {n}");
     }
+    let dpm = m.dpm_status();
+    if !dpm.at.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP drove_power_watts Estimated wall power of the hosts (power management's last round).\n# TYPE drove_power_watts gauge\ndrove_power_watts {:.1}",
+            dpm.watts_now
+        );
+        let _ = writeln!(
+            out,
+            "# HELP drove_power_saved_watts What hosts in standby save against being on and idle.\n# TYPE drove_power_saved_watts gauge\ndrove_power_saved_watts {:.1}",
+            dpm.watts_saved
+        );
+    }
     let _ = writeln!(out, "# HELP drove_guests Guests by state.\n# TYPE drove_guests gauge");
     for (s, n) in guests {
         let _ = writeln!(out, "drove_guests{{state=\"{s}\"}} {n}");

@@ -196,6 +196,18 @@ async fn full_mode_empties_quiet_hosts_into_standby_and_wakes_them_ahead_of_load
     let round = dc.admin.dpm_status().await.unwrap();
     assert_eq!((round.mode.as_str(), round.hosts_standby, round.hosts_on), ("full", 2, 1), "{round:?}");
     assert!(round.watts_saved > 0.0 && round.errors.is_empty(), "{round:?}");
+    let token = std::fs::read_to_string(dc.config.data_dir.join("admin.token")).unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", dc.endpoint))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("drove_hosts{state=\"standby\"} 2"), "{metrics}");
+    assert!(metrics.contains("drove_power_saved_watts "), "{metrics}");
     let audit = dc.admin.audit(0, 1000).await.unwrap();
     let by_dpm: Vec<_> = audit.iter().filter(|r| r.principal == "dpm").map(|r| r.action.as_str()).collect();
     assert_eq!(by_dpm.iter().filter(|a| a.contains("standby")).count(), 2, "{by_dpm:?}");

@@ -18,6 +18,11 @@ use drove_model::guest::LoadProfile;
 /// Two hosts of 4 cores; three 2-vCPU guests busy at 90 % all day on
 /// host-1 (5.4 of 4 cores: hot), host-2 empty.
 async fn hot_host(mode: DrsMode) -> Dc {
+    hot_host_with(mode, 3).await
+}
+
+/// [`hot_host`] with `busy` such guests.
+async fn hot_host_with(mode: DrsMode, busy: usize) -> Dc {
     let dir = tempfile::tempdir().unwrap();
     let mut config = fast_config(dir.path());
     config.drs = DrsConfig {
@@ -29,7 +34,7 @@ async fn hot_host(mode: DrsMode) -> Dc {
         cooldown: Duration::from_secs(3600),
     };
     let dc = Dc::start_with(dir, config, 2).await;
-    for i in 0..3 {
+    for i in 0..busy {
         let req = CreateGuestRequest {
             host: Some("host-1".into()),
             load_profile: Some(LoadProfile { hourly_cpu: vec![0.9; 24] }),
@@ -85,5 +90,34 @@ async fn manual_mode_recommends_with_a_reason_and_moves_nothing() {
     assert!(mv.operation.is_none() && mv.error.is_none(), "{mv:?}");
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(placement(&dc).await, (3, 0), "manual mode migrates nothing");
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn partial_mode_migrates_only_off_a_host_over_its_capacity() {
+    // Two busy guests: 3.6 of 4 cores, hot (above 80 %) but not contended.
+    let dc = hot_host_with(DrsMode::Partial, 2).await;
+    let round = dc
+        .eventually("a DRS round with a recommendation", || async {
+            let r = dc.admin.drs_status().await.ok()?;
+            (!r.moves.is_empty()).then_some(r)
+        })
+        .await;
+    assert_eq!(round.mode, "partial");
+    assert!(round.moves.iter().all(|m| m.operation.is_none() && m.error.is_none()), "{round:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(placement(&dc).await, (2, 0), "a hot host that is not over capacity is only recommended");
+    // A third: 5.4 of 4 cores, its guests contend: DRS moves one on its own.
+    let req = CreateGuestRequest {
+        host: Some("host-1".into()),
+        load_profile: Some(LoadProfile { hourly_cpu: vec![0.9; 24] }),
+        ..CreateGuestRequest::new("busy-2", 2, ByteSize::mib(512))
+    };
+    let acc = dc.admin.create_guest(&req).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    dc.eventually("DRS moved a guest off the contended host", || async {
+        (placement(&dc).await == (2, 1)).then_some(())
+    })
+    .await;
     dc.shutdown().await;
 }
