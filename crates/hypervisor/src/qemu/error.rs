@@ -32,6 +32,12 @@ pub enum QemuError {
     CommandFailed { program: String, what: String, status: ExitStatus, stderr: String },
     #[error("{what} did not finish within {after:?}")]
     Timeout { what: String, after: Duration },
+    #[error("connecting the migration stream to {to}")]
+    MigrationConnect {
+        to: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("QMP of the QEMU process {pid} at {socket}")]
     Qmp {
         pid: u32,

@@ -54,6 +54,10 @@ pub(super) const POLL: Duration = Duration::from_millis(20);
 /// Around the switchover the guest is paused: every poll interval there
 /// is pause the guest sees.
 const FAST_POLL: Duration = Duration::from_millis(2);
+/// The name under which QEMU gets the migration stream drove opened.
+const MIGRATION_FD: &str = "drove-migration";
+/// Connecting the migration stream (the target listens already).
+const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause QEMU first aims at, as a share of the one allowed; see
 /// [`DowntimeTarget`].
 const FIRST_TARGET_DIVISOR: u64 = 5;
@@ -459,6 +463,32 @@ struct Outbound<'a> {
 }
 
 impl Outbound<'_> {
+    /// Opens the migration stream to `to` itself, with Nagle's algorithm
+    /// off, and hands it to QEMU as [`MIGRATION_FD`]. QEMU's own `tcp:`
+    /// transport leaves Nagle on, so the last small writes of the
+    /// switchover (device state, the end marker) waited for the target's
+    /// delayed ACK of the write before: 10 to 30 ms more pause, in about
+    /// half the migrations of an idle guest (traced with QEMU's
+    /// `vmstate_downtime_*` events: the source was done, the target had
+    /// not received).
+    async fn stream_to(&mut self, to: std::net::SocketAddr) -> Result<(), QemuError> {
+        use std::os::fd::AsFd;
+        let connect = |source| QemuError::MigrationConnect { to, source };
+        let stream = tokio::time::timeout(STREAM_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(to))
+            .await
+            .map_err(|_| connect(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(connect)?;
+        stream.set_nodelay(true).map_err(connect)?;
+        let (dir, pid) = (self.dir, self.pid);
+        let client = self.slot.client(dir, pid).await?;
+        let sent = client.send_fd(MIGRATION_FD, stream.as_fd()).await;
+        if sent.is_err() {
+            self.slot.qmp = None;
+        }
+        // QEMU holds its own copy now; ours closes with `stream`.
+        sent.map_err(|source| QemuError::Qmp { pid, socket: dir.qmp_path(), source })
+    }
+
     async fn qmp(&mut self, command: &str, args: Value) -> Result<Value, QemuError> {
         let args = if args.is_null() { None } else { Some(args) };
         self.slot.execute(self.dir, self.pid, command, args).await
@@ -561,7 +591,8 @@ impl Outbound<'_> {
         if let Some((_, c)) = self.slot.qmp.as_mut() {
             c.take_events();
         }
-        self.qmp("migrate", json!({ "uri": format!("tcp:{}:{}", req.target, req.port) })).await?;
+        self.stream_to(std::net::SocketAddr::new(req.target, req.port)).await?;
+        self.qmp("migrate", json!({ "uri": format!("fd:{MIGRATION_FD}") })).await?;
         let mut stall = Stall::new();
         let mut over_limit_since: Option<Instant> = None;
         let info = loop {

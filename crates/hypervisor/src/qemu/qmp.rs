@@ -149,7 +149,48 @@ impl QmpClient {
         self.events.drain(..).collect()
     }
 
-    async fn exchange(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    /// Hands QEMU the file descriptor `fd` under `name` (`getfd`), for a
+    /// later command to use (`migrate` with `fd:NAME`). The descriptor
+    /// travels with the command as SCM_RIGHTS; QEMU keeps its own copy.
+    pub async fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+        let timeout = self.timeout;
+        let command = "getfd";
+        let exchange = async {
+            let (id, line) = self.message(command, Some(json!({ "fdname": name })));
+            let send = |source| QmpError::Send { command: command.to_owned(), source };
+            self.writer.flush().await.map_err(send)?;
+            let socket = self.writer.as_ref();
+            let mut sent = 0;
+            while sent < line.len() {
+                socket.writable().await.map_err(send)?;
+                // The descriptor goes with the first byte; what a short
+                // write leaves follows without it.
+                let result = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+                    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                    let mut control = SendAncillaryBuffer::new(&mut space);
+                    let fds = [fd];
+                    if sent == 0 && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+                        return Err(io::Error::other("no room for the descriptor in the control message"));
+                    }
+                    let bytes = [io::IoSlice::new(&line.as_bytes()[sent..])];
+                    sendmsg(socket, &bytes, &mut control, SendFlags::NOSIGNAL).map_err(io::Error::from)
+                });
+                match result {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(send(e)),
+                }
+            }
+            self.reply(command, id).await.map(|_| ())
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| QmpError::Timeout { command: command.to_owned(), after: timeout })?
+    }
+
+    /// The next id and the line of a command.
+    fn message(&mut self, command: &str, arguments: Option<Value>) -> (u64, String) {
         let id = self.next_id;
         self.next_id += 1;
         let mut message = json!({ "execute": command, "id": id });
@@ -158,9 +199,19 @@ impl QmpClient {
         }
         let mut line = message.to_string();
         line.push('\n');
+        (id, line)
+    }
+
+    async fn exchange(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let (id, line) = self.message(command, arguments);
         let send = |source| QmpError::Send { command: command.to_owned(), source };
         self.writer.write_all(line.as_bytes()).await.map_err(send)?;
         self.writer.flush().await.map_err(send)?;
+        self.reply(command, id).await
+    }
+
+    /// Reads until the reply to command `id`.
+    async fn reply(&mut self, command: &str, id: u64) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message(command).await?;
             // A reply without our id is left over from an earlier exchange
