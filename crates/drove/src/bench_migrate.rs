@@ -6,7 +6,16 @@
 //! Each scenario runs twice: with the guest's disks on shared storage (the
 //! pool every lab host sees: only memory travels) and on its host's own
 //! disks (mirrored to the target over NBD while memory is copied).
+//!
+//! The recorded pause is checked against the guest's own output: a loop in
+//! the guest prints a line on its serial console every millisecond, and
+//! the bench reads the console socket of whichever host runs the guest
+//! (the source's, and the target's from the moment it exists), stamping
+//! each arrival. The longest silence across a migration is the pause as
+//! the guest's output shows it; the longest over an idle stretch before is
+//! the noise floor (TCG on a busy machine does not tick evenly).
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -20,6 +29,7 @@ use serde::Serialize;
 use crate::bench::percentile;
 use crate::bench_boot::BenchLab;
 use crate::bench_net::wait_booted;
+use crate::bench_storage::{Ticks, longest_gap, read_ticks};
 use crate::{Format, OutputArgs};
 
 #[derive(Debug, Args)]
@@ -50,6 +60,11 @@ struct Scenario {
     failed: usize,
     downtime_p50_ms: f64,
     downtime_p99_ms: f64,
+    /// The longest silence of the guest's console across each migration.
+    console_gap_p50_ms: f64,
+    console_gap_p99_ms: f64,
+    /// ... and over two idle seconds before: the noise floor.
+    console_floor_ms: f64,
     qemu_downtime_p50_ms: f64,
     total_p50_s: f64,
     total_p99_s: f64,
@@ -81,21 +96,86 @@ async fn create(c: &Client, name: &str, memory: ByteSize, host: &str, storage: S
     wait_booted(c, name).await
 }
 
+/// The guest's console socket on `host` in the lab in `dir`.
+fn console_socket(dir: &Path, host: &str, id: drove_model::GuestId) -> PathBuf {
+    dir.join("hosts").join(host).join("guests").join(id.to_string()).join("console.sock")
+}
+
+/// Reads the console at `path` into `ticks`, connecting as soon as the
+/// socket exists (the target's QEMU starts during the migration).
+fn watch_console(path: PathBuf, ticks: Ticks) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let console = loop {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(2)).await,
+                Err(_) => return,
+            }
+        };
+        read_ticks(console, ticks).await;
+    })
+}
+
+/// Starts the guest's millisecond ticker on its console.
+async fn start_ticker(c: &Client, guest: &str) -> Result<()> {
+    // Shell builtins only (a fork per tick would measure TCG translating
+    // fork and exec afresh on the target): `read -t` on a FIFO nobody
+    // writes is the sleep.
+    let ticker = "rm -f /tmp/tick; mkfifo /tmp/tick; \
+                  (exec 3<>/tmp/tick; while :; do echo t; read -t 0.001 x <&3; done) >/dev/ttyS0 2>&1 </dev/null & \
+                  echo started";
+    let exec =
+        ExecRequest { command: vec!["sh".into(), "-c".into(), ticker.into()], input: None, timeout_secs: Some(30) };
+    c.exec(guest, &exec).await.context("starting the console ticker")?;
+    Ok(())
+}
+
 /// Migrates `guest` back and forth between host-1 and host-2 `runs` times.
-async fn scenario(c: &Client, name: &str, guest: &str, runs: usize, storage: Storage) -> Result<Scenario> {
+async fn scenario(c: &Client, dir: &Path, name: &str, guest: &str, runs: usize, storage: Storage) -> Result<Scenario> {
     let (mut down, mut qemu, mut total, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut gaps = Vec::new();
     let mut failed = 0;
+    let id = c.get_guest(guest).await?.guest.id;
+    start_ticker(c, guest).await?;
+    let floor = {
+        let ticks: Ticks = Default::default();
+        let here = c.get_guest(guest).await?.host_name;
+        let watcher = watch_console(console_socket(dir, &here, id), ticks.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        watcher.abort();
+        let ticks = ticks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if ticks.len() < 100 {
+            bail!("the guest's console ticker printed {} lines in 2.5 s; cannot check pauses", ticks.len());
+        }
+        longest_gap(&ticks, t0, Instant::now())
+    };
     for run in 0..runs {
         let here = c.get_guest(guest).await?.host_name;
         let to = if here == "host-1" { "host-2" } else { "host-1" };
+        let ticks: Ticks = Default::default();
+        let watchers = [here.as_str(), to].map(|h| watch_console(console_socket(dir, h, id), ticks.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = Instant::now();
         let acc = c.migrate_guest(guest, &MigrateRequest { to: Some(to.into()), ..Default::default() }).await?;
         let op = c.wait_operation(acc.operation.id, Duration::from_secs(300)).await?;
+        let t1 = Instant::now();
+        // Let the next tick arrive, so a silence still running counts whole.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for w in &watchers {
+            w.abort();
+        }
+        let mut ticks = ticks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        ticks.sort();
         if op.state != drove_model::OperationState::Succeeded {
             failed += 1;
             eprintln!("\n{name}: migration {} failed (rolled back): {}", run + 1, op.error.unwrap_or_default());
             continue;
         }
         let m = c.get_guest(guest).await?.guest.last_migration.context("no migration result recorded")?;
+        gaps.push(longest_gap(&ticks, t0, t1));
         down.push(m.downtime_ms.unwrap_or(f64::NAN));
         qemu.push(m.qemu_downtime_ms as f64);
         total.push(m.total_ms as f64 / 1000.0);
@@ -103,7 +183,7 @@ async fn scenario(c: &Client, name: &str, guest: &str, runs: usize, storage: Sto
         eprint!("\r{name}: {}/{runs}, last pause {:.1} ms   ", run + 1, down.last().copied().unwrap_or(f64::NAN));
     }
     eprintln!();
-    for v in [&mut down, &mut qemu, &mut total, &mut bytes] {
+    for v in [&mut down, &mut gaps, &mut qemu, &mut total, &mut bytes] {
         v.sort_by(f64::total_cmp);
     }
     Ok(Scenario {
@@ -116,6 +196,9 @@ async fn scenario(c: &Client, name: &str, guest: &str, runs: usize, storage: Sto
         failed,
         downtime_p50_ms: percentile(&down, 0.5),
         downtime_p99_ms: percentile(&down, 0.99),
+        console_gap_p50_ms: percentile(&gaps, 0.5),
+        console_gap_p99_ms: percentile(&gaps, 0.99),
+        console_floor_ms: floor,
         qemu_downtime_p50_ms: percentile(&qemu, 0.5),
         total_p50_s: percentile(&total, 0.5),
         total_p99_s: percentile(&total, 0.99),
@@ -131,7 +214,7 @@ pub async fn run(a: MigrateBench) -> Result<()> {
     let mut scenarios = Vec::new();
     for storage in [Storage::Shared, Storage::Local] {
         create(&c, "idle", ByteSize::mib(256), "host-1", storage).await?;
-        scenarios.push(scenario(&c, "idle guest, 256 MiB", "idle", a.runs, storage).await?);
+        scenarios.push(scenario(&c, &lab.dir, "idle guest, 256 MiB", "idle", a.runs, storage).await?);
         let del = c.delete_guest("idle").await?;
         c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
     }
@@ -154,7 +237,7 @@ pub async fn run(a: MigrateBench) -> Result<()> {
         create(&c, "busy", a.busy_memory, "host-1", storage).await?;
         c.exec("busy", &dirty).await?;
         let label = format!("busy guest, {}, rewriting 16 MiB 5x/s", a.busy_memory);
-        scenarios.push(scenario(&c, &label, "busy", a.runs, storage).await?);
+        scenarios.push(scenario(&c, &lab.dir, &label, "busy", a.runs, storage).await?);
         let del = c.delete_guest("busy").await?;
         c.wait_operation(del.operation.id, Duration::from_secs(60)).await?;
     }
@@ -197,6 +280,10 @@ pub async fn run(a: MigrateBench) -> Result<()> {
                         s.storage.to_owned(),
                         format!("{} ({} failed)", s.runs, s.failed),
                         format!("{:.1} / {:.1}", s.downtime_p50_ms, s.downtime_p99_ms),
+                        format!(
+                            "{:.1} / {:.1} ({:.1})",
+                            s.console_gap_p50_ms, s.console_gap_p99_ms, s.console_floor_ms
+                        ),
                         format!("{:.0}", s.qemu_downtime_p50_ms),
                         format!("{:.2} / {:.2}", s.total_p50_s, s.total_p99_s),
                         format!("{:.0}", s.transferred_mib_p50),
@@ -206,7 +293,16 @@ pub async fn run(a: MigrateBench) -> Result<()> {
             crate::output::print(
                 Format::Table,
                 &f.scenarios,
-                &["scenario", "disks", "runs", "pause p50/p99 ms", "qemu pause ms", "total p50/p99 s", "MiB sent"],
+                &[
+                    "scenario",
+                    "disks",
+                    "runs",
+                    "pause p50/p99 ms",
+                    "console gap p50/p99 (floor) ms",
+                    "qemu pause ms",
+                    "total p50/p99 s",
+                    "MiB sent",
+                ],
                 rows,
             )?;
             if let Some(d) = &f.drain {

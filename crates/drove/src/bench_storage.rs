@@ -75,11 +75,25 @@ struct StorageFigures {
 }
 
 /// Arrival times of console output.
-type Ticks = Arc<Mutex<Vec<Instant>>>;
+pub(crate) type Ticks = Arc<Mutex<Vec<Instant>>>;
 
 /// The longest silence between arrivals within [from, to], counting the
 /// stretch from the last arrival before `from` and to the first after `to`.
-fn longest_gap(ticks: &[Instant], from: Instant, to: Instant) -> f64 {
+/// Timestamps every chunk with a line end that `console` sends, until it
+/// closes.
+pub(crate) async fn read_ticks(mut console: tokio::net::UnixStream, ticks: Ticks) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = console.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        if buf[..n].contains(&b'\n') {
+            ticks.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+        }
+    }
+}
+
+pub(crate) fn longest_gap(ticks: &[Instant], from: Instant, to: Instant) -> f64 {
     let start = ticks.iter().rposition(|t| *t <= from).unwrap_or(0);
     let end = ticks.iter().position(|t| *t >= to).unwrap_or(ticks.len().saturating_sub(1));
     ticks[start..=end.max(start)].windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).fold(0.0, f64::max)
@@ -132,24 +146,11 @@ pub async fn run(a: StorageBench) -> Result<()> {
 
     // The guest's console, read here on the host.
     let socket = lab.dir.join("hosts/host-1/guests").join(id.to_string()).join("console.sock");
-    let mut console = tokio::net::UnixStream::connect(&socket)
+    let console = tokio::net::UnixStream::connect(&socket)
         .await
         .with_context(|| format!("connecting to the guest's console {}", socket.display()))?;
     let ticks: Ticks = Arc::default();
-    let reader = {
-        let ticks = ticks.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = console.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                if buf[..n].contains(&b'\n') {
-                    ticks.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
-                }
-            }
-        })
-    };
+    let reader = tokio::spawn(read_ticks(console, ticks.clone()));
     let tick_us = 5000;
     let ticker = format!(
         "while :; do echo t; usleep {tick_us} 2>/dev/null || sleep 0.005; done >/dev/ttyS0 2>&1 </dev/null & echo started"
