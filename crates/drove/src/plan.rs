@@ -111,6 +111,16 @@ pub enum PlanCommand {
     },
 }
 
+/// What became of a recommended migration, for the tables of `plan drs`
+/// and `plan dpm`.
+fn move_action(m: &drove_api::DrsMove) -> String {
+    match (&m.operation, &m.error) {
+        (Some(op), _) => format!("started {op}"),
+        (None, Some(e)) => format!("not started: {e}"),
+        (None, None) => "recommended".into(),
+    }
+}
+
 const DPM_HELP: &str = "\
 Every interval the manager models the guests' load profiles of the hours ahead
 (settings: drove manager --dpm off|manual|full --dpm-interval SECS
@@ -266,18 +276,8 @@ pub async fn run(cmd: PlanCommand) -> Result<()> {
             println!("standby {}: {} ({})", a.host, a.reason, state(a.done, &a.error));
         }
         if !r.moves.is_empty() {
-            let rows = r
-                .moves
-                .iter()
-                .map(|m| {
-                    let done = match (&m.operation, &m.error) {
-                        (Some(op), _) => format!("started {op}"),
-                        (None, Some(e)) => format!("not started: {e}"),
-                        (None, None) => "recommended".into(),
-                    };
-                    vec![m.guest.clone(), m.from.clone(), m.to.clone(), done]
-                })
-                .collect();
+            let rows =
+                r.moves.iter().map(|m| vec![m.guest.clone(), m.from.clone(), m.to.clone(), move_action(m)]).collect();
             print(Format::Table, &r, &["guest", "from", "to", "action"], rows)?;
         }
         if r.wake.is_empty() && r.standby.is_empty() && r.waiting.is_none() {
@@ -308,14 +308,7 @@ pub async fn run(cmd: PlanCommand) -> Result<()> {
             let rows = r
                 .moves
                 .iter()
-                .map(|m| {
-                    let done = match (&m.operation, &m.error) {
-                        (Some(op), _) => format!("started {op}"),
-                        (None, Some(e)) => format!("not started: {e}"),
-                        (None, None) => "recommended".into(),
-                    };
-                    vec![m.guest.clone(), m.from.clone(), m.to.clone(), m.reason.clone(), done]
-                })
+                .map(|m| vec![m.guest.clone(), m.from.clone(), m.to.clone(), m.reason.clone(), move_action(m)])
                 .collect();
             print(Format::Table, &r, &["guest", "from", "to", "why", "action"], rows)?;
         }
