@@ -176,6 +176,14 @@ fn serial_log(hv: &QemuHypervisor, id: GuestId) -> String {
 }
 
 /// Waits until the serial log holds `needle` at least `count` times.
+/// Creates and starts `g` and waits for its readiness line; its QEMU's pid.
+async fn booted(hv: &QemuHypervisor, g: &GuestConfig) -> u32 {
+    hv.create(g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(hv, g.id, "DROVE-READY", 1).await;
+    status(hv, g.id).await.pid.expect("a running guest has a pid")
+}
+
 async fn wait_for_serial(hv: &QemuHypervisor, id: GuestId, needle: &str, count: usize) -> String {
     let deadline = Instant::now() + GUEST_TIMEOUT;
     loop {
@@ -266,9 +274,7 @@ async fn pause_and_resume_follow_qemu_run_state() {
     let lab = Lab::new();
     let hv = lab.hv();
     let g = guest("pause-1", &[]);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    booted(&hv, &g).await;
     let pid = status(&hv, g.id).await.pid;
 
     hv.pause(g.id).await.unwrap();
@@ -384,10 +390,7 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
     let lab = Lab::new();
     let hv = lab.hv();
     let g = guest("self-off-1", &[]);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
-    let pid = status(&hv, g.id).await.pid.unwrap();
+    let pid = booted(&hv, &g).await;
 
     let mut console = Console::open(&hv, g.id).await;
     console.type_line("poweroff -f").await;
@@ -463,9 +466,7 @@ async fn a_guest_ignoring_the_power_button_is_forced_off_and_list_answers_meanwh
     let lab = Lab::new();
     let hv = lab.hv();
     let g = guest("deaf-1", &[]);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    booted(&hv, &g).await;
     let mut console = Console::open(&hv, g.id).await;
     console.type_line("killall acpid; echo acpid-$((6*7))-gone").await;
     wait_for_serial(&hv, g.id, "acpid-42-gone", 1).await;
@@ -499,10 +500,7 @@ async fn a_panicking_guest_is_crashed_and_starts_again() {
     let lab = Lab::new();
     let hv = lab.hv();
     let g = guest("panic-1", &[]);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
-    let pid = status(&hv, g.id).await.pid.unwrap();
+    let pid = booted(&hv, &g).await;
 
     let mut console = Console::open(&hv, g.id).await;
     console.type_line("echo c > /proc/sysrq-trigger").await;
@@ -657,9 +655,7 @@ async fn hotplug_disk_vcpu_and_memory_are_seen_by_the_guest_and_kept_across_a_re
     let lab = Lab::new();
     let hv = hotplug_hv(&lab);
     let g = guest("hotplug-1", &[16]);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    booted(&hv, &g).await;
     let mem_before = guest_mem_total_kib(&hv, g.id).await;
 
     // A 64 MiB disk: vdb of 131072 sectors.
@@ -769,9 +765,7 @@ async fn hotplug_nic_on_its_tap_is_seen_by_the_guest_with_its_mac() {
     let lab = Lab::new();
     let hv = hotplug_hv(&lab);
     let g = guest("hotplug-3", &[]);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    booted(&hv, &g).await;
     let _tap = Tap::create(&QemuHypervisor::tap_name(g.id, 0));
     hv.hotplug(g.id, &Hotplug::AddNic { nic: NicSpec::new(VlanTag::new(10).unwrap(), "52:54:00:00:99:02") })
         .await
@@ -794,9 +788,7 @@ async fn hotplug_disk_of_a_guest_with_disk_limits_sits_behind_its_own_throttle_n
     let hv = hotplug_hv(&lab);
     let mut g = guest("hotplug-4", &[]);
     g.spec.limits.disk_bps = Some(4 << 20);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    booted(&hv, &g).await;
     hv.hotplug(g.id, &Hotplug::AddDisk { size: ByteSize::mib(32) }).await.unwrap();
     wait_for_guest_output(&hv, g.id, "cat /sys/block/vda/size", "65536").await;
     // (QEMU names the file node under the qcow2 node itself: `#block...`.)
@@ -909,9 +901,7 @@ async fn a_guest_whose_agent_does_not_answer_gives_a_timeout_error_not_a_hang() 
     let lab = Lab::new();
     let hv = lab.hv();
     let g = guest("no-agent-1", &[]);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    booted(&hv, &g).await;
     assert_eq!(exec(&hv, g.id, "true", &[]).await.unwrap().exit_code, 0);
 
     // The agent goes away, and comes back after AGENT_AWAY: a background
@@ -1768,9 +1758,7 @@ async fn disk_snapshot_of_a_running_guest_rolls_its_disk_back_and_memory_snapsho
     let lab = Lab::new();
     let hv = lab.hv();
     let g = guest("snap-1", &[16, 8]);
-    hv.create(&g).await.unwrap();
-    hv.start(g.id).await.unwrap();
-    wait_for_serial(&hv, g.id, "DROVE-READY", 1).await;
+    booted(&hv, &g).await;
 
     // Disk-only: taken while the guest runs, without pausing it.
     write_marker(&hv, g.id, "marker-before").await;
