@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use drove_api::{DpmHostAction, DpmRound, DrsMove, HostView, MigrateRequest};
 use drove_model::host::HostEvent;
 use drove_model::{GuestId, GuestState, HostId, HostState, OperationId, OperationKind};
-use drove_placement::{Mobility, PowerParams, plan_power};
+use drove_placement::{ConsolidateParams, Mobility, plan_power};
 
 use crate::core::{ApiError, Ctx, Manager};
 use crate::drs::{Model, Window, default_power, limits, move_kind};
@@ -436,7 +436,7 @@ impl Manager {
                 cluster.set_mobility(ix, Mobility::Reluctant);
             }
         }
-        let params = PowerParams {
+        let params = ConsolidateParams {
             target: limits(c.target),
             below: c.below,
             max_moves: c.max_moves,

@@ -241,19 +241,6 @@ impl Gap {
     }
 }
 
-/// Power management knobs of one round ([`plan_power`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PowerParams {
-    /// Hosts on must carry the load within these limits, and receivers of
-    /// consolidation are filled up to them.
-    pub target: Limits,
-    /// See [`ConsolidateParams::below`].
-    pub below: f64,
-    pub max_moves: usize,
-    pub max_hosts: usize,
-    pub min_on: usize,
-}
-
 /// What one power management round proposes: wake hosts, or consolidate
 /// guests and put emptied hosts into standby; never both.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -269,21 +256,14 @@ pub struct PowerPlan {
 ///
 /// Waking comes first: a round that must wake a host does not also empty
 /// one (that would be thrashing by construction).
-pub fn plan_power(cluster: &Cluster, p: &PowerParams) -> PowerPlan {
+///
+/// `p.target` is also what the hosts on must carry the load ahead within.
+pub fn plan_power(cluster: &Cluster, p: &ConsolidateParams) -> PowerPlan {
     let wake = wake_ahead(cluster, &p.target, p.min_on);
     if !wake.is_empty() {
         return PowerPlan { wake, ..Default::default() };
     }
-    let c = consolidate(
-        cluster,
-        &ConsolidateParams {
-            target: p.target,
-            below: p.below,
-            max_moves: p.max_moves,
-            max_hosts: p.max_hosts,
-            min_on: p.min_on,
-        },
-    );
+    let c = consolidate(cluster, p);
     // A host goes only if the hosts left on still carry the load ahead: an
     // empty host fits "everything" it holds, and emptying it only for the
     // next round to wake it again is thrashing.

@@ -44,9 +44,7 @@ pub use cluster::{
     Cluster, ClusterError, Group, GuestIx, GuestSpec, HostIx, HostSpec, Limits, Misfit, Mobility, NoHost, Strategy,
     Tier,
 };
-pub use dpm::{
-    ConsolidateParams, ConsolidationPlan, PowerParams, PowerPlan, consolidate, plan_power, wake_ahead, wake_for_demand,
-};
+pub use dpm::{ConsolidateParams, ConsolidationPlan, PowerPlan, consolidate, plan_power, wake_ahead, wake_for_demand};
 pub use forecast::{History, daily_profile};
 pub use plan::{FailoverParams, FailoverPlan, PlacementPlan, Restart, failover, packing_order, place_all};
 pub use power::{InvalidPowerTransition, PowerEvent, PowerModel, PowerModelError, PowerState};

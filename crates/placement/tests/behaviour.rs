@@ -4,8 +4,8 @@
 
 use drove_placement::{
     BalanceParams, Cluster, ConsolidateParams, Dim, FailoverParams, Group, GuestIx, GuestSpec, HostIx, HostSpec,
-    Limits, Misfit, Mobility, MoveReason, PowerModel, PowerParams, PowerState, Profile, Resources, Strategy, Tier,
-    cluster_headroom, consolidate, failover, place_all, plan_power, rebalance, wake_ahead, what_if_add, what_if_lose,
+    Limits, Misfit, Mobility, MoveReason, PowerModel, PowerState, Profile, Resources, Strategy, Tier, cluster_headroom,
+    consolidate, failover, place_all, plan_power, rebalance, wake_ahead, what_if_add, what_if_lose,
 };
 
 const G4: [f64; 11] = [86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0];
@@ -257,7 +257,7 @@ fn hosts_wake_ahead_of_a_slot_whose_load_the_hosts_on_cannot_carry() {
     // 5000 milli-cores ahead; one host carries 2800 within the target: one
     // more host (2 × 2800 ≥ 5000), not two.
     assert_eq!(wake_ahead(&c, &target, 1).len(), 1);
-    let params = PowerParams { target, below: 0.7, max_moves: 10, max_hosts: 10, min_on: 1 };
+    let params = ConsolidateParams { target, below: 0.7, max_moves: 10, max_hosts: 10, min_on: 1 };
     let plan = plan_power(&c, &params);
     assert_eq!(plan.wake.len(), 1);
     assert!(plan.moves.is_empty() && plan.standby.is_empty(), "a round that wakes does not empty: {plan:?}");
@@ -289,8 +289,13 @@ fn a_quiet_cluster_consolidates_but_not_a_host_whose_load_rises_within_the_windo
         }
         c
     };
-    let params =
-        PowerParams { target: Limits::FULL.with_cpu(0.7, 0.0), below: 0.5, max_moves: 10, max_hosts: 10, min_on: 1 };
+    let params = ConsolidateParams {
+        target: Limits::FULL.with_cpu(0.7, 0.0),
+        below: 0.5,
+        max_moves: 10,
+        max_hosts: 10,
+        min_on: 1,
+    };
     let plan = plan_power(&quiet(300), &params);
     assert!(plan.wake.is_empty());
     assert_eq!(plan.standby.len(), 2, "{plan:?}");
