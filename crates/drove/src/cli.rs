@@ -859,12 +859,6 @@ fn nic_detail(n: &drove_model::NicSpec) -> String {
     s
 }
 
-/// The UTC hour of the day now, as the manager files measured load.
-fn utc_hour_now() -> usize {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    ((secs / 3600) % 24) as usize
-}
-
 /// A guest's measured load at `hour` (UTC), and how much of the day has
 /// enough samples for planning.
 fn measured_summary(m: Option<&drove_model::MeasuredLoad>, hour: usize) -> String {
@@ -979,7 +973,7 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("storage", g.guest.spec.storage.to_string()),
                     ("anti-affinity", g.guest.spec.anti_affinity.clone().unwrap_or_else(|| "-".into())),
                     ("limits", limits_summary(&s.limits)),
-                    ("measured load", measured_summary(g.measured_load.as_ref(), utc_hour_now())),
+                    ("measured load", measured_summary(g.measured_load.as_ref(), drove_model::load::utc_hour_now())),
                     ("restarts", g.guest.restarts.to_string()),
                     (
                         "migration",

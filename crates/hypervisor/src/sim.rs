@@ -1357,7 +1357,7 @@ impl Hypervisor for SimHypervisor {
 
     async fn usage(&self, id: GuestId) -> Result<crate::GuestUsage, HvError> {
         let now = std::time::Instant::now();
-        let hour = ((unix_us() / 3_600_000_000) % 24) as usize;
+        let hour = drove_model::load::utc_hour(unix_us() / 1000);
         let mut inner = self.lock();
         let inner = &mut *inner;
         let guest = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;

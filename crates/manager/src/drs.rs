@@ -106,8 +106,7 @@ impl Window {
 
     /// `hours` from the current UTC hour.
     pub fn ahead(hours: usize) -> Window {
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Window { start: ((secs / 3600) % SLOTS as u64) as usize, hours: hours.clamp(1, SLOTS) }
+        Window { start: drove_model::load::utc_hour_now(), hours: hours.clamp(1, SLOTS) }
     }
 
     /// The day's hour of each slot.

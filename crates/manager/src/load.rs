@@ -53,10 +53,7 @@ impl LoadEntry {
     }
 }
 
-/// The UTC hour of the day of Unix time `ms`.
-pub fn utc_hour(ms: u64) -> usize {
-    ((ms / 3_600_000) % 24) as usize
-}
+pub use drove_model::load::utc_hour;
 
 /// Folds the rates `host` reported into the profiles of the guests placed
 /// on it, at `hour`, adding the writes that are due to `w`.

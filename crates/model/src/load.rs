@@ -35,6 +35,18 @@ use serde::{Deserialize, Serialize};
 /// [`crate::guest::LoadProfile`].
 pub const HOURS: usize = 24;
 
+/// The hour of the day (UTC) of Unix time `unix_ms`: the slot a measured
+/// profile files it under, and where planners start their hours ahead.
+pub fn utc_hour(unix_ms: u64) -> usize {
+    ((unix_ms / 3_600_000) % HOURS as u64) as usize
+}
+
+/// [`utc_hour`] of the wall clock now.
+pub fn utc_hour_now() -> usize {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    utc_hour(ms)
+}
+
 /// How fast a slot forgets, in seconds of time sampled in that slot.
 pub const SLOT_TIME_CONSTANT: f64 = 3.0 * 3600.0;
 
