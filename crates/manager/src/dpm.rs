@@ -29,18 +29,18 @@
 //! emptied), and no round plans while any migration is in flight (the
 //! model would see its guest on the old host).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drove_api::{DpmHostAction, DpmRound, DrsMove, HostView, MigrateRequest};
+use drove_api::{DpmHostAction, DpmRound, HostView};
 use drove_model::host::HostEvent;
-use drove_model::{GuestId, GuestState, HostId, HostState, OperationId, OperationKind};
+use drove_model::{HostId, HostState, OperationId, OperationKind};
 use drove_placement::{ConsolidateParams, Mobility, plan_power};
 
 use crate::core::{ApiError, Ctx, Manager};
-use crate::drs::{Model, Window, default_power, limits, move_kind};
+use crate::drs::{Model, Window, default_power, limits, reconciler_ctx};
 use crate::inventory::{host_key, put};
 use crate::power::{NoDriver, PowerAction, PowerDriver, PowerTarget};
 
@@ -170,10 +170,7 @@ pub async fn run(m: Arc<Manager>) {
 }
 
 fn dpm_ctx(action: &str) -> Ctx {
-    Ctx {
-        principal: crate::auth::Principal { name: "dpm".into(), role: crate::auth::Role::Admin },
-        action: action.into(),
-    }
+    reconciler_ctx("dpm", action)
 }
 
 fn target(v: &HostView) -> PowerTarget {
@@ -419,23 +416,9 @@ impl Manager {
             return self.keep_dpm_round(round);
         }
         let mut cluster = model.cluster.clone();
-        let busy: HashSet<GuestId> = self.lock().active_ops.keys().copied().collect();
-        let moved = self.recently_moved();
-        let held: HashSet<String> = guests
-            .iter()
-            .filter(|g| g.guest.state != GuestState::Running || busy.contains(&g.guest.id))
-            .map(|g| g.guest.id.to_string())
-            .collect();
-        let reluctant: HashSet<String> =
-            guests.iter().filter(|g| moved.contains(&g.guest.id)).map(|g| g.guest.id.to_string()).collect();
-        for ix in model.cluster.guests() {
-            let id = &model.guest_ids[ix.index()];
-            if held.contains(id) {
-                cluster.set_mobility(ix, Mobility::Pinned);
-            } else if reluctant.contains(id) {
-                cluster.set_mobility(ix, Mobility::Reluctant);
-            }
-        }
+        // Hosts of recently moved guests are not emptied (consolidation
+        // leaves hosts with reluctant guests alone).
+        self.hold_guests(&model, &mut cluster, &guests, Mobility::Reluctant);
         let params = ConsolidateParams {
             target: limits(c.target),
             below: c.below,
@@ -444,8 +427,7 @@ impl Manager {
             min_on: c.min_on,
         };
         let plan = plan_power(&cluster, &params);
-        let view_of =
-            |ix: drove_placement::HostIx| hosts.iter().find(|h| h.info.id.to_string() == model.hosts[ix.index()].0);
+        let host_id = |ix: drove_placement::HostIx| model.hosts[ix.index()].0.parse::<HostId>().ok();
         let full = c.mode == DpmMode::Full;
         for &h in &plan.wake {
             let name = model.host_name(h).to_owned();
@@ -459,7 +441,7 @@ impl Manager {
                 done: false,
                 error: None,
             };
-            if full && view_of(h).is_some() {
+            if full {
                 match self.wake_host(&dpm_ctx("wake (DPM)"), &name).await {
                     Ok(_) => act.done = true,
                     Err(e) => act.error = Some(e.message),
@@ -469,28 +451,9 @@ impl Manager {
         }
         let mut moves_of: HashMap<String, Vec<OperationId>> = HashMap::new();
         for mv in &plan.moves {
-            let guest_id = model.guest_ids[mv.guest.index()].clone();
-            let mut out = DrsMove {
-                guest: model.guest_name(mv.guest).to_owned(),
-                from: model.host_name(mv.from).to_owned(),
-                to: model.host_name(mv.to).to_owned(),
-                kind: move_kind(&mv.reason).into(),
-                reason: mv.explain(&cluster),
-                operation: None,
-                error: None,
-            };
-            if full {
-                let req = MigrateRequest { to: Some(out.to.clone()), ..Default::default() };
-                match self.migrate_guest(&dpm_ctx("consolidate (DPM)"), &guest_id, req).await {
-                    Ok(acc) => {
-                        out.operation = Some(acc.operation.id);
-                        moves_of.entry(out.from.clone()).or_default().push(acc.operation.id);
-                        if let Ok(id) = guest_id.parse::<GuestId>() {
-                            self.note_moved(id);
-                        }
-                    }
-                    Err(e) => out.error = Some(e.message),
-                }
+            let mut out = model.recommendation(&cluster, mv);
+            if full && let Some(op) = self.start_move(&dpm_ctx("consolidate (DPM)"), &model, mv, &mut out).await {
+                moves_of.entry(out.from.clone()).or_default().push(op);
             }
             round.moves.push(out);
         }
@@ -507,13 +470,13 @@ impl Manager {
                 done: false,
                 error: None,
             };
-            if full && let Some(v) = view_of(h) {
+            if full && let Some(id) = host_id(h) {
                 let failed = round.moves.iter().filter(|m| m.from == name).find_map(|m| m.error.clone());
                 if let Some(e) = failed {
                     act.error = Some(format!("a guest could not be moved: {e}"));
                 } else if let Some(ops) = moves_of.remove(&name) {
                     // Standby once its guests have left (a later round).
-                    self.dpm_state().emptying.insert(v.info.id, ops);
+                    self.dpm_state().emptying.insert(id, ops);
                 } else {
                     match self.standby_host(&dpm_ctx("standby (DPM)"), &name).await {
                         Ok(_) => act.done = true,

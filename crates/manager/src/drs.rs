@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use drove_api::{DrsMove, DrsRound, DrsUnresolved, GuestView, HostView, MigrateRequest};
 use drove_model::{ByteSize, GuestId, GuestState, HostState};
 use drove_placement::{
-    BalanceParams, Cluster, ClusterError, GuestIx, GuestSpec, HostIx, HostSpec, Limits, Mobility, MoveReason,
+    BalanceParams, Cluster, ClusterError, GuestIx, GuestSpec, HostIx, HostSpec, Limits, Mobility, Move, MoveReason,
     PowerModel, PowerState, Profile, ProfileError, Resources, Strategy, rebalance,
 };
 
@@ -188,6 +188,20 @@ impl Model {
     /// A host by name or id.
     pub fn find_host(&self, key: &str) -> Option<HostIx> {
         self.cluster.hosts().find(|&h| self.host_name(h) == key || self.hosts[h.index()].0 == key)
+    }
+
+    /// A move of the plan made on (a copy of) this model's `cluster`, as
+    /// the API shows it, not started.
+    pub fn recommendation(&self, cluster: &Cluster, mv: &Move) -> DrsMove {
+        DrsMove {
+            guest: self.guest_name(mv.guest).to_owned(),
+            from: self.host_name(mv.from).to_owned(),
+            to: self.host_name(mv.to).to_owned(),
+            kind: move_kind(&mv.reason).into(),
+            reason: mv.explain(cluster),
+            operation: None,
+            error: None,
+        }
     }
 
     /// A guest by name or id.
@@ -369,6 +383,14 @@ pub fn move_kind(reason: &MoveReason) -> &'static str {
     }
 }
 
+/// Who a reconciler acts as: principal `name`, audited with `action`.
+pub(crate) fn reconciler_ctx(name: &str, action: &str) -> Ctx {
+    Ctx {
+        principal: crate::auth::Principal { name: name.into(), role: crate::auth::Role::Admin },
+        action: action.into(),
+    }
+}
+
 pub async fn run(m: Arc<Manager>) {
     let mut tick = tokio::time::interval(m.config.drs.interval.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -415,28 +437,7 @@ impl Manager {
             }
         };
         let mut cluster = model.cluster.clone();
-        let busy: std::collections::HashSet<GuestId> = self.lock().active_ops.keys().copied().collect();
-        {
-            let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
-            st.moved.retain(|_, at| at.elapsed() < c.cooldown);
-            // By id, so that each model guest is looked up once (finding a
-            // model guest by key is a scan: quadratic at 50,000 guests).
-            let held: std::collections::HashSet<String> = guests
-                .iter()
-                .filter(|g| {
-                    g.guest.state != GuestState::Running
-                        || busy.contains(&g.guest.id)
-                        || st.moved.contains_key(&g.guest.id)
-                })
-                .map(|g| g.guest.id.to_string())
-                .collect();
-            for ix in model.cluster.guests() {
-                if held.contains(&model.guest_ids[ix.index()]) {
-                    cluster.set_mobility(ix, Mobility::Pinned);
-                    round.held += 1;
-                }
-            }
-        }
+        round.held = self.hold_guests(&model, &mut cluster, &guests, Mobility::Pinned);
         let params = BalanceParams {
             hot: limits(c.hot),
             target: limits(c.target),
@@ -451,43 +452,84 @@ impl Manager {
             .iter()
             .map(|(h, why)| DrsUnresolved { host: model.host_name(*h).to_owned(), reason: why.clone() })
             .collect();
-        let ctx = Ctx {
-            principal: crate::auth::Principal { name: "drs".into(), role: crate::auth::Role::Admin },
-            action: "rebalance (DRS)".into(),
-        };
+        let ctx = reconciler_ctx("drs", "rebalance (DRS)");
         for mv in &plan.moves {
-            let guest_id = model.guest_ids[mv.guest.index()].clone();
-            let mut out = DrsMove {
-                guest: model.guest_name(mv.guest).to_owned(),
-                from: model.host_name(mv.from).to_owned(),
-                to: model.host_name(mv.to).to_owned(),
-                kind: move_kind(&mv.reason).into(),
-                reason: mv.explain(&cluster),
-                operation: None,
-                error: None,
-            };
+            let mut out = model.recommendation(&cluster, mv);
             // Pressure is against the target share: times it, the share of
             // the host's capacity its guests demand.
             let contended =
                 matches!(mv.reason, MoveReason::Hot { pressure_before, .. } if pressure_before * c.target > 1.0);
-            if c.mode == DrsMode::Full || (c.mode == DrsMode::Partial && contended) {
-                let req = MigrateRequest { to: Some(out.to.clone()), ..Default::default() };
-                match self.migrate_guest(&ctx, &guest_id, req).await {
-                    Ok(acc) => {
-                        out.operation = Some(acc.operation.id);
-                        let mut st = self.drs.lock().unwrap_or_else(|p| p.into_inner());
-                        st.inflight.push(acc.operation.id);
-                        if let Ok(id) = guest_id.parse::<GuestId>() {
-                            st.moved.insert(id, Instant::now());
-                        }
-                        tracing::info!(guest = %out.guest, from = %out.from, to = %out.to, reason = %out.reason, "DRS migrates");
-                    }
-                    Err(e) => out.error = Some(e.message),
-                }
+            if (c.mode == DrsMode::Full || (c.mode == DrsMode::Partial && contended))
+                && let Some(op) = self.start_move(&ctx, &model, mv, &mut out).await
+            {
+                self.drs.lock().unwrap_or_else(|p| p.into_inner()).inflight.push(op);
             }
             round.moves.push(out);
         }
         self.keep_round(round)
+    }
+
+    /// Marks in `cluster` (a copy of `model`'s) the guests a round must
+    /// leave where they are: not running, or busy with an operation
+    /// (pinned), and moved by DRS or DPM within the cool-down (`moved_as`).
+    /// Returns how many.
+    pub(crate) fn hold_guests(
+        &self,
+        model: &Model,
+        cluster: &mut Cluster,
+        guests: &[GuestView],
+        moved_as: Mobility,
+    ) -> usize {
+        let busy: std::collections::HashSet<GuestId> = self.lock().active_ops.keys().copied().collect();
+        let moved = self.recently_moved();
+        // By id, so that each model guest is looked up once (finding a
+        // model guest by key is a scan: quadratic at 50,000 guests).
+        let held: HashMap<String, Mobility> = guests
+            .iter()
+            .filter_map(|g| {
+                let id = g.guest.id;
+                if g.guest.state != GuestState::Running || busy.contains(&id) {
+                    Some((id.to_string(), Mobility::Pinned))
+                } else {
+                    moved.contains(&id).then(|| (id.to_string(), moved_as))
+                }
+            })
+            .collect();
+        let mut n = 0;
+        for ix in model.cluster.guests() {
+            if let Some(&m) = held.get(&model.guest_ids[ix.index()]) {
+                cluster.set_mobility(ix, m);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Starts `mv` as a migration by `ctx`, recording in `out` the
+    /// operation or why it could not start; the guest cools down.
+    pub(crate) async fn start_move(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        model: &Model,
+        mv: &Move,
+        out: &mut DrsMove,
+    ) -> Option<drove_model::OperationId> {
+        let guest_id = &model.guest_ids[mv.guest.index()];
+        let req = MigrateRequest { to: Some(out.to.clone()), ..Default::default() };
+        match self.migrate_guest(ctx, guest_id, req).await {
+            Ok(acc) => {
+                out.operation = Some(acc.operation.id);
+                if let Ok(id) = guest_id.parse::<GuestId>() {
+                    self.note_moved(id);
+                }
+                tracing::info!(principal = %ctx.principal.name, guest = %out.guest, from = %out.from, to = %out.to, reason = %out.reason, "migrates");
+                Some(acc.operation.id)
+            }
+            Err(e) => {
+                out.error = Some(e.message);
+                None
+            }
+        }
     }
 
     /// Guests DRS or DPM moved within the cool-down: neither moves them
