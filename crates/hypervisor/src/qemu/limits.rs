@@ -158,7 +158,7 @@ impl Applied {
 /// [`CGROUP_EMPTY_TIMEOUT`] is an error. Both are attempted; the first
 /// failure is returned.
 pub(super) async fn release(dir: &GuestDir) -> Result<(), QemuError> {
-    release_within(dir, Wait::For(CGROUP_EMPTY_TIMEOUT)).await
+    release_within(dir, Wait::Always).await
 }
 
 async fn release_within(dir: &GuestDir, wait: Wait) -> Result<(), QemuError> {
@@ -167,11 +167,11 @@ async fn release_within(dir: &GuestDir, wait: Wait) -> Result<(), QemuError> {
     cgroup.and(nics)
 }
 
-/// How long to wait for a guest's cgroup to empty.
+/// When to wait (up to [`CGROUP_EMPTY_TIMEOUT`]) for a guest's cgroup to empty.
 #[derive(Clone, Copy)]
 enum Wait {
-    /// Up to this long, whatever holds it.
-    For(Duration),
+    /// Whatever holds it.
+    Always,
     /// Only while what it holds is exiting. A killed QEMU's leader is a
     /// zombie (and no longer "alive") while its other threads still run
     /// their exit, and the kernel refuses the rmdir until the last one is
@@ -183,11 +183,7 @@ enum Wait {
 async fn remove_cgroup(dir: &GuestDir, wait: Wait) -> Result<(), QemuError> {
     let Some(hierarchy) = Hierarchy::detect()? else { return Ok(()) };
     let cgroup = hierarchy.named(dir.cgroup_name());
-    let timeout = match wait {
-        Wait::For(t) => t,
-        Wait::WhileExiting => CGROUP_EMPTY_TIMEOUT,
-    };
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + CGROUP_EMPTY_TIMEOUT;
     loop {
         match cgroup.remove()? {
             Removal::Gone => return Ok(()),
