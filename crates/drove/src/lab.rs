@@ -405,8 +405,14 @@ pub async fn up(a: UpArgs) -> Result<()> {
 }
 
 async fn stop_processes(lab: &LabFile, dir: &Path) {
-    let pids: Vec<u32> =
-        lab.agents.iter().map(|(_, p)| *p).chain(lab.manager_pid).filter(|p| is_drove(*p, dir)).collect();
+    let pids: Vec<u32> = lab.agents.iter().map(|(_, p)| *p).chain(lab.manager_pid).collect();
+    stop_pids(&pids, dir).await;
+}
+
+/// SIGTERM to those of `pids` that are this lab's daemons, and SIGKILL to
+/// any still running after 10 s.
+async fn stop_pids(pids: &[u32], dir: &Path) {
+    let pids: Vec<u32> = pids.iter().copied().filter(|p| is_drove(*p, dir)).collect();
     for p in &pids {
         signal(*p, "TERM");
     }
@@ -685,16 +691,7 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
         LabCommand::Power { action, .. } if action == "off" => {
             // A clean stop: the agent leaves whatever runs (nothing, on an
             // emptied host) and the links go down as a powered-off NIC's.
-            if let Some(pid) = agent_pid {
-                signal(pid, "TERM");
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while is_drove(pid, &dir) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                if is_drove(pid, &dir) {
-                    signal(pid, "KILL");
-                }
-            }
+            stop_pids(agent_pid.as_slice(), &dir).await;
             kill_strays(&dir.join("hosts").join(host));
             if let Some(f) = &fabric {
                 for role in [LinkRole::Management, LinkRole::Migration, LinkRole::Trunk] {
