@@ -901,10 +901,12 @@ impl Agent {
                     Err(e) => err(&e),
                 }
             }
-            MigrateCall::Finish => match self.hv.migrate_finish(guest, Duration::from_secs(60)).await {
-                Ok(done) => CallOutcome::Finished { done },
-                Err(e) => err(&e),
-            },
+            MigrateCall::Finish { await_console } => {
+                match self.hv.migrate_finish(guest, Duration::from_secs(60), await_console).await {
+                    Ok(done) => CallOutcome::Finished { done },
+                    Err(e) => err(&e),
+                }
+            }
             MigrateCall::Cancel => match self.hv.migrate_cancel(guest).await {
                 Ok(()) => CallOutcome::Done,
                 Err(HvError::MigrationCompleted { .. }) => CallOutcome::MigrationCompleted,

@@ -700,7 +700,13 @@ pub enum MigrateCall {
     /// answered with `sent`.
     Send { outgoing: Outgoing },
     /// Target: wait until the guest runs here; answered with `finished`.
-    Finish,
+    /// With `await_console` (the source saw the guest write to its console
+    /// steadily), also wait a moment for the guest's first console output
+    /// here, to measure the pause as the guest shows it.
+    Finish {
+        #[serde(default)]
+        await_console: bool,
+    },
     /// Source: abort a send that has not completed; `done`, or an error
     /// once it completed (the target may run the guest).
     Cancel,

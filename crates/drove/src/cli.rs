@@ -1243,8 +1243,14 @@ fn limits_summary(l: &drove_model::ResourceLimits) -> String {
 
 fn migration_summary(m: &drove_model::migration::MigrationResult) -> String {
     let pause = m.downtime_ms.map_or("unmeasured".to_owned(), |d| format!("{d:.1} ms"));
+    // The guest's own view, where it writes to its console steadily.
+    let seen = match (m.console_gap_ms, m.console_interval_ms) {
+        (Some(gap), Some(every)) => format!(", console silent {gap:.1} ms (writes every {every:.1} ms)"),
+        (Some(gap), None) => format!(", console silent {gap:.1} ms"),
+        _ => String::new(),
+    };
     format!(
-        "paused {pause} (QEMU: {} ms), {:.2} s in all, {} transferred",
+        "paused {pause} (QEMU: {} ms){seen}, {:.2} s in all, {} transferred",
         m.qemu_downtime_ms,
         m.total_ms as f64 / 1000.0,
         ByteSize(m.transferred)

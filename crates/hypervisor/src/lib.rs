@@ -658,8 +658,15 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     /// Target side, after the source finished: waits (up to `timeout`)
     /// until the guest runs here and stops serving its disks. Fails if the
     /// incoming migration failed; the guest must then be destroyed here.
-    async fn migrate_finish(&self, id: GuestId, timeout: Duration) -> Result<migration::IncomingDone, HvError> {
-        let _ = (id, timeout);
+    /// With `await_console`, it also waits (briefly) for the guest's first
+    /// console output here, where the backend can see it.
+    async fn migrate_finish(
+        &self,
+        id: GuestId,
+        timeout: Duration,
+        await_console: bool,
+    ) -> Result<migration::IncomingDone, HvError> {
+        let _ = (id, timeout, await_console);
         Err(HvError::Unsupported { op: "migrate_finish", backend: self.kind(), reason: "no live migration".into() })
     }
 
@@ -678,6 +685,12 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ConsoleIo f
 
 /// A guest's serial console, as a byte stream.
 pub type ConsoleStream = Box<dyn ConsoleIo>;
+
+/// Now as Unix time in microseconds: the clock QEMU stamps its events
+/// with, so times from QEMU and from us compare.
+pub(crate) fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
 
 /// The last `max` bytes of a file (console histories can grow large).
 pub async fn tail_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {

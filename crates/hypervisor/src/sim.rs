@@ -480,10 +480,6 @@ enum SimMigration {
     Sent,
 }
 
-fn unix_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
-
 impl SimGuest {
     fn status(&self) -> GuestStatus {
         GuestStatus { id: self.config.id, state: self.state, generation: self.config.generation, pid: self.pid }
@@ -1248,15 +1244,23 @@ impl Hypervisor for SimHypervisor {
                 total_ms: started.elapsed().as_millis() as u64,
                 qemu_downtime_ms: 1,
                 transferred: memory,
-                stopped_at_us: Some(unix_us()),
+                stopped_at_us: Some(crate::unix_us()),
+                console_last_us: None,
+                console_interval_us: None,
             })
         }
         .await;
         Self::finish(SimOp::MigrateOut, Some(id), fault, result)
     }
 
-    async fn migrate_finish(&self, id: GuestId, timeout: Duration) -> Result<crate::migration::IncomingDone, HvError> {
-        let _ = timeout;
+    async fn migrate_finish(
+        &self,
+        id: GuestId,
+        timeout: Duration,
+        await_console: bool,
+    ) -> Result<crate::migration::IncomingDone, HvError> {
+        // A simulated guest has no console to watch.
+        let _ = (timeout, await_console);
         let fault = self.begin(SimOp::MigrateFinish, Some(id))?;
         let result = {
             let mut inner = self.lock();
@@ -1265,12 +1269,14 @@ impl Hypervisor for SimHypervisor {
                 Some(g) if g.migration == Some(SimMigration::Incoming) => {
                     g.migration = None;
                     g.state = RuntimeState::Running;
-                    self.save(&inner, "migrate_finish")
-                        .map(|()| crate::migration::IncomingDone { resumed_at_us: Some(unix_us()) })
+                    self.save(&inner, "migrate_finish").map(|()| crate::migration::IncomingDone {
+                        resumed_at_us: Some(crate::unix_us()),
+                        console_first_us: None,
+                    })
                 }
                 // Finished already: the repeat of a call whose reply was lost.
                 Some(g) if g.migration.is_none() && g.state == RuntimeState::Running => {
-                    Ok(crate::migration::IncomingDone { resumed_at_us: None })
+                    Ok(crate::migration::IncomingDone { resumed_at_us: None, console_first_us: None })
                 }
                 Some(g) => Err(HvError::InvalidState { id, op: "migrate_finish", state: g.state }),
             }
@@ -1357,7 +1363,7 @@ impl Hypervisor for SimHypervisor {
 
     async fn usage(&self, id: GuestId) -> Result<crate::GuestUsage, HvError> {
         let now = std::time::Instant::now();
-        let hour = drove_model::load::utc_hour(unix_us() / 1000);
+        let hour = drove_model::load::utc_hour(crate::unix_us() / 1000);
         let mut inner = self.lock();
         let inner = &mut *inner;
         let guest = inner.guests.get(&id).ok_or(HvError::NotFound { id })?;
@@ -1382,7 +1388,7 @@ impl Hypervisor for SimHypervisor {
             inner.counters.retain(|p, _| live.contains(p));
         }
         let c = inner.counters.entry(pid).or_insert(SimCounters {
-            started: unix_us(),
+            started: crate::unix_us(),
             at: now,
             cpu_ns: 0.0,
             net_bytes: 0.0,

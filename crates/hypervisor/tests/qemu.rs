@@ -2137,7 +2137,16 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
          echo $! > /tmp/counter.pid",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A console ticker made of shell builtins: the guest's own account of
+    // its pause.
+    sh(
+        &a,
+        g.id,
+        "mkfifo /tmp/tick; (exec 3<>/tmp/tick; while :; do echo t; read -t 0.002 x <&3; done) \
+         >/dev/ttyS0 2>&1 </dev/null & echo ok",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let before: u64 = sh(&a, g.id, "cat /tmp/count").await.parse().unwrap();
     let counter_pid = sh(&a, g.id, "cat /tmp/counter.pid").await;
     assert!(counter_pid.parse::<u32>().is_ok(), "{counter_pid:?}");
@@ -2150,14 +2159,24 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
         .migrate_out(g.id, &out, &|p| phases.lock().unwrap().push(p.phase))
         .await
         .unwrap_or_else(|e| panic!("migration failed: {}", error_chain(&e)));
-    let done = b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
+    let done = b.migrate_finish(g.id, Duration::from_secs(30), stats.console_last_us.is_some()).await.unwrap();
     let phases = phases.into_inner().unwrap();
     assert!(phases.contains(&TransferPhase::Disks) && phases.last() == Some(&TransferPhase::Done), "{phases:?}");
-    let gap_ms = match (stats.stopped_at_us, done.resumed_at_us) {
-        (Some(stop), Some(resume)) => (resume.saturating_sub(stop)) as f64 / 1000.0,
+    let (stop, resume) = match (stats.stopped_at_us, done.resumed_at_us) {
+        (Some(stop), Some(resume)) => (stop, resume),
         other => panic!("no STOP/RESUME timestamps: {other:?}"),
     };
-    eprintln!("migration: {stats:?}; paused {gap_ms:.1} ms from STOP on the source to RESUME on the target");
+    let gap_ms = (resume.saturating_sub(stop)) as f64 / 1000.0;
+    eprintln!("migration: {stats:?} {done:?}; paused {gap_ms:.1} ms from STOP on the source to RESUME on the target");
+    // The ticker's silence spans the pause: its last line came before the
+    // source stopped, its first on the target after the resume.
+    let (Some(last), Some(first)) = (stats.console_last_us, done.console_first_us) else {
+        panic!("the ticking console was not measured: {stats:?} {done:?}");
+    };
+    assert!(last <= stop && first > resume, "last {last} <= stop {stop}, first {first} > resume {resume}");
+    let interval = stats.console_interval_us.expect("the ticker's interval");
+    assert!((1_000..100_000).contains(&interval), "the ticker wrote every {interval} µs");
+    assert!(first - last < 5_000_000, "the console was silent for {} ms", (first - last) / 1000);
     assert_eq!(status(&b, g.id).await.state, RuntimeState::Running);
     assert_eq!(status(&a, g.id).await.state, RuntimeState::Paused, "the source stays paused");
     a.destroy(g.id).await.unwrap();
@@ -2207,7 +2226,7 @@ async fn a_guest_with_hot_added_hardware_migrates_with_it() {
     b.migrate_incoming(&moved, &incoming).await.unwrap();
     let out = Outgoing { downtime_limit_ms: 300, ..out };
     a.migrate_out(g.id, &out, &|_| {}).await.unwrap_or_else(|e| panic!("migration failed: {}", error_chain(&e)));
-    b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
+    b.migrate_finish(g.id, Duration::from_secs(30), false).await.unwrap();
     a.destroy(g.id).await.unwrap();
     assert_eq!(sh(&b, g.id, "echo $(nproc) $(cat /sys/block/vdb/size)").await, "2 65536");
     assert_eq!(guest_mem_total_kib(&b, g.id).await, mem_before);
@@ -2882,7 +2901,7 @@ async fn a_guest_with_a_raw_disk_migrates_and_one_with_a_block_device_is_refused
     let (incoming, out) = loopback_migration(Some(migration_key()));
     b.migrate_incoming(&g, &incoming).await.unwrap();
     a.migrate_out(g.id, &out, &|_| {}).await.unwrap_or_else(|e| panic!("migration failed: {}", error_chain(&e)));
-    b.migrate_finish(g.id, Duration::from_secs(30)).await.unwrap();
+    b.migrate_finish(g.id, Duration::from_secs(30), false).await.unwrap();
     a.destroy(g.id).await.unwrap();
     assert_eq!(sh(&b, g.id, READ_MARKER).await, "raw-before-migration");
     assert_eq!(qemu_img_format(&b.guest_dir(g.id).join("disk0.raw")), "raw");

@@ -567,8 +567,8 @@ async fn sim_migration_moves_a_guest_and_a_cancel_keeps_it_home() {
     let stats = a.migrate_out(g.id, &outgoing, &|_| {}).await.unwrap();
     assert!(stats.stopped_at_us.is_some());
     assert_eq!(state_of(&a, g.id).await, RuntimeState::Paused);
-    b.migrate_finish(g.id, Duration::from_secs(1)).await.unwrap();
-    b.migrate_finish(g.id, Duration::from_secs(1)).await.unwrap(); // a lost reply's repeat
+    b.migrate_finish(g.id, Duration::from_secs(1), false).await.unwrap();
+    b.migrate_finish(g.id, Duration::from_secs(1), false).await.unwrap(); // a lost reply's repeat
     assert_eq!(state_of(&b, g.id).await, RuntimeState::Running);
     a.destroy(g.id).await.unwrap();
 
@@ -583,7 +583,7 @@ async fn sim_migration_moves_a_guest_and_a_cancel_keeps_it_home() {
     b.resume(g.id).await.unwrap();
     assert_eq!(state_of(&b, g.id).await, RuntimeState::Running);
     b.migrate_cancel(g.id).await.unwrap(); // nothing in flight: harmless
-    assert!(b.migrate_finish(g.id, Duration::ZERO).await.is_ok(), "a running guest counts as finished");
+    assert!(b.migrate_finish(g.id, Duration::ZERO, false).await.is_ok(), "a running guest counts as finished");
 }
 
 // --- storage moves -----------------------------------------------------------------

@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use drove_api::{AgentCallKind, CallOutcome, MigrateCall, MigrateRequest, ObservedState, OperationAccepted};
 use drove_model::migration::{
-    DiskTransfer, Migration, MigrationEvent, MigrationKey, MigrationProgress, MigrationResult, MigrationState,
-    Outgoing, TransferPhase,
+    DiskTransfer, IncomingDone, Migration, MigrationEvent, MigrationKey, MigrationProgress, MigrationResult,
+    MigrationState, Outgoing, TransferPhase,
 };
 use drove_model::operation::OperationEvent;
 use drove_model::{GuestId, GuestState, HostId, OperationId, OperationKind, OperationState};
@@ -356,23 +356,26 @@ impl Manager {
                     }
                 }
             }
-            MigrationState::Finishing => match call(m.target, MigrateCall::Finish, FINISH_BUDGET).await {
-                Ok(CallOutcome::Finished { done }) => {
-                    self.commit(guest, m, done.resumed_at_us).await;
-                    Ok(())
-                }
-                Ok(other) => {
-                    tracing::warn!(%guest, answer = ?other, "the target did not finish; asking it");
-                    match self.state_on(m.target, guest).await? {
-                        Some(ObservedState::Running) => {
-                            self.commit(guest, m, None).await;
-                            Ok(())
-                        }
-                        _ => self.abort(guest, m, &format!("the target did not take over: {other:?}")).await,
+            MigrationState::Finishing => {
+                let await_console = m.stats.is_some_and(|s| s.console_last_us.is_some());
+                match call(m.target, MigrateCall::Finish { await_console }, FINISH_BUDGET).await {
+                    Ok(CallOutcome::Finished { done }) => {
+                        self.commit(guest, m, Some(done)).await;
+                        Ok(())
                     }
+                    Ok(other) => {
+                        tracing::warn!(%guest, answer = ?other, "the target did not finish; asking it");
+                        match self.state_on(m.target, guest).await? {
+                            Some(ObservedState::Running) => {
+                                self.commit(guest, m, None).await;
+                                Ok(())
+                            }
+                            _ => self.abort(guest, m, &format!("the target did not take over: {other:?}")).await,
+                        }
+                    }
+                    Err(_) => Err(()),
                 }
-                Err(_) => Err(()),
-            },
+            }
             MigrationState::Cleaning => {
                 let nics = self.lock().guests.get(&guest).map_or(0, |g| g.spec.nics.len() as u32);
                 match call(m.source, MigrateCall::Discard { nics }, QUICK_BUDGET).await {
@@ -487,7 +490,7 @@ impl Manager {
     }
 
     /// The target runs the guest: it is the target's now.
-    async fn commit(&self, guest: GuestId, m: &Migration, resumed_at_us: Option<u64>) {
+    async fn commit(&self, guest: GuestId, m: &Migration, done: Option<IncomingDone>) {
         // Recorded with the `sent` step; absent when the send's answer was
         // lost and the target was found running instead.
         let stats = m.stats;
@@ -496,20 +499,26 @@ impl Manager {
             let name = |h: HostId| inv.hosts.get(&h).map(|e| e.info.name.clone()).unwrap_or_else(|| h.to_string());
             (name(m.source), name(m.target))
         };
-        let downtime_ms = match (stats.and_then(|s| s.stopped_at_us), resumed_at_us) {
-            (Some(stop), Some(resume)) => Some(resume.saturating_sub(stop) as f64 / 1000.0),
+        let between = |from: Option<u64>, to: Option<u64>| match (from, to) {
+            (Some(from), Some(to)) => Some(to.saturating_sub(from) as f64 / 1000.0),
             _ => None,
         };
+        let downtime_ms = between(stats.and_then(|s| s.stopped_at_us), done.and_then(|d| d.resumed_at_us));
+        let console_gap_ms = between(stats.and_then(|s| s.console_last_us), done.and_then(|d| d.console_first_us));
         let result = MigrationResult {
             from: from.clone(),
             to: to.clone(),
             downtime_ms,
             qemu_downtime_ms: stats.map_or(0, |s| s.qemu_downtime_ms),
+            console_gap_ms,
+            console_interval_ms: console_gap_ms
+                .and(stats.and_then(|s| s.console_interval_us))
+                .map(|us| us as f64 / 1000.0),
             total_ms: stats.map_or(0, |s| s.total_ms),
             transferred: stats.map_or(0, |s| s.transferred),
             finished_at: now_rfc3339(),
         };
-        tracing::info!(%guest, %from, %to, ?downtime_ms, "migration committed");
+        tracing::info!(%guest, %from, %to, ?downtime_ms, ?console_gap_ms, "migration committed");
         let step = format!("running on {to}; removing the copy on {from}");
         self.transition(guest, m, MigrationEvent::Finished, &step, 95, move |_, g| {
             g.last_migration = Some(result);

@@ -150,6 +150,15 @@ pub struct MigrationStats {
     /// microseconds, host clock): with the target's resume time, the
     /// downtime as seen from outside the guest.
     pub stopped_at_us: Option<u64>,
+    /// The guest's last console output before that pause (Unix time,
+    /// microseconds), when it wrote to its console steadily: the start of
+    /// the pause as the guest's own output shows it.
+    #[serde(default)]
+    pub console_last_us: Option<u64>,
+    /// How often it wrote before the pause (the median interval,
+    /// microseconds): the resolution of a pause measured from its output.
+    #[serde(default)]
+    pub console_interval_us: Option<u64>,
 }
 
 /// The target's side, once the guest runs there.
@@ -157,6 +166,10 @@ pub struct MigrationStats {
 pub struct IncomingDone {
     /// When the guest resumed on the target (Unix time, microseconds).
     pub resumed_at_us: Option<u64>,
+    /// The guest's first console output here (Unix time, microseconds),
+    /// when the target was asked to wait for it.
+    #[serde(default)]
+    pub console_first_us: Option<u64>,
 }
 
 /// Where a migration is (see the module docs).
@@ -261,6 +274,16 @@ pub struct MigrationResult {
     pub downtime_ms: Option<f64>,
     /// The pause as the source's QEMU measured it.
     pub qemu_downtime_ms: u64,
+    /// The pause as the guest's own output shows it: the silence on its
+    /// console from its last output on the source to its first on the
+    /// target (host clocks). Measured only for a guest that writes to its
+    /// console steadily (the test image's ticker does).
+    #[serde(default)]
+    pub console_gap_ms: Option<f64>,
+    /// How often that guest wrote to its console before the pause, ms: the
+    /// resolution of `console_gap_ms`.
+    #[serde(default)]
+    pub console_interval_ms: Option<f64>,
     pub total_ms: u64,
     pub transferred: u64,
     pub finished_at: String,

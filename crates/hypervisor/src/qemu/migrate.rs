@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use drove_model::GuestId;
 use serde_json::{Value, json};
 
+use super::console_watch::ConsoleWatch;
 use super::error::QemuError;
 use super::guest_dir::GuestDir;
 use super::{QemuHypervisor, Slot, backend, cmdline, live_pid};
@@ -56,6 +57,10 @@ pub(super) const POLL: Duration = Duration::from_millis(20);
 const FAST_POLL: Duration = Duration::from_millis(2);
 /// The name under which QEMU gets the migration stream drove opened.
 const MIGRATION_FD: &str = "drove-migration";
+/// How long a target waits for the first console output of a guest that
+/// wrote steadily on its source (a guest's silence after a resume is tens
+/// of milliseconds under TCG).
+const CONSOLE_WAIT: Duration = Duration::from_secs(1);
 /// Connecting the migration stream (the target listens already).
 const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause QEMU first aims at, as a share of the one allowed; see
@@ -184,6 +189,12 @@ impl QemuHypervisor {
         };
         self.launch(&dir, &mut slot, &config, true).await.map_err(backend(OP, id))?;
         let result = self.listen(&dir, &mut slot, &config, req, tls).await;
+        if result.is_ok() {
+            // Before the guest can run here, so its first write is seen.
+            slot.console = ConsoleWatch::start(&dir.serial_log_path())
+                .inspect_err(|e| tracing::debug!(guest = %id, error = %e, "cannot watch the console"))
+                .ok();
+        }
         if result.is_err()
             && let Some(pid) = live_pid(&dir)
             && let Err(e) = super::terminate(&dir, &mut slot, pid).await
@@ -296,8 +307,18 @@ impl QemuHypervisor {
         std::fs::write(&outgoing, line).map_err(|e| backend(OP, id)(QemuError::io("writing", &outgoing, e)))?;
         let auto_converge = self.accel().await == super::ResolvedAccel::Kvm;
         let disks = config.spec.disks.len();
+        let console = ConsoleWatch::start(&dir.serial_log_path())
+            .inspect_err(|e| tracing::debug!(guest = %id, error = %e, "cannot watch the console"))
+            .ok();
         let mut run = Outbound { dir: &dir, slot: &mut slot, pid, disks, mirrors: 0, auto_converge };
-        let result = run.migrate(req, progress, &guest.cancel_migration).await;
+        let result = run.migrate(req, progress, &guest.cancel_migration).await.map(|stats| {
+            let steady = stats.stopped_at_us.zip(console.as_ref()).and_then(|(at, c)| c.steady_before(at));
+            MigrationStats {
+                console_last_us: steady.map(|s| s.last_us),
+                console_interval_us: steady.map(|s| s.interval_us),
+                ..stats
+            }
+        });
         if let Err(e) = &result {
             tracing::warn!(guest = %id, error = %e, "migration failed; the guest stays here");
             sever(req.target, [req.port, req.nbd_port]).await;
@@ -307,7 +328,12 @@ impl QemuHypervisor {
         result.map_err(backend(OP, id))
     }
 
-    pub(super) async fn finish_incoming(&self, id: GuestId, timeout: Duration) -> Result<IncomingDone, HvError> {
+    pub(super) async fn finish_incoming(
+        &self,
+        id: GuestId,
+        timeout: Duration,
+        await_console: bool,
+    ) -> Result<IncomingDone, HvError> {
         const OP: &str = "migrate_finish";
         let guest = self.guest(id);
         let mut slot = guest.change().await;
@@ -354,7 +380,13 @@ impl QemuHypervisor {
         }
         let _ = std::fs::remove_dir_all(dir.root().join("tls"));
         tracing::info!(guest = %id, "the migrated guest runs here");
-        Ok(IncomingDone { resumed_at_us })
+        let console = slot.console.take();
+        drop(slot);
+        let console_first_us = match (await_console, resumed_at_us, console) {
+            (true, Some(resumed), Some(console)) => console.first_after(resumed, CONSOLE_WAIT).await,
+            _ => None,
+        };
+        Ok(IncomingDone { resumed_at_us, console_first_us })
     }
 
     pub(super) async fn cancel_outgoing(&self, id: GuestId) -> Result<(), HvError> {
@@ -659,6 +691,8 @@ impl Outbound<'_> {
             qemu_downtime_ms: u(&info, "/downtime"),
             transferred: u(&info, "/ram/transferred"),
             stopped_at_us,
+            console_last_us: None,
+            console_interval_us: None,
         };
         progress(MigrationProgress {
             phase: TransferPhase::Done,

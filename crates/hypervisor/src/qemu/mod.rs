@@ -120,6 +120,7 @@ pub mod cgroup;
 mod clone;
 mod cmdline;
 mod config_drive;
+mod console_watch;
 mod error;
 mod guest_dir;
 mod hotplug;
@@ -322,6 +323,8 @@ type Observed = (RuntimeState, Option<u32>);
 #[derive(Default)]
 struct Slot {
     qmp: Option<(u32, QmpClient)>,
+    /// The console's writes, watched while the guest migrates in.
+    console: Option<console_watch::ConsoleWatch>,
 }
 
 impl GuestHandle {
@@ -1348,8 +1351,13 @@ impl Hypervisor for QemuHypervisor {
         self.outgoing(id, req, progress).await
     }
 
-    async fn migrate_finish(&self, id: GuestId, timeout: Duration) -> Result<crate::migration::IncomingDone, HvError> {
-        self.finish_incoming(id, timeout).await
+    async fn migrate_finish(
+        &self,
+        id: GuestId,
+        timeout: Duration,
+        await_console: bool,
+    ) -> Result<crate::migration::IncomingDone, HvError> {
+        self.finish_incoming(id, timeout, await_console).await
     }
 
     async fn migrate_cancel(&self, id: GuestId) -> Result<(), HvError> {
