@@ -568,7 +568,10 @@ fn a_guest_migrates_live_between_lab_hosts() {
         "mover",
         "printf '%-511s\\n' moved-marker | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && \
          (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; usleep 20000; done) >/dev/null 2>&1 & \
-         echo $! > /tmp/counter.pid; sleep 0.3; cat /tmp/count",
+         echo $! > /tmp/counter.pid; \
+         mkfifo /tmp/tick; (exec 3<>/tmp/tick; while :; do echo t; read -t 0.002 x <&3; done) \
+         >/dev/ttyS0 2>&1 </dev/null & \
+         sleep 0.3; cat /tmp/count",
     );
     assert_eq!(code, 0, "{out}");
     let before: u64 = out.trim().parse().unwrap();
@@ -580,12 +583,20 @@ fn a_guest_migrates_live_between_lab_hosts() {
 
     let out = lab.ok(&["vm", "migrate", "mover", "--to", "host-2"]);
     assert!(out.contains("migrated mover from host-1 to host-2: paused"), "{out}");
+    assert!(out.contains("console silent"), "the guest's own view of the pause: {out}");
     let g = lab.json(&["vm", "show", "mover"]);
     assert_eq!(g["host_name"], "host-2");
     assert_eq!(g["state"], "running");
     let pause = g["last_migration"]["downtime_ms"].as_f64().expect("a measured pause");
     eprintln!("lab migration: {}", g["last_migration"]);
     assert!(pause > 0.0 && pause < 5000.0, "pause {pause} ms");
+    // The guest's console ticker fell silent for the whole pause, and for
+    // no longer than the migration took.
+    let silent = g["last_migration"]["console_gap_ms"].as_f64().expect("the console's silence, measured");
+    let total = g["last_migration"]["total_ms"].as_f64().unwrap();
+    assert!(silent >= pause && silent <= total, "console silent {silent} ms, pause {pause} ms, total {total} ms");
+    let every = g["last_migration"]["console_interval_ms"].as_f64().expect("the ticker's interval");
+    assert!(every < 100.0, "the ticker wrote every {every} ms");
     // One QEMU for it, on host-2 (its pid file names host-2's directory).
     let pids: Vec<u32> = qemus_of(lab.data())
         .into_iter()
