@@ -197,7 +197,18 @@ impl QemuHypervisor {
         } else {
             let mut snap = Snap { hv: self, dir: &dir, slot: &mut slot, config: config.clone(), op: OP };
             let per_disk = snap.per_disk(live).await.map_err(backend(OP, id))?;
-            per_disk.into_iter().flatten().map(|s| s.name).collect()
+            let (transient, kept): (BTreeSet<String>, BTreeSet<String>) = per_disk
+                .into_iter()
+                .flatten()
+                .map(|s| s.name)
+                .partition(|name| name.starts_with(crate::CLONE_SNAPSHOT_PREFIX));
+            // A clone that was interrupted left its transient snapshot here
+            // (no clone runs now: this guest's lock is ours). It is nobody's
+            // snapshot: remove it rather than refuse the move over it.
+            for name in &transient {
+                snap.remove(live, name).await.map_err(backend(OP, id))?;
+            }
+            kept
         };
         if !snapshots.is_empty() {
             let names: Vec<String> = snapshots.into_iter().collect();
