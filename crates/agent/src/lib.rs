@@ -800,6 +800,10 @@ impl Agent {
                     Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
                 }
             }
+            AgentCallKind::Reset => match self.hv.reset(call.guest).await {
+                Ok(()) => CallOutcome::Done,
+                Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
+            },
             AgentCallKind::Hotplug { change } => {
                 use drove_api::HotplugChange as C;
                 use drove_hypervisor::Hotplug as H;

@@ -673,6 +673,8 @@ pub enum AgentCallKind {
     Exec { command: Vec<String>, input: Option<String>, timeout_secs: u64 },
     /// List the guest's network interfaces through its guest agent.
     Interfaces,
+    /// Reset the running guest (it reboots at once); answered with `done`.
+    Reset,
     /// Add hardware to the running guest.
     Hotplug { change: HotplugChange },
     /// Give the guest these resource limits: at once if it runs, and in its

@@ -270,6 +270,11 @@ impl Client {
         self.call(Method::POST, &format!("/v1/guests/{}/exec", seg(guest)), Some(req), wait).await
     }
 
+    /// Reset a running guest: it reboots at once.
+    pub async fn reset_guest(&self, guest: &str) -> Result<GuestView, ClientError> {
+        self.post(&format!("/v1/guests/{}/reset", seg(guest)), &serde_json::json!({})).await
+    }
+
     /// Add hardware to a running guest.
     pub async fn hotplug(&self, guest: &str, req: &drove_api::HotplugRequest) -> Result<GuestView, ClientError> {
         self.post(&format!("/v1/guests/{}/hotplug", seg(guest)), req).await

@@ -132,6 +132,12 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Reset a running guest, like pressing its reset button: it reboots at once, losing what it had not
+    /// written to disk. To shut it down cleanly and start it again, use `vm stop` and `vm start`.
+    Reset {
+        /// Guest name or id.
+        name: String,
+    },
     /// Delete a guest and its disks.
     Delete {
         #[command(flatten)]
@@ -1000,6 +1006,11 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
         VmCommand::Stop { action: a, force } => {
             let acc = c.stop_guest(&a.name, force).await?;
             report(&a, finish(&c, &acc, a.no_wait, a.timeout).await?, "stopped")
+        }
+        VmCommand::Reset { name } => {
+            c.reset_guest(&name).await?;
+            println!("reset {name}: it reboots now");
+            Ok(())
         }
         VmCommand::Delete { action: a, force } => {
             let acc = if force { c.delete_guest_forced(&a.name).await? } else { c.delete_guest(&a.name).await? };

@@ -145,6 +145,10 @@ fn vm_lifecycle_through_the_cli() {
     assert_eq!(vlans[0].nics, 1);
 
     // Power.
+    let out = lab.run(&["vm", "reset", "web-1"]).ok();
+    assert!(out.stdout.contains("reset web-1"), "{out}");
+    let g: GuestView = lab.run(&["vm", "show", "web-1", "-o", "json"]).ok().json();
+    assert_eq!(g.guest.state, GuestState::Running, "a reset guest runs on");
     lab.run(&["vm", "stop", "web-1"]).ok();
     let g: GuestView = lab.run(&["vm", "show", "web-1", "-o", "json"]).ok().json();
     assert_eq!((g.guest.state, g.guest.intent), (GuestState::Stopped, PowerIntent::Stopped));
@@ -192,6 +196,7 @@ fn vm_lifecycle_through_the_cli() {
         [
             ("POST /v1/vlans", Some("vlan/100"), 201, "ok"),
             ("POST /v1/guests", Some("guest/web-1"), 202, "ok"),
+            ("POST /v1/guests/web-1/reset", Some("guest/web-1"), 200, "ok"),
             ("POST /v1/guests/web-1/stop", Some("guest/web-1"), 202, "ok"),
             ("POST /v1/guests/web-1/start", Some("guest/web-1"), 202, "ok"),
             ("DELETE /v1/guests/web-1", Some("guest/web-1"), 202, "ok"),
@@ -239,6 +244,7 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
         ("unknown host", &["vm", "create", "bad-5", "--host", "host-99"], &["host", "host-99"]),
         ("duplicate name", &["vm", "create", "dup"], &["dup", "exists"]),
         ("more memory than any host", &["vm", "create", "bad-6", "--memory", "64G"], &["memory", "64G"]),
+        ("reset of an unknown guest", &["vm", "reset", "nope"], &["nope"]),
     ];
     let mut problems: Vec<String> =
         cases.iter().filter_map(|(what, args, mentions)| refusal_problems(what, &lab.run(args), mentions)).collect();
@@ -259,6 +265,7 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
         ("list with a wrong token", &["vm", "list"]),
         ("create with a wrong token", &["vm", "create", "sneaky"]),
         ("stop with a wrong token", &["vm", "stop", "dup"]),
+        ("reset with a wrong token", &["vm", "reset", "dup"]),
         ("delete with a wrong token", &["vm", "delete", "dup"]),
         ("VLAN delete with a wrong token", &["vlan", "delete", "red"]),
     ];
@@ -288,6 +295,7 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
         != HashSet::from([
             "POST /v1/guests",
             "POST /v1/guests/dup/stop",
+            "POST /v1/guests/dup/reset",
             "DELETE /v1/guests/dup",
             "DELETE /v1/vlans/red",
         ])
@@ -297,6 +305,14 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
             &audit_after[audit_before.len()..]
         ));
     }
+
+    // Only a running guest has a reset button to press.
+    lab.run(&["vm", "stop", "dup"]).ok();
+    problems.extend(refusal_problems(
+        "reset of a stopped guest",
+        &lab.run(&["vm", "reset", "dup"]),
+        &["dup", "stopped"],
+    ));
 
     assert!(problems.is_empty(), "{} problem(s):\n\n{}", problems.len(), problems.join("\n\n"));
 }

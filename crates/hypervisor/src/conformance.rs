@@ -149,10 +149,14 @@ pub enum Property {
     /// new incarnation (so no rate is taken across it). A Stopped guest is
     /// InvalidState, an unknown one NotFound.
     UsageIsCountedPerIncarnation,
+    /// `reset` reboots a Running guest in the same process (same pid); it
+    /// stays Running. A Paused or Stopped guest is InvalidState, an unknown
+    /// one NotFound.
+    ResetRebootsInPlace,
 }
 
 impl Property {
-    pub const ALL: [Property; 22] = [
+    pub const ALL: [Property; 23] = [
         Property::ResourcesAreReported,
         Property::CreateLeavesGuestStopped,
         Property::CreateIsIdempotent,
@@ -175,6 +179,7 @@ impl Property {
         Property::LimitsChangeInAnyStateAndRefusalsNameTheField,
         Property::DiskKindsRefuseWhatTheyCannotDo,
         Property::UsageIsCountedPerIncarnation,
+        Property::ResetRebootsInPlace,
     ];
 
     /// The snake-case name, as in test names.
@@ -186,6 +191,7 @@ impl Property {
             Property::CreateWithNewerGenerationUpdatesIt => "create_with_newer_generation_updates_it",
             Property::StartRunsGuestAndIsIdempotent => "start_runs_guest_and_is_idempotent",
             Property::PauseAndResume => "pause_and_resume",
+            Property::ResetRebootsInPlace => "reset_reboots_in_place",
             Property::StopGracefully => "stop_gracefully",
             Property::StopForcefully => "stop_forcefully",
             Property::StopIsIdempotent => "stop_is_idempotent",
@@ -253,6 +259,7 @@ impl Property {
             Property::CreateWithNewerGenerationUpdatesIt => create_with_newer_generation_updates_it(cx).await,
             Property::StartRunsGuestAndIsIdempotent => start_runs_guest_and_is_idempotent(cx).await,
             Property::PauseAndResume => pause_and_resume(cx).await,
+            Property::ResetRebootsInPlace => reset_reboots_in_place(cx).await,
             Property::StopGracefully => stop_gracefully(cx).await,
             Property::StopForcefully => stop_forcefully(cx).await,
             Property::StopIsIdempotent => stop_is_idempotent(cx).await,
@@ -405,6 +412,7 @@ macro_rules! conformance_tests {
             limits_change_in_any_state_and_refusals_name_the_field => LimitsChangeInAnyStateAndRefusalsNameTheField,
             disk_kinds_refuse_what_they_cannot_do => DiskKindsRefuseWhatTheyCannotDo,
             usage_is_counted_per_incarnation => UsageIsCountedPerIncarnation,
+            reset_reboots_in_place => ResetRebootsInPlace,
         );
     };
     (@module $module:ident ($hv:expr) ($template:expr) ($options:expr)
@@ -804,6 +812,41 @@ where
     cx.resume(g.id).await?;
     let resumed = cx.expect(g.id, RuntimeState::Running, g.generation, "resume").await?;
     same_incarnation(&running, &resumed, "pause and resume")
+}
+
+async fn reset_reboots_in_place<H, F>(cx: &mut Cx<'_, H, F>) -> Check
+where
+    H: Hypervisor,
+    F: Fn(u32) -> GuestConfig,
+{
+    let g = cx.stopped().await?;
+    let refused = cx.call(format!("reset({}) while stopped", g.id), cx.hv.reset(g.id)).await?;
+    ensure!(
+        matches!(refused, Err(HvError::InvalidState { id, state: RuntimeState::Stopped, .. }) if id == g.id),
+        "reset of a Stopped guest gave {}, not InvalidState naming it",
+        describe(&refused)
+    );
+    cx.start(g.id).await?;
+    let running = cx.expect(g.id, RuntimeState::Running, g.generation, "start").await?;
+    cx.ok(format!("reset({})", g.id), cx.hv.reset(g.id)).await?;
+    let reset = cx.expect(g.id, RuntimeState::Running, g.generation, "reset").await?;
+    same_incarnation(&running, &reset, "reset")?;
+    cx.pause(g.id).await?;
+    let refused = cx.call(format!("reset({}) while paused", g.id), cx.hv.reset(g.id)).await?;
+    ensure!(
+        matches!(refused, Err(HvError::InvalidState { id, state: RuntimeState::Paused, .. }) if id == g.id),
+        "reset of a Paused guest gave {}, not InvalidState naming it",
+        describe(&refused)
+    );
+    cx.expect(g.id, RuntimeState::Paused, g.generation, "a refused reset").await?;
+    let unknown = GuestId::new_v4();
+    let missing = cx.call(format!("reset({unknown})"), cx.hv.reset(unknown)).await?;
+    ensure!(
+        matches!(missing, Err(HvError::NotFound { id }) if id == unknown),
+        "reset of an unknown guest gave {}, not NotFound naming it",
+        describe(&missing)
+    );
+    Ok(())
 }
 
 async fn usage_is_counted_per_incarnation<H, F>(cx: &mut Cx<'_, H, F>) -> Check

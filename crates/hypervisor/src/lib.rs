@@ -486,6 +486,11 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
 
     async fn resume(&self, id: GuestId) -> Result<(), HvError>;
 
+    /// Reset a running guest, like its reset button: the guest reboots at
+    /// once, in the same process, losing what it had in RAM and not written
+    /// to disk. Only a running guest can be reset.
+    async fn reset(&self, id: GuestId) -> Result<(), HvError>;
+
     /// Stop the guest if needed and remove its definition and disks, on
     /// shared storage too. Destroying an unknown guest succeeds.
     async fn destroy(&self, id: GuestId) -> Result<(), HvError>;

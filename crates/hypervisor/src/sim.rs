@@ -165,6 +165,7 @@ pub enum SimOp {
     Stop,
     Pause,
     Resume,
+    Reset,
     Destroy,
     Status,
     List,
@@ -180,13 +181,14 @@ pub enum SimOp {
 }
 
 impl SimOp {
-    pub const ALL: [SimOp; 18] = [
+    pub const ALL: [SimOp; 19] = [
         SimOp::Resources,
         SimOp::Create,
         SimOp::Start,
         SimOp::Stop,
         SimOp::Pause,
         SimOp::Resume,
+        SimOp::Reset,
         SimOp::Destroy,
         SimOp::Status,
         SimOp::List,
@@ -210,6 +212,7 @@ impl SimOp {
             SimOp::Stop => "stop",
             SimOp::Pause => "pause",
             SimOp::Resume => "resume",
+            SimOp::Reset => "reset",
             SimOp::Destroy => "destroy",
             SimOp::Status => "status",
             SimOp::List => "list",
@@ -512,6 +515,7 @@ enum Action {
     Stop,
     Pause,
     Resume,
+    Reset,
     Crash,
 }
 
@@ -533,6 +537,7 @@ impl Action {
             Action::Stop => "stop",
             Action::Pause => "pause",
             Action::Resume => "resume",
+            Action::Reset => "reset",
             Action::Crash => "crash",
         }
     }
@@ -556,6 +561,9 @@ impl Action {
             (Action::Pause, Stopped | Paused | Crashed) => Step::Refuse,
             (Action::Resume, Paused) => Step::Go(Running),
             (Action::Resume, Stopped | Running | Crashed) => Step::Refuse,
+            // The same process boots again: running, with a fresh OS.
+            (Action::Reset, Running) => Step::Go(Running),
+            (Action::Reset, Stopped | Paused | Crashed) => Step::Refuse,
             // Only a guest with a process can lose it.
             (Action::Crash, Running | Paused) => Step::Go(Crashed),
             (Action::Crash, Stopped | Crashed) => Step::Refuse,
@@ -828,7 +836,7 @@ impl SimHypervisor {
         let c = &self.shared.config;
         match (action, mode) {
             (Action::Start, _) => c.boot_delay,
-            (Action::Pause | Action::Resume | Action::Crash, _) => c.command_delay,
+            (Action::Pause | Action::Resume | Action::Reset | Action::Crash, _) => c.command_delay,
             // A crashed guest has no process left to stop.
             (Action::Stop, _) if guest.state == RuntimeState::Crashed => Duration::ZERO,
             (Action::Stop, Some(StopMode::Graceful { timeout })) => {
@@ -1011,6 +1019,19 @@ impl Hypervisor for SimHypervisor {
         let fault = self.begin(SimOp::Resume, Some(id))?;
         let result = self.drive(Action::Resume, id, None).await;
         Self::finish(SimOp::Resume, Some(id), fault, result)
+    }
+
+    async fn reset(&self, id: GuestId) -> Result<(), HvError> {
+        let fault = self.begin(SimOp::Reset, Some(id))?;
+        let result = self.drive(Action::Reset, id, None).await;
+        if result.is_ok() {
+            // Its OS boots again: ready only after the boot delay.
+            let mut inner = self.lock();
+            if let Some(pid) = inner.guests.get(&id).and_then(|g| g.pid) {
+                inner.asked_ready.remove(&pid);
+            }
+        }
+        Self::finish(SimOp::Reset, Some(id), fault, result)
     }
 
     async fn destroy(&self, id: GuestId) -> Result<(), HvError> {

@@ -307,6 +307,33 @@ async fn pause_and_resume_follow_qemu_run_state() {
     hv.destroy(g.id).await.unwrap();
 }
 
+/// A reset reboots the guest in the same QEMU: it boots again (its
+/// readiness line a second time), what it kept in RAM is gone, and what it
+/// wrote to its disk stays.
+#[tokio::test]
+async fn a_reset_reboots_the_guest_in_its_process() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = guest("reset-1", &[16]);
+    booted(&hv, &g).await;
+    let pid = status(&hv, g.id).await.pid;
+    write_marker(&hv, g.id, "written-before-reset").await;
+    sh(&hv, g.id, "echo in-ram > /tmp/ram-marker").await;
+
+    hv.reset(g.id).await.unwrap();
+    let log = wait_for_serial(&hv, g.id, "DROVE-READY", 2).await;
+    assert!(log.contains("--- drove: resetting guest"), "the log marks the reset");
+    let s = status(&hv, g.id).await;
+    assert_eq!((s.state, s.pid), (RuntimeState::Running, pid), "the same process runs on");
+    assert_eq!(sh(&hv, g.id, "cat /tmp/ram-marker 2>/dev/null || echo gone").await, "gone");
+    assert_eq!(sh(&hv, g.id, READ_MARKER).await, "written-before-reset");
+
+    hv.stop(g.id, StopMode::Force).await.unwrap();
+    let refused = hv.reset(g.id).await;
+    assert!(matches!(refused, Err(HvError::InvalidState { state: RuntimeState::Stopped, .. })), "{refused:?}");
+    hv.destroy(g.id).await.unwrap();
+}
+
 #[tokio::test]
 async fn killed_qemu_is_reported_crashed_and_can_be_started_again() {
     let lab = Lab::new();
@@ -1903,6 +1930,9 @@ impl Hypervisor for LabHypervisor {
     async fn resume(&self, id: GuestId) -> Result<(), HvError> {
         self.hv.resume(id).await
     }
+    async fn reset(&self, id: GuestId) -> Result<(), HvError> {
+        self.hv.reset(id).await
+    }
     async fn destroy(&self, id: GuestId) -> Result<(), HvError> {
         self.hv.destroy(id).await
     }
@@ -2593,11 +2623,23 @@ async fn a_running_guests_disks_move_between_pools_live_and_it_keeps_writing() {
     let moved = hv.move_storage(id, Storage::Local).await.unwrap();
     assert_eq!((moved.from, moved.to, moved.bytes), (Storage::Local, Storage::Local, 0));
 
-    // Stopped: copied; it boots from the new files with its data.
+    // Stopped: copied; it boots from the new files with its data. The
+    // transient snapshot an interrupted clone left in it does not bar the
+    // move: it is nobody's, and removed.
     hv.stop(id, StopMode::Force).await.unwrap();
-    let moved = hv.move_storage(id, Storage::Shared).await.unwrap();
+    let leftover = format!("{}interrupted", drove_hypervisor::CLONE_SNAPSHOT_PREFIX);
+    let staged = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-c", &leftover])
+        .arg(local.join("disk0.qcow2"))
+        .status();
+    assert!(staged.unwrap().success());
+    let moved = hv.move_storage(id, Storage::Shared).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     assert_eq!((moved.live, moved.to), (false, Storage::Shared));
     assert_eq!(disk_files(&shared), ["disk0.qcow2", "disk1.qcow2"]);
+    let listed =
+        std::process::Command::new("qemu-img").args(["snapshot", "-l"]).arg(shared.join("disk0.qcow2")).output();
+    let listed = String::from_utf8_lossy(&listed.unwrap().stdout).into_owned();
+    assert!(!listed.contains(&leftover), "the leftover snapshot is gone: {listed}");
     assert!(disk_files(&local).is_empty());
     hv.start(id).await.unwrap();
     wait_for_serial(&hv, id, "DROVE-READY", 2).await;

@@ -1255,6 +1255,26 @@ impl Manager {
     /// Add hardware to a running guest: checked here (size, capacity,
     /// VLAN), applied by its host, recorded only once the host did it; a
     /// refused change leaves the guest exactly as it was.
+    /// Presses guest `key`'s reset button: it reboots at once on its host,
+    /// in the same process, losing what it had not written to disk.
+    pub async fn reset_guest(&self, ctx: &Ctx, key: &str) -> Result<GuestView, ApiError> {
+        let (id, name) = {
+            let inv = self.lock();
+            let g = inv.find_guest(key).ok_or_else(|| ApiError::not_found("guest", key))?;
+            if g.state != GuestState::Running {
+                return Err(ApiError::conflict(format!(
+                    "guest {} is {}; only a running guest can be reset (start it instead)",
+                    g.spec.name, g.state
+                )));
+            }
+            Self::ensure_idle(&inv, g)?;
+            (g.id, g.spec.name.clone())
+        };
+        self.relay_done(id, AgentCallKind::Reset).await?;
+        self.audit_event(ctx, Some(format!("guest/{name}")), "ok", 200).await;
+        self.get_guest(&id.to_string()).await
+    }
+
     pub async fn hotplug(&self, ctx: &Ctx, key: &str, req: HotplugRequest) -> Result<GuestView, ApiError> {
         let asked = [
             req.add_disk.is_some(),

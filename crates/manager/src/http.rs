@@ -146,6 +146,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/guests/{guest}", get(get_guest).delete(delete_guest))
         .route("/v1/guests/{guest}/start", post(start_guest))
         .route("/v1/guests/{guest}/stop", post(stop_guest))
+        .route("/v1/guests/{guest}/reset", post(reset_guest))
         .route("/v1/guests/{guest}/clone", post(clone_guest))
         .route("/v1/guests/{guest}/template", post(set_template))
         .route("/v1/vlans", get(list_vlans).post(create_vlan))
@@ -507,6 +508,14 @@ async fn exec(
     Ok(Json(result))
 }
 
+#[utoipa::path(post, path = "/v1/guests/{guest}/reset", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
+    description = "Reset a running guest, like its reset button: it reboots at once in the same process, losing what it had not written to disk.",
+    responses((status = 200, description = "Reset; the guest as it is now", body = GuestView), (status = 404, body = ErrorResponse),
+        (status = 409, description = "Not running, or an operation is in progress", body = ErrorResponse), (status = 504, body = ErrorResponse)))]
+async fn reset_guest(State(m): State<Arc<Manager>>, ctx: Ctx, Path(guest): Path<String>) -> Res<Json<GuestView>> {
+    m.reset_guest(&ctx, &guest).await.map(Json)
+}
+
 #[utoipa::path(post, path = "/v1/guests/{guest}/hotplug", tag = "guests", params(("guest" = String, Path, description = "Guest name or id")),
     request_body = HotplugRequest,
     responses((status = 200, description = "Added; the guest as it is now", body = GuestView), (status = 400, body = ErrorResponse),
@@ -826,7 +835,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "drove", description = "drove manager API: hosts, guests, snapshots, VLANs, operations, audit, and the agent protocol."),
-    paths(openapi, list_hosts, list_pools, drs_status, dpm_status, standby_host, wake_host, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, move_storage, cancel_operation, call_result, agent_console,
+    paths(openapi, list_hosts, list_pools, drs_status, dpm_status, standby_host, wake_host, get_host, set_maintenance, drain_host, failover_plan, get_ha, set_ha, list_guests, create_guest, get_guest, start_guest, stop_guest, reset_guest, delete_guest, clone_guest, set_template, console_log, exec, hotplug, set_limits, interfaces, console, list_snapshots, create_snapshot, delete_snapshot, restore_snapshot, migrate_guest, move_storage, cancel_operation, call_result, agent_console,
         list_vlans, create_vlan, delete_vlan, list_images, import_image, delete_image, list_operations, get_operation, list_audit, verify_audit, register, heartbeat),
     modifiers(&BearerAuth),
     tags((name = "hosts"), (name = "guests"), (name = "vlans"), (name = "images"), (name = "snapshots"), (name = "storage"), (name = "operations"), (name = "audit"), (name = "settings"), (name = "agent"), (name = "meta"))

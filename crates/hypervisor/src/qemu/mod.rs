@@ -1234,6 +1234,25 @@ impl Hypervisor for QemuHypervisor {
         self.pause_or_resume(id, "resume", RuntimeState::Paused, "cont", "running").await
     }
 
+    async fn reset(&self, id: GuestId) -> Result<(), HvError> {
+        const OP: &str = "reset";
+        let guest = self.guest(id);
+        let mut slot = guest.change().await;
+        let dir = self.dir(id);
+        self.record(&dir, id, OP)?;
+        let (state, pid) = self.observe(&dir, &mut slot).await.map_err(backend(OP, id))?;
+        let (RuntimeState::Running, Some(pid)) = (state, pid) else {
+            return Err(HvError::InvalidState { id, op: OP, state });
+        };
+        // So `vm log` shows where the reset boot begins, like a start's.
+        let unix_time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        if let Err(e) = dir.mark_serial_log(&format!("--- drove: resetting guest {id} at unix time {unix_time} ---")) {
+            tracing::debug!(guest = %id, error = %e, "cannot mark the serial log");
+        }
+        slot.execute(&dir, pid, "system_reset", None).await.map_err(backend(OP, id))?;
+        Ok(())
+    }
+
     async fn destroy(&self, id: GuestId) -> Result<(), HvError> {
         self.remove(id, "destroy", true).await
     }
