@@ -279,9 +279,11 @@ pub struct GuestView {
 }
 
 /// Clone a guest (`POST /v1/guests/{guest}/clone`): each clone gets the
-/// source's size and disks (copies, or thin overlays of a template), on the
-/// source's host, with a fresh identity: its own name, new MACs and new
-/// addresses on the same VLANs.
+/// source's size, disks (copies, or thin overlays of a template) and
+/// storage pool, with a fresh identity: its own name, new MACs and new
+/// addresses on the same VLANs. Clones go on the source's host, or, when the
+/// source's disks are on the shared pool and it does not run (a template or
+/// a stopped guest), on `host` or wherever placement puts each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CloneGuestRequest {
     /// The clone's name; with `count` > 1, clones are named `NAME-1` ..
@@ -297,6 +299,12 @@ pub struct CloneGuestRequest {
     /// Start each clone once made. Default true.
     #[serde(default)]
     pub start: Option<bool>,
+    /// The host (name or id) to make the clones on. Another host than the
+    /// source's only for a source on the shared pool that does not run.
+    /// Default: the source's host, or, for such a source, a host per clone
+    /// chosen as for a create.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// Mark a stopped guest as a template, or a template as a plain guest again

@@ -246,6 +246,7 @@ pub async fn run(a: StorageBench) -> Result<()> {
         count: Some(count),
         snapshot: None,
         start: None,
+        host: None,
     };
     let golden = CreateGuestRequest {
         disks: vec![ByteSize::gib(1).into()],

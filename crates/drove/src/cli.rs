@@ -147,13 +147,17 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Clone a running or stopped guest or a template onto its host, with a fresh identity (name, MACs,
-    /// addresses on the same VLANs, applied by the clone at boot).
+    /// Clone a running or stopped guest or a template, with a fresh identity (name, MACs, addresses on the
+    /// same VLANs, applied by the clone at boot).
     #[command(after_help = "Examples:
   drove vm clone web-1 web-2
   drove vm clone golden web --count 10      # web-1 .. web-10
+  drove vm clone golden web-9 --host host-2
   drove vm clone web-1 web-old --snapshot before-upgrade   # restore a snapshot as a new guest
-Clones of a template are thin overlays on its disks; others get copies of the source's disks.")]
+Clones of a template are thin overlays on its disks; others get copies of the source's disks.
+A clone is on the source's pool. It goes on the source's host, unless the source's disks
+are on the shared pool and it does not run (a template, or a stopped guest): then any host
+with the pool can make it, --host or, without it, a host per clone chosen as for vm create.")]
     Clone {
         /// The source: guest name or id.
         source: String,
@@ -168,6 +172,10 @@ Clones of a template are thin overlays on its disks; others get copies of the so
         /// Leave the clones stopped.
         #[arg(long)]
         stopped: bool,
+        /// Make the clones on this host (another than the source's only for a source on the shared pool that
+        /// does not run).
+        #[arg(long)]
+        host: Option<String>,
         /// Return once accepted instead of waiting until the clones run.
         #[arg(long)]
         no_wait: bool,
@@ -1016,8 +1024,8 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
             let acc = if force { c.delete_guest_forced(&a.name).await? } else { c.delete_guest(&a.name).await? };
             report(&a, finish(&c, &acc, a.no_wait, a.timeout).await?, "deleted")
         }
-        VmCommand::Clone { source, name, count, snapshot, stopped, no_wait, timeout } => {
-            let req = drove_api::CloneGuestRequest { name, count: Some(count), snapshot, start: Some(!stopped) };
+        VmCommand::Clone { source, name, count, snapshot, stopped, host, no_wait, timeout } => {
+            let req = drove_api::CloneGuestRequest { name, count: Some(count), snapshot, start: Some(!stopped), host };
             let accepted = c.clone_guest(&source, &req).await?;
             // Each clone is its own create: wait for all, report each.
             let mut failed = Vec::new();

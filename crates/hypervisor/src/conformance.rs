@@ -524,8 +524,12 @@ where
         let mut config = self.fresh().await?;
         config.spec.disks = source.spec.disks.clone();
         config.spec.image = source.spec.image.clone();
-        config.spec.clone_of =
-            Some(drove_model::CloneSource { guest: source.id, snapshot: snapshot.map(Into::into), mode });
+        config.spec.clone_of = Some(drove_model::CloneSource {
+            guest: source.id,
+            snapshot: snapshot.map(Into::into),
+            mode,
+            shared_disks: None,
+        });
         Ok(config)
     }
 

@@ -38,7 +38,10 @@
 //! never runs again), thin copy-on-write overlays on its disks. The source
 //! is never changed, a clone carries none of its snapshots, and a failed or
 //! interrupted clone leaves no disk behind that a later `create` would take
-//! for finished.
+//! for finished. A source on the shared pool that does not run (a template,
+//! or a stopped guest) can be cloned by any host of the pool: that host
+//! reads the source's files there ([`shared_source`]), only ever for
+//! reading.
 //!
 //! Measured load: [`Hypervisor::usage`] reads a guest's cumulative CPU,
 //! memory, network and disk counters; the agent turns two readings into
@@ -385,6 +388,20 @@ pub fn check_disks(id: GuestId, spec: &GuestSpec) -> Result<(), HvError> {
     Ok(())
 }
 
+/// The source of clone `clone` as another host of the shared pool sees it,
+/// when its record is not on this host: what the manager said of its disks
+/// (`CloneSource::shared_disks`), on shared storage, booting the clone's
+/// image (the manager gives a clone its source's). `None`: the source's
+/// disks are not on the shared pool, so only its own host can clone it.
+pub fn shared_source(clone: &GuestConfig, from: &drove_model::CloneSource) -> Option<GuestConfig> {
+    let disks = from.shared_disks.clone()?;
+    Some(GuestConfig {
+        id: from.guest,
+        generation: 0,
+        spec: GuestSpec { disks, storage: drove_model::guest::Storage::Shared, clone_of: None, ..clone.spec.clone() },
+    })
+}
+
 /// Checks a clone against its source as the backend found it: `source` is
 /// its definition (`None`: not on this host), `running` whether it has a
 /// process, `snapshots` its complete snapshots. The rules every backend
@@ -468,8 +485,9 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
     /// Define the guest and provision its disks, leaving it Stopped.
     /// Idempotent: an existing guest with this id is left as it is (its
     /// generation is updated). A clone (`spec.clone_of`, see the module
-    /// docs) is refused without effect when its source is not on this host
-    /// or has other disks (`CloneSource`), names an unknown snapshot
+    /// docs) is refused without effect when its source is neither on this
+    /// host nor on the shared pool (`CloneSource::shared_disks`) or has
+    /// other disks (`CloneSource`), names an unknown snapshot
     /// (`SnapshotNotFound`), or is asked for as an overlay of a source that
     /// runs (`CloneSource`: two running guests never share a disk file for
     /// writing, and a base must not change under its overlays).

@@ -56,7 +56,9 @@
 //!
 //! A clone (`spec.clone_of`) is checked against its source by the same
 //! rules as QEMU's ([`crate::check_clone`]) and gets the source's disk
-//! sizes; there are no contents to copy, and it has no snapshots.
+//! sizes; there are no contents to copy, and it has no snapshots. A source
+//! defined on another host of the shared pool ([`SimPool`]) is found there
+//! when the clone carries `shared_disks`, as QEMU reads the pool's files.
 //!
 //! [`Hypervisor::usage`] gives counters that grow as a guest of this spec
 //! would: CPU at its `load_profile`'s fraction of the current UTC hour
@@ -633,6 +635,48 @@ impl SimHypervisor {
         *self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner) = Some(pool.clone());
     }
 
+    /// Checks a clone of `source`, whose record is on another host, as
+    /// QEMU's backend reads it from the shared pool: its disks must be
+    /// there (a host of the pool has it on shared storage), its snapshots
+    /// are those its files hold, and a source that runs somewhere is
+    /// refused, as QEMU's image lock would.
+    fn check_pool_source(
+        &self,
+        config: &GuestConfig,
+        from: &drove_model::CloneSource,
+        source: &GuestConfig,
+    ) -> Result<(), HvError> {
+        let refuse =
+            |reason: &str| HvError::CloneSource { id: config.id, source_guest: from.guest, reason: reason.into() };
+        let pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let Some(pool) = pool else {
+            return Err(refuse("its disks are on the shared pool and this host has none (drove agent --shared-dir)"));
+        };
+        let members: Vec<Arc<Shared>> =
+            pool.0.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(std::sync::Weak::upgrade).collect();
+        let mut found = None;
+        for member in &members {
+            let inner = member.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(g) = inner.guests.get(&from.guest).filter(|g| g.config.spec.storage == Storage::Shared) else {
+                continue;
+            };
+            if g.pid.is_some() {
+                return Err(HvError::Backend {
+                    op: "create",
+                    id: config.id,
+                    source: format!(
+                        "Failed to get shared \"write\" lock: guest {} runs on another host of the pool",
+                        from.guest
+                    )
+                    .into(),
+                });
+            }
+            found = Some(g.snapshots.iter().map(|s| s.name.clone()).collect::<Vec<String>>());
+        }
+        let Some(snapshots) = found else { return Err(refuse("its disks are not on the shared pool")) };
+        crate::check_clone(config, from, Some(source), false, &snapshots)
+    }
+
     /// Refuses to start a guest on shared storage that runs on another
     /// host of the pool, as QEMU's disk lock would.
     fn check_disk_lock(&self, id: GuestId) -> Result<(), HvError> {
@@ -862,12 +906,20 @@ impl SimHypervisor {
             }
         }
         if let Some(from) = &config.spec.clone_of {
-            let inner = self.lock();
-            let source = inner.guests.get(&from.guest);
-            let running = source.is_some_and(|g| g.pid.is_some());
-            let snapshots: Vec<String> =
-                source.map(|g| g.snapshots.iter().map(|s| s.name.clone()).collect()).unwrap_or_default();
-            crate::check_clone(config, from, source.map(|g| &g.config), running, &snapshots)?;
+            let local = {
+                let inner = self.lock();
+                inner.guests.get(&from.guest).map(|g| {
+                    let snapshots: Vec<String> = g.snapshots.iter().map(|s| s.name.clone()).collect();
+                    (g.config.clone(), g.pid.is_some(), snapshots)
+                })
+            };
+            match (local, crate::shared_source(config, from)) {
+                (Some((source, running, snapshots)), _) => {
+                    crate::check_clone(config, from, Some(&source), running, &snapshots)?;
+                }
+                (None, Some(source)) => self.check_pool_source(config, from, &source)?,
+                (None, None) => crate::check_clone(config, from, None, false, &[])?,
+            }
         }
         wait(self.shared.config.create_delay).await;
         let mut inner = self.lock();

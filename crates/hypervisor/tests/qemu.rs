@@ -2343,7 +2343,8 @@ async fn clones_hold_the_sources_data_from_one_instant_a_snapshot_or_a_template(
     write(0xa2);
     let clone = |n: &str, snapshot: Option<&str>, mode| {
         let mut c = guest(n, &[16]);
-        c.spec.clone_of = Some(CloneSource { guest: src.id, snapshot: snapshot.map(Into::into), mode });
+        c.spec.clone_of =
+            Some(CloneSource { guest: src.id, snapshot: snapshot.map(Into::into), mode, shared_disks: None });
         c
     };
 
@@ -3008,7 +3009,7 @@ async fn a_raw_source_clones_as_qcow2_overlays_and_copies() {
     hv.stop(src.id, GRACEFUL).await.unwrap();
     for mode in [CloneMode::Overlay, CloneMode::Copy] {
         let mut c = with_disks("raw-clone", vec![DiskSpec::qcow2(ByteSize::mib(32))]);
-        c.spec.clone_of = Some(CloneSource { guest: src.id, snapshot: None, mode });
+        c.spec.clone_of = Some(CloneSource { guest: src.id, snapshot: None, mode, shared_disks: None });
         hv.create(&c).await.unwrap_or_else(|e| panic!("{mode:?}: {}", error_chain(&e)));
         let file = hv.guest_dir(c.id).join("disk0.qcow2");
         assert_eq!(qemu_img_format(&file), "qcow2", "{mode:?}");

@@ -1,14 +1,20 @@
 //! Clones and templates.
 //!
 //! A clone is a new guest whose disks its host makes from another guest's
-//! (`GuestSpec::clone_of`), placed on the source's host (disks are
-//! host-local). It is created by the create operation itself, so it is as
-//! durable and undoable as any create:
+//! (`GuestSpec::clone_of`), on the source's pool. It is placed on the
+//! source's host, unless the source's disks are on the shared pool and no
+//! QEMU writes them (a template, or a stopped guest): then any host that
+//! sees the pool can read them there (`CloneSource::shared_disks`), the one
+//! asked for or one placement chooses per clone. A running source's instant
+//! is taken by its own QEMU, so its clones stay on its host. It is created
+//! by the create operation itself, so it is as durable and undoable as any
+//! create:
 //!
 //! ```text
-//!  request ──► validate the source; for each clone: a fresh identity (name,
-//!              MACs, addresses from its VLANs' IPAM), placement pinned to the
-//!              source's host, the guest record (Creating) and its create
+//!  request ──► validate the source (and the host asked for); for each
+//!              clone: a fresh identity (name, MACs, addresses from its
+//!              VLANs' IPAM), placement (the source's host, the one asked
+//!              for, or chosen), the guest record (Creating) and its create
 //!              operation — all clones in one store transaction (audited)
 //!          ──► the host's agent creates it: copies of the source's disks
 //!              (from one instant of a running source, or at a snapshot) or
@@ -23,13 +29,15 @@
 //! overlays on its disks. A guest others depend on ([`dependents`]: overlay
 //! clones always, copies while they are made) is deleted only by force,
 //! together with them; a snapshot a clone is being copied from is not
-//! deleted at all until the copy is made.
+//! deleted at all until the copy is made. While another host copies a
+//! source's disks from the shared pool ([`remote_copies`]), the source is
+//! not started or changed: that host holds none of its locks.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use drove_api::{CloneGuestRequest, CreateGuestRequest, GuestView, NicRequest, OperationAccepted};
-use drove_model::guest::validate_name;
+use drove_model::guest::{Storage, validate_name};
 use drove_model::{CloneMode, CloneSource, Guest, GuestId, GuestState, PowerIntent, SnapshotState};
 
 use crate::core::{ApiError, Ctx, GuestAction, Manager};
@@ -78,6 +86,16 @@ pub fn snapshot_users<'a>(inv: &'a Inventory, id: GuestId, name: &str) -> Vec<&'
         .collect()
 }
 
+/// The clones another host is copying from `g`'s disks on the shared pool
+/// now (not overlays: only templates have those, and they never change).
+pub fn remote_copies<'a>(inv: &'a Inventory, g: &Guest) -> Vec<&'a str> {
+    dependents(inv, g.id)
+        .into_iter()
+        .filter(|d| d.host != g.host && d.spec.clone_of.as_ref().is_some_and(|c| c.mode == CloneMode::Copy))
+        .map(|d| d.spec.name.as_str())
+        .collect()
+}
+
 /// `id`'s dependents and theirs, the deepest first.
 fn dependents_deep(inv: &Inventory, id: GuestId) -> Vec<String> {
     let mut out = Vec::new();
@@ -112,10 +130,11 @@ impl Manager {
             let mut inv = self.lock();
             let src = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
             let source = check_source(&inv, &src, req.snapshot.as_deref())?;
+            let host = clone_host(&inv, &src, &source, req.host.as_deref())?;
             let mut made: Vec<(Guest, drove_model::Operation)> = Vec::new();
             let cursors = inv.address_cursor.clone();
             for name in &names {
-                let create = clone_request(&src, name, req.start);
+                let create = clone_request(&src, name, req.start, host.clone());
                 let from = source.clone();
                 let image = src.spec.image.clone();
                 match self.admit(&mut inv, &ctx.principal, &create, move |spec| {
@@ -252,13 +271,63 @@ fn check_source(inv: &Inventory, src: &Guest, snapshot: Option<&str>) -> Result<
     // A template's disks never change again: thin overlays on them. A
     // snapshot cannot be a backing file: a copy.
     let mode = if src.template && snapshot.is_none() { CloneMode::Overlay } else { CloneMode::Copy };
-    Ok(CloneSource { guest: src.id, snapshot: snapshot.map(Into::into), mode })
+    // Another host can read its files on the shared pool unless a QEMU
+    // writes them: a running source's instant (or a snapshot inside files
+    // it has open) is taken by its own QEMU, on its own host.
+    let shared_disks = (src.spec.storage == Storage::Shared && (src.template || src.state == GuestState::Stopped))
+        .then(|| src.spec.disks.clone());
+    Ok(CloneSource { guest: src.id, snapshot: snapshot.map(Into::into), mode, shared_disks })
 }
 
-/// The create request of one clone of `src`: its size, disks, NICs on the
-/// same VLANs (with new MACs and addresses, none asked for), limits and
-/// policies, pinned to its host.
-fn clone_request(src: &Guest, name: &str, start: Option<bool>) -> CreateGuestRequest {
+/// The host the clones of `src` are made on, as a create request names it:
+/// `asked` if that can be honoured, else the source's own; `None` (placement
+/// chooses per clone) for a source another host can read from the shared
+/// pool (`source.shared_disks`) when none is asked for.
+fn clone_host(
+    inv: &Inventory,
+    src: &Guest,
+    source: &CloneSource,
+    asked: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    let name = &src.spec.name;
+    let src_host = inv.hosts.get(&src.host).map(|h| h.info.name.clone()).unwrap_or_else(|| src.host.to_string());
+    let Some(asked) = asked else {
+        return Ok(if source.shared_disks.is_some() { None } else { Some(src_host) });
+    };
+    let host =
+        inv.find_host(asked).ok_or_else(|| ApiError::invalid("host", format!("host {asked:?} does not exist")))?;
+    if host.info.id == src.host || source.shared_disks.is_some() {
+        if host.info.id != src.host && !host.pools.iter().any(|p| p.name == Storage::Shared.as_str()) {
+            return Err(refuse_host(format!(
+                "cannot clone {name} on host {}: it reports no shared pool, where {name}'s disks are (drove agent \
+                 --shared-dir); clone it on a host that has one",
+                host.info.name
+            )));
+        }
+        return Ok(Some(host.info.name.clone()));
+    }
+    let why = if src.spec.storage != Storage::Shared {
+        format!(
+            "its disks are on host {src_host}'s local pool, which no other host reads; move its disks to the shared \
+             pool first (drove vm move-storage {name} --to shared), or clone it on {src_host}"
+        )
+    } else {
+        format!(
+            "it runs, and a running guest's disks are cloned by its own QEMU on host {src_host}; stop it, or make it \
+             a template (drove vm template {name} on), or clone it on {src_host}"
+        )
+    };
+    Err(refuse_host(format!("cannot clone {name} on host {}: {why}", host.info.name)))
+}
+
+fn refuse_host(message: String) -> ApiError {
+    ApiError { field: Some("host".into()), ..ApiError::conflict(message) }
+}
+
+/// The create request of one clone of `src`: its size, disks and their
+/// pool, NICs on the same VLANs (with new MACs and addresses, none asked
+/// for), limits and policies, on `host` (`None`: placement chooses).
+fn clone_request(src: &Guest, name: &str, start: Option<bool>, host: Option<String>) -> CreateGuestRequest {
     CreateGuestRequest {
         disks: src.spec.disks.iter().map(|d| d.size.into()).collect(),
         nics: src
@@ -267,7 +336,8 @@ fn clone_request(src: &Guest, name: &str, start: Option<bool>) -> CreateGuestReq
             .iter()
             .map(|n| NicRequest { rate_bps: n.rate_bps, ..NicRequest::on(n.vlan.to_string()) })
             .collect(),
-        host: Some(src.host.to_string()),
+        host,
+        storage: Some(src.spec.storage),
         priority: Some(src.spec.priority.0),
         start,
         load_profile: src.spec.load_profile.clone(),

@@ -365,13 +365,28 @@ impl Manager {
 
     /// Refuses to start an operation on a guest that has one in progress.
     pub(crate) fn ensure_idle(inv: &Inventory, g: &Guest) -> Result<(), ApiError> {
-        match inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
-            Some(op) => Err(ApiError::conflict(format!(
+        if let Some(op) = inv.active_ops.get(&g.id).and_then(|o| inv.ops.get(o)) {
+            return Err(ApiError::conflict(format!(
                 "guest {} has operation {} ({}) in progress; wait for it",
                 g.spec.name, op.id, op.kind
-            ))),
-            None => Ok(()),
+            )));
         }
+        Self::ensure_not_copied_elsewhere(inv, g)
+    }
+
+    /// Refuses to change `g` while another host copies its disks from the
+    /// shared pool: that host holds none of its locks (its own host's
+    /// backend serializes a clone there with everything else).
+    pub(crate) fn ensure_not_copied_elsewhere(inv: &Inventory, g: &Guest) -> Result<(), ApiError> {
+        let copying = crate::clones::remote_copies(inv, g);
+        if copying.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::conflict(format!(
+            "guest {}'s disks are being copied from the shared pool by clones on other hosts ({}); wait for them",
+            g.spec.name,
+            copying.join(", ")
+        )))
     }
 
     /// Records a new operation `op` on guest `g` (changed as it begins):
@@ -1007,6 +1022,22 @@ impl Manager {
         }
         let request = Request::of(&spec);
         let mut capacities = self.capacities(inv);
+        if pinned.is_none()
+            && let Some(from) = spec.clone_of.as_ref().filter(|c| c.shared_disks.is_some())
+        {
+            // A clone read from the shared pool: made by its source's host
+            // or by one that sees the pool.
+            let source_host = inv.guests.get(&from.guest).map(|g| g.host);
+            for c in &mut capacities {
+                let sees_pool = inv
+                    .hosts
+                    .get(&c.id)
+                    .is_some_and(|h| h.pools.iter().any(|p| p.name == drove_model::guest::Storage::Shared.as_str()));
+                if Some(c.id) != source_host && !sees_pool {
+                    c.schedulable = false;
+                }
+            }
+        }
         let apart = keep_apart(inv, spec.anti_affinity.as_deref(), None, &mut capacities, pinned, "host")?;
         let host = drove_placement::place(&capacities, request, pinned, &self.config.policy).map_err(|e| match e {
             PlacementError::UnknownHost(_) => ApiError::invalid("host", e.to_string()),
@@ -1175,6 +1206,7 @@ impl Manager {
                     )));
                 }
                 GuestAction::Start => {
+                    Self::ensure_not_copied_elsewhere(&inv, &g)?;
                     if g.intent != PowerIntent::Running {
                         g.intent = PowerIntent::Running;
                         self.ha_admit(&inv, &g, false)?;

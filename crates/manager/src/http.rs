@@ -321,9 +321,9 @@ async fn delete_guest(
 
 #[utoipa::path(post, path = "/v1/guests/{guest}/clone", tag = "guests", params(("guest" = String, Path, description = "Guest name or id of the source")),
     request_body = CloneGuestRequest,
-    description = "Clone a running or stopped guest or a template, on its host: copies of its disks (from one instant, or at a snapshot: restore as a copy), or thin overlays on a template's; each clone gets a fresh identity (name, MACs, addresses) and is created by its own create operation.",
+    description = "Clone a running or stopped guest or a template: copies of its disks (from one instant, or at a snapshot: restore as a copy), or thin overlays on a template's, on the source's pool; each clone gets a fresh identity (name, MACs, addresses) and is created by its own create operation. Clones go on the source's host, or, for a source on the shared pool that does not run (a template or a stopped guest), on `host` or a host per clone chosen as for a create.",
     responses((status = 202, description = "One create operation per clone", body = [OperationAccepted]), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse),
-        (status = 409, description = "Name taken, source not clonable now, or no room on its host", body = ErrorResponse)))]
+        (status = 409, description = "Name taken, source not clonable now, not clonable on the host asked for (local disks, or it runs), or no room", body = ErrorResponse)))]
 async fn clone_guest(
     State(m): State<Arc<Manager>>,
     ctx: Ctx,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::Dc;
 use drove_api::{CloneGuestRequest, CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, NicRequest};
 use drove_hypervisor::sim::{SimConfig, SimOp};
+use drove_model::guest::Storage;
 use drove_model::{ByteSize, CloneMode, GuestId, GuestState, OperationState};
 
 async fn lab(hosts: usize) -> Dc {
@@ -36,7 +37,7 @@ async fn source(dc: &Dc, name: &str, start: bool) -> GuestId {
 }
 
 fn clone_req(name: &str, count: u32) -> CloneGuestRequest {
-    CloneGuestRequest { name: name.into(), count: Some(count), snapshot: None, start: None }
+    CloneGuestRequest { name: name.into(), count: Some(count), snapshot: None, start: None, host: None }
 }
 
 /// The guests the hosts have, by id.
@@ -245,5 +246,135 @@ async fn failed_and_interrupted_clones_are_undone_or_finished() {
     dc.wait_succeeded(&acc[0].operation).await;
     assert_eq!(dc.admin.get_guest("c").await.unwrap().guest.state, GuestState::Running);
     assert_eq!(on_hosts(&dc).len(), 2);
+    dc.shutdown().await;
+}
+
+/// A guest `name` on shared storage on `host`, running or stopped; its id.
+async fn shared_source(dc: &Dc, name: &str, host: &str, start: bool) -> GuestId {
+    let req = CreateGuestRequest {
+        disks: vec![ByteSize::gib(1).into()],
+        nics: vec![NicRequest::on("blue")],
+        start: Some(start),
+        storage: Some(Storage::Shared),
+        host: Some(host.into()),
+        ..CreateGuestRequest::new(name, 1, ByteSize::mib(256))
+    };
+    let acc = dc.admin.create_guest(&req).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    acc.guest
+}
+
+/// The name of the host whose sim has guest `id`.
+fn sim_host_of(dc: &Dc, id: GuestId) -> Option<String> {
+    dc.agents.iter().find(|a| a.sim.guests().iter().any(|s| s.id == id)).map(|a| a.name.clone())
+}
+
+#[tokio::test]
+async fn clones_of_a_template_on_the_shared_pool_spread_over_hosts_and_keep_its_pool() {
+    let dc = lab(3).await;
+    let golden = shared_source(&dc, "golden", "host-1", false).await;
+    dc.admin.set_template("golden", true).await.unwrap();
+
+    // Without --host: placed as creates are, over every host of the pool.
+    let accepted = dc.admin.clone_guest("golden", &clone_req("web", 6)).await.unwrap();
+    for a in &accepted {
+        dc.wait_succeeded(&a.operation).await;
+    }
+    let mut hosts = HashSet::new();
+    for a in &accepted {
+        let g = dc.admin.get_guest(&a.guest.to_string()).await.unwrap();
+        assert_eq!((g.guest.state, g.guest.spec.storage), (GuestState::Running, Storage::Shared));
+        let from = g.guest.spec.clone_of.unwrap();
+        assert_eq!((from.guest, from.mode), (golden, CloneMode::Overlay));
+        assert_eq!(sim_host_of(&dc, a.guest).as_deref(), Some(g.host_name.as_str()), "made where it is placed");
+        hosts.insert(g.host_name);
+    }
+    assert_eq!(hosts.len(), 3, "six clones on three empty hosts spread over all: {hosts:?}");
+
+    // --host is honoured.
+    let req = CloneGuestRequest { host: Some("host-3".into()), ..clone_req("db", 1) };
+    let acc = dc.admin.clone_guest("golden", &req).await.unwrap();
+    dc.wait_succeeded(&acc[0].operation).await;
+    assert_eq!(dc.admin.get_guest("db").await.unwrap().host_name, "host-3");
+    assert_eq!(sim_host_of(&dc, acc[0].guest).as_deref(), Some("host-3"));
+
+    // Its dependents on other hosts hold it as those on its own do.
+    let view = dc.admin.get_guest("golden").await.unwrap();
+    assert_eq!(view.dependents, ["db", "web-1", "web-2", "web-3", "web-4", "web-5", "web-6"]);
+    let err = dc.admin.delete_guest("golden").await.unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    assert!(err.to_string().contains("has dependents (db, web-1"), "{err}");
+    let err = dc.admin.set_template("golden", false).await.unwrap_err();
+    assert!(err.to_string().contains("is the base of clones (db, web-1"), "{err}");
+    assert_eq!(dc.admin.list_guests().await.unwrap().len(), 8, "a refused delete changes nothing");
+    assert_eq!(sim_host_of(&dc, golden).as_deref(), Some("host-1"));
+
+    // A clone of a guest on local storage stays there, on its host.
+    let local = source(&dc, "plain", false).await;
+    let acc = dc.admin.clone_guest("plain", &clone_req("plain-c", 1)).await.unwrap();
+    dc.wait_succeeded(&acc[0].operation).await;
+    let (src, c) = (dc.admin.get_guest("plain").await.unwrap(), dc.admin.get_guest("plain-c").await.unwrap());
+    assert_eq!((c.guest.spec.storage, c.host_name.as_str()), (Storage::Local, src.host_name.as_str()));
+    assert_eq!(sim_host_of(&dc, local), sim_host_of(&dc, acc[0].guest));
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clone_on_another_host_is_refused_for_local_disks_or_a_running_source_and_changes_nothing() {
+    let mut dc = Dc::start(0).await;
+    dc.add_agent("host-1", SimConfig::default()).await;
+    // host-2 takes its time to make a clone: the source is held meanwhile.
+    let slow = SimConfig { create_delay: Duration::from_millis(1500), ..SimConfig::default() };
+    dc.add_agent("host-2", slow).await;
+    dc.wait_hosts_up(2).await;
+    let vlan = CreateVlanRequest { id: 100, name: "blue".into(), subnet: Some("10.0.100.0/24".into()), gateway: None };
+    dc.admin.create_vlan(&vlan).await.unwrap();
+    let local = CreateGuestRequest {
+        disks: vec![ByteSize::gib(1).into()],
+        start: Some(false),
+        host: Some("host-1".into()),
+        ..CreateGuestRequest::new("loc", 1, ByteSize::mib(256))
+    };
+    dc.wait_succeeded(&dc.admin.create_guest(&local).await.unwrap().operation).await;
+    let run = shared_source(&dc, "run", "host-1", true).await;
+
+    let to_2 = |name: &str| CloneGuestRequest { host: Some("host-2".into()), ..clone_req(name, 2) };
+    let before = dc.admin.list_guests().await.unwrap().len();
+    let err = dc.admin.clone_guest("loc", &to_2("x")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("local pool") && text.contains("drove vm move-storage loc --to shared"), "{text}");
+    let err = dc.admin.clone_guest("run", &to_2("x")).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("it runs") && text.contains("stop it, or make it a template"), "{text}");
+    let req = CloneGuestRequest { host: Some("nope".into()), ..clone_req("x", 1) };
+    assert_eq!(dc.admin.clone_guest("run", &req).await.unwrap_err().status(), Some(400));
+    assert_eq!(dc.admin.list_guests().await.unwrap().len(), before, "refusals create nothing");
+    assert_eq!(on_hosts(&dc).len(), before);
+
+    // Without --host, a running source's clones stay on its host.
+    let acc = dc.admin.clone_guest("run", &clone_req("near", 1)).await.unwrap();
+    dc.wait_succeeded(&acc[0].operation).await;
+    assert_eq!(dc.admin.get_guest("near").await.unwrap().host_name, "host-1");
+
+    // Stopped, it can be copied on host-2; while host-2 copies its disks
+    // from the pool, the source neither starts nor changes.
+    dc.wait_succeeded(&dc.admin.stop_guest("run", false).await.unwrap().operation).await;
+    let req = CloneGuestRequest { host: Some("host-2".into()), ..clone_req("far", 1) };
+    let acc = dc.admin.clone_guest("run", &req).await.unwrap();
+    let err = dc.admin.start_guest("run").await.unwrap_err();
+    assert!(err.to_string().contains("being copied from the shared pool by clones on other hosts (far)"), "{err}");
+    let snap = CreateSnapshotRequest { name: "s".into(), memory: false };
+    let err = dc.admin.create_snapshot("run", &snap).await.unwrap_err();
+    assert!(err.to_string().contains("being copied from the shared pool"), "{err}");
+    dc.wait_succeeded(&acc[0].operation).await;
+    let far = dc.admin.get_guest("far").await.unwrap();
+    assert_eq!((far.host_name.as_str(), far.guest.spec.storage), ("host-2", Storage::Shared));
+    assert_eq!(far.guest.spec.clone_of.unwrap().mode, CloneMode::Copy);
+    assert_eq!(sim_host_of(&dc, acc[0].guest).as_deref(), Some("host-2"));
+    // Made: the copy holds its source no more.
+    dc.wait_succeeded(&dc.admin.start_guest("run").await.unwrap().operation).await;
+    assert_eq!(sim_host_of(&dc, run).as_deref(), Some("host-1"));
     dc.shutdown().await;
 }

@@ -118,7 +118,7 @@ async fn what_a_disk_kind_cannot_do_is_refused_up_front() {
     let grow = HotplugRequest { grow_disk: Some(GrowDisk { index: 1, size: ByteSize::gib(2) }), ..Default::default() };
     refused(dc.admin.hotplug("dev", &grow).await.unwrap_err(), 409, "its size is the device's");
 
-    let clone = CloneGuestRequest { name: "c".into(), count: None, snapshot: None, start: None };
+    let clone = CloneGuestRequest { name: "c".into(), count: None, snapshot: None, start: None, host: None };
     refused(dc.admin.clone_guest("dev", &clone).await.unwrap_err(), 409, "neither copies nor overlays");
     refused(dc.admin.clone_guest("files", &clone).await.unwrap_err(), 409, "stop it first, or make it a template");
 

@@ -337,8 +337,8 @@ pub struct GuestSpec {
     #[serde(default)]
     pub image: Option<String>,
     /// Where its disks come from when its host provisions it: another guest
-    /// on the same host (a clone). Without it, its disks start empty (or as
-    /// overlays of `image`).
+    /// (a clone), on the same host or on the shared pool. Without it, its
+    /// disks start empty (or as overlays of `image`).
     #[serde(default)]
     pub clone_of: Option<CloneSource>,
     /// Where its disks live.
@@ -504,13 +504,22 @@ impl std::str::FromStr for Storage {
 /// The disks a clone is provisioned from (see [`GuestSpec::clone_of`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloneSource {
-    /// The guest whose disks are cloned; on the clone's host.
+    /// The guest whose disks are cloned: on the clone's host, or (with
+    /// `shared_disks`) on the shared pool.
     pub guest: GuestId,
     /// Its snapshot to clone from (restore as a copy); `None`: its present
     /// disks (at one instant, if it runs).
     #[serde(default)]
     pub snapshot: Option<String>,
     pub mode: CloneMode,
+    /// The source's disks, when they are on the shared pool and the source
+    /// does not run (a template, or a stopped guest): then the clone may be
+    /// made on any host with the pool, which reads them there
+    /// (`<pool>/<source id>/disk<N>.<format>`) without the source's record,
+    /// which only the source's host has; the source's own host still makes
+    /// it from that record. `None`: only the source's host can make it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_disks: Option<Vec<DiskSpec>>,
 }
 
 /// How a clone's disks relate to its source's.

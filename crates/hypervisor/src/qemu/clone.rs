@@ -1,5 +1,6 @@
-//! Clones: a new guest's disks made from another guest's on this host
-//! ([`crate::Hypervisor::create`] of a spec with `clone_of`).
+//! Clones: a new guest's disks made from another guest's on this host, or
+//! from the shared pool ([`crate::Hypervisor::create`] of a spec with
+//! `clone_of`).
 //!
 //! | source                      | how each disk is made                                                      |
 //! |-----------------------------|----------------------------------------------------------------------------|
@@ -16,6 +17,13 @@
 //! source's lock is held throughout, so no lifecycle call or snapshot
 //! operation of the source interleaves.
 //!
+//! A source whose record is on another host (its disks on the shared pool,
+//! [`crate::shared_source`]) is read from the pool directly: overlays on
+//! its files or `qemu-img convert` of them (at a snapshot with `-l`), never
+//! with `-U`, so a source that some QEMU writes is refused by its image
+//! lock. The manager sends only templates and stopped sources there: a
+//! running one's transient snapshot needs its own QEMU.
+//!
 //! Every disk is written under a temporary name and renamed into place, and
 //! the clone's record is written last (`create`), so an interrupted clone
 //! has no record; the next `create` removes its leftovers and starts again
@@ -29,7 +37,7 @@ use drove_model::DiskFormat::Qcow2;
 use drove_model::{CloneMode, CloneSource, GuestId, SnapshotKind};
 
 use super::guest_dir::GuestDir;
-use super::snapshot::{Snap, complete, qemu_img};
+use super::snapshot::{Snap, complete, parse_snapshots, qemu_img};
 use super::{QemuError, QemuHypervisor, backend, create_overlay};
 use crate::{CLONE_SNAPSHOT_PREFIX, GuestConfig, HvError, RuntimeState, check_clone};
 
@@ -86,6 +94,12 @@ impl QemuHypervisor {
         let mut slot = source.change().await;
         let sdir = self.dir(from.guest);
         let sconfig = sdir.read_record().map_err(backend(op, id))?;
+        if sconfig.is_none()
+            && let Some(source) = crate::shared_source(config, from)
+        {
+            drop(slot);
+            return self.clone_from_pool(dir, config, from, &source).await;
+        }
         let mut pid = None;
         let mut names = Vec::new();
         let mut transient_left = Vec::new();
@@ -162,6 +176,65 @@ impl QemuHypervisor {
         }
         result.map_err(backend(op, id))?;
         tracing::info!(guest = %id, source = %from.guest, snapshot = ?from.snapshot, took = ?t0.elapsed(), "cloned as copies");
+        Ok(())
+    }
+
+    /// Makes the disks of clone `config` from `source`, whose record is on
+    /// another host, by reading its files on the shared pool. Nothing here
+    /// opens them for writing, and nothing passes `-U`: a source that some
+    /// QEMU has open after all (the manager refuses to start it meanwhile)
+    /// is refused by its image lock rather than read while it changes.
+    async fn clone_from_pool(
+        &self,
+        dir: &GuestDir,
+        config: &GuestConfig,
+        from: &CloneSource,
+        source: &GuestConfig,
+    ) -> Result<(), HvError> {
+        let (op, id) = ("create", config.id);
+        let refuse = |reason: String| HvError::CloneSource { id, source_guest: from.guest, reason };
+        let Some(pool) = self.inner.config.shared_dir.clone() else {
+            return Err(refuse(
+                "its disks are on the shared pool and this host has none (drove agent --shared-dir)".into(),
+            ));
+        };
+        let qemu_img_path = &self.inner.config.qemu_img;
+        let sdir = self.dir(from.guest);
+        let mut paths = Vec::with_capacity(source.spec.disks.len());
+        let mut per_disk = Vec::with_capacity(source.spec.disks.len());
+        for (i, disk) in source.spec.disks.iter().enumerate() {
+            let path = sdir.pool_disk_path(&pool, i, disk.format);
+            if !disk.on_pool() {
+                // A host block device: check_clone refuses it below.
+                paths.push(path);
+                continue;
+            }
+            if !path.exists() {
+                return Err(refuse(format!("its disk {i} is not on the shared pool ({})", path.display())));
+            }
+            let args = ["info", "--output=json", "-f", disk.format.as_str()];
+            let stdout = qemu_img(qemu_img_path, &args, &path).await.map_err(backend(op, id))?;
+            let info: serde_json::Value = serde_json::from_slice(&stdout).unwrap_or(serde_json::Value::Null);
+            per_disk.push(parse_snapshots(&info));
+            paths.push(path);
+        }
+        let visible: Vec<String> =
+            complete(&per_disk).into_iter().map(|s| s.name).filter(|n| !n.starts_with(CLONE_SNAPSHOT_PREFIX)).collect();
+        check_clone(config, from, Some(source), false, &visible)?;
+        let t0 = std::time::Instant::now();
+        for (i, disk) in config.spec.disks.iter().enumerate() {
+            let base = &source.spec.disks[i];
+            let to = dir.disk_path(i, Qcow2);
+            let made = if from.mode == CloneMode::Overlay {
+                create_overlay(qemu_img_path, &to, disk.size, &paths[i], base).await
+            } else {
+                let backing = config.spec.image.as_deref().filter(|_| i == 0).map(Path::new);
+                let at = from.snapshot.as_deref();
+                convert_qcow2(qemu_img_path, &paths[i], &to, at, false, backing, Some(base.format.as_str())).await
+            };
+            made.map_err(backend(op, id))?;
+        }
+        tracing::info!(guest = %id, source = %from.guest, mode = ?from.mode, took = ?t0.elapsed(), "cloned from the shared pool");
         Ok(())
     }
 }

@@ -54,7 +54,7 @@ pub(super) struct DiskSnapshot {
     date_sec: u64,
 }
 
-fn parse_snapshots(image: &Value) -> Vec<DiskSnapshot> {
+pub(super) fn parse_snapshots(image: &Value) -> Vec<DiskSnapshot> {
     image
         .get("snapshots")
         .and_then(Value::as_array)
