@@ -234,7 +234,7 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
     let mut lab = Lab::new();
     lab.up(&["--hosts", "2", "--host-memory", "4G"]).ok();
     lab.run(&["vlan", "create", "7", "--name", "red"]).ok();
-    lab.run(&["vm", "create", "dup"]).ok();
+    lab.run(&["vm", "create", "dup", "--host", "host-1", "--disk", "1G"]).ok();
 
     let cases: &[(&str, &[&str], &[&str])] = &[
         ("zero vCPUs", &["vm", "create", "bad-1", "--vcpus", "0"], &["vcpus"]),
@@ -245,6 +245,11 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
         ("duplicate name", &["vm", "create", "dup"], &["dup", "exists"]),
         ("more memory than any host", &["vm", "create", "bad-6", "--memory", "64G"], &["memory", "64G"]),
         ("reset of an unknown guest", &["vm", "reset", "nope"], &["nope"]),
+        (
+            "clone of local disks onto another host",
+            &["vm", "clone", "dup", "dup-c", "--host", "host-2"],
+            &["host-2", "local pool", "drove vm move-storage dup --to shared"],
+        ),
     ];
     let mut problems: Vec<String> =
         cases.iter().filter_map(|(what, args, mentions)| refusal_problems(what, &lab.run(args), mentions)).collect();
