@@ -689,6 +689,77 @@ fn clones_get_the_sources_disk_and_a_fresh_identity() {
     assert_eq!(marker("c1"), "drove-marker-43", "a copy outlives its source");
 }
 
+#[test]
+fn a_template_on_the_shared_pool_is_cloned_onto_another_host() {
+    let lab = Lab::start(2);
+    lab.ok(&["vlan", "create", "100", "--name", "blue", "--subnet", "10.71.0.0/24"]);
+    lab.create_shared("golden", "host-1", &["--nic", "blue"]);
+    lab.booted("golden");
+    lab.write_marker("golden", "drove-golden-7");
+    lab.ok(&["vm", "stop", "golden"]);
+    lab.ok(&["vm", "template", "golden", "on"]);
+
+    let t0 = Instant::now();
+    lab.ok(&["vm", "clone", "golden", "far", "--host", "host-2"]);
+    lab.booted("far");
+    eprintln!("clone of a shared template on another host to readiness: {:?}", t0.elapsed());
+    let (golden, far) = (lab.json(&["vm", "show", "golden"]), lab.json(&["vm", "show", "far"]));
+    assert_eq!((golden["host_name"].as_str(), far["host_name"].as_str()), (Some("host-1"), Some("host-2")));
+    assert_eq!(far["spec"]["storage"], "shared");
+    assert_eq!(far["spec"]["clone_of"]["mode"], "overlay");
+    let far_id = far["id"].as_str().unwrap();
+    let golden_id = golden["id"].as_str().unwrap();
+    let qemus = qemus_on(&lab, "host-2", far_id);
+    assert_eq!(qemus.len(), 1, "far runs on host-2");
+    assert!(qemus_on(&lab, "host-1", far_id).is_empty(), "and not on host-1");
+
+    // The template's disk, seen through the overlay on host-2.
+    assert_eq!(lab.read_marker("far"), "drove-golden-7");
+    // Its own identity, as the guest sees it.
+    assert_eq!(lab.sh("far", "hostname").1.trim(), "far");
+    let nic = |v: &serde_json::Value| {
+        let n = &v["spec"]["nics"][0];
+        (n["mac"].as_str().unwrap().to_owned(), n["address"]["ip"].as_str().unwrap().to_owned())
+    };
+    let ((golden_mac, golden_ip), (far_mac, far_ip)) = (nic(&golden), nic(&far));
+    assert_ne!((&golden_mac, &golden_ip), (&far_mac, &far_ip));
+    let (code, seen_mac) = lab.sh("far", "cat /sys/class/net/eth0/address");
+    assert_eq!((code, seen_mac.trim()), (0, far_mac.as_str()));
+    let (code, addrs) = lab.sh("far", "ip -4 addr show eth0");
+    assert_eq!(code, 0, "{addrs}");
+    assert!(addrs.contains(&format!("inet {far_ip}/24")) && !addrs.contains(&golden_ip), "{addrs}");
+
+    // Its writes go to its own overlay: host-2's QEMU writes no file of the
+    // template's, whose disk stays as it was.
+    lab.write_marker("far", "drove-far-8");
+    let written = writers(qemus[0], &format!("{}/shared", lab.data()));
+    assert!(!written.is_empty() && written.iter().all(|g| g == far_id), "host-2's QEMU writes {written:?}");
+    let base = Path::new(lab.data()).join("shared").join(golden_id).join("disk0.qcow2");
+    let raw = lab.dir.path().join("golden.raw");
+    let out = Command::new("qemu-img").args(["convert", "-U", "-O", "raw"]).arg(&base).arg(&raw).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let head = std::fs::read(&raw).unwrap();
+    assert!(head.starts_with(b"drove-golden-7"), "the template's disk changed: {:?}", &head[..32]);
+
+    // The template is held by its clone on the other host.
+    let out = lab.drove(&["vm", "delete", "golden"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has dependents (far)"), "{err}");
+    lab.ok(&["vm", "delete", "far"]);
+
+    // A stopped plain guest on the pool: host-2 copies its disk from there.
+    lab.ok(&["vm", "template", "golden", "off"]);
+    lab.ok(&["vm", "clone", "golden", "copy", "--host", "host-2"]);
+    lab.booted("copy");
+    let copy = lab.json(&["vm", "show", "copy"]);
+    assert_eq!((copy["host_name"].as_str(), copy["spec"]["clone_of"]["mode"].as_str()), (Some("host-2"), Some("copy")));
+    assert_eq!(lab.read_marker("copy"), "drove-golden-7");
+    assert_eq!(lab.sh("copy", "hostname").1.trim(), "copy");
+    assert_eq!(lab.json(&["vm", "show", "golden"])["dependents"], serde_json::json!([]), "a made copy holds nothing");
+    lab.ok(&["vm", "delete", "golden"]);
+    assert_eq!(lab.read_marker("copy"), "drove-golden-7", "a copy outlives its source");
+}
+
 /// QEMU processes running guest `id` on lab host `host`.
 fn qemus_on(lab: &Lab, host: &str, id: &str) -> Vec<u32> {
     let dir = format!("{}/hosts/{host}/guests/{id}/", lab.data());
