@@ -2453,6 +2453,63 @@ async fn a_guest_on_shared_storage_restarts_on_another_host_with_its_disk_and_ne
     assert!(pids_mentioning(lab.state_dir()).is_empty());
 }
 
+/// A source on the shared pool is cloned by another host, which has no
+/// record of it, from its files there: refused (image lock, nothing left)
+/// while the source runs on its host, a copy once it is stopped, and an
+/// overlay on its file that then keeps its own host from writing it.
+#[tokio::test]
+async fn another_host_clones_a_source_on_the_shared_pool_only_while_no_qemu_writes_it() {
+    use drove_model::guest::Storage;
+    use drove_model::{CloneMode, CloneSource};
+    let lab = Lab::new();
+    let (a, b, pool) = shared_pair(&lab);
+    let mut src = guest("pool-src", &[16]);
+    src.spec.storage = Storage::Shared;
+    a.create(&src).await.unwrap();
+    a.start(src.id).await.unwrap();
+    wait_for_serial(&a, src.id, "DROVE-READY", 1).await;
+    write_marker(&a, src.id, "written-on-a").await;
+    let clone = |name: &str, mode| {
+        let mut c = guest(name, &[16]);
+        c.spec.storage = Storage::Shared;
+        c.spec.clone_of =
+            Some(CloneSource { guest: src.id, snapshot: None, mode, shared_disks: Some(src.spec.disks.clone()) });
+        c
+    };
+
+    let copy = clone("pool-copy", CloneMode::Copy);
+    let err = b.create(&copy).await.expect_err("a's QEMU writes the source");
+    assert!(error_chain(&err).contains("lock"), "{}", error_chain(&err));
+    assert!(!b.guest_dir(copy.id).exists(), "nothing of the clone on b");
+    assert!(!pool.join(copy.id.to_string()).exists(), "nothing of the clone on the pool");
+
+    a.stop(src.id, StopMode::Force).await.unwrap();
+    b.create(&copy).await.unwrap();
+    b.start(copy.id).await.unwrap();
+    wait_for_serial(&b, copy.id, "DROVE-READY", 1).await;
+    assert_eq!(sh(&b, copy.id, READ_MARKER).await, "written-on-a");
+
+    let overlay = clone("pool-overlay", CloneMode::Overlay);
+    b.create(&overlay).await.unwrap();
+    let file = pool.join(overlay.id.to_string()).join("disk0.qcow2");
+    let info = std::process::Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&file).output();
+    let info: serde_json::Value = serde_json::from_slice(&info.unwrap().stdout).unwrap();
+    let base = pool.join(src.id.to_string()).join("disk0.qcow2");
+    assert_eq!(info["backing-filename"].as_str(), base.to_str(), "an overlay on the source's pool file");
+    b.start(overlay.id).await.unwrap();
+    wait_for_serial(&b, overlay.id, "DROVE-READY", 1).await;
+    assert_eq!(sh(&b, overlay.id, READ_MARKER).await, "written-on-a");
+    // Its base must not change under it: a's QEMU cannot write it now.
+    let err = a.start(src.id).await.expect_err("the overlay on b holds its base");
+    assert!(error_chain(&err).contains("lock"), "{}", error_chain(&err));
+
+    for g in [&copy, &overlay] {
+        b.destroy(g.id).await.unwrap();
+    }
+    a.destroy(src.id).await.unwrap();
+    assert!(pids_mentioning(lab.state_dir()).is_empty());
+}
+
 #[tokio::test]
 async fn a_guest_on_shared_storage_is_refused_by_a_host_without_a_pool_and_nothing_is_left() {
     let lab = Lab::new();

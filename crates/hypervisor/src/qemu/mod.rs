@@ -1152,7 +1152,16 @@ impl Hypervisor for QemuHypervisor {
                 let _ = std::fs::remove_file(dir.disk_path(i, disk.format));
             }
             if let Err(e) = self.clone_disks(&dir, &config, &from).await {
-                // No record was written: nothing here is a guest.
+                // No record was written: nothing here is a guest, and
+                // nothing of it stays on the pool (remove_dir_all does not
+                // follow the `shared` link; remove_dir takes only an empty
+                // directory).
+                for (i, disk) in config.spec.disks.iter().enumerate() {
+                    let _ = std::fs::remove_file(dir.disk_path(i, disk.format));
+                }
+                if let Ok(pool_dir) = std::fs::read_link(dir.shared_link()) {
+                    let _ = std::fs::remove_dir(pool_dir);
+                }
                 let _ = std::fs::remove_dir_all(dir.root());
                 return Err(e);
             }
