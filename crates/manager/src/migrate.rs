@@ -290,7 +290,8 @@ impl Manager {
                 };
                 // The target gets empty disks that the mirror fills (or
                 // links the shared ones): not a clone of anything there (a
-                // template's overlay arrives as a standalone disk).
+                // template's overlay arrives as a standalone disk, or stays
+                // the overlay it is on the shared pool).
                 let spec = drove_model::GuestSpec { clone_of: None, ..spec };
                 let prepare = MigrateCall::Prepare { generation, spec: Box::new(spec), key: Some(key) };
                 match call(m.target, prepare, PREPARE_BUDGET).await {
@@ -523,8 +524,14 @@ impl Manager {
         self.transition(guest, m, MigrationEvent::Finished, &step, 95, move |_, g| {
             g.last_migration = Some(result);
             g.last_error = None;
-            // Its disks arrived whole: it depends on no template any more.
-            g.spec.clone_of = None;
+            // Mirrored disks arrived whole: it depends on no template any
+            // more. Disks on the shared pool stayed where they were: an
+            // overlay there still stands on its template's file.
+            let overlay_on_pool = g.spec.storage == drove_model::guest::Storage::Shared
+                && g.spec.clone_of.as_ref().is_some_and(|c| c.mode == drove_model::CloneMode::Overlay);
+            if !overlay_on_pool {
+                g.spec.clone_of = None;
+            }
         })
         .await;
     }

@@ -12,7 +12,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::Dc;
-use drove_api::{CloneGuestRequest, CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, NicRequest};
+use drove_api::{
+    CloneGuestRequest, CreateGuestRequest, CreateSnapshotRequest, CreateVlanRequest, MigrateRequest, NicRequest,
+};
 use drove_hypervisor::sim::{SimConfig, SimOp};
 use drove_model::guest::Storage;
 use drove_model::{ByteSize, CloneMode, GuestId, GuestState, OperationState};
@@ -308,6 +310,16 @@ async fn clones_of_a_template_on_the_shared_pool_spread_over_hosts_and_keep_its_
     assert!(err.to_string().contains("is the base of clones (db, web-1"), "{err}");
     assert_eq!(dc.admin.list_guests().await.unwrap().len(), 8, "a refused delete changes nothing");
     assert_eq!(sim_host_of(&dc, golden).as_deref(), Some("host-1"));
+
+    // A live migration leaves an overlay on the shared pool where it is: it
+    // still stands on golden's file.
+    let to = if dc.admin.get_guest("db").await.unwrap().host_name == "host-1" { "host-2" } else { "host-1" };
+    let req = MigrateRequest { to: Some(to.into()), ..MigrateRequest::default() };
+    let acc = dc.admin.migrate_guest("db", &req).await.unwrap();
+    dc.wait_succeeded(&acc.operation).await;
+    let db = dc.admin.get_guest("db").await.unwrap();
+    assert_eq!((db.host_name.as_str(), db.guest.spec.clone_of.map(|c| c.mode)), (to, Some(CloneMode::Overlay)));
+    assert_eq!(dc.admin.get_guest("golden").await.unwrap().dependents.len(), 7);
 
     // A clone of a guest on local storage stays there, on its host.
     let local = source(&dc, "plain", false).await;
