@@ -619,8 +619,8 @@ impl Manager {
 
     /// Copy a qcow2 file into the image pool and register it. The header is
     /// checked first (qcow2, no backing file), the copy lands under a
-    /// temporary name and is renamed into place, so a failed import leaves
-    /// nothing behind.
+    /// temporary name and is renamed into place, and its tables are checked
+    /// (`qemu-img check`), so a failed import leaves nothing behind.
     pub async fn import_image(
         &self,
         ctx: &Ctx,
@@ -669,6 +669,12 @@ impl Manager {
             }
             Err(e) => return Err(ApiError::unavailable(format!("copying {}: {e}", source.display()))),
         };
+        // The copy, not the source: it is what guests will boot, and a
+        // source that changes under us cannot slip a bad image in.
+        if let Err(reason) = check_image_integrity(&dest).await {
+            let _ = std::fs::remove_file(&dest);
+            return Err(ApiError::invalid("path", format!("{} is damaged: {reason}", source.display())));
+        }
         let image = drove_model::image::Image {
             name: req.name.clone(),
             path: dest.display().to_string(),
@@ -2291,4 +2297,29 @@ fn random_mac() -> Result<String, getrandom::Error> {
     let mut b = [0u8; 3];
     getrandom::fill(&mut b)?;
     Ok(format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
+}
+
+/// `qemu-img check` of a qcow2 image: its tables must be consistent (a
+/// header that parses says nothing about the metadata behind it). Leaked
+/// clusters are harmless and pass. An image is checked once, at import.
+async fn check_image_integrity(path: &std::path::Path) -> Result<(), String> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["check", "-q", "-f", "qcow2", "--output=json"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run qemu-img check ({e}); is qemu-utils installed on the manager's host?"))?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let count = |key: &str| report.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    // 0: clean, 3: only leaks; 2: corruptions, 1: the check itself failed.
+    match out.status.code() {
+        Some(0 | 3) => Ok(()),
+        Some(2) => Err(format!("qemu-img check found {} corruption(s) in its tables", count("corruptions"))),
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("no reason given").trim();
+            Err(format!("qemu-img check could not read it: {why}"))
+        }
+    }
 }
