@@ -239,6 +239,14 @@ fn real_guests_live_through_the_whole_stack() {
     let pid = qemu_pid(&gdir).expect("a live QEMU process for the guest");
     assert!(gdir.join("disk0.qcow2").exists());
 
+    // More memory than any host has: refused in one line before anything
+    // is made on a host.
+    let out = lab.drove(&["vm", "create", "huge", "--memory", "512G", "--disk", "64M"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.lines().count() == 1 && err.contains("memory"), "{err}");
+    assert!(!lab.drove(&["vm", "show", "huge"]).status.success(), "no record of it");
+    assert_eq!(qemus_of(lab.data()).len(), 1, "no QEMU started for it");
+
     // Commands run inside it through the guest agent; exit codes and both
     // output streams come back, and the CLI exits with the command's code.
     let out = lab.drove(&["vm", "exec", "web-1", "--", "sh", "-c", "echo out-$((40+2)); echo err >&2; exit 3"]);
