@@ -334,6 +334,40 @@ async fn a_reset_reboots_the_guest_in_its_process() {
     hv.destroy(g.id).await.unwrap();
 }
 
+/// QEMU's own messages land in the guest's qemu.log, and the log of the
+/// start before is kept: after a restart, why the last QEMU ended can
+/// still be read.
+#[tokio::test]
+async fn qemu_logs_why_it_ended_and_the_restart_keeps_that_log() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = guest("qlog-1", &[]);
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    let pid = status(&hv, g.id).await.pid.unwrap();
+    let killed = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
+        rustix::process::Signal::TERM,
+    );
+    killed.unwrap();
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "QEMU {pid} survived SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&hv, g.id).await.state, RuntimeState::Crashed);
+    let dir = hv.guest_dir(g.id);
+    let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap();
+    assert!(log.contains("terminating on signal 15"), "qemu.log: {log:?}");
+
+    hv.start(g.id).await.unwrap();
+    let previous = std::fs::read_to_string(dir.join("qemu.log.1")).unwrap();
+    assert!(previous.contains("terminating on signal 15"), "qemu.log.1: {previous:?}");
+    let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+    assert!(!log.contains("terminating"), "the new start's log is its own: {log:?}");
+    hv.destroy(g.id).await.unwrap();
+}
+
 #[tokio::test]
 async fn killed_qemu_is_reported_crashed_and_can_be_started_again() {
     let lab = Lab::new();
@@ -1729,7 +1763,8 @@ mod resource_controls {
         let err = hv.start(g.id).await.unwrap_err();
         let chain = error_chain(&err);
         eprintln!("start failed as expected: {chain}");
-        assert!(chain.contains("disk0.qcow2"), "{chain}");
+        // QEMU's own words (from its log: with -D they go there).
+        assert!(chain.contains("disk0.qcow2") && chain.contains("Could not open"), "{chain}");
         assert_eq!(status(&hv, g.id).await.state, RuntimeState::Stopped);
         assert_no_host_leftovers(&lab, g.id, &[&tap]).await;
 
