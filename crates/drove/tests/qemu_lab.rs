@@ -577,8 +577,7 @@ fn a_guest_migrates_live_between_lab_hosts() {
         "printf '%-511s\\n' moved-marker | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && \
          (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; usleep 20000; done) >/dev/null 2>&1 & \
          echo $! > /tmp/counter.pid; \
-         mkfifo /tmp/tick; (exec 3<>/tmp/tick; while :; do echo t; read -t 0.002 x <&3; done) \
-         >/dev/ttyS0 2>&1 </dev/null & \
+         drove-guest-agent tick 2 >/dev/ttyS0 2>&1 </dev/null & \
          sleep 0.3; cat /tmp/count",
     );
     assert_eq!(code, 0, "{out}");

@@ -57,10 +57,8 @@ async fn exec(client: &mut QgaClient, req: &ExecRequest) -> drove_hypervisor::Ex
     let pid = qga::exec_pid(&started).unwrap();
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let status = client
-            .execute("guest-exec-status", Some(serde_json::json!({ "pid": pid })), TIMEOUT)
-            .await
-            .unwrap();
+        let status =
+            client.execute("guest-exec-status", Some(serde_json::json!({ "pid": pid })), TIMEOUT).await.unwrap();
         if let Some(result) = qga::exec_status(&status).unwrap() {
             return result;
         }
