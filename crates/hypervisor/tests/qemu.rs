@@ -2419,6 +2419,58 @@ async fn clones_hold_the_sources_data_from_one_instant_a_snapshot_or_a_template(
     }
 }
 
+/// A clone of a running guest interrupted mid-copy (its call dropped, as
+/// when the agent's task is cancelled) leaves nothing that looks finished:
+/// no record, no disk under its final name, no qemu-img still writing. The
+/// next create of it starts afresh and succeeds, removing the transient
+/// snapshot the first attempt left in the source; a destroy leaves nothing.
+#[tokio::test]
+async fn an_interrupted_clone_leaves_nothing_that_looks_finished() {
+    use drove_model::{CloneMode, CloneSource};
+    let lab = Lab::new();
+    let hv = std::sync::Arc::new(lab.hv());
+    let src = guest("cut-src", &[768]);
+    hv.create(&src).await.unwrap();
+    let disk = |id: GuestId| hv.guest_dir(id).join("disk0.qcow2");
+    let filled = std::process::Command::new("qemu-io").args(["-c", "write -P 0x5a 0 640M"]).arg(disk(src.id)).output();
+    assert!(filled.unwrap().status.success());
+    hv.start(src.id).await.unwrap();
+    let mut clone = guest("cut-clone", &[768]);
+    clone.spec.clone_of = Some(CloneSource { guest: src.id, snapshot: None, mode: CloneMode::Copy });
+
+    let task = tokio::spawn({
+        let (hv, clone) = (hv.clone(), clone.clone());
+        async move { hv.create(&clone).await }
+    });
+    let tmp = hv.guest_dir(clone.id).join("disk0.qcow2.tmp");
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while !tmp.exists() {
+        assert!(!task.is_finished(), "the copy finished before it could be cut: make the source bigger");
+        assert!(Instant::now() < deadline, "the copy never began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    // At once, not when a qemu-img left running has finished its copy.
+    let writers = || pids_mentioning(&hv.guest_dir(clone.id));
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while !writers().is_empty() {
+        assert!(Instant::now() < deadline, "qemu-img still writes the cut clone: {:?}", writers());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!disk(clone.id).exists(), "no disk under its final name");
+    assert!(matches!(hv.status(clone.id).await, Err(HvError::NotFound { .. })), "no record");
+
+    hv.create(&clone).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert!(holds(&disk(clone.id), 0x5a), "the clone holds the source's data");
+    assert!(!tmp.exists(), "no temporary file left");
+    let left = qemu_img_info(&disk(src.id));
+    assert!(left.get("snapshots").is_none_or(|s| s.as_array().is_some_and(Vec::is_empty)), "{left}");
+    hv.destroy(clone.id).await.unwrap();
+    assert!(!hv.guest_dir(clone.id).exists(), "destroy leaves nothing");
+    hv.destroy(src.id).await.unwrap();
+}
+
 // --- shared storage ----------------------------------------------------------------
 
 /// Two hosts' backends over one shared pool, as a lab's hosts (or NFS
