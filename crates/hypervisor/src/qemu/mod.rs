@@ -925,6 +925,8 @@ async fn qemu_img_create(
     }
     let output = command
         .stdin(Stdio::null())
+        // Cancelled, it must not go on writing the temporary file.
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|source| QemuError::Spawn { program: program(), source })?;
