@@ -1919,6 +1919,58 @@ async fn a_partial_snapshot_left_by_a_crash_is_not_listed_and_is_cleaned_by_crea
     hv.destroy(g.id).await.unwrap();
 }
 
+/// A memory snapshot cut by QEMU's death midway (power loss, the OOM
+/// killer) is no snapshot: the guest is crashed, not listed with it, boots
+/// again, its disks' tables are sound, and the name can be taken again.
+#[tokio::test]
+async fn a_memory_snapshot_cut_by_qemus_death_is_not_listed_and_its_name_is_free() {
+    let lab = Lab::new();
+    let hv = std::sync::Arc::new(lab.hv());
+    let mut g = guest("snap-cut", &[16, 16]);
+    g.spec.memory = ByteSize::mib(384);
+    let pid = booted(&hv, &g).await;
+    // RAM that is not zeros, so the save has much to write.
+    sh(&hv, g.id, "dd if=/dev/zero bs=1M count=200 2>/dev/null | tr '\\000' x > /tmp/fill; echo ok").await;
+    let disk0 = hv.guest_dir(g.id).join("disk0.qcow2");
+    let before = std::fs::metadata(&disk0).unwrap().len();
+
+    let save = tokio::spawn({
+        let (hv, id) = (hv.clone(), g.id);
+        async move { hv.snapshot_create(id, "warm", SnapshotKind::Memory).await }
+    });
+    // Killed once the memory state is a good way in (it goes into disk 0).
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while std::fs::metadata(&disk0).unwrap().len() < before + (32 << 20) {
+        assert!(!save.is_finished(), "the save ended before it could be cut: {:?}", save.await);
+        assert!(Instant::now() < deadline, "the save never wrote its memory state");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sigkill(pid);
+    let cut = save.await.unwrap();
+    assert!(cut.is_err(), "a save whose QEMU died is not a snapshot: {cut:?}");
+    while alive(pid) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(hv.as_ref(), g.id).await.state, RuntimeState::Crashed);
+    assert!(hv.snapshot_list(g.id).await.unwrap().is_empty(), "not listed");
+    for disk in ["disk0.qcow2", "disk1.qcow2"] {
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", "-q"])
+            .arg(hv.guest_dir(g.id).join(disk))
+            .status()
+            .unwrap();
+        // 0: clean; 3: leaked clusters only, which cost space, not data.
+        assert!(matches!(check.code(), Some(0 | 3)), "{disk}: qemu-img check gave {check:?}");
+    }
+
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 2).await;
+    hv.snapshot_create(g.id, "warm", SnapshotKind::Memory).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    let names: Vec<String> = hv.snapshot_list(g.id).await.unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["warm"]);
+    hv.destroy(g.id).await.unwrap();
+}
+
 // --- the conformance suite -------------------------------------------------------
 
 /// A QEMU backend that takes its lab along, so that each conformance test's
