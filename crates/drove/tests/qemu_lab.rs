@@ -344,7 +344,10 @@ fn real_guests_live_through_the_whole_stack() {
     });
     let disk = image_dir.join("disk.qcow2");
     lab.ok(&["image", "import", disk.to_str().unwrap(), "--name", "bootdisk"]);
-    assert_eq!(lab.json(&["image", "list"]).as_array().unwrap().len(), 1);
+    let images = lab.json(&["image", "list"]);
+    assert_eq!(images.as_array().unwrap().len(), 1);
+    let path = images[0]["path"].as_str().unwrap();
+    assert!(path.starts_with(&format!("{}/shared/", lab.data())), "kept on the pool every host sees: {path}");
     lab.ok(&["vm", "create", "img-1", "--image", "bootdisk", "--memory", "128M"]);
     eventually("BIOS boot of the imported image", Duration::from_secs(120), || {
         lab.ok(&["vm", "log", "img-1"]).contains("DROVE-READY").then_some(())

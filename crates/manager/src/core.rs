@@ -57,6 +57,8 @@ use crate::persist::{PersistError, Persister};
 pub struct ManagerConfig {
     /// Where token files live.
     pub data_dir: PathBuf,
+    /// Where imported images are kept: hosts read them at this path.
+    pub image_pool: PathBuf,
     pub heartbeat_interval: Duration,
     /// The lease each answered heartbeat gives a host: a host not heard
     /// from for this long is down, and its agent, if it is only cut off,
@@ -83,6 +85,7 @@ pub struct ManagerConfig {
 impl ManagerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         ManagerConfig {
+            image_pool: data_dir.join("images"),
             data_dir,
             heartbeat_interval: Duration::from_secs(1),
             host_timeout: Duration::from_secs(5),
@@ -647,7 +650,7 @@ impl Manager {
                 format!("{} has a backing file; flatten it first (qemu-img convert -O qcow2)", source.display()),
             ));
         }
-        let pool = self.config.data_dir.join("images");
+        let pool = &self.config.image_pool;
         let dest = pool.join(format!("{}.qcow2", req.name));
         let tmp = pool.join(format!(".{}.importing", req.name));
         let copy = {
