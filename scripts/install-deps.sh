@@ -32,6 +32,9 @@ declare -A wanted=(
     [mkfs.vfat]=dosfstools
     [syslinux]=syslinux
     [mcopy]=mtools
+    # The stock guest agent users' images carry: tests drive our client
+    # against it.
+    [qemu-ga]=qemu-guest-agent
 )
 
 # mkfs.vfat lives in sbin, which a non-root PATH may lack.
@@ -95,7 +98,7 @@ if [ -z "$qemu_ver" ] || [ "$qemu_ver" = "(none)" ]; then
     exit 1
 fi
 apt-get install -y -q --no-install-recommends busybox-static cpio socat iproute2 xz-utils zstd gzip \
-    dosfstools syslinux syslinux-common mtools util-linux
+    dosfstools syslinux syslinux-common mtools util-linux qemu-guest-agent
 # Only QEMU from backports: the rest (iproute2 among them) stays Debian's own.
 apt-get install -y -q --no-install-recommends --allow-downgrades "${target[@]}" \
     "qemu-system-x86=$qemu_ver" "qemu-system-common=$qemu_ver" "qemu-system-data=$qemu_ver" "qemu-utils=$qemu_ver"

@@ -54,6 +54,9 @@ struct BootFigures {
     together: usize,
     together_ready: usize,
     together_seconds: f64,
+    /// Of those, still running and answering through their guest agent
+    /// once all were up and had settled.
+    together_answering: usize,
     guest_memory_mib: u64,
     qemu_pss_mib_mean: f64,
     qemu_pss_mib_max: f64,
@@ -301,8 +304,18 @@ pub async fn run(a: BootBench) -> Result<()> {
     }
     eprintln!();
     let together_seconds = t0.elapsed().as_secs_f64();
-    // Let the guests settle so RSS reflects a running guest, not a booting one.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the guests settle so RSS reflects a running guest, not a booting
+    // one, and so a guest that fails after its readiness line shows.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let probe = drove_api::ExecRequest { command: vec!["true".into()], input: None, timeout_secs: Some(60) };
+    let mut together_answering = 0;
+    for i in 0..a.together {
+        let name = format!("dense-{i}");
+        let running = c.get_guest(&name).await.is_ok_and(|g| g.guest.state == drove_model::GuestState::Running);
+        if running && c.exec(&name, &probe).await.is_ok_and(|r| r.exit_code == 0) {
+            together_answering += 1;
+        }
+    }
     let pids = qemu_pids(&dir);
     let rss: Vec<f64> = pids.iter().map(|p| pss_mib(*p)).collect();
     let ram: Vec<f64> = pids.iter().map(|p| guest_ram_rss_mib(*p, a.memory.as_mib())).collect();
@@ -322,6 +335,7 @@ pub async fn run(a: BootBench) -> Result<()> {
         together: a.together,
         together_ready: ready,
         together_seconds,
+        together_answering,
         guest_memory_mib: guest_mib,
         qemu_pss_mib_mean: mean,
         qemu_pss_mib_max: rss.iter().copied().fold(0.0, f64::max),
@@ -347,8 +361,8 @@ pub async fn run(a: BootBench) -> Result<()> {
                 (f.ready_p50_s - f.bare_qemu_p50_s) * 1000.0
             );
             println!(
-                "  booted together              {}/{} ready in {:.1} s",
-                f.together_ready, f.together, f.together_seconds
+                "  booted together              {}/{} ready in {:.1} s; {}/{} running and answering after",
+                f.together_ready, f.together, f.together_seconds, f.together_answering, f.together
             );
             println!(
                 "  QEMU memory (PSS)            mean {:.1} MiB, max {:.1} MiB per guest",
@@ -359,6 +373,14 @@ pub async fn run(a: BootBench) -> Result<()> {
             println!(
                 "  cost beyond the guest's RAM  {:.1} MiB per guest (QEMU + share of the agent)",
                 f.overhead_mib_per_guest
+            );
+            let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+            println!(
+                "targets: p50 <= 2 s: {}; {} guests at once without failures: {}; <= 100 MiB per guest: {}",
+                verdict(f.ready_p50_s <= 2.0),
+                f.together,
+                verdict(f.together_ready == f.together && f.together_answering == f.together),
+                verdict(f.overhead_mib_per_guest <= 100.0)
             );
         }
     }

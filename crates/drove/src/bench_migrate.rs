@@ -122,14 +122,12 @@ fn watch_console(path: PathBuf, ticks: Ticks) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Starts the guest's millisecond ticker on its console.
+/// Starts the test image's millisecond ticker on the guest's console.
 async fn start_ticker(c: &Client, guest: &str) -> Result<()> {
-    // Shell builtins only (a fork per tick would measure TCG translating
-    // fork and exec afresh on the target): `read -t` on a FIFO nobody
-    // writes is the sleep.
-    let ticker = "rm -f /tmp/tick; mkfifo /tmp/tick; \
-                  (exec 3<>/tmp/tick; while :; do echo t; read -t 0.001 x <&3; done) >/dev/ttyS0 2>&1 </dev/null & \
-                  echo started";
+    // The image's compiled ticker, not a shell loop: under TCG the guest's
+    // code is translated afresh on the target, and the more of it a tick
+    // runs, the longer the guest stays silent after the resume.
+    let ticker = "drove-guest-agent tick 1 >/dev/ttyS0 2>&1 </dev/null & echo started";
     let exec =
         ExecRequest { command: vec!["sh".into(), "-c".into(), ticker.into()], input: None, timeout_secs: Some(30) };
     c.exec(guest, &exec).await.context("starting the console ticker")?;

@@ -1,8 +1,9 @@
 //! `drove bench storage`: snapshots of a running real QEMU guest through the
 //! whole stack (API, manager, agent, QMP).
 //!
-//! The pause a snapshot causes is measured from outside the guest: a loop
-//! in the guest prints a line on its serial console every few milliseconds,
+//! The pause a snapshot causes is measured from outside the guest: the test
+//! image's ticker (`drove-guest-agent tick`) prints a numbered line on the
+//! guest's serial console every millisecond,
 //! the bench reads the console's unix socket on the host and timestamps
 //! every chunk that arrives. The longest silence while an operation runs is
 //! its pause as the guest's output shows it; the longest silence over an
@@ -170,10 +171,8 @@ pub async fn run(a: StorageBench) -> Result<()> {
         .with_context(|| format!("connecting to the guest's console {}", socket.display()))?;
     let ticks: Ticks = Arc::default();
     let reader = tokio::spawn(read_ticks(console, ticks.clone()));
-    let tick_us = 5000;
-    let ticker = format!(
-        "while :; do echo t; usleep {tick_us} 2>/dev/null || sleep 0.005; done >/dev/ttyS0 2>&1 </dev/null & echo started"
-    );
+    let tick_us = 1000;
+    let ticker = format!("drove-guest-agent tick {} >/dev/ttyS0 2>&1 </dev/null & echo started", tick_us / 1000);
     let exec =
         drove_api::ExecRequest { command: vec!["sh".into(), "-c".into(), ticker], input: None, timeout_secs: None };
     c.exec(name, &exec).await?;

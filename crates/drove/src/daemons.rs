@@ -48,6 +48,12 @@ pub struct ManagerArgs {
     /// Fail (and roll back) operations that take longer than this many seconds.
     #[arg(long, default_value_t = 600)]
     pub op_timeout: u64,
+    /// Where imported images are kept (default: DATA_DIR/images). Hosts
+    /// boot guests from these files at this path: with hosts on other
+    /// machines, a directory every host mounts at the same path, such as
+    /// the shared pool.
+    #[arg(long)]
+    pub image_pool: Option<PathBuf>,
     /// vCPUs placement allows per physical core.
     #[arg(long, default_value_t = 4.0)]
     pub vcpu_overcommit: f64,
@@ -184,6 +190,9 @@ pub async fn manager(a: ManagerArgs) -> Result<()> {
     config.failover_per_host = a.failover_per_host;
     config.failover_total = a.failover_total;
     config.op_timeout = Duration::from_secs(a.op_timeout.max(1));
+    if let Some(pool) = &a.image_pool {
+        config.image_pool = pool.clone();
+    }
     if !(a.vcpu_overcommit.is_finite() && a.vcpu_overcommit > 0.0) {
         anyhow::bail!("--vcpu-overcommit must be a positive number, got {}", a.vcpu_overcommit);
     }

@@ -276,6 +276,9 @@ pub async fn up(a: UpArgs) -> Result<()> {
         format!("{listen}:{port}"),
         "--vcpu-overcommit".into(),
         a.vcpu_overcommit.to_string(),
+        // Images where every host sees them, as guests' shared disks are.
+        "--image-pool".into(),
+        shared_dir(&dir).join("images").display().to_string(),
     ];
     match lab_power_cmd(&dir) {
         Some(cmd) => lab.manager_args.extend(["--power-driver".into(), "command".into(), "--power-cmd".into(), cmd]),

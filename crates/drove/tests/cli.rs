@@ -271,6 +271,8 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
         ("create with a wrong token", &["vm", "create", "sneaky"]),
         ("stop with a wrong token", &["vm", "stop", "dup"]),
         ("reset with a wrong token", &["vm", "reset", "dup"]),
+        ("console with a wrong token", &["vm", "console", "dup"]),
+        ("console log with a wrong token", &["vm", "log", "dup"]),
         ("delete with a wrong token", &["vm", "delete", "dup"]),
         ("VLAN delete with a wrong token", &["vlan", "delete", "red"]),
     ];

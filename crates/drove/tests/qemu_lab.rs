@@ -239,6 +239,14 @@ fn real_guests_live_through_the_whole_stack() {
     let pid = qemu_pid(&gdir).expect("a live QEMU process for the guest");
     assert!(gdir.join("disk0.qcow2").exists());
 
+    // More memory than any host has: refused in one line before anything
+    // is made on a host.
+    let out = lab.drove(&["vm", "create", "huge", "--memory", "512G", "--disk", "64M"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.lines().count() == 1 && err.contains("memory"), "{err}");
+    assert!(!lab.drove(&["vm", "show", "huge"]).status.success(), "no record of it");
+    assert_eq!(qemus_of(lab.data()).len(), 1, "no QEMU started for it");
+
     // Commands run inside it through the guest agent; exit codes and both
     // output streams come back, and the CLI exits with the command's code.
     let out = lab.drove(&["vm", "exec", "web-1", "--", "sh", "-c", "echo out-$((40+2)); echo err >&2; exit 3"]);
@@ -336,7 +344,10 @@ fn real_guests_live_through_the_whole_stack() {
     });
     let disk = image_dir.join("disk.qcow2");
     lab.ok(&["image", "import", disk.to_str().unwrap(), "--name", "bootdisk"]);
-    assert_eq!(lab.json(&["image", "list"]).as_array().unwrap().len(), 1);
+    let images = lab.json(&["image", "list"]);
+    assert_eq!(images.as_array().unwrap().len(), 1);
+    let path = images[0]["path"].as_str().unwrap();
+    assert!(path.starts_with(&format!("{}/shared/", lab.data())), "kept on the pool every host sees: {path}");
     lab.ok(&["vm", "create", "img-1", "--image", "bootdisk", "--memory", "128M"]);
     eventually("BIOS boot of the imported image", Duration::from_secs(120), || {
         lab.ok(&["vm", "log", "img-1"]).contains("DROVE-READY").then_some(())
@@ -569,8 +580,7 @@ fn a_guest_migrates_live_between_lab_hosts() {
         "printf '%-511s\\n' moved-marker | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null && \
          (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; usleep 20000; done) >/dev/null 2>&1 & \
          echo $! > /tmp/counter.pid; \
-         mkfifo /tmp/tick; (exec 3<>/tmp/tick; while :; do echo t; read -t 0.002 x <&3; done) \
-         >/dev/ttyS0 2>&1 </dev/null & \
+         drove-guest-agent tick 2 >/dev/ttyS0 2>&1 </dev/null & \
          sleep 0.3; cat /tmp/count",
     );
     assert_eq!(code, 0, "{out}");

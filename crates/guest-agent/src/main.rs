@@ -60,13 +60,28 @@ const PORT_PATIENCE: Duration = Duration::from_secs(30);
 
 const USAGE: &str = "\
 usage: drove-guest-agent [--port DEVICE]
+       drove-guest-agent tick [EVERY_MS]
 
 Serves the QEMU guest agent protocol (a subset) on the virtio-serial port
 named org.qemu.guest_agent.0, found through /sys/class/virtio-ports, or on
-DEVICE.";
+DEVICE.
+
+`tick` writes `drove-tick N` (N = 0, 1, 2, ...) to standard output every
+EVERY_MS milliseconds (default 1), for ever: the monotonic sequence a host
+reads on the guest's serial console to measure how long the guest was
+silent (a live migration's pause, a snapshot's).";
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("tick") {
+        args.next();
+        let every = match args.next().map(|a| a.parse::<u64>()) {
+            None => 1,
+            Some(Ok(ms)) if ms > 0 => ms,
+            Some(_) => return usage_error("tick: EVERY_MS must be a whole number of milliseconds above 0"),
+        };
+        return tick(&mut io::stdout().lock(), Duration::from_millis(every), u64::MAX);
+    }
     let mut fixed_port = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -99,6 +114,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Writes `count` numbered lines, one every `every`, each in one write (a
+/// reader never sees half a line). Compiled and small on purpose: a shell
+/// loop makes the guest run far more code per line, and under TCG all of it
+/// is translated afresh after a live migration, which would show as pause.
+fn tick(out: &mut impl Write, every: Duration, count: u64) -> ExitCode {
+    let mut line = Vec::with_capacity(32);
+    for n in 0..count {
+        line.clear();
+        let _ = writeln!(line, "drove-tick {n}");
+        if out.write_all(&line).and_then(|()| out.flush()).is_err() {
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(every);
+    }
+    ExitCode::SUCCESS
 }
 
 fn usage_error(message: &str) -> ExitCode {
@@ -179,6 +211,18 @@ mod tests {
     use std::io::Cursor;
 
     use super::*;
+
+    #[test]
+    fn tick_writes_a_numbered_line_per_interval() {
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        assert_eq!(tick(&mut out, Duration::from_millis(2), 5), ExitCode::SUCCESS);
+        assert!(t0.elapsed() >= Duration::from_millis(10), "one interval after each line");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "drove-tick 0\ndrove-tick 1\ndrove-tick 2\ndrove-tick 3\ndrove-tick 4\n"
+        );
+    }
 
     /// Input from a cursor, output into a vector.
     struct Duplex {

@@ -334,6 +334,40 @@ async fn a_reset_reboots_the_guest_in_its_process() {
     hv.destroy(g.id).await.unwrap();
 }
 
+/// QEMU's own messages land in the guest's qemu.log, and the log of the
+/// start before is kept: after a restart, why the last QEMU ended can
+/// still be read.
+#[tokio::test]
+async fn qemu_logs_why_it_ended_and_the_restart_keeps_that_log() {
+    let lab = Lab::new();
+    let hv = lab.hv();
+    let g = guest("qlog-1", &[]);
+    hv.create(&g).await.unwrap();
+    hv.start(g.id).await.unwrap();
+    let pid = status(&hv, g.id).await.pid.unwrap();
+    let killed = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
+        rustix::process::Signal::TERM,
+    );
+    killed.unwrap();
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "QEMU {pid} survived SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&hv, g.id).await.state, RuntimeState::Crashed);
+    let dir = hv.guest_dir(g.id);
+    let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap();
+    assert!(log.contains("terminating on signal 15"), "qemu.log: {log:?}");
+
+    hv.start(g.id).await.unwrap();
+    let previous = std::fs::read_to_string(dir.join("qemu.log.1")).unwrap();
+    assert!(previous.contains("terminating on signal 15"), "qemu.log.1: {previous:?}");
+    let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+    assert!(!log.contains("terminating"), "the new start's log is its own: {log:?}");
+    hv.destroy(g.id).await.unwrap();
+}
+
 #[tokio::test]
 async fn killed_qemu_is_reported_crashed_and_can_be_started_again() {
     let lab = Lab::new();
@@ -1729,7 +1763,8 @@ mod resource_controls {
         let err = hv.start(g.id).await.unwrap_err();
         let chain = error_chain(&err);
         eprintln!("start failed as expected: {chain}");
-        assert!(chain.contains("disk0.qcow2"), "{chain}");
+        // QEMU's own words (from its log: with -D they go there).
+        assert!(chain.contains("disk0.qcow2") && chain.contains("Could not open"), "{chain}");
         assert_eq!(status(&hv, g.id).await.state, RuntimeState::Stopped);
         assert_no_host_leftovers(&lab, g.id, &[&tap]).await;
 
@@ -1881,6 +1916,58 @@ async fn a_partial_snapshot_left_by_a_crash_is_not_listed_and_is_cleaned_by_crea
     hv.snapshot_create(g.id, "half", SnapshotKind::Disk).await.unwrap();
     assert_eq!(hv.snapshot_list(g.id).await.unwrap().len(), 1);
     assert_eq!(qemu_img_snapshots(&disk0).matches("half").count(), 1, "one snapshot, not the part and another");
+    hv.destroy(g.id).await.unwrap();
+}
+
+/// A memory snapshot cut by QEMU's death midway (power loss, the OOM
+/// killer) is no snapshot: the guest is crashed, not listed with it, boots
+/// again, its disks' tables are sound, and the name can be taken again.
+#[tokio::test]
+async fn a_memory_snapshot_cut_by_qemus_death_is_not_listed_and_its_name_is_free() {
+    let lab = Lab::new();
+    let hv = std::sync::Arc::new(lab.hv());
+    let mut g = guest("snap-cut", &[16, 16]);
+    g.spec.memory = ByteSize::mib(384);
+    let pid = booted(&hv, &g).await;
+    // RAM that is not zeros, so the save has much to write.
+    sh(&hv, g.id, "dd if=/dev/zero bs=1M count=200 2>/dev/null | tr '\\000' x > /tmp/fill; echo ok").await;
+    let disk0 = hv.guest_dir(g.id).join("disk0.qcow2");
+    let before = std::fs::metadata(&disk0).unwrap().len();
+
+    let save = tokio::spawn({
+        let (hv, id) = (hv.clone(), g.id);
+        async move { hv.snapshot_create(id, "warm", SnapshotKind::Memory).await }
+    });
+    // Killed once the memory state is a good way in (it goes into disk 0).
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while std::fs::metadata(&disk0).unwrap().len() < before + (32 << 20) {
+        assert!(!save.is_finished(), "the save ended before it could be cut: {:?}", save.await);
+        assert!(Instant::now() < deadline, "the save never wrote its memory state");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sigkill(pid);
+    let cut = save.await.unwrap();
+    assert!(cut.is_err(), "a save whose QEMU died is not a snapshot: {cut:?}");
+    while alive(pid) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(hv.as_ref(), g.id).await.state, RuntimeState::Crashed);
+    assert!(hv.snapshot_list(g.id).await.unwrap().is_empty(), "not listed");
+    for disk in ["disk0.qcow2", "disk1.qcow2"] {
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", "-q"])
+            .arg(hv.guest_dir(g.id).join(disk))
+            .status()
+            .unwrap();
+        // 0: clean; 3: leaked clusters only, which cost space, not data.
+        assert!(matches!(check.code(), Some(0 | 3)), "{disk}: qemu-img check gave {check:?}");
+    }
+
+    hv.start(g.id).await.unwrap();
+    wait_for_serial(&hv, g.id, "DROVE-READY", 2).await;
+    hv.snapshot_create(g.id, "warm", SnapshotKind::Memory).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    let names: Vec<String> = hv.snapshot_list(g.id).await.unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["warm"]);
     hv.destroy(g.id).await.unwrap();
 }
 
@@ -2167,15 +2254,9 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
          echo $! > /tmp/counter.pid",
     )
     .await;
-    // A console ticker made of shell builtins: the guest's own account of
-    // its pause.
-    sh(
-        &a,
-        g.id,
-        "mkfifo /tmp/tick; (exec 3<>/tmp/tick; while :; do echo t; read -t 0.002 x <&3; done) \
-         >/dev/ttyS0 2>&1 </dev/null & echo ok",
-    )
-    .await;
+    // The test image's console ticker: the guest's own account of its
+    // pause.
+    sh(&a, g.id, "drove-guest-agent tick 2 >/dev/ttyS0 2>&1 </dev/null & echo ok").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before: u64 = sh(&a, g.id, "cat /tmp/count").await.parse().unwrap();
     let counter_pid = sh(&a, g.id, "cat /tmp/counter.pid").await;
@@ -2389,6 +2470,58 @@ async fn clones_hold_the_sources_data_from_one_instant_a_snapshot_or_a_template(
     for g in [&now, &at, &thin, &src] {
         hv.destroy(g.id).await.unwrap();
     }
+}
+
+/// A clone of a running guest interrupted mid-copy (its call dropped, as
+/// when the agent's task is cancelled) leaves nothing that looks finished:
+/// no record, no disk under its final name, no qemu-img still writing. The
+/// next create of it starts afresh and succeeds, removing the transient
+/// snapshot the first attempt left in the source; a destroy leaves nothing.
+#[tokio::test]
+async fn an_interrupted_clone_leaves_nothing_that_looks_finished() {
+    use drove_model::{CloneMode, CloneSource};
+    let lab = Lab::new();
+    let hv = std::sync::Arc::new(lab.hv());
+    let src = guest("cut-src", &[768]);
+    hv.create(&src).await.unwrap();
+    let disk = |id: GuestId| hv.guest_dir(id).join("disk0.qcow2");
+    let filled = std::process::Command::new("qemu-io").args(["-c", "write -P 0x5a 0 640M"]).arg(disk(src.id)).output();
+    assert!(filled.unwrap().status.success());
+    hv.start(src.id).await.unwrap();
+    let mut clone = guest("cut-clone", &[768]);
+    clone.spec.clone_of = Some(CloneSource { guest: src.id, snapshot: None, mode: CloneMode::Copy });
+
+    let task = tokio::spawn({
+        let (hv, clone) = (hv.clone(), clone.clone());
+        async move { hv.create(&clone).await }
+    });
+    let tmp = hv.guest_dir(clone.id).join("disk0.qcow2.tmp");
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while !tmp.exists() {
+        assert!(!task.is_finished(), "the copy finished before it could be cut: make the source bigger");
+        assert!(Instant::now() < deadline, "the copy never began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    // At once, not when a qemu-img left running has finished its copy.
+    let writers = || pids_mentioning(&hv.guest_dir(clone.id));
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while !writers().is_empty() {
+        assert!(Instant::now() < deadline, "qemu-img still writes the cut clone: {:?}", writers());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!disk(clone.id).exists(), "no disk under its final name");
+    assert!(matches!(hv.status(clone.id).await, Err(HvError::NotFound { .. })), "no record");
+
+    hv.create(&clone).await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert!(holds(&disk(clone.id), 0x5a), "the clone holds the source's data");
+    assert!(!tmp.exists(), "no temporary file left");
+    let left = qemu_img_info(&disk(src.id));
+    assert!(left.get("snapshots").is_none_or(|s| s.as_array().is_some_and(Vec::is_empty)), "{left}");
+    hv.destroy(clone.id).await.unwrap();
+    assert!(!hv.guest_dir(clone.id).exists(), "destroy leaves nothing");
+    hv.destroy(src.id).await.unwrap();
 }
 
 // --- shared storage ----------------------------------------------------------------

@@ -57,6 +57,8 @@ use crate::persist::{PersistError, Persister};
 pub struct ManagerConfig {
     /// Where token files live.
     pub data_dir: PathBuf,
+    /// Where imported images are kept: hosts read them at this path.
+    pub image_pool: PathBuf,
     pub heartbeat_interval: Duration,
     /// The lease each answered heartbeat gives a host: a host not heard
     /// from for this long is down, and its agent, if it is only cut off,
@@ -83,6 +85,7 @@ pub struct ManagerConfig {
 impl ManagerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         ManagerConfig {
+            image_pool: data_dir.join("images"),
             data_dir,
             heartbeat_interval: Duration::from_secs(1),
             host_timeout: Duration::from_secs(5),
@@ -634,8 +637,8 @@ impl Manager {
 
     /// Copy a qcow2 file into the image pool and register it. The header is
     /// checked first (qcow2, no backing file), the copy lands under a
-    /// temporary name and is renamed into place, so a failed import leaves
-    /// nothing behind.
+    /// temporary name and is renamed into place, and its tables are checked
+    /// (`qemu-img check`), so a failed import leaves nothing behind.
     pub async fn import_image(
         &self,
         ctx: &Ctx,
@@ -662,7 +665,7 @@ impl Manager {
                 format!("{} has a backing file; flatten it first (qemu-img convert -O qcow2)", source.display()),
             ));
         }
-        let pool = self.config.data_dir.join("images");
+        let pool = &self.config.image_pool;
         let dest = pool.join(format!("{}.qcow2", req.name));
         let tmp = pool.join(format!(".{}.importing", req.name));
         let copy = {
@@ -684,6 +687,12 @@ impl Manager {
             }
             Err(e) => return Err(ApiError::unavailable(format!("copying {}: {e}", source.display()))),
         };
+        // The copy, not the source: it is what guests will boot, and a
+        // source that changes under us cannot slip a bad image in.
+        if let Err(reason) = check_image_integrity(&dest).await {
+            let _ = std::fs::remove_file(&dest);
+            return Err(ApiError::invalid("path", format!("{} is damaged: {reason}", source.display())));
+        }
         let image = drove_model::image::Image {
             name: req.name.clone(),
             path: dest.display().to_string(),
@@ -2323,4 +2332,29 @@ fn random_mac() -> Result<String, getrandom::Error> {
     let mut b = [0u8; 3];
     getrandom::fill(&mut b)?;
     Ok(format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
+}
+
+/// `qemu-img check` of a qcow2 image: its tables must be consistent (a
+/// header that parses says nothing about the metadata behind it). Leaked
+/// clusters are harmless and pass. An image is checked once, at import.
+async fn check_image_integrity(path: &std::path::Path) -> Result<(), String> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["check", "-q", "-f", "qcow2", "--output=json"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run qemu-img check ({e}); is qemu-utils installed on the manager's host?"))?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let count = |key: &str| report.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    // 0: clean, 3: only leaks; 2: corruptions, 1: the check itself failed.
+    match out.status.code() {
+        Some(0 | 3) => Ok(()),
+        Some(2) => Err(format!("qemu-img check found {} corruption(s) in its tables", count("corruptions"))),
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("no reason given").trim();
+            Err(format!("qemu-img check could not read it: {why}"))
+        }
+    }
 }

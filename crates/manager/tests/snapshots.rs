@@ -194,3 +194,30 @@ async fn a_delete_interrupted_by_a_manager_restart_is_finished() {
     assert_eq!(on_host(&dc, id).await, ["b"]);
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_restore_interrupted_by_a_manager_restart_is_finished_once_more() {
+    let mut dc = Dc::start(0).await;
+    let slow = SimConfig { snapshot_delay: Duration::from_millis(800), ..SimConfig::default() };
+    dc.add_agent("host-1", slow).await;
+    dc.wait_hosts_up(1).await;
+    let id = running_guest(&dc, "web-1").await;
+    assert_eq!(snapshot(&dc, "web-1", "a", true).await.state, OperationState::Succeeded);
+    assert_eq!(snapshot(&dc, "web-1", "b", true).await.state, OperationState::Succeeded);
+    let acc = dc.admin.restore_snapshot("web-1", "a").await.unwrap();
+    let sim = dc.agents[0].sim.clone();
+    dc.eventually("the host got the call", || async { (sim.calls(SimOp::SnapshotRestore) == 1).then_some(()) }).await;
+    // The manager dies while the host restores; the restarted one restores
+    // again (idempotent) and records where the guest now descends from.
+    dc.kill_manager().await;
+    dc.restart_manager().await;
+    let op = dc.wait_op(&acc.operation).await;
+    assert_eq!(op.state, OperationState::Succeeded, "{op:?}");
+    let list = dc.admin.list_snapshots("web-1").await.unwrap();
+    assert_eq!(list.current.as_deref(), Some("a"), "the guest descends from the restored snapshot");
+    assert!(list.snapshots.iter().all(|s| s.state == SnapshotState::Ready), "{list:?}");
+    assert_eq!(on_host(&dc, id).await, ["a", "b"], "nothing lost on the host");
+    assert!(sim.calls(SimOp::SnapshotRestore) >= 2, "restored again after the restart");
+    assert_eq!(dc.admin.get_guest("web-1").await.unwrap().guest.state, GuestState::Running);
+    dc.shutdown().await;
+}

@@ -383,6 +383,9 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
         ),
     );
     push(&mut args, "-serial", "chardev:serial0".to_owned());
+    // QEMU's own messages, which -daemonize would send to /dev/null. (With
+    // -D, startup errors go there too, not to the launcher's stderr.)
+    push(&mut args, "-D", l.dir.qemu_log_path().to_string_lossy().into_owned());
     push(&mut args, "-chardev", format!("socket,id=qmp,path={},server=on,wait=off", opt_value(&l.dir.qmp_path())));
     push(&mut args, "-mon", "chardev=qmp,mode=control".to_owned());
     push(&mut args, "-device", format!("virtio-serial-pci,id=vser0,addr={SERIAL_SLOT}"));

@@ -17,6 +17,8 @@
 //!   qga.sock       the guest agent's virtio-serial port (see qga.rs)
 //!   serial.log     everything the guest wrote to its serial console, across
 //!                  boots, each boot preceded by a marker line of ours
+//!   qemu.log       QEMU's own messages (warnings, errors, why it ended) for
+//!                  the present start; qemu.log.1 those of the start before
 //! ```
 //!
 //! Files that several readers may look at while we change them (the record
@@ -116,6 +118,14 @@ impl GuestDir {
     }
     pub fn serial_log_path(&self) -> PathBuf {
         self.root.join("serial.log")
+    }
+    /// QEMU's own log (`-D`); QEMU truncates it at each start.
+    pub fn qemu_log_path(&self) -> PathBuf {
+        self.root.join("qemu.log")
+    }
+    /// The log of the start before, kept: it says why that one ended.
+    pub fn previous_qemu_log_path(&self) -> PathBuf {
+        self.root.join("qemu.log.1")
     }
     /// The config drive of a guest booting its own image (see `config_drive`).
     pub fn config_drive_path(&self) -> PathBuf {

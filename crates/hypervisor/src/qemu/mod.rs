@@ -694,6 +694,14 @@ impl QemuHypervisor {
         let args = cmdline::qemu_args(launch);
         let program = c.qemu_binary.to_string_lossy().into_owned();
         tracing::debug!(guest = %config.id, ?args, "launching QEMU");
+        // QEMU truncates its log: keep the last start's, which says why it
+        // ended (a restart after a crash would otherwise erase the reason).
+        let log = dir.qemu_log_path();
+        if log.exists()
+            && let Err(e) = std::fs::rename(&log, dir.previous_qemu_log_path())
+        {
+            tracing::warn!(guest = %config.id, error = %e, "cannot keep the previous QEMU log");
+        }
         let launcher = tokio::process::Command::new(&c.qemu_binary)
             .args(&args)
             .stdin(Stdio::null())
@@ -708,12 +716,12 @@ impl QemuHypervisor {
             .map_err(|_| QemuError::Timeout { what: what.clone(), after: LAUNCH_TIMEOUT })?
             .map_err(|source| QemuError::Spawn { program: program.clone(), source })?;
         if !output.status.success() {
-            return Err(QemuError::CommandFailed {
-                program,
-                what,
-                status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            });
+            let mut stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+            if stderr.is_empty() {
+                let logged = crate::tail_file(&log, 4096).await.unwrap_or_default();
+                stderr = String::from_utf8_lossy(&logged).trim().to_owned();
+            }
+            return Err(QemuError::CommandFailed { program, what, status: output.status, stderr });
         }
         let pid_path = dir.pid_path();
         let Some(pid) = dir.read_pid() else {
@@ -917,6 +925,8 @@ async fn qemu_img_create(
     }
     let output = command
         .stdin(Stdio::null())
+        // Cancelled, it must not go on writing the temporary file.
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|source| QemuError::Spawn { program: program(), source })?;

@@ -94,6 +94,10 @@ pub(super) async fn qemu_img(program: &Path, args: &[&str], file: &Path) -> Resu
         .args(args)
         .arg(file)
         .stdin(Stdio::null())
+        // A call dropped midway (its agent call cancelled) must not leave a
+        // qemu-img writing on: the next attempt removes its leftovers and
+        // writes the same temporary file.
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|source| QemuError::Spawn { program: name(), source })?;

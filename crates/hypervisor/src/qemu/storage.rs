@@ -74,7 +74,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drove_model::guest::Storage;
@@ -83,7 +82,7 @@ use serde_json::{Value, json};
 
 use super::guest_dir::{GuestDir, disk_file_name};
 use super::migrate::{POLL, Stall, u};
-use super::snapshot::Snap;
+use super::snapshot::{Snap, qemu_img};
 use super::{QemuError, QemuHypervisor, Slot, backend, cmdline, create_disk_file};
 use crate::{GuestConfig, HvError, RuntimeState, StorageMoved};
 
@@ -341,7 +340,7 @@ impl Mover<'_> {
     }
 
     async fn copy_files(&mut self, old: &[PathBuf], new: &[PathBuf]) -> Result<(), QemuError> {
-        let qemu_img = self.hv.inner.config.qemu_img.clone();
+        let qemu_img_path = self.hv.inner.config.qemu_img.clone();
         let formats: Vec<&'static str> = self.config.spec.disks.iter().map(|d| d.format.as_str()).collect();
         for ((src, dst), format) in old.iter().zip(new).zip(formats) {
             let tmp = PathBuf::from(format!("{}.moving", dst.display()));
@@ -349,22 +348,8 @@ impl Mover<'_> {
             remove_file(dst)?;
             self.undo.push(Undo::RemoveFile(tmp.clone()));
             // The same format as it is: a raw file stays raw (and sparse).
-            let output = tokio::process::Command::new(&qemu_img)
-                .args(["convert", "-q", "-f", format, "-O", format])
-                .arg(src)
-                .arg(&tmp)
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .map_err(|source| QemuError::Spawn { program: qemu_img.to_string_lossy().into_owned(), source })?;
-            if !output.status.success() {
-                return Err(QemuError::CommandFailed {
-                    program: qemu_img.to_string_lossy().into_owned(),
-                    what: format!("convert of {} to {}", src.display(), tmp.display()),
-                    status: output.status,
-                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                });
-            }
+            let src = src.display().to_string();
+            qemu_img(&qemu_img_path, &["convert", "-q", "-f", format, "-O", format, &src], &tmp).await?;
             std::fs::rename(&tmp, dst).map_err(|e| QemuError::io("renaming into place", dst, e))?;
             self.undo.push(Undo::RemoveFile(dst.clone()));
         }
