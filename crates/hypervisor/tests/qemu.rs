@@ -2489,7 +2489,8 @@ async fn an_interrupted_clone_leaves_nothing_that_looks_finished() {
     assert!(filled.unwrap().status.success());
     hv.start(src.id).await.unwrap();
     let mut clone = guest("cut-clone", &[768]);
-    clone.spec.clone_of = Some(CloneSource { guest: src.id, snapshot: None, mode: CloneMode::Copy });
+    clone.spec.clone_of =
+        Some(CloneSource { guest: src.id, snapshot: None, mode: CloneMode::Copy, shared_disks: None });
 
     let task = tokio::spawn({
         let (hv, clone) = (hv.clone(), clone.clone());
