@@ -184,6 +184,26 @@ impl Snap<'_> {
     }
 
     /// Removes `name` from every disk that has it (complete or partial).
+    /// Writes what the host still caches of the disk files to storage
+    /// while the guest runs on. The snapshot's transaction flushes the
+    /// files with the guest's I/O drained (its console, on the big QEMU
+    /// lock, waits too): after a guest wrote 256 MiB, that flush alone
+    /// stopped it for 128 ms where later snapshots took 8. Now it finds
+    /// little left to write. Best effort: the transaction flushes anyway.
+    async fn flush_ahead(&self) {
+        let files: Vec<std::path::PathBuf> = (0..self.disks())
+            .map(|i| self.dir.disk_path(i, self.config.spec.disks[i].format))
+            .collect();
+        let synced = tokio::task::spawn_blocking(move || {
+            for file in &files {
+                if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_data()) {
+                    tracing::debug!(file = %file.display(), error = %e, "cannot flush ahead of a snapshot");
+                }
+            }
+        });
+        let _ = synced.await;
+    }
+
     pub(super) async fn remove(&mut self, pid: Option<u32>, name: &str) -> Result<(), QemuError> {
         let per_disk = self.per_disk(pid).await?;
         for (i, snaps) in per_disk.iter().enumerate() {
@@ -265,6 +285,9 @@ impl Snap<'_> {
         }
         // Parts of an interrupted earlier attempt.
         self.remove(pid, name).await.map_err(self.err())?;
+        if let (Some(_), SnapshotKind::Disk) = (pid, kind) {
+            self.flush_ahead().await;
+        }
         let made = match (pid, kind) {
             (Some(pid), SnapshotKind::Disk) => match self.roots(pid).await {
                 Ok(roots) => {
