@@ -245,6 +245,7 @@ fn bad_input_fails_with_one_line_and_nonzero_exit() {
         ("duplicate name", &["vm", "create", "dup"], &["dup", "exists"]),
         ("more memory than any host", &["vm", "create", "bad-6", "--memory", "64G"], &["memory", "64G"]),
         ("reset of an unknown guest", &["vm", "reset", "nope"], &["nope"]),
+        ("unknown disk format", &["vm", "create", "bad-7", "--disk", "1G,format=vhdx"], &["format", "vhdx"]),
         (
             "clone of local disks onto another host",
             &["vm", "clone", "dup", "dup-c", "--host", "host-2"],

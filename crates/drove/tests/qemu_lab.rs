@@ -312,6 +312,22 @@ fn real_guests_live_through_the_whole_stack() {
     lab.ok(&["vm", "limits", "web-1", "--cpu-cap", "none"]);
     assert_eq!(cpu_quota(pid), "-1");
 
+    // Policy `never`: a crash is left for the operator, with no new QEMU.
+    lab.ok(&["vm", "create", "once", "--memory", "128M", "--restart", "never"]);
+    let once = lab.json(&["vm", "show", "once"]);
+    let odir = lab.guest_dir(once["host_name"].as_str().unwrap(), once["id"].as_str().unwrap());
+    let opid = eventually("its QEMU runs", Duration::from_secs(60), || qemu_pid(&odir));
+    Command::new("kill").args(["-KILL", &opid.to_string()]).status().unwrap();
+    eventually("seen crashed", Duration::from_secs(30), || {
+        (lab.json(&["vm", "show", "once"])["state"] == "crashed").then_some(())
+    });
+    // A restart would have come at once (the backoff starts at zero).
+    std::thread::sleep(Duration::from_secs(3));
+    let once = lab.json(&["vm", "show", "once"]);
+    assert_eq!((once["state"].as_str(), once["restarts"].as_u64()), (Some("crashed"), Some(0)), "{once}");
+    assert_eq!(qemu_pid(&odir), None, "no QEMU started again");
+    lab.ok(&["vm", "delete", "once"]);
+
     // An agent killed under a running guest: QEMU outlives it, the new agent
     // re-adopts it, nothing restarts, nothing is duplicated.
     let agent_pid = lab.agent_pid(&host);

@@ -500,6 +500,9 @@ async fn a_start_without_image_fails_clearly_and_leaves_the_guest_stopped() {
     eprintln!("start failed as expected: {chain}");
     assert!(chain.contains("vmlinux") && chain.contains("build-image.sh"), "{chain}");
     assert_eq!(status(&hv, g.id).await.state, RuntimeState::Stopped);
+    assert_no_qemu_for(&lab, g.id);
+    hv.destroy(g.id).await.unwrap();
+    assert!(!hv.guest_dir(g.id).exists(), "nothing of it is left");
 }
 
 #[tokio::test]

@@ -191,9 +191,8 @@ impl Snap<'_> {
     /// stopped it for 128 ms where later snapshots took 8. Now it finds
     /// little left to write. Best effort: the transaction flushes anyway.
     async fn flush_ahead(&self) {
-        let files: Vec<std::path::PathBuf> = (0..self.disks())
-            .map(|i| self.dir.disk_path(i, self.config.spec.disks[i].format))
-            .collect();
+        let files: Vec<std::path::PathBuf> =
+            (0..self.disks()).map(|i| self.dir.disk_path(i, self.config.spec.disks[i].format)).collect();
         let synced = tokio::task::spawn_blocking(move || {
             for file in &files {
                 if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_data()) {
