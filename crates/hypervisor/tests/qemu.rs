@@ -108,8 +108,12 @@ impl Drop for Reaper {
 }
 
 fn sigkill(pid: u32) {
+    signal(pid, rustix::process::Signal::KILL);
+}
+
+fn signal(pid: u32, signal: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
-    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    let _ = rustix::process::kill_process(pid, signal);
 }
 
 /// Alive and not a zombie (QEMUs are daemonized: not our children).
@@ -345,11 +349,7 @@ async fn qemu_logs_why_it_ended_and_the_restart_keeps_that_log() {
     hv.create(&g).await.unwrap();
     hv.start(g.id).await.unwrap();
     let pid = status(&hv, g.id).await.pid.unwrap();
-    let killed = rustix::process::kill_process(
-        rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
-        rustix::process::Signal::TERM,
-    );
-    killed.unwrap();
+    signal(pid, rustix::process::Signal::TERM);
     let deadline = Instant::now() + GUEST_TIMEOUT;
     while alive(pid) {
         assert!(Instant::now() < deadline, "QEMU {pid} survived SIGTERM");
