@@ -831,6 +831,10 @@ impl Agent {
                 Ok(moved) => CallOutcome::StorageMoved { moved },
                 Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
             },
+            AgentCallKind::Definition => match self.hv.definition(call.guest).await {
+                Ok(config) => CallOutcome::Definition { spec: Box::new(config.spec) },
+                Err(e) => CallOutcome::Error { message: format!("{e}: {}", source_chain(&e)) },
+            },
             AgentCallKind::Snapshot { call: snapshot } => self.snapshot(call.guest, snapshot).await,
             AgentCallKind::Migrate { call: step } => self.migrate(call.id, call.guest, step).await,
             AgentCallKind::Interfaces => match self.hv.guest_interfaces(call.guest).await {

@@ -696,6 +696,9 @@ pub enum AgentCallKind {
     /// `storage_moved`. Safe to repeat: a guest already there is answered
     /// at once, with nothing copied.
     MoveStorage { to: Storage },
+    /// Answered with `definition`: the guest's definition as the host holds
+    /// it, to settle a change whose answer the manager never got.
+    Definition,
 }
 
 /// A live migration step relayed to one of the two hosts (see
@@ -828,6 +831,10 @@ pub enum CallOutcome {
     /// The guest's state on the host, `None` if the host has no such guest.
     GuestState {
         state: Option<ObservedState>,
+    },
+    /// The guest's definition on the host (hardware and limits included).
+    Definition {
+        spec: Box<drove_model::GuestSpec>,
     },
     Error {
         message: String,

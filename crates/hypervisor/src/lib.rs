@@ -536,6 +536,15 @@ pub trait Hypervisor: Send + Sync + Debug + 'static {
         Err(HvError::Unsupported { op: "usage", backend: self.kind(), reason: "no usage counters".into() })
     }
 
+    /// The guest's definition as this host holds it (what a later start
+    /// uses, hot-added hardware and limits included); `NotFound` for a
+    /// guest not defined here. The manager compares it with its own record
+    /// to settle a change whose answer it never got.
+    async fn definition(&self, id: GuestId) -> Result<GuestConfig, HvError> {
+        let _ = id;
+        Err(HvError::Unsupported { op: "definition", backend: self.kind(), reason: "no readable definition".into() })
+    }
+
     /// The last `max_bytes` of the guest's serial console output, across
     /// its boots.
     async fn console_log(&self, id: GuestId, max_bytes: u64) -> Result<Vec<u8>, HvError> {

@@ -180,10 +180,11 @@ pub enum SimOp {
     MigrateFinish,
     MigrateCancel,
     MoveStorage,
+    Hotplug,
 }
 
 impl SimOp {
-    pub const ALL: [SimOp; 19] = [
+    pub const ALL: [SimOp; 20] = [
         SimOp::Resources,
         SimOp::Create,
         SimOp::Start,
@@ -203,6 +204,7 @@ impl SimOp {
         SimOp::MigrateFinish,
         SimOp::MigrateCancel,
         SimOp::MoveStorage,
+        SimOp::Hotplug,
     ];
 
     /// The trait method's name, as used in [`HvError`]'s `op`.
@@ -227,6 +229,7 @@ impl SimOp {
             SimOp::MigrateFinish => "migrate_finish",
             SimOp::MigrateCancel => "migrate_cancel",
             SimOp::MoveStorage => "move_storage",
+            SimOp::Hotplug => "hotplug",
         }
     }
 
@@ -1127,6 +1130,11 @@ impl Hypervisor for SimHypervisor {
         Self::finish(SimOp::List, None, fault, result)
     }
 
+    async fn definition(&self, id: GuestId) -> Result<GuestConfig, HvError> {
+        let inner = self.lock();
+        inner.guests.get(&id).map(|g| g.config.clone()).ok_or(HvError::NotFound { id })
+    }
+
     /// A simulated guest has no real console output; its history is one
     /// line describing its current state, so callers can test the path.
     async fn console_log(&self, id: GuestId, max_bytes: u64) -> Result<Vec<u8>, HvError> {
@@ -1155,62 +1163,10 @@ impl Hypervisor for SimHypervisor {
         Ok(Box::new(ours))
     }
 
-    /// Applies `change` to a Running guest's definition, after
-    /// `command_delay` (a QMP round trip), and saves it.
     async fn hotplug(&self, id: GuestId, change: &crate::Hotplug) -> Result<(), HvError> {
-        self.running(id, "hotplug")?;
-        wait(self.shared.config.command_delay).await;
-        let mut inner = self.lock();
-        let guest = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
-        // The guest may have stopped during the delay.
-        if guest.state != RuntimeState::Running {
-            return Err(HvError::InvalidState { id, op: "hotplug", state: guest.state });
-        }
-        let refuse = |reason: String| HvError::Unsupported { op: "hotplug", backend: HypervisorKind::Sim, reason };
-        let before = guest.config.spec.clone();
-        let spec = &mut guest.config.spec;
-        match change {
-            crate::Hotplug::AddDisk { size } if size.bytes() == 0 => {
-                return Err(refuse("a disk needs a size above zero".to_owned()));
-            }
-            crate::Hotplug::AddDisk { size } => spec.disks.push(drove_model::DiskSpec::qcow2(*size)),
-            crate::Hotplug::AddNic { nic } if spec.nics.iter().any(|n| n.mac.eq_ignore_ascii_case(&nic.mac)) => {
-                return Err(refuse(format!("the guest already has a NIC with MAC {}", nic.mac)));
-            }
-            crate::Hotplug::AddNic { nic } => spec.nics.push(nic.clone()),
-            crate::Hotplug::SetVcpus { vcpus } if *vcpus < spec.vcpus => {
-                return Err(refuse(format!(
-                    "vCPUs can only be added while running, not removed: the guest has {}, {vcpus} asked",
-                    spec.vcpus
-                )));
-            }
-            crate::Hotplug::SetVcpus { vcpus } => spec.grow_vcpus_to(*vcpus),
-            crate::Hotplug::SetMemory { memory } if *memory < spec.memory => {
-                return Err(refuse(format!(
-                    "memory can only be added while running, not removed: the guest has {}, {memory} asked",
-                    spec.memory
-                )));
-            }
-            crate::Hotplug::SetMemory { memory } => spec.grow_memory_to(*memory),
-            crate::Hotplug::GrowDisk { index, .. } if let Some(why) = spec.grow_refusal(*index as usize) => {
-                return Err(refuse(why));
-            }
-            crate::Hotplug::GrowDisk { index, size } => match spec.disks.get_mut(*index as usize) {
-                None => return Err(refuse(format!("the guest has no disk {index}"))),
-                Some(d) if *size <= d.size => {
-                    return Err(refuse(format!("disk {index} is {}; it can only grow, not to {size}", d.size)));
-                }
-                Some(d) => d.size = *size,
-            },
-        }
-        let saved = self.save(&inner, "hotplug");
-        if saved.is_err() {
-            // Never half-applied: not in memory if not on disk.
-            if let Some(guest) = inner.guests.get_mut(&id) {
-                guest.config.spec = before;
-            }
-        }
-        saved
+        let fault = self.begin(SimOp::Hotplug, Some(id))?;
+        let result = self.hotplug_now(id, change).await;
+        Self::finish(SimOp::Hotplug, Some(id), fault, result)
     }
 
     /// Replaces the limits in the guest's definition after `command_delay`
@@ -1648,6 +1604,64 @@ impl SimHypervisor {
             _ => return None,
         };
         Some(crate::ExecResult { exit_code, stdout, stderr: Vec::new() })
+    }
+
+    /// Applies `change` to a Running guest's definition, after
+    /// `command_delay` (a QMP round trip), and saves it.
+    async fn hotplug_now(&self, id: GuestId, change: &crate::Hotplug) -> Result<(), HvError> {
+        self.running(id, "hotplug")?;
+        wait(self.shared.config.command_delay).await;
+        let mut inner = self.lock();
+        let guest = inner.guests.get_mut(&id).ok_or(HvError::NotFound { id })?;
+        // The guest may have stopped during the delay.
+        if guest.state != RuntimeState::Running {
+            return Err(HvError::InvalidState { id, op: "hotplug", state: guest.state });
+        }
+        let refuse = |reason: String| HvError::Unsupported { op: "hotplug", backend: HypervisorKind::Sim, reason };
+        let before = guest.config.spec.clone();
+        let spec = &mut guest.config.spec;
+        match change {
+            crate::Hotplug::AddDisk { size } if size.bytes() == 0 => {
+                return Err(refuse("a disk needs a size above zero".to_owned()));
+            }
+            crate::Hotplug::AddDisk { size } => spec.disks.push(drove_model::DiskSpec::qcow2(*size)),
+            crate::Hotplug::AddNic { nic } if spec.nics.iter().any(|n| n.mac.eq_ignore_ascii_case(&nic.mac)) => {
+                return Err(refuse(format!("the guest already has a NIC with MAC {}", nic.mac)));
+            }
+            crate::Hotplug::AddNic { nic } => spec.nics.push(nic.clone()),
+            crate::Hotplug::SetVcpus { vcpus } if *vcpus < spec.vcpus => {
+                return Err(refuse(format!(
+                    "vCPUs can only be added while running, not removed: the guest has {}, {vcpus} asked",
+                    spec.vcpus
+                )));
+            }
+            crate::Hotplug::SetVcpus { vcpus } => spec.grow_vcpus_to(*vcpus),
+            crate::Hotplug::SetMemory { memory } if *memory < spec.memory => {
+                return Err(refuse(format!(
+                    "memory can only be added while running, not removed: the guest has {}, {memory} asked",
+                    spec.memory
+                )));
+            }
+            crate::Hotplug::SetMemory { memory } => spec.grow_memory_to(*memory),
+            crate::Hotplug::GrowDisk { index, .. } if let Some(why) = spec.grow_refusal(*index as usize) => {
+                return Err(refuse(why));
+            }
+            crate::Hotplug::GrowDisk { index, size } => match spec.disks.get_mut(*index as usize) {
+                None => return Err(refuse(format!("the guest has no disk {index}"))),
+                Some(d) if *size <= d.size => {
+                    return Err(refuse(format!("disk {index} is {}; it can only grow, not to {size}", d.size)));
+                }
+                Some(d) => d.size = *size,
+            },
+        }
+        let saved = self.save(&inner, "hotplug");
+        if saved.is_err() {
+            // Never half-applied: not in memory if not on disk.
+            if let Some(guest) = inner.guests.get_mut(&id) {
+                guest.config.spec = before;
+            }
+        }
+        saved
     }
 
     /// The definition of a Running guest; otherwise NotFound or

@@ -2059,6 +2059,9 @@ impl Hypervisor for LabHypervisor {
     async fn set_limits(&self, id: GuestId, limits: &drove_model::ResourceLimits) -> Result<(), HvError> {
         self.hv.set_limits(id, limits).await
     }
+    async fn definition(&self, id: GuestId) -> Result<GuestConfig, HvError> {
+        self.hv.definition(id).await
+    }
 }
 
 fn conformance_guest(n: u32) -> GuestConfig {

@@ -1355,6 +1355,10 @@ impl Hypervisor for QemuHypervisor {
         self.agent_ping(id).await
     }
 
+    async fn definition(&self, id: GuestId) -> Result<GuestConfig, HvError> {
+        self.dir(id).read_record().map_err(backend("definition", id))?.ok_or(HvError::NotFound { id })
+    }
+
     async fn hotplug(&self, id: GuestId, change: &crate::Hotplug) -> Result<(), HvError> {
         self.hotplug_guest(id, change).await
     }
