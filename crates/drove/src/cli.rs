@@ -1001,6 +1001,13 @@ pub async fn vm(cmd: VmCommand) -> Result<()> {
                     ("generation", g.guest.generation.to_string()),
                     ("created", g.guest.created_at.clone()),
                     ("last error", opt(&g.guest.last_error)),
+                    (
+                        "pending change",
+                        g.guest
+                            .pending_spec
+                            .as_ref()
+                            .map_or_else(|| "-".into(), |p| format!("{} (since {})", p.what, p.since)),
+                    ),
                     ("template", if g.guest.template { "yes".into() } else { "no".into() }),
                     ("cloned from", clone_summary(&c, s.clone_of.as_ref()).await),
                     ("dependents", if g.dependents.is_empty() { "-".into() } else { g.dependents.join(", ") }),

@@ -374,6 +374,14 @@ impl Manager {
                 g.spec.name, op.id, op.kind
             )));
         }
+        // Its host may or may not hold the change: nothing else may build
+        // on either definition until that is known.
+        if let Some(p) = &g.pending_spec {
+            return Err(ApiError::conflict(format!(
+                "guest {} has a change pending on its host ({}, asked {}); it is settled when the host answers",
+                g.spec.name, p.what, p.since
+            )));
+        }
         Self::ensure_not_copied_elsewhere(inv, g)
     }
 
@@ -410,11 +418,15 @@ impl Manager {
     }
 
     /// Runs a driver task of this manager, aborted when the server stops.
-    pub(crate) fn spawn_background(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn_background<T: Send + 'static>(
+        &self,
+        task: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
         let task = tokio::spawn(task);
         let mut tasks = self.background.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|t| !t.is_finished());
         tasks.push(task.abort_handle());
+        task
     }
 
     pub(crate) fn notify_ops(&self) {
@@ -1083,6 +1095,7 @@ impl Manager {
             last_failover: None,
             moving_storage: None,
             last_storage_move: None,
+            pending_spec: None,
         };
         if guest.intent == PowerIntent::Running {
             self.ha_admit(inv, &guest, true)?;
@@ -1316,7 +1329,7 @@ impl Manager {
         self.get_guest(&id.to_string()).await
     }
 
-    pub async fn hotplug(&self, ctx: &Ctx, key: &str, req: HotplugRequest) -> Result<GuestView, ApiError> {
+    pub async fn hotplug(self: &Arc<Self>, ctx: &Ctx, key: &str, req: HotplugRequest) -> Result<GuestView, ApiError> {
         let asked = [
             req.add_disk.is_some(),
             req.add_nic.is_some(),
@@ -1327,7 +1340,7 @@ impl Manager {
         if asked.iter().filter(|a| **a).count() != 1 {
             return Err(ApiError::invalid("body", "name exactly one of add_disk, add_nic, memory, vcpus, grow_disk"));
         }
-        let (id, change, new_nic) = {
+        let (id, change, pending) = {
             let mut inv = self.lock();
             let g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
             if g.state != GuestState::Running {
@@ -1343,7 +1356,6 @@ impl Manager {
                 .map(|h| h.info.clone())
                 .ok_or_else(|| ApiError::not_found("host", &g.host.to_string()))?;
             let alloc = inv.allocated.get(&g.host).copied().unwrap_or_default();
-            let mut new_nic = None;
             let change = if let Some(size) = req.add_disk {
                 if size.bytes() < MIB || !size.bytes().is_multiple_of(MIB) {
                     return Err(ApiError::invalid(
@@ -1395,7 +1407,6 @@ impl Manager {
                         host.name, alloc.nic_bps, uplink
                     )));
                 }
-                new_nic = Some(spec.clone());
                 HotplugChange::AddNic { nic: spec, index: g.spec.nics.len() as u32 }
             } else if let Some(memory) = req.memory {
                 if memory <= g.spec.memory || !memory.bytes().is_multiple_of(MIB) {
@@ -1460,30 +1471,13 @@ impl Manager {
                 }
                 HotplugChange::SetVcpus { vcpus }
             };
-            (g.id, change, new_nic)
+            let mut spec = g.spec.clone();
+            apply_hotplug(&mut spec, &change);
+            let pending = self.record_pending(&mut inv, &g, spec, describe_hotplug(&change));
+            (g.id, change, pending)
         };
-        if let Err(err) = self.relay_done(id, AgentCallKind::Hotplug { change: change.clone() }).await {
-            if let Some(nic) = &new_nic {
-                let mut inv = self.lock();
-                inv.macs.remove(&nic.mac);
-                if let (Some(a), Some(set)) = (nic.address, inv.addresses.get_mut(&nic.vlan)) {
-                    set.remove(&a.ip);
-                }
-            }
-            return Err(err);
-        }
-        self.commit_spec(ctx, key, id, |spec| match change {
-            HotplugChange::AddDisk { size } => spec.disks.push(DiskSpec::qcow2(size)),
-            HotplugChange::AddNic { .. } => spec.nics.extend(new_nic),
-            HotplugChange::SetMemory { memory } => spec.grow_memory_to(memory),
-            HotplugChange::SetVcpus { vcpus } => spec.grow_vcpus_to(vcpus),
-            HotplugChange::GrowDisk { index, size } => {
-                if let Some(d) = spec.disks.get_mut(index as usize) {
-                    d.size = size;
-                }
-            }
-        })
-        .await
+        let call = AgentCallKind::Hotplug { change: change.clone() };
+        self.relay_change(ctx, key, id, pending, call, move |spec| apply_hotplug(spec, &change)).await
     }
 
     /// Relays `call` about guest `id` to its host; the host's refusal is a
@@ -1497,9 +1491,10 @@ impl Manager {
     }
 
     /// Records a change its host already made to guest `id`'s definition:
-    /// a new generation, stored durably with the audit record; the guest
-    /// as it is now.
-    async fn commit_spec(
+    /// a new generation, stored durably with the audit record, in the same
+    /// write that clears the change's pending record; the guest as it is
+    /// now.
+    pub(crate) async fn commit_spec(
         &self,
         ctx: &Ctx,
         key: &str,
@@ -1511,6 +1506,7 @@ impl Manager {
             let mut g = inv.guests.get(&id).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
             inv.unindex_guest(&g);
             change(&mut g.spec);
+            g.pending_spec = None;
             g.generation += 1;
             inv.index_guest(&g);
             inv.guests.insert(id, g.clone());
@@ -1523,17 +1519,23 @@ impl Manager {
 
     /// Change a guest's resource limits: checked here (values, the host's
     /// uplink), applied by its host (live if the guest runs, in its
-    /// definition otherwise), recorded only once the host did it; a refused
-    /// change leaves the guest exactly as it was. The host's uplink
+    /// definition otherwise), recorded as pending before the host is asked
+    /// and as the guest's limits once it did them (see `crate::changes`); a
+    /// refused change leaves the guest exactly as it was. The host's uplink
     /// reservation follows at its next convergence (the generation moves).
-    pub async fn set_limits(&self, ctx: &Ctx, key: &str, req: SetLimitsRequest) -> Result<GuestView, ApiError> {
+    pub async fn set_limits(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        key: &str,
+        req: SetLimitsRequest,
+    ) -> Result<GuestView, ApiError> {
         if req.is_empty() {
             return Err(ApiError::invalid(
                 "body",
                 "name at least one of cpu_cap_percent, cpu_shares, disk_bps, disk_iops, nic_rate_bps",
             ));
         }
-        let (id, limits) = {
+        let (id, limits, pending) = {
             let mut inv = self.lock();
             let g = inv.find_guest(key).cloned().ok_or_else(|| ApiError::not_found("guest", key))?;
             let limits = req.apply_to(&g.spec.limits);
@@ -1549,13 +1551,9 @@ impl Manager {
                     g.spec.name, g.state
                 )));
             }
+            // One change at a time (a pending one refuses): what the host
+            // applied last is what is recorded last.
             Self::ensure_idle(&inv, &g)?;
-            if inv.limits_changing.contains(&g.id) {
-                return Err(ApiError::conflict(format!(
-                    "the limits of guest {} are being changed; try again when that is done",
-                    g.spec.name
-                )));
-            }
             let host = inv
                 .hosts
                 .get(&g.host)
@@ -1580,19 +1578,12 @@ impl Manager {
             if limits == g.spec.limits {
                 return Ok(Self::guest_view(&inv, &g));
             }
-            inv.limits_changing.insert(g.id);
-            (g.id, limits)
+            let spec = GuestSpec { limits: limits.clone(), ..g.spec.clone() };
+            let pending = self.record_pending(&mut inv, &g, spec, describe_limits(&g.spec.limits, &limits));
+            (g.id, limits, pending)
         };
-        // Also when the caller goes away mid-call (the future is dropped).
-        struct Changing<'a>(&'a Manager, GuestId);
-        impl Drop for Changing<'_> {
-            fn drop(&mut self) {
-                self.0.lock().limits_changing.remove(&self.1);
-            }
-        }
-        let _changing = Changing(self, id);
-        self.relay_done(id, AgentCallKind::SetLimits { limits: limits.clone() }).await?;
-        self.commit_spec(ctx, key, id, |spec| spec.limits = limits).await
+        let call = AgentCallKind::SetLimits { limits: limits.clone() };
+        self.relay_change(ctx, key, id, pending, call, move |spec| spec.limits = limits).await
     }
 
     // ---- agent protocol ----------------------------------------------------------
@@ -2316,6 +2307,52 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
 /// A locally administered unicast MAC in QEMU's 52:54:00 range.
 /// An address that cannot be given: a conflict when it is taken or the
 /// subnet is full, invalid input otherwise.
+/// Makes `change` in `spec`, as the host makes it in its definition.
+fn apply_hotplug(spec: &mut GuestSpec, change: &HotplugChange) {
+    match change {
+        HotplugChange::AddDisk { size } => spec.disks.push(DiskSpec::qcow2(*size)),
+        HotplugChange::AddNic { nic, .. } => spec.nics.push(nic.clone()),
+        HotplugChange::SetMemory { memory } => spec.grow_memory_to(*memory),
+        HotplugChange::SetVcpus { vcpus } => spec.grow_vcpus_to(*vcpus),
+        HotplugChange::GrowDisk { index, size } => {
+            if let Some(d) = spec.disks.get_mut(*index as usize) {
+                d.size = *size;
+            }
+        }
+    }
+}
+
+/// A hardware change, for people (a pending change's `what`).
+fn describe_hotplug(change: &HotplugChange) -> String {
+    match change {
+        HotplugChange::AddDisk { size } => format!("add disk {size}"),
+        HotplugChange::AddNic { nic, .. } => format!("add NIC {} on VLAN {}", nic.mac, nic.vlan),
+        HotplugChange::SetMemory { memory } => format!("grow memory to {memory}"),
+        HotplugChange::SetVcpus { vcpus } => format!("grow vCPUs to {vcpus}"),
+        HotplugChange::GrowDisk { index, size } => format!("grow disk {index} to {size}"),
+    }
+}
+
+/// A limits change, for people: the limits that change, old -> new.
+fn describe_limits(old: &drove_model::ResourceLimits, new: &drove_model::ResourceLimits) -> String {
+    fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
+        v.as_ref().map_or_else(|| "none".to_owned(), |v| format!("{v:?}"))
+    }
+    let mut parts = Vec::new();
+    let mut diff = |name: &str, a: String, b: String| {
+        if a != b {
+            parts.push(format!("{name} {a} -> {b}"));
+        }
+    };
+    diff("cpu_cap_percent", show(&old.cpu_cap_percent), show(&new.cpu_cap_percent));
+    diff("cpu_shares", show(&old.cpu_shares), show(&new.cpu_shares));
+    diff("cpu_pin", format!("{:?}", old.cpu_pin), format!("{:?}", new.cpu_pin));
+    diff("disk_bps", show(&old.disk_bps), show(&new.disk_bps));
+    diff("disk_iops", show(&old.disk_iops), show(&new.disk_iops));
+    diff("nic_rate_bps", show(&old.nic_rate_bps), show(&new.nic_rate_bps));
+    format!("set limits {}", parts.join(", "))
+}
+
 fn ipam_error(field: &str, e: drove_model::vlan::IpamError) -> ApiError {
     use drove_model::vlan::IpamError as E;
     match e {

@@ -165,9 +165,6 @@ pub struct Inventory {
     /// Guests whose pending stop should be forced (not persisted: a
     /// restarted manager falls back to a graceful stop).
     pub force_stop: HashSet<GuestId>,
-    /// Guests whose limits change now: one change at a time, so that what
-    /// the host applied last is what the manager records last.
-    pub limits_changing: HashSet<GuestId>,
     /// Resources held on each host by the guests placed there.
     pub allocated: HashMap<HostId, Allocation>,
     pub ha: drove_api::HaSettings,

@@ -21,6 +21,7 @@
 //! its host measures. [`http`] serves the `/v1` API.
 
 pub mod auth;
+pub mod changes;
 pub mod clones;
 pub mod core;
 pub mod dpm;

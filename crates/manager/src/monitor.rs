@@ -1,6 +1,7 @@
 //! The liveness and timeout reconciler: marks silent hosts down and fails
-//! (rolling back) operations that overran, and resumes snapshot operations
-//! and storage moves nobody drives (after a restart). Each pass is idempotent.
+//! (rolling back) operations that overran, and resumes snapshot operations,
+//! storage moves and pending hardware/limits changes nobody drives (after a
+//! restart or a lost answer). Each pass is idempotent.
 
 use std::sync::Arc;
 
@@ -22,5 +23,6 @@ pub async fn run(m: Arc<Manager>) {
         m.resume_storage_moves();
         m.resume_migrations();
         m.resume_drains();
+        m.resume_pending_changes();
     }
 }

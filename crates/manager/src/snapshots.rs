@@ -271,8 +271,9 @@ impl Manager {
         }
     }
 
-    /// Marks `guest`'s operation (a snapshot or a storage move) as driven
-    /// here; false if it already is.
+    /// Marks `guest`'s operation (a snapshot or a storage move) or its
+    /// pending change (see `crate::changes`) as driven here; false if it
+    /// already is.
     pub(crate) fn claim_driver(&self, guest: GuestId) -> bool {
         self.snapshot_drivers.lock().unwrap_or_else(|p| p.into_inner()).insert(guest)
     }

@@ -784,6 +784,35 @@ pub struct Guest {
     /// How its disks last moved between pools.
     #[serde(default)]
     pub last_storage_move: Option<StorageMoved>,
+    /// A hardware or limits change relayed to its host whose outcome is not
+    /// recorded yet. Written before the change is relayed, so that a
+    /// manager that crashes or loses the answer still knows the host may
+    /// hold a newer definition than `spec`.
+    #[serde(default)]
+    pub pending_spec: Option<PendingSpec>,
+}
+
+/// A change to a guest's definition its host may or may not have made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PendingSpec {
+    /// The guest's spec once the change is made.
+    pub spec: GuestSpec,
+    /// The change, for people (e.g. "add disk 32M").
+    pub what: String,
+    /// When it was asked (RFC 3339).
+    pub since: String,
+}
+
+/// Whether two specs agree on what hotplug and limits changes touch: vCPUs,
+/// memory, the disks' sizes, the NICs' MACs, and the limits.
+pub fn same_hardware(a: &GuestSpec, b: &GuestSpec) -> bool {
+    a.vcpus == b.vcpus
+        && a.memory == b.memory
+        && a.limits == b.limits
+        && a.disks.len() == b.disks.len()
+        && a.disks.iter().zip(&b.disks).all(|(x, y)| x.size == y.size)
+        && a.nics.len() == b.nics.len()
+        && a.nics.iter().zip(&b.nics).all(|(x, y)| x.mac.eq_ignore_ascii_case(&y.mac))
 }
 
 /// A move of a guest's disks between pools, as its host did it.

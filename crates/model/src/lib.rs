@@ -19,7 +19,7 @@ pub mod vlan;
 
 pub use guest::{
     CloneMode, CloneSource, DiskFormat, DiskSpec, Guest, GuestEvent, GuestSpec, GuestState, InvalidGuestTransition,
-    NicSpec, PowerIntent, Priority, ResourceLimits, RestartPolicy,
+    NicSpec, PendingSpec, PowerIntent, Priority, ResourceLimits, RestartPolicy,
 };
 pub use host::{HostInfo, HostState, HypervisorKind, Lease};
 pub use id::{GuestId, HostId, OperationId, SnapshotId, TypedId};

@@ -1,0 +1,144 @@
+//! Hardware changes whose outcome the manager does not learn at once, with
+//! sim agents: the change is recorded as pending before the host is asked,
+//! and settled from the host's definition after a manager restart or a host
+//! that did not answer; a pending change refuses others.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::Dc;
+use drove_api::{HotplugRequest, SetLimitsRequest};
+use drove_hypervisor::sim::{SimConfig, SimOp};
+use drove_model::{ByteSize, GuestId};
+
+fn add_disk(size: ByteSize) -> HotplugRequest {
+    HotplugRequest { add_disk: Some(size), ..Default::default() }
+}
+
+/// How many disks the host's definition of the guest has.
+fn disks_on_host(dc: &Dc, id: GuestId) -> usize {
+    dc.agents[0].sim.guest_config(id).unwrap().spec.disks.len()
+}
+
+#[tokio::test]
+async fn a_disk_the_host_added_while_the_manager_died_is_recorded_after_the_restart() {
+    let mut dc = Dc::start(0).await;
+    // A slow hot-add, so that the manager dies while the host makes it.
+    let slow = SimConfig { command_delay: Duration::from_millis(1500), ..SimConfig::default() };
+    dc.add_agent("host-1", slow).await;
+    dc.wait_hosts_up(1).await;
+    let id = dc.running_guest_on("web-1", "host-1").await;
+    let generation = dc.admin.get_guest("web-1").await.unwrap().guest.generation;
+
+    let admin = dc.admin.clone();
+    let request = tokio::spawn(async move { admin.hotplug("web-1", &add_disk(ByteSize::mib(32))).await });
+    let sim = dc.agents[0].sim.clone();
+    dc.eventually("the host got the call", || async { (sim.calls(SimOp::Hotplug) == 1).then_some(()) }).await;
+    let g = dc.admin.get_guest("web-1").await.unwrap().guest;
+    let pending = g.pending_spec.expect("recorded as pending before the host was asked");
+    assert_eq!((pending.what.as_str(), pending.spec.disks.len()), ("add disk 32M", 2), "{pending:?}");
+    // The caller goes away and the manager dies before the host answers;
+    // the host finishes anyway.
+    request.abort();
+    dc.kill_manager().await;
+    dc.eventually("the host added it", || async { (disks_on_host(&dc, id) == 2).then_some(()) }).await;
+
+    dc.restart_manager().await;
+    let g = dc
+        .eventually("the change settled", || async {
+            dc.admin.get_guest("web-1").await.ok().filter(|g| g.guest.pending_spec.is_none())
+        })
+        .await
+        .guest;
+    assert_eq!(g.spec.disks.len(), 2, "recorded from the host's definition: {:?}", g.spec.disks);
+    assert_eq!(g.spec.disks[1].size, ByteSize::mib(32));
+    assert_eq!(g.generation, generation + 1);
+    assert_eq!(sim.calls(SimOp::Hotplug), 1, "settled from the host's definition, not made again");
+
+    // The next generation keeps the disk on the host.
+    let req = SetLimitsRequest { cpu_cap_percent: Some(Some(50)), ..Default::default() };
+    let g = dc.admin.set_limits("web-1", &req).await.unwrap().guest;
+    assert_eq!((g.spec.disks.len(), g.generation), (2, generation + 2));
+    dc.eventually("the host has the new generation", || async {
+        (sim.guest_config(id).unwrap().generation == generation + 2).then_some(())
+    })
+    .await;
+    let on_host = sim.guest_config(id).unwrap().spec;
+    assert_eq!((on_host.disks.len(), on_host.limits.cpu_cap_percent), (2, Some(50)), "{on_host:?}");
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_change_the_host_never_got_is_forgotten_once_the_host_is_back() {
+    let mut dc = Dc::start(1).await;
+    let id = dc.running_guest_on("web-1", "host-1").await;
+    let generation = dc.admin.get_guest("web-1").await.unwrap().guest.generation;
+
+    // The host is unreachable when the change is asked.
+    dc.agents[0].stop().await;
+    let err = dc.admin.hotplug("web-1", &add_disk(ByteSize::mib(32))).await.unwrap_err();
+    assert_eq!(err.status(), Some(504), "{err}");
+    assert!(err.to_string().contains("settled when the host answers") && !err.to_string().contains('\n'), "{err}");
+    let g = dc.admin.get_guest("web-1").await.unwrap().guest;
+    assert!(g.pending_spec.is_some(), "{g:?}");
+
+    dc.kill_manager().await;
+    dc.restart_manager().await;
+    assert!(dc.admin.get_guest("web-1").await.unwrap().guest.pending_spec.is_some(), "durable");
+    dc.restart_agent(0).await;
+    let g = dc
+        .eventually("the change settled", || async {
+            dc.admin.get_guest("web-1").await.ok().filter(|g| g.guest.pending_spec.is_none())
+        })
+        .await
+        .guest;
+    assert_eq!((g.spec.disks.len(), g.generation), (1, generation), "the spec is as it was");
+    assert!(g.last_error.as_deref().is_some_and(|e| e.contains("add disk 32M") && e.contains("not made")), "{g:?}");
+    assert_eq!(dc.agents[0].sim.calls(SimOp::Hotplug), 0);
+
+    // Nothing stands in the way of a new change.
+    dc.eventually("the guest runs again", || async {
+        let g = dc.admin.get_guest("web-1").await.ok()?;
+        (g.guest.state == drove_model::GuestState::Running).then_some(())
+    })
+    .await;
+    let g = dc.admin.hotplug("web-1", &add_disk(ByteSize::mib(64))).await.unwrap().guest;
+    assert_eq!((g.spec.disks.len(), g.generation, g.pending_spec), (2, generation + 1, None));
+    assert_eq!(disks_on_host(&dc, id), 2);
+    dc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pending_change_refuses_another_until_it_is_settled() {
+    let mut dc = Dc::start(0).await;
+    let slow = SimConfig { command_delay: Duration::from_millis(800), ..SimConfig::default() };
+    dc.add_agent("host-1", slow).await;
+    dc.wait_hosts_up(1).await;
+    dc.running_guest_on("web-1", "host-1").await;
+
+    let admin = dc.admin.clone();
+    let first = tokio::spawn(async move { admin.hotplug("web-1", &add_disk(ByteSize::mib(32))).await });
+    let sim = dc.agents[0].sim.clone();
+    dc.eventually("the host got the call", || async { (sim.calls(SimOp::Hotplug) == 1).then_some(()) }).await;
+    let second = [
+        dc.admin.hotplug("web-1", &HotplugRequest { vcpus: Some(2), ..Default::default() }).await.unwrap_err(),
+        dc.admin
+            .set_limits("web-1", &SetLimitsRequest { cpu_cap_percent: Some(Some(50)), ..Default::default() })
+            .await
+            .unwrap_err(),
+    ];
+    for err in second {
+        assert_eq!(err.status(), Some(409), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("has a change pending on its host (add disk 32M") && !text.contains('\n'), "{text}");
+    }
+    let g = first.await.unwrap().unwrap().guest;
+    assert_eq!((g.spec.disks.len(), g.spec.vcpus, g.pending_spec), (2, 1, None));
+    // Settled: the next change goes through.
+    let g = dc.admin.hotplug("web-1", &HotplugRequest { vcpus: Some(2), ..Default::default() }).await.unwrap().guest;
+    assert_eq!(g.spec.vcpus, 2);
+    dc.shutdown().await;
+}
