@@ -148,6 +148,23 @@ fn read_lab(dir: &Path) -> Result<Option<LabFile>> {
     }
 }
 
+/// Held while a lab command reads, changes and writes lab.json: DPM's
+/// power driver and an operator may run `drove lab power` at the same time,
+/// and each would otherwise write back what it read, losing the other's
+/// change. Released when the file is dropped.
+fn lock_lab(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("lab.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
 fn write_lab(dir: &Path, lab: &LabFile) -> Result<()> {
     let tmp = dir.join("lab.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(lab)?)?;
@@ -639,6 +656,7 @@ pub async fn lab(cmd: LabCommand) -> Result<()> {
     };
     let dir = data_dir.clone().unwrap_or_else(default_data_dir);
     let dir = dir.canonicalize().unwrap_or(dir);
+    let _lock = lock_lab(&dir)?;
     let mut lab = read_lab(&dir)?.with_context(|| format!("no lab is running in {}", dir.display()))?;
     if host == "manager" {
         if matches!(cmd, LabCommand::Power { .. }) {

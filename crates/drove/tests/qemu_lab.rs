@@ -1496,3 +1496,34 @@ fn dpm_powers_quiet_hosts_off_and_wakes_them_ahead_of_load() {
     std::thread::sleep(Duration::from_secs(10));
     assert!(states().values().all(|st| st == "up"), "{:?}", states());
 }
+
+/// Lab commands that run at once (DPM's power driver and an operator) both
+/// take effect: each holds the lab's lock while it reads, changes and
+/// writes lab.json, so neither writes back a stale copy over the other's.
+#[test]
+fn lab_commands_at_once_both_take_effect() {
+    let lab = Lab::start(3);
+    let at_once = |action: &str| {
+        let children: Vec<std::process::Child> = ["host-2", "host-3"]
+            .iter()
+            .map(|host| {
+                Command::new(env!("CARGO_BIN_EXE_drove"))
+                    .args(["lab", "power", host, action, "--data-dir", lab.data()])
+                    .env("DROVE_CONFIG", &lab.config)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut child in children {
+            assert!(child.wait().unwrap().success(), "drove lab power ... {action}");
+        }
+        let file = lab.lab_file();
+        let mut agents: Vec<String> =
+            file["agents"].as_array().unwrap().iter().map(|a| a[0].as_str().unwrap().to_owned()).collect();
+        agents.sort();
+        agents
+    };
+    assert_eq!(at_once("off"), ["host-1"], "both powered off");
+    assert_eq!(at_once("on"), ["host-1", "host-2", "host-3"], "both powered on again");
+}

@@ -160,13 +160,10 @@ pub async fn run(m: Arc<Manager>) {
     if m.config.dpm.mode == DpmMode::Off {
         return;
     }
-    let mut tick = tokio::time::interval(m.config.dpm.interval.max(Duration::from_millis(100)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is immediate: let hosts report first
-    loop {
-        tick.tick().await;
+    crate::drs::every(m.config.dpm.interval, || async {
         m.dpm_round().await;
-    }
+    })
+    .await;
 }
 
 fn dpm_ctx(action: &str) -> Ctx {

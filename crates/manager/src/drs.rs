@@ -392,12 +392,27 @@ pub(crate) fn reconciler_ctx(name: &str, action: &str) -> Ctx {
 }
 
 pub async fn run(m: Arc<Manager>) {
-    let mut tick = tokio::time::interval(m.config.drs.interval.max(Duration::from_millis(100)));
+    every(m.config.drs.interval, || async {
+        m.drs_round().await;
+    })
+    .await;
+}
+
+/// Runs `round` every `interval` (100 ms at least) for ever, the first one
+/// an interval after the start, so that hosts have reported by then. A
+/// round that overruns delays the next rather than bunching them. The
+/// timer of the DRS and DPM reconcilers.
+pub(crate) async fn every<F, Fut>(interval: Duration, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is immediate: let hosts report first
+    tick.tick().await; // immediate
     loop {
         tick.tick().await;
-        m.drs_round().await;
+        round().await;
     }
 }
 

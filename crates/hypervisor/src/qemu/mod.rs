@@ -517,6 +517,8 @@ impl QemuHypervisor {
         }
         // remove_dir_all does not follow the `shared` link.
         remove_tree(dir.root())?;
+        // An incoming copy's console watch ends with the copy.
+        slot.console = None;
         drop(slot);
         self.drop_handle(id, &guest);
         Ok(())
