@@ -2251,7 +2251,11 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
                 guest_failed(inv, id, "guest crashed while starting", w);
                 return;
             }
-            (GuestState::Running, Some(ObservedState::Stopped)) => {
+            // A guest with a change pending on its host keeps its record
+            // (and generation) until the change is settled: a new
+            // generation now would carry the spec without the change, and
+            // the host would redefine the guest from it.
+            (GuestState::Running, Some(ObservedState::Stopped)) if g.pending_spec.is_none() => {
                 apply(&mut g, GuestEvent::Stopped);
                 if g.restart_policy == RestartPolicy::Always {
                     // Its policy wants it up whatever stopped it.
@@ -2267,17 +2271,19 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
                 apply(&mut g, GuestEvent::Crashed);
                 g.last_error = Some(if obs.is_none() { "vanished from its host".into() } else { "crashed".into() });
             }
-            (GuestState::Crashed, _) if g.intent == PowerIntent::Running => match g.restart_policy {
-                RestartPolicy::Always | RestartPolicy::OnFailure => {
-                    apply(&mut g, GuestEvent::Start);
-                    g.generation += 1;
+            (GuestState::Crashed, _) if g.intent == PowerIntent::Running && g.pending_spec.is_none() => {
+                match g.restart_policy {
+                    RestartPolicy::Always | RestartPolicy::OnFailure => {
+                        apply(&mut g, GuestEvent::Start);
+                        g.generation += 1;
+                    }
+                    // Left for the operator: it stays crashed, and off.
+                    RestartPolicy::Never => {
+                        g.intent = PowerIntent::Stopped;
+                        g.generation += 1;
+                    }
                 }
-                // Left for the operator: it stays crashed, and off.
-                RestartPolicy::Never => {
-                    g.intent = PowerIntent::Stopped;
-                    g.generation += 1;
-                }
-            },
+            }
             (GuestState::Stopping, Some(ObservedState::Stopped | ObservedState::Crashed) | None) => {
                 apply(&mut g, GuestEvent::Stopped);
                 if matches!(active_kind(inv, id), Some((OperationKind::StopGuest, OperationState::Running))) {

@@ -142,3 +142,37 @@ async fn a_pending_change_refuses_another_until_it_is_settled() {
     assert_eq!(g.spec.vcpus, 2);
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_guest_that_crashes_while_its_change_is_pending_keeps_the_change() {
+    let mut dc = Dc::start(0).await;
+    let slow = SimConfig { command_delay: Duration::from_millis(1500), ..SimConfig::default() };
+    dc.add_agent("host-1", slow).await;
+    dc.wait_hosts_up(1).await;
+    let id = dc.running_guest_on("web-1", "host-1").await;
+    let admin = dc.admin.clone();
+    let request = tokio::spawn(async move { admin.hotplug("web-1", &add_disk(ByteSize::mib(32))).await });
+    let sim = dc.agents[0].sim.clone();
+    dc.eventually("the host got the call", || async { (sim.calls(SimOp::Hotplug) == 1).then_some(()) }).await;
+    request.abort();
+    dc.kill_manager().await;
+    dc.eventually("the host added it", || async { (disks_on_host(&dc, id) == 2).then_some(()) }).await;
+    // The guest crashes before the manager is back (its agent restarts it
+    // from the host's definition): the change and the disk survive both.
+    sim.crash(id).unwrap();
+    dc.restart_manager().await;
+    let g = dc
+        .eventually("settled and running", || async {
+            let g = dc.admin.get_guest("web-1").await.ok()?;
+            (g.guest.pending_spec.is_none() && g.guest.state == drove_model::GuestState::Running).then_some(g)
+        })
+        .await
+        .guest;
+    assert_eq!(g.spec.disks.len(), 2, "the change was recorded: {g:?}");
+    dc.eventually("the host has the manager's generation", || async {
+        (sim.guest_config(id).unwrap().generation == g.generation).then_some(())
+    })
+    .await;
+    assert_eq!(disks_on_host(&dc, id), 2, "the host kept the disk");
+    dc.shutdown().await;
+}
