@@ -374,15 +374,22 @@ impl Manager {
                 g.spec.name, op.id, op.kind
             )));
         }
-        // Its host may or may not hold the change: nothing else may build
-        // on either definition until that is known.
-        if let Some(p) = &g.pending_spec {
-            return Err(ApiError::conflict(format!(
+        Self::ensure_no_pending_change(g)?;
+        Self::ensure_not_copied_elsewhere(inv, g)
+    }
+
+    /// Refuses to build on `g`'s definition while a change is pending on
+    /// its host: the host may or may not hold it, and a new generation
+    /// (a start or stop too) sent before that is known would redefine the
+    /// guest without it.
+    pub(crate) fn ensure_no_pending_change(g: &Guest) -> Result<(), ApiError> {
+        match &g.pending_spec {
+            Some(p) => Err(ApiError::conflict(format!(
                 "guest {} has a change pending on its host ({}, asked {}); it is settled when the host answers",
                 g.spec.name, p.what, p.since
-            )));
+            ))),
+            None => Ok(()),
         }
-        Self::ensure_not_copied_elsewhere(inv, g)
     }
 
     /// Refuses to change `g` while another host copies its disks from the
@@ -1182,6 +1189,9 @@ impl Manager {
                         deps.join(", ")
                     )));
                 }
+            }
+            if action != GuestAction::Delete {
+                Self::ensure_no_pending_change(&g)?;
             }
             let mut writes = Vec::new();
             if let Some(op_id) = inv.active_ops.get(&g.id).copied() {

@@ -130,7 +130,8 @@ async fn a_pending_change_refuses_another_until_it_is_settled() {
             .await
             .unwrap_err(),
     ];
-    for err in second {
+    let stop = dc.admin.stop_guest("web-1", false).await.unwrap_err();
+    for err in second.into_iter().chain([stop]) {
         assert_eq!(err.status(), Some(409), "{err}");
         let text = err.to_string();
         assert!(text.contains("has a change pending on its host (add disk 32M") && !text.contains('\n'), "{text}");
