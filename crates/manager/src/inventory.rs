@@ -261,7 +261,9 @@ impl Inventory {
         Ok((inv, init))
     }
 
-    /// Add a guest's name, MACs and allocation to the indexes.
+    /// Indexes guest `g`: its name, host, the room it holds, and its NICs'
+    /// MACs and addresses (those of a NIC a pending change adds too: its
+    /// host may have it already, so no other guest may get them).
     pub fn index_guest(&mut self, g: &Guest) {
         self.guest_names.insert(g.spec.name.clone(), g.id);
         self.by_host.entry(g.host).or_default().insert(g.id);
@@ -272,7 +274,7 @@ impl Inventory {
         if let Some(m) = g.migration.as_ref().filter(|m| m.target != g.host) {
             self.allocated.entry(m.target).or_default().hold(&g.spec);
         }
-        for nic in &g.spec.nics {
+        for nic in nics_held(g) {
             self.macs.insert(nic.mac.clone());
             if let Some(a) = nic.address {
                 self.addresses.entry(nic.vlan).or_default().insert(a.ip);
@@ -295,7 +297,7 @@ impl Inventory {
         {
             t.release(&g.spec);
         }
-        for nic in &g.spec.nics {
+        for nic in nics_held(g) {
             self.macs.remove(&nic.mac);
             if let (Some(a), Some(set)) = (nic.address, self.addresses.get_mut(&nic.vlan)) {
                 set.remove(&a.ip);
@@ -383,6 +385,13 @@ impl Inventory {
         }
         self.vlans.values().find(|v| v.name == key)
     }
+}
+
+/// The NICs whose MACs and addresses guest `g` holds: its spec's, and those
+/// a pending change adds.
+fn nics_held(g: &Guest) -> impl Iterator<Item = &drove_model::NicSpec> {
+    let pending = g.pending_spec.iter().flat_map(|p| p.spec.nics.iter());
+    g.spec.nics.iter().chain(pending.filter(|n| !g.spec.nics.iter().any(|s| s.mac == n.mac)))
 }
 
 #[cfg(test)]

@@ -177,3 +177,30 @@ async fn a_guest_that_crashes_while_its_change_is_pending_keeps_the_change() {
     assert_eq!(disks_on_host(&dc, id), 2, "the host kept the disk");
     dc.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_pending_nics_address_stays_taken_across_a_manager_restart() {
+    use drove_api::{CreateGuestRequest, CreateVlanRequest, NicRequest};
+    let mut dc = Dc::start(1).await;
+    let vlan = CreateVlanRequest { id: 30, name: "blue".into(), subnet: Some("10.30.0.0/24".into()), gateway: None };
+    dc.admin.create_vlan(&vlan).await.unwrap();
+    dc.running_guest_on("web-1", "host-1").await;
+    // The host cannot be reached: the NIC's outcome stays pending.
+    dc.agents[0].stop().await;
+    let add_nic = HotplugRequest { add_nic: Some(NicRequest::on("blue")), ..Default::default() };
+    assert_eq!(dc.admin.hotplug("web-1", &add_nic).await.unwrap_err().status(), Some(504));
+    let pending = dc.admin.get_guest("web-1").await.unwrap().guest.pending_spec.expect("pending");
+    let nic = pending.spec.nics.last().unwrap().clone();
+    let ip = nic.address.expect("an address from blue").ip;
+
+    // After a restart the manager knows the address only from the pending
+    // change: its host may use it already, so nobody else gets it.
+    dc.kill_manager().await;
+    dc.restart_manager().await;
+    let mut req = CreateGuestRequest::new("web-2", 1, ByteSize::mib(128));
+    req.nics = vec![NicRequest { ip: Some(ip), ..NicRequest::on("blue") }];
+    let err = dc.admin.create_guest(&req).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains(&ip.to_string()), "{err}");
+    dc.shutdown().await;
+}
