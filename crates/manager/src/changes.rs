@@ -141,12 +141,12 @@ impl Manager {
         let write = {
             let mut inv = self.lock();
             let Some(mut g) = inv.guests.get(&id).cloned() else { return };
-            let Some(pending) = g.pending_spec.take() else { return };
-            for nic in pending.spec.nics.iter().filter(|n| !g.spec.nics.iter().any(|o| o.mac == n.mac)) {
-                inv.macs.remove(&nic.mac);
-                if let (Some(a), Some(set)) = (nic.address, inv.addresses.get_mut(&nic.vlan)) {
-                    set.remove(&a.ip);
-                }
+            let released: Vec<drove_model::NicSpec> = crate::inventory::pending_nics(&g).cloned().collect();
+            if g.pending_spec.take().is_none() {
+                return;
+            }
+            for nic in &released {
+                inv.release_nic(nic);
             }
             if why.is_some() {
                 g.last_error = why;

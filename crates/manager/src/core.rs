@@ -1316,9 +1316,6 @@ impl Manager {
         Ok(accepted)
     }
 
-    /// Add hardware to a running guest: checked here (size, capacity,
-    /// VLAN), applied by its host, recorded only once the host did it; a
-    /// refused change leaves the guest exactly as it was.
     /// Presses guest `key`'s reset button: it reboots at once on its host,
     /// in the same process, losing what it had not written to disk.
     pub async fn reset_guest(&self, ctx: &Ctx, key: &str) -> Result<GuestView, ApiError> {
@@ -1339,6 +1336,10 @@ impl Manager {
         self.get_guest(&id.to_string()).await
     }
 
+    /// Add hardware to a running guest: checked here (size, capacity,
+    /// VLAN), recorded as pending before its host is asked and as the
+    /// guest's spec once the host did it (see `crate::changes`); a refused
+    /// change leaves the guest exactly as it was.
     pub async fn hotplug(self: &Arc<Self>, ctx: &Ctx, key: &str, req: HotplugRequest) -> Result<GuestView, ApiError> {
         let asked = [
             req.add_disk.is_some(),
@@ -1408,10 +1409,7 @@ impl Manager {
                 if let (Some(uplink), Some(rate)) = (host.uplink_bps, spec.rate_bps)
                     && alloc.nic_bps + rate > uplink
                 {
-                    inv.macs.remove(&spec.mac);
-                    if let (Some(a), Some(set)) = (address, inv.addresses.get_mut(&vlan.tag)) {
-                        set.remove(&a.ip);
-                    }
+                    inv.release_nic(&spec);
                     return Err(ApiError::conflict(format!(
                         "host {} has {} of its {} bit/s uplink reserved by NIC limits; a {rate} bit/s NIC does not fit",
                         host.name, alloc.nic_bps, uplink
@@ -2320,9 +2318,6 @@ fn advance(inv: &mut Inventory, id: GuestId, observed: Option<&ObservedGuest>, w
     }
 }
 
-/// A locally administered unicast MAC in QEMU's 52:54:00 range.
-/// An address that cannot be given: a conflict when it is taken or the
-/// subnet is full, invalid input otherwise.
 /// Makes `change` in `spec`, as the host makes it in its definition.
 fn apply_hotplug(spec: &mut GuestSpec, change: &HotplugChange) {
     match change {
@@ -2369,6 +2364,8 @@ fn describe_limits(old: &drove_model::ResourceLimits, new: &drove_model::Resourc
     format!("set limits {}", parts.join(", "))
 }
 
+/// An address that cannot be given: a conflict when it is taken or the
+/// subnet is full, invalid input otherwise.
 fn ipam_error(field: &str, e: drove_model::vlan::IpamError) -> ApiError {
     use drove_model::vlan::IpamError as E;
     match e {
@@ -2381,6 +2378,7 @@ fn ipam_error(field: &str, e: drove_model::vlan::IpamError) -> ApiError {
     }
 }
 
+/// A locally administered unicast MAC in QEMU's 52:54:00 range.
 fn random_mac() -> Result<String, getrandom::Error> {
     let mut b = [0u8; 3];
     getrandom::fill(&mut b)?;

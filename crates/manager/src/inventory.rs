@@ -298,10 +298,15 @@ impl Inventory {
             t.release(&g.spec);
         }
         for nic in nics_held(g) {
-            self.macs.remove(&nic.mac);
-            if let (Some(a), Some(set)) = (nic.address, self.addresses.get_mut(&nic.vlan)) {
-                set.remove(&a.ip);
-            }
+            self.release_nic(nic);
+        }
+    }
+
+    /// Frees a NIC's MAC and address for other guests.
+    pub fn release_nic(&mut self, nic: &drove_model::NicSpec) {
+        self.macs.remove(&nic.mac);
+        if let (Some(a), Some(set)) = (nic.address, self.addresses.get_mut(&nic.vlan)) {
+            set.remove(&a.ip);
         }
     }
 
@@ -390,8 +395,13 @@ impl Inventory {
 /// The NICs whose MACs and addresses guest `g` holds: its spec's, and those
 /// a pending change adds.
 fn nics_held(g: &Guest) -> impl Iterator<Item = &drove_model::NicSpec> {
+    g.spec.nics.iter().chain(pending_nics(g))
+}
+
+/// The NICs only guest `g`'s pending change has (a hot-added one).
+pub fn pending_nics(g: &Guest) -> impl Iterator<Item = &drove_model::NicSpec> {
     let pending = g.pending_spec.iter().flat_map(|p| p.spec.nics.iter());
-    g.spec.nics.iter().chain(pending.filter(|n| !g.spec.nics.iter().any(|s| s.mac == n.mac)))
+    pending.filter(|n| !g.spec.nics.iter().any(|s| s.mac == n.mac))
 }
 
 #[cfg(test)]
