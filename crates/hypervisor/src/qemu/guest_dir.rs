@@ -276,9 +276,13 @@ impl GuestDir {
         Ok(())
     }
 
-    /// Appends a line of ours to the serial log, so `vm log` shows where
-    /// each boot begins.
-    pub fn mark_serial_log(&self, line: &str) -> Result<(), QemuError> {
+    /// Appends a line of ours to the serial log, `--- drove: WHAT at unix
+    /// time T ---`, so `vm log` shows where each boot (a start, a reset)
+    /// begins.
+    pub fn mark_serial_log(&self, what: &str) -> Result<(), QemuError> {
+        let unix_time =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let line = format!("--- drove: {what} at unix time {unix_time} ---");
         let path = self.serial_log_path();
         let mut file = std::fs::OpenOptions::new()
             .create(true)

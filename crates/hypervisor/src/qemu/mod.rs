@@ -139,7 +139,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use drove_model::guest::Storage;
 use drove_model::{ByteSize, DiskFormat, GuestId, HypervisorKind};
@@ -649,11 +649,7 @@ impl QemuHypervisor {
         // Before the process exists: if we die right after launching it, the
         // next agent must see a guest meant to run.
         dir.write_intent(Intent::Running)?;
-        let unix_time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        dir.mark_serial_log(&format!(
-            "--- drove: starting guest {} generation {} ({accel:?}) at unix time {unix_time} ---",
-            config.id, config.generation
-        ))?;
+        dir.mark_serial_log(&format!("starting guest {} generation {} ({accel:?})", config.id, config.generation))?;
 
         let launch = cmdline::Launch {
             config,
@@ -1160,17 +1156,18 @@ impl Hypervisor for QemuHypervisor {
         if let Some(from) = config.spec.clone_of.clone() {
             // Disks an interrupted clone left are of another instant: a
             // clone's disks are made together or not at all.
-            for (i, disk) in config.spec.disks.iter().enumerate() {
-                let _ = std::fs::remove_file(dir.disk_path(i, disk.format));
-            }
+            let remove_disks = || {
+                for (i, disk) in config.spec.disks.iter().enumerate() {
+                    let _ = std::fs::remove_file(dir.disk_path(i, disk.format));
+                }
+            };
+            remove_disks();
             if let Err(e) = self.clone_disks(&dir, &config, &from).await {
                 // No record was written: nothing here is a guest, and
                 // nothing of it stays on the pool (remove_dir_all does not
                 // follow the `shared` link; remove_dir takes only an empty
                 // directory).
-                for (i, disk) in config.spec.disks.iter().enumerate() {
-                    let _ = std::fs::remove_file(dir.disk_path(i, disk.format));
-                }
+                remove_disks();
                 if let Ok(pool_dir) = std::fs::read_link(dir.shared_link()) {
                     let _ = std::fs::remove_dir(pool_dir);
                 }
@@ -1266,8 +1263,7 @@ impl Hypervisor for QemuHypervisor {
             return Err(HvError::InvalidState { id, op: OP, state });
         };
         // So `vm log` shows where the reset boot begins, like a start's.
-        let unix_time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        if let Err(e) = dir.mark_serial_log(&format!("--- drove: resetting guest {id} at unix time {unix_time} ---")) {
+        if let Err(e) = dir.mark_serial_log(&format!("resetting guest {id}")) {
             tracing::debug!(guest = %id, error = %e, "cannot mark the serial log");
         }
         slot.execute(&dir, pid, "system_reset", None).await.map_err(backend(OP, id))?;
