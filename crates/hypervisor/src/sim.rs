@@ -651,12 +651,9 @@ impl SimHypervisor {
     ) -> Result<(), HvError> {
         let refuse =
             |reason: &str| HvError::CloneSource { id: config.id, source_guest: from.guest, reason: reason.into() };
-        let pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let Some(pool) = pool else {
+        let Some(members) = self.pool_members() else {
             return Err(refuse("its disks are on the shared pool and this host has none (drove agent --shared-dir)"));
         };
-        let members: Vec<Arc<Shared>> =
-            pool.0.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(std::sync::Weak::upgrade).collect();
         let mut found = None;
         for member in &members {
             let inner = member.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -680,14 +677,19 @@ impl SimHypervisor {
         crate::check_clone(config, from, Some(source), false, &snapshots)
     }
 
+    /// The hosts of this host's shared pool, itself included; `None`
+    /// outside a pool.
+    fn pool_members(&self) -> Option<Vec<Arc<Shared>>> {
+        let pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+        let members = pool.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(members.iter().filter_map(std::sync::Weak::upgrade).collect())
+    }
+
     /// Refuses to start a guest on shared storage that runs on another
     /// host of the pool, as QEMU's disk lock would.
     fn check_disk_lock(&self, id: GuestId) -> Result<(), HvError> {
         let shared = self.lock().guests.get(&id).is_some_and(|g| g.config.spec.storage == Storage::Shared);
-        let pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let (true, Some(pool)) = (shared, pool) else { return Ok(()) };
-        let others: Vec<Arc<Shared>> =
-            pool.0.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(std::sync::Weak::upgrade).collect();
+        let (true, Some(others)) = (shared, self.pool_members()) else { return Ok(()) };
         for other in others.iter().filter(|o| !Arc::ptr_eq(o, &self.shared)) {
             let runs = other
                 .inner
@@ -1025,15 +1027,7 @@ impl Hypervisor for SimHypervisor {
             free: ByteSize(capacity.bytes().saturating_sub(used)),
         };
         let mut pools = vec![space("local", disks(&self.shared, Storage::Local).values().sum())];
-        let pool = self.shared.pool.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        if let Some(pool) = pool {
-            let members: Vec<Arc<Shared>> = pool
-                .0
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .filter_map(std::sync::Weak::upgrade)
-                .collect();
+        if let Some(members) = self.pool_members() {
             let mut all = HashMap::new();
             for m in &members {
                 all.extend(disks(m, Storage::Shared));
