@@ -31,13 +31,14 @@
 //! interrupted clone left in its source are removed by the next clone of
 //! that source and are never listed.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use drove_model::DiskFormat::Qcow2;
 use drove_model::{CloneMode, CloneSource, GuestId, SnapshotKind};
 
 use super::guest_dir::GuestDir;
-use super::snapshot::{Snap, complete, parse_snapshots, qemu_img};
+use super::snapshot::{Snap, parse_snapshots, qemu_img, transient, visible};
 use super::{QemuError, QemuHypervisor, backend, create_overlay};
 use crate::{CLONE_SNAPSHOT_PREFIX, GuestConfig, HvError, RuntimeState, check_clone};
 
@@ -102,24 +103,18 @@ impl QemuHypervisor {
         }
         let mut pid = None;
         let mut names = Vec::new();
-        let mut transient_left = Vec::new();
+        let mut transient_left = BTreeSet::new();
         if let Some(sc) = &sconfig {
             pid = self.observe(&sdir, &mut slot).await.map_err(backend(op, id))?.1;
             // Raw files hold no snapshots (check_clone refuses what needs one).
             if !sc.spec.disks.is_empty() && sc.spec.first_non_qcow2_disk().is_none() {
                 let mut snap = Snap { hv: self, dir: &sdir, slot: &mut slot, config: sc.clone(), op };
                 let per_disk = snap.per_disk(pid).await.map_err(backend(op, id))?;
-                names = complete(&per_disk).into_iter().map(|s| s.name).collect();
-                transient_left = per_disk
-                    .iter()
-                    .flatten()
-                    .map(|s| s.name.clone())
-                    .filter(|n| n.starts_with(CLONE_SNAPSHOT_PREFIX))
-                    .collect();
+                names = visible(&per_disk).into_iter().map(|s| s.name).collect();
+                transient_left = transient(&per_disk);
             }
         }
-        let visible: Vec<String> = names.into_iter().filter(|n| !n.starts_with(CLONE_SNAPSHOT_PREFIX)).collect();
-        check_clone(config, from, sconfig.as_ref(), pid.is_some(), &visible)?;
+        check_clone(config, from, sconfig.as_ref(), pid.is_some(), &names)?;
         let Some(sconfig) = sconfig else { return Err(HvError::NotFound { id: from.guest }) };
         let qemu_img_path = &self.inner.config.qemu_img;
         let t0 = std::time::Instant::now();
@@ -141,8 +136,6 @@ impl QemuHypervisor {
             return Ok(());
         }
         let mut snap = Snap { hv: self, dir: &sdir, slot: &mut slot, config: sconfig.clone(), op };
-        transient_left.sort();
-        transient_left.dedup();
         for name in &transient_left {
             snap.remove(pid, name).await.map_err(backend(op, id))?;
         }
@@ -218,9 +211,8 @@ impl QemuHypervisor {
             per_disk.push(parse_snapshots(&info));
             paths.push(path);
         }
-        let visible: Vec<String> =
-            complete(&per_disk).into_iter().map(|s| s.name).filter(|n| !n.starts_with(CLONE_SNAPSHOT_PREFIX)).collect();
-        check_clone(config, from, Some(source), false, &visible)?;
+        let names: Vec<String> = visible(&per_disk).into_iter().map(|s| s.name).collect();
+        check_clone(config, from, Some(source), false, &names)?;
         let t0 = std::time::Instant::now();
         for (i, disk) in config.spec.disks.iter().enumerate() {
             let base = &source.spec.disks[i];

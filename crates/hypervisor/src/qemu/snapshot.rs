@@ -29,6 +29,7 @@
 //! refuses a snapshot without VM state); a process killed between the two
 //! leaves the guest Crashed, and repeating the restore finishes the job.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -85,6 +86,21 @@ pub(super) fn complete(per_disk: &[Vec<DiskSnapshot>]) -> Vec<SnapshotInfo> {
             vm_state_size: ByteSize(s.vm_state_size),
         })
         .collect()
+}
+
+/// The complete snapshots operators see: all but clones' transient ones.
+pub(super) fn visible(per_disk: &[Vec<DiskSnapshot>]) -> Vec<SnapshotInfo> {
+    complete(per_disk).into_iter().filter(|s| !is_transient(&s.name)).collect()
+}
+
+/// The transient snapshots clones took and left (an interrupted clone),
+/// on any disk.
+pub(super) fn transient(per_disk: &[Vec<DiskSnapshot>]) -> BTreeSet<String> {
+    per_disk.iter().flatten().map(|s| s.name.clone()).filter(|n| is_transient(n)).collect()
+}
+
+pub(super) fn is_transient(name: &str) -> bool {
+    name.starts_with(crate::CLONE_SNAPSHOT_PREFIX)
 }
 
 /// Runs `qemu-img ARGS`; its stdout, or the failure with its stderr.
@@ -183,7 +199,6 @@ impl Snap<'_> {
         Ok(self.roots(pid).await?.swap_remove(i))
     }
 
-    /// Removes `name` from every disk that has it (complete or partial).
     /// Writes what the host still caches of the disk files to storage
     /// while the guest runs on. The snapshot's transaction flushes the
     /// files with the guest's I/O drained (its console, on the big QEMU
@@ -203,6 +218,7 @@ impl Snap<'_> {
         let _ = synced.await;
     }
 
+    /// Removes `name` from every disk that has it (complete or partial).
     pub(super) async fn remove(&mut self, pid: Option<u32>, name: &str) -> Result<(), QemuError> {
         let per_disk = self.per_disk(pid).await?;
         for (i, snaps) in per_disk.iter().enumerate() {
@@ -420,10 +436,7 @@ impl QemuHypervisor {
     pub(super) async fn snapshot_list_guest(&self, id: GuestId) -> Result<Vec<SnapshotInfo>, HvError> {
         let op = "snapshot_list";
         match self
-            .with_snap(id, None, op, async |snap, _, pid| {
-                let all = complete(&snap.per_disk(pid).await.map_err(snap.err())?);
-                Ok(all.into_iter().filter(|s| !s.name.starts_with(crate::CLONE_SNAPSHOT_PREFIX)).collect())
-            })
+            .with_snap(id, None, op, async |snap, _, pid| Ok(visible(&snap.per_disk(pid).await.map_err(snap.err())?)))
             .await
         {
             // Nowhere to keep snapshots: none.

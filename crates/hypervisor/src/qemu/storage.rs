@@ -82,7 +82,7 @@ use serde_json::{Value, json};
 
 use super::guest_dir::{GuestDir, disk_file_name};
 use super::migrate::{POLL, Stall, u};
-use super::snapshot::{Snap, qemu_img};
+use super::snapshot::{Snap, is_transient, qemu_img, transient};
 use super::{QemuError, QemuHypervisor, Slot, backend, cmdline, create_disk_file};
 use crate::{GuestConfig, HvError, RuntimeState, StorageMoved};
 
@@ -196,18 +196,13 @@ impl QemuHypervisor {
         } else {
             let mut snap = Snap { hv: self, dir: &dir, slot: &mut slot, config: config.clone(), op: OP };
             let per_disk = snap.per_disk(live).await.map_err(backend(OP, id))?;
-            let (transient, kept): (BTreeSet<String>, BTreeSet<String>) = per_disk
-                .into_iter()
-                .flatten()
-                .map(|s| s.name)
-                .partition(|name| name.starts_with(crate::CLONE_SNAPSHOT_PREFIX));
             // A clone that was interrupted left its transient snapshot here
             // (no clone runs now: this guest's lock is ours). It is nobody's
             // snapshot: remove it rather than refuse the move over it.
-            for name in &transient {
+            for name in &transient(&per_disk) {
                 snap.remove(live, name).await.map_err(backend(OP, id))?;
             }
-            kept
+            per_disk.into_iter().flatten().map(|s| s.name).filter(|n| !is_transient(n)).collect()
         };
         if !snapshots.is_empty() {
             let names: Vec<String> = snapshots.into_iter().collect();
