@@ -297,7 +297,7 @@ fn clone_host(
     let host =
         inv.find_host(asked).ok_or_else(|| ApiError::invalid("host", format!("host {asked:?} does not exist")))?;
     if host.info.id == src.host || source.shared_disks.is_some() {
-        if host.info.id != src.host && !host.pools.iter().any(|p| p.name == Storage::Shared.as_str()) {
+        if host.info.id != src.host && !host.has_shared_pool() {
             return Err(refuse_host(format!(
                 "cannot clone {name} on host {}: it reports no shared pool, where {name}'s disks are (drove agent \
                  --shared-dir); clone it on a host that has one",

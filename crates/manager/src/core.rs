@@ -1057,10 +1057,7 @@ impl Manager {
             // or by one that sees the pool.
             let source_host = inv.guests.get(&from.guest).map(|g| g.host);
             for c in &mut capacities {
-                let sees_pool = inv
-                    .hosts
-                    .get(&c.id)
-                    .is_some_and(|h| h.pools.iter().any(|p| p.name == drove_model::guest::Storage::Shared.as_str()));
+                let sees_pool = inv.hosts.get(&c.id).is_some_and(|h| h.has_shared_pool());
                 if Some(c.id) != source_host && !sees_pool {
                     c.schedulable = false;
                 }

@@ -93,6 +93,12 @@ pub struct HostEntry {
 }
 
 impl HostEntry {
+    /// Whether its last heartbeat reported the shared pool (its agent runs
+    /// with `--shared-dir`).
+    pub fn has_shared_pool(&self) -> bool {
+        self.pools.iter().any(|p| p.name == drove_model::guest::Storage::Shared.as_str())
+    }
+
     pub fn new(info: HostInfo) -> Self {
         HostEntry { info, last_seen: None, orphans: 0, pools: Vec::new(), poke: Default::default() }
     }

@@ -90,7 +90,7 @@ impl Manager {
                 )));
             }
             let host = inv.hosts.get(&g.host).ok_or_else(|| ApiError::not_found("host", &g.host.to_string()))?;
-            if to == Storage::Shared && !host.pools.iter().any(|p| p.name == Storage::Shared.as_str()) {
+            if to == Storage::Shared && !host.has_shared_pool() {
                 return Err(ApiError {
                     field: Some("to".into()),
                     ..ApiError::conflict(format!(
