@@ -108,6 +108,11 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// How a bench reports a target: "met" or "NOT met".
+pub(crate) fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;

@@ -374,13 +374,12 @@ pub async fn run(a: BootBench) -> Result<()> {
                 "  cost beyond the guest's RAM  {:.1} MiB per guest (QEMU + share of the agent)",
                 f.overhead_mib_per_guest
             );
-            let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
             println!(
                 "targets: p50 <= 2 s: {}; {} guests at once without failures: {}; <= 100 MiB per guest: {}",
-                verdict(f.ready_p50_s <= 2.0),
+                crate::bench::verdict(f.ready_p50_s <= 2.0),
                 f.together,
-                verdict(f.together_ready == f.together && f.together_answering == f.together),
-                verdict(f.overhead_mib_per_guest <= 100.0)
+                crate::bench::verdict(f.together_ready == f.together && f.together_answering == f.together),
+                crate::bench::verdict(f.overhead_mib_per_guest <= 100.0)
             );
         }
     }

@@ -7,8 +7,8 @@
 //! pool every lab host sees: only memory travels) and on its host's own
 //! disks (mirrored to the target over NBD while memory is copied).
 //!
-//! The recorded pause is checked against the guest's own output: a loop in
-//! the guest prints a line on its serial console every millisecond, and
+//! The recorded pause is checked against the guest's own output: the test
+//! image's ticker prints a line on its serial console every millisecond, and
 //! the bench reads the console socket of whichever host runs the guest
 //! (the source's, and the target's from the moment it exists), stamping
 //! each arrival. The longest silence across a migration is the pause as
@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::bench::percentile;
 use crate::bench_boot::BenchLab;
 use crate::bench_net::wait_booted;
-use crate::bench_storage::{Ticks, longest_gap, read_ticks};
+use crate::bench_storage::{Ticks, console_socket, longest_gap, read_ticks, start_ticker};
 use crate::{Format, OutputArgs};
 
 #[derive(Debug, Args)]
@@ -101,11 +101,6 @@ async fn create(c: &Client, name: &str, memory: ByteSize, host: &str, storage: S
     wait_booted(c, name).await
 }
 
-/// The guest's console socket on `host` in the lab in `dir`.
-fn console_socket(dir: &Path, host: &str, id: drove_model::GuestId) -> PathBuf {
-    dir.join("hosts").join(host).join("guests").join(id.to_string()).join("console.sock")
-}
-
 /// Reads the console at `path` into `ticks`, connecting as soon as the
 /// socket exists (the target's QEMU starts during the migration).
 fn watch_console(path: PathBuf, ticks: Ticks) -> tokio::task::JoinHandle<()> {
@@ -122,25 +117,13 @@ fn watch_console(path: PathBuf, ticks: Ticks) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Starts the test image's millisecond ticker on the guest's console.
-async fn start_ticker(c: &Client, guest: &str) -> Result<()> {
-    // The image's compiled ticker, not a shell loop: under TCG the guest's
-    // code is translated afresh on the target, and the more of it a tick
-    // runs, the longer the guest stays silent after the resume.
-    let ticker = "drove-guest-agent tick 1 >/dev/ttyS0 2>&1 </dev/null & echo started";
-    let exec =
-        ExecRequest { command: vec!["sh".into(), "-c".into(), ticker.into()], input: None, timeout_secs: Some(30) };
-    c.exec(guest, &exec).await.context("starting the console ticker")?;
-    Ok(())
-}
-
 /// Migrates `guest` back and forth between host-1 and host-2 `runs` times.
 async fn scenario(c: &Client, dir: &Path, name: &str, guest: &str, runs: usize, storage: Storage) -> Result<Scenario> {
     let (mut down, mut qemu, mut total, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut gaps, mut recorded) = (Vec::new(), Vec::new());
     let mut failed = 0;
     let id = c.get_guest(guest).await?.guest.id;
-    start_ticker(c, guest).await?;
+    start_ticker(c, guest, 1).await?;
     let floor = {
         let ticks: Ticks = Default::default();
         let here = c.get_guest(guest).await?.host_name;
