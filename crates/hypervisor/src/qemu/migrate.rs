@@ -113,6 +113,14 @@ pub const UNLIMITED_BANDWIDTH: u64 = 10 << 30;
 /// than allowed before the migration is given up as not converging.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Watches guest `id`'s console for the pause as its output shows it; a
+/// migration goes on without it (the figure is then unmeasured).
+fn watch_console(dir: &GuestDir, id: GuestId) -> Option<ConsoleWatch> {
+    ConsoleWatch::start(&dir.serial_log_path())
+        .inspect_err(|e| tracing::debug!(guest = %id, error = %e, "cannot watch the console"))
+        .ok()
+}
+
 fn nbd_node(i: usize) -> String {
     format!("drove-mig-nbd{i}")
 }
@@ -191,9 +199,7 @@ impl QemuHypervisor {
         let result = self.listen(&dir, &mut slot, &config, req, tls).await;
         if result.is_ok() {
             // Before the guest can run here, so its first write is seen.
-            slot.console = ConsoleWatch::start(&dir.serial_log_path())
-                .inspect_err(|e| tracing::debug!(guest = %id, error = %e, "cannot watch the console"))
-                .ok();
+            slot.console = watch_console(&dir, id);
         }
         if result.is_err()
             && let Some(pid) = live_pid(&dir)
@@ -307,9 +313,7 @@ impl QemuHypervisor {
         std::fs::write(&outgoing, line).map_err(|e| backend(OP, id)(QemuError::io("writing", &outgoing, e)))?;
         let auto_converge = self.accel().await == super::ResolvedAccel::Kvm;
         let disks = config.spec.disks.len();
-        let console = ConsoleWatch::start(&dir.serial_log_path())
-            .inspect_err(|e| tracing::debug!(guest = %id, error = %e, "cannot watch the console"))
-            .ok();
+        let console = watch_console(&dir, id);
         let mut run = Outbound { dir: &dir, slot: &mut slot, pid, disks, mirrors: 0, auto_converge };
         let result = run.migrate(req, progress, &guest.cancel_migration).await.map(|stats| {
             let steady = stats.stopped_at_us.zip(console.as_ref()).and_then(|(at, c)| c.steady_before(at));
