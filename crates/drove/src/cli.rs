@@ -1270,11 +1270,17 @@ fn limits_summary(l: &drove_model::ResourceLimits) -> String {
 fn migration_summary(m: &drove_model::migration::MigrationResult) -> String {
     let pause = m.downtime_ms.map_or("unmeasured".to_owned(), |d| format!("{d:.1} ms"));
     // The guest's own view, where it writes to its console steadily.
-    let seen = match (m.console_gap_ms, m.console_interval_ms) {
-        (Some(gap), Some(every)) => format!(", console silent {gap:.1} ms (writes every {every:.1} ms)"),
-        (Some(gap), None) => format!(", console silent {gap:.1} ms"),
-        _ => String::new(),
-    };
+    let seen = m.console_gap_ms.map_or(String::new(), |gap| {
+        let mut notes = Vec::new();
+        if let Some(pause) = m.console_pause_gap_ms.filter(|&p| p < gap) {
+            notes.push(format!("{pause:.1} ms across the pause, longer while copied"));
+        }
+        if let Some(every) = m.console_interval_ms {
+            notes.push(format!("writes every {every:.1} ms"));
+        }
+        let notes = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
+        format!(", console silent {gap:.1} ms{notes}")
+    });
     format!(
         "paused {pause} (QEMU: {} ms){seen}, {:.2} s in all, {} transferred",
         m.qemu_downtime_ms,

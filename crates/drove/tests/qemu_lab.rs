@@ -621,6 +621,10 @@ fn a_guest_migrates_live_between_lab_hosts() {
     let silent = g["last_migration"]["console_gap_ms"].as_f64().expect("the console's silence, measured");
     let total = g["last_migration"]["total_ms"].as_f64().unwrap();
     assert!(silent >= pause && silent <= total, "console silent {silent} ms, pause {pause} ms, total {total} ms");
+    // The longest silence is the one across the pause or a longer one
+    // while the guest was copied.
+    let across = g["last_migration"]["console_pause_gap_ms"].as_f64().expect("the silence across the pause");
+    assert!(across >= pause && across <= silent, "across the pause {across} ms, longest {silent} ms, pause {pause} ms");
     let every = g["last_migration"]["console_interval_ms"].as_f64().expect("the ticker's interval");
     assert!(every < 100.0, "the ticker wrote every {every} ms");
     // One QEMU for it, on host-2 (its pid file names host-2's directory).

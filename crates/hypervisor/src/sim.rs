@@ -1270,6 +1270,7 @@ impl Hypervisor for SimHypervisor {
                 stopped_at_us: Some(crate::unix_us()),
                 console_last_us: None,
                 console_interval_us: None,
+                console_copy_gap_us: None,
             })
         }
         .await;

@@ -2294,6 +2294,11 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
     let interval = stats.console_interval_us.expect("the ticker's interval");
     assert!((1_000..100_000).contains(&interval), "the ticker wrote every {interval} µs");
     assert!(first - last < 5_000_000, "the console was silent for {} ms", (first - last) / 1000);
+    // While the disk and memory were copied the guest ran on, writing: its
+    // longest silence then is known, at least one interval, well under the
+    // copy's whole time.
+    let copy_gap = stats.console_copy_gap_us.expect("the silence while copied");
+    assert!(copy_gap >= interval / 2 && copy_gap < stats.total_ms * 1000, "{copy_gap} µs");
     assert_eq!(status(&b, g.id).await.state, RuntimeState::Running);
     assert_eq!(status(&a, g.id).await.state, RuntimeState::Paused, "the source stays paused");
     a.destroy(g.id).await.unwrap();

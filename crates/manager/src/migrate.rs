@@ -505,13 +505,17 @@ impl Manager {
             _ => None,
         };
         let downtime_ms = between(stats.and_then(|s| s.stopped_at_us), done.and_then(|d| d.resumed_at_us));
-        let console_gap_ms = between(stats.and_then(|s| s.console_last_us), done.and_then(|d| d.console_first_us));
+        let console_pause_gap_ms =
+            between(stats.and_then(|s| s.console_last_us), done.and_then(|d| d.console_first_us));
+        let console_copy_gap_ms = stats.and_then(|s| s.console_copy_gap_us).map(|us| us as f64 / 1000.0);
+        let console_gap_ms = console_pause_gap_ms.map(|pause| console_copy_gap_ms.map_or(pause, |c| c.max(pause)));
         let result = MigrationResult {
             from: from.clone(),
             to: to.clone(),
             downtime_ms,
             qemu_downtime_ms: stats.map_or(0, |s| s.qemu_downtime_ms),
             console_gap_ms,
+            console_pause_gap_ms,
             console_interval_ms: console_gap_ms
                 .and(stats.and_then(|s| s.console_interval_us))
                 .map(|us| us as f64 / 1000.0),

@@ -159,6 +159,11 @@ pub struct MigrationStats {
     /// microseconds): the resolution of a pause measured from its output.
     #[serde(default)]
     pub console_interval_us: Option<u64>,
+    /// With such a guest: the longest silence of its console while it ran
+    /// here during the migration, before the pause (a stall while it was
+    /// copied), microseconds.
+    #[serde(default)]
+    pub console_copy_gap_us: Option<u64>,
 }
 
 /// The target's side, once the guest runs there.
@@ -274,12 +279,16 @@ pub struct MigrationResult {
     pub downtime_ms: Option<f64>,
     /// The pause as the source's QEMU measured it.
     pub qemu_downtime_ms: u64,
-    /// The pause as the guest's own output shows it: the silence on its
-    /// console from its last output on the source to its first on the
-    /// target (host clocks). Measured only for a guest that writes to its
-    /// console steadily (the test image's ticker does).
+    /// The longest silence of the guest's console over the whole
+    /// migration: the larger of `console_pause_gap_ms` and any stall while
+    /// it was copied. Measured only for a guest that writes to its console
+    /// steadily (the test image's ticker does).
     #[serde(default)]
     pub console_gap_ms: Option<f64>,
+    /// The pause as the guest's own output shows it: the silence from its
+    /// last output on the source to its first on the target (host clocks).
+    #[serde(default)]
+    pub console_pause_gap_ms: Option<f64>,
     /// How often that guest wrote to its console before the pause, ms: the
     /// resolution of `console_gap_ms`.
     #[serde(default)]

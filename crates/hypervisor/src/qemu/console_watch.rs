@@ -6,9 +6,11 @@
 //! write that ends a line. Around a live migration this gives the
 //! pause as the guest's own output shows it: the source's last write
 //! before QEMU stopped the guest, and the target's first after it resumed.
-//! It only means something for a guest that writes steadily (a ticker, a
-//! log line every few milliseconds): [`ConsoleWatch::steady_before`] says
-//! whether it did.
+//! The watch also keeps the longest silence between two writes since it
+//! began: on the source, any stall while the guest is copied (a host too
+//! busy to run it, QEMU's lock held) shows there. It only means something
+//! for a guest that writes steadily (a ticker, a log line every few
+//! milliseconds): [`ConsoleWatch::steady_before`] says whether it did.
 //!
 //! A thread rather than a task: the agent's runtime is busy during a
 //! migration, and a late wake-up would show as a longer pause.
@@ -39,8 +41,28 @@ const STEADY_MAX_SILENCE_US: u64 = 100_000;
 /// Host times (Unix microseconds) of a guest's console writes.
 #[derive(Debug)]
 pub(super) struct ConsoleWatch {
-    writes: Arc<Mutex<VecDeque<u64>>>,
+    seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// The last [`KEPT`] writes.
+    writes: VecDeque<u64>,
+    /// The longest time between two writes since the watch began, µs.
+    longest_gap_us: u64,
+}
+
+impl Seen {
+    fn note(&mut self, at_us: u64) {
+        if let Some(&last) = self.writes.back() {
+            self.longest_gap_us = self.longest_gap_us.max(at_us.saturating_sub(last));
+        }
+        if self.writes.len() == KEPT {
+            self.writes.pop_front();
+        }
+        self.writes.push_back(at_us);
+    }
 }
 
 /// How a guest wrote to its console up to a moment.
@@ -60,9 +82,9 @@ impl ConsoleWatch {
         inotify::add_watch(&fd, path, inotify::WatchFlags::MODIFY)?;
         let mut log = std::fs::File::open(path)?;
         std::io::Seek::seek(&mut log, std::io::SeekFrom::End(0))?;
-        let watch = ConsoleWatch { writes: Arc::default(), stop: Arc::default() };
-        let (writes, stop) = (watch.writes.clone(), watch.stop.clone());
-        std::thread::Builder::new().name("console-watch".into()).spawn(move || observe(&fd, log, &writes, &stop))?;
+        let watch = ConsoleWatch { seen: Arc::default(), stop: Arc::default() };
+        let (seen, stop) = (watch.seen.clone(), watch.stop.clone());
+        std::thread::Builder::new().name("console-watch".into()).spawn(move || observe(&fd, log, &seen, &stop))?;
         Ok(watch)
     }
 
@@ -85,8 +107,14 @@ impl ConsoleWatch {
         steady(self.writes().make_contiguous(), at_us)
     }
 
+    /// The longest silence between two of the guest's writes since the
+    /// watch began, µs (0 before its second write).
+    pub(super) fn longest_gap_us(&self) -> u64 {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).longest_gap_us
+    }
+
     fn writes(&self) -> VecDeque<u64> {
-        self.writes.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).writes.clone()
     }
 }
 
@@ -107,7 +135,7 @@ fn steady(writes: &[u64], at_us: u64) -> Option<Steady> {
     Some(Steady { last_us, interval_us: gaps[gaps.len() / 2] })
 }
 
-fn observe(fd: &OwnedFd, mut log: std::fs::File, writes: &Mutex<VecDeque<u64>>, stop: &AtomicBool) {
+fn observe(fd: &OwnedFd, mut log: std::fs::File, seen: &Mutex<Seen>, stop: &AtomicBool) {
     let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: STOP_CHECK.as_nanos() as i64 };
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
     let mut appended = Vec::new();
@@ -131,11 +159,7 @@ fn observe(fd: &OwnedFd, mut log: std::fs::File, writes: &Mutex<VecDeque<u64>>, 
             return;
         }
         if appended.contains(&b'\n') {
-            let mut writes = writes.lock().unwrap_or_else(PoisonError::into_inner);
-            if writes.len() == KEPT {
-                writes.pop_front();
-            }
-            writes.push_back(now);
+            seen.lock().unwrap_or_else(PoisonError::into_inner).note(now);
         }
     }
 }
@@ -159,6 +183,20 @@ mod tests {
         assert_eq!(steady(&[], at), None);
     }
 
+    #[test]
+    fn the_longest_silence_is_kept_past_the_writes_remembered() {
+        let mut seen = Seen::default();
+        seen.note(1_000);
+        assert_eq!(seen.longest_gap_us, 0, "one write is no silence");
+        seen.note(41_000);
+        // Many more writes than are remembered, close together.
+        for i in 0..(2 * KEPT as u64) {
+            seen.note(42_000 + i * 1_000);
+        }
+        assert_eq!(seen.writes.len(), KEPT);
+        assert_eq!(seen.longest_gap_us, 40_000, "the 40 ms stall early on is not forgotten");
+    }
+
     #[tokio::test]
     async fn the_watch_notes_appends_to_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -180,5 +218,6 @@ mod tests {
         assert!(first >= before);
         let s = watch.steady_before(crate::unix_us()).expect("steady writes");
         assert!(s.interval_us >= 5_000 && s.interval_us < 50_000, "{s:?}");
+        assert!(watch.longest_gap_us() >= s.interval_us, "longest {} µs", watch.longest_gap_us());
     }
 }

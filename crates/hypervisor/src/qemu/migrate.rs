@@ -335,6 +335,7 @@ impl QemuHypervisor {
             MigrationStats {
                 console_last_us: steady.map(|s| s.last_us),
                 console_interval_us: steady.map(|s| s.interval_us),
+                console_copy_gap_us: steady.and(console.as_ref()).map(ConsoleWatch::longest_gap_us),
                 ..stats
             }
         });
@@ -744,6 +745,7 @@ impl Outbound<'_> {
             stopped_at_us,
             console_last_us: None,
             console_interval_us: None,
+            console_copy_gap_us: None,
         };
         progress(MigrationProgress {
             phase: TransferPhase::Done,
