@@ -441,17 +441,6 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<OsString> {
 
     if l.incoming {
         push(&mut args, "-incoming", "defer".to_owned());
-        // The target touches all guest RAM before the stream starts. The
-        // pages the guest dirties in the final round were mostly never
-        // written before, and each landed in untouched memory inside the
-        // pause: a page fault and a 2 MiB huge page zeroed, 3–20 ms of an
-        // idle guest's STOP→RESUME. Placement reserves the guest's whole
-        // memory on the target anyway; a host that cannot hold it now fails
-        // here, before the guest moves, not with an OOM kill after. The
-        // allocation runs niced (`process::PREPARE_NICE`): on a host that
-        // also runs the source, a 1 GiB guest's stood still for up to
-        // 200 ms while it ran at normal priority.
-        args.push("-mem-prealloc".to_owned());
     }
     push(&mut args, "-pidfile", l.dir.pid_path().to_string_lossy().into_owned());
     args.push("-daemonize".to_owned());
@@ -521,7 +510,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn only_a_migration_target_waits_for_a_stream_with_its_memory_allocated() {
+    fn only_a_migration_target_waits_for_a_stream() {
         let c = config();
         let dir = GuestDir::new(Path::new("/s"), c.id);
         let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
@@ -538,9 +527,11 @@ pub(crate) mod tests {
             })
         };
         let target = launch(true).join(" ");
-        assert!(target.contains("-incoming defer -mem-prealloc"), "{target}");
+        assert!(target.contains("-incoming defer"), "{target}");
+        // Its memory is not allocated ahead: see ADR 0021.
+        assert!(!target.contains("-mem-prealloc"), "{target}");
         let boot = launch(false).join(" ");
-        assert!(!boot.contains("-incoming") && !boot.contains("-mem-prealloc"), "{boot}");
+        assert!(!boot.contains("-incoming"), "{boot}");
     }
 
     #[test]

@@ -32,12 +32,6 @@ pub enum QemuError {
     CommandFailed { program: String, what: String, status: ExitStatus, stderr: String },
     #[error("{what} did not finish within {after:?}")]
     Timeout { what: String, after: Duration },
-    #[error("giving the migration target QEMU {pid} its normal priority back")]
-    Renice {
-        pid: u32,
-        #[source]
-        source: io::Error,
-    },
     #[error("connecting the migration stream to {to}")]
     MigrationConnect {
         to: std::net::SocketAddr,

@@ -700,16 +700,7 @@ impl QemuHypervisor {
         {
             tracing::warn!(guest = %config.id, error = %e, "cannot keep the previous QEMU log");
         }
-        // A migration target starts niced (see PREPARE_NICE) and gets its
-        // normal priority back once started, before the stream begins.
-        let mut launcher = if incoming {
-            let mut nice = tokio::process::Command::new("nice");
-            nice.args(["-n", process::PREPARE_NICE]).arg(&c.qemu_binary);
-            nice
-        } else {
-            tokio::process::Command::new(&c.qemu_binary)
-        };
-        let launcher = launcher
+        let launcher = tokio::process::Command::new(&c.qemu_binary)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -735,10 +726,6 @@ impl QemuHypervisor {
             let content = std::fs::read_to_string(&pid_path).unwrap_or_default();
             return Err(QemuError::PidFile { path: pid_path, content });
         };
-        if incoming && let Err(e) = process::renice(pid, 0) {
-            let _ = process::kill(pid);
-            return Err(QemuError::Renice { pid, source: e });
-        }
         // -daemonize returns once QEMU is initialised, so its QMP socket
         // listens already; the query confirms the guest executes.
         let status = slot.query_status(dir, pid).await?;

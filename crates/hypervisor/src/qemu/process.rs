@@ -46,27 +46,6 @@ pub fn is_alive(pid: u32) -> bool {
     !matches!(state, None | Some("Z") | Some("X") | Some("x"))
 }
 
-/// The nice value a migration target's QEMU starts with: its start-up
-/// allocates all guest RAM (`-mem-prealloc`), which must not take CPU time
-/// from the guest still running on the source, on the same host in a lab.
-pub const PREPARE_NICE: &str = "19";
-
-/// Sets the nice value of every thread of `pid` (Linux keeps one per
-/// thread) to `value`. Lowering it needs CAP_SYS_NICE, which agents have.
-pub fn renice(pid: u32, value: i32) -> std::io::Result<()> {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
-        let Some(tid) = task.file_name().to_str().and_then(|n| n.parse::<i32>().ok()).and_then(Pid::from_raw) else {
-            continue;
-        };
-        match rustix::process::setpriority_process(Some(tid), value) {
-            // A thread that ended since the listing.
-            Err(rustix::io::Errno::SRCH) => {}
-            other => other?,
-        }
-    }
-    Ok(())
-}
-
 pub fn kill(pid: u32) -> Result<(), QemuError> {
     signal(pid, Signal::KILL, "SIGKILL")
 }
@@ -113,37 +92,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    fn nice_of(pid: u32) -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(16)?.parse().ok())
-    }
-
-    #[test]
-    fn a_process_started_niced_gets_its_normal_priority_back() {
-        let mut child = std::process::Command::new("nice")
-            .args(["-n", PREPARE_NICE, "sleep", "30"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while nice_of(pid) != Some(19) {
-            assert!(std::time::Instant::now() < deadline, "{pid} never ran niced: {:?}", nice_of(pid));
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let back = renice(pid, 0);
-        let nice = nice_of(pid);
-        let _ = child.kill();
-        let _ = child.wait();
-        match back {
-            Ok(()) => assert_eq!(nice, Some(0)),
-            // Without CAP_SYS_NICE (not root) the priority cannot rise, and
-            // the launch then fails rather than run a guest niced.
-            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}"),
-        }
-        assert!(renice(u32::MAX, 0).is_err(), "no such process");
-    }
 
     #[tokio::test]
     async fn tells_live_processes_by_their_command_line_and_kills_them() {
