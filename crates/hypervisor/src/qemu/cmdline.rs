@@ -510,31 +510,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn only_a_migration_target_waits_for_a_stream() {
-        let c = config();
-        let dir = GuestDir::new(Path::new("/s"), c.id);
-        let image = BootImage { kernel: "/k".into(), initrd: "/i".into() };
-        let launch = |incoming| {
-            args_of(&Launch {
-                incoming,
-                config: &c,
-                dir: &dir,
-                image: &image,
-                accel: ResolvedAccel::Tcg,
-                taps: &[],
-                extra_kernel_args: &[],
-                host: HOST,
-            })
-        };
-        let target = launch(true).join(" ");
-        assert!(target.contains("-incoming defer"), "{target}");
-        // Its memory is not allocated ahead: see ADR 0021.
-        assert!(!target.contains("-mem-prealloc"), "{target}");
-        let boot = launch(false).join(" ");
-        assert!(!boot.contains("-incoming"), "{boot}");
-    }
-
-    #[test]
     fn command_line_carries_disks_sockets_and_only_supplied_taps() {
         let c = config();
         let dir = GuestDir::new(Path::new("/state/with,comma"), c.id);
