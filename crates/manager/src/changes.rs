@@ -12,7 +12,9 @@
 //!  request ──► record the spec it leads to as the guest's pending spec
 //!          ──► relay the change to the guest's host
 //!          ──► done    → the new spec, generation + 1, pending cleared (one write)
-//!              refused → pending cleared, the refusal returned
+//!              refused → ask the host for its definition (a host can fail
+//!                        after the change took): has it → as done; lacks it
+//!                        → pending cleared, the refusal returned
 //!              not sent (host down) → pending cleared, the error returned
 //!              no answer (timeout)  → left pending; the monitor settles it:
 //!                  ask the host for its definition:
@@ -114,10 +116,19 @@ impl Manager {
         }
         match self.relay(&id.to_string(), call).await {
             Ok((_, CallOutcome::Done)) => self.commit_spec(ctx, key, id, change).await,
-            Ok((_, CallOutcome::Error { message })) => {
-                self.forget_pending(id, None).await;
-                Err(ApiError::conflict(message))
-            }
+            // Not taken at its word: a host can fail after the change took
+            // (a later step, its own record); its definition says which.
+            Ok((_, CallOutcome::Error { message })) => match self.settle_by_definition(ctx, id, None).await {
+                Settlement::Made(view) => {
+                    tracing::warn!(guest = %id, error = %message, "the host reported an error after making the change");
+                    Ok(*view)
+                }
+                Settlement::NotMade => Err(ApiError::conflict(message)),
+                Settlement::Unknown => Err(ApiError::unavailable(format!(
+                    "{message}; whether the host made the change is not known yet: it stays pending and is settled \
+                     when the host answers"
+                ))),
+            },
             Ok((_, other)) => Err(ApiError::unavailable(format!(
                 "the host answered with {other:?}; the change stays pending and is settled when the host answers"
             ))),
@@ -186,34 +197,48 @@ impl Manager {
         }
     }
 
-    /// Asks guest `id`'s host for its definition and settles the pending
-    /// change by it; false when it stays pending.
+    /// Settles guest `id`'s pending change nobody drives (see
+    /// [`Self::settle_by_definition`]); false when it stays pending.
     async fn settle_pending(&self, id: GuestId) -> bool {
         let Some(pending) =
             self.read(|inv| inv.guests.get(&id).and_then(|g| g.pending_spec.clone())).await.ok().flatten()
         else {
             return true;
         };
+        let ctx = crate::drs::reconciler_ctx("system", &format!("settle pending change: {}", pending.what));
+        let why = format!("{} (asked {}) was not made: its host never got it", pending.what, pending.since);
+        !matches!(self.settle_by_definition(&ctx, id, Some(why)).await, Settlement::Unknown)
+    }
+
+    /// Asks guest `id`'s host for its definition and settles the pending
+    /// change by it: recorded (as `ctx`) if the host has it, cleared (with
+    /// `why_not` as the guest's last error) if the host has the spec from
+    /// before. Nothing pending counts as not made.
+    async fn settle_by_definition(&self, ctx: &Ctx, id: GuestId, why_not: Option<String>) -> Settlement {
+        let Some(pending) =
+            self.read(|inv| inv.guests.get(&id).and_then(|g| g.pending_spec.clone())).await.ok().flatten()
+        else {
+            return Settlement::NotMade;
+        };
         let on_host = match self.relay(&id.to_string(), AgentCallKind::Definition).await {
             Ok((_, CallOutcome::Definition { spec })) => spec,
             Ok((_, other)) => {
                 tracing::warn!(guest = %id, answer = ?other, "cannot read the guest's definition on its host");
-                return false;
+                return Settlement::Unknown;
             }
             Err(e) => {
                 tracing::warn!(guest = %id, error = %e.message, "cannot ask the guest's host for its definition");
-                return false;
+                return Settlement::Unknown;
             }
         };
         let current = self.read(|inv| inv.guests.get(&id).map(|g| g.spec.clone())).await.ok().flatten();
-        let Some(current) = current else { return true };
+        let Some(current) = current else { return Settlement::NotMade };
         if same_hardware(&pending.spec, &on_host) {
             tracing::info!(guest = %id, change = %pending.what, "the host made a pending change; recording it");
-            let ctx = crate::drs::reconciler_ctx("system", &format!("settle pending change: {}", pending.what));
             let made = pending.spec;
             // The hardware as the host has it; anything else stays as now.
             let result = self
-                .commit_spec(&ctx, &id.to_string(), id, |spec| {
+                .commit_spec(ctx, &id.to_string(), id, |spec| {
                     spec.vcpus = made.vcpus;
                     spec.memory = made.memory;
                     spec.disks = made.disks;
@@ -222,23 +247,35 @@ impl Manager {
                     spec.hot_added = made.hot_added;
                 })
                 .await;
-            if let Err(e) = result {
-                tracing::error!(guest = %id, error = %e.message, "could not record a change its host made");
-                return false;
+            match result {
+                Ok(view) => Settlement::Made(Box::new(view)),
+                Err(e) => {
+                    tracing::error!(guest = %id, error = %e.message, "could not record a change its host made");
+                    Settlement::Unknown
+                }
             }
-            true
         } else if same_hardware(&current, &on_host) {
-            tracing::info!(guest = %id, change = %pending.what, "the host never made a pending change; forgetting it");
-            let why = format!("{} (asked {}) was not made: its host never got it", pending.what, pending.since);
-            self.forget_pending(id, Some(why)).await;
-            true
+            tracing::info!(guest = %id, change = %pending.what, "the host did not make a pending change; forgetting it");
+            self.forget_pending(id, why_not).await;
+            Settlement::NotMade
         } else {
             tracing::warn!(
                 guest = %id,
                 change = %pending.what,
                 "the host's definition matches neither the guest's spec nor its pending change; left pending"
             );
-            false
+            Settlement::Unknown
         }
     }
+}
+
+/// What a host's definition says of a pending change.
+enum Settlement {
+    /// The host has it; recorded, the guest as it is now.
+    Made(Box<GuestView>),
+    /// The host has the spec from before; the pending change is cleared.
+    NotMade,
+    /// Not known (the host did not answer, or has something else); it
+    /// stays pending.
+    Unknown,
 }

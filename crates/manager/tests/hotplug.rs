@@ -204,3 +204,30 @@ async fn a_pending_nics_address_stays_taken_across_a_manager_restart() {
     assert!(err.to_string().contains(&ip.to_string()), "{err}");
     dc.shutdown().await;
 }
+
+/// A host can fail after it made a change (the change took, a later step
+/// did not). Its error is not taken at its word: its definition decides,
+/// so the manager's spec never falls behind the host's.
+#[tokio::test]
+async fn a_change_the_host_made_before_reporting_an_error_is_recorded() {
+    let dc = Dc::start(1).await;
+    let id = dc.running_guest_on("web-1", "host-1").await;
+    let generation = dc.admin.get_guest("web-1").await.unwrap().guest.generation;
+    let sim = dc.agents[0].sim.clone();
+
+    sim.fail_next_after_effect(SimOp::Hotplug, "the disk went in; recording it failed");
+    let g = dc.admin.hotplug("web-1", &add_disk(ByteSize::mib(32))).await.unwrap().guest;
+    assert_eq!(disks_on_host(&dc, id), 2, "the host made the change");
+    assert_eq!((g.spec.disks.len(), g.generation, g.pending_spec), (2, generation + 1, None), "recorded as made");
+
+    // An error before any effect is a refusal: nothing recorded, the
+    // host's words returned.
+    sim.fail_next(SimOp::Hotplug, "no room for another disk");
+    let err = dc.admin.hotplug("web-1", &add_disk(ByteSize::mib(32))).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("no room for another disk"), "{err}");
+    let g = dc.admin.get_guest("web-1").await.unwrap().guest;
+    assert_eq!((g.spec.disks.len(), g.generation, g.pending_spec), (2, generation + 1, None));
+    assert_eq!(disks_on_host(&dc, id), 2);
+    dc.shutdown().await;
+}
