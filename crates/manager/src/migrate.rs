@@ -500,14 +500,12 @@ impl Manager {
             let name = |h: HostId| inv.hosts.get(&h).map(|e| e.info.name.clone()).unwrap_or_else(|| h.to_string());
             (name(m.source), name(m.target))
         };
-        let between = |from: Option<u64>, to: Option<u64>| match (from, to) {
-            (Some(from), Some(to)) => Some(to.saturating_sub(from) as f64 / 1000.0),
-            _ => None,
-        };
+        let ms = |us: u64| us as f64 / 1000.0;
+        let between = |from: Option<u64>, to: Option<u64>| Some(ms(to?.saturating_sub(from?)));
         let downtime_ms = between(stats.and_then(|s| s.stopped_at_us), done.and_then(|d| d.resumed_at_us));
         let console_pause_gap_ms =
             between(stats.and_then(|s| s.console_last_us), done.and_then(|d| d.console_first_us));
-        let console_copy_gap_ms = stats.and_then(|s| s.console_copy_gap_us).map(|us| us as f64 / 1000.0);
+        let console_copy_gap_ms = stats.and_then(|s| s.console_copy_gap_us).map(ms);
         let console_gap_ms = console_pause_gap_ms.map(|pause| console_copy_gap_ms.map_or(pause, |c| c.max(pause)));
         let result = MigrationResult {
             from: from.clone(),
@@ -516,9 +514,7 @@ impl Manager {
             qemu_downtime_ms: stats.map_or(0, |s| s.qemu_downtime_ms),
             console_gap_ms,
             console_pause_gap_ms,
-            console_interval_ms: console_gap_ms
-                .and(stats.and_then(|s| s.console_interval_us))
-                .map(|us| us as f64 / 1000.0),
+            console_interval_ms: console_gap_ms.and(stats.and_then(|s| s.console_interval_us)).map(ms),
             total_ms: stats.map_or(0, |s| s.total_ms),
             transferred: stats.map_or(0, |s| s.transferred),
             finished_at: now_rfc3339(),

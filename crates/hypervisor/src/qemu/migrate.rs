@@ -458,14 +458,14 @@ impl QemuHypervisor {
 /// reach into QEMU's listener (`pidfd_getfd`, as root may).
 fn no_delay_on_listener(pid: u32, port: u16) -> std::io::Result<()> {
     use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
-    let pid_ = Pid::from_raw(pid as i32).ok_or_else(|| std::io::Error::other(format!("no process {pid}")))?;
-    let pidfd = pidfd_open(pid_, PidfdFlags::empty())?;
+    let process = i32::try_from(pid).ok().and_then(Pid::from_raw);
+    let process = process.ok_or_else(|| std::io::Error::other(format!("no process {pid}")))?;
+    let pidfd = pidfd_open(process, PidfdFlags::empty())?;
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
-        let is_socket = std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
-        let Some(number) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        if !is_socket {
+        if !std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")) {
             continue;
         }
+        let Some(number) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
         // Gone since the listing (a connection QEMU closed): not ours.
         let Ok(fd) = pidfd_getfd(&pidfd, number, PidfdGetfdFlags::empty()) else { continue };
         let listening = rustix::net::sockopt::socket_acceptconn(&fd).unwrap_or(false);
