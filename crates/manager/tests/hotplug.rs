@@ -23,14 +23,20 @@ fn disks_on_host(dc: &Dc, id: GuestId) -> usize {
     dc.agents[0].sim.guest_config(id).unwrap().spec.disks.len()
 }
 
-#[tokio::test]
-async fn a_disk_the_host_added_while_the_manager_died_is_recorded_after_the_restart() {
+/// A data centre with one host whose calls each take `delay`, running
+/// web-1: a change is still on its way to the host for that long.
+async fn slow_host_with_a_guest(delay: Duration) -> (Dc, GuestId) {
     let mut dc = Dc::start(0).await;
-    // A slow hot-add, so that the manager dies while the host makes it.
-    let slow = SimConfig { command_delay: Duration::from_millis(1500), ..SimConfig::default() };
-    dc.add_agent("host-1", slow).await;
+    dc.add_agent("host-1", SimConfig { command_delay: delay, ..SimConfig::default() }).await;
     dc.wait_hosts_up(1).await;
     let id = dc.running_guest_on("web-1", "host-1").await;
+    (dc, id)
+}
+
+#[tokio::test]
+async fn a_disk_the_host_added_while_the_manager_died_is_recorded_after_the_restart() {
+    // A slow hot-add, so that the manager dies while the host makes it.
+    let (mut dc, id) = slow_host_with_a_guest(Duration::from_millis(1500)).await;
     let generation = dc.admin.get_guest("web-1").await.unwrap().guest.generation;
 
     let admin = dc.admin.clone();
@@ -113,11 +119,7 @@ async fn a_change_the_host_never_got_is_forgotten_once_the_host_is_back() {
 
 #[tokio::test]
 async fn a_pending_change_refuses_another_until_it_is_settled() {
-    let mut dc = Dc::start(0).await;
-    let slow = SimConfig { command_delay: Duration::from_millis(800), ..SimConfig::default() };
-    dc.add_agent("host-1", slow).await;
-    dc.wait_hosts_up(1).await;
-    dc.running_guest_on("web-1", "host-1").await;
+    let (dc, _) = slow_host_with_a_guest(Duration::from_millis(800)).await;
 
     let admin = dc.admin.clone();
     let first = tokio::spawn(async move { admin.hotplug("web-1", &add_disk(ByteSize::mib(32))).await });
@@ -146,11 +148,7 @@ async fn a_pending_change_refuses_another_until_it_is_settled() {
 
 #[tokio::test]
 async fn a_guest_that_crashes_while_its_change_is_pending_keeps_the_change() {
-    let mut dc = Dc::start(0).await;
-    let slow = SimConfig { command_delay: Duration::from_millis(1500), ..SimConfig::default() };
-    dc.add_agent("host-1", slow).await;
-    dc.wait_hosts_up(1).await;
-    let id = dc.running_guest_on("web-1", "host-1").await;
+    let (mut dc, id) = slow_host_with_a_guest(Duration::from_millis(1500)).await;
     let admin = dc.admin.clone();
     let request = tokio::spawn(async move { admin.hotplug("web-1", &add_disk(ByteSize::mib(32))).await });
     let sim = dc.agents[0].sim.clone();
