@@ -75,6 +75,22 @@ struct Scenario {
     total_p50_s: f64,
     total_p99_s: f64,
     transferred_mib_p50: f64,
+    /// Every migration that succeeded, in order: where a percentile comes
+    /// from.
+    samples: Vec<Sample>,
+}
+
+/// One migration's figures.
+#[derive(Debug, Serialize)]
+struct Sample {
+    pause_ms: Option<f64>,
+    qemu_downtime_ms: u64,
+    /// The bench's own reading of the longest console silence.
+    console_gap_ms: f64,
+    /// The record's: over the whole migration, and across the pause only.
+    recorded_gap_ms: Option<f64>,
+    recorded_pause_gap_ms: Option<f64>,
+    total_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,6 +139,7 @@ async fn scenario(c: &Client, dir: &Path, name: &str, guest: &str, runs: usize, 
     let (mut down, mut qemu, mut total, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut gaps, mut recorded) = (Vec::new(), Vec::new());
     let mut failed = 0;
+    let mut samples = Vec::new();
     let id = c.get_guest(guest).await?.guest.id;
     start_ticker(c, guest, 1).await?;
     let floor = {
@@ -162,7 +179,16 @@ async fn scenario(c: &Client, dir: &Path, name: &str, guest: &str, runs: usize, 
             continue;
         }
         let m = c.get_guest(guest).await?.guest.last_migration.context("no migration result recorded")?;
-        gaps.push(longest_gap(&ticks, t0, t1));
+        let gap = longest_gap(&ticks, t0, t1);
+        samples.push(Sample {
+            pause_ms: m.downtime_ms,
+            qemu_downtime_ms: m.qemu_downtime_ms,
+            console_gap_ms: gap,
+            recorded_gap_ms: m.console_gap_ms,
+            recorded_pause_gap_ms: m.console_pause_gap_ms,
+            total_s: m.total_ms as f64 / 1000.0,
+        });
+        gaps.push(gap);
         recorded.extend(m.console_gap_ms);
         down.push(m.downtime_ms.unwrap_or(f64::NAN));
         qemu.push(m.qemu_downtime_ms as f64);
@@ -194,6 +220,7 @@ async fn scenario(c: &Client, dir: &Path, name: &str, guest: &str, runs: usize, 
         total_p50_s: percentile(&total, 0.5),
         total_p99_s: percentile(&total, 0.99),
         transferred_mib_p50: percentile(&bytes, 0.5),
+        samples,
     })
 }
 

@@ -2268,6 +2268,10 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
     let counter_pid = sh(&a, g.id, "cat /tmp/counter.pid").await;
     assert!(counter_pid.parse::<u32>().is_ok(), "{counter_pid:?}");
 
+    let source_qemu = pids_mentioning(lab.state_dir());
+    assert_eq!(source_qemu.len(), 1, "{source_qemu:?}");
+    let kernel_has_thp = Path::new("/sys/kernel/mm/transparent_hugepage").exists();
+    assert_eq!(thp_enabled(source_qemu[0]), Some(kernel_has_thp), "a booted guest keeps huge pages");
     let (incoming, out) = loopback_migration(Some(migration_key()));
     b.migrate_incoming(&g, &incoming).await.unwrap();
     assert_eq!(status(&b, g.id).await.state, RuntimeState::Paused, "the target waits, not runs");
@@ -2313,9 +2317,19 @@ async fn a_running_guest_migrates_with_its_disk_and_keeps_running() {
     assert_eq!(sh(&b, g.id, &alive).await, "alive", "the same process runs on");
     let qemus = pids_mentioning(lab.state_dir());
     assert_eq!(qemus.len(), 1, "exactly one QEMU for the guest: {qemus:?}");
+    // The TCG target runs without huge pages (they made its pause long);
+    // a guest that booted keeps them where the kernel has them.
+    assert_eq!(thp_enabled(qemus[0]), Some(false), "the target QEMU {}", qemus[0]);
     b.destroy(g.id).await.unwrap();
     let left = pids_mentioning(lab.state_dir());
     assert!(left.is_empty(), "QEMUs left after destroy: {left:?}");
+}
+
+/// The `THP_enabled` of process `pid`'s status: whether its memory may get
+/// transparent huge pages.
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).map(|v| v.trim() == "1")
 }
 
 /// A guest that got hardware while running (a vCPU, memory, a disk)

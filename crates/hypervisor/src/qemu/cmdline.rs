@@ -89,6 +89,20 @@ pub struct Launch<'a> {
     pub incoming: bool,
 }
 
+/// Whether the guest's QEMU runs without transparent huge pages (its
+/// process is started with `PR_SET_THP_DISABLE`, which QEMU's own
+/// `MADV_HUGEPAGE` on guest RAM cannot override).
+///
+/// Only a TCG migration target: the pages the source sends last are written
+/// while the guest is paused, and on a target with huge pages each one that
+/// lands in memory not yet touched faults in and zeroes a whole 2 MiB page
+/// first. That was the tail of the pause (ADR 0022). A TCG guest gains
+/// little from huge pages afterwards (its TLB is QEMU's own); a KVM guest's
+/// nested paging does, so KVM targets keep them.
+pub fn without_huge_pages(launch: &Launch<'_>) -> bool {
+    launch.incoming && launch.accel == ResolvedAccel::Tcg
+}
+
 /// The most vCPUs a guest is started with room for, whatever its host.
 pub const MAX_HOTPLUG_VCPUS: u32 = 16;
 /// DIMM slots for memory hotplug: each SetMemory uses one.

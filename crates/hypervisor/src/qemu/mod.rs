@@ -700,7 +700,16 @@ impl QemuHypervisor {
         {
             tracing::warn!(guest = %config.id, error = %e, "cannot keep the previous QEMU log");
         }
-        let launcher = tokio::process::Command::new(&c.qemu_binary)
+        let mut cmd = tokio::process::Command::new(&c.qemu_binary);
+        if cmdline::without_huge_pages(launch) {
+            // SAFETY: the closure runs between fork and exec; it makes one
+            // prctl system call and touches no memory of the parent.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(|| rustix::thread::disable_transparent_huge_pages(true).map_err(std::io::Error::from));
+            }
+        }
+        let launcher = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
