@@ -1646,7 +1646,7 @@ impl SimHypervisor {
                 Some(d) if *size <= d.size => {
                     return Err(refuse(format!("disk {index} is {}; it can only grow, not to {size}", d.size)));
                 }
-                Some(d) => d.size = *size,
+                Some(_) => spec.grow_disk_to(*index as usize, *size),
             },
         }
         let saved = self.save(&inner, "hotplug");

@@ -2322,11 +2322,7 @@ fn apply_hotplug(spec: &mut GuestSpec, change: &HotplugChange) {
         HotplugChange::AddNic { nic, .. } => spec.nics.push(nic.clone()),
         HotplugChange::SetMemory { memory } => spec.grow_memory_to(*memory),
         HotplugChange::SetVcpus { vcpus } => spec.grow_vcpus_to(*vcpus),
-        HotplugChange::GrowDisk { index, size } => {
-            if let Some(d) = spec.disks.get_mut(*index as usize) {
-                d.size = *size;
-            }
-        }
+        HotplugChange::GrowDisk { index, size } => spec.grow_disk_to(*index as usize, *size),
     }
 }
 

@@ -455,6 +455,16 @@ impl GuestSpec {
         }
     }
 
+    /// Records disk `index` grown to `size` (a disk never shrinks; an index
+    /// it does not have changes nothing).
+    pub fn grow_disk_to(&mut self, index: usize, size: ByteSize) {
+        if let Some(d) = self.disks.get_mut(index)
+            && size > d.size
+        {
+            d.size = size;
+        }
+    }
+
     fn hot_added_mut(&mut self) -> &mut HotAdded {
         let (vcpus, memory) = (self.vcpus, self.memory);
         self.hot_added.get_or_insert_with(|| HotAdded { base_vcpus: vcpus, base_memory: memory, dimms: Vec::new() })

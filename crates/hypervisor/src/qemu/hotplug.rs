@@ -258,7 +258,7 @@ impl Plug<'_> {
         // but the device hears only of its own node's resize).
         let root = cmdline::root_nodes(&nodes, index + 1).pop().unwrap_or(node);
         let mut changed = self.config.clone();
-        changed.spec.disks[index].size = size;
+        changed.spec.grow_disk_to(index, size);
         self.commit_record(changed)?;
         self.qmp("block_resize", json!({ "node-name": root, "size": size.bytes() })).await?;
         Ok(())
