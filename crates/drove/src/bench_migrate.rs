@@ -91,6 +91,7 @@ struct Sample {
     recorded_gap_ms: Option<f64>,
     recorded_pause_gap_ms: Option<f64>,
     total_s: f64,
+    transferred_mib: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,10 +137,8 @@ fn watch_console(path: PathBuf, ticks: Ticks) -> tokio::task::JoinHandle<()> {
 
 /// Migrates `guest` back and forth between host-1 and host-2 `runs` times.
 async fn scenario(c: &Client, dir: &Path, name: &str, guest: &str, runs: usize, storage: Storage) -> Result<Scenario> {
-    let (mut down, mut qemu, mut total, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut gaps, mut recorded) = (Vec::new(), Vec::new());
     let mut failed = 0;
-    let mut samples = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
     let id = c.get_guest(guest).await?.guest.id;
     start_ticker(c, guest, 1).await?;
     let floor = {
@@ -179,27 +178,31 @@ async fn scenario(c: &Client, dir: &Path, name: &str, guest: &str, runs: usize, 
             continue;
         }
         let m = c.get_guest(guest).await?.guest.last_migration.context("no migration result recorded")?;
-        let gap = longest_gap(&ticks, t0, t1);
         samples.push(Sample {
             pause_ms: m.downtime_ms,
             qemu_downtime_ms: m.qemu_downtime_ms,
-            console_gap_ms: gap,
+            console_gap_ms: longest_gap(&ticks, t0, t1),
             recorded_gap_ms: m.console_gap_ms,
             recorded_pause_gap_ms: m.console_pause_gap_ms,
             total_s: m.total_ms as f64 / 1000.0,
+            transferred_mib: m.transferred as f64 / (1024.0 * 1024.0),
         });
-        gaps.push(gap);
-        recorded.extend(m.console_gap_ms);
-        down.push(m.downtime_ms.unwrap_or(f64::NAN));
-        qemu.push(m.qemu_downtime_ms as f64);
-        total.push(m.total_ms as f64 / 1000.0);
-        bytes.push(m.transferred as f64 / (1024.0 * 1024.0));
-        eprint!("\r{name}: {}/{runs}, last pause {:.1} ms   ", run + 1, down.last().copied().unwrap_or(f64::NAN));
+        eprint!("\r{name}: {}/{runs}, last pause {:.1} ms   ", run + 1, m.downtime_ms.unwrap_or(f64::NAN));
     }
     eprintln!();
-    for v in [&mut down, &mut gaps, &mut recorded, &mut qemu, &mut total, &mut bytes] {
+    // Each figure's values over the runs, sorted for the percentiles (a
+    // pause unmeasured counts as NaN, which sorts last).
+    let sorted = |figure: fn(&Sample) -> Option<f64>| {
+        let mut v: Vec<f64> = samples.iter().filter_map(figure).collect();
         v.sort_by(f64::total_cmp);
-    }
+        v
+    };
+    let down = sorted(|s| Some(s.pause_ms.unwrap_or(f64::NAN)));
+    let gaps = sorted(|s| Some(s.console_gap_ms));
+    let recorded = sorted(|s| s.recorded_gap_ms);
+    let qemu = sorted(|s| Some(s.qemu_downtime_ms as f64));
+    let total = sorted(|s| Some(s.total_s));
+    let bytes = sorted(|s| Some(s.transferred_mib));
     Ok(Scenario {
         name: name.to_owned(),
         storage: match storage {

@@ -1641,7 +1641,7 @@ impl SimHypervisor {
             crate::Hotplug::GrowDisk { index, .. } if let Some(why) = spec.grow_refusal(*index as usize) => {
                 return Err(refuse(why));
             }
-            crate::Hotplug::GrowDisk { index, size } => match spec.disks.get_mut(*index as usize) {
+            crate::Hotplug::GrowDisk { index, size } => match spec.disks.get(*index as usize) {
                 None => return Err(refuse(format!("the guest has no disk {index}"))),
                 Some(d) if *size <= d.size => {
                     return Err(refuse(format!("disk {index} is {}; it can only grow, not to {size}", d.size)));
